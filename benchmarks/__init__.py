@@ -1,0 +1,1 @@
+"""Accuracy and system benchmarks. They print JSON and are not run as tests."""

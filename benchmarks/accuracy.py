@@ -1,0 +1,217 @@
+"""In-process federation against its baselines: federated vs local-only vs central.
+
+Same model and the same budget of passes over the data for all three: central trains
+R x E epochs on the pooled engines, each local model R x E epochs on its own site's
+engines, and the federation R rounds of E local epochs from the global model, merged by
+a strategy. Everything crosses the site boundary as ONNX, exactly as on the wire.
+Fleet statistics for normalisation are summed from per-site statistics (federated
+analytics); nobody pools raw rows except the central baseline, which exists to be beaten.
+
+`turbofed bench accuracy ... --json OUT` prints (and writes) the result as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from aggregator.strategies import aggregate_onnx, make_strategy
+from edge.cmapss import EngineRun, Subset, load_subset
+from edge.features import FeatureSpec, FleetStats, run_features
+from edge.inference import OnnxPredictor
+from edge.learner import RulModel
+from turbofed.config import ModelSettings
+from turbofed.errors import DataError
+from turbofed.metrics import rul_metrics
+
+HOLDOUT_FRACTION = 0.2
+MIN_OBSERVED_CYCLES = 31  # NASA's shortest FD001 test history is 31 cycles
+
+
+@dataclass
+class EvalSet:
+    """Test engines of one subset, and whether they are NASA's or held out of train."""
+
+    subset: str
+    runs: list[EngineRun]
+    kind: str  # "official-test" | "holdout-from-train"
+
+
+@dataclass
+class Site:
+    """One site in the simulation: its engines, statistics and training rows."""
+
+    name: str
+    subset: str
+    runs: list[EngineRun]
+
+    def stats(self) -> FleetStats:
+        return sum((FleetStats.from_rows(r.cycles, r.sensors, r.rul()) for r in self.runs), FleetStats())
+
+
+def holdout(subset: Subset, seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[list[EngineRun], EvalSet]:
+    """Hold out a seeded fraction of training engines, each cut at a random cycle like NASA's test set."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(subset.train))
+    n_out = max(1, int(round(fraction * len(subset.train))))
+    held, kept = order[:n_out], order[n_out:]
+    cut = []
+    for i in sorted(held):
+        run = subset.train[i]
+        lo = min(MIN_OBSERVED_CYCLES, len(run) - 1)
+        cut.append(run.cut(int(rng.integers(lo, len(run)))))
+    return [subset.train[i] for i in sorted(kept)], EvalSet(subset.name, cut, "holdout-from-train")
+
+
+def load_dataset(dataset: str, data_dir: str | None, seed: int) -> tuple[dict[str, list[EngineRun]], list[EvalSet]]:
+    """Training runs per subset and one evaluation set per subset (official test if present)."""
+    train, evals = {}, []
+    for name in dataset.split("+"):
+        if name.upper().startswith("SYN"):
+            from edge.synthetic import generate_fleet
+
+            subset = generate_fleet(n_train=100, n_test=100, seed=seed, name=name.upper())
+        else:
+            subset = load_subset(name.upper(), data_dir)
+        if subset.test:
+            train[subset.name], ev = subset.train, EvalSet(subset.name, subset.test, "official-test")
+        else:
+            train[subset.name], ev = holdout(subset, seed)
+        evals.append(ev)
+    return train, evals
+
+
+def split_sites(train: dict[str, list[EngineRun]], n_sites: int, seed: int) -> list[Site]:
+    """Disjoint engines per site; with several subsets, the sites are split among them."""
+    names = list(train)
+    if n_sites < len(names):
+        raise DataError(f"{n_sites} sites cannot cover {len(names)} subsets")
+    rng = np.random.default_rng(seed + 1)
+    sites = []
+    for k, name in enumerate(names):
+        members = [i for i in range(n_sites) if i * len(names) // n_sites == k]
+        runs = [train[name][j] for j in rng.permutation(len(train[name]))]
+        for m, i in enumerate(members):
+            sites.append(Site(f"site{i + 1}", name, runs[m :: len(members)]))
+    return sites
+
+
+def training_rows(spec: FeatureSpec, runs: list[EngineRun]) -> tuple[np.ndarray, np.ndarray]:
+    x = np.vstack([run_features(spec, r.cycles, r.sensors) for r in runs])
+    return x.astype(np.float32), np.concatenate([r.rul() for r in runs])
+
+
+def evaluate(model: bytes, spec: FeatureSpec, ev: EvalSet) -> dict[str, float]:
+    """The standard protocol: one prediction at the last observed cycle of each test engine."""
+    features = np.vstack([run_features(spec, r.cycles, r.sensors)[-1] for r in ev.runs])
+    return rul_metrics(OnnxPredictor(model).predict(features), np.array([r.rul_at_end for r in ev.runs]))
+
+
+def train_alone(settings: ModelSettings, spec: FeatureSpec, runs: list[EngineRun], epochs: int) -> bytes:
+    model = RulModel(settings, spec)
+    model.train(*training_rows(spec, runs), epochs=epochs)
+    return model.to_onnx()
+
+
+def federate(settings: ModelSettings, spec: FeatureSpec, sites: list[Site], strategy_name: str, progress: tqdm) -> bytes:
+    """R rounds: every site trains E epochs from the global model; the strategy merges them."""
+    strategy = make_strategy(strategy_name)
+    learners = [RulModel(settings, spec) for _ in sites]
+    data = [training_rows(spec, s.runs) for s in sites]
+    global_model = onnx.load_model_from_string(learners[0].to_onnx())  # seeded init, same on every site
+    for _ in range(settings.rounds):
+        updates = []
+        for site, learner, (x, y) in zip(sites, learners, data):
+            learner.load_onnx(global_model.SerializeToString())
+            learner.train(x, y, epochs=settings.local_epochs)
+            updates.append((site.name, learner.to_onnx(), len(x)))
+        global_model = aggregate_onnx(strategy, global_model, updates)
+        progress.update(1)
+    return global_model.SerializeToString()
+
+
+def run_accuracy(
+    dataset: str = "FD001",
+    data_dir: str | None = None,
+    n_sites: int = 4,
+    settings: ModelSettings | None = None,
+    strategy: str = "fedavg",
+) -> dict:
+    """Train central, local and federated models and score them on every evaluation set."""
+    settings = settings or ModelSettings()
+    started = time.perf_counter()
+    train, evals = load_dataset(dataset, data_dir, settings.seed)
+    sites = split_sites(train, n_sites, settings.seed)
+    fleet_stats = sum((s.stats() for s in sites), FleetStats())  # federated analytics
+    spec = FeatureSpec.from_stats(fleet_stats, settings.window)
+    budget = settings.rounds * settings.local_epochs
+    progress = tqdm(total=settings.rounds + len(sites) + 1, desc=f"bench {dataset}", file=sys.stderr, unit="step")
+
+    progress.set_postfix_str("central")
+    central = train_alone(settings, spec, [r for s in sites for r in s.runs], budget)
+    progress.update(1)
+    local = []
+    for site in sites:
+        progress.set_postfix_str(f"local {site.name}")
+        site_spec = FeatureSpec.from_stats(site.stats(), settings.window)  # a lone site knows only itself
+        model = train_alone(settings, site_spec, site.runs, budget)
+        local.append(
+            {
+                "site": site.name,
+                "subset": site.subset,
+                "engines": len(site.runs),
+                "metrics": {ev.subset: evaluate(model, site_spec, ev) for ev in evals},
+            }
+        )
+        progress.update(1)
+    progress.set_postfix_str(f"federated ({strategy})")
+    federated = federate(settings, spec, sites, strategy, progress)
+    progress.close()
+
+    return {
+        "dataset": dataset,
+        "sites": n_sites,
+        "rounds": settings.rounds,
+        "local_epochs": settings.local_epochs,
+        "strategy": strategy,
+        "seed": settings.seed,
+        "eval": evals[0].kind if len(evals) == 1 else {ev.subset: ev.kind for ev in evals},
+        "test_engines": {ev.subset: len(ev.runs) for ev in evals},
+        "seconds": round(time.perf_counter() - started, 2),
+        "central": {ev.subset: evaluate(central, spec, ev) for ev in evals},
+        "federated": {ev.subset: evaluate(federated, spec, ev) for ev in evals},
+        "local": local,
+        "settings": settings.to_dict(),
+        "features": {"sensors": [i + 1 for i in spec.sensors], "count": spec.n_features},
+        "machine": machine_info(),
+    }
+
+
+def machine_info() -> dict:
+    """What the figures were measured on."""
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    settings = ModelSettings(seed=args.seed).replace(rounds=args.rounds, local_epochs=args.local_epochs)
+    result = run_accuracy(args.dataset, args.data_dir, args.sites, settings, args.strategy)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json_out:
+        with open(args.json_out, "w") as handle:
+            handle.write(text + "\n")
+    return 0

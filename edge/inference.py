@@ -1,0 +1,22 @@
+"""RUL prediction with onnxruntime: what every site runs every cycle, trainer or not."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+
+class OnnxPredictor:
+    """An ONNX RUL model loaded once into onnxruntime, predicting from raw window features."""
+
+    def __init__(self, model: bytes) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1  # one small model per call: threads cost more than they save
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self._input = self.session.get_inputs()[0].name
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """(N, F) or (F,) raw features -> (N,) RUL in cycles, never negative."""
+        x = np.atleast_2d(np.asarray(features, dtype=np.float32))
+        return np.maximum(self.session.run(None, {self._input: x})[0].reshape(-1), 0.0)

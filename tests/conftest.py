@@ -1,0 +1,37 @@
+"""Shared pytest fixtures: a real broker (Mosquitto and amqtt) and the C-MAPSS folder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from turbofed.broker import BrokerHandle, find_mosquitto, start_broker
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", params=["mosquitto", "amqtt"])
+def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerHandle]:
+    """A broker on a free loopback port, started once per session for each kind.
+
+    Tests share it: use topics and client ids unique to the test.
+    """
+    kind = request.param
+    if kind == "mosquitto" and find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed (not on PATH, /usr/sbin or /usr/local/sbin)")
+    if kind == "amqtt":
+        pytest.importorskip("amqtt", reason="amqtt is not installed: pip install 'turbofed[broker]'")
+    with start_broker(embedded=(kind == "amqtt"), workdir=tmp_path_factory.mktemp(f"broker-{kind}")) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="session")
+def cmapss_dir() -> Path:
+    """The C-MAPSS folder: $TURBOFED_TEST_CMAPSS, default <repo>/../shared/data/cmapss."""
+    path = Path(os.environ.get("TURBOFED_TEST_CMAPSS") or REPO.parent / "shared" / "data" / "cmapss")
+    if not path.is_dir():
+        pytest.skip(f"C-MAPSS data not found at {path} (set TURBOFED_TEST_CMAPSS to the folder)")
+    return path

@@ -1,0 +1,137 @@
+"""The `turbofed` command: one front door, many subcommands.
+
+Each subcommand names the module that runs it; the module is imported only when that
+subcommand runs, so `turbofed edge` on an inference-only device never imports
+scikit-learn and `turbofed --help` starts in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Callable
+
+Handler = str  # "package.module:function", the function takes the parsed Namespace
+
+
+def _add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        help="C-MAPSS folder (default: $TURBOFED_DATA_DIR, else data/cmapss/)",
+    )
+
+
+def _data(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="fetch or generate turbofan data")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    fetch = dsub.add_parser("fetch", help="download NASA's C-MAPSS archive and verify it")
+    _add_data_dir(fetch)
+    fetch.add_argument("--url", help="archive URL (default: the one in data/manifest.toml)")
+    fetch.add_argument("--timeout", type=float, default=60.0, help="seconds per network read")
+    fetch.set_defaults(handler="edge.fetch:run_cli")
+    synth = dsub.add_parser("synth", help="write a synthetic fleet in C-MAPSS format")
+    synth.add_argument("--out", default="data/synthetic", help="folder to write into")
+    synth.add_argument("--engines", type=int, default=100, help="train (and test) engines")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--fault-modes", type=int, choices=(1, 2), default=1)
+    synth.add_argument("--name", default="SYN001", help="subset name used in file names")
+    synth.set_defaults(handler="edge.synthetic:run_cli")
+
+
+def _bench(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="accuracy and system benchmarks (print JSON)")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    acc = bsub.add_parser("accuracy", help="federated vs local vs central, in process")
+    _add_data_dir(acc)
+    acc.add_argument("--dataset", default="FD001", help="FD001, FD003, FD001+FD003, or SYN")
+    acc.add_argument("--sites", type=int, default=4)
+    acc.add_argument("--rounds", type=int, default=None, help="default: from the model settings")
+    acc.add_argument("--local-epochs", type=int, default=None, help="epochs per round")
+    acc.add_argument("--seed", type=int, default=0)
+    acc.add_argument("--strategy", default="fedavg", help="fedavg, fedavgm or fedadam")
+    acc.add_argument("--json", dest="json_out", help="write the result JSON here too")
+    acc.set_defaults(handler="benchmarks.accuracy:run_cli")
+    system = bsub.add_parser("system", help="aggregation time, update size, replay rate")
+    system.add_argument("--sites", type=int, default=50)
+    system.add_argument("--rounds", type=int, default=3)
+    system.add_argument("--json", dest="json_out")
+    system.set_defaults(handler="benchmarks.system:run_cli")
+
+
+def _services(sub: argparse._SubParsersAction) -> None:
+    broker = sub.add_parser("broker", help="run Mosquitto (or the embedded broker)")
+    broker.add_argument("--host", default="127.0.0.1")
+    broker.add_argument("--port", type=int, default=1883)
+    broker.add_argument("--embedded", action="store_true", help="use amqtt even if Mosquitto is installed")
+    broker.set_defaults(handler="turbofed.broker:run_cli")
+    edge = sub.add_parser("edge", help="run one site's edge agent")
+    edge.add_argument("--config", required=True, help="site TOML file")
+    edge.set_defaults(handler="edge.agent:run_cli")
+    agg = sub.add_parser("aggregator", help="run the aggregator")
+    agg.add_argument("--config", required=True, help="fleet TOML file")
+    agg.set_defaults(handler="aggregator.service:run_cli")
+    replay = sub.add_parser("replay", help="publish C-MAPSS rows as live sensor traffic")
+    _add_data_dir(replay)
+    replay.add_argument("--dataset", default="FD001")
+    replay.add_argument("--sites", type=int, default=4)
+    replay.add_argument("--rate", default="2000", help="rows per second, or 'max'")
+    replay.add_argument("--assign", choices=("contiguous", "round-robin", "subset"), default="round-robin")
+    replay.add_argument("--broker", default="127.0.0.1:1883", help="host:port")
+    replay.add_argument("--part", choices=("train", "test", "both"), default="both")
+    replay.set_defaults(handler="edge.replay:run_cli")
+    demo = sub.add_parser("demo", help="broker, aggregator, 4 agents and a replay, in one command")
+    _add_data_dir(demo)
+    demo.add_argument("--dataset", default="FD001")
+    demo.add_argument("--sites", type=int, default=4)
+    demo.add_argument("--rounds", type=int, default=None)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--workdir", help="where the store and state go (default: .turbofed/demo)")
+    demo.add_argument("--embedded-broker", action="store_true")
+    demo.add_argument("--json", dest="json_out")
+    demo.set_defaults(handler="turbofed.demo:run_cli")
+    dash = sub.add_parser("dashboard", help="open the Streamlit dashboard")
+    dash.add_argument("--store", default=".turbofed/demo/results.sqlite")
+    dash.add_argument("--port", type=int, default=8501)
+    dash.set_defaults(handler="dashboard.launch:run_cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="turbofed",
+        description="Federated predictive maintenance for turbofan fleets.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_data, _bench, _services):
+        add(sub)
+    return parser
+
+
+def _resolve(handler: Handler) -> Callable[[argparse.Namespace], int]:
+    module_name, func_name = handler.split(":")
+    return getattr(importlib.import_module(module_name), func_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from turbofed.errors import TurbofedError
+
+    try:
+        return int(_resolve(args.handler)(args) or 0)
+    except TurbofedError as exc:
+        print(f"turbofed: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("turbofed: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
