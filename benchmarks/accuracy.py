@@ -26,12 +26,13 @@ from tqdm import tqdm
 
 from aggregator.strategies import aggregate_onnx, make_strategy
 from edge.cmapss import EngineRun, Subset, load_subset
-from edge.features import FeatureSpec, FleetStats, run_features
+from edge.fleet import assign, site_names
+from edge.features import run_features
 from edge.inference import OnnxPredictor
 from edge.learner import RulModel
 from turbofed.config import ModelSettings
-from turbofed.errors import DataError
 from turbofed.metrics import rul_metrics
+from turbofed.spec import FeatureSpec, FleetStats
 
 HOLDOUT_FRACTION = 0.2
 MIN_OBSERVED_CYCLES = 31  # NASA's shortest FD001 test history is 31 cycles
@@ -90,19 +91,11 @@ def load_dataset(dataset: str, data_dir: str | None, seed: int) -> tuple[dict[st
     return train, evals
 
 
-def split_sites(train: dict[str, list[EngineRun]], n_sites: int, seed: int) -> list[Site]:
-    """Disjoint engines per site; with several subsets, the sites are split among them."""
-    names = list(train)
-    if n_sites < len(names):
-        raise DataError(f"{n_sites} sites cannot cover {len(names)} subsets")
-    rng = np.random.default_rng(seed + 1)
-    sites = []
-    for k, name in enumerate(names):
-        members = [i for i in range(n_sites) if i * len(names) // n_sites == k]
-        runs = [train[name][j] for j in rng.permutation(len(train[name]))]
-        for m, i in enumerate(members):
-            sites.append(Site(f"site{i + 1}", name, runs[m :: len(members)]))
-    return sites
+def split_sites(train: dict[str, list[EngineRun]], n_sites: int) -> list[Site]:
+    """Disjoint engines per site, assigned exactly as the replay assigns them."""
+    engines = assign(train, n_sites, "train")
+    subset_of = {e.site: e.engine.split("-")[0] for e in engines}
+    return [Site(name, subset_of[name], [e.run for e in engines if e.site == name]) for name in site_names(n_sites)]
 
 
 def training_rows(spec: FeatureSpec, runs: list[EngineRun]) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +143,7 @@ def run_accuracy(
     settings = settings or ModelSettings()
     started = time.perf_counter()
     train, evals = load_dataset(dataset, data_dir, settings.seed)
-    sites = split_sites(train, n_sites, settings.seed)
+    sites = split_sites(train, n_sites)
     fleet_stats = sum((s.stats() for s in sites), FleetStats())  # federated analytics
     spec = FeatureSpec.from_stats(fleet_stats, settings.window)
     budget = settings.rounds * settings.local_epochs

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge.features import FeatureSpec
 from turbofed.config import ModelSettings
 from turbofed.codec import Weights, read_weights, replace_weights
 from turbofed.errors import WeightsError
+from turbofed.spec import FeatureSpec
 
 ONNX_OPSET = 17
 
@@ -79,6 +79,10 @@ class RulModel:
             for start in range(0, len(x), self.settings.batch_size):
                 idx = order[start : start + self.settings.batch_size]
                 self.estimator.partial_fit(x[idx], y[idx])
+        if self.settings.kind == "sgd":
+            # Hold the float32 that ONNX carries, so the exported model is exactly this one.
+            self.estimator.coef_ = self.estimator.coef_.astype(np.float32)
+            self.estimator.intercept_ = self.estimator.intercept_.astype(np.float32)
         self.samples_seen += len(x) * epochs
 
     def predict(self, features: np.ndarray) -> np.ndarray:
@@ -128,10 +132,8 @@ class RulModel:
                 self.estimator.intercepts_[i] = np.array(weights[b_name], dtype=np.float32).reshape(self.estimator.intercepts_[i].shape)
         else:
             coef, intercept = _sgd_names(weights)
-            self.estimator.coef_ = np.array(weights[coef], dtype=self.estimator.coef_.dtype).reshape(self.estimator.coef_.shape)
-            self.estimator.intercept_ = np.array(weights[intercept], dtype=self.estimator.intercept_.dtype).reshape(
-                self.estimator.intercept_.shape
-            )
+            self.estimator.coef_ = np.array(weights[coef], dtype=np.float32).reshape(self.estimator.coef_.shape)
+            self.estimator.intercept_ = np.array(weights[intercept], dtype=np.float32).reshape(self.estimator.intercept_.shape)
 
     def load_onnx(self, data: bytes) -> None:
         """Continue training from a (global) ONNX model's weights."""

@@ -51,7 +51,7 @@ from turbofed.errors import TurbofedError
 
 MIN_LIFE, MAX_LIFE = 128, 362  # failure cycle range (FD001: 128..362)
 MIN_TEST_CYCLES = 31  # NASA's shortest FD001 test trajectory
-TEST_FRACTION = (0.20, 0.97)  # where NASA's FD001 test runs stop, as a fraction of life
+TEST_RUL = (5, 145)  # test truths are drawn uniformly here (FD001's and FD003's: 7..145)
 CONSTANT_SENSORS = (1, 5, 6, 10, 16, 18, 19)  # 1-based, constant in FD001
 HPC, FAN = 0, 1
 _CHUNK_ROWS = 400_000  # rows simulated at a time (bounds temporary memory)
@@ -65,7 +65,7 @@ _SPLIT = (0.2, 0.8)  # share of the loss taken by efficiency (rest: flow)
 # module's wear is what makes FD001's early-life levels differ along the degradation
 # direction (and then converge at failure); the other module's is small.
 _INITIAL_WEAR_FAULTY = 0.35
-_INITIAL_WEAR_OTHER = 0.05
+_INITIAL_WEAR_OTHER = 0.02
 _WEAR_LIFE_EFFECT = 0.5  # share of the initial wear that shortens life (see _solve_life)
 _PROCESS = (0.95, 0.004)  # AR(1) process noise on health parameters: phi, innovation std
 
@@ -269,9 +269,10 @@ def generate_fleet(
     n = n_train + n_test
     eng = _Engines(rng, n, fault_modes)
     life = eng.life
-    # Test engines stop early: only simulate the cycles they will show.
-    frac = rng.uniform(*TEST_FRACTION, n)
-    cut = np.clip(np.rint(frac * life).astype(np.int64), MIN_TEST_CYCLES, life - 1)
+    # Test engines stop early, the way NASA's do: truth uniform in TEST_RUL, but at
+    # least MIN_TEST_CYCLES shown. Only the cycles they show are simulated.
+    truth = rng.integers(TEST_RUL[0], TEST_RUL[1] + 1, n)
+    cut = np.maximum(life - truth, MIN_TEST_CYCLES)
     n_rows = np.where(np.arange(n) < n_train, life, cut)
 
     runs: list[EngineRun] = []

@@ -144,18 +144,18 @@ def test_last_will_on_abrupt_death(clients, broker: BrokerHandle) -> None:
         c.loop_start()
         time.sleep(60)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "connected"
-        with pytest.raises(queue.Empty):
-            watcher.next(timeout=0.3)  # no will while it lives
-        proc.kill()  # SIGKILL: no DISCONNECT packet is ever sent
-        proc.wait(TIMEOUT)
-        assert watcher.next().payload == b"offline"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "connected"
+            with pytest.raises(queue.Empty):
+                watcher.next(timeout=0.3)  # no will while it lives
+            proc.kill()  # SIGKILL: no DISCONNECT packet is ever sent
             proc.wait(TIMEOUT)
+            assert watcher.next().payload == b"offline"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(TIMEOUT)
 
 
 def test_offline_persistent_session_gets_queued_qos1(clients, broker: BrokerHandle) -> None:

@@ -48,6 +48,14 @@ def test_empty_body_round_trips() -> None:
     assert env.decode(make(body=b"")).body == b""
 
 
+def test_skip_has_an_empty_body() -> None:
+    e = env.decode(make(kind="skip", body=b"", samples=3))
+    assert e.kind == "skip" and e.body == b"" and e.samples == 3
+    with pytest.raises(env.BadHeaderError):
+        make(kind="skip")
+    assert _reason(with_header({**good_header(), "kind": "skip"})) == "bad_header"
+
+
 def test_overhead_bound() -> None:
     body = np.random.default_rng(0).standard_normal(50_000).astype(np.float32).tobytes()  # 200 KB
     payload = make(body=body, site="s" * 64, round=2**31, model_version=2**31, samples=2**40)

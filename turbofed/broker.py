@@ -36,8 +36,8 @@ _FALLBACK_CONF = f"""\
 allow_anonymous true
 persistence true
 max_packet_size {MAX_PACKET_BYTES}
-max_queued_messages 1000
-max_queued_bytes 134217728
+max_queued_messages 200000
+max_queued_bytes 536870912
 listener 1883 127.0.0.1
 """
 # Keys start_broker sets itself; the copies in the base config are dropped.
@@ -215,7 +215,7 @@ def _spawn(kind: BrokerKind, host: str, port: int, workdir: Path, stream_logs: b
     if stream_logs:
         return subprocess.Popen(cmd, env=env), None
     log_path = workdir / f"{kind}.log"
-    with open(log_path, "ab") as out:
+    with open(log_path, "wb") as out:  # fresh per start: errors below quote only this run
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     return proc, log_path
@@ -292,6 +292,11 @@ def run_cli(args: argparse.Namespace) -> int:
     workdir = Path(getattr(args, "workdir", None) or ".turbofed/broker")
     handle = start_broker(args.host, args.port, embedded=embedded, workdir=workdir, stream_logs=True)
     log.info("%s broker running on %s; Ctrl-C to stop", handle.kind, handle.address)
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # systemd/docker stop: shut down like Ctrl-C
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         while handle.running():
             time.sleep(0.5)

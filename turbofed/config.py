@@ -6,7 +6,8 @@ aggregator asked for. It holds plain values only (no scikit-learn import).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 from turbofed.errors import ConfigError
@@ -62,3 +63,131 @@ class ModelSettings:
 
     def replace(self, **changes: Any) -> "ModelSettings":
         return ModelSettings.from_dict({**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}})
+
+
+# --- TOML files: one per site (`turbofed edge`), one for the fleet (`turbofed aggregator`) ---
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    topic_root: str = "tfl/v1"
+    plant_root: str = "plant"
+    keepalive: int = 30
+    username: str | None = None
+    password: str | None = None
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One edge agent: who it is, where the broker is, what it watches, where it keeps state."""
+
+    site: str
+    state_dir: str
+    engines: tuple[str, ...] | None = None  # None: every engine published under the site
+    broker: BrokerSettings = BrokerSettings()
+    buffer_rows: int = 100_000  # labelled rows kept for training; oldest engines go first
+    min_samples: int = 200  # fewer labelled rows than this: the site sits the round out
+    history_cycles: int = 2_000  # longest history kept per engine before failure
+    predictions_every_s: float = 1.0
+    share_sensors: bool = False  # raw sensor rows never leave the site unless this is set
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """The aggregator: the sites it expects, the schedule, the strategy and where results go."""
+
+    sites: tuple[str, ...]
+    store: str
+    registry: str
+    model: ModelSettings = ModelSettings()
+    strategy: str = "fedavg"
+    quorum: int | None = None  # updates that close a round early; default: every site
+    round_deadline_s: float = 120.0
+    stats_retry_s: float = 5.0
+    min_samples: int = 200
+    max_update_bytes: int = 1024 * 1024
+    broker: BrokerSettings = BrokerSettings()
+
+    @property
+    def effective_quorum(self) -> int:
+        return self.quorum or len(self.sites)
+
+
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    import tomllib
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    missing = [n for n, f in known.items() if n not in values and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")
+    for name, value in values.items():
+        expected = known[name].type
+        if expected in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{where}: {name} must be a number, got {value!r}")
+        if expected == "str" and not isinstance(value, str):
+            raise ConfigError(f"{where}: {name} must be a string, got {value!r}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _relative(base: Path, value: str) -> str:
+    """Paths in a config file are relative to the file, not to wherever the command runs."""
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p))
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read a site TOML file; errors name the file and the key."""
+    path = Path(path)
+    raw = _read_toml(path)
+    broker = _build(BrokerSettings, raw.pop("broker", {}), f"{path} [broker]")
+    if "engines" in raw:
+        engines = raw["engines"]
+        if engines == "*":
+            raw["engines"] = None
+        elif isinstance(engines, list) and all(isinstance(e, str) for e in engines):
+            raw["engines"] = tuple(engines)
+        else:
+            raise ConfigError(f"{path}: engines must be \"*\" or a list of engine ids")
+    config = _build(SiteConfig, {**raw, "broker": broker}, str(path))
+    from turbofed.topics import TopicError, validate_site
+
+    try:
+        validate_site(config.site)
+    except TopicError as exc:
+        raise ConfigError(f"{path}: site: {exc}") from None
+    return replace(config, state_dir=_relative(path.parent, config.state_dir))
+
+
+def load_fleet_config(path: str | Path) -> FleetConfig:
+    """Read the fleet TOML file; errors name the file and the key."""
+    path = Path(path)
+    raw = _read_toml(path)
+    broker = _build(BrokerSettings, raw.pop("broker", {}), f"{path} [broker]")
+    model = ModelSettings.from_dict(raw.pop("model", {}), f"{path} [model]")
+    sites = raw.get("sites")
+    if not isinstance(sites, list) or not sites or not all(isinstance(s, str) for s in sites):
+        raise ConfigError(f"{path}: sites must be a non-empty list of site ids")
+    raw["sites"] = tuple(sites)
+    config = _build(FleetConfig, {**raw, "broker": broker, "model": model}, str(path))
+    if not 1 <= config.effective_quorum <= len(config.sites):
+        raise ConfigError(f"{path}: quorum must be between 1 and the number of sites ({len(config.sites)})")
+    return replace(config, store=_relative(path.parent, config.store), registry=_relative(path.parent, config.registry))

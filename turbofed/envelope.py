@@ -9,7 +9,7 @@ Wire layout of a weights message (``tfl/v1/global``, ``tfl/v1/sites/<site>/updat
     8       H     header: UTF-8 JSON object (compact, sorted keys)
     8+H     N     body: the ONNX model bytes, N == header["body_len"]
 
-Header keys: kind ("update" | "global"), site, round, model_version, samples, sha256
+Header keys: kind ("update" | "global" | "skip"), site, round, model_version, samples, sha256
 (hex of body), body_len, sig (null for now: room for a signature over the body hash).
 
 Decoding never trusts the sender: every check failure raises a subclass of
@@ -42,8 +42,9 @@ _PREFIX = struct.Struct(">3sBI")  # magic, version, header length
 PREFIX_LEN: Final = _PREFIX.size  # 8
 _MAX_INT: Final = 2**53 - 1  # exact in every JSON implementation
 
-Kind = Literal["update", "global"]
-KINDS: Final[tuple[str, ...]] = ("update", "global")
+Kind = Literal["update", "global", "skip"]
+# skip: on the update topic, a site with too few samples sits the round out (empty body).
+KINDS: Final[tuple[str, ...]] = ("update", "global", "skip")
 _HEADER_KEYS: Final = ("kind", "site", "round", "model_version", "samples", "sha256", "body_len", "sig")
 
 
@@ -153,6 +154,8 @@ def _check_header(header: Any) -> dict[str, Any]:
         raise BadHeaderError(f"header site: {exc}") from None
     for key in ("round", "model_version", "samples", "body_len"):
         _check_int(header, key)
+    if header["kind"] == "skip" and header["body_len"] != 0:
+        raise BadHeaderError("a 'skip' envelope must have an empty body")
     digest = header["sha256"]
     if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
         raise BadHeaderError("header sha256 must be 64 lowercase hex characters")

@@ -1,0 +1,106 @@
+"""One federated round: who may send what, and the checks every update must pass.
+
+Decoding never trusts the sender. An update is refused, with a reason that is logged,
+counted and recorded, when its envelope is malformed (see turbofed.envelope), when the
+envelope's site is not the topic's site, when it is for another round, when the site
+already sent one this round, when the site is not in the fleet, or when its ONNX model
+does not fit the current global model (see turbofed.codec). Nothing refused ever touches
+the global model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from turbofed import envelope
+from turbofed.codec import Weights, load_compatible, parse_model, read_weights
+from turbofed.errors import TurbofedError, WeightsError
+
+
+class Rejected(TurbofedError):
+    """An update that is refused; `reason` is the short code it is counted under."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass
+class Accepted:
+    site: str
+    samples: int
+    weights: Weights
+    body: bytes
+    wire_bytes: int
+    received: float
+
+
+@dataclass
+class Round:
+    """What the aggregator collects for one round until quorum or deadline."""
+
+    number: int
+    model_version: int  # the global model sites start from
+    announce_id: str
+    started: float
+    deadline: float
+    sites: tuple[str, ...]
+    accepted: dict[str, Accepted] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def responded(self) -> set[str]:
+        return set(self.accepted) | set(self.skipped)
+
+    def check(self, topic_site: str, payload: bytes, reference: onnx.ModelProto | None, max_bytes: int) -> Accepted | None:
+        """Validate one update; returns it (None for a 'skip' notice) or raises Rejected."""
+        if topic_site not in self.sites:
+            raise Rejected("unknown_site", f"site {topic_site!r} is not in the fleet config")
+        try:
+            env = envelope.decode(payload, max_bytes=max_bytes)
+        except envelope.EnvelopeError as exc:
+            raise Rejected(exc.reason, str(exc)) from None
+        if env.site != topic_site:
+            raise Rejected("wrong_sender", f"envelope names site {env.site!r} but arrived on {topic_site!r}'s topic")
+        if env.kind not in ("update", "skip"):
+            raise Rejected("bad_kind", f"a site may send 'update' or 'skip', not {env.kind!r}")
+        if env.round != self.number:
+            raise Rejected("stale_round", f"update for round {env.round}, the open round is {self.number}")
+        if topic_site in self.responded():
+            raise Rejected("duplicate", f"site {topic_site!r} already answered round {self.number}")
+        if env.kind == "skip":
+            self.skipped[topic_site] = env.samples
+            return None
+        if env.samples < 1:
+            raise Rejected("no_samples", "an update must say how many samples it was trained on")
+        try:
+            if reference is None:  # round 0: no global model yet; the sites' seeded models must agree
+                weights = read_weights(parse_model(env.body, max_bytes))
+                bad = [n for n, w in weights.items() if not np.all(np.isfinite(w))]
+                if bad:
+                    raise WeightsError(f"initializer {bad[0]!r} holds non-finite values")
+            else:
+                weights = load_compatible(env.body, reference, max_bytes)
+        except WeightsError as exc:
+            raise Rejected(getattr(exc, "reason", "bad_model"), str(exc)) from None
+        accepted = Accepted(topic_site, env.samples, weights, env.body, len(payload), time.time())
+        self.accepted[topic_site] = accepted
+        return accepted
+
+    def complete(self, quorum: int) -> str | None:
+        """Why the round may close now ('quorum', 'all answered'), or None."""
+        if len(self.accepted) >= quorum:
+            return "quorum"
+        if self.responded() >= set(self.sites):
+            return "all answered"
+        return None
+
+
+def agreed_initial_model(accepted: dict[str, Accepted]) -> bytes:
+    """Round 0: the model most sites sent (they build it from the same seed and spec)."""
+    votes = Counter(a.body for a in accepted.values())
+    return votes.most_common(1)[0][0]

@@ -1,0 +1,289 @@
+"""The aggregator service: fleet statistics first, then rounds, recording everything.
+
+1. Federated analytics: ask every site for count, sums and sums of squares of its labelled
+   data; their sum fixes the fleet's feature spec (sensors, normalisation).
+2. Round 0: sites send the seeded initial model; the one most of them sent is global v0.
+3. Rounds 1..R: announce (retained), collect updates until quorum or deadline, validate
+   each, aggregate with the strategy, checkpoint, then publish global v_r (retained).
+It keeps recording site status, metrics and predictions in the results store until
+stopped. A restarted aggregator resumes from its last checkpoint: no round is repeated
+or skipped, and the retained global model is published again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import onnx
+
+from aggregator.registry import ModelRegistry
+from aggregator.rounds import Rejected, Round, agreed_initial_model
+from aggregator.store import open_store
+from aggregator.strategies import SiteUpdate, make_strategy
+from turbofed import envelope
+from turbofed.codec import read_weights, replace_weights
+from turbofed.config import FleetConfig, load_fleet_config
+from turbofed.errors import ConfigError, TurbofedError
+from turbofed.mqtt import connect, make_client
+from turbofed.spec import FeatureSpec, FleetStats
+from turbofed.topics import TopicError, Topics
+
+log = logging.getLogger("turbofed.aggregator")
+
+AGGREGATOR_SITE = "aggregator"  # the `site` field of envelopes the aggregator sends
+
+
+class Aggregator:
+    """Runs the fleet's rounds over MQTT and records what the sites report."""
+
+    def __init__(self, config: FleetConfig) -> None:
+        self.config = config
+        try:
+            self.strategy = make_strategy(config.strategy)
+        except ValueError as exc:
+            raise ConfigError(f"fleet config strategy: {exc}") from None
+        self.topics = Topics(config.broker.topic_root, config.broker.plant_root)
+        self.store = open_store(config.store)
+        self.registry = ModelRegistry(config.registry)
+        self.counters: Counter[str] = Counter()
+        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.model: onnx.ModelProto | None = None
+        self.version = -1
+        self.spec: FeatureSpec | None = None
+        self.stats: FleetStats | None = None
+        self.round: Round | None = None
+        self.stats_replies: dict[str, dict[str, Any]] = {}
+        self.stats_request_id = ""
+        self.client = None
+        self._resume()
+
+    # --- start, resume ---------------------------------------------------------------
+
+    def _resume(self) -> None:
+        ckpt = self.registry.latest()
+        if ckpt is None:
+            self.store.record_event("started", {"strategy": self.strategy.name}, time.time())
+            return
+        self.model = onnx.load_model_from_string(ckpt.model)
+        self.version = ckpt.version
+        self.spec = FeatureSpec.from_dict(ckpt.fleet["spec"])
+        self.stats = FleetStats.from_dict(ckpt.fleet["stats"])
+        self.strategy.load_state(ckpt.strategy_state)
+        log.info("resumed from checkpoint v%d (round %d)", ckpt.version, ckpt.round)
+        self.store.record_event("resumed", {"version": ckpt.version, "round": ckpt.round}, time.time())
+
+    def start(self) -> None:
+        self.client = make_client("turbofed-aggregator", self.config.broker, persistent_session=True)
+        self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
+        self.client.on_connect = self._on_connect
+        connect(self.client, self.config.broker)
+        self._on_connect(self.client, None, None, None, None)
+        if self.model is not None:
+            self._publish_global()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if reason_code is not None and reason_code.is_failure:
+            return
+        for kind in ("update", "stats", "status", "metrics", "predictions"):
+            client.subscribe(self.topics.all_sites(kind), qos=1)
+
+    # --- main loop -------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Statistics, then rounds until the configured number is done, then keep recording."""
+        if self.client is None:
+            self.start()
+        if self.spec is None:
+            self._collect_stats(stop)
+        while not stop.is_set() and self.version < self.config.model.rounds:
+            self._run_round(self.version + 1, stop)
+        if not stop.is_set():
+            self._announce({"round": self.version, "done": True})
+            log.info("all %d rounds done; recording site reports until stopped", self.config.model.rounds)
+        while not stop.is_set():
+            self.pump(0.2)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.store.close()
+        self.registry.close()
+
+    def pump(self, timeout: float) -> None:
+        """Handle one message (or wait up to `timeout`). Nothing a site sends can stop us."""
+        try:
+            topic, payload = self.inbox.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            return
+        site = "?"
+        try:
+            site, kind = self.topics.parse_site(topic)
+            if site not in self.config.sites:
+                raise Rejected("unknown_site", f"site {site!r} is not in the fleet config")
+            getattr(self, f"_on_{kind}")(site, payload)
+        except Rejected as exc:
+            self._reject(site, exc.reason, str(exc))
+        except (TopicError, TurbofedError, KeyError, ValueError, TypeError) as exc:
+            self._reject(site, getattr(exc, "reason", type(exc).__name__), f"{topic}: {exc}")
+        except Exception:
+            self.counters["internal_error"] += 1
+            log.exception("failed to handle a message on %s", topic)
+
+    def _reject(self, site: str, reason: str, detail: str) -> None:
+        self.counters[reason] += 1
+        round_no = self.round.number if self.round else None
+        log.warning("rejected from %s (%s, #%d): %s", site, reason, self.counters[reason], detail)
+        self.store.record_rejection(round_no, site, reason, detail, time.time())
+
+    # --- phase 1: federated statistics ------------------------------------------------
+
+    def _collect_stats(self, stop: threading.Event) -> None:
+        needed = self.config.effective_quorum
+        next_request = 0.0
+        while not stop.is_set():
+            ready = {s: r for s, r in self.stats_replies.items() if r["samples"] >= self.config.min_samples and r.get("stats")}
+            if len(ready) >= needed:
+                break
+            if time.monotonic() >= next_request:
+                self.stats_request_id = uuid.uuid4().hex
+                request = {"request_id": self.stats_request_id, "min_samples": self.config.min_samples}
+                self.client.publish(self.topics.stats_request, envelope.encode_json(request), qos=1, retain=True)
+                next_request = time.monotonic() + self.config.stats_retry_s
+                log.info("asked sites for fleet statistics (%d of %d ready)", len(ready), needed)
+            self.pump(0.2)
+        if stop.is_set():
+            return
+        self.stats = sum((FleetStats.from_dict(r["stats"]) for r in ready.values()), FleetStats())
+        self.spec = FeatureSpec.from_stats(self.stats, self.config.model.window)
+        self.client.publish(self.topics.stats_request, b"", qos=1, retain=True)  # clear the request
+        detail = {"sites": sorted(ready), "rows": int(self.stats.count), "sensors": [i + 1 for i in self.spec.sensors]}
+        log.info("fleet statistics from %d sites, %d labelled cycles; informative sensors %s", len(ready), self.stats.count, detail["sensors"])
+        self.store.record_event("fleet_statistics", detail, time.time())
+
+    def _on_stats(self, site: str, payload: bytes) -> None:
+        reply = envelope.decode_json(payload, f"stats from {site}")
+        if reply.get("site") != site:
+            raise Rejected("wrong_sender", f"stats reply names site {reply.get('site')!r} on {site!r}'s topic")
+        if reply.get("request_id") != self.stats_request_id:
+            return  # an answer to an older request
+        if reply.get("stats") is not None:
+            FleetStats.from_dict(reply["stats"])  # validate now, not when summing
+        self.stats_replies[site] = {"samples": int(reply.get("samples", 0)), "stats": reply.get("stats")}
+
+    # --- phase 2: rounds -------------------------------------------------------------
+
+    def _announce(self, body: dict[str, Any]) -> None:
+        self.client.publish(self.topics.round, envelope.encode_json(body), qos=1, retain=True)
+
+    def _run_round(self, number: int, stop: threading.Event) -> None:
+        now = time.time()
+        self.round = Round(number, max(self.version, 0), uuid.uuid4().hex, now, now + self.config.round_deadline_s, self.config.sites)
+        self._announce(
+            {
+                "round": number,
+                "announce_id": self.round.announce_id,
+                "model_version": self.round.model_version,
+                "deadline": self.round.deadline,
+                "settings": self.config.model.to_dict(),
+                "spec": self.spec.to_dict(),
+                "min_samples": self.config.min_samples,
+                "strategy": self.strategy.name,
+            }
+        )
+        log.info("round %d announced (from global v%d, deadline %.0f s)", number, self.round.model_version, self.config.round_deadline_s)
+        closed_by = None
+        while not stop.is_set():
+            closed_by = self.round.complete(self.config.effective_quorum)
+            if closed_by or time.time() >= self.round.deadline:
+                closed_by = closed_by or "deadline"
+                break
+            self.pump(min(0.2, self.round.deadline - time.time()))
+        if stop.is_set():
+            return
+        if not self.round.accepted:
+            log.warning("round %d closed by %s with no usable update; announcing it again", number, closed_by)
+            self.store.record_event("round_empty", {"round": number, "closed_by": closed_by, "skipped": sorted(self.round.skipped)}, time.time())
+            stop.wait(self.config.stats_retry_s)
+            return
+        self._close_round(closed_by)
+
+    def _on_update(self, site: str, payload: bytes) -> None:
+        if self.round is None:
+            raise Rejected("stale_round", "no round is open")
+        accepted = self.round.check(site, payload, self.model, self.config.max_update_bytes)
+        if accepted:
+            log.info("round %d: update from %s (%d samples, %d bytes)", self.round.number, site, accepted.samples, accepted.wire_bytes)
+
+    def _close_round(self, closed_by: str) -> None:
+        r = self.round
+        last_update = max(a.received for a in r.accepted.values())
+        if r.number == 0:
+            model = onnx.load_model_from_string(agreed_initial_model(r.accepted))
+        else:
+            updates = [SiteUpdate(a.site, a.weights, a.samples) for a in r.accepted.values()]
+            model = replace_weights(self.model, self.strategy.aggregate(read_weights(self.model), updates))
+        data = model.SerializeToString()
+        fleet = {"stats": self.stats.to_dict(), "spec": self.spec.to_dict()}
+        self.registry.save(r.number, r.number, data, self.strategy.state(), fleet)  # checkpoint before publishing
+        self.model, self.version = model, r.number
+        self._publish_global()
+        closed = time.time()
+        participants = [{"site": a.site, "samples": a.samples, "update_bytes": a.wire_bytes} for a in r.accepted.values()]
+        self.store.record_round(r.number, self.version, r.started, closed, participants, (closed - last_update) * 1000.0, self.strategy.name, closed_by)
+        log.info("round %d closed by %s: %d updates, global v%d published", r.number, closed_by, len(participants), self.version)
+        self.round = None
+
+    def _publish_global(self) -> None:
+        data = self.model.SerializeToString()
+        total = sum(a.samples for a in self.round.accepted.values()) if self.round else 0
+        payload = envelope.encode(kind="global", site=AGGREGATOR_SITE, round=self.version, model_version=self.version, samples=total, body=data)
+        self.client.publish(self.topics.global_model, payload, qos=1, retain=True)
+
+    # --- what sites report -----------------------------------------------------------
+
+    def _on_status(self, site: str, payload: bytes) -> None:
+        if not payload:
+            return
+        s = envelope.decode_json(payload, f"status from {site}")
+        if s.get("site") != site:
+            raise Rejected("wrong_sender", f"status names site {s.get('site')!r} on {site!r}'s topic")
+        self.store.record_status(site, bool(s.get("online")), float(s.get("at") or time.time()), s.get("agent_version"), s.get("model_version"), s.get("samples"))
+
+    def _on_metrics(self, site: str, payload: bytes) -> None:
+        m = envelope.decode_json(payload, f"metrics from {site}")
+        if m.get("site") != site:
+            raise Rejected("wrong_sender", f"metrics name site {m.get('site')!r} on {site!r}'s topic")
+        self.store.record_metrics(site, self.version, m.get("model_version"), m, time.time())
+
+    def _on_predictions(self, site: str, payload: bytes) -> None:
+        p = envelope.decode_json(payload, f"predictions from {site}")
+        if p.get("site") != site:
+            raise Rejected("wrong_sender", f"predictions name site {p.get('site')!r} on {site!r}'s topic")
+        now = time.time()
+        rows = [(str(e), int(c), _num(lo), _num(fe)) for e, c, lo, fe in p.get("rows", [])]
+        if rows:
+            self.store.record_predictions(site, rows, now)
+        for engine, cycle, rul in p.get("truth", []):
+            self.store.record_truth(site, str(engine), int(cycle), float(rul), now)
+
+
+def _num(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    config = load_fleet_config(args.config)
+    aggregator = Aggregator(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    aggregator.start()
+    log.info("aggregator running: %d sites, quorum %d, %d rounds, strategy %s", len(config.sites), config.effective_quorum, config.model.rounds, config.strategy)
+    aggregator.run(stop)
+    return 0

@@ -1,0 +1,411 @@
+"""The results store: rounds, rejections, site status, metrics, predictions, truth, events.
+
+The aggregator's recorder writes here; the dashboard and the demo read here. Both go
+through `ResultsStore`, so InfluxDB can later stand in for the embedded SQLite default
+without either side changing. Reads return lists of plain dicts (JSON- and
+DataFrame-friendly). Timestamps are float unix seconds.
+
+Predictions are stored one row per (site, engine, cycle, model) with model "local" or
+"federated". True RUL is stored once per engine, as it becomes known (RUL 0 at the
+failure cycle, or a test engine's revealed RUL at its last cycle); the truth at any
+earlier cycle c follows as rul + (cycle - c). It is not capped: capping is a modelling
+choice the reader makes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sqlite3
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from turbofed.errors import TurbofedError
+
+SCHEMA_VERSION = 1
+MODELS = ("local", "federated")
+
+
+class StoreError(TurbofedError):
+    """The results store cannot be opened or is from a newer turbofed."""
+
+
+class ResultsStore(ABC):
+    """What the recorder writes and the dashboard reads, whatever the backend."""
+
+    # --- write side (the aggregator's recorder) ---
+    @abstractmethod
+    def record_round(self, round: int, model_version: int, started: float, closed: float,
+                     participants: list[dict[str, Any]], aggregate_ms: float, strategy: str,
+                     closed_by: str) -> None:
+        """A closed round; participants are {"site", "samples", "update_bytes"}."""
+
+    @abstractmethod
+    def record_rejection(self, round: int | None, site: str, reason: str, detail: str, at: float) -> None:
+        """An update or message the aggregator refused, and why."""
+
+    @abstractmethod
+    def record_status(self, site: str, online: bool, at: float, agent_version: str | None,
+                      model_version: int | None, samples: int | None) -> None:
+        """A site's status message (or last will); only the latest per site is kept."""
+
+    @abstractmethod
+    def record_metrics(self, site: str, round: int | None, model_version: int | None,
+                       metrics: dict[str, Any], at: float) -> None:
+        """{"engines": n, "local": {"rmse", "score"}, "federated": {...}}: one row per model."""
+
+    @abstractmethod
+    def record_predictions(self, site: str, rows: list[tuple[str, int, float | None, float | None]],
+                           at: float) -> None:
+        """Rows of (engine, cycle, local RUL, federated RUL); None means not predicted."""
+
+    @abstractmethod
+    def record_truth(self, site: str, engine: str, cycle: int, rul: float, at: float) -> None:
+        """The true RUL of `engine` at `cycle` became known (failure: rul 0)."""
+
+    @abstractmethod
+    def record_event(self, kind: str, detail: dict[str, Any], at: float) -> None:
+        """An aggregator event (started, resumed, round announced...)."""
+
+    # --- read side (dashboard, demo) ---
+    @abstractmethod
+    def rounds(self) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def rejections(self, round: int | None = None) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def site_status(self) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def metrics(self, site: str | None = None) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def latest_metrics(self) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def latest_predictions(self) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def engine_trajectory(self, site: str, engine: str) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def engines_with_truth(self) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def events(self, limit: int = 100) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def counts(self) -> dict[str, int]: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "ResultsStore":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def open_store(path_or_url: str | Path) -> ResultsStore:
+    """Open the store named in configuration: a file path (or sqlite:///path) -> SQLite."""
+    text = str(path_or_url)
+    if text.startswith("sqlite://"):
+        return SqliteStore(text.removeprefix("sqlite://"))
+    if re.match(r"^[a-z][a-z0-9+.-]*://", text, re.IGNORECASE):
+        raise StoreError(f"unsupported results store {text!r}: give a file path (SQLite)")
+    return SqliteStore(path_or_url)
+
+
+_SCHEMA = """
+CREATE TABLE rounds (
+    round INTEGER PRIMARY KEY, model_version INTEGER NOT NULL, started REAL NOT NULL,
+    closed REAL NOT NULL, aggregate_ms REAL NOT NULL, strategy TEXT NOT NULL,
+    closed_by TEXT NOT NULL);
+CREATE TABLE round_participants (
+    round INTEGER NOT NULL REFERENCES rounds(round) ON DELETE CASCADE, site TEXT NOT NULL,
+    samples INTEGER NOT NULL, update_bytes INTEGER NOT NULL, PRIMARY KEY (round, site));
+CREATE TABLE rejections (
+    id INTEGER PRIMARY KEY, round INTEGER, site TEXT NOT NULL, reason TEXT NOT NULL,
+    detail TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX rejections_round ON rejections (round);
+CREATE TABLE site_status (
+    site TEXT PRIMARY KEY, online INTEGER NOT NULL, at REAL NOT NULL, last_seen REAL,
+    agent_version TEXT, model_version INTEGER, samples INTEGER);
+CREATE TABLE metrics (
+    id INTEGER PRIMARY KEY, site TEXT NOT NULL, round INTEGER, model_version INTEGER,
+    model TEXT NOT NULL, engines INTEGER, rmse REAL, score REAL, at REAL NOT NULL);
+CREATE INDEX metrics_site_model ON metrics (site, model, at);
+CREATE TABLE predictions (
+    site TEXT NOT NULL, engine TEXT NOT NULL, cycle INTEGER NOT NULL, model TEXT NOT NULL,
+    rul REAL NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (site, engine, cycle, model)) WITHOUT ROWID;
+CREATE TABLE truth (
+    site TEXT NOT NULL, engine TEXT NOT NULL, cycle INTEGER NOT NULL, rul REAL NOT NULL,
+    at REAL NOT NULL, PRIMARY KEY (site, engine));
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY, kind TEXT NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL);
+"""
+# Schema changes: _MIGRATIONS[v] is the SQL that upgrades a version-v store to v + 1.
+_MIGRATIONS: dict[int, str] = {}
+_TABLES = ("rounds", "round_participants", "rejections", "site_status", "metrics",
+           "predictions", "truth", "events")
+
+# Pivot the two models of one cycle into one row, with the truth at that cycle.
+_TRAJECTORY = """
+SELECT p.site, p.engine, p.cycle,
+       MAX(CASE WHEN p.model = 'local' THEN p.rul END) AS local,
+       MAX(CASE WHEN p.model = 'federated' THEN p.rul END) AS federated,
+       CASE WHEN p.cycle <= t.cycle THEN t.rul + (t.cycle - p.cycle) END AS true_rul
+FROM predictions p {join} truth t ON t.site = p.site AND t.engine = p.engine
+"""
+
+
+class SqliteStore(ResultsStore):
+    """SQLite in WAL mode: the dashboard (another process) reads while the aggregator writes.
+
+    One connection shared by the aggregator's threads (paho's network thread and its main
+    thread) behind a lock; every write is one transaction.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise StoreError(f"results store {self.path} is a folder: give a file, e.g. {self.path / 'results.sqlite'}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so transactions are explicit.
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # durable across crashes of the process
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open results store {self.path}: {exc}") from None
+
+    def _migrate(self) -> None:
+        """Create the schema, or bring an older store up to SCHEMA_VERSION."""
+        with self._tx() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                # Statement by statement: executescript() would COMMIT our transaction first.
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+                return
+            version = row["version"]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"results store {self.path} has schema {version}; this turbofed reads "
+                                 f"up to {SCHEMA_VERSION}: upgrade turbofed")
+            for v in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[v].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+            db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+
+    @contextmanager
+    def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction under the lock. Writes take the write lock up front (IMMEDIATE)
+        so two writers wait on busy_timeout instead of deadlocking; reads get a snapshot."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _rows(self, sql: str, args: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        with self._tx(write=False) as db:
+            return [dict(r) for r in db.execute(sql, tuple(args))]
+
+    def _touch(self, db: sqlite3.Connection, site: str, at: float) -> None:
+        """A site that sends metrics or predictions is alive: move its last_seen forward."""
+        db.execute("UPDATE site_status SET last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE site = ?", (at, site))
+
+    # --- write side ---
+    def record_round(self, round: int, model_version: int, started: float, closed: float,
+                     participants: list[dict[str, Any]], aggregate_ms: float, strategy: str,
+                     closed_by: str) -> None:
+        # Re-recording a round (an aggregator that resumed mid-round) replaces it.
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (round, model_version, started, closed, aggregate_ms, strategy, closed_by))
+            db.execute("DELETE FROM round_participants WHERE round = ?", (round,))
+            db.executemany("INSERT INTO round_participants VALUES (?, ?, ?, ?)",
+                           [(round, p["site"], int(p["samples"]), int(p["update_bytes"])) for p in participants])
+
+    def record_rejection(self, round: int | None, site: str, reason: str, detail: str, at: float) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO rejections (round, site, reason, detail, at) VALUES (?, ?, ?, ?, ?)",
+                       (round, site, reason, detail, at))
+
+    def record_status(self, site: str, online: bool, at: float, agent_version: str | None,
+                      model_version: int | None, samples: int | None) -> None:
+        # Older messages (a QoS 1 redelivery) never overwrite newer ones; a status without
+        # versions (a bare last will) keeps the versions last reported; last_seen moves
+        # only when the site itself spoke (online).
+        with self._tx() as db:
+            db.execute(
+                """INSERT INTO site_status VALUES (?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (site) DO UPDATE SET
+                     online = excluded.online, at = excluded.at,
+                     last_seen = COALESCE(MAX(site_status.last_seen, excluded.last_seen),
+                                         site_status.last_seen, excluded.last_seen),
+                     agent_version = COALESCE(excluded.agent_version, site_status.agent_version),
+                     model_version = COALESCE(excluded.model_version, site_status.model_version),
+                     samples = COALESCE(excluded.samples, site_status.samples)
+                   WHERE excluded.at >= site_status.at""",
+                (site, int(bool(online)), at, at if online else None, agent_version, model_version, samples))
+
+    def record_metrics(self, site: str, round: int | None, model_version: int | None,
+                       metrics: dict[str, Any], at: float) -> None:
+        engines = metrics.get("engines")
+        rows = [(site, round, model_version, model, engines,
+                 _finite(metrics[model].get("rmse")), _finite(metrics[model].get("score")), at)
+                for model in MODELS if isinstance(metrics.get(model), dict)]
+        with self._tx() as db:
+            db.executemany("INSERT INTO metrics (site, round, model_version, model, engines, rmse, score, at) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self._touch(db, site, at)
+
+    def record_predictions(self, site: str, rows: list[tuple[str, int, float | None, float | None]],
+                           at: float) -> None:
+        # A prediction re-sent (the agent's outbox after a reconnect) replaces the first copy.
+        flat = [(site, str(engine), int(cycle), model, value, at)
+                for engine, cycle, local, federated in rows
+                for model, value in (("local", _finite(local)), ("federated", _finite(federated)))
+                if value is not None]
+        with self._tx() as db:
+            db.executemany("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
+                           "SET rul = excluded.rul, at = excluded.at", flat)
+            self._touch(db, site, at)
+
+    def record_truth(self, site: str, engine: str, cycle: int, rul: float, at: float) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO truth VALUES (?, ?, ?, ?, ?)",
+                       (site, str(engine), int(cycle), float(rul), at))
+
+    def record_event(self, kind: str, detail: dict[str, Any], at: float) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO events (kind, detail, at) VALUES (?, ?, ?)",
+                       (kind, json.dumps(detail, default=_json_default), at))
+
+    # --- read side ---
+    def rounds(self) -> list[dict[str, Any]]:
+        """Rounds in order, each with its participants (by site) and total samples."""
+        with self._tx(write=False) as db:
+            rounds = [dict(r) for r in db.execute("SELECT * FROM rounds ORDER BY round")]
+            parts: dict[int, list[dict[str, Any]]] = {}
+            for r in db.execute("SELECT * FROM round_participants"):
+                parts.setdefault(r["round"], []).append({k: r[k] for k in ("site", "samples", "update_bytes")})
+        for r in rounds:
+            r["participants"] = sorted(parts.get(r["round"], []), key=lambda p: _natural(p["site"]))
+            r["samples"] = sum(p["samples"] for p in r["participants"])
+        return rounds
+
+    def rejections(self, round: int | None = None) -> list[dict[str, Any]]:
+        """Rejections in the order they happened (optionally of one round)."""
+        if round is None:
+            return self._rows("SELECT * FROM rejections ORDER BY at, id")
+        return self._rows("SELECT * FROM rejections WHERE round = ? ORDER BY at, id", (round,))
+
+    def site_status(self) -> list[dict[str, Any]]:
+        rows = self._rows("SELECT * FROM site_status")
+        for r in rows:
+            r["online"] = bool(r["online"])
+        return sorted(rows, key=lambda r: _natural(r["site"]))
+
+    def metrics(self, site: str | None = None) -> list[dict[str, Any]]:
+        """Every metrics row (one per site, report and model), oldest first."""
+        where, args = ("WHERE site = ?", (site,)) if site is not None else ("", ())
+        return self._rows(f"SELECT * FROM metrics {where} ORDER BY at, id", args)
+
+    def latest_metrics(self) -> list[dict[str, Any]]:
+        """The newest metrics row per (site, model)."""
+        rows = self._rows("""SELECT * FROM metrics WHERE id IN (
+                               SELECT id FROM (SELECT id, ROW_NUMBER() OVER (
+                                 PARTITION BY site, model ORDER BY at DESC, id DESC) AS n FROM metrics)
+                               WHERE n = 1)""")
+        return sorted(rows, key=lambda r: (_natural(r["site"]), MODELS.index(r["model"])))
+
+    def latest_predictions(self) -> list[dict[str, Any]]:
+        """Per (site, engine): the latest predicted cycle, both models' RUL there, and the
+        true RUL at that cycle where known."""
+        rows = self._rows(
+            _TRAJECTORY.format(join="LEFT JOIN")
+            + """JOIN (SELECT site, engine, MAX(cycle) AS cycle FROM predictions GROUP BY site, engine) last
+                   ON last.site = p.site AND last.engine = p.engine AND last.cycle = p.cycle
+                 GROUP BY p.site, p.engine, p.cycle""")
+        return sorted(rows, key=lambda r: (_natural(r["site"]), _natural(r["engine"])))
+
+    def engine_trajectory(self, site: str, engine: str) -> list[dict[str, Any]]:
+        """Per cycle of one engine: local, federated and (where known) true RUL."""
+        rows = self._rows(_TRAJECTORY.format(join="LEFT JOIN")
+                          + "WHERE p.site = ? AND p.engine = ? GROUP BY p.cycle ORDER BY p.cycle",
+                          (site, str(engine)))
+        return [{k: r[k] for k in ("cycle", "local", "federated", "true_rul")} for r in rows]
+
+    def engines_with_truth(self) -> list[dict[str, Any]]:
+        """Per engine whose truth is known: truth cycle and RUL (failed: RUL 0 there) and its
+        predictions at every cycle (the input of maintenance-policy economics)."""
+        with self._tx(write=False) as db:
+            engines = {(t["site"], t["engine"]): {"site": t["site"], "engine": t["engine"], "truth_cycle": t["cycle"],
+                                                  "truth_rul": t["rul"], "failed": t["rul"] == 0, "predictions": []}
+                       for t in db.execute("SELECT * FROM truth")}
+            for r in db.execute(_TRAJECTORY.format(join="JOIN")
+                                + "GROUP BY p.site, p.engine, p.cycle ORDER BY p.site, p.engine, p.cycle"):
+                engines[(r["site"], r["engine"])]["predictions"].append(
+                    {k: r[k] for k in ("cycle", "local", "federated", "true_rul")})
+        return sorted(engines.values(), key=lambda e: (_natural(e["site"]), _natural(e["engine"])))
+
+    def events(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest `limit` events, newest first, detail decoded."""
+        rows = self._rows("SELECT * FROM events ORDER BY at DESC, id DESC LIMIT ?", (int(limit),))
+        for r in rows:
+            r["detail"] = json.loads(r["detail"])
+        return rows
+
+    def counts(self) -> dict[str, int]:
+        with self._tx(write=False) as db:
+            return {t: db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in _TABLES}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> "SqliteStore":
+        return self
+
+
+def _finite(value: float | None) -> float | None:
+    """None for a missing or non-finite number (SQLite would turn NaN into NULL anyway)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _natural(text: str) -> tuple[Any, ...]:
+    """Sort key putting "engine-2" before "engine-10"."""
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", str(text))))
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars and arrays (via .tolist/.item) in event details."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

@@ -1,0 +1,439 @@
+"""The edge agent: one per site, between the engines' sensor stream and the aggregator.
+
+It keeps a window per engine and predicts every engine every cycle with two models, the
+site's own (local) and the fleet's (the latest global model); when an engine fails it
+labels that engine's history and buffers it for training; when a round is announced it
+trains from the global model and sends its update. Raw sensor rows never leave the site.
+
+MQTT callbacks only enqueue; one worker thread does all the work in arrival order, so
+training never stalls the network thread (keepalives, acknowledgements). Everything the
+agent knows is saved under its state folder, so a restarted agent resumes where it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pickle
+import queue
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import turbofed
+from edge.buffer import TrainingBuffer
+from edge.features import EngineWindow
+from edge.inference import OnnxPredictor
+from turbofed import envelope
+from turbofed.config import ModelSettings, SiteConfig, load_site_config
+from turbofed.errors import TurbofedError
+from turbofed.messages import MessageError, parse_event, parse_reading
+from turbofed.metrics import phm08_score, rmse
+from turbofed.mqtt import connect, make_client
+from turbofed.topics import TopicError, Topics
+from turbofed.spec import FeatureSpec
+
+log = logging.getLogger("turbofed.edge")
+
+SAVE_EVERY_S = 2.0
+LOG_FIRST_N = 20  # per reason, then every 100th: a flood of bad input must not flood the log
+
+
+class EngineTrack:
+    """One engine in service: its history since install (bounded) and its feature windows."""
+
+    def __init__(self) -> None:
+        self.cycles: list[int] = []
+        self.sensors: list[np.ndarray] = []
+        self.windows: dict[FeatureSpec, EngineWindow] = {}
+        self.last: tuple[int, float | None, float | None] | None = None  # cycle, local, federated
+
+    def window(self, spec: FeatureSpec) -> EngineWindow:
+        """The window for `spec`, rebuilt from history the first time a spec is seen."""
+        w = self.windows.get(spec)
+        if w is None:
+            w = self.windows[spec] = EngineWindow(spec)
+            start = 0 if len(self.cycles) <= spec.window else len(self.cycles) - spec.window
+            for c, s in zip(self.cycles[start:], self.sensors[start:]):
+                w.push(c, s)
+        return w
+
+
+class EdgeAgent:
+    """A site's agent. `training=False` is the inference-only profile (no scikit-learn)."""
+
+    def __init__(self, config: SiteConfig, training: bool = True) -> None:
+        self.config = config
+        self.site = config.site
+        self.training = training
+        self.topics = Topics(config.broker.topic_root, config.broker.plant_root)
+        self.state_dir = Path(config.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.counters: Counter[str] = Counter()
+        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.engines: dict[str, EngineTrack] = {}
+        self.buffer = TrainingBuffer(config.buffer_rows)
+        self.settings: ModelSettings | None = None
+        self.fleet_spec: FeatureSpec | None = None
+        self.local_spec: FeatureSpec | None = None
+        self.fed_learner: Any = None
+        self.local_learner: Any = None
+        self.global_model: bytes | None = None
+        self.global_version = -1
+        self.fed_predictor: OnnxPredictor | None = None
+        self.local_predictor: OnnxPredictor | None = None
+        self.answered: list[str] = []
+        self.pending_round: dict[str, Any] | None = None
+        self.scored: dict[str, list[float | None]] = {}  # engine -> [truth, local, federated]
+        self.pending_rows: list[list[Any]] = []
+        self.pending_truth: list[list[Any]] = []
+        self.metrics_dirty = False
+        self.dirty = False
+        self._last_save = 0.0
+        self.client = None
+        self._restore()
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect (reconnects are automatic) and subscribe."""
+        offline = envelope.encode_json({"site": self.site, "online": False})
+        self.client = make_client(f"turbofed-edge-{self.site}", self.config.broker, will=(self.topics.status(self.site), offline), persistent_session=True)
+        self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
+        self.client.on_connect = self._on_connect
+        connect(self.client, self.config.broker)
+        self._on_connect(self.client, None, None, None, None)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        if reason_code is not None and reason_code.is_failure:
+            return
+        for topic in (
+            self.topics.plant_filter(self.site, "sensors"),
+            self.topics.plant_filter(self.site, "events"),
+            self.topics.round,
+            self.topics.global_model,
+            self.topics.stats_request,
+        ):
+            client.subscribe(topic, qos=1)
+        self.publish_status(online=True)
+
+    def run(self, stop: threading.Event) -> None:
+        """Work through messages until `stop` is set, then save and say goodbye."""
+        if self.client is None:
+            self.start()
+        next_flush = time.monotonic() + self.config.predictions_every_s
+        while not stop.is_set():
+            try:
+                topic, payload = self.inbox.get(timeout=0.1)
+            except queue.Empty:
+                pass
+            else:
+                self.handle(topic, payload)
+            if time.monotonic() >= next_flush:
+                self.flush()
+                next_flush = time.monotonic() + self.config.predictions_every_s
+        self.drain()
+        self.flush()
+        self.save()
+        self.publish_status(online=False)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def drain(self) -> None:
+        """Handle whatever is already queued (used at shutdown and by tests)."""
+        while True:
+            try:
+                topic, payload = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            self.handle(topic, payload)
+
+    # --- dispatch --------------------------------------------------------------------
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Route one message; bad input is counted and logged, never fatal."""
+        try:
+            if topic.startswith(self.topics.plant_root + "/"):
+                _, engine, kind = self.topics.parse_plant(topic)
+                if self.config.engines is not None and engine not in self.config.engines:
+                    raise MessageError(f"engine {engine!r} is not in this site's engine list", "unknown_engine")
+                if kind == "sensors":
+                    self.on_reading(engine, payload)
+                else:
+                    self.on_event(engine, payload)
+            elif not payload:
+                return  # a retained message being cleared
+            elif topic == self.topics.round:
+                self.on_round(envelope.decode_json(payload, "round announcement"))
+            elif topic == self.topics.global_model:
+                self.on_global(payload)
+            elif topic == self.topics.stats_request:
+                self.on_stats_request(envelope.decode_json(payload, "stats request"))
+        except (MessageError, TopicError, TurbofedError, KeyError, ValueError) as exc:
+            reason = getattr(exc, "reason", type(exc).__name__)
+            self._reject(reason, f"{topic}: {exc}")
+        except Exception:  # keep serving the other engines whatever one message does
+            self.counters["internal_error"] += 1
+            log.exception("site %s: failed to handle a message on %s", self.site, topic)
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self.counters[f"rejected.{reason}"] += 1
+        n = self.counters[f"rejected.{reason}"]
+        if n <= LOG_FIRST_N or n % 100 == 0:
+            log.warning("site %s: skipped (%s, #%d): %s", self.site, reason, n, detail)
+
+    # --- sensor stream ---------------------------------------------------------------
+
+    def on_reading(self, engine: str, payload: bytes) -> None:
+        reading = parse_reading(payload)
+        track = self.engines.setdefault(engine, EngineTrack())
+        if track.cycles and reading.cycle <= track.cycles[-1]:
+            raise MessageError(f"engine {engine}: cycle {reading.cycle} does not follow {track.cycles[-1]}", "cycle_backwards")
+        sensors = np.asarray(reading.sensors, dtype=float)
+        track.cycles.append(reading.cycle)
+        track.sensors.append(sensors)
+        if len(track.cycles) > self.config.history_cycles:
+            del track.cycles[0], track.sensors[0]
+        self.counters["readings"] += 1
+        local = self._predict(self.local_predictor, self.local_spec, track, reading.cycle, sensors)
+        fed = self._predict(self.fed_predictor, self.fleet_spec, track, reading.cycle, sensors)
+        track.last = (reading.cycle, local, fed)
+        if local is not None or fed is not None:
+            self.pending_rows.append([engine, reading.cycle, local, fed])
+
+    @staticmethod
+    def _predict(predictor: OnnxPredictor | None, spec: FeatureSpec | None, track: EngineTrack, cycle: int, sensors: np.ndarray) -> float | None:
+        if predictor is None or spec is None:
+            return None
+        window = track.window(spec)
+        if window.cycle != cycle:
+            window.push(cycle, sensors)
+        return round(float(predictor.predict(window.features())[0]), 3)
+
+    def on_event(self, engine: str, payload: bytes) -> None:
+        event = parse_event(payload)
+        track = self.engines.get(engine)
+        if track is None or not track.cycles:
+            raise MessageError(f"engine {engine}: {event.event} event for an engine with no readings", "unknown_engine")
+        if event.cycle != track.cycles[-1]:
+            raise MessageError(f"engine {engine}: {event.event} at cycle {event.cycle}, last reading was {track.cycles[-1]}", "bad_event")
+        if event.event == "failure":
+            cycles = np.array(track.cycles)
+            self.buffer.add(engine, cycles, np.vstack(track.sensors), (event.cycle - cycles).astype(float))
+            self.pending_truth.append([engine, event.cycle, 0.0])
+            self.counters["failures"] += 1
+        else:
+            _, local, fed = track.last or (None, None, None)
+            self.scored[engine] = [event.rul, local, fed]
+            self.pending_truth.append([engine, event.cycle, event.rul])
+            self.metrics_dirty = True
+            self.counters["truths"] += 1
+        del self.engines[engine]
+        self.dirty = True
+
+    # --- federation ------------------------------------------------------------------
+
+    def on_stats_request(self, request: dict[str, Any]) -> None:
+        """Federated analytics: share count, sums and sums of squares, never rows."""
+        stats = self.buffer.stats() if self.buffer.rows else None
+        reply = {"request_id": request.get("request_id"), "site": self.site, "samples": self.buffer.rows, "engines": len(self.buffer.engines)}
+        reply["stats"] = stats.to_dict() if stats else None
+        self.client.publish(self.topics.stats(self.site), envelope.encode_json(reply), qos=1)
+
+    def on_global(self, payload: bytes) -> None:
+        env = envelope.decode(payload)
+        if env.kind != "global":
+            raise MessageError(f"global topic carried a {env.kind!r} envelope", "bad_global")
+        if env.model_version <= self.global_version:
+            return  # the retained copy of a model we already have
+        predictor = OnnxPredictor(env.body)  # refuses what onnxruntime cannot run
+        self.global_model, self.global_version, self.fed_predictor = env.body, env.model_version, predictor
+        (self.state_dir / "global.onnx.tmp").write_bytes(env.body)
+        os.replace(self.state_dir / "global.onnx.tmp", self.state_dir / "global.onnx")
+        log.info("site %s: global model v%d received (round %d)", self.site, env.model_version, env.round)
+        self.dirty = True
+        self.publish_status(online=True)
+        if self.pending_round and self.global_version >= self.pending_round["model_version"]:
+            announcement, self.pending_round = self.pending_round, None
+            self.on_round(announcement)
+
+    def on_round(self, ann: dict[str, Any]) -> None:
+        if ann.get("done") or ann["announce_id"] in self.answered:
+            return
+        settings = ModelSettings.from_dict(ann["settings"], "round announcement settings")
+        spec = FeatureSpec.from_dict(ann["spec"])
+        if spec != self.fleet_spec:
+            self.fleet_spec = spec
+        self.settings = settings
+        if ann["round"] > 0 and ann["model_version"] > self.global_version:
+            self.pending_round = ann  # the retained global model is on its way
+            return
+        if time.time() > ann["deadline"]:
+            log.info("site %s: round %d closed before we could take part", self.site, ann["round"])
+            self._answered(ann)
+            return
+        if not self.training:
+            self._answered(ann)
+            return
+        self._take_part(ann)
+
+    def _take_part(self, ann: dict[str, Any]) -> None:
+        from edge.learner import RulModel  # training profile only
+
+        r, min_samples = ann["round"], int(ann.get("min_samples", self.config.min_samples))
+        if self.buffer.rows < min_samples:
+            log.info("site %s: round %d: %d labelled rows < %d, sitting it out", self.site, r, self.buffer.rows, min_samples)
+            self._send(ann, "skip", b"", self.buffer.rows)
+            return
+        started = time.perf_counter()
+        if self.fed_learner is None or self.fed_learner.spec != self.fleet_spec or self.fed_learner.settings != self.settings:
+            self.fed_learner = RulModel(self.settings, self.fleet_spec)
+        if ann["round"] == 0:  # the seeded initial model, identical on every site
+            self._send(ann, "update", self.fed_learner.to_onnx(), self.buffer.rows)
+            return
+        self.fed_learner.load_onnx(self.global_model)
+        x, y = self.buffer.training_rows(self.fleet_spec)
+        self.fed_learner.train(x, y, epochs=self.settings.local_epochs)
+        self._send(ann, "update", self.fed_learner.to_onnx(), len(x))
+        self._train_local()
+        log.info("site %s: round %d trained on %d rows in %.1f s", self.site, r, len(x), time.perf_counter() - started)
+
+    def _train_local(self) -> None:
+        """The site-only model: own statistics, own data, the same epochs per round."""
+        from edge.learner import RulModel
+
+        if self.local_learner is None:
+            self.local_spec = FeatureSpec.from_stats(self.buffer.stats(), self.settings.window)
+            self.local_learner = RulModel(self.settings, self.local_spec)
+        x, y = self.buffer.training_rows(self.local_spec)
+        self.local_learner.train(x, y, epochs=self.settings.local_epochs)
+        self.local_predictor = OnnxPredictor(self.local_learner.to_onnx())
+
+    def _send(self, ann: dict[str, Any], kind: str, body: bytes, samples: int) -> None:
+        payload = envelope.encode(kind=kind, site=self.site, round=ann["round"], model_version=ann["model_version"], samples=samples, body=body)
+        self.client.publish(self.topics.update(self.site), payload, qos=1)
+        self.counters[f"sent.{kind}"] += 1
+        self._answered(ann)
+
+    def _answered(self, ann: dict[str, Any]) -> None:
+        self.answered = (self.answered + [ann["announce_id"]])[-20:]
+        self.dirty = True
+        self.save()
+
+    # --- reporting -------------------------------------------------------------------
+
+    def publish_status(self, online: bool) -> None:
+        status = {
+            "site": self.site,
+            "online": online,
+            "agent_version": turbofed.__version__,
+            "model_version": self.global_version if self.global_version >= 0 else None,
+            "samples": self.buffer.rows,
+            "profile": "training" if self.training else "inference",
+            "at": time.time(),
+        }
+        if self.client is not None:
+            self.client.publish(self.topics.status(self.site), envelope.encode_json(status), qos=1, retain=True)
+
+    def flush(self) -> None:
+        """Send batched predictions and fresh metrics; save state if it changed."""
+        while self.pending_rows or self.pending_truth:
+            rows, self.pending_rows = self.pending_rows[:2000], self.pending_rows[2000:]
+            truth, self.pending_truth = self.pending_truth, []
+            body = {"site": self.site, "rows": rows, "truth": truth}
+            self.client.publish(self.topics.predictions(self.site), envelope.encode_json(body), qos=1)
+        if self.metrics_dirty:
+            self.client.publish(self.topics.metrics(self.site), envelope.encode_json(self.metrics()), qos=1)
+            self.metrics_dirty = False
+        if self.dirty and time.monotonic() - self._last_save > SAVE_EVERY_S:
+            self.save()
+
+    def metrics(self) -> dict[str, Any]:
+        """Local vs federated on engines whose true RUL is known (prediction at the truth cycle)."""
+        out: dict[str, Any] = {"site": self.site, "model_version": self.global_version, "engines": len(self.scored)}
+        truth = np.array([v[0] for v in self.scored.values()], dtype=float)
+        for k, name in ((1, "local"), (2, "federated")):
+            pred = [v[k] for v in self.scored.values()]
+            ok = np.array([p is not None for p in pred], dtype=bool)
+            if ok.any():
+                p = np.array([x for x in pred if x is not None], dtype=float)
+                out[name] = {"rmse": round(rmse(p, truth[ok]), 4), "score": round(phm08_score(p, truth[ok]), 2), "engines": int(ok.sum())}
+            else:
+                out[name] = {"rmse": None, "score": None, "engines": 0}
+        out["counters"] = dict(self.counters)
+        return out
+
+    # --- persistence -----------------------------------------------------------------
+
+    def save(self) -> None:
+        """Everything needed to resume, each file replaced atomically."""
+        self.buffer.save(self.state_dir / "buffer.npz")
+        state = {
+            "answered": self.answered,
+            "global_version": self.global_version,
+            "settings": self.settings.to_dict() if self.settings else None,
+            "fleet_spec": self.fleet_spec.to_dict() if self.fleet_spec else None,
+            "scored": self.scored,
+            "counters": dict(self.counters),
+            "engines": {e: {"cycles": t.cycles, "sensors": [s.tolist() for s in t.sensors]} for e, t in self.engines.items()},
+        }
+        _write_atomic(self.state_dir / "state.json", json.dumps(state).encode())
+        if self.training and (self.fed_learner or self.local_learner):
+            _write_atomic(self.state_dir / "learners.pkl", pickle.dumps({"federated": self.fed_learner, "local": self.local_learner}))
+        self.dirty = False
+        self._last_save = time.monotonic()
+
+    def _restore(self) -> None:
+        self.buffer = TrainingBuffer.load(self.state_dir / "buffer.npz", self.config.buffer_rows)
+        path = self.state_dir / "state.json"
+        if not path.exists():
+            return
+        state = json.loads(path.read_text())
+        self.answered = state["answered"]
+        self.settings = ModelSettings.from_dict(state["settings"]) if state["settings"] else None
+        self.fleet_spec = FeatureSpec.from_dict(state["fleet_spec"]) if state["fleet_spec"] else None
+        self.scored = state["scored"]
+        self.counters.update(state["counters"])
+        for engine, t in state["engines"].items():
+            track = self.engines[engine] = EngineTrack()
+            track.cycles, track.sensors = t["cycles"], [np.asarray(s) for s in t["sensors"]]
+        if (self.state_dir / "global.onnx").exists() and state["global_version"] >= 0:
+            self.global_model = (self.state_dir / "global.onnx").read_bytes()
+            self.global_version = state["global_version"]
+            self.fed_predictor = OnnxPredictor(self.global_model)
+        learners = self.state_dir / "learners.pkl"
+        if self.training and learners.exists():
+            saved = pickle.loads(learners.read_bytes())
+            self.fed_learner, self.local_learner = saved["federated"], saved["local"]
+            if self.local_learner is not None:
+                self.local_spec = self.local_learner.spec
+                self.local_predictor = OnnxPredictor(self.local_learner.to_onnx())
+        log.info("site %s: resumed from %s (global v%d, %d labelled rows, %d engines in service)", self.site, self.state_dir, self.global_version, self.buffer.rows, len(self.engines))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    config = load_site_config(args.config)
+    agent = EdgeAgent(config, training=getattr(args, "profile", "training") != "inference")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    agent.start()
+    log.info("site %s: agent running (broker %s:%d, state %s)", config.site, config.broker.host, config.broker.port, config.state_dir)
+    agent.run(stop)
+    return 0

@@ -1,0 +1,69 @@
+"""The in-process federation benchmark: right shape of result, disjoint sites, honest holdout.
+
+Small budgets here: the figures themselves are measured by `turbofed bench accuracy`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.accuracy import holdout, load_dataset, run_accuracy, split_sites
+from edge.cmapss import load_subset
+from turbofed.cli import main
+from turbofed.config import ModelSettings
+
+QUICK = ModelSettings(rounds=2, local_epochs=1)
+
+
+def test_holdout_never_trains_on_held_out_engines(cmapss_dir: Path) -> None:
+    subset = load_subset("FD003", cmapss_dir)
+    kept, ev = holdout(subset, seed=3)
+    assert ev.kind == "holdout-from-train" and len(ev.runs) == 20 and len(kept) == 80
+    assert not {r.unit for r in kept} & {r.unit for r in ev.runs}
+    full = {r.unit: len(r) for r in subset.train}
+    for run in ev.runs:
+        assert 31 <= len(run) < full[run.unit]
+        assert run.rul_at_end == full[run.unit] - len(run)
+    again, ev2 = holdout(subset, seed=3)
+    assert [r.unit for r in ev2.runs] == [r.unit for r in ev.runs]  # seeded
+
+
+def test_sites_are_disjoint_and_split_by_subset(cmapss_dir: Path) -> None:
+    train, evals = load_dataset("FD001+FD003", str(cmapss_dir), seed=0)
+    assert [(e.subset, e.kind) for e in evals] == [("FD001", "official-test"), ("FD003", "holdout-from-train")]
+    sites = split_sites(train, 4)
+    assert [s.subset for s in sites] == ["FD001", "FD001", "FD003", "FD003"]
+    for name in ("FD001", "FD003"):
+        units = [r.unit for s in sites if s.subset == name for r in s.runs]
+        assert len(units) == len(set(units)) == len(train[name])
+
+
+def test_result_has_every_figure(cmapss_dir: Path) -> None:
+    result = run_accuracy("FD001", str(cmapss_dir), 2, QUICK)
+    assert result["eval"] == "official-test" and result["test_engines"] == {"FD001": 100}
+    for model in ("central", "federated"):
+        assert set(result[model]["FD001"]) == {"rmse", "rmse_capped", "score"}
+        assert 5 < result[model]["FD001"]["rmse"] < 60
+    assert [l["site"] for l in result["local"]] == ["site1", "site2"]
+    assert all(l["subset"] == "FD001" and l["engines"] == 50 for l in result["local"])
+    assert result["federated"]["FD001"]["rmse"] >= result["federated"]["FD001"]["rmse_capped"]
+
+
+def test_cli_writes_json(cmapss_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "acc.json"
+    argv = ["bench", "accuracy", "--data-dir", str(cmapss_dir), "--dataset", "FD001+FD003", "--sites", "2"]
+    assert main([*argv, "--rounds", "1", "--local-epochs", "1", "--seed", "4", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result == json.loads(capsys.readouterr().out)
+    assert result["seed"] == 4 and result["rounds"] == 1 and set(result["federated"]) == {"FD001", "FD003"}
+    assert result["eval"] == {"FD001": "official-test", "FD003": "holdout-from-train"}
+    assert [l["subset"] for l in result["local"]] == ["FD001", "FD003"]
+    assert set(result["local"][0]["metrics"]) == {"FD001", "FD003"}
+
+
+def test_missing_data_is_a_clear_cli_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "accuracy", "--data-dir", str(tmp_path)]) == 2
+    assert "train_FD001.txt: file not found; run `turbofed data fetch`" in capsys.readouterr().err

@@ -1,0 +1,94 @@
+"""The model registry: checkpoints round-trip, never go backwards, and detect corruption."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.registry import Checkpoint, ModelRegistry, RegistryError
+
+STATE = {"velocity/coefficient": np.arange(6, dtype=np.float32).reshape(2, 3),
+         "file": np.array([1.5, -2.0]), "step": np.array(7, dtype=np.int64)}
+FLEET = {"count": 1000, "sum": np.array([1.0, 2.0]), "sites": ["s1", "s2"]}
+
+
+def test_fresh_registry_is_empty(tmp_path: Path) -> None:
+    with ModelRegistry(tmp_path / "reg") as reg:
+        assert reg.latest() is None and reg.versions() == []
+        with pytest.raises(RegistryError, match="no model version 1"):
+            reg.get(1)
+    assert (tmp_path / "reg" / "registry.sqlite").is_file()
+
+
+def test_save_latest_round_trip(tmp_path: Path) -> None:
+    with ModelRegistry(tmp_path) as reg:
+        p1 = reg.save(1, 0, b"onnx-one", {}, {"count": 0})
+        p2 = reg.save(2, 1, b"onnx-two", STATE, FLEET)
+        assert p1 == tmp_path / "models" / "v00001.onnx" and p2.read_bytes() == b"onnx-two"
+        assert (tmp_path / "models" / "v00002.npz").is_file()
+    with ModelRegistry(tmp_path) as reg:  # survives reopening, as after a restart
+        cp = reg.latest()
+        assert isinstance(cp, Checkpoint)
+        assert (cp.version, cp.round, cp.model) == (2, 1, b"onnx-two")
+        assert cp.sha256 == hashlib.sha256(b"onnx-two").hexdigest()
+        assert cp.fleet == {"count": 1000, "sum": [1.0, 2.0], "sites": ["s1", "s2"]}
+        assert set(cp.strategy_state) == set(STATE)
+        for name, array in STATE.items():
+            assert cp.strategy_state[name].dtype == array.dtype
+            np.testing.assert_array_equal(cp.strategy_state[name], array)
+        assert reg.get(1) == b"onnx-one"
+        versions = reg.versions()
+        assert [(v["version"], v["round"]) for v in versions] == [(1, 0), (2, 1)]
+        assert versions[0]["path"] == str(p1) and versions[0]["sha256"] == hashlib.sha256(b"onnx-one").hexdigest()
+        assert versions[0]["created"] <= versions[1]["created"]
+
+
+def test_refuses_non_increasing_version(tmp_path: Path) -> None:
+    with ModelRegistry(tmp_path) as reg:
+        reg.save(3, 2, b"three", {}, {})
+        for version in (3, 2):
+            with pytest.raises(RegistryError, match="not newer"):
+                reg.save(version, 9, b"other", {}, {})
+        assert reg.get(3) == b"three" and [v["version"] for v in reg.versions()] == [3]
+        assert not (tmp_path / "models" / "v00002.onnx").exists()
+
+
+def test_corrupted_file_detected(tmp_path: Path) -> None:
+    with ModelRegistry(tmp_path) as reg:
+        path = reg.save(1, 0, b"good model", {"m": np.zeros(2)}, {})
+        path.write_bytes(b"bad model!")
+        with pytest.raises(RegistryError, match="v00001.onnx is corrupted"):
+            reg.latest()
+        with pytest.raises(RegistryError, match="v00001.onnx"):
+            reg.get(1)
+        path.unlink()
+        with pytest.raises(RegistryError, match="v00001.onnx is missing"):
+            reg.latest()
+
+
+def test_corrupted_state_detected(tmp_path: Path) -> None:
+    with ModelRegistry(tmp_path) as reg:
+        reg.save(1, 0, b"model", {"m": np.zeros(2)}, {})
+        (tmp_path / "models" / "v00001.npz").write_bytes(b"junk")
+        with pytest.raises(RegistryError, match="v00001.npz is corrupted"):
+            reg.latest()
+
+
+def test_crash_between_file_and_row(tmp_path: Path) -> None:
+    """A crash after writing v2's file but before its row: latest() stays at v1, and
+    saving v2 again replaces the stray file."""
+    with ModelRegistry(tmp_path) as reg:
+        reg.save(1, 0, b"one", {"m": np.ones(1)}, {"n": 1})
+    (tmp_path / "models" / "v00002.onnx").write_bytes(b"half-written stray")
+    (tmp_path / "models" / ".v00003.onnx.abc.tmp").write_bytes(b"temp left by a crash")
+    with ModelRegistry(tmp_path) as reg:
+        cp = reg.latest()
+        assert cp is not None and (cp.version, cp.model, cp.fleet) == (1, b"one", {"n": 1})
+        reg.save(2, 1, b"two", {}, {})
+        assert reg.latest().model == b"two"
+        assert [v["version"] for v in reg.versions()] == [1, 2]
+    leftovers = {p.name for p in (tmp_path / "models").iterdir()}
+    assert leftovers >= {"v00001.onnx", "v00001.npz", "v00002.onnx", "v00002.npz"}

@@ -1,0 +1,76 @@
+"""One way to make a paho-mqtt client for every turbofed process.
+
+Agents, the aggregator and the replay all want the same things: paho 2.x callbacks,
+automatic reconnects with backoff, a bounded in-flight window, a clear error naming
+host:port when the broker is not there, and a last will where there is one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from turbofed.config import BrokerSettings
+from turbofed.errors import TurbofedError
+
+log = logging.getLogger(__name__)
+
+
+class ConnectError(TurbofedError):
+    """The broker could not be reached or refused us."""
+
+
+def make_client(
+    client_id: str,
+    broker: BrokerSettings,
+    will: tuple[str, bytes] | None = None,
+    persistent_session: bool = False,
+    max_inflight: int = 100,
+) -> mqtt.Client:
+    """A configured client, not yet connected. A persistent session keeps our QoS 1
+    subscriptions queued at the broker while we are away."""
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        clean_session=not persistent_session,
+        protocol=mqtt.MQTTv311,
+    )
+    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    client.max_inflight_messages_set(max_inflight)
+    client.max_queued_messages_set(0)  # paho queues without bound while offline: nothing dropped
+    if broker.username:
+        client.username_pw_set(broker.username, broker.password)
+    if will:
+        client.will_set(will[0], will[1], qos=1, retain=True)
+    return client
+
+
+def connect(client: mqtt.Client, broker: BrokerSettings, timeout: float = 10.0) -> None:
+    """Connect and start the network thread; raise ConnectError naming host:port on failure."""
+    connected = threading.Event()
+    failure: list[str] = []
+    previous = client.on_connect
+
+    def on_connect(c, userdata, flags, reason_code, properties):  # noqa: ANN001 - paho signature
+        if reason_code.is_failure:
+            failure.append(str(reason_code))
+        connected.set()
+        if previous:
+            previous(c, userdata, flags, reason_code, properties)
+
+    client.on_connect = on_connect
+    try:
+        client.connect(broker.host, broker.port, keepalive=broker.keepalive)
+    except OSError as exc:
+        raise ConnectError(f"cannot reach MQTT broker at {broker.host}:{broker.port}: {exc}") from None
+    client.loop_start()
+    if not connected.wait(timeout):
+        client.loop_stop()
+        raise ConnectError(f"MQTT broker at {broker.host}:{broker.port} did not answer within {timeout:.0f} s")
+    if failure:
+        client.loop_stop()
+        raise ConnectError(f"MQTT broker at {broker.host}:{broker.port} refused the connection: {failure[0]}")
+    client.on_connect = previous
