@@ -97,6 +97,7 @@ class EdgeAgent:
         self.metrics_dirty = False
         self.dirty = False
         self._last_save = 0.0
+        self._reported_rows = -1
         self.client = None
         self._restore()
 
@@ -339,6 +340,7 @@ class EdgeAgent:
             "profile": "training" if self.training else "inference",
             "at": time.time(),
         }
+        self._reported_rows = self.buffer.rows
         if self.client is not None:
             self.client.publish(self.topics.status(self.site), envelope.encode_json(status), qos=1, retain=True)
 
@@ -352,6 +354,8 @@ class EdgeAgent:
         if self.metrics_dirty:
             self.client.publish(self.topics.metrics(self.site), envelope.encode_json(self.metrics()), qos=1)
             self.metrics_dirty = False
+        if self.buffer.rows != self._reported_rows:  # the dashboard shows training samples per site
+            self.publish_status(online=True)
         if self.dirty and time.monotonic() - self._last_save > SAVE_EVERY_S:
             self.save()
 

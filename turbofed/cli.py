@@ -58,6 +58,10 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     system.add_argument("--rounds", type=int, default=3)
     system.add_argument("--json", dest="json_out")
     system.set_defaults(handler="benchmarks.system:run_cli")
+    edge_bench = bsub.add_parser("edge", help="agent memory, prediction latency, CPU per cycle")
+    edge_bench.add_argument("--engines", type=int, default=100)
+    edge_bench.add_argument("--json", dest="json_out")
+    edge_bench.set_defaults(handler="benchmarks.edge:run_cli")
 
 
 def _services(sub: argparse._SubParsersAction) -> None:
@@ -68,6 +72,12 @@ def _services(sub: argparse._SubParsersAction) -> None:
     broker.set_defaults(handler="turbofed.broker:run_cli")
     edge = sub.add_parser("edge", help="run one site's edge agent")
     edge.add_argument("--config", required=True, help="site TOML file")
+    edge.add_argument(
+        "--profile",
+        choices=("training", "inference"),
+        default="training",
+        help="inference: predict and follow the global model only (no scikit-learn needed)",
+    )
     edge.set_defaults(handler="edge.agent:run_cli")
     agg = sub.add_parser("aggregator", help="run the aggregator")
     agg.add_argument("--config", required=True, help="fleet TOML file")
@@ -80,6 +90,9 @@ def _services(sub: argparse._SubParsersAction) -> None:
     replay.add_argument("--assign", choices=("contiguous", "round-robin", "subset"), default="round-robin")
     replay.add_argument("--broker", default="127.0.0.1:1883", help="host:port")
     replay.add_argument("--part", choices=("train", "test", "both"), default="both")
+    replay.add_argument("--seed", type=int, default=0, help="seed of hold-out and synthetic data")
+    replay.add_argument("--max-engines", type=int, help="only the first N engines of each part")
+    replay.add_argument("--no-progress", dest="progress", action="store_false")
     replay.set_defaults(handler="edge.replay:run_cli")
     demo = sub.add_parser("demo", help="broker, aggregator, 4 agents and a replay, in one command")
     _add_data_dir(demo)
@@ -95,6 +108,17 @@ def _services(sub: argparse._SubParsersAction) -> None:
     dash.add_argument("--store", default=".turbofed/demo/results.sqlite")
     dash.add_argument("--port", type=int, default=8501)
     dash.set_defaults(handler="dashboard.launch:run_cli")
+    flash = sub.add_parser("flash", help="build an offline install bundle for one edge device")
+    flash.add_argument("--site", required=True)
+    flash.add_argument("--fleet", required=True, help="fleet TOML (broker address, sites)")
+    flash.add_argument("--out", required=True, help="bundle folder")
+    flash.add_argument("--platform", default=None, help="e.g. linux_aarch64 (default: this machine)")
+    flash.add_argument("--python-version", default=None, help="target Python, e.g. 3.11 (default: this one)")
+    flash.add_argument("--profile", choices=("training", "inference"), default="training")
+    flash.add_argument("--engines", default="*", help="comma-separated engine ids, or * for all")
+    flash.add_argument("--host", help="user@address: copy the bundle over ssh and install it there")
+    flash.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
+    flash.set_defaults(handler="edge.flash:run_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,273 @@
+"""`turbofed demo`: the whole system on one machine, in one command.
+
+It starts a broker (Mosquitto when installed, else the embedded one), four edge agents
+and the aggregator as separate processes talking only through MQTT, replays the training
+engines (sites label them as they fail), lets the aggregator compute fleet statistics and
+run its rounds, replays the test engines (their true RUL is revealed at the end), and
+prints each site's local vs federated RMSE on its own test engines.
+
+The demo watches the system the way an operator would, over MQTT (site status, rounds,
+metrics); it imports neither `edge` nor `aggregator`. Everything stops cleanly on exit,
+Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from turbofed import envelope
+from turbofed.broker import BrokerHandle, start_broker
+from turbofed.config import BrokerSettings, ModelSettings
+from turbofed.errors import TurbofedError
+from turbofed.mqtt import connect, make_client
+from turbofed.topics import Topics
+
+log = logging.getLogger("turbofed.demo")
+
+SYNTHETIC = "SYN001"
+
+
+class DemoError(TurbofedError):
+    """A part of the demo did not come up or did not finish in time."""
+
+
+class FleetWatch:
+    """What the fleet says over MQTT: site status, the round announcement, site metrics."""
+
+    def __init__(self, broker: BrokerSettings) -> None:
+        self.topics = Topics(broker.topic_root, broker.plant_root)
+        self.status: dict[str, dict[str, Any]] = {}
+        self.metrics: dict[str, dict[str, Any]] = {}
+        self.round: dict[str, Any] = {}
+        self.changed = threading.Condition()
+        self.client = make_client(f"turbofed-demo-{os.getpid()}", broker)
+        self.client.on_message = self._on_message
+        connect(self.client, broker)
+        for topic in (self.topics.all_sites("status"), self.topics.all_sites("metrics"), self.topics.round):
+            self.client.subscribe(topic, qos=1)
+
+    def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
+        if not msg.payload:
+            return
+        body = envelope.decode_json(msg.payload, msg.topic)
+        with self.changed:
+            if msg.topic == self.topics.round:
+                self.round = body
+            else:
+                site, kind = self.topics.parse_site(msg.topic)
+                (self.status if kind == "status" else self.metrics)[site] = body
+            self.changed.notify_all()
+
+    def wait(self, what: str, condition, timeout: float, processes: "Processes") -> None:
+        """Block until `condition()` holds; fail early if a child process died."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while not condition():
+                processes.check()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}; logs are in {processes.logs}")
+                self.changed.wait(min(left, 1.0))
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Processes:
+    """The demo's child processes, each logging to its own file, all stopped together."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.children: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        handle = open(self.logs / f"{name}.log", "wb")
+        cmd = [sys.executable, "-m", "turbofed.cli", *args]
+        self.children[name] = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return self.children[name]
+
+    def check(self) -> None:
+        for name, proc in self.children.items():
+            if proc.poll() not in (None, 0):
+                raise DemoError(f"{name} exited with code {proc.returncode}; see {self.logs / (name + '.log')}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for proc in self.children.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout
+        for name, proc in self.children.items():
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s; killing it", name, timeout)
+                proc.kill()
+                proc.wait()
+
+
+def find_data(dataset: str, data_dir: str | None) -> tuple[str, str | None, str]:
+    """(dataset, data dir, how it was found): local files, a download, or the synthetic fleet."""
+    folder = Path(data_dir or os.environ.get("TURBOFED_DATA_DIR") or "data/cmapss")
+    if dataset.upper().startswith("SYN"):
+        return dataset, None, "synthetic fleet (asked for)"
+    needed = [folder / f"train_{name}.txt" for name in dataset.split("+")]
+    if all(p.is_file() for p in needed):
+        return dataset, str(folder), f"C-MAPSS {dataset} from {folder}"
+    log.info("C-MAPSS %s not in %s; trying to download it", dataset, folder)
+    fetch = subprocess.run(
+        [sys.executable, "-m", "turbofed.cli", "data", "fetch", "--data-dir", str(folder), "--timeout", "15"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if fetch.returncode == 0 and all(p.is_file() for p in needed):
+        return dataset, str(folder), f"C-MAPSS {dataset}, downloaded to {folder}"
+    reason = (fetch.stderr.strip().splitlines() or ["download failed"])[-1]
+    log.warning("no C-MAPSS data (%s); using the synthetic fleet instead", reason)
+    return SYNTHETIC, None, f"synthetic fleet (C-MAPSS unavailable: {reason})"
+
+
+def write_configs(work: Path, sites: list[str], broker: BrokerSettings, settings: ModelSettings) -> Path:
+    """One TOML per site and one for the fleet, as a user would write them."""
+    broker_toml = f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n'
+    for site in sites:
+        (work / f"{site}.toml").write_text(f'site = "{site}"\nstate_dir = "state/{site}"\nengines = "*"\n\n{broker_toml}')
+    model = "\n".join(f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in settings.to_dict().items())
+    fleet = work / "fleet.toml"
+    fleet.write_text(
+        f"sites = {json.dumps(sites)}\nstore = \"results.sqlite\"\nregistry = \"registry\"\n"
+        f"strategy = \"fedavg\"\nround_deadline_s = 120\n\n{broker_toml}\n[model]\n{model}\n"
+    )
+    return fleet
+
+
+def run_demo(
+    dataset: str = "FD001",
+    data_dir: str | None = None,
+    n_sites: int = 4,
+    settings: ModelSettings | None = None,
+    workdir: str | None = None,
+    embedded_broker: bool | None = None,
+) -> dict[str, Any]:
+    """Run the demo end to end and return its table (see `turbofed demo --json`)."""
+    settings = settings or ModelSettings()
+    started = time.perf_counter()
+    work = Path(workdir or ".turbofed/demo").resolve()
+    if work.exists():
+        shutil.rmtree(work)  # a demo starts from nothing: no old rounds, models or agent state
+    (work / "logs").mkdir(parents=True)
+    dataset, data_dir, data_note = find_data(dataset, data_dir)
+    print(f"data: {data_note}", file=sys.stderr)
+    sites = [f"site{i + 1}" for i in range(n_sites)]
+    processes = Processes(work / "logs")
+    broker_handle: BrokerHandle | None = None
+    watch: FleetWatch | None = None
+    try:
+        broker_handle = start_broker(embedded=embedded_broker, workdir=work / "broker")
+        print(f"broker: {broker_handle.kind} on {broker_handle.host}:{broker_handle.port}", file=sys.stderr)
+        broker = BrokerSettings(host=broker_handle.host, port=broker_handle.port)
+        fleet_toml = write_configs(work, sites, broker, settings)
+        watch = FleetWatch(broker)
+        for site in sites:
+            processes.start(site, "edge", "--config", str(work / f"{site}.toml"))
+        watch.wait("the edge agents to come online", lambda: sum(bool(watch.status.get(s, {}).get("online")) for s in sites) == n_sites, 120, processes)
+
+        replay_args = ["--dataset", dataset, "--sites", str(n_sites), "--rate", "max", "--seed", str(settings.seed), "--broker", f"{broker.host}:{broker.port}"]
+        if data_dir:
+            replay_args += ["--data-dir", data_dir]
+        train = _replay(processes, work, replay_args + ["--part", "train"])
+        watch.wait(
+            "the sites to label every training engine",
+            lambda: sum(watch.status.get(s, {}).get("samples") or 0 for s in sites) >= train["rows"],
+            300,
+            processes,
+        )
+        processes.start("aggregator", "aggregator", "--config", str(fleet_toml))
+        watch.wait(f"{settings.rounds} federated rounds", lambda: bool(watch.round.get("done")) and watch.round.get("round") == settings.rounds, 120 + 60 * settings.rounds, processes)
+        watch.wait("every site to load the final global model", lambda: all((watch.status.get(s) or {}).get("model_version") == settings.rounds for s in sites), 60, processes)
+
+        test = _replay(processes, work, replay_args + ["--part", "test"])
+        n_test = sum(test["engines"].values())
+        watch.wait("the sites to score their test engines", lambda: sum(m.get("engines", 0) for m in watch.metrics.values()) >= n_test, 300, processes)
+        table = [_site_row(site, watch.metrics.get(site, {})) for site in sites]
+    finally:
+        processes.stop()
+        if watch:
+            watch.close()
+        if broker_handle:
+            broker_handle.stop()
+    return {
+        "seconds": round(time.perf_counter() - started, 1),
+        "store": str(work / "results.sqlite"),
+        "broker": broker_handle.kind if broker_handle else None,
+        "data": data_note,
+        "dataset": dataset,
+        "settings": settings.to_dict(),
+        "sites": table,
+        "fleet": _pooled(table),
+    }
+
+
+def _replay(processes: Processes, work: Path, args: list[str]) -> dict[str, Any]:
+    """Run a replay to completion (its progress bar on our stderr) and return its summary."""
+    part = args[args.index("--part") + 1]
+    out = work / "logs" / f"replay-{part}.json"
+    with open(out, "w") as stdout:
+        code = subprocess.call([sys.executable, "-m", "turbofed.cli", "replay", *args], stdout=stdout, stdin=subprocess.DEVNULL)
+    processes.check()
+    if code != 0:
+        raise DemoError(f"replay of the {part} engines failed (exit {code})")
+    return json.loads(out.read_text().strip().splitlines()[-1])
+
+
+def _site_row(site: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    pick = lambda model: {k: (metrics.get(model) or {}).get(k) for k in ("rmse", "score")}  # noqa: E731
+    return {"site": site, "engines": metrics.get("engines", 0), "local": pick("local"), "federated": pick("federated")}
+
+
+def _pooled(table: list[dict[str, Any]]) -> dict[str, Any]:
+    """RMSE over every site's test engines together (what the in-process benchmark reports)."""
+    out: dict[str, Any] = {"engines": sum(r["engines"] for r in table)}
+    for model in ("local", "federated"):
+        rows = [r for r in table if r[model]["rmse"] is not None and r["engines"]]
+        n = sum(r["engines"] for r in rows)
+        out[model] = {
+            "rmse": round(math.sqrt(sum(r["engines"] * r[model]["rmse"] ** 2 for r in rows) / n), 4) if n else None,
+            "score": round(sum(r[model]["score"] for r in rows), 2) if n else None,
+        }
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"{'site':<10}{'engines':>8}{'local RMSE':>12}{'federated RMSE':>16}{'local score':>13}{'fed. score':>12}"]
+    for row in [*result["sites"], {"site": "all", **result["fleet"]}]:
+        fmt = lambda v, w: f"{v:>{w}.2f}" if v is not None else f"{'-':>{w}}"  # noqa: E731
+        lines.append(
+            f"{row['site']:<10}{row['engines']:>8}{fmt(row['local']['rmse'], 12)}{fmt(row['federated']['rmse'], 16)}"
+            f"{fmt(row['local']['score'], 13)}{fmt(row['federated']['score'], 12)}"
+        )
+    return "\n".join(lines)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    settings = ModelSettings(seed=args.seed).replace(rounds=args.rounds)
+    result = run_demo(args.dataset, args.data_dir, args.sites, settings, args.workdir, True if args.embedded_broker else None)
+    print(format_table(result))
+    print(f"\n{result['data']}; broker {result['broker']}; {result['seconds']:.0f} s")
+    print(f"results store: {result['store']}")
+    print(f"open the dashboard: turbofed dashboard --store {result['store']}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
