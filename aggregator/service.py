@@ -32,7 +32,7 @@ from turbofed import envelope
 from turbofed.codec import read_weights, replace_weights
 from turbofed.config import FleetConfig, load_fleet_config
 from turbofed.errors import ConfigError, TurbofedError
-from turbofed.mqtt import connect, make_client
+from turbofed.mqtt import client_id, connect, make_client
 from turbofed.spec import FeatureSpec, FleetStats
 from turbofed.topics import TopicError, Topics
 
@@ -81,7 +81,7 @@ class Aggregator:
         self.store.record_event("resumed", {"version": ckpt.version, "round": ckpt.round}, time.time())
 
     def start(self) -> None:
-        self.client = make_client("turbofed-aggregator", self.config.broker, persistent_session=True)
+        self.client = make_client(client_id("aggregator", self.config.broker), self.config.broker, persistent_session=True)
         self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
         self.client.on_connect = self._on_connect
         connect(self.client, self.config.broker)

@@ -36,7 +36,7 @@ from turbofed.config import ModelSettings, SiteConfig, load_site_config
 from turbofed.errors import TurbofedError
 from turbofed.messages import MessageError, parse_event, parse_reading
 from turbofed.metrics import phm08_score, rmse
-from turbofed.mqtt import connect, make_client
+from turbofed.mqtt import client_id, connect, make_client
 from turbofed.topics import TopicError, Topics
 from turbofed.spec import FeatureSpec
 
@@ -106,7 +106,7 @@ class EdgeAgent:
     def start(self) -> None:
         """Connect (reconnects are automatic) and subscribe."""
         offline = envelope.encode_json({"site": self.site, "online": False})
-        self.client = make_client(f"turbofed-edge-{self.site}", self.config.broker, will=(self.topics.status(self.site), offline), persistent_session=True)
+        self.client = make_client(client_id(f"edge-{self.site}", self.config.broker), self.config.broker, will=(self.topics.status(self.site), offline), persistent_session=True)
         self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
         self.client.on_connect = self._on_connect
         connect(self.client, self.config.broker)

@@ -67,7 +67,7 @@ _SPLIT = (0.2, 0.8)  # share of the loss taken by efficiency (rest: flow)
 _INITIAL_WEAR_FAULTY = 0.35
 _INITIAL_WEAR_OTHER = 0.02
 _WEAR_LIFE_EFFECT = 0.5  # share of the initial wear that shortens life (see _solve_life)
-_PROCESS = (0.95, 0.004)  # AR(1) process noise on health parameters: phi, innovation std
+_PROCESS = (0.95, 0.002)  # AR(1) process noise on health parameters: phi, innovation std
 
 # Early-life sensor means of FD001 (first 30 cycles); the nominal "new engine" levels are
 # these minus the average initial-wear effect (see _BASE below).
@@ -87,8 +87,8 @@ _HPC_SIG = np.array([
 ])
 _HPC_EFF = _HPC_SIG * np.array([1, 1.1, .95, 1.05, 1, 1, .9, 1.1, 1, 1, 1.05, .95, 1.1, 1, .95, 1, 1.05, 1, 1, .95, 1.05])
 _HPC_FLOW = 2 * _HPC_SIG - _HPC_EFF
-_HPC_EFF[[8, 13]] = 206.0, 180.0
-_HPC_FLOW[[8, 13]] = -77.0, -100.0
+_HPC_EFF[[8, 13]] = 135.0, 117.0
+_HPC_FLOW[[8, 13]] = -50.0, -65.0
 _FAN_SIG = np.array([
     0, 1.25, 20.3, 28.9, 0, 0, 14.2, 0.58, 71.0, 0,
     1.00, 13.7, 0.58, 56.0, -0.150, 0, 5.3, 0, 0, 0.58, 0.35,
@@ -107,11 +107,11 @@ _NOISE = np.array([
     0.10, 0.30, 0.030, 3.09, 0.020, 0, 0.89, 0, 0, 0.099, 0.059,
 ])
 # Per-engine offsets (manufacturing variation), on top of initial wear.
-_OFFSET = 0.25 * np.array([
+_OFFSET = 0.15 * np.array([
     0, 0.19, 2.0, 3.6, 0, 0, 0.38, 0.036, 6.0, 0,
     0.12, 0.33, 0.036, 6.0, 0.014, 0, 0.55, 0, 0, 0.07, 0.042,
 ])
-_GAIN_SPREAD = 0.03  # per-engine, per-sensor multiplier on the degradation response
+_GAIN_SPREAD = 0.02  # per-engine, per-sensor multiplier on the degradation response
 # Linear response to operating-setting deviations from sea level (altitude in kft,
 # Mach, TRA %), ISA-lapse-like signs; with FD001's tiny setting noise it is negligible,
 # but a varying condition moves the sensors the right way. Constant sensors: none.

@@ -11,6 +11,7 @@ bad reading and goes on. Payload shapes:
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -85,8 +86,16 @@ def _body(payload: bytes, what: str) -> dict[str, Any]:
 
 
 def parse_reading(payload: bytes) -> SensorReading:
-    """A sensor reading, or MessageError naming the field that is wrong."""
-    body = _body(payload, "sensor reading")
+    """A sensor reading, or MessageError naming the field that is wrong.
+
+    Gateways do send NaN for a dead sensor; it is parsed so it can be refused by name.
+    """
+    try:
+        body = json.loads(bytes(payload).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MessageError(f"sensor reading: not valid UTF-8 JSON: {exc}", "not_json") from None
+    if not isinstance(body, dict):
+        raise MessageError("sensor reading: expected a JSON object", "not_json")
     extra = sorted(set(body) - {"cycle", "settings", "sensors"})
     if extra:
         raise MessageError(f"unexpected field(s) {', '.join(extra)}", "wrong_fields")

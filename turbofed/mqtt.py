@@ -23,6 +23,12 @@ class ConnectError(TurbofedError):
     """The broker could not be reached or refused us."""
 
 
+def client_id(role: str, broker: BrokerSettings) -> str:
+    """A stable id per role and fleet: a persistent session must find itself again after a
+    restart, and two fleets sharing a broker must not take over each other's sessions."""
+    return f"turbofed-{broker.topic_root.replace('/', '-')}-{role}"
+
+
 def make_client(
     client_id: str,
     broker: BrokerSettings,

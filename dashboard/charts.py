@@ -1,0 +1,146 @@
+"""Altair charts for the dashboard: built from the tables in `views` and `economics`.
+
+Kept out of the page scripts so a chart is one call there, and so the charts can be built
+(and their specs checked) in tests without Streamlit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import altair as alt
+import pandas as pd
+
+from dashboard.views import MODEL_COLORS, URGENCY_COLORS, URGENCY_LEVELS, natural_key
+
+MODEL_SCALE = alt.Scale(domain=["local", "federated"], range=[MODEL_COLORS["local"], MODEL_COLORS["federated"]])
+SERIES_SCALE = alt.Scale(domain=["true RUL", "local", "federated"],
+                         range=[MODEL_COLORS["true RUL"], MODEL_COLORS["local"], MODEL_COLORS["federated"]])
+URGENCY_SCALE = alt.Scale(domain=list(URGENCY_LEVELS), range=[URGENCY_COLORS[u] for u in URGENCY_LEVELS])
+METRIC_TITLES = {"rmse": "RMSE (cycles)", "score": "PHM08 score"}
+
+
+def fleet_scatter(fleet: pd.DataFrame, critical: float, warning: float) -> alt.LayerChart:
+    """Local vs federated latest RUL per engine, coloured by urgency: agreement lies on the
+    diagonal; the threshold lines show which side of them each model puts an engine."""
+    data = fleet.dropna(subset=["local", "federated"])
+    top = float(max(data[["local", "federated"]].max().max(), warning, 1.0)) if len(data) else max(warning, 1.0)
+    points = alt.Chart(data).mark_circle(size=70, opacity=0.85).encode(
+        x=alt.X("local:Q", title="local model RUL (cycles)", scale=alt.Scale(domain=[0, top])),
+        y=alt.Y("federated:Q", title="federated model RUL (cycles)", scale=alt.Scale(domain=[0, top])),
+        color=alt.Color("urgency:N", scale=URGENCY_SCALE, legend=alt.Legend(title="urgency")),
+        tooltip=["site", "engine", "cycle", "urgency", alt.Tooltip("local:Q", format=".1f"),
+                 alt.Tooltip("federated:Q", format=".1f"), alt.Tooltip("true_rul:Q", format=".0f")],
+    )
+    diagonal = alt.Chart(pd.DataFrame({"v": [0.0, top]})).mark_line(color="#999", strokeDash=[4, 4]).encode(
+        x="v:Q", y="v:Q")
+    rules = pd.DataFrame({"rul": [critical, warning], "level": ["critical", "warning"]})
+    vrules = alt.Chart(rules).mark_rule(strokeDash=[2, 2]).encode(
+        x="rul:Q", color=alt.Color("level:N", scale=URGENCY_SCALE, legend=None))
+    hrules = alt.Chart(rules).mark_rule(strokeDash=[2, 2]).encode(
+        y="rul:Q", color=alt.Color("level:N", scale=URGENCY_SCALE, legend=None))
+    return alt.layer(diagonal, vrules, hrules, points).properties(height=380).interactive()
+
+
+def metric_lines(table: pd.DataFrame, metric: str, x: str = "round") -> alt.Chart:
+    """RMSE (or score) per round (or over time), one panel per site, local vs federated."""
+    data = table.dropna(subset=[metric] + ([x] if x == "round" else []))
+    sites = sorted(data["site"].unique(), key=natural_key)
+    x_enc = (alt.X("round:Q", title="round", axis=alt.Axis(tickMinStep=1)) if x == "round"
+             else alt.X("at:T", title="time"))
+    base = alt.Chart(data).mark_line(point=True).encode(
+        x=x_enc,
+        y=alt.Y(f"{metric}:Q", title=METRIC_TITLES[metric]),
+        color=alt.Color("model:N", scale=MODEL_SCALE),
+        tooltip=["site", "round", "model", alt.Tooltip("rmse:Q", format=".2f"),
+                 alt.Tooltip("score:Q", format=".1f"), "engines"],
+    ).properties(width=260, height=200)
+    return base.facet(facet=alt.Facet("site:N", sort=sites, title=None), columns=min(4, max(1, len(sites)))) \
+        .resolve_scale(x="shared", y="shared").interactive()
+
+
+def final_bars(final: pd.DataFrame, metric: str = "rmse") -> alt.Chart:
+    """Latest local and federated metric per site as grouped bars."""
+    long = final.melt(id_vars=["site"], value_vars=[f"local_{metric}", f"federated_{metric}"],
+                      var_name="model", value_name=metric).dropna(subset=[metric])
+    long["model"] = long["model"].str.removesuffix(f"_{metric}")
+    sites = sorted(final["site"], key=natural_key)
+    return alt.Chart(long).mark_bar().encode(
+        x=alt.X("site:N", sort=sites, title="site"),
+        xOffset=alt.XOffset("model:N", sort=["local", "federated"]),
+        y=alt.Y(f"{metric}:Q", title=METRIC_TITLES[metric]),
+        color=alt.Color("model:N", scale=MODEL_SCALE),
+        tooltip=["site", "model", alt.Tooltip(f"{metric}:Q", format=".2f")],
+    ).properties(height=280)
+
+
+def trajectory_chart(long: pd.DataFrame, thresholds: Sequence[float] = ()) -> alt.LayerChart:
+    """One engine: true, local and federated RUL over cycles (plus maintenance thresholds)."""
+    lines = alt.Chart(long).mark_line().encode(
+        x=alt.X("cycle:Q", title="cycle"),
+        y=alt.Y("rul:Q", title="RUL (cycles)"),
+        color=alt.Color("series:N", scale=SERIES_SCALE, title=None),
+        strokeDash=alt.StrokeDash("series:N", scale=alt.Scale(domain=["true RUL", "local", "federated"],
+                                                              range=[[1, 0], [6, 3], [1, 0]]), legend=None),
+        tooltip=["cycle", "series", alt.Tooltip("rul:Q", format=".1f")],
+    )
+    layers: list[alt.Chart] = [lines]
+    if thresholds:
+        layers.append(alt.Chart(pd.DataFrame({"rul": list(thresholds)})).mark_rule(
+            color="#999", strokeDash=[2, 2]).encode(y="rul:Q"))
+    return alt.layer(*layers).properties(height=340).interactive()
+
+
+def samples_bars(participants: pd.DataFrame) -> alt.Chart:
+    """Training samples each site contributed, stacked per round."""
+    return alt.Chart(participants).mark_bar().encode(
+        x=alt.X("round:O", title="round"),
+        y=alt.Y("samples:Q", title="training samples"),
+        color=alt.Color("site:N", sort=sorted(participants["site"].unique(), key=natural_key)),
+        tooltip=["round", "site", "samples", "update_bytes"],
+    ).properties(height=260)
+
+
+def round_timing(rounds: pd.DataFrame) -> alt.Chart:
+    """Aggregation time per round (ms): the server-side cost of federation."""
+    return alt.Chart(rounds).mark_line(point=True).encode(
+        x=alt.X("round:Q", axis=alt.Axis(tickMinStep=1)),
+        y=alt.Y("aggregate_ms:Q", title="time to aggregate (ms)"),
+        tooltip=["round", "sites", "closed_by", alt.Tooltip("aggregate_ms:Q", format=".1f"),
+                 alt.Tooltip("duration_s:Q", format=".1f")],
+    ).properties(height=260)
+
+
+def reason_bars(reasons: pd.DataFrame) -> alt.Chart:
+    """Rejected updates by reason."""
+    return alt.Chart(reasons).mark_bar(color="#d62728").encode(
+        x=alt.X("count:Q", title="rejections"), y=alt.Y("reason:N", sort="-x", title=None),
+        tooltip=["reason", "count"]).properties(height=max(80, 28 * len(reasons)))
+
+
+def policy_cost_bars(results: pd.DataFrame) -> alt.Chart:
+    """Total cost per maintenance policy."""
+    return alt.Chart(results).mark_bar().encode(
+        x=alt.X("cost:Q", title="total cost"),
+        y=alt.Y("policy:N", sort=list(results["policy"]), title=None),
+        color=alt.Color("policy:N", legend=None, scale=alt.Scale(
+            domain=list(results["policy"]), range=["#6b6b6b", "#9467bd", MODEL_COLORS["local"], MODEL_COLORS["federated"]])),
+        tooltip=["policy", "maintenances", "failures", "open", alt.Tooltip("wasted_cycles:Q", format=".0f"),
+                 alt.Tooltip("cost:Q", format=",.0f")],
+    ).properties(height=200)
+
+
+def cost_sweep_chart(sweep: pd.DataFrame, baselines: pd.DataFrame, k: float) -> alt.LayerChart:
+    """Total cost vs k for the local and federated policies, with the model-free policies as
+    horizontal references and the chosen k marked."""
+    lines = alt.Chart(sweep).mark_line(point=True).encode(
+        x=alt.X("k:Q", title="maintain when predicted RUL ≤ k (cycles)"),
+        y=alt.Y("cost:Q", title="total cost"),
+        color=alt.Color("model:N", scale=MODEL_SCALE),
+        tooltip=["model", "k", "maintenances", "failures", "open", alt.Tooltip("wasted_cycles:Q", format=".0f"),
+                 alt.Tooltip("cost:Q", format=",.0f")],
+    )
+    refs = alt.Chart(baselines).mark_rule(strokeDash=[4, 4], color="#6b6b6b").encode(
+        y="cost:Q", tooltip=["policy", alt.Tooltip("cost:Q", format=",.0f")])
+    chosen = alt.Chart(pd.DataFrame({"k": [k]})).mark_rule(color="#999").encode(x="k:Q")
+    return alt.layer(refs, chosen, lines).properties(height=320).interactive()

@@ -1,0 +1,106 @@
+"""A small live fleet for integration tests: real broker, real agents, real aggregator.
+
+Agents and the aggregator run in threads of the test process (or as subprocesses where a
+test kills one); they talk only over MQTT. Every fleet gets its own topic roots, so tests
+can share one broker without hearing each other.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from aggregator.service import Aggregator
+from edge.agent import EdgeAgent
+from edge.replay import replay
+from turbofed.broker import BrokerHandle
+from turbofed.config import BrokerSettings, FleetConfig, ModelSettings, SiteConfig
+from turbofed.topics import Topics
+
+QUICK = ModelSettings(rounds=2, local_epochs=1)
+
+
+def wait_for(what: str, condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class LiveFleet:
+    """Broker settings, configs and running parts of one test fleet."""
+
+    def __init__(self, broker: BrokerHandle, work: Path, sites: list[str], settings: ModelSettings = QUICK, **fleet: object) -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.broker = BrokerSettings(host=broker.host, port=broker.port, topic_root=f"t{tag}/v1", plant_root=f"plant{tag}")
+        self.topics = Topics(self.broker.topic_root, self.broker.plant_root)
+        self.work = work
+        self.sites = sites
+        defaults = dict(round_deadline_s=30.0, stats_retry_s=0.5, min_samples=50)
+        self.fleet = FleetConfig(
+            sites=tuple(sites), store=str(work / "results.sqlite"), registry=str(work / "registry"), model=settings, broker=self.broker, **{**defaults, **fleet}
+        )
+        self.running: list[tuple[threading.Event, threading.Thread]] = []
+        self.agents: dict[str, EdgeAgent] = {}
+        self.aggregator: Aggregator | None = None
+
+    def site_config(self, site: str, **overrides: object) -> SiteConfig:
+        return SiteConfig(site=site, state_dir=str(self.work / "state" / site), broker=self.broker, min_samples=50, predictions_every_s=0.2, **overrides)
+
+    def site_toml(self, site: str) -> Path:
+        """The same site as a TOML file, for an agent run as a separate process."""
+        b = self.broker
+        path = self.work / f"{site}.toml"
+        path.write_text(
+            f'site = "{site}"\nstate_dir = "state/{site}"\nmin_samples = 50\npredictions_every_s = 0.2\n\n'
+            f'[broker]\nhost = "{b.host}"\nport = {b.port}\ntopic_root = "{b.topic_root}"\nplant_root = "{b.plant_root}"\n'
+        )
+        return path
+
+    def start_agent(self, site: str, **overrides: object) -> EdgeAgent:
+        agent = EdgeAgent(self.site_config(site, **overrides))
+        agent.start()
+        self._spawn(agent.run)
+        self.agents[site] = agent
+        return agent
+
+    def start_agent_process(self, site: str) -> subprocess.Popen:
+        log = open(self.work / f"{site}.log", "ab")
+        cmd = [sys.executable, "-m", "turbofed.cli", "edge", "--config", str(self.site_toml(site))]
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+    def start_aggregator(self) -> Aggregator:
+        self.aggregator = Aggregator(self.fleet)
+        self.aggregator.start()
+        self._aggregator_run = self._spawn(self.aggregator.run)
+        return self.aggregator
+
+    def stop_aggregator(self) -> None:
+        stop, thread = self._aggregator_run
+        stop.set()
+        thread.join(20)
+
+    def _spawn(self, target: Callable[[threading.Event], None]) -> tuple[threading.Event, threading.Thread]:
+        stop = threading.Event()
+        thread = threading.Thread(target=target, args=(stop,), daemon=True)
+        thread.start()
+        self.running.append((stop, thread))
+        return stop, thread
+
+    def replay(self, part: str, max_engines: int, data_dir: Path, dataset: str = "FD001") -> dict:
+        return replay(
+            dataset, str(data_dir), len(self.sites), self.broker.host, self.broker.port, None, "round-robin", part,
+            progress=False, max_engines=max_engines, topics=self.topics,
+        )
+
+    def close(self) -> None:
+        for stop, _ in self.running:
+            stop.set()
+        for _, thread in self.running:
+            thread.join(20)

@@ -1,0 +1,107 @@
+"""The live system over a real broker (Mosquitto and the embedded amqtt): rounds complete,
+an agent killed mid-round catches up, an aggregator restart neither repeats nor skips a
+round, and updates are small on the wire."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.registry import ModelRegistry
+from aggregator.store import open_store
+from tests.livefleet import LiveFleet, wait_for
+from turbofed.codec import raw_weight_bytes, read_weights
+from turbofed.config import ModelSettings
+
+pytestmark = pytest.mark.slow
+
+
+def test_four_agents_five_rounds(broker, cmapss_dir: Path, tmp_path: Path) -> None:
+    fleet = LiveFleet(broker, tmp_path, ["site1", "site2", "site3", "site4"], ModelSettings(rounds=5, local_epochs=1))
+    try:
+        for site in fleet.sites:
+            fleet.start_agent(site)
+        train = fleet.replay("train", 24, cmapss_dir)
+        wait_for("sites to buffer the failed engines", lambda: sum(a.buffer.rows for a in fleet.agents.values()) == train["rows"])
+        aggregator = fleet.start_aggregator()
+        wait_for("5 rounds", lambda: aggregator.version == 5, 120)
+        wait_for("sites to load global v5", lambda: all(a.global_version == 5 for a in fleet.agents.values()))
+        test = fleet.replay("test", 12, cmapss_dir)
+        wait_for("metrics from every site", lambda: all(a.metrics()["engines"] == 3 for a in fleet.agents.values()))
+        store = open_store(fleet.fleet.store)
+        wait_for("the store to hold every site's final metrics", lambda: [m["engines"] for m in store.latest_metrics()] == [3] * 8)
+    finally:
+        fleet.close()
+    rounds = store.rounds()
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4, 5]
+    assert all(sorted(p["site"] for p in r["participants"]) == fleet.sites for r in rounds)
+    assert all(r["closed_by"] == "quorum" for r in rounds)
+    raw = raw_weight_bytes(read_weights(aggregator.model))
+    sizes = [p["update_bytes"] for r in rounds for p in r["participants"]]
+    assert max(sizes) <= 1.05 * raw + 2048, (max(sizes), raw)
+    samples = {p["site"]: p["samples"] for p in rounds[-1]["participants"]}
+    assert sum(samples.values()) == train["rows"]
+    for row in store.latest_metrics():
+        assert row["engines"] == 3 and 0 < row["rmse"] < 100
+    assert sum(1 for _ in store.latest_predictions()) == test["engines"]["test"]
+    assert not store.rejections()
+
+
+def test_agent_killed_mid_round_catches_up(broker, cmapss_dir: Path, tmp_path: Path) -> None:
+    sites = ["site1", "site2", "site3"]
+    fleet = LiveFleet(broker, tmp_path, sites, ModelSettings(rounds=3, local_epochs=1), round_deadline_s=6.0)
+    victim = None
+    try:
+        fleet.start_agent("site1")
+        fleet.start_agent("site2")
+        victim = fleet.start_agent_process("site3")
+        train = fleet.replay("train", 18, cmapss_dir)
+        wait_for("thread agents to buffer their engines", lambda: sum(a.buffer.rows for a in fleet.agents.values()) > 0.6 * train["rows"])
+        store = open_store(fleet.fleet.store)
+        aggregator = fleet.start_aggregator()
+        wait_for("round 1 to open", lambda: aggregator.round is not None and aggregator.round.number == 1, 60)
+        victim.send_signal(signal.SIGKILL)  # mid-round: it heard the announcement, it never answers
+        victim.wait(10)
+        wait_for("round 1 to close at its deadline", lambda: aggregator.version >= 1, 30)
+        first = store.rounds()[1]
+        assert first["closed_by"] == "deadline"
+        assert sorted(p["site"] for p in first["participants"]) == ["site1", "site2"]
+
+        victim = fleet.start_agent_process("site3")  # same state folder: resumes from disk
+        wait_for("round 3 to close", lambda: aggregator.version >= 3, 60)
+    finally:
+        if victim and victim.poll() is None:
+            victim.send_signal(signal.SIGTERM)
+            victim.wait(20)
+        fleet.close()
+    rounds = store.rounds()
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    later = [sorted(p["site"] for p in r["participants"]) for r in rounds[2:]]
+    assert later[-1] == sites, later  # back in, trained from the current global model
+    log = (tmp_path / "site3.log").read_text()
+    assert "resumed from" in log and "global v" in log
+
+
+def test_aggregator_restart_resumes_from_checkpoint(broker, cmapss_dir: Path, tmp_path: Path) -> None:
+    fleet = LiveFleet(broker, tmp_path, ["site1", "site2"], ModelSettings(rounds=4, local_epochs=1))
+    try:
+        for site in fleet.sites:
+            fleet.start_agent(site)
+        train = fleet.replay("train", 12, cmapss_dir)
+        wait_for("sites to buffer", lambda: sum(a.buffer.rows for a in fleet.agents.values()) == train["rows"])
+        first = fleet.start_aggregator()
+        wait_for("round 2", lambda: first.version >= 2, 60)
+        fleet.stop_aggregator()
+        stopped_at = first.version
+        second = fleet.start_aggregator()
+        assert second.version == stopped_at  # resumed from the checkpoint, not from scratch
+        wait_for("round 4", lambda: second.version == 4, 60)
+    finally:
+        fleet.close()
+    rounds = [r["round"] for r in open_store(fleet.fleet.store).rounds()]
+    assert rounds == [0, 1, 2, 3, 4]
+    assert [v["version"] for v in ModelRegistry(fleet.fleet.registry).versions()] == [0, 1, 2, 3, 4]

@@ -1,0 +1,165 @@
+"""Bad input over a real broker: the aggregator refuses bad updates and the agent skips bad
+sensor readings, each with a logged reason and a counter, and both keep running."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from edge.cmapss import load_subset
+from edge.learner import RulModel
+from tests.livefleet import LiveFleet, wait_for
+from turbofed import envelope
+from turbofed.config import ModelSettings
+from turbofed.messages import SensorReading
+from turbofed.mqtt import connect, make_client
+from turbofed.spec import FeatureSpec, FleetStats
+
+pytestmark = pytest.mark.slow
+
+
+class FakeSites:
+    """The test speaks for the sites, so it can send exactly what it likes."""
+
+    def __init__(self, fleet: LiveFleet) -> None:
+        self.fleet, self.topics = fleet, fleet.topics
+        self.round: dict = {}
+        self.global_payload = b""
+        self.seen = threading.Condition()
+        self.client = make_client(f"fake-sites-{fleet.broker.topic_root}", fleet.broker)
+        self.client.on_message = self._on_message
+        connect(self.client, fleet.broker)
+        for topic in (self.topics.round, self.topics.global_model, self.topics.stats_request):
+            self.client.subscribe(topic, qos=1)
+
+    def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
+        with self.seen:
+            if msg.topic == self.topics.round and msg.payload:
+                self.round = json.loads(msg.payload)
+            elif msg.topic == self.topics.global_model:
+                self.global_payload = msg.payload
+            elif msg.topic == self.topics.stats_request and msg.payload:
+                self.stats_request = json.loads(msg.payload)
+            self.seen.notify_all()
+
+    def send(self, site: str, payload: bytes) -> None:
+        self.client.publish(self.topics.update(site), payload, qos=1).wait_for_publish(10)
+
+    def update(self, body: bytes, site: str = "site1", round_no: int | None = None, samples: int = 100) -> bytes:
+        r = self.round["round"] if round_no is None else round_no
+        return envelope.encode(kind="update", site=site, round=r, model_version=self.round["model_version"], samples=samples, body=body)
+
+
+def poisoned(model: bytes, value: float) -> bytes:
+    proto = onnx.load_model_from_string(model)
+    init = proto.graph.initializer[0]
+    array = onnx.numpy_helper.to_array(init).copy()
+    array.flat[7] = value
+    init.CopyFrom(onnx.numpy_helper.from_array(array, init.name))
+    return proto.SerializeToString()
+
+
+def renamed(model: bytes) -> bytes:
+    proto = onnx.load_model_from_string(model)
+    old = proto.graph.initializer[1].name
+    proto.graph.initializer[1].name = "bias_renamed"
+    for node in proto.graph.node:
+        node.input[:] = ["bias_renamed" if i == old else i for i in node.input]
+    return proto.SerializeToString()
+
+
+def test_aggregator_refuses_bad_updates_and_keeps_going(broker, cmapss_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="turbofed.aggregator")
+    settings = ModelSettings(rounds=1, local_epochs=1)
+    fleet = LiveFleet(broker, tmp_path, ["site1", "site2"], settings, max_update_bytes=200_000)
+    runs = load_subset("FD001", cmapss_dir).train[:10]
+    try:
+        aggregator = fleet.start_aggregator()
+        sites = FakeSites(fleet)
+        wait_for("a stats request", lambda: hasattr(sites, "stats_request"))
+        for site, part in (("site1", runs[:5]), ("site2", runs[5:])):
+            stats = sum((FleetStats.from_rows(r.cycles, r.sensors, r.rul()) for r in part), FleetStats())
+            reply = {"request_id": sites.stats_request["request_id"], "site": site, "samples": int(stats.count), "stats": stats.to_dict()}
+            sites.client.publish(fleet.topics.stats(site), envelope.encode_json(reply), qos=1)
+        wait_for("round 0", lambda: sites.round.get("round") == 0)
+        spec = FeatureSpec.from_dict(sites.round["spec"])
+        init = RulModel(settings, spec).to_onnx()
+        for site in fleet.sites:
+            sites.send(site, sites.update(init, site))
+        wait_for("round 1", lambda: sites.round.get("round") == 1 and aggregator.version == 0)
+        global_v0 = sites.global_payload
+
+        good = RulModel(settings.replace(seed=5), spec).to_onnx()
+        bad = {
+            "bad_magic": np.random.default_rng(0).bytes(3000),
+            "not_onnx": sites.update(good[: len(good) // 2]),
+            "mismatch": sites.update(RulModel(settings.replace(hidden=(65, 32)), spec).to_onnx()),
+            "non_finite": sites.update(poisoned(good, np.nan)),
+            "too_large": sites.update(good + b"\0" * 250_000),
+            "stale_round": sites.update(good, round_no=0),
+            "wrong_sender": sites.update(good, site="site2"),
+        }
+        for payload in bad.values():
+            sites.send("site1", payload)
+        sites.send("site1", sites.update(renamed(good)))
+        sites.send("site1", sites.update(poisoned(good, np.inf)))
+        sites.send("site1", sites.update(good))  # the first acceptable update from site1
+        sites.send("site1", sites.update(good))  # and a second one
+        wait_for("every bad update to be counted", lambda: sum(aggregator.counters.values()) == len(bad) + 3)
+        assert aggregator.version == 0 and sites.global_payload == global_v0  # nothing touched the model
+
+        sites.send("site2", sites.update(good, site="site2"))
+        wait_for("round 1 to close with the good updates", lambda: aggregator.version == 1)
+    finally:
+        fleet.close()
+    expected = {**{k: 1 for k in bad}, "mismatch": 2, "non_finite": 2, "duplicate": 1}
+    assert dict(aggregator.counters) == expected
+    from aggregator.store import open_store
+
+    recorded = [r["reason"] for r in open_store(fleet.fleet.store).rejections()]
+    assert sorted(recorded) == sorted(r for r, n in expected.items() for _ in range(n))
+    logged = [r.getMessage() for r in caplog.records if "rejected from site1" in r.getMessage()]
+    assert len(logged) == sum(expected.values())
+    assert any("holds 1 non-finite value" in m for m in logged)
+    assert any("envelope names site 'site2' but arrived on 'site1'" in m for m in logged)
+
+
+def test_agent_skips_malformed_readings_and_keeps_running(broker, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="turbofed.edge")
+    fleet = LiveFleet(broker, tmp_path, ["site1"])
+    ok = SensorReading(1, (0.0, 0.0, 100.0), tuple(float(i) for i in range(21)))
+    raw = lambda **kw: json.dumps({"cycle": 2, "settings": [0, 0, 100], "sensors": list(range(21)), **kw}).encode()  # noqa: E731
+    bad = {
+        "wrong_fields": raw(sensors=list(range(20))),
+        "not_a_number": raw(sensors=["abc"] + list(range(20))),
+        "not_finite": raw(sensors=[float("nan")] + list(range(20))),
+        "not_json": b"cycle=2 sensors=1,2,3",
+        "cycle_backwards": ok.to_payload(),
+    }
+    try:
+        agent = fleet.start_agent("site1", engines=("e1", "e2"))
+        client = make_client(f"gateway-{fleet.broker.topic_root}", fleet.broker)
+        connect(client, fleet.broker)
+        client.publish(fleet.topics.sensors("site1", "e1"), ok.to_payload(), qos=1)
+        for payload in bad.values():
+            client.publish(fleet.topics.sensors("site1", "e1"), payload, qos=1)
+        client.publish(fleet.topics.sensors("site1", "e9"), ok.to_payload(), qos=1)  # not this site's engine
+        good = SensorReading(2, ok.settings, ok.sensors).to_payload()
+        client.publish(fleet.topics.sensors("site1", "e1"), good, qos=1).wait_for_publish(10)
+        wait_for("the good readings", lambda: agent.counters["readings"] == 2)
+        client.disconnect()
+    finally:
+        fleet.close()
+    for reason in [*bad, "unknown_engine"]:
+        assert agent.counters[f"rejected.{reason}"] == 1, reason
+    assert agent.engines["e1"].cycles == [1, 2] and "e9" not in agent.engines
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("sensors has 20 values, expected 21" in m for m in messages)
+    assert any("cycle 1 does not follow 1" in m for m in messages)
+    assert any("engine 'e9' is not in this site's engine list" in m for m in messages)
