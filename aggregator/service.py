@@ -53,7 +53,8 @@ class Aggregator:
         self.topics = Topics(config.broker.topic_root, config.broker.plant_root)
         self.store = open_store(config.store)
         self.registry = ModelRegistry(config.registry)
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter()  # refusals, by reason
+        self.ignored = 0  # messages on topics we never subscribed to
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.model: onnx.ModelProto | None = None
         self.version = -1
@@ -121,6 +122,12 @@ class Aggregator:
             topic, payload = self.inbox.get(timeout=max(timeout, 0.0))
         except queue.Empty:
             return
+        if not topic.startswith(self.topics.root + "/sites/"):
+            # Not a topic we subscribed to: the embedded broker (amqtt 0.12) can hand a
+            # resumed session retained messages of unrelated topics. Broker noise, not input.
+            self.ignored += 1
+            log.debug("ignored a message on unsubscribed topic %s", topic)
+            return
         site = "?"
         try:
             site, kind = self.topics.parse_site(topic)
@@ -144,11 +151,14 @@ class Aggregator:
     # --- phase 1: federated statistics ------------------------------------------------
 
     def _collect_stats(self, stop: threading.Event) -> None:
+        """Until a quorum of sites has enough labelled data, or the round deadline has
+        passed with at least one: a site that is down must not hold the fleet back."""
         needed = self.config.effective_quorum
         next_request = 0.0
+        give_up = time.monotonic() + self.config.round_deadline_s
         while not stop.is_set():
             ready = {s: r for s, r in self.stats_replies.items() if r["samples"] >= self.config.min_samples and r.get("stats")}
-            if len(ready) >= needed:
+            if len(ready) >= needed or (ready and time.monotonic() >= give_up):
                 break
             if time.monotonic() >= next_request:
                 self.stats_request_id = uuid.uuid4().hex

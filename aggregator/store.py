@@ -9,7 +9,7 @@ Predictions are stored one row per (site, engine, cycle, model) with model "loca
 "federated". True RUL is stored once per engine, as it becomes known (RUL 0 at the
 failure cycle, or a test engine's revealed RUL at its last cycle); the truth at any
 earlier cycle c follows as rul + (cycle - c). It is not capped: capping is a modelling
-choice the reader makes.
+choice the reader makes. Raw sensor rows are stored only where a site chose to share them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import re
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -28,7 +28,7 @@ from typing import Any
 
 from turbofed.errors import TurbofedError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MODELS = ("local", "federated")
 
 
@@ -64,6 +64,10 @@ class ResultsStore(ABC):
     def record_predictions(self, site: str, rows: list[tuple[str, int, float | None, float | None]],
                            at: float) -> None:
         """Rows of (engine, cycle, local RUL, federated RUL); None means not predicted."""
+
+    @abstractmethod
+    def record_sensors(self, site: str, rows: list[tuple[str, int, list[float], list[float]]], at: float) -> None:
+        """Rows of (engine, cycle, 3 settings, 21 sensors): raw telemetry a site chose to share."""
 
     @abstractmethod
     def record_truth(self, site: str, engine: str, cycle: int, rul: float, at: float) -> None:
@@ -115,16 +119,39 @@ class ResultsStore(ABC):
         self.close()
 
 
-def open_store(path_or_url: str | Path) -> ResultsStore:
-    """Open the store named in configuration: a file path (or sqlite:///path) -> SQLite."""
+def open_store(path_or_url: str | Path, *, spool_dir: str | Path | None = None,
+               influx: Mapping[str, Any] | None = None) -> ResultsStore:
+    """Open the store named in configuration:
+
+    - a file path (or sqlite:///path) -> SQLite;
+    - "influxdb" -> InfluxDB, settings from TURBOFED_INFLUX_URL/_TOKEN/_ORG/_BUCKET;
+    - "influxdb+http(s)://host:port/?org=..&bucket=.." -> InfluxDB there (token from
+      TURBOFED_INFLUX_TOKEN).
+
+    For InfluxDB, `spool_dir` is where points wait while the server is away and `influx`
+    (the fleet config's [influx] table) overrides any setting; see aggregator/influx.py.
+    """
     text = str(path_or_url)
+    if text == "influxdb" or text.startswith(("influxdb+http://", "influxdb+https://")):
+        from aggregator.influx import open_influx  # lazy: influxdb-client is optional
+
+        return open_influx(text, spool_dir=spool_dir, overrides=influx)
     if text.startswith("sqlite://"):
         return SqliteStore(text.removeprefix("sqlite://"))
     if re.match(r"^[a-z][a-z0-9+.-]*://", text, re.IGNORECASE):
-        raise StoreError(f"unsupported results store {text!r}: give a file path (SQLite)")
+        raise StoreError(f"unsupported results store {text!r}: give a file path (SQLite), \"influxdb\" or "
+                         "influxdb+http(s)://host:port/?org=..&bucket=.. (InfluxDB)")
     return SqliteStore(path_or_url)
 
 
+# Raw sensor rows a site chose to share (record_sensors), added in schema v2: settings and
+# sensors as JSON arrays (null = non-finite); a re-sent row replaces the first copy.
+_SENSORS_TABLE = """
+CREATE TABLE sensors (
+    site TEXT NOT NULL, engine TEXT NOT NULL, cycle INTEGER NOT NULL, settings TEXT NOT NULL,
+    sensors TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (site, engine, cycle)) WITHOUT ROWID;
+"""
 _SCHEMA = """
 CREATE TABLE rounds (
     round INTEGER PRIMARY KEY, model_version INTEGER NOT NULL, started REAL NOT NULL,
@@ -153,11 +180,11 @@ CREATE TABLE truth (
     at REAL NOT NULL, PRIMARY KEY (site, engine));
 CREATE TABLE events (
     id INTEGER PRIMARY KEY, kind TEXT NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL);
-"""
+""" + _SENSORS_TABLE
 # Schema changes: _MIGRATIONS[v] is the SQL that upgrades a version-v store to v + 1.
-_MIGRATIONS: dict[int, str] = {}
+_MIGRATIONS: dict[int, str] = {1: _SENSORS_TABLE}
 _TABLES = ("rounds", "round_participants", "rejections", "site_status", "metrics",
-           "predictions", "truth", "events")
+           "predictions", "truth", "events", "sensors")
 
 # Pivot the two models of one cycle into one row, with the truth at that cycle.
 _TRAJECTORY = """
@@ -292,6 +319,14 @@ class SqliteStore(ResultsStore):
         with self._tx() as db:
             db.executemany("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
                            "SET rul = excluded.rul, at = excluded.at", flat)
+            self._touch(db, site, at)
+
+    def record_sensors(self, site: str, rows: list[tuple[str, int, list[float], list[float]]], at: float) -> None:
+        # A row re-sent (outbox after a reconnect) replaces the first copy, as predictions do.
+        flat = [(site, str(engine), int(cycle), json.dumps([_finite(v) for v in settings]),
+                 json.dumps([_finite(v) for v in sensors]), at) for engine, cycle, settings, sensors in rows]
+        with self._tx() as db:
+            db.executemany("INSERT OR REPLACE INTO sensors VALUES (?, ?, ?, ?, ?, ?)", flat)
             self._touch(db, site, at)
 
     def record_truth(self, site: str, engine: str, cycle: int, rul: float, at: float) -> None:

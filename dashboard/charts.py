@@ -23,13 +23,13 @@ METRIC_TITLES = {"rmse": "RMSE (cycles)", "score": "PHM08 score"}
 def fleet_scatter(fleet: pd.DataFrame, critical: float, warning: float) -> alt.LayerChart:
     """Local vs federated latest RUL per engine, coloured by urgency: agreement lies on the
     diagonal; the threshold lines show which side of them each model puts an engine."""
-    data = fleet.dropna(subset=["local", "federated"])
+    data = fleet[fleet["urgency"] != "failed"].dropna(subset=["local", "federated"])
     top = float(max(data[["local", "federated"]].max().max(), warning, 1.0)) if len(data) else max(warning, 1.0)
     points = alt.Chart(data).mark_circle(size=70, opacity=0.85).encode(
         x=alt.X("local:Q", title="local model RUL (cycles)", scale=alt.Scale(domain=[0, top])),
         y=alt.Y("federated:Q", title="federated model RUL (cycles)", scale=alt.Scale(domain=[0, top])),
         color=alt.Color("urgency:N", scale=URGENCY_SCALE, legend=alt.Legend(title="urgency")),
-        tooltip=["site", "engine", "cycle", "urgency", alt.Tooltip("local:Q", format=".1f"),
+        tooltip=["site:N", "engine:N", "cycle:Q", "urgency:N", alt.Tooltip("local:Q", format=".1f"),
                  alt.Tooltip("federated:Q", format=".1f"), alt.Tooltip("true_rul:Q", format=".0f")],
     )
     diagonal = alt.Chart(pd.DataFrame({"v": [0.0, top]})).mark_line(color="#999", strokeDash=[4, 4]).encode(
@@ -46,16 +46,16 @@ def metric_lines(table: pd.DataFrame, metric: str, x: str = "round") -> alt.Char
     """RMSE (or score) per round (or over time), one panel per site, local vs federated."""
     data = table.dropna(subset=[metric] + ([x] if x == "round" else []))
     sites = sorted(data["site"].unique(), key=natural_key)
-    x_enc = (alt.X("round:Q", title="round", axis=alt.Axis(tickMinStep=1)) if x == "round"
+    x_enc = (alt.X("round:Q", title="round", axis=alt.Axis(tickMinStep=1, format="d")) if x == "round"
              else alt.X("at:T", title="time"))
     base = alt.Chart(data).mark_line(point=True).encode(
         x=x_enc,
         y=alt.Y(f"{metric}:Q", title=METRIC_TITLES[metric]),
         color=alt.Color("model:N", scale=MODEL_SCALE),
-        tooltip=["site", "round", "model", alt.Tooltip("rmse:Q", format=".2f"),
-                 alt.Tooltip("score:Q", format=".1f"), "engines"],
-    ).properties(width=260, height=200)
-    return base.facet(facet=alt.Facet("site:N", sort=sites, title=None), columns=min(4, max(1, len(sites)))) \
+        tooltip=["site:N", "round:Q", "model:N", alt.Tooltip("rmse:Q", format=".2f"),
+                 alt.Tooltip("score:Q", format=".1f"), "engines:Q"],
+    ).properties(width=250, height=190)
+    return base.facet(facet=alt.Facet("site:N", sort=sites, title=None), columns=min(3, max(1, len(sites)))) \
         .resolve_scale(x="shared", y="shared").interactive()
 
 
@@ -70,7 +70,7 @@ def final_bars(final: pd.DataFrame, metric: str = "rmse") -> alt.Chart:
         xOffset=alt.XOffset("model:N", sort=["local", "federated"]),
         y=alt.Y(f"{metric}:Q", title=METRIC_TITLES[metric]),
         color=alt.Color("model:N", scale=MODEL_SCALE),
-        tooltip=["site", "model", alt.Tooltip(f"{metric}:Q", format=".2f")],
+        tooltip=["site:N", "model:N", alt.Tooltip(f"{metric}:Q", format=".2f")],
     ).properties(height=280)
 
 
@@ -80,9 +80,11 @@ def trajectory_chart(long: pd.DataFrame, thresholds: Sequence[float] = ()) -> al
         x=alt.X("cycle:Q", title="cycle"),
         y=alt.Y("rul:Q", title="RUL (cycles)"),
         color=alt.Color("series:N", scale=SERIES_SCALE, title=None),
-        strokeDash=alt.StrokeDash("series:N", scale=alt.Scale(domain=["true RUL", "local", "federated"],
-                                                              range=[[1, 0], [6, 3], [1, 0]]), legend=None),
-        tooltip=["cycle", "series", alt.Tooltip("rul:Q", format=".1f")],
+        # The truth is drawn wide and pale so a model that matches it stays visible on top.
+        strokeWidth=alt.condition(alt.datum.series == "true RUL", alt.value(5), alt.value(2)),
+        opacity=alt.condition(alt.datum.series == "true RUL", alt.value(0.35), alt.value(1.0)),
+        order=alt.Order("cycle:Q"),
+        tooltip=["cycle:Q", "series:N", alt.Tooltip("rul:Q", format=".1f")],
     )
     layers: list[alt.Chart] = [lines]
     if thresholds:
@@ -97,25 +99,26 @@ def samples_bars(participants: pd.DataFrame) -> alt.Chart:
         x=alt.X("round:O", title="round"),
         y=alt.Y("samples:Q", title="training samples"),
         color=alt.Color("site:N", sort=sorted(participants["site"].unique(), key=natural_key)),
-        tooltip=["round", "site", "samples", "update_bytes"],
+        tooltip=["round:Q", "site:N", "samples:Q", "update_bytes:Q"],
     ).properties(height=260)
 
 
 def round_timing(rounds: pd.DataFrame) -> alt.Chart:
     """Aggregation time per round (ms): the server-side cost of federation."""
     return alt.Chart(rounds).mark_line(point=True).encode(
-        x=alt.X("round:Q", axis=alt.Axis(tickMinStep=1)),
+        x=alt.X("round:Q", axis=alt.Axis(tickMinStep=1, format="d")),
         y=alt.Y("aggregate_ms:Q", title="time to aggregate (ms)"),
-        tooltip=["round", "sites", "closed_by", alt.Tooltip("aggregate_ms:Q", format=".1f"),
+        tooltip=["round:Q", "sites:Q", "closed_by:N", alt.Tooltip("aggregate_ms:Q", format=".1f"),
                  alt.Tooltip("duration_s:Q", format=".1f")],
     ).properties(height=260)
 
 
 def reason_bars(reasons: pd.DataFrame) -> alt.Chart:
     """Rejected updates by reason."""
-    return alt.Chart(reasons).mark_bar(color="#d62728").encode(
-        x=alt.X("count:Q", title="rejections"), y=alt.Y("reason:N", sort="-x", title=None),
-        tooltip=["reason", "count"]).properties(height=max(80, 28 * len(reasons)))
+    return alt.Chart(reasons).mark_bar(color="#d62728", size=18).encode(
+        x=alt.X("count:Q", title="rejections", axis=alt.Axis(tickMinStep=1, format="d")),
+        y=alt.Y("reason:N", sort="-x", title=None),
+        tooltip=["reason:N", "count:Q"]).properties(height=30 * len(reasons) + 20)
 
 
 def policy_cost_bars(results: pd.DataFrame) -> alt.Chart:
@@ -125,7 +128,7 @@ def policy_cost_bars(results: pd.DataFrame) -> alt.Chart:
         y=alt.Y("policy:N", sort=list(results["policy"]), title=None),
         color=alt.Color("policy:N", legend=None, scale=alt.Scale(
             domain=list(results["policy"]), range=["#6b6b6b", "#9467bd", MODEL_COLORS["local"], MODEL_COLORS["federated"]])),
-        tooltip=["policy", "maintenances", "failures", "open", alt.Tooltip("wasted_cycles:Q", format=".0f"),
+        tooltip=["policy:N", "maintenances:Q", "failures:Q", "open:Q", alt.Tooltip("wasted_cycles:Q", format=".0f"),
                  alt.Tooltip("cost:Q", format=",.0f")],
     ).properties(height=200)
 
@@ -137,10 +140,10 @@ def cost_sweep_chart(sweep: pd.DataFrame, baselines: pd.DataFrame, k: float) -> 
         x=alt.X("k:Q", title="maintain when predicted RUL ≤ k (cycles)"),
         y=alt.Y("cost:Q", title="total cost"),
         color=alt.Color("model:N", scale=MODEL_SCALE),
-        tooltip=["model", "k", "maintenances", "failures", "open", alt.Tooltip("wasted_cycles:Q", format=".0f"),
+        tooltip=["model:N", "k:Q", "maintenances:Q", "failures:Q", "open:Q", alt.Tooltip("wasted_cycles:Q", format=".0f"),
                  alt.Tooltip("cost:Q", format=",.0f")],
     )
     refs = alt.Chart(baselines).mark_rule(strokeDash=[4, 4], color="#6b6b6b").encode(
-        y="cost:Q", tooltip=["policy", alt.Tooltip("cost:Q", format=",.0f")])
+        y="cost:Q", tooltip=["policy:N", alt.Tooltip("cost:Q", format=",.0f")])
     chosen = alt.Chart(pd.DataFrame({"k": [k]})).mark_rule(color="#999").encode(x="k:Q")
     return alt.layer(refs, chosen, lines).properties(height=320).interactive()

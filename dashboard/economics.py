@@ -14,10 +14,13 @@ Conventions (kept simple and stated once, so the numbers can be checked by hand)
 - **run to failure**: every engine fails at ``F``.
 - **fixed interval T**: maintain at cycle ``T`` (counted from the engine's first cycle).
 - **model RUL <= k**: maintain at the first recorded cycle whose prediction is ``<= k``.
-  Cycles without a prediction cannot trigger anything. When the engine's data end before its
-  end of life (a test engine whose RUL was revealed) and the model never triggered, the
-  outcome is *open*: we do not know what would have happened, so it costs nothing and is
-  counted separately.
+  Cycles without a prediction cannot trigger anything.
+- When an engine's data end before its end of life (a test engine whose RUL was revealed
+  at its last cycle ``c``) and the model has not triggered by then, the maintenance is
+  *scheduled* from its last prediction ``p`` (at cycle ``c_p``): at ``c_p + ceil(p - k)``,
+  the first cycle at which that prediction, counting down one per cycle, reaches k. This is
+  the C-MAPSS test convention (judge the prediction at the last cycle), applied the same way
+  to both models. Only an engine with no prediction at all stays *open* (no cost, counted).
 
 Pure functions over numpy arrays: no Streamlit, unit-tested with hand-computed values.
 """
@@ -113,7 +116,7 @@ def engine_lives(rows: Iterable[dict[str, Any]], include_revealed: bool = True) 
 
     Only cycles with a known truth count (a prediction after the truth cycle has nothing to
     be judged against). `include_revealed=False` keeps only engines observed to failure,
-    so every policy is decided on every engine.
+    whose outcomes need no scheduling assumption.
     """
     lives = []
     for e in rows:
@@ -167,15 +170,28 @@ def fixed_interval(life: EngineLife, interval: float) -> Outcome:
 def threshold_policy(life: EngineLife, model: Model, k: float) -> Outcome:
     """Maintain when `model`'s predicted RUL first drops to k or below."""
     trigger = float(first_trigger(life.cycles, life.predicted(model), [k])[0])
-    return _outcome_from_trigger(life, trigger)
+    return _outcome_from_trigger(life, trigger, model, k)
 
 
-def _outcome_from_trigger(life: EngineLife, trigger: float) -> Outcome:
+def scheduled_cycle(life: EngineLife, model: Model, ks: Sequence[float] | np.ndarray) -> np.ndarray:
+    """For an engine whose data end early: the cycle its last prediction schedules maintenance
+    at, for each k (`c_p + ceil(p - k)`, at least the next cycle); NaN without predictions."""
+    ks = np.asarray(ks, dtype=float)
+    predicted = life.predicted(model)
+    known = np.flatnonzero(~np.isnan(predicted))
+    if known.size == 0:
+        return np.full(ks.shape, np.nan)
+    last = known[-1]
+    return life.cycles[last] + np.maximum(np.ceil(predicted[last] - ks), 1.0)
+
+
+def _outcome_from_trigger(life: EngineLife, trigger: float, model: Model, k: float) -> Outcome:
     if not np.isnan(trigger):
         return _act_at(life, trigger)
     if life.observed_to_failure:
         return Outcome("failed", life.end_of_life)
-    return Outcome("open", None)
+    scheduled = float(scheduled_cycle(life, model, [k])[0])
+    return Outcome("open", None) if np.isnan(scheduled) else _act_at(life, scheduled)
 
 
 def summarize(policy: str, outcomes: Sequence[Outcome], costs: Costs) -> PolicyResult:
@@ -230,16 +246,15 @@ def cost_sweep(lives: Sequence[EngineLife], ks: Sequence[float] | np.ndarray, co
         open_ = np.zeros(ks.size, dtype=int)
         wasted = np.zeros(ks.size)
         for life in lives:
-            trig = first_trigger(life.cycles, life.predicted(model), ks)
-            in_time = trig < life.end_of_life  # NaN compares False
+            act = first_trigger(life.cycles, life.predicted(model), ks)
+            if not life.observed_to_failure:  # data end early: schedule from the last prediction
+                act = np.where(np.isnan(act), scheduled_cycle(life, model, ks), act)
+            in_time = act < life.end_of_life  # NaN compares False
             maint += in_time
-            wasted += np.where(in_time, life.end_of_life - trig, 0.0)
-            never = np.isnan(trig)
-            if life.observed_to_failure:
-                fail += ~in_time
-            else:
-                open_ += never
-                fail += ~in_time & ~never
+            wasted += np.where(in_time, life.end_of_life - act, 0.0)
+            never = np.isnan(act)
+            open_ += never & (not life.observed_to_failure)
+            fail += ~in_time & ~(never & (not life.observed_to_failure))
         cost = maint * costs.maintenance + fail * costs.failure + wasted * costs.wasted_cycle
         rows += [{"k": float(ks[i]), "model": model, "maintenances": int(maint[i]), "failures": int(fail[i]),
                   "open": int(open_[i]), "wasted_cycles": float(wasted[i]), "cost": float(cost[i])}

@@ -26,6 +26,8 @@ URGENCY_COLORS = {"critical": "#d62728", "warning": "#ff9f1c", "ok": "#2ca02c",
                   "unknown": "#b0b0b0", "failed": "#6b6b6b"}
 MODEL_COLORS = {"local": "#1f77b4", "federated": "#e45756", "true RUL": "#333333"}
 EVENTS_SHOWN = 50
+BASIS_LABELS: dict[str, Basis] = {"the lower of the two": "either", "federated model": "federated",
+                                  "local model": "local"}
 
 
 def natural_key(text: Any) -> tuple[Any, ...]:
@@ -50,8 +52,8 @@ def ago(seconds: float | None) -> str:
     seconds = max(0.0, seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
-            return f"{seconds / size:.0f} {unit} ago"
-    return f"{seconds:.0f} s ago"
+            return f"{int(seconds // size)} {unit} ago"
+    return f"{int(seconds)} s ago"
 
 
 # --- fleet -----------------------------------------------------------------------------
@@ -242,14 +244,14 @@ def trajectory_errors(trajectory: Sequence[dict[str, Any]], cap: float | None = 
 # --- rounds ----------------------------------------------------------------------------------
 
 def rounds_table(rounds: Sequence[dict[str, Any]], rejections: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """One row per closed round: who took part, how much they sent, how long it took."""
+    """One row per closed round, newest first: who took part, how much they sent, how long it took."""
     rejected = Counter(r["round"] for r in rejections if r["round"] is not None)
     rows = [{"round": r["round"], "model_version": r["model_version"], "strategy": r["strategy"],
              "closed_by": r["closed_by"], "started": _timestamp(r["started"]),
              "duration_s": r["closed"] - r["started"], "aggregate_ms": r["aggregate_ms"],
              "sites": len(r["participants"]), "participants": ", ".join(p["site"] for p in r["participants"]),
              "samples": r["samples"], "update_bytes": sum(p["update_bytes"] for p in r["participants"]),
-             "rejected": rejected.get(r["round"], 0)} for r in rounds]
+             "rejected": rejected.get(r["round"], 0)} for r in reversed(rounds)]
     return pd.DataFrame(rows, columns=["round", "model_version", "strategy", "closed_by", "started", "duration_s",
                                        "aggregate_ms", "sites", "participants", "samples", "update_bytes", "rejected"])
 

@@ -8,7 +8,9 @@ Simulation", the paper behind C-MAPSS), in a reduced form that numpy can vectori
 * Health parameters. Each engine has efficiency and flow losses (in "margin units":
   1.0 of combined loss uses up the module's whole operability margin) for the HPC and
   the fan. Every engine starts with random initial wear in both modules
-  (manufacturing and assembly variation, the paper's d / e0, f0).
+  (manufacturing and assembly variation, the paper's d / e0, f0); the faulty module's
+  initial wear is what spreads early-life levels along the degradation direction, and
+  since every engine fails at the same margin, levels converge at failure (as in FD001).
 * Damage propagation. The faulty module's losses grow exponentially,
   e(t) = d_e + rho*u*(exp(a*t^b) - 1) and f(t) = d_f + rho*(1-u)*(exp(a*t^b) - 1),
   i.e. the paper's h(t) = 1 - d - exp(a t^b) shape, with random per-engine a, b
@@ -28,8 +30,9 @@ Simulation", the paper behind C-MAPSS), in a reduced form that numpy can vectori
   s10, s16, s18, s19) are constant here too. Values are rounded to the decimals NASA
   prints, so files look like C-MAPSS and round-trip exactly.
 * Operating condition: one, sea level (settings ~0, ~0, 100 with FD001's small noise).
-* Test engines are other engines cut at a random fraction (0.2..0.97) of their life,
-  keeping at least 31 cycles, like NASA's test sets; the truth is the remaining life.
+* Test engines are other engines of the same fleet, cut early the way NASA's are: the
+  true RUL is uniform in 5..145 cycles (FD001's and FD003's truths span 7..145) and at
+  least 31 cycles are shown (FD001's shortest test run).
 
 Same seed and sizes -> identical arrays. Everything is vectorised over all rows, in
 chunks of engines so memory stays bounded for large fleets.
@@ -41,6 +44,7 @@ import argparse
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable, Iterator, TextIO
 
 import numpy as np
 
@@ -53,12 +57,13 @@ MIN_LIFE, MAX_LIFE = 128, 362  # failure cycle range (FD001: 128..362)
 MIN_TEST_CYCLES = 31  # NASA's shortest FD001 test trajectory
 TEST_RUL = (5, 145)  # test truths are drawn uniformly here (FD001's and FD003's: 7..145)
 CONSTANT_SENSORS = (1, 5, 6, 10, 16, 18, 19)  # 1-based, constant in FD001
+_INFORMATIVE = np.array([j for j in range(N_SENSORS) if j + 1 not in CONSTANT_SENSORS])
 HPC, FAN = 0, 1
-_CHUNK_ROWS = 400_000  # rows simulated at a time (bounds temporary memory)
+_CHUNK_ROWS = 100_000  # rows simulated at a time (bounds temporary memory)
 
 # Per-engine damage-propagation parameters.
 _B_RANGE = (1.4, 1.6)  # exponent b (paper, eq. 9)
-_TAU = (110.0, 88.0, 0.45)  # characteristic life: shift + scale * lognormal(sigma)
+_TAU = (120.0, 95.0, 0.45)  # characteristic life: shift + scale * lognormal(sigma)
 _RHO = (0.14, 0.25)  # damage scale: median, log-sigma (sets how sharp the knee is)
 _SPLIT = (0.2, 0.8)  # share of the loss taken by efficiency (rest: flow)
 # Initial wear per health parameter, uniform in [0, this) margin units: the faulty
@@ -87,19 +92,20 @@ _HPC_SIG = np.array([
 ])
 _HPC_EFF = _HPC_SIG * np.array([1, 1.1, .95, 1.05, 1, 1, .9, 1.1, 1, 1, 1.05, .95, 1.1, 1, .95, 1, 1.05, 1, 1, .95, 1.05])
 _HPC_FLOW = 2 * _HPC_SIG - _HPC_EFF
-_HPC_EFF[[8, 13]] = 135.0, 117.0
+_HPC_EFF[[8, 13]] = 135.0, 117.0  # core speeds: efficiency up, flow down
 _HPC_FLOW[[8, 13]] = -50.0, -65.0
 _FAN_SIG = np.array([
-    0, 1.25, 20.3, 28.9, 0, 0, 14.2, 0.58, 71.0, 0,
-    1.00, 13.7, 0.58, 56.0, -0.150, 0, 5.3, 0, 0, 0.58, 0.35,
+    0, 1.25, 20.3, 28.9, 0, 0, 14.2, 0.58, 56.0, 0,
+    1.00, 13.7, 0.58, 45.0, -0.150, 0, 5.3, 0, 0, 0.58, 0.35,
 ])
 _FAN_EFF = _FAN_SIG * np.array([1, 1.05, 1.05, .95, 1, 1, .95, 1.05, 1.1, 1, .95, .95, 1.05, 1.1, 1.1, 1, 1.05, 1, 1, .95, .95])
 _FAN_FLOW = 2 * _FAN_SIG - _FAN_EFF
 # (21 sensors, 4 health parameters: HPC eff, HPC flow, fan eff, fan flow). The shifts
 # above are measured from early life, when the average engine has already used
-# _INITIAL_WEAR_FAULTY of its margin; the response is per margin from new.
+# _INITIAL_WEAR_FAULTY of its margin, so the response per margin (from new) is larger.
 _RESPONSE = np.stack([_HPC_EFF, _HPC_FLOW, _FAN_EFF, _FAN_FLOW], axis=1) / (1.0 - _INITIAL_WEAR_FAULTY)
-# Nonlinearity: response scales with (1 + k*m)/(1 + k), m = margin consumed (0..1).
+# Nonlinearity: response scales with (1 + k*m)/(1 + k), m = margin consumed (0..1). The
+# core speeds (k = 20, response ~ m^2) move mostly late in life, as in FD001.
 _CURVATURE = np.array([0, .4, .3, .3, 0, 0, .2, .5, 20, 0, .3, .2, .5, 20, .3, 0, .3, 0, 0, .2, .2])
 # Gaussian measurement noise (FD001 residual std after removing each engine's trend).
 _NOISE = np.array([
@@ -112,9 +118,10 @@ _OFFSET = 0.15 * np.array([
     0.12, 0.33, 0.036, 6.0, 0.014, 0, 0.55, 0, 0, 0.07, 0.042,
 ])
 _GAIN_SPREAD = 0.02  # per-engine, per-sensor multiplier on the degradation response
-# Linear response to operating-setting deviations from sea level (altitude in kft,
-# Mach, TRA %), ISA-lapse-like signs; with FD001's tiny setting noise it is negligible,
-# but a varying condition moves the sensors the right way. Constant sensors: none.
+# Linear response of the informative sensors to operating-setting deviations from sea
+# level (altitude in kft, Mach, TRA %), ISA-lapse-like signs. With FD001's tiny setting
+# noise it is far below the measurement noise, as in FD001 (where the residuals do not
+# correlate with the settings); the constant sensors do not respond, as in FD001.
 _SETTINGS_RESPONSE = np.zeros((N_SENSORS, 3))
 _SETTINGS_RESPONSE[[1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 19, 20], 0] = [
     -2.2, -5.6, -6.9, -9.9, -4.2, -17.0, -1.1, -9.0, -4.2, -17.0, 0.01, -1.9, -0.08, -0.05,
@@ -128,11 +135,13 @@ _SETTINGS_NOISE = np.array([0.0022, 0.0003, 0.0])
 _SETTING_DECIMALS = (4, 4, 1)
 _SENSOR_DECIMALS = (2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 4, 2, 0, 0, 2, 2, 4)
 
-# Nominal levels of a new engine: FD001's early-life means minus the mean initial wear's
-# effect (for an HPC-fault engine), so a fleet starts where FD001 starts.
-_BASE = _EARLY - (
-    _RESPONSE @ np.repeat([_INITIAL_WEAR_FAULTY / 2, _INITIAL_WEAR_OTHER / 2], 2)
-) * (1.0 + _CURVATURE * _INITIAL_WEAR_FAULTY) / (1.0 + _CURVATURE)
+# Nominal levels of a new engine, per fault mode: FD001's early-life means minus the
+# mean initial-wear effect of that mode, so both kinds of engine start where FD001's and
+# FD003's do (in FD003, fan-fault engines start at the HPC engines' levels). (2, 21)
+_BASE = np.stack([
+    _EARLY - (_RESPONSE @ np.repeat(wear, 2)) * (1.0 + _CURVATURE * _INITIAL_WEAR_FAULTY) / (1.0 + _CURVATURE)
+    for wear in ([_INITIAL_WEAR_FAULTY / 2, _INITIAL_WEAR_OTHER / 2], [_INITIAL_WEAR_OTHER / 2, _INITIAL_WEAR_FAULTY / 2])
+])
 
 
 class _Engines:
@@ -140,7 +149,7 @@ class _Engines:
 
     def __init__(self, rng: np.random.Generator, n: int, fault_modes: int) -> None:
         self.n = n
-        draw = rng.random(n)  # drawn for both settings so other draws do not shift
+        draw = rng.random(n)  # always drawn: fault_modes must not shift the other draws
         self.mode = np.where(draw < 0.5, FAN, HPC) if fault_modes == 2 else np.full(n, HPC)
         self.b = rng.uniform(*_B_RANGE, n)
         self.rho = _RHO[0] * np.exp(_RHO[1] * rng.standard_normal(n))
@@ -166,7 +175,7 @@ class _Engines:
             todo = todo[(life < MIN_LIFE) | (life > MAX_LIFE)]
             if not todo.size:
                 break
-        else:  # pragma: no cover - the acceptance rate is ~97%
+        else:  # pragma: no cover - about 95% of draws are accepted
             raise RuntimeError("could not draw engine lives in range")
 
     def faulty_wear(self) -> np.ndarray:
@@ -199,51 +208,54 @@ def _simulate_rows(
 
     # Health parameters: initial wear + exponential growth in the faulty module.
     a, b, rho, u = eng.a[idx][owner], eng.b[idx][owner], eng.rho[idx][owner], eng.split[idx][owner]
-    z = np.expm1(a * t**b)
+    growth = rho * np.expm1(a * t**b)
     health = eng.wear[idx][owner]  # (N, 4)
-    col = 2 * eng.mode[idx][owner]
-    rows = np.arange(total)
-    health[rows, col] += rho * u * z
-    health[rows, col + 1] += rho * (1.0 - u) * z
+    rows, col = np.arange(total), 2 * eng.mode[idx][owner]
+    health[rows, col] += u * growth
+    health[rows, col + 1] += (1.0 - u) * growth
     consumed = health[rows, col] + health[rows, col + 1]  # 1 - H(t), deterministic trend
 
-    # Process noise: AR(1) per engine and parameter, run on a padded (engines, cycles)
-    # grid so every engine's series starts fresh.
+    # Process noise on the faulty module's efficiency and flow: AR(1) per engine, run
+    # on a padded (cycles, engines) grid so every engine's series starts fresh.
     phi, sigma = _PROCESS
     width = int(n_rows.max())
-    innov = sigma * rng.standard_normal((width, k, 4))
-    state = innov[0] / np.sqrt(1.0 - phi**2)  # start in the stationary distribution
-    grid = np.empty((width, k, 4))
-    grid[0] = state
+    innov = rng.standard_normal((width, k, 2), dtype=np.float32)
+    innov *= sigma
+    innov[0] /= np.sqrt(1.0 - phi**2)  # start in the stationary distribution
     for step in range(1, width):
-        state = phi * state + innov[step]
-        grid[step] = state
+        innov[step] += phi * innov[step - 1]
     valid = np.arange(width)[None, :] < n_rows[:, None]  # (k, width)
-    health += grid.transpose(1, 0, 2)[valid]
+    wander = innov.transpose(1, 0, 2)[valid]
+    health[rows, col] += wander[:, 0]
+    health[rows, col + 1] += wander[:, 1]
 
-    # Recorded settings: sea level with FD001's small noise.
-    settings = _NOMINAL_SETTINGS + _SETTINGS_NOISE * rng.standard_normal((total, 3))
+    # Recorded settings: sea level with FD001's small noise (TRA is exact).
+    settings = np.tile(_NOMINAL_SETTINGS, (total, 1))
+    settings[:, :2] += _SETTINGS_NOISE[:2] * rng.standard_normal((total, 2), dtype=np.float32)
     settings = _quantise(settings, _SETTING_DECIMALS)
 
-    # Sensors: base + per-engine offset + nonlinear health response + settings response
-    # + measurement noise.
-    sensors = _NOISE * rng.standard_normal((total, N_SENSORS))
-    sensors += _BASE
-    sensors += eng.offset[idx][owner]
-    curve = (1.0 + _CURVATURE * consumed[:, None]) / (1.0 + _CURVATURE)
-    sensors += (health @ _RESPONSE.T) * curve * eng.gain[idx][owner]
-    sensors += (settings - _NOMINAL_SETTINGS) @ _SETTINGS_RESPONSE.T
-    const = [s - 1 for s in CONSTANT_SENSORS]
-    sensors[:, const] = _BASE[const]
+    # Informative sensors: base + per-engine offset + nonlinear health response +
+    # settings response + measurement noise. The others are constant, as in FD001.
+    inf = _INFORMATIVE
+    live = rng.standard_normal((total, inf.size), dtype=np.float32) * _NOISE[inf]
+    live += _BASE[:, inf][eng.mode[idx]][owner]
+    live += eng.offset[idx][:, inf][owner]
+    curve = (1.0 + _CURVATURE[inf] * consumed[:, None]) / (1.0 + _CURVATURE[inf])
+    live += (health @ _RESPONSE[inf].T) * curve * eng.gain[idx][:, inf][owner]
+    live += (settings - _NOMINAL_SETTINGS) @ _SETTINGS_RESPONSE[inf].T
+    sensors = np.tile(_EARLY, (total, 1))
+    sensors[:, inf] = live
     return settings, _quantise(sensors, _SENSOR_DECIMALS)
 
 
 def _quantise(values: np.ndarray, decimals: tuple[int, ...]) -> np.ndarray:
     """Round each column to NASA's printed decimals (exact round-trip through text)."""
-    out = np.empty_like(values)
-    for d in sorted(set(decimals)):
-        cols = [j for j, dj in enumerate(decimals) if dj == d]
-        out[:, cols] = np.round(values[:, cols], d) + 0.0  # + 0.0 turns -0.0 into 0.0
+    common = max(set(decimals), key=decimals.count)
+    out = np.round(values, common)
+    for j, d in enumerate(decimals):
+        if d != common:
+            out[:, j] = np.round(values[:, j], d)
+    out += 0.0  # turns -0.0 into 0.0
     return out
 
 
@@ -304,65 +316,87 @@ def generate_fleet(
 # --- files ------------------------------------------------------------------------------
 
 _DECIMALS = (0, 0) + _SETTING_DECIMALS + _SENSOR_DECIMALS
+_WRITE_ROWS = 50_000  # rows formatted at a time (bounds the text held in memory)
 
 
-def _format_table(table: np.ndarray) -> str:
-    """C-MAPSS text: NASA's decimals where they hold the values exactly, else repr."""
-    fmts = []
-    for j, d in enumerate(_DECIMALS):
-        col = table[:, j]
-        exact = np.array_equal(np.round(col, d) + 0.0, col)
-        fmts.append(("%d" if d == 0 else f"%.{d}f") if exact else "%r")
-    line = " ".join(fmts) + "\n"  # %r (repr) keeps any float exact
-    return "".join(line % tuple(row) for row in table.tolist())
+def _blocks(runs: list[EngineRun]) -> Iterator[np.ndarray]:
+    """The runs' rows in C-MAPSS layout, a few tens of thousands of rows at a time."""
+    batch: list[np.ndarray] = []
+    size = 0
+    for run in runs:
+        batch.append(run.rows())
+        size += len(run)
+        if size >= _WRITE_ROWS:
+            yield np.vstack(batch)
+            batch, size = [], 0
+    if batch:
+        yield np.vstack(batch)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder and os.replace: never a half file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii", newline="\n") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+def _row_format(runs: list[EngineRun]) -> str:
+    """NASA's decimals for every column that they hold exactly, else repr (exact)."""
+    exact = np.ones(N_COLUMNS, dtype=bool)
+    for table in _blocks(runs):
+        if table.shape[1] != N_COLUMNS or not np.all(np.isfinite(table)):
+            raise ValueError(f"runs must hold {N_COLUMNS} finite numbers a row")
+        for j, d in enumerate(_DECIMALS):
+            exact[j] &= np.array_equal(np.round(table[:, j], d) + 0.0, table[:, j])
+    fmts = [("%d" if d == 0 else f"%.{d}f") if ok else "%r" for d, ok in zip(_DECIMALS, exact)]
+    return " ".join(fmts) + "\n"
 
 
-def _runs_table(runs: list[EngineRun]) -> np.ndarray:
-    table = np.vstack([run.rows() for run in runs])
-    assert table.shape[1] == N_COLUMNS
-    return table
+def _write_runs(handle: TextIO, runs: list[EngineRun]) -> None:
+    line = _row_format(runs)
+    for table in _blocks(runs):
+        handle.write("".join(line % tuple(row) for row in table.tolist()))
+
+
+def _write_rul(handle: TextIO, runs: list[EngineRun]) -> None:
+    for run in runs:
+        value = float(run.rul_at_end)
+        handle.write(("%d" % value if value.is_integer() else repr(value)) + "\n")
 
 
 def write_subset(subset: Subset, folder: Path) -> list[Path]:
     """Write train_/test_/RUL_<name>.txt so `load_subset(name, folder)` reads it back.
 
-    Why atomic: readers (replay, agents) may open these files at any time; each file is
-    either the old one or the complete new one. A subset without test runs writes only
-    the train file and removes a stale test/RUL pair of the same name, so the folder
-    never pairs new training data with old test data.
+    Why atomic: replays and agents may open these files at any moment. Each file is
+    written to a temporary file in the same folder and moved in with os.replace only
+    once all of them are complete, so a reader sees old or new files, never a half one.
+    A subset without test runs writes only the train file and removes a stale test/RUL
+    pair of the same name, so new training data is never paired with old test data.
     """
     if not subset.train:
         raise ValueError("a subset needs at least one training run")
+    if not subset.name or Path(subset.name).name != subset.name:
+        raise ValueError(f"subset name must be a plain file-name part, got {subset.name!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    train_path = folder / f"train_{subset.name}.txt"
-    test_path = folder / f"test_{subset.name}.txt"
-    rul_path = folder / f"RUL_{subset.name}.txt"
-    _write_atomic(train_path, _format_table(_runs_table(subset.train)))
+    jobs: list[tuple[Path, Callable[[TextIO], None]]] = [
+        (folder / f"train_{subset.name}.txt", lambda h: _write_runs(h, subset.train))
+    ]
+    test_path, rul_path = folder / f"test_{subset.name}.txt", folder / f"RUL_{subset.name}.txt"
+    if subset.test:
+        test = subset.test
+        jobs.append((test_path, lambda h: _write_runs(h, test)))
+        jobs.append((rul_path, lambda h: _write_rul(h, test)))
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, write in jobs:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+            staged.append((tmp, path))
+            with os.fdopen(fd, "w", encoding="ascii", newline="\n") as handle:
+                write(handle)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     if not subset.test:
-        for stale in (test_path, rul_path):
-            stale.unlink(missing_ok=True)
-        return [train_path]
-    truth = np.array([run.rul_at_end for run in subset.test], dtype=float)
-    _write_atomic(test_path, _format_table(_runs_table(subset.test)))
-    rul_text = "".join(("%d" % v if v == int(v) else repr(float(v))) + "\n" for v in truth)
-    _write_atomic(rul_path, rul_text)
-    return [train_path, test_path, rul_path]
+        test_path.unlink(missing_ok=True)
+        rul_path.unlink(missing_ok=True)
+    return [path for path, _ in jobs]
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -183,7 +183,7 @@ def test_mosquitto_config_overrides(tmp_path: Path) -> None:
     assert "listener 40123 127.0.0.1" in lines and "listener 1883 127.0.0.1" not in lines
     assert f"persistence_location {tmp_path.resolve()}/" in lines
     assert "persistence_location .turbofed/mosquitto/" not in lines
-    assert f"max_packet_size {MAX_PACKET_BYTES}" in lines and "max_queued_messages 1000" in lines
+    assert f"max_packet_size {MAX_PACKET_BYTES}" in lines and "max_queued_messages 200000" in lines
 
 
 @pytest.mark.parametrize("kind", ["mosquitto", "amqtt"])

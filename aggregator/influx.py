@@ -1,0 +1,860 @@
+"""The InfluxDB results store: the same `ResultsStore` as SQLite, for real fleets.
+
+Why a second backend: a fleet's telemetry (sensor rows, per-cycle predictions) outgrows an
+embedded file, and fleets already run InfluxDB next to Grafana. The schema is documented in
+docs/telemetry.md; in short, one measurement per kind of record, tags only for what every
+query filters by and what stays small (site, engine, model, kind, reason).
+
+Write path (never blocks the caller, never loses a round result):
+- record_* turn their arguments into line protocol and hand it to influxdb-client's
+  batching WriteApi (WriteOptions: batch size, flush interval, retries with exponential
+  backoff for HTTP 429/5xx).
+- When the server cannot be reached (no HTTP answer), batches go to a bounded on-disk
+  spool (aggregator/spool.py) instead, and so do new points until it answers again. A
+  drainer thread retries with backoff and empties the spool, oldest first, once it does.
+  When the spool is full the oldest telemetry is dropped and counted; round results,
+  metrics, status, truth and events are never dropped.
+
+Read path: Flux through query_api, the dashboard's read methods answering the same dicts
+as SqliteStore. Nothing here starts a thread or touches disk until the first write, so a
+reader (the dashboard) opening the same store costs one HTTP client.
+
+influxdb-client is imported lazily: the aggregator runs without it when SQLite is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import threading
+import time
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from aggregator.spool import PROTECTED, TELEMETRY, Spool, SpoolError
+from aggregator.store import MODELS, ResultsStore, StoreError, _json_default, _natural
+
+log = logging.getLogger("turbofed.influx")
+
+ENV = {"url": "TURBOFED_INFLUX_URL", "token": "TURBOFED_INFLUX_TOKEN", "org": "TURBOFED_INFLUX_ORG",
+       "bucket": "TURBOFED_INFLUX_BUCKET", "spool_dir": "TURBOFED_INFLUX_SPOOL"}
+SETTING_FIELDS = ("setting1", "setting2", "setting3")
+SENSOR_FIELDS = tuple(f"s{i}" for i in range(1, 22))
+TELEMETRY_MEASUREMENTS = ("sensors", "predictions")  # the only ones the spool may drop
+_TELEMETRY_PREFIXES = tuple(f"{m},".encode() for m in TELEMETRY_MEASUREMENTS)
+_ROW_FIELDS = SETTING_FIELDS + SENSOR_FIELDS
+_ROW_FORMAT = "".join(f",{name}=%r" for name in _ROW_FIELDS)
+LINES_PER_ITEM = 1_000  # one WriteApi item carries at most this many lines (see batch_items)
+
+
+# --- settings --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InfluxSettings:
+    """Where and how to write. url/org/bucket are required; the token comes from the
+    environment (or the fleet config), never from a URL that ends up in logs."""
+
+    url: str
+    org: str
+    bucket: str
+    token: str = ""
+    spool_dir: str | None = None  # default: ~/.local/state/turbofed/influx-spool/<host>-<port>-<org>-<bucket>
+    spool_max_mb: float = 512.0  # bound of the on-disk spool; telemetry beyond it is dropped (counted)
+    batch_items: int = 20  # WriteApi batch_size: items per request, an item is <= LINES_PER_ITEM lines
+    flush_interval_ms: int = 1_000  # a partial batch waits at most this long
+    retry_interval_ms: int = 500  # first retry delay (doubles up to max_retry_delay_ms)
+    max_retries: int = 5
+    max_retry_delay_ms: int = 5_000
+    max_retry_time_ms: int = 20_000
+    timeout_ms: int = 10_000  # one HTTP request
+    close_drain_s: float = 5.0  # on close, how long to keep sending the spool if the server answers
+    read_start: str = "0"  # Flux range(start:) of every read: "0" (everything) or e.g. "-30d"
+
+    def resolved_spool_dir(self) -> Path:
+        if self.spool_dir:
+            return Path(self.spool_dir).expanduser()
+        u = urllib.parse.urlsplit(self.url)
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{u.hostname}-{u.port or ''}-{self.org}-{self.bucket}")
+        base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+        return base / "turbofed" / "influx-spool" / slug
+
+
+_SETTING_NAMES = {f.name for f in fields(InfluxSettings)}
+
+
+def influx_settings(spec: str, *, spool_dir: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
+                    env: Mapping[str, str] | None = None) -> InfluxSettings:
+    """Settings from `spec` ("influxdb" or "influxdb+http(s)://host:port/?org=..&bucket=.."),
+    then TURBOFED_INFLUX_* environment variables for what the spec leaves out, then
+    `overrides` (the fleet config's [influx] table) over both."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {k: env[v] for k, v in ENV.items() if env.get(v)}
+    if spec != "influxdb":
+        u = urllib.parse.urlsplit(spec)
+        if u.scheme not in ("influxdb+http", "influxdb+https") or not u.netloc:
+            raise StoreError(f"InfluxDB store {spec!r}: expected influxdb+http://host:port/?org=..&bucket=..")
+        query = dict(urllib.parse.parse_qsl(u.query, keep_blank_values=True))
+        if "token" in query:
+            raise StoreError(f"InfluxDB store URL: put the token in {ENV['token']}, not in the URL")
+        values["url"] = urllib.parse.urlunsplit((u.scheme.removeprefix("influxdb+"), u.netloc, u.path.rstrip("/"), "", ""))
+        values.update(query)
+    values.update(overrides or {})
+    if spool_dir is not None:
+        values["spool_dir"] = str(spool_dir)
+    unknown = sorted(set(values) - _SETTING_NAMES)
+    if unknown:
+        raise StoreError(f"InfluxDB settings: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_SETTING_NAMES))}")
+    missing = [k for k in ("url", "org", "bucket") if not values.get(k)]
+    if missing:
+        raise StoreError("InfluxDB settings missing: " + ", ".join(f"{k} ({ENV[k]})" for k in missing))
+    for f in fields(InfluxSettings):  # query-string values arrive as text
+        if f.name in values and f.type in ("int", "float"):
+            try:
+                values[f.name] = (int if f.type == "int" else float)(values[f.name])
+            except (TypeError, ValueError):
+                raise StoreError(f"InfluxDB settings: {f.name} must be a number, got {values[f.name]!r}") from None
+    settings = InfluxSettings(**values)
+    if not re.fullmatch(r"0|-?(\d+(ns|us|ms|s|m|h|d|w|mo|y))+|\d{4}-\d\d-\d\dT[\d:.]+Z", settings.read_start):
+        raise StoreError(f"InfluxDB settings: read_start {settings.read_start!r} is not a Flux time or duration")
+    return settings
+
+
+def open_influx(spec: str, *, spool_dir: str | Path | None = None,
+                overrides: Mapping[str, Any] | None = None) -> "InfluxStore":
+    """What open_store() calls for "influxdb" and influxdb+http(s):// URLs."""
+    return InfluxStore(influx_settings(spec, spool_dir=spool_dir, overrides=overrides))
+
+
+def _client_module() -> Any:
+    try:
+        import influxdb_client
+    except ImportError:
+        raise StoreError("the InfluxDB store needs influxdb-client: pip install 'turbofed[influx]'") from None
+    return influxdb_client
+
+
+# --- line protocol -----------------------------------------------------------------------
+
+_TAG_ESCAPES = str.maketrans({"\\": "\\\\", ",": "\\,", "=": "\\=", " ": "\\ ", "\n": "\\ ", "\r": "\\ "})
+
+
+def _tag(value: Any) -> str:
+    """A tag value in line protocol; an empty one (not allowed there) becomes "_"."""
+    return str(value).translate(_TAG_ESCAPES) or "_"
+
+
+def _field(value: Any) -> str | None:
+    """A typed field value; None (absent, non-finite) means leave the field out."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return f"{value}i"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else None
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ").replace("\r", " ")
+    return f'"{text}"'
+
+
+def _line(measurement: str, tags: Mapping[str, Any], values: Mapping[str, Any], ns: int) -> str | None:
+    """One point (tags sorted, as InfluxDB prefers), or None when no field has a value."""
+    body = ",".join(f"{k}={v}" for k, v in ((k, _field(x)) for k, x in values.items()) if v is not None)
+    if not body:
+        return None
+    tagset = "".join(f",{k}={_tag(tags[k])}" for k in sorted(tags))
+    return f"{measurement}{tagset} {body} {ns}"
+
+
+def _f(value: Any) -> float | None:
+    """A float field (None for missing or non-finite: line protocol has no NaN)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _i(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _ns(at: float) -> int:
+    """Unix seconds -> nanoseconds, at the microsecond resolution a float time carries."""
+    return round(at * 1e6) * 1_000
+
+
+def _cycle_ns(at: float, cycle: int) -> int:
+    """Telemetry timestamp: the report time to the millisecond, plus the cycle number in
+    nanoseconds, so several cycles of one engine in one report stay distinct points and a
+    cycle re-sent in the same millisecond replaces itself."""
+    return int(at * 1_000) * 1_000_000 + cycle % 1_000_000
+
+
+def _event_line(kind: str, detail: Mapping[str, Any], at: float, ns: int) -> str | None:
+    return _line("events", {"kind": kind}, {"detail": json.dumps(detail, default=_json_default), "at": float(at)}, ns)
+
+
+# --- the store -----------------------------------------------------------------------------
+
+class InfluxStore(ResultsStore):
+    """Results and telemetry in an InfluxDB 2 bucket (writes: v2 write API; reads: Flux)."""
+
+    def __init__(self, settings: InfluxSettings) -> None:
+        self.settings = settings
+        self._ic = _client_module()
+        self._client = self._ic.InfluxDBClient(url=settings.url, token=settings.token, org=settings.org,
+                                               timeout=settings.timeout_ms)
+        self._writer: _Writer | None = None
+        self._lock = threading.Lock()
+        self._last_ns: dict[str, int] = {}  # per series: protected points never share a timestamp
+        self._tags: dict[str, str] = {}  # escaped tag values, cached (the hot path)
+        self._closed = False
+
+    # --- write side -------------------------------------------------------------------
+    def _emit(self, lane: str, lines: list[str | None]) -> None:
+        points = [p for p in lines if p is not None]
+        if not points:
+            return
+        with self._lock:
+            if self._closed:
+                raise StoreError("the InfluxDB store is closed")
+            if self._writer is None:
+                self._writer = _Writer(self._client, self.settings, self._ic)
+            writer = self._writer
+        writer.submit(lane, points)
+
+    def _stamp(self, series: str, at: float) -> int:
+        """A timestamp in a millisecond of its own within `series`: two events of one kind
+        at the same instant would otherwise overwrite each other (and millisecond servers,
+        VictoriaMetrics among them, would merge them). The exact time stays in field `at`."""
+        ns = _ns(at)
+        with self._lock:
+            last = self._last_ns.get(series)
+            if last is not None and ns // 1_000_000 <= last // 1_000_000:
+                ns = (last // 1_000_000 + 1) * 1_000_000
+            self._last_ns[series] = ns
+        return ns
+
+    def _t(self, value: Any) -> str:
+        text = str(value)
+        tag = self._tags.get(text)
+        if tag is None:
+            tag = self._tags[text] = _tag(text)
+            if len(self._tags) > 100_000:
+                self._tags.clear()
+        return tag
+
+    def record_round(self, round: int, model_version: int, started: float, closed: float,
+                     participants: list[dict[str, Any]], aggregate_ms: float, strategy: str,
+                     closed_by: str) -> None:
+        ns = self._stamp("rounds", closed)
+        parts = [(str(p["site"]), int(p["samples"]), int(p["update_bytes"])) for p in participants]
+        lines = [_line("rounds", {}, {"round": int(round), "model_version": int(model_version),
+                                      "started": _f(started), "closed": _f(closed), "aggregate_ms": _f(aggregate_ms),
+                                      "strategy": str(strategy), "closed_by": str(closed_by),
+                                      "participants": len(parts), "samples": sum(p[1] for p in parts)}, ns)]
+        lines += [_line("round_participants", {"site": site},
+                        {"round": int(round), "samples": samples, "update_bytes": size}, ns)
+                  for site, samples, size in parts]
+        self._emit(PROTECTED, lines)
+
+    def record_rejection(self, round: int | None, site: str, reason: str, detail: str, at: float) -> None:
+        ns = self._stamp(f"rejections\0{site}\0{reason}", at)
+        self._emit(PROTECTED, [_line("rejections", {"site": site, "reason": reason},
+                                     {"round": _i(round), "detail": str(detail), "at": float(at)}, ns)])
+
+    def record_status(self, site: str, online: bool, at: float, agent_version: str | None,
+                      model_version: int | None, samples: int | None) -> None:
+        # Timestamp = the status's own time: a redelivered message lands on itself, an
+        # older one sorts before the newer, and last() per field keeps versions a bare
+        # last will leaves out.
+        self._emit(PROTECTED, [_line("site_status", {"site": site},
+                                     {"online": bool(online), "at": float(at),
+                                      "agent_version": None if agent_version is None else str(agent_version),
+                                      "model_version": _i(model_version), "samples": _i(samples)}, _ns(at))])
+
+    def record_metrics(self, site: str, round: int | None, model_version: int | None,
+                       metrics: dict[str, Any], at: float) -> None:
+        lines = []
+        for model in MODELS:
+            m = metrics.get(model)
+            if isinstance(m, dict):
+                ns = self._stamp(f"metrics\0{site}\0{model}", at)
+                lines.append(_line("metrics", {"site": site, "model": model},
+                                   {"round": _i(round), "model_version": _i(model_version),
+                                    "engines": _i(metrics.get("engines")), "rmse": _f(m.get("rmse")),
+                                    "score": _f(m.get("score")), "at": float(at)}, ns))
+        self._emit(PROTECTED, lines)
+
+    def record_predictions(self, site: str, rows: list[tuple[str, int, float | None, float | None]],
+                           at: float) -> None:
+        st, base, lines = self._t(site), int(at * 1_000) * 1_000_000, []
+        for engine, cycle, local, federated in rows:
+            c = int(cycle)
+            head = f"predictions,engine={self._t(engine)},model="
+            tail = f",site={st} cycle={c}i,rul="
+            t = base + c % 1_000_000
+            if local is not None and math.isfinite(local := float(local)):
+                lines.append(f"{head}local{tail}{local!r} {t}")
+            if federated is not None and math.isfinite(federated := float(federated)):
+                lines.append(f"{head}federated{tail}{federated!r} {t}")
+        self._emit(TELEMETRY, lines)
+
+    def record_sensors(self, site: str, rows: list[tuple[str, int, list[float], list[float]]], at: float) -> None:
+        st, base, lines = self._t(site), int(at * 1_000) * 1_000_000, []
+        for engine, cycle, settings, sensors in rows:
+            c = int(cycle)
+            values = (*map(float, settings), *map(float, sensors))
+            if len(values) == len(_ROW_FIELDS) and all(map(math.isfinite, values)):
+                fieldset = _ROW_FORMAT % values  # the common case, formatted in one C call
+            else:
+                fieldset = "".join(f",{name}={v!r}" for name, v in zip(_ROW_FIELDS, values) if math.isfinite(v))
+            lines.append(f"sensors,engine={self._t(engine)},site={st} cycle={c}i{fieldset} {base + c % 1_000_000}")
+        self._emit(TELEMETRY, lines)
+
+    def record_truth(self, site: str, engine: str, cycle: int, rul: float, at: float) -> None:
+        self._emit(PROTECTED, [_line("truth", {"site": site, "engine": str(engine)},
+                                     {"cycle": int(cycle), "rul": float(rul), "at": float(at)}, _ns(at))])
+
+    def record_event(self, kind: str, detail: dict[str, Any], at: float) -> None:
+        self._emit(PROTECTED, [_event_line(kind, detail, at, self._stamp(f"events\0{kind}", at))])
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until everything recorded so far is in the server (True) or `timeout` passes."""
+        return self._writer.flush(timeout) if self._writer is not None else True
+
+    def write_stats(self) -> dict[str, Any]:
+        """Points written, spooled, pending in the spool, dropped (telemetry), rejected by the server."""
+        if self._writer is None:
+            return {"written": 0, "spooled": 0, "pending": 0, "dropped": 0, "rejected": 0, "in_flight": 0,
+                    "offline": False}
+        return self._writer.stats()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            writer = self._writer
+        if writer is not None:
+            writer.close()
+        self._client.close()
+
+    def __enter__(self) -> "InfluxStore":
+        return self
+
+    # --- read side (Flux) ---------------------------------------------------------------
+    def _query(self, name: str, flux: str) -> list[dict[str, Any]]:
+        """Run one Flux query (its first line names it) and return its records' values."""
+        text = f"// turbofed:{name}\n{flux}"
+        try:
+            tables = self._client.query_api().query(text, org=self.settings.org)
+        except Exception as exc:  # noqa: BLE001 - any client or HTTP error means the same to a reader
+            status = _status(exc)
+            detail = getattr(exc, "message", None) or str(exc)  # InfluxDB's JSON error message
+            raise StoreError(f"InfluxDB query {name} failed{f' (HTTP {status})' if status else ''}: {detail}") from None
+        return [record.values for table in tables for record in table.records]
+
+    def _from(self) -> str:
+        return f"from(bucket: {_flux_str(self.settings.bucket)}) |> range(start: {self.settings.read_start})"
+
+    def rounds(self) -> list[dict[str, Any]]:
+        """Rounds in order, each with its participants (by site) and total samples; a
+        re-recorded round (resumed aggregator) is the latest record of it."""
+        recs = self._query("rounds", f"""{self._from()}
+  |> filter(fn: (r) => r._measurement == "rounds" or r._measurement == "round_participants")
+  {_PIVOT}""")
+        latest: dict[int, dict[str, Any]] = {}
+        parts: dict[tuple[int, datetime], list[dict[str, Any]]] = {}
+        for r in recs:
+            if r.get("round") is None:
+                continue
+            if r["_measurement"] == "rounds":
+                if r["round"] not in latest or r["_time"] >= latest[r["round"]]["_time"]:
+                    latest[r["round"]] = r
+            else:
+                parts.setdefault((r["round"], r["_time"]), []).append(
+                    {"site": r["site"], "samples": r.get("samples"), "update_bytes": r.get("update_bytes")})
+        out = []
+        for number in sorted(latest):
+            r = latest[number]
+            participants = sorted(parts.get((number, r["_time"]), []), key=lambda p: _natural(p["site"]))
+            out.append({"round": number, "model_version": r.get("model_version"), "started": r.get("started"),
+                        "closed": r.get("closed"), "aggregate_ms": r.get("aggregate_ms"), "strategy": r.get("strategy"),
+                        "closed_by": r.get("closed_by"), "participants": participants,
+                        "samples": sum(p["samples"] or 0 for p in participants)})
+        return out
+
+    def rejections(self, round: int | None = None) -> list[dict[str, Any]]:
+        """Rejections in the order they happened (optionally of one round); `id` is the
+        row's ordinal (InfluxDB has no row ids)."""
+        recs = self._query("rejections", f"""{self._from()}
+  |> filter(fn: (r) => r._measurement == "rejections")
+  {_PIVOT}""")
+        recs.sort(key=lambda r: (_at(r), r["_time"]))
+        rows = [{"id": i, "round": r.get("round"), "site": r.get("site"), "reason": r.get("reason"),
+                 "detail": r.get("detail"), "at": _at(r)} for i, r in enumerate(recs, 1)]
+        return rows if round is None else [r for r in rows if r["round"] == round]
+
+    def site_status(self) -> list[dict[str, Any]]:
+        """Latest status per site; last_seen = the newest of its online statuses, metrics,
+        predictions and sensor rows (as in SQLite: a site that reports is alive)."""
+        recs = self._query("site_status", f"""data = {self._from()}
+data
+  |> filter(fn: (r) => r._measurement == "site_status")
+  |> last()
+  |> yield(name: "status")
+data
+  |> filter(fn: (r) => r._measurement == "site_status" and r._field == "online")
+  |> filter(fn: (r) => r._value == true)
+  |> last()
+  |> yield(name: "online")
+data
+  |> filter(fn: (r) => (r._measurement == "metrics" and r._field == "at")
+      or ((r._measurement == "predictions" or r._measurement == "sensors") and r._field == "cycle"))
+  |> last()
+  |> keep(columns: ["_time", "site"])
+  |> group(columns: ["site"])
+  |> sort(columns: ["_time"])
+  |> last(column: "_time")
+  |> yield(name: "seen")""")
+        status: dict[str, dict[str, Any]] = {}
+        seen: dict[str, float] = {}
+        for r in recs:
+            site = r.get("site")
+            if site is None:
+                continue
+            if r.get("result") == "status":
+                status.setdefault(site, {})[r["_field"]] = r["_value"]
+            else:
+                seen[site] = max(seen.get(site, -math.inf), r["_time"].timestamp())
+        rows = []
+        for site, s in status.items():
+            if "online" not in s:
+                continue
+            last_seen = seen.get(site)
+            rows.append({"site": site, "online": bool(s["online"]), "at": s.get("at"), "last_seen": last_seen,
+                         "agent_version": s.get("agent_version"), "model_version": s.get("model_version"),
+                         "samples": s.get("samples")})
+        return sorted(rows, key=lambda r: _natural(r["site"]))
+
+    def metrics(self, site: str | None = None) -> list[dict[str, Any]]:
+        """Every metrics row (one per site, report and model), oldest first."""
+        where = f" and r.site == {_flux_str(site)}" if site is not None else ""
+        recs = self._query("metrics", f"""{self._from()}
+  |> filter(fn: (r) => r._measurement == "metrics"{where})
+  {_PIVOT}""")
+        recs.sort(key=lambda r: (_at(r), r["_time"]))
+        return [_metrics_row(i, r) for i, r in enumerate(recs, 1)]
+
+    def latest_metrics(self) -> list[dict[str, Any]]:
+        """The newest metrics row per (site, model)."""
+        recs = self._query("latest_metrics", f"""{self._from()}
+  |> filter(fn: (r) => r._measurement == "metrics")
+  {_PIVOT}
+  |> last(column: "at")""")
+        newest: dict[tuple[str, str], dict[str, Any]] = {}
+        for r in recs:
+            key = (r.get("site"), r.get("model"))
+            if key not in newest or (_at(r), r["_time"]) >= (_at(newest[key]), newest[key]["_time"]):
+                newest[key] = r
+        rows = [_metrics_row(i, r) for i, r in enumerate(newest.values(), 1) if r.get("model") in MODELS]
+        return sorted(rows, key=lambda r: (_natural(r["site"]), MODELS.index(r["model"])))
+
+    def latest_predictions(self) -> list[dict[str, Any]]:
+        """Per (site, engine): the latest predicted cycle, both models' RUL there, and the
+        true RUL at that cycle where known."""
+        recs = self._query("latest_predictions", f"""data = {self._from()}
+data
+  |> filter(fn: (r) => r._measurement == "predictions")
+  {_PIVOT}
+  |> max(column: "cycle")
+  |> yield(name: "latest")
+data
+  |> filter(fn: (r) => r._measurement == "truth")
+  {_PIVOT}
+  |> last(column: "at")
+  |> yield(name: "truth")""")
+        truth = _truth([r for r in recs if r.get("result") == "truth"])
+        latest: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        for r in recs:
+            if r.get("result") == "latest" and r.get("cycle") is not None and r.get("model") in MODELS:
+                latest.setdefault((r["site"], r["engine"]), {})[r["model"]] = r
+        rows = []
+        for (site, engine), models in latest.items():
+            cycle = max(m["cycle"] for m in models.values())
+            row = {"site": site, "engine": engine, "cycle": cycle}
+            for model in MODELS:
+                m = models.get(model)
+                row[model] = m.get("rul") if m is not None and m["cycle"] == cycle else None
+            row["true_rul"] = _true_rul(truth.get((site, engine)), cycle)
+            rows.append(row)
+        return sorted(rows, key=lambda r: (_natural(r["site"]), _natural(r["engine"])))
+
+    def engine_trajectory(self, site: str, engine: str) -> list[dict[str, Any]]:
+        """Per cycle of one engine: local, federated and (where known) true RUL."""
+        recs = self._query("engine_trajectory", f"""data = {self._from()}
+  |> filter(fn: (r) => (r._measurement == "predictions" or r._measurement == "truth")
+      and r.site == {_flux_str(site)} and r.engine == {_flux_str(str(engine))})
+data
+  |> filter(fn: (r) => r._measurement == "predictions")
+  {_PIVOT}
+  |> yield(name: "predictions")
+data
+  |> filter(fn: (r) => r._measurement == "truth")
+  {_PIVOT}
+  |> last(column: "at")
+  |> yield(name: "truth")""")
+        truth = _truth([r for r in recs if r.get("result") == "truth"]).get((site, str(engine)))
+        return _trajectory([r for r in recs if r.get("result") == "predictions"], truth)
+
+    def engines_with_truth(self) -> list[dict[str, Any]]:
+        """Per engine whose truth is known: truth cycle and RUL (failed: RUL 0 there) and its
+        predictions at every cycle (the input of maintenance-policy economics)."""
+        truth = _truth(self._query("truth", f"""{self._from()}
+  |> filter(fn: (r) => r._measurement == "truth")
+  {_PIVOT}
+  |> last(column: "at")"""))
+        if not truth:
+            return []
+        sites = _flux_list(sorted({s for s, _ in truth}))
+        engines = _flux_list(sorted({e for _, e in truth}))
+        recs = self._query("truth_predictions", f"""{self._from()}
+  |> filter(fn: (r) => r._measurement == "predictions" and contains(value: r.site, set: {sites})
+      and contains(value: r.engine, set: {engines}))
+  {_PIVOT}""")
+        by_engine: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in recs:
+            by_engine.setdefault((r.get("site"), r.get("engine")), []).append(r)
+        out = []
+        for (site, engine), t in truth.items():
+            out.append({"site": site, "engine": engine, "truth_cycle": t["cycle"], "truth_rul": t["rul"],
+                        "failed": t["rul"] == 0, "predictions": _trajectory(by_engine.get((site, engine), []), t)})
+        return sorted(out, key=lambda e: (_natural(e["site"]), _natural(e["engine"])))
+
+    def events(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest `limit` events, newest first, detail decoded."""
+        recs = self._query("events", f"""{self._from()}
+  |> filter(fn: (r) => r._measurement == "events")
+  {_PIVOT}
+  |> group()
+  |> sort(columns: ["_time"], desc: true)
+  |> limit(n: {int(limit)})""")
+        recs.sort(key=lambda r: (_at(r), r["_time"]), reverse=True)
+        rows = []
+        for i, r in enumerate(recs[: int(limit)], 1):
+            try:
+                detail = json.loads(r.get("detail") or "{}")
+            except ValueError:
+                detail = {"raw": r.get("detail")}
+            rows.append({"id": i, "kind": r.get("kind"), "detail": detail, "at": _at(r)})
+        return rows
+
+    def counts(self) -> dict[str, int]:
+        """Per table of the SQLite store (and sensors): how many records. Rounds count once
+        each; predictions and sensor rows count points (a row re-sent later counts twice)."""
+        points = " or ".join(f'(r._measurement == "{m}" and r._field == "{f}")' for m, f in
+                             (("rejections", "at"), ("metrics", "at"), ("predictions", "rul"),
+                              ("events", "at"), ("sensors", "cycle")))
+        recs = self._query("counts", f"""data = {self._from()}
+data
+  |> filter(fn: (r) => {points})
+  |> group(columns: ["_measurement"])
+  |> count()
+  |> yield(name: "points")
+data
+  |> filter(fn: (r) => (r._measurement == "site_status" or r._measurement == "truth") and r._field == "at")
+  |> last()
+  |> group(columns: ["_measurement"])
+  |> count()
+  |> yield(name: "series")""")
+        counts = dict.fromkeys(("rounds", "round_participants", "rejections", "site_status", "metrics",
+                                "predictions", "truth", "events", "sensors"), 0)
+        for r in recs:
+            if r.get("_measurement") in counts and r.get("_value") is not None:
+                counts[r["_measurement"]] += int(r["_value"])
+        rounds = self.rounds()
+        counts["rounds"] = len(rounds)
+        counts["round_participants"] = sum(len(r["participants"]) for r in rounds)
+        return counts
+
+
+_PIVOT = '|> pivot(rowKey: ["_time"], columnKey: ["_field"], valueColumn: "_value")'
+
+
+def _flux_str(text: str) -> str:
+    """A Flux string literal (Flux interpolates ${...}, so $ is escaped too)."""
+    escaped = (str(text).replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
+               .replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t"))
+    return f'"{escaped}"'
+
+
+def _flux_list(items: list[str]) -> str:
+    return "[" + ", ".join(_flux_str(i) for i in items) + "]"
+
+
+def _at(r: Mapping[str, Any]) -> float:
+    at = r.get("at")
+    return float(at) if at is not None else r["_time"].timestamp()
+
+
+def _metrics_row(i: int, r: Mapping[str, Any]) -> dict[str, Any]:
+    return {"id": i, "site": r.get("site"), "round": r.get("round"), "model_version": r.get("model_version"),
+            "model": r.get("model"), "engines": r.get("engines"), "rmse": r.get("rmse"), "score": r.get("score"),
+            "at": _at(r)}
+
+
+def _truth(recs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(site, engine) -> its latest truth record (cycle, rul)."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in recs:
+        if r.get("cycle") is None or r.get("rul") is None:
+            continue
+        key = (r.get("site"), r.get("engine"))
+        if key not in out or (_at(r), r["_time"]) >= (_at(out[key]), out[key]["_time"]):
+            out[key] = r
+    return out
+
+
+def _true_rul(truth: Mapping[str, Any] | None, cycle: int) -> float | None:
+    """True RUL at `cycle` from the one known point (uncapped, as in SQLite)."""
+    if truth is None or cycle > truth["cycle"]:
+        return None
+    return float(truth["rul"]) + (truth["cycle"] - cycle)
+
+
+def _trajectory(recs: list[dict[str, Any]], truth: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """Prediction records of one engine -> one row per cycle; a cycle re-sent later wins."""
+    cycles: dict[int, dict[str, tuple[datetime, float | None]]] = {}
+    for r in recs:
+        model, cycle = r.get("model"), r.get("cycle")
+        if model not in MODELS or cycle is None:
+            continue
+        seen = cycles.setdefault(cycle, {})
+        if model not in seen or r["_time"] >= seen[model][0]:
+            seen[model] = (r["_time"], r.get("rul"))
+    return [{"cycle": c, "local": cycles[c].get("local", (None, None))[1],
+             "federated": cycles[c].get("federated", (None, None))[1], "true_rul": _true_rul(truth, c)}
+            for c in sorted(cycles)]
+
+
+# --- the write machinery ---------------------------------------------------------------------
+
+class _Unreachable(Exception):
+    """Raised from the retry callback: no HTTP answer, so the spool takes the batch now."""
+
+
+def _status(exc: BaseException) -> int | None:
+    status = getattr(exc, "status", None)
+    if status is None and getattr(exc, "response", None) is not None:
+        status = getattr(exc.response, "status", None)
+    return status if isinstance(status, int) else None
+
+
+def _bad_data(exc: BaseException) -> bool:
+    """The server answered that the points themselves are wrong: sending again won't help."""
+    return _status(exc) in (400, 422)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """No HTTP answer at all (refused, reset, timed out): the server is down or away."""
+    from urllib3 import exceptions as ue
+
+    if isinstance(exc, ue.MaxRetryError) and exc.reason is not None:
+        exc = exc.reason
+    if _status(exc) is not None:
+        return False
+    return isinstance(exc, (_Unreachable, ue.NewConnectionError, ue.ConnectTimeoutError, ue.ReadTimeoutError,
+                            ue.ProtocolError, ue.ProxyError, ConnectionError, TimeoutError, OSError))
+
+
+class _Writer:
+    """Live batches through the WriteApi while the server answers; the spool while it does
+    not; a drainer thread that empties the spool (with backoff) once it answers again."""
+
+    def __init__(self, client: Any, settings: InfluxSettings, ic: Any) -> None:
+        from influxdb_client.client.write_api import SYNCHRONOUS
+        from reactivex.scheduler import ThreadPoolScheduler
+
+        self.settings = settings
+        folder = settings.resolved_spool_dir()
+        try:
+            self.spool = Spool(folder, max_bytes=int(settings.spool_max_mb * 2**20))
+        except SpoolError as exc:
+            raise StoreError(str(exc)) from None
+        self._precision = ic.WritePrecision.NS
+        self._count_lock = threading.Lock()
+        self._counts = dict.fromkeys(("submitted_live", "written", "spooled", "dropped", "rejected", "lost",
+                                      "live_done"), 0)
+        self._offline = False
+        self._closing = False
+        self._backoff = settings.retry_interval_ms / 1000
+        self._next_try = 0.0
+        options = ic.WriteOptions(
+            batch_size=settings.batch_items, flush_interval=settings.flush_interval_ms,
+            retry_interval=settings.retry_interval_ms, max_retries=settings.max_retries,
+            max_retry_delay=settings.max_retry_delay_ms, max_retry_time=settings.max_retry_time_ms,
+            exponential_base=2, max_close_wait=settings.max_retry_time_ms + 5_000,
+            write_scheduler=ThreadPoolScheduler(1))  # our own: the default is shared by every WriteApi
+        self._api = client.write_api(write_options=options, success_callback=self._on_success,
+                                     error_callback=self._on_error, retry_callback=self._on_retry)
+        self._sync = client.write_api(write_options=SYNCHRONOUS)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, name="turbofed-influx-drain", daemon=True)
+        self._thread.start()
+
+    # --- entry ---
+    def submit(self, lane: str, lines: list[str]) -> None:
+        """Hand points over without waiting on the network (the recorder's thread)."""
+        if self._offline or self._closing:
+            self._spool(lane, ("\n".join(lines) + "\n").encode(), len(lines))
+            return
+        with self._count_lock:
+            self._counts["submitted_live"] += len(lines)
+        bucket, org = self.settings.bucket, self.settings.org
+        for i in range(0, len(lines), LINES_PER_ITEM):
+            self._api.write(bucket, org, record="\n".join(lines[i:i + LINES_PER_ITEM]).encode(),
+                            write_precision=self._precision)
+
+    def _add(self, **deltas: int) -> None:
+        with self._count_lock:
+            for k, v in deltas.items():
+                self._counts[k] += v
+
+    def _spool(self, lane: str, data: bytes, points: int) -> None:
+        try:
+            dropped = self.spool.append(lane, data, points)
+        except (SpoolError, OSError) as exc:
+            log.error("cannot spool %d points (%s): they are lost", points, exc)
+            self._add(lost=points)
+            return
+        self._add(spooled=points)
+        if dropped:
+            self._add(dropped=dropped)
+            now = time.time()
+            line = _event_line("telemetry_dropped", {"points": dropped, "total": self._counts["dropped"]}, now, _ns(now))
+            if line is not None:
+                try:
+                    self.spool.append(PROTECTED, (line + "\n").encode(), 1)
+                except (SpoolError, OSError):
+                    pass
+
+    def _spool_batch(self, data: bytes) -> None:
+        """A failed WriteApi batch: back to the spool, split into lanes."""
+        telemetry, protected = [], []
+        for line in data.split(b"\n"):
+            if line:
+                (telemetry if line.startswith(_TELEMETRY_PREFIXES) else protected).append(line)
+        for lane, lines in ((PROTECTED, protected), (TELEMETRY, telemetry)):
+            if lines:
+                self._spool(lane, b"\n".join(lines) + b"\n", len(lines))
+
+    # --- WriteApi callbacks (its threads) ---
+    def _on_success(self, conf: tuple[str, str, str], data: bytes) -> None:
+        n = data.count(b"\n") + 1
+        self._add(written=n, live_done=n)
+        self._set_online()
+
+    def _on_retry(self, conf: tuple[str, str, str], data: bytes, exc: BaseException) -> None:
+        # HTTP 429/503 and other answers: WriteOptions' backoff retries the batch in memory.
+        # No answer at all: the server is away; the spool takes the batch right now rather
+        # than let batches queue in memory behind this one's retries.
+        if _unreachable(exc):
+            self._set_offline(exc)
+            raise _Unreachable(str(exc))
+
+    def _on_error(self, conf: tuple[str, str, str], data: bytes, exc: BaseException) -> None:
+        n = data.count(b"\n") + 1
+        if _bad_data(exc):
+            log.error("InfluxDB refused %d points as invalid: %s", n, exc)
+            self._add(rejected=n, live_done=n)
+            return
+        self._set_offline(exc)
+        self._spool_batch(data)
+        self._add(live_done=n)
+
+    # --- online / offline ---
+    def _set_offline(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if not self._offline:
+            self._offline = True
+            log.warning("InfluxDB at %s not answering (%s): spooling to %s", self.settings.url, exc, self.spool.folder)
+        else:
+            self._backoff = min(self._backoff * 2, self.settings.max_retry_delay_ms / 1000)
+        self._next_try = now + self._backoff * (0.5 + random.random() / 2)
+
+    def _set_online(self) -> None:
+        if self._offline:
+            self._offline = False
+            self._backoff = self.settings.retry_interval_ms / 1000
+            log.info("InfluxDB at %s answering again; %d spooled points to send", self.settings.url,
+                     self.spool.pending_points())
+
+    # --- drainer (its own thread) ---
+    def _drain(self) -> None:
+        while not self._stop.is_set():
+            delay = self._next_try - time.monotonic() if self._offline else 0.0
+            if delay > 0:
+                self._stop.wait(min(delay, 0.5))
+                continue
+            chunk = self.spool.peek(1 << 20)
+            if chunk is None:
+                self.spool.wait(0.5)
+                continue
+            try:
+                self._sync.write(self.settings.bucket, self.settings.org, record=chunk.data,
+                                 write_precision=self._precision)
+            except Exception as exc:  # noqa: BLE001 - classify, never die: this thread is the spool's only way out
+                if _bad_data(exc):
+                    log.error("InfluxDB refused %d spooled points as invalid: %s", chunk.points, exc)
+                    self.spool.commit(chunk)
+                    self._add(rejected=chunk.points)
+                else:
+                    self._set_offline(exc)
+                continue
+            self.spool.commit(chunk)
+            self._add(written=chunk.points)
+            self._set_online()
+
+    # --- state ---
+    def stats(self) -> dict[str, Any]:
+        with self._count_lock:
+            c = dict(self._counts)
+        return {"written": c["written"], "spooled": c["spooled"], "pending": self.spool.pending_points(),
+                "dropped": c["dropped"], "rejected": c["rejected"], "lost": c["lost"],
+                "in_flight": c["submitted_live"] - c["live_done"], "offline": self._offline}
+
+    def flush(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self.stats()
+            if s["in_flight"] <= 0 and s["pending"] == 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        """Flush the WriteApi (what fails goes to the spool), give the drainer a moment to
+        empty the spool if the server answers, and leave the rest on disk for next time."""
+        self._closing = True
+        self._api.close()
+        deadline = time.monotonic() + self.settings.close_drain_s
+        while not self._offline and self.spool.pending_points() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stop.set()
+        self._thread.join(timeout=self.settings.timeout_ms / 1000 + 5)
+        self._sync.close()
+        pending = self.spool.pending_points()
+        if pending:
+            log.warning("InfluxDB store closed with %d points in the spool %s: they are sent on next start",
+                        pending, self.spool.folder)
+        self.spool.close()

@@ -1,0 +1,45 @@
+"""`turbofed demo` end to end, as separate processes, on both brokers: its federated model
+learns as well as the in-process benchmark with the same seed and settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.accuracy import run_accuracy
+from turbofed.broker import find_mosquitto
+from turbofed.config import ModelSettings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bench(cmapss_dir: Path) -> dict:
+    return run_accuracy("FD001", str(cmapss_dir), 4, ModelSettings(seed=0))
+
+
+@pytest.mark.parametrize("kind", ["mosquitto", "amqtt"])
+def test_demo_matches_in_process_benchmark(kind: str, bench: dict, cmapss_dir: Path, tmp_path: Path) -> None:
+    if kind == "mosquitto" and find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed")
+    out = tmp_path / "demo.json"
+    cmd = [sys.executable, "-m", "turbofed.cli", "demo", "--data-dir", str(cmapss_dir), "--workdir", str(tmp_path / "demo"), "--seed", "0", "--json", str(out)]
+    if kind == "amqtt":
+        cmd.append("--embedded-broker")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["broker"] == kind
+    assert set(result) >= {"seconds", "store", "broker", "data", "sites"}
+    assert [s["site"] for s in result["sites"]] == ["site1", "site2", "site3", "site4"]
+    assert sum(s["engines"] for s in result["sites"]) == 100
+    for row in result["sites"]:
+        assert set(row["local"]) == set(row["federated"]) == {"rmse", "score"}
+    demo_rmse, bench_rmse = result["fleet"]["federated"]["rmse"], bench["federated"]["FD001"]["rmse"]
+    assert abs(demo_rmse - bench_rmse) <= 0.05 * bench_rmse, (demo_rmse, bench_rmse)
+    assert "local RMSE" in done.stdout and f"turbofed dashboard --store {result['store']}" in done.stdout
+    assert Path(result["store"]).is_file()
