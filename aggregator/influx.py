@@ -34,7 +34,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ TELEMETRY_MEASUREMENTS = ("sensors", "predictions")  # the only ones the spool m
 _TELEMETRY_PREFIXES = tuple(f"{m},".encode() for m in TELEMETRY_MEASUREMENTS)
 _ROW_FIELDS = SETTING_FIELDS + SENSOR_FIELDS
 _ROW_FORMAT = "".join(f",{name}=%r" for name in _ROW_FIELDS)
-LINES_PER_ITEM = 1_000  # one WriteApi item carries at most this many lines (see batch_items)
+LINES_PER_ITEM = 200  # one WriteApi item carries at most this many lines (see batch_items)
 
 
 # --- settings --------------------------------------------------------------------------
@@ -68,7 +68,7 @@ class InfluxSettings:
     token: str = ""
     spool_dir: str | None = None  # default: ~/.local/state/turbofed/influx-spool/<host>-<port>-<org>-<bucket>
     spool_max_mb: float = 512.0  # bound of the on-disk spool; telemetry beyond it is dropped (counted)
-    batch_items: int = 20  # WriteApi batch_size: items per request, an item is <= LINES_PER_ITEM lines
+    batch_items: int = 50  # WriteApi batch_size: items per request; an item is <= LINES_PER_ITEM lines
     flush_interval_ms: int = 1_000  # a partial batch waits at most this long
     retry_interval_ms: int = 500  # first retry delay (doubles up to max_retry_delay_ms)
     max_retries: int = 5
@@ -738,14 +738,20 @@ class _Writer:
             return
         self._add(spooled=points)
         if dropped:
-            self._add(dropped=dropped)
-            now = time.time()
-            line = _event_line("telemetry_dropped", {"points": dropped, "total": self._counts["dropped"]}, now, _ns(now))
-            if line is not None:
-                try:
-                    self.spool.append(PROTECTED, (line + "\n").encode(), 1)
-                except (SpoolError, OSError):
-                    pass
+            self._dropped(dropped)
+
+    def _dropped(self, points: int) -> None:
+        """Count telemetry the full spool gave up, and say so in the store itself (an event)."""
+        self._add(dropped=points)
+        with self._count_lock:
+            total = self._counts["dropped"]
+        now = time.time()
+        line = _event_line("telemetry_dropped", {"points": points, "total": total}, now, _ns(now))
+        try:
+            more = self.spool.append(PROTECTED, (line + "\n").encode(), 1) if line else 0
+        except (SpoolError, OSError):
+            return
+        self._add(spooled=1, dropped=more)  # (no event for `more`: the next one's total has it)
 
     def _spool_batch(self, data: bytes) -> None:
         """A failed WriteApi batch: back to the spool, split into lanes."""

@@ -93,7 +93,7 @@ class Aggregator:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code is not None and reason_code.is_failure:
             return
-        for kind in ("update", "stats", "status", "metrics", "predictions"):
+        for kind in ("update", "stats", "status", "metrics", "predictions", "telemetry"):
             client.subscribe(self.topics.all_sites(kind), qos=1)
 
     # --- main loop -------------------------------------------------------------------
@@ -281,6 +281,16 @@ class Aggregator:
             self.store.record_predictions(site, rows, now)
         for engine, cycle, rul in p.get("truth", []):
             self.store.record_truth(site, str(engine), int(cycle), float(rul), now)
+
+
+    def _on_telemetry(self, site: str, payload: bytes) -> None:
+        """Raw sensor rows, from a site whose config shares them."""
+        t = envelope.decode_json(payload, f"telemetry from {site}")
+        if t.get("site") != site:
+            raise Rejected("wrong_sender", f"telemetry names site {t.get('site')!r} on {site!r}'s topic")
+        rows = [(str(e), int(c), [float(v) for v in st], [float(v) for v in se]) for e, c, st, se in t.get("rows", [])]
+        if rows:
+            self.store.record_sensors(site, rows, time.time())
 
 
 def _num(value: Any) -> float | None:

@@ -35,7 +35,11 @@ from turbofed.metrics import rul_metrics
 from turbofed.spec import FeatureSpec, FleetStats
 
 HOLDOUT_FRACTION = 0.2
-MIN_OBSERVED_CYCLES = 31  # NASA's shortest FD001 test history is 31 cycles
+# NASA cut its test engines some time before failure: on FD001 the shortest observed
+# history is 31 cycles and the true RUL runs from 7 to 145. Held-out engines are cut the
+# same way: a true RUL drawn uniformly from [5, 150], at least 31 cycles observed.
+MIN_OBSERVED_CYCLES = 31
+MIN_TRUE_RUL, MAX_TRUE_RUL = 5, 150
 
 
 @dataclass
@@ -60,7 +64,7 @@ class Site:
 
 
 def holdout(subset: Subset, seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[list[EngineRun], EvalSet]:
-    """Hold out a seeded fraction of training engines, each cut at a random cycle like NASA's test set."""
+    """Hold out a seeded fraction of training engines, each cut before failure like NASA's test set."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(subset.train))
     n_out = max(1, int(round(fraction * len(subset.train))))
@@ -68,8 +72,9 @@ def holdout(subset: Subset, seed: int, fraction: float = HOLDOUT_FRACTION) -> tu
     cut = []
     for i in sorted(held):
         run = subset.train[i]
-        lo = min(MIN_OBSERVED_CYCLES, len(run) - 1)
-        cut.append(run.cut(int(rng.integers(lo, len(run)))))
+        longest = max(MIN_TRUE_RUL, min(MAX_TRUE_RUL, len(run) - MIN_OBSERVED_CYCLES))
+        rul = int(rng.integers(MIN_TRUE_RUL, longest + 1))
+        cut.append(run.cut(max(1, len(run) - rul)))
     return [subset.train[i] for i in sorted(kept)], EvalSet(subset.name, cut, "holdout-from-train")
 
 

@@ -312,16 +312,22 @@ def latency(runs: list[Any], spec: Any, model: Any, onnx_model: bytes) -> dict[s
     order = sorted(((t, k) for k, r in enumerate(runs) for t in range(len(r))), key=lambda tk: (tk[0], tk[1]))[: MAX_TIMED + WARMUP]
     rows = [(k, int(runs[k].cycles[t]), np.asarray(runs[k].sensors[t], dtype=float)) for t, k in order]
 
-    def timed(step) -> list[int]:
-        out = []
+    cpu_ns: dict[str, list[int]] = {}
+
+    def timed(step, name: str = "") -> list[int]:
+        """Wall time per call; CPU time of this thread too (immune to other work on the box)."""
+        wall, cpu = [], []
         for k, cycle, sensors in rows:
-            t0 = time.perf_counter_ns()
+            c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
             step(k, cycle, sensors)
-            out.append(time.perf_counter_ns() - t0)
-        return out[WARMUP:]
+            wall.append(time.perf_counter_ns() - t0)
+            cpu.append(time.thread_time_ns() - c0)
+        if name:
+            cpu_ns[name] = cpu[WARMUP:]
+        return wall[WARMUP:]
 
     tracks = {k: EngineTrack() for k in range(len(runs))}
-    ort_ns = timed(lambda k, c, s: EdgeAgent._predict(predictor, spec, tracks[k], c, s))
+    ort_ns = timed(lambda k, c, s: EdgeAgent._predict(predictor, spec, tracks[k], c, s), "onnxruntime")
     windows = {k: EngineWindow(spec) for k in range(len(runs))}
 
     def sk(k: int, c: int, s: np.ndarray) -> None:
@@ -329,7 +335,7 @@ def latency(runs: list[Any], spec: Any, model: Any, onnx_model: bytes) -> dict[s
         w.push(c, s)
         model.predict(w.features())
 
-    sk_ns = timed(sk)
+    sk_ns = timed(sk, "sklearn")
     windows = {k: EngineWindow(spec) for k in range(len(runs))}
 
     def window_only(k: int, c: int, s: np.ndarray) -> None:
@@ -346,6 +352,7 @@ def latency(runs: list[Any], spec: Any, model: Any, onnx_model: bytes) -> dict[s
     sk_run = timed(lambda k, c, s: model.predict(x))
     return {
         "predict_us": {"onnxruntime": percentiles(ort_ns), "sklearn": percentiles(sk_ns)},
+        "predict_cpu_us": {name: percentiles(v) for name, v in cpu_ns.items()},
         "parts_us": {
             "window_update_and_features": percentiles(win_ns),
             "window_push_only": percentiles(push_ns),
@@ -404,6 +411,7 @@ def run_bench(n_engines: int = 100, seed: int = 0, progress=None) -> dict[str, A
             "heavy_packages_loaded": {p: children[p]["heavy_packages"] for p in ("training", "inference")},
             "rejected": {p: children[p]["rejected"] for p in ("training", "inference")},
             "predict_us": lat["predict_us"],
+            "predict_cpu_us": lat["predict_cpu_us"],
             "parts_us": lat["parts_us"],
         },
         "machine": machine(),
@@ -415,7 +423,7 @@ def run_bench(n_engines: int = 100, seed: int = 0, progress=None) -> dict[str, A
             "rss": "peak resident set (VmHWM) of a fresh process per profile after replay pass 1 (and, training, one round); stages in detail.rss_mb",
             "environment": environment(),
             "cpu_s_per_cycle": "process CPU seconds per sensor reading in replay pass 2 (models loaded); pass 1 and the round in detail.passes",
-            "latency": f"{MAX_TIMED} predictions after {WARMUP} warm-up, replay order; onnxruntime = EdgeAgent._predict, sklearn = same window update + RulModel.predict",
+            "latency": f"{MAX_TIMED} predictions after {WARMUP} warm-up, replay order; onnxruntime = EdgeAgent._predict, sklearn = same window update + RulModel.predict; wall time (thread CPU time in detail.predict_cpu_us)",
             "global_model_epochs": TRAIN_EPOCHS,
             "model": meta["settings"],
             "onnxruntime_threads": 1,

@@ -208,7 +208,7 @@ def run_phase(store: Any, kind: str, batches: list[tuple[str, list[tuple[Any, ..
 
 def run_benchmark(points: int, seed: int, url: str | None, sites: int, engines: int, cycles_per_report: int,
                   verify: bool, settings: dict[str, Any]) -> dict[str, Any]:
-    from aggregator.influx import InfluxSettings, InfluxStore
+    from aggregator.influx import LINES_PER_ITEM, InfluxSettings, InfluxStore
 
     load_at_start = [round(x, 2) for x in os.getloadavg()]  # other work on the machine skews the figures
     rng = np.random.default_rng(seed)
@@ -239,7 +239,8 @@ def run_benchmark(points: int, seed: int, url: str | None, sites: int, engines: 
         "server": url or "victoria-metrics (InfluxDB v2 write API) on 127.0.0.1",
         "seed": seed,
         "settings": {"points_per_phase": points, "sites": sites, "engines_per_site": engines,
-                     "cycles_per_report": cycles_per_report, **dataclass_settings(config)},
+                     "cycles_per_report": cycles_per_report, "lines_per_item": LINES_PER_ITEM,
+                     **dataclass_settings(config)},
         "results": results,
         # Per kind of point: a prediction point has 2 fields, a sensor-row point 25.
         "points_per_s": {kind: results[kind]["points_per_s"] for kind in work},
@@ -266,13 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", type=int, default=100, help="engines per site")
     parser.add_argument("--cycles-per-report", type=int, default=5)
     parser.add_argument("--url", help="an existing server (default: start victoria-metrics on loopback)")
-    parser.add_argument("--batch-items", type=int, default=20)
-    parser.add_argument("--flush-interval-ms", type=int, default=1_000)
+    parser.add_argument("--batch-items", type=int, help="WriteApi batch size (default: InfluxSettings')")
+    parser.add_argument("--flush-interval-ms", type=int, help="default: InfluxSettings'")
     parser.add_argument("--no-verify", action="store_true", help="skip reading the points back")
     args = parser.parse_args(argv)
     result = run_benchmark(args.points, args.seed, args.url, args.sites, args.engines, args.cycles_per_report,
-                           not args.no_verify, {"batch_items": args.batch_items,
-                                                "flush_interval_ms": args.flush_interval_ms})
+                           not args.no_verify, {k: v for k, v in (("batch_items", args.batch_items),
+                                                                  ("flush_interval_ms", args.flush_interval_ms))
+                                                if v is not None})
     text = json.dumps(result, indent=2)
     print(text)
     if args.json_out:

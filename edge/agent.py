@@ -94,6 +94,7 @@ class EdgeAgent:
         self.scored: dict[str, list[float | None]] = {}  # engine -> [truth, local, federated]
         self.pending_rows: list[list[Any]] = []
         self.pending_truth: list[list[Any]] = []
+        self.pending_sensors: list[list[Any]] = []
         self.metrics_dirty = False
         self.dirty = False
         self._last_save = 0.0
@@ -208,6 +209,8 @@ class EdgeAgent:
         track.last = (reading.cycle, local, fed)
         if local is not None or fed is not None:
             self.pending_rows.append([engine, reading.cycle, local, fed])
+        if self.config.share_sensors:  # raw rows leave the site only when its config says so
+            self.pending_sensors.append([engine, reading.cycle, list(reading.settings), list(reading.sensors)])
 
     @staticmethod
     def _predict(predictor: OnnxPredictor | None, spec: FeatureSpec | None, track: EngineTrack, cycle: int, sensors: np.ndarray) -> float | None:
@@ -351,6 +354,9 @@ class EdgeAgent:
             truth, self.pending_truth = self.pending_truth, []
             body = {"site": self.site, "rows": rows, "truth": truth}
             self.client.publish(self.topics.predictions(self.site), envelope.encode_json(body), qos=1)
+        while self.pending_sensors:
+            rows, self.pending_sensors = self.pending_sensors[:1000], self.pending_sensors[1000:]
+            self.client.publish(self.topics.site(self.site, "telemetry"), envelope.encode_json({"site": self.site, "rows": rows}), qos=1)
         if self.metrics_dirty:
             self.client.publish(self.topics.metrics(self.site), envelope.encode_json(self.metrics()), qos=1)
             self.metrics_dirty = False

@@ -67,10 +67,19 @@ class RulModel:
 
     def train(self, features: np.ndarray, rul: np.ndarray, epochs: int, rng: np.random.Generator | None = None) -> None:
         """`epochs` passes of partial_fit over (features, RUL capped at the settings' cap)."""
+        from threadpoolctl import threadpool_limits
+
         x = self.normalise(features)
         y = np.minimum(np.asarray(rul, dtype=np.float32), np.float32(self.settings.rul_cap))
         self.initialise()
         rng = rng or np.random.default_rng(self.settings.seed)
+        # Mini-batches of 64 are far too small to share between BLAS threads: one thread is
+        # 1.3-12x faster here (12x on a busy 2-core machine), and leaves the other core free.
+        with threadpool_limits(limits=1, user_api="blas"):
+            self._epochs(x, y, epochs, rng)
+        self.samples_seen += len(x) * epochs
+
+    def _epochs(self, x: np.ndarray, y: np.ndarray, epochs: int, rng: np.random.Generator) -> None:
         for _ in range(epochs):
             if self.settings.kind == "mlp":
                 self.estimator.partial_fit(x, y)  # one shuffled pass in mini-batches of batch_size
@@ -83,7 +92,6 @@ class RulModel:
             # Hold the float32 that ONNX carries, so the exported model is exactly this one.
             self.estimator.coef_ = self.estimator.coef_.astype(np.float32)
             self.estimator.intercept_ = self.estimator.intercept_.astype(np.float32)
-        self.samples_seen += len(x) * epochs
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """scikit-learn's own prediction (the ONNX export runs the same arithmetic)."""

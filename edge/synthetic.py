@@ -72,7 +72,7 @@ _SPLIT = (0.2, 0.8)  # share of the loss taken by efficiency (rest: flow)
 _INITIAL_WEAR_FAULTY = 0.35
 _INITIAL_WEAR_OTHER = 0.02
 _WEAR_LIFE_EFFECT = 0.5  # share of the initial wear that shortens life (see _solve_life)
-_PROCESS = (0.95, 0.002)  # AR(1) process noise on health parameters: phi, innovation std
+_PROCESS = (0.95, 0.001)  # AR(1) process noise on health parameters: phi, innovation std
 
 # Early-life sensor means of FD001 (first 30 cycles); the nominal "new engine" levels are
 # these minus the average initial-wear effect (see _BASE below).

@@ -196,7 +196,7 @@ def test_templates_ship_as_package_data() -> None:
 # --------------------------------------------------------------------------- slow: real bundles
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def index() -> None:
     ok, why = flash.index_reachable()
     if not ok:
@@ -226,9 +226,12 @@ def _install(bundle: Path, prefix: Path, *extra: str) -> subprocess.CompletedPro
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def installed(index: None, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A native training bundle, installed offline into a fresh venv (install.sh --no-systemd)."""
+    """A native training bundle, installed offline into a fresh venv (install.sh --no-systemd).
+
+    Session scope: pytest interleaves modules by broker kind, and a module fixture would be
+    built twice."""
     tmp = tmp_path_factory.mktemp("flash-native")
     started = time.perf_counter()
     bundle, manifest = _build(tmp, None, "training")

@@ -184,6 +184,39 @@ def test_recorder_never_blocks_while_server_unreachable(tmp_path: Path) -> None:
     reopened.close()
 
 
+def test_full_spool_drops_telemetry_keeps_rounds_and_drains_when_server_returns(tmp_path: Path) -> None:
+    """The server is away and the spool small: the oldest predictions go (counted, and an
+    event says so), every round stays; a later store on the same spool delivers the rest."""
+    if find_victoria_metrics() is None:
+        pytest.skip("victoria-metrics is not installed (apt-get install -y victoria-metrics)")
+    server = VictoriaMetrics(tmp_path / "vm")  # not started yet
+    settings = InfluxSettings(url=server.url, org="o", bucket="b", spool_dir=str(tmp_path / "spool"),
+                              spool_max_mb=0.25, retry_interval_ms=100, max_retry_delay_ms=500)
+    store = InfluxStore(settings)
+    at = time.time() - 100
+    for i in range(100):
+        store.record_predictions("site-1", [(f"engine-{e}", i, 100.0, 90.0) for e in range(50)], at + i / 2)
+        store.record_round(i + 1, i + 1, at + i / 2 - 0.25, at + i / 2, [{"site": "site-1", "samples": 10,
+                                                                          "update_bytes": 1}], 1.0, "fedavg", "quorum")
+    store.close()
+    stats = store.write_stats()
+    assert stats["offline"] and stats["dropped"] > 0 and stats["lost"] == 0 and stats["written"] == 0
+    drop_events = stats["spooled"] - 100 * 100 - 100 * 2  # spooled: every point recorded, plus those events
+    assert drop_events >= 1
+    server.start(timeout=20)
+    try:
+        with InfluxStore(settings) as later:
+            later.record_event("resumed", {}, time.time())  # a writer's first write starts the drainer
+            assert later.flush(timeout=30), later.write_stats()
+        assert {int(v) for s in server.export("rounds_round") for v in s["values"]} == set(range(1, 101))
+        assert sum(len(s["values"]) for s in server.export("round_participants_samples")) == 100
+        assert sum(len(s["values"]) for s in server.export("predictions_rul")) == 100 * 100 - stats["dropped"]
+        dropped = server.export('events_at{kind="telemetry_dropped"}')
+        assert sum(len(s["values"]) for s in dropped) == drop_events
+    finally:
+        server.stop()
+
+
 # --- line protocol, settings, routing ----------------------------------------------------
 
 def test_line_protocol() -> None:

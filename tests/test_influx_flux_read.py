@@ -183,10 +183,6 @@ class FakeInflux:
         with self.lock:
             return annotated_csv(getattr(self, f"q_{name}")(flux))
 
-    @staticmethod
-    def _group(m: str, tags: dict[str, str]) -> list[str]:
-        return ["_measurement", *tags]
-
     def _tables(self, result: str, tables: list[list[dict[str, Any]]], extra_group: tuple[str, ...] = ()) -> list[Table]:
         out = []
         for rows in tables:

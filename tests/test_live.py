@@ -106,3 +106,20 @@ def test_aggregator_restart_resumes_from_checkpoint(broker, cmapss_dir: Path, tm
     rounds = [r["round"] for r in open_store(fleet.fleet.store).rounds()]
     assert rounds == [0, 1, 2, 3, 4]
     assert [v["version"] for v in ModelRegistry(fleet.fleet.registry).versions()] == [0, 1, 2, 3, 4]
+
+
+def test_raw_sensor_rows_leave_a_site_only_when_shared(broker, cmapss_dir: Path, tmp_path: Path) -> None:
+    import sqlite3
+
+    fleet = LiveFleet(broker, tmp_path, ["site1", "site2"])
+    try:
+        fleet.start_aggregator()  # records whatever sites send while it waits for statistics
+        fleet.start_agent("site1", share_sensors=True)
+        fleet.start_agent("site2")
+        train = fleet.replay("train", 4, cmapss_dir)
+        per_site = lambda: dict(sqlite3.connect(fleet.fleet.store).execute("SELECT site, COUNT(*) FROM sensors GROUP BY site").fetchall())  # noqa: E731
+        wait_for("site1's rows in the store", lambda: fleet.agents["site1"].buffer.rows > 0 and per_site().get("site1") == fleet.agents["site1"].buffer.rows, 60)
+    finally:
+        fleet.close()
+    assert per_site() == {"site1": fleet.agents["site1"].buffer.rows}  # nothing from site2
+    assert fleet.agents["site1"].buffer.rows + fleet.agents["site2"].buffer.rows == train["rows"]

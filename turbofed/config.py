@@ -190,4 +190,6 @@ def load_fleet_config(path: str | Path) -> FleetConfig:
     config = _build(FleetConfig, {**raw, "broker": broker, "model": model}, str(path))
     if not 1 <= config.effective_quorum <= len(config.sites):
         raise ConfigError(f"{path}: quorum must be between 1 and the number of sites ({len(config.sites)})")
-    return replace(config, store=_relative(path.parent, config.store), registry=_relative(path.parent, config.registry))
+    is_url = config.store == "influxdb" or "://" in config.store
+    store = config.store if is_url else _relative(path.parent, config.store)
+    return replace(config, store=store, registry=_relative(path.parent, config.registry))

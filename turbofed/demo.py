@@ -104,17 +104,21 @@ class Processes:
                 raise DemoError(f"{name} exited with code {proc.returncode}; see {self.logs / (name + '.log')}")
 
     def stop(self, timeout: float = 15.0) -> None:
-        for proc in self.children.values():
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + timeout
-        for name, proc in self.children.items():
-            try:
-                proc.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop within %.0f s; killing it", name, timeout)
-                proc.kill()
-                proc.wait()
+        """Agents first, so the aggregator still records their goodbye (offline) status."""
+        agents = {n: p for n, p in self.children.items() if n != "aggregator"}
+        rest = {n: p for n, p in self.children.items() if n == "aggregator"}
+        for group in (agents, rest):
+            for proc in group.values():
+                if proc.poll() is None:
+                    proc.terminate()
+            deadline = time.monotonic() + timeout
+            for name, proc in group.items():
+                try:
+                    proc.wait(max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop within %.0f s; killing it", name, timeout)
+                    proc.kill()
+                    proc.wait()
 
 
 def find_data(dataset: str, data_dir: str | None) -> tuple[str, str | None, str]:

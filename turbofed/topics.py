@@ -8,7 +8,7 @@ Layout (root defaults to ``tfl/v1``, plant root to ``plant``)::
     <root>/round                      aggregator, retained: round announcement
     <root>/global                     aggregator, retained: global model (envelope)
     <root>/stats/request              aggregator, retained: federated statistics request
-    <root>/sites/<site>/<kind>        site: update | metrics | predictions | status | stats
+    <root>/sites/<site>/<kind>        site: update | metrics | predictions | status | stats | telemetry
     <plant>/<site>/<engine>/<kind>    sensor gateway or replay: sensors | events
 """
 
@@ -23,7 +23,7 @@ DEFAULT_ROOT: Final = "tfl/v1"
 DEFAULT_PLANT_ROOT: Final = "plant"
 MAX_ID_LEN: Final = 128
 
-SiteKind = Literal["update", "metrics", "predictions", "status", "stats"]
+SiteKind = Literal["update", "metrics", "predictions", "status", "stats", "telemetry"]
 PlantKind = Literal["sensors", "events"]
 SITE_KINDS: Final[tuple[str, ...]] = get_args(SiteKind)
 PLANT_KINDS: Final[tuple[str, ...]] = get_args(PlantKind)

@@ -1,0 +1,72 @@
+"""Site and fleet TOML files: defaults, relative paths, and errors that name file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from turbofed.config import load_fleet_config, load_site_config
+from turbofed.errors import ConfigError
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_site_config_with_defaults_and_relative_state(tmp_path: Path) -> None:
+    cfg = load_site_config(write(tmp_path, "s.toml", 'site = "hangar-7"\nstate_dir = "state"\n[broker]\nport = 1884\n'))
+    assert cfg.site == "hangar-7" and cfg.engines is None and cfg.broker.port == 1884
+    assert cfg.state_dir == str(tmp_path / "state") and not cfg.share_sensors
+
+
+def test_site_engine_list(tmp_path: Path) -> None:
+    cfg = load_site_config(write(tmp_path, "s.toml", 'site = "a"\nstate_dir = "/var/lib/x"\nengines = ["e1", "e2"]\n'))
+    assert cfg.engines == ("e1", "e2") and cfg.state_dir == "/var/lib/x"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('site = "a"\n', r"s.toml: missing key\(s\) state_dir"),
+        ('site = "a"\nstate_dir = "x"\nbufer_rows = 3\n', r"s.toml: unknown key\(s\) bufer_rows"),
+        ('site = "a/b"\nstate_dir = "x"\n', r"s.toml: site: invalid site id 'a/b'"),
+        ('site = "a"\nstate_dir = "x"\n[broker]\nport = "1883"\n', r"s.toml \[broker\]: port must be a number"),
+        ('site = "a"\nstate_dir = "x"\nengines = 3\n', r"s.toml: engines must be"),
+        ('site = "a"\nstate_dir = \n', r"s.toml: not valid TOML"),
+    ],
+)
+def test_site_config_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_site_config(write(tmp_path, "s.toml", text))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.toml: config file not found"):
+        load_site_config(tmp_path / "nope.toml")
+
+
+def test_fleet_config(tmp_path: Path) -> None:
+    text = 'sites = ["a", "b", "c"]\nstore = "r.sqlite"\nregistry = "reg"\nquorum = 2\n[model]\nrounds = 3\nhidden = [8]\n'
+    cfg = load_fleet_config(write(tmp_path, "f.toml", text))
+    assert cfg.sites == ("a", "b", "c") and cfg.effective_quorum == 2
+    assert cfg.model.rounds == 3 and cfg.model.hidden == (8,) and cfg.store == str(tmp_path / "r.sqlite")
+    influx = load_fleet_config(write(tmp_path, "g.toml", text.replace('"r.sqlite"', '"influxdb"')))
+    assert influx.store == "influxdb"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("quorum = 4\n", "quorum must be between 1 and the number of sites"),
+        ("[model]\nkind = 'lstm'\n", r"model kind must be 'mlp' or 'sgd'"),
+        ("[model]\nrounds = 0\n", "rounds must be positive"),
+        ("[model]\nepochs = 3\n", r"f.toml \[model\]: unknown setting\(s\) epochs"),
+    ],
+)
+def test_fleet_config_errors(tmp_path: Path, extra: str, message: str) -> None:
+    text = 'sites = ["a", "b"]\nstore = "r.sqlite"\nregistry = "reg"\n' + extra
+    with pytest.raises(ConfigError, match=message):
+        load_fleet_config(write(tmp_path, "f.toml", text))
