@@ -107,7 +107,7 @@ class Aggregator:
         while not stop.is_set() and self.version < self.config.model.rounds:
             self._run_round(self.version + 1, stop)
         if not stop.is_set():
-            self._announce({"round": self.version, "done": True})
+            self._announce({"round": self.version, "done": True, "spec": self.spec.to_dict()})
             log.info("all %d rounds done; recording site reports until stopped", self.config.model.rounds)
         while not stop.is_set():
             self.pump(0.2)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 import turbofed
-from edge.buffer import TrainingBuffer
+from edge.buffer import TrainingBuffer, load_histories, save_histories
 from edge.features import EngineWindow
 from edge.inference import OnnxPredictor
 from turbofed import envelope
@@ -49,19 +49,41 @@ LOG_FIRST_N = 20  # per reason, then every 100th: a flood of bad input must not 
 class EngineTrack:
     """One engine in service: its history since install (bounded) and its feature windows."""
 
-    def __init__(self) -> None:
-        self.cycles: list[int] = []
-        self.sensors: list[np.ndarray] = []
+    def __init__(self, cycles: np.ndarray | None = None, sensors: np.ndarray | None = None) -> None:
+        self.cycles = np.zeros(64, dtype=np.int64) if cycles is None else np.array(cycles, dtype=np.int64)
+        self.sensors = np.zeros((64, 21)) if sensors is None else np.array(sensors, dtype=float)
+        self.n = 0 if cycles is None else len(cycles)
         self.windows: dict[FeatureSpec, EngineWindow] = {}
         self.last: tuple[int, float | None, float | None] | None = None  # cycle, local, federated
 
+    @property
+    def last_cycle(self) -> int | None:
+        return int(self.cycles[self.n - 1]) if self.n else None
+
+    def history(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.cycles[: self.n], self.sensors[: self.n]
+
+    def append(self, cycle: int, sensors: np.ndarray, limit: int) -> None:
+        """Add a reading; beyond `limit` cycles the oldest is dropped (RUL labels stay exact)."""
+        if self.n == limit:
+            self.cycles[:-1], self.sensors[:-1] = self.cycles[1:].copy(), self.sensors[1:].copy()
+            self.n -= 1
+        elif self.n == len(self.cycles):
+            grow = min(2 * self.n, limit) - self.n
+            self.cycles = np.concatenate([self.cycles, np.zeros(grow, dtype=np.int64)])
+            self.sensors = np.vstack([self.sensors, np.zeros((grow, 21))])
+        self.cycles[self.n], self.sensors[self.n] = cycle, sensors
+        self.n += 1
+        for window in self.windows.values():
+            window.push(cycle, sensors)
+
     def window(self, spec: FeatureSpec) -> EngineWindow:
-        """The window for `spec`, rebuilt from history the first time a spec is seen."""
+        """The window for `spec`, built from the history the first time a spec is seen."""
         w = self.windows.get(spec)
         if w is None:
             w = self.windows[spec] = EngineWindow(spec)
-            start = 0 if len(self.cycles) <= spec.window else len(self.cycles) - spec.window
-            for c, s in zip(self.cycles[start:], self.sensors[start:]):
+            start = max(0, self.n - spec.window)  # from the first reading while it still pads
+            for c, s in zip(self.cycles[start : self.n], self.sensors[start : self.n]):
                 w.push(c, s)
         return w
 
@@ -196,16 +218,12 @@ class EdgeAgent:
     def on_reading(self, engine: str, payload: bytes) -> None:
         reading = parse_reading(payload)
         track = self.engines.setdefault(engine, EngineTrack())
-        if track.cycles and reading.cycle <= track.cycles[-1]:
-            raise MessageError(f"engine {engine}: cycle {reading.cycle} does not follow {track.cycles[-1]}", "cycle_backwards")
-        sensors = np.asarray(reading.sensors, dtype=float)
-        track.cycles.append(reading.cycle)
-        track.sensors.append(sensors)
-        if len(track.cycles) > self.config.history_cycles:
-            del track.cycles[0], track.sensors[0]
+        if track.n and reading.cycle <= track.last_cycle:
+            raise MessageError(f"engine {engine}: cycle {reading.cycle} does not follow {track.last_cycle}", "cycle_backwards")
+        track.append(reading.cycle, np.asarray(reading.sensors, dtype=float), self.config.history_cycles)
         self.counters["readings"] += 1
-        local = self._predict(self.local_predictor, self.local_spec, track, reading.cycle, sensors)
-        fed = self._predict(self.fed_predictor, self.fleet_spec, track, reading.cycle, sensors)
+        local = self._predict(self.local_predictor, self.local_spec, track)
+        fed = self._predict(self.fed_predictor, self.fleet_spec, track)
         track.last = (reading.cycle, local, fed)
         if local is not None or fed is not None:
             self.pending_rows.append([engine, reading.cycle, local, fed])
@@ -213,24 +231,22 @@ class EdgeAgent:
             self.pending_sensors.append([engine, reading.cycle, list(reading.settings), list(reading.sensors)])
 
     @staticmethod
-    def _predict(predictor: OnnxPredictor | None, spec: FeatureSpec | None, track: EngineTrack, cycle: int, sensors: np.ndarray) -> float | None:
+    def _predict(predictor: OnnxPredictor | None, spec: FeatureSpec | None, track: EngineTrack) -> float | None:
         if predictor is None or spec is None:
             return None
-        window = track.window(spec)
-        if window.cycle != cycle:
-            window.push(cycle, sensors)
-        return round(float(predictor.predict(window.features())[0]), 3)
+        return round(float(predictor.predict(track.window(spec).features())[0]), 3)
 
     def on_event(self, engine: str, payload: bytes) -> None:
         event = parse_event(payload)
         track = self.engines.get(engine)
-        if track is None or not track.cycles:
+        if track is None or not track.n:
             raise MessageError(f"engine {engine}: {event.event} event for an engine with no readings", "unknown_engine")
-        if event.cycle != track.cycles[-1]:
-            raise MessageError(f"engine {engine}: {event.event} at cycle {event.cycle}, last reading was {track.cycles[-1]}", "bad_event")
+        if event.cycle != track.last_cycle:
+            raise MessageError(f"engine {engine}: {event.event} at cycle {event.cycle}, last reading was {track.last_cycle}", "bad_event")
         if event.event == "failure":
-            cycles = np.array(track.cycles)
-            self.buffer.add(engine, cycles, np.vstack(track.sensors), (event.cycle - cycles).astype(float))
+            if self.training:  # labelled history is training data; an inference-only site keeps none
+                cycles, sensors = track.history()
+                self.buffer.add(engine, cycles.copy(), sensors.copy(), (event.cycle - cycles).astype(float))
             self.pending_truth.append([engine, event.cycle, 0.0])
             self.counters["failures"] += 1
         else:
@@ -269,13 +285,11 @@ class EdgeAgent:
             self.on_round(announcement)
 
     def on_round(self, ann: dict[str, Any]) -> None:
+        if "spec" in ann:  # also on the final 'done' announcement, for sites that join later
+            self.fleet_spec = FeatureSpec.from_dict(ann["spec"])
         if ann.get("done") or ann["announce_id"] in self.answered:
             return
-        settings = ModelSettings.from_dict(ann["settings"], "round announcement settings")
-        spec = FeatureSpec.from_dict(ann["spec"])
-        if spec != self.fleet_spec:
-            self.fleet_spec = spec
-        self.settings = settings
+        self.settings = ModelSettings.from_dict(ann["settings"], "round announcement settings")
         if ann["round"] > 0 and ann["model_version"] > self.global_version:
             self.pending_round = ann  # the retained global model is on its way
             return
@@ -283,8 +297,8 @@ class EdgeAgent:
             log.info("site %s: round %d closed before we could take part", self.site, ann["round"])
             self._answered(ann)
             return
-        if not self.training:
-            self._answered(ann)
+        if not self.training:  # say so, so the round need not wait for us
+            self._send(ann, "skip", b"", 0)
             return
         self._take_part(ann)
 
@@ -385,6 +399,8 @@ class EdgeAgent:
     def save(self) -> None:
         """Everything needed to resume, each file replaced atomically."""
         self.buffer.save(self.state_dir / "buffer.npz")
+        in_service = [(e, *t.history(), np.zeros(t.n)) for e, t in self.engines.items()]
+        save_histories(self.state_dir / "engines.npz", in_service)
         state = {
             "answered": self.answered,
             "global_version": self.global_version,
@@ -392,7 +408,6 @@ class EdgeAgent:
             "fleet_spec": self.fleet_spec.to_dict() if self.fleet_spec else None,
             "scored": self.scored,
             "counters": dict(self.counters),
-            "engines": {e: {"cycles": t.cycles, "sensors": [s.tolist() for s in t.sensors]} for e, t in self.engines.items()},
         }
         _write_atomic(self.state_dir / "state.json", json.dumps(state).encode())
         if self.training and (self.fed_learner or self.local_learner):
@@ -411,9 +426,8 @@ class EdgeAgent:
         self.fleet_spec = FeatureSpec.from_dict(state["fleet_spec"]) if state["fleet_spec"] else None
         self.scored = state["scored"]
         self.counters.update(state["counters"])
-        for engine, t in state["engines"].items():
-            track = self.engines[engine] = EngineTrack()
-            track.cycles, track.sensors = t["cycles"], [np.asarray(s) for s in t["sensors"]]
+        for engine, cycles, sensors, _ in load_histories(self.state_dir / "engines.npz")[0]:
+            self.engines[engine] = EngineTrack(cycles, sensors)
         if (self.state_dir / "global.onnx").exists() and state["global_version"] >= 0:
             self.global_model = (self.state_dir / "global.onnx").read_bytes()
             self.global_version = state["global_version"]

@@ -44,23 +44,39 @@ class TrainingBuffer:
         return x, np.concatenate([r for _, _, _, r in self.engines])
 
     def save(self, path: Path) -> None:
-        """Write atomically: a crash mid-write leaves the previous file intact."""
-        names = np.array([e for e, _, _, _ in self.engines], dtype=str)
-        lengths = np.array([len(c) for _, c, _, _ in self.engines], dtype=np.int64)
-        cat = (lambda i, w: np.concatenate([e[i] for e in self.engines]) if self.engines else np.zeros((0,) if w == 1 else (0, w)))
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, names=names, lengths=lengths, cycles=cat(1, 1), sensors=cat(2, 21), rul=cat(3, 1), dropped=self.dropped_engines)
-        os.replace(tmp, path)
+        save_histories(path, [(e, c, s, r) for e, c, s, r in self.engines], extra={"dropped": self.dropped_engines})
 
     @classmethod
     def load(cls, path: Path, max_rows: int) -> "TrainingBuffer":
         buf = cls(max_rows)
-        if not path.exists():
-            return buf
-        with np.load(path) as data:
-            bounds = np.r_[0, np.cumsum(data["lengths"])]
-            for k, name in enumerate(data["names"]):
-                a, b = bounds[k], bounds[k + 1]
-                buf.engines.append((str(name), data["cycles"][a:b], data["sensors"][a:b], data["rul"][a:b]))
-            buf.dropped_engines = int(data["dropped"])
+        histories, extra = load_histories(path)
+        buf.engines = [(e, c, s, r) for e, c, s, r in histories]
+        buf.dropped_engines = int(extra.get("dropped", 0))
         return buf
+
+
+History = tuple[str, np.ndarray, np.ndarray, np.ndarray]  # engine, cycles, sensors (n, 21), RUL
+
+
+def save_histories(path: Path, histories: list[History], extra: dict[str, int] | None = None) -> None:
+    """Engine histories in one .npz, written atomically (a crash leaves the old file)."""
+    names = np.array([h[0] for h in histories], dtype=str)
+    lengths = np.array([len(h[1]) for h in histories], dtype=np.int64)
+    join = lambda k, empty: np.concatenate([h[k] for h in histories]) if histories else empty  # noqa: E731
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, names=names, lengths=lengths, cycles=join(1, np.zeros(0, np.int64)), sensors=join(2, np.zeros((0, 21))), rul=join(3, np.zeros(0)), **(extra or {}))
+    os.replace(tmp, path)
+
+
+def load_histories(path: Path) -> tuple[list[History], dict[str, int]]:
+    """What `save_histories` wrote; nothing if the file is not there yet."""
+    if not path.exists():
+        return [], {}
+    with np.load(path) as data:
+        bounds = np.r_[0, np.cumsum(data["lengths"])]
+        histories = [
+            (str(name), data["cycles"][a:b], data["sensors"][a:b], data["rul"][a:b])
+            for name, a, b in zip(data["names"], bounds[:-1], bounds[1:])
+        ]
+        extra = {k: int(data[k]) for k in data.files if k not in ("names", "lengths", "cycles", "sensors", "rul")}
+    return histories, extra

@@ -49,7 +49,7 @@ from typing import Callable, Iterator, TextIO
 import numpy as np
 
 from edge.cmapss import N_COLUMNS, N_SENSORS, EngineRun, Subset
-from turbofed.errors import TurbofedError
+from turbofed.errors import DataError, TurbofedError
 
 # --- fleet-level constants ------------------------------------------------------------
 
@@ -90,7 +90,9 @@ _HPC_SIG = np.array([
     0, 1.25, 15.0, 25.5, 0, 0, -2.40, 0.170, 0, 0,
     0.77, -2.05, 0.170, 0, 0.100, 0, 3.9, 0, 0, -0.47, -0.28,
 ])
-_HPC_EFF = _HPC_SIG * np.array([1, 1.1, .95, 1.05, 1, 1, .9, 1.1, 1, 1, 1.05, .95, 1.1, 1, .95, 1, 1.05, 1, 1, .95, 1.05])
+_HPC_EFF = _HPC_SIG * np.array([
+    1, 1.1, .95, 1.05, 1, 1, .9, 1.1, 1, 1, 1.05, .95, 1.1, 1, .95, 1, 1.05, 1, 1, .95, 1.05,
+])
 _HPC_FLOW = 2 * _HPC_SIG - _HPC_EFF
 _HPC_EFF[[8, 13]] = 135.0, 117.0  # core speeds: efficiency up, flow down
 _HPC_FLOW[[8, 13]] = -50.0, -65.0
@@ -98,12 +100,15 @@ _FAN_SIG = np.array([
     0, 1.25, 20.3, 28.9, 0, 0, 14.2, 0.58, 56.0, 0,
     1.00, 13.7, 0.58, 45.0, -0.150, 0, 5.3, 0, 0, 0.58, 0.35,
 ])
-_FAN_EFF = _FAN_SIG * np.array([1, 1.05, 1.05, .95, 1, 1, .95, 1.05, 1.1, 1, .95, .95, 1.05, 1.1, 1.1, 1, 1.05, 1, 1, .95, .95])
+_FAN_EFF = _FAN_SIG * np.array([
+    1, 1.05, 1.05, .95, 1, 1, .95, 1.05, 1.1, 1, .95, .95, 1.05, 1.1, 1.1, 1, 1.05, 1, 1, .95, .95,
+])
 _FAN_FLOW = 2 * _FAN_SIG - _FAN_EFF
 # (21 sensors, 4 health parameters: HPC eff, HPC flow, fan eff, fan flow). The shifts
 # above are measured from early life, when the average engine has already used
 # _INITIAL_WEAR_FAULTY of its margin, so the response per margin (from new) is larger.
-_RESPONSE = np.stack([_HPC_EFF, _HPC_FLOW, _FAN_EFF, _FAN_FLOW], axis=1) / (1.0 - _INITIAL_WEAR_FAULTY)
+_RESPONSE = np.stack([_HPC_EFF, _HPC_FLOW, _FAN_EFF, _FAN_FLOW], axis=1)
+_RESPONSE /= 1.0 - _INITIAL_WEAR_FAULTY
 # Nonlinearity: response scales with (1 + k*m)/(1 + k), m = margin consumed (0..1). The
 # core speeds (k = 20, response ~ m^2) move mostly late in life, as in FD001.
 _CURVATURE = np.array([0, .4, .3, .3, 0, 0, .2, .5, 20, 0, .3, .2, .5, 20, .3, 0, .3, 0, 0, .2, .2])
@@ -138,10 +143,13 @@ _SENSOR_DECIMALS = (2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 4, 2, 0, 0, 2, 2, 
 # Nominal levels of a new engine, per fault mode: FD001's early-life means minus the
 # mean initial-wear effect of that mode, so both kinds of engine start where FD001's and
 # FD003's do (in FD003, fan-fault engines start at the HPC engines' levels). (2, 21)
-_BASE = np.stack([
-    _EARLY - (_RESPONSE @ np.repeat(wear, 2)) * (1.0 + _CURVATURE * _INITIAL_WEAR_FAULTY) / (1.0 + _CURVATURE)
-    for wear in ([_INITIAL_WEAR_FAULTY / 2, _INITIAL_WEAR_OTHER / 2], [_INITIAL_WEAR_OTHER / 2, _INITIAL_WEAR_FAULTY / 2])
-])
+_MEAN_WEAR = np.array([  # per mode: HPC eff, HPC flow, fan eff, fan flow
+    [_INITIAL_WEAR_FAULTY] * 2 + [_INITIAL_WEAR_OTHER] * 2,
+    [_INITIAL_WEAR_OTHER] * 2 + [_INITIAL_WEAR_FAULTY] * 2,
+]) / 2
+_BASE = _EARLY - (_MEAN_WEAR @ _RESPONSE.T) * (
+    (1.0 + _CURVATURE * _INITIAL_WEAR_FAULTY) / (1.0 + _CURVATURE)
+)
 
 
 class _Engines:
@@ -175,7 +183,7 @@ class _Engines:
             todo = todo[(life < MIN_LIFE) | (life > MAX_LIFE)]
             if not todo.size:
                 break
-        else:  # pragma: no cover - about 95% of draws are accepted
+        else:  # pragma: no cover - about 98% of draws are accepted
             raise RuntimeError("could not draw engine lives in range")
 
     def faulty_wear(self) -> np.ndarray:
@@ -403,14 +411,20 @@ def run_cli(args: argparse.Namespace) -> int:
     """`turbofed data synth`: write a synthetic fleet (engines train + engines test)."""
     if args.engines < 1:
         raise TurbofedError(f"--engines must be at least 1, got {args.engines}")
-    subset = generate_fleet(
-        n_train=args.engines,
-        n_test=args.engines,
-        seed=args.seed,
-        fault_modes=args.fault_modes,
-        name=args.name,
-    )
-    paths = write_subset(subset, Path(args.out))
+    try:
+        subset = generate_fleet(
+            n_train=args.engines,
+            n_test=args.engines,
+            seed=args.seed,
+            fault_modes=args.fault_modes,
+            name=args.name,
+        )
+    except ValueError as exc:
+        raise TurbofedError(str(exc)) from None
+    try:
+        paths = write_subset(subset, Path(args.out))
+    except OSError as exc:
+        raise DataError(f"{args.out}: cannot write the synthetic fleet: {exc}") from None
     rows = sum(len(r) for r in subset.train) + sum(len(r) for r in subset.test or [])
     print(
         f"wrote synthetic fleet {subset.name} ({args.engines} train + {args.engines} test "

@@ -52,7 +52,11 @@ def test_streaming_equals_batch_bit_for_bit(fd001) -> None:
     for run in (fd001.train[0], fd001.test[1], fd001.test[0].cut(5)):  # long, short, shorter than W
         batch = run_features(spec, run.cycles, run.sensors)
         window = EngineWindow(spec)
-        streamed = np.vstack([window.push(c, s) for c, s in zip(run.cycles, run.sensors)])
+        streamed = []
+        for c, s in zip(run.cycles, run.sensors):
+            window.push(c, s)
+            streamed.append(window.features())
+        streamed = np.vstack(streamed)
         assert batch.shape == (len(run), spec.n_features)
         np.testing.assert_array_equal(streamed, batch)
 

@@ -189,8 +189,7 @@ def test_templates_ship_as_package_data() -> None:
     """The templates sit next to edge/flash.py; pyproject must list them as package data."""
     assert (flash.TEMPLATES / "install.sh").is_file() and (flash.TEMPLATES / flash.UNIT).is_file()
     data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"].get("package-data", {})
-    if not any("templates" in pattern for pattern in data.get("edge", [])):
-        pytest.xfail('pyproject.toml [tool.setuptools.package-data] lacks edge = ["templates/*"]')
+    assert any("templates" in pattern for pattern in data.get("edge", [])), 'pyproject lacks edge = ["templates/*"]'
 
 
 # --------------------------------------------------------------------------- slow: real bundles

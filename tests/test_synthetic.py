@@ -9,8 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.cmapss import N_COLUMNS, EngineRun, load_subset, read_table
-from edge.synthetic import CONSTANT_SENSORS, MAX_LIFE, MIN_LIFE, MIN_TEST_CYCLES, generate_fleet, write_subset
+from edge.cmapss import N_COLUMNS, EngineRun, Subset, load_subset, read_table
+from edge.synthetic import (
+    CONSTANT_SENSORS,
+    MAX_LIFE,
+    MIN_LIFE,
+    MIN_TEST_CYCLES,
+    generate_fleet,
+    write_subset,
+)
 from turbofed.cli import main
 
 pytestmark = pytest.mark.timeout(60)
@@ -144,14 +151,14 @@ def test_write_without_test_runs_removes_stale_test_files(tmp_path: Path):
 def test_write_keeps_values_that_are_not_on_nasa_decimals(tmp_path: Path):
     run = generate_fleet(n_train=1, n_test=0, seed=0).train[0]
     odd = EngineRun(run.unit, run.cycles, run.settings + 1e-7, run.sensors / 3.0, 0.0)
-    write_subset(type(generate_fleet(1, 0))("ODD", [odd], None), tmp_path)
+    write_subset(Subset("ODD", [odd], None), tmp_path)
     assert _same(odd, load_subset("ODD", tmp_path).train[0])
 
 
 def test_cli_writes_a_loadable_fleet(tmp_path: Path, capsys):
     out = tmp_path / "synthetic"
-    code = main(["data", "synth", "--out", str(out), "--engines", "5", "--seed", "9", "--fault-modes", "2",
-                 "--name", "SYNX"])
+    args = ["--out", str(out), "--engines", "5", "--seed", "9", "--fault-modes", "2", "--name", "SYNX"]
+    code = main(["data", "synth", *args])
     assert code == 0
     printed = capsys.readouterr().out
     assert str(out / "train_SYNX.txt") in printed and str(out / "RUL_SYNX.txt") in printed
@@ -168,6 +175,7 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError):
         generate_fleet(name="../escape")
     assert main(["data", "synth", "--engines", "0"]) == 2
+    assert main(["data", "synth", "--engines", "1", "--name", "a/b"]) == 2
 
 
 def test_thousands_of_engines_are_fast():
@@ -176,4 +184,4 @@ def test_thousands_of_engines_are_fast():
     elapsed = time.process_time() - start
     assert len(fleet.train) == 2000
     assert sum(len(r) for r in fleet.train) > 2000 * MIN_LIFE
-    assert elapsed < 10.0, f"2,000 engines took {elapsed:.1f} s of CPU; generation must stay vectorised"
+    assert elapsed < 10.0, f"2,000 engines took {elapsed:.1f} s of CPU: is it still vectorised?"

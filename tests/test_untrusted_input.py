@@ -158,7 +158,7 @@ def test_agent_skips_malformed_readings_and_keeps_running(broker, tmp_path: Path
         fleet.close()
     for reason in [*bad, "unknown_engine"]:
         assert agent.counters[f"rejected.{reason}"] == 1, reason
-    assert agent.engines["e1"].cycles == [1, 2] and "e9" not in agent.engines
+    assert agent.engines["e1"].history()[0].tolist() == [1, 2] and "e9" not in agent.engines
     messages = [r.getMessage() for r in caplog.records]
     assert any("sensors has 20 values, expected 21" in m for m in messages)
     assert any("cycle 1 does not follow 1" in m for m in messages)
