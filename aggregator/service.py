@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -51,7 +52,9 @@ class Aggregator:
         except ValueError as exc:
             raise ConfigError(f"fleet config strategy: {exc}") from None
         self.topics = Topics(config.broker.topic_root, config.broker.plant_root)
-        self.store = open_store(config.store)
+        # Points wait here while InfluxDB is away (unused with SQLite).
+        spool = Path(config.registry).parent / "influx-spool"
+        self.store = open_store(config.store, spool_dir=spool, influx=config.influx)
         self.registry = ModelRegistry(config.registry)
         self.counters: Counter[str] = Counter()  # refusals, by reason
         self.ignored = 0  # messages on topics we never subscribed to
@@ -289,6 +292,8 @@ class Aggregator:
         if t.get("site") != site:
             raise Rejected("wrong_sender", f"telemetry names site {t.get('site')!r} on {site!r}'s topic")
         rows = [(str(e), int(c), [float(v) for v in st], [float(v) for v in se]) for e, c, st, se in t.get("rows", [])]
+        if any(len(st) != 3 or len(se) != 21 for _, _, st, se in rows):
+            raise Rejected("wrong_fields", f"telemetry from {site}: a row without 3 settings and 21 sensors")
         if rows:
             self.store.record_sensors(site, rows, time.time())
 

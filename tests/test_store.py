@@ -28,7 +28,7 @@ def test_open_store_path_and_schema(tmp_path: Path) -> None:
         assert s.counts()["rounds"] == 0
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
     db.execute("UPDATE schema_version SET version = 99")
     db.commit()
     db.close()

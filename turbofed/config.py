@@ -109,6 +109,7 @@ class FleetConfig:
     min_samples: int = 200
     max_update_bytes: int = 1024 * 1024
     broker: BrokerSettings = BrokerSettings()
+    influx: dict[str, Any] | None = None  # [influx] table: url, org, bucket, token, ... (docs/telemetry.md)
 
     @property
     def effective_quorum(self) -> int:
