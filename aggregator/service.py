@@ -33,7 +33,7 @@ from turbofed import envelope
 from turbofed.codec import read_weights, replace_weights
 from turbofed.config import FleetConfig, load_fleet_config
 from turbofed.errors import ConfigError, TurbofedError
-from turbofed.mqtt import client_id, connect, make_client
+from turbofed.mqtt import Subscriptions, client_id, connect, make_client
 from turbofed.spec import FeatureSpec, FleetStats
 from turbofed.topics import TopicError, Topics
 
@@ -88,16 +88,17 @@ class Aggregator:
         self.client = make_client(client_id("aggregator", self.config.broker), self.config.broker, persistent_session=True)
         self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
         self.client.on_connect = self._on_connect
-        connect(self.client, self.config.broker)
-        self._on_connect(self.client, None, None, None, None)
+        kinds = ("update", "stats", "status", "metrics", "predictions", "telemetry")
+        self.subscriptions = Subscriptions(self.client, [self.topics.all_sites(k) for k in kinds])
+        connect(self.client, self.config.broker)  # runs _on_connect: subscribe, say we are online
+        self.subscriptions.wait()
         if self.model is not None:
             self._publish_global()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code is not None and reason_code.is_failure:
             return
-        for kind in ("update", "stats", "status", "metrics", "predictions", "telemetry"):
-            client.subscribe(self.topics.all_sites(kind), qos=1)
+        self.subscriptions.subscribe()
 
     # --- main loop -------------------------------------------------------------------
 

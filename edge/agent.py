@@ -36,7 +36,7 @@ from turbofed.config import ModelSettings, SiteConfig, load_site_config
 from turbofed.errors import TurbofedError
 from turbofed.messages import MessageError, parse_event, parse_reading
 from turbofed.metrics import phm08_score, rmse
-from turbofed.mqtt import client_id, connect, make_client
+from turbofed.mqtt import Subscriptions, client_id, connect, make_client
 from turbofed.topics import TopicError, Topics
 from turbofed.spec import FeatureSpec
 
@@ -132,20 +132,23 @@ class EdgeAgent:
         self.client = make_client(client_id(f"edge-{self.site}", self.config.broker), self.config.broker, will=(self.topics.status(self.site), offline), persistent_session=True)
         self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
         self.client.on_connect = self._on_connect
-        connect(self.client, self.config.broker)
-        self._on_connect(self.client, None, None, None, None)
+        self.subscriptions = Subscriptions(
+            self.client,
+            [
+                self.topics.plant_filter(self.site, "sensors"),
+                self.topics.plant_filter(self.site, "events"),
+                self.topics.round,
+                self.topics.global_model,
+                self.topics.stats_request,
+            ],
+        )
+        connect(self.client, self.config.broker)  # runs _on_connect: subscribe, say we are online
+        self.subscriptions.wait()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if reason_code is not None and reason_code.is_failure:
             return
-        for topic in (
-            self.topics.plant_filter(self.site, "sensors"),
-            self.topics.plant_filter(self.site, "events"),
-            self.topics.round,
-            self.topics.global_model,
-            self.topics.stats_request,
-        ):
-            client.subscribe(topic, qos=1)
+        self.subscriptions.subscribe()
         self.publish_status(online=True)
 
     def run(self, stop: threading.Event) -> None:

@@ -30,7 +30,7 @@ from turbofed import envelope
 from turbofed.broker import BrokerHandle, start_broker
 from turbofed.config import BrokerSettings, ModelSettings
 from turbofed.errors import TurbofedError
-from turbofed.mqtt import connect, make_client
+from turbofed.mqtt import Subscriptions, connect, make_client
 from turbofed.topics import Topics
 
 log = logging.getLogger("turbofed.demo")
@@ -53,9 +53,11 @@ class FleetWatch:
         self.changed = threading.Condition()
         self.client = make_client(f"turbofed-demo-{os.getpid()}", broker)
         self.client.on_message = self._on_message
+        topics = [self.topics.all_sites("status"), self.topics.all_sites("metrics"), self.topics.round]
+        self.subscriptions = Subscriptions(self.client, topics)
+        self.client.on_connect = lambda *_: self.subscriptions.subscribe()
         connect(self.client, broker)
-        for topic in (self.topics.all_sites("status"), self.topics.all_sites("metrics"), self.topics.round):
-            self.client.subscribe(topic, qos=1)
+        self.subscriptions.wait()
 
     def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
         if not msg.payload:

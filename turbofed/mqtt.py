@@ -80,3 +80,32 @@ def connect(client: mqtt.Client, broker: BrokerSettings, timeout: float = 10.0) 
         client.loop_stop()
         raise ConnectError(f"MQTT broker at {broker.host}:{broker.port} refused the connection: {failure[0]}")
     client.on_connect = previous
+
+
+class Subscriptions:
+    """Subscribes a client (again after every reconnect) and tells when the broker has
+    acknowledged: a publisher that starts before the SUBACK would otherwise lose messages."""
+
+    def __init__(self, client: mqtt.Client, topics: list[str], qos: int = 1) -> None:
+        self.client, self.topics, self.qos = client, topics, qos
+        self._acked: set[int] = set()
+        self._pending: int | None = None
+        self.ready = threading.Event()
+        client.on_subscribe = self._on_subscribe
+
+    def subscribe(self) -> None:
+        """Call from on_connect: never blocks the network thread."""
+        self.ready.clear()
+        _, mid = self.client.subscribe([(t, self.qos) for t in self.topics])
+        self._pending = mid
+        if mid in self._acked:
+            self.ready.set()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+        self._acked.add(mid)
+        if mid == self._pending:
+            self.ready.set()
+
+    def wait(self, timeout: float = 10.0) -> None:
+        if not self.ready.wait(timeout):
+            raise ConnectError(f"the broker did not acknowledge our subscriptions within {timeout:.0f} s")
