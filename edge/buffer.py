@@ -7,6 +7,7 @@ which can arrive after the data. When the bound is reached the oldest engines go
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +34,22 @@ class TrainingBuffer:
             self.engines.pop(0)
             self.dropped_engines += 1
 
+    def in_engine_order(self) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+        """Engines sorted by id (FD001-train-2 before FD001-train-10), not by failure time:
+        the same data then trains the same model, however the failures were interleaved."""
+        key = lambda e: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", e[0])]  # noqa: E731
+        return sorted(self.engines, key=key)
+
     def stats(self) -> FleetStats:
-        return sum((FleetStats.from_rows(c, s, r) for _, c, s, r in self.engines), FleetStats())
+        return sum((FleetStats.from_rows(c, s, r) for _, c, s, r in self.in_engine_order()), FleetStats())
 
     def training_rows(self, spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
         """Features (float32) and RUL of every buffered cycle under `spec`."""
-        if not self.engines:
+        engines = self.in_engine_order()
+        if not engines:
             return np.zeros((0, spec.n_features), dtype=np.float32), np.zeros(0)
-        x = np.vstack([run_features(spec, c, s) for _, c, s, _ in self.engines]).astype(np.float32)
-        return x, np.concatenate([r for _, _, _, r in self.engines])
+        x = np.vstack([run_features(spec, c, s) for _, c, s, _ in engines]).astype(np.float32)
+        return x, np.concatenate([r for _, _, _, r in engines])
 
     def save(self, path: Path) -> None:
         save_histories(path, [(e, c, s, r) for e, c, s, r in self.engines], extra={"dropped": self.dropped_engines})

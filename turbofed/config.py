@@ -17,19 +17,21 @@ from turbofed.errors import ConfigError
 class ModelSettings:
     """The learner, its training budget and the federation schedule.
 
-    Defaults were chosen on FD001 (see README's accuracy table): a (64, 32) MLP with Adam
-    on 43 window features, mini-batches of 64, 8 rounds of 5 local epochs.
+    Defaults were chosen on FD001 and FD001+FD003 (see the README's accuracy table): a
+    (64, 32) MLP with Adam on 43 features of a 40-cycle window, mini-batches of 64, and
+    many short rounds (40 rounds of 1 local epoch): short rounds keep sites with different
+    fault modes from drifting apart between averages (FD003's federated RMSE 22 -> 16.4).
     """
 
     kind: str = "mlp"  # "mlp" (MLPRegressor, Adam) or "sgd" (SGDRegressor)
     hidden: tuple[int, ...] = (64, 32)
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     batch_size: int = 64
     alpha: float = 1e-4  # L2 penalty
-    window: int = 30
+    window: int = 40
     rul_cap: float = 125.0
-    rounds: int = 8
-    local_epochs: int = 5
+    rounds: int = 40
+    local_epochs: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
