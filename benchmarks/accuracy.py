@@ -13,9 +13,6 @@ analytics); nobody pools raw rows except the central baseline, which exists to b
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -25,6 +22,7 @@ import onnx
 from tqdm import tqdm
 
 from aggregator.strategies import aggregate_onnx, make_strategy
+from benchmarks import emit, machine_info
 from edge.cmapss import EngineRun, Subset, load_subset
 from edge.fleet import assign, site_names
 from edge.features import run_features
@@ -190,26 +188,12 @@ def run_accuracy(
         "local": local,
         "settings": settings.to_dict(),
         "features": {"sensors": [i + 1 for i in spec.sensors], "count": spec.n_features},
-        "machine": machine_info(),
-    }
-
-
-def machine_info() -> dict:
-    """What the figures were measured on."""
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
+        "machine": machine_info("scikit-learn", "onnxruntime"),
     }
 
 
 def run_cli(args: argparse.Namespace) -> int:
     settings = ModelSettings(seed=args.seed).replace(rounds=args.rounds, local_epochs=args.local_epochs)
     result = run_accuracy(args.dataset, args.data_dir, args.sites, settings, args.strategy)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        with open(args.json_out, "w") as handle:
-            handle.write(text + "\n")
+    emit(result, args.json_out)
     return 0

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,6 +27,7 @@ import numpy as np
 from aggregator.store import ResultsStore, SqliteStore, open_store
 from dashboard import economics, views
 from dashboard.samples import write_big_store
+from benchmarks import machine_info
 
 GOAL_S = 1.0
 
@@ -97,11 +95,6 @@ def bench_pages(store: ResultsStore, repeats: int) -> dict[str, dict[str, Any]]:
     return out
 
 
-def machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine()}
-
-
 def run(engines: int, cycles: int, sites: int, rounds: int, seed: int, repeats: int,
         store_path: Path | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,7 +112,7 @@ def run(engines: int, cycles: int, sites: int, rounds: int, seed: int, repeats: 
     worst_q = max(max(p["queries"]["first_s"], p["queries"]["max_s"]) for p in pages.values())
     return {
         "benchmark": "dashboard page queries",
-        "machine": machine(),
+        "machine": machine_info("streamlit"),
         "settings": {"engines": engines, "cycles": cycles, "models": 2, "sites": sites, "rounds": rounds,
                      "repeats": repeats, "store": "sqlite"},
         "seed": seed,

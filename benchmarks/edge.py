@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ import uuid
 import warnings
 from pathlib import Path
 from typing import Any
+from benchmarks import emit, machine_info
 
 # Only the standard library at module level: a child process imports this module, and
 # whatever it imports counts against the agent's measured memory.
@@ -89,41 +89,6 @@ def percentiles(values_ns: list[int]) -> dict[str, float]:
 
     a = np.asarray(values_ns, dtype=float) / 1000.0
     return {"p50": round(float(np.percentile(a, 50)), 1), "p99": round(float(np.percentile(a, 99)), 1), "mean": round(float(a.mean()), 1), "n": int(a.size)}
-
-
-def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-    }
-    if hasattr(os, "getloadavg"):
-        info["load_avg_1m"] = round(os.getloadavg()[0], 2)  # other work on the machine skews latency
-    try:
-        fields: dict[str, str] = {}
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-        name = fields.get("model name") or fields.get("Model") or fields.get("Hardware")  # x86, Raspberry Pi, other ARM
-        if name:
-            info["cpu"] = name
-    except OSError:
-        pass
-    try:
-        with open("/proc/meminfo") as handle:
-            info["memory_mb"] = round(int(handle.readline().split()[1]) / 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    from importlib.metadata import PackageNotFoundError, version
-
-    for package in ("numpy", "onnxruntime", "scikit-learn", "paho-mqtt"):
-        try:
-            info[package] = version(package)
-        except PackageNotFoundError:
-            info[package] = None
-    return info
 
 
 def environment() -> dict[str, Any]:
@@ -418,7 +383,7 @@ def run_bench(n_engines: int = 100, seed: int = 0, progress=None) -> dict[str, A
             "predict_cpu_us": lat["predict_cpu_us"],
             "parts_us": lat["parts_us"],
         },
-        "machine": machine(),
+        "machine": machine_info("onnxruntime", "scikit-learn", "paho-mqtt"),
         "settings": {
             "engines": n_engines,
             "cycles_per_pass": meta["cycles"],
@@ -459,11 +424,8 @@ def run_cli(args: argparse.Namespace) -> int:
 
         raise TurbofedError(f"--engines must be at least 1, got {n}")
     result = run_bench(n, seed=int(getattr(args, "seed", 0) or 0))
-    text = json.dumps(result, indent=2)
-    print(text)
+    emit(result, getattr(args, "json_out", None))
     print(format_table(result), file=sys.stderr)
-    if getattr(args, "json_out", None):
-        Path(args.json_out).write_text(text + "\n")
     return 0
 
 

@@ -13,8 +13,6 @@ connection, state folder and models, exactly as it would on its own device. Repo
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import signal
 import statistics
 import subprocess
@@ -24,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.accuracy import machine_info
+from benchmarks import emit, machine_info
 from turbofed.broker import start_broker
 from turbofed.config import BrokerSettings, ModelSettings, load_site_config
 from turbofed.demo import FleetWatch, Processes, write_configs
@@ -121,16 +119,13 @@ def run_system(n_sites: int = 50, rounds: int = 3, dataset: str = "SYN001", seed
             "per_agent": round(sum(rss) / n_sites, 1),
         },
         "settings": settings.to_dict(),
-        "machine": machine_info(),
+        "machine": machine_info("paho-mqtt", "onnxruntime", "scikit-learn"),
     }
 
 
 def run_cli(args: argparse.Namespace) -> int:
     result = run_system(args.sites, args.rounds)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
+    emit(result, args.json_out)
     return 0
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from turbofed.spec import FeatureSpec, FleetStats
+from turbofed.spec import FeatureSpec
 
 RECENT = 5  # cycles averaged for the "current level" feature
 

@@ -4,11 +4,9 @@ round, and updates are small on the wire."""
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from aggregator.registry import ModelRegistry

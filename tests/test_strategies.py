@@ -69,8 +69,8 @@ def test_onnx_in_onnx_out() -> None:
     models = [RulModel(ModelSettings(seed=s), SPEC) for s in (1, 2)]
     current = onnx.load_model_from_string(models[0].to_onnx())
     merged = aggregate_onnx(FedAvg(), current, [("a", m.to_onnx(), 1) for m in models])
-    a, b, out = (read_weights(onnx.load_model_from_string(m.to_onnx())) for m in models), None, read_weights(merged)
-    wa, wb = list(a)
+    wa, wb = (read_weights(onnx.load_model_from_string(m.to_onnx())) for m in models)
+    out = read_weights(merged)
     for name in out:
         np.testing.assert_allclose(out[name], (wa[name] + wb[name]) / 2, rtol=1e-6)
     wrong = RulModel(ModelSettings(hidden=(4,)), SPEC).to_onnx()

@@ -140,7 +140,7 @@ def find_data(dataset: str, data_dir: str | None) -> tuple[str, str | None, str]
     )
     if fetch.returncode == 0 and all(p.is_file() for p in needed):
         return dataset, str(folder), f"C-MAPSS {dataset}, downloaded to {folder}"
-    reason = (fetch.stderr.strip().splitlines() or ["download failed"])[-1]
+    reason = (fetch.stderr.strip().splitlines() or ["download failed"])[-1].removeprefix("turbofed: error: ")
     log.warning("no C-MAPSS data (%s); using the synthetic fleet instead", reason)
     return SYNTHETIC, None, f"synthetic fleet (C-MAPSS unavailable: {reason})"
 
