@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -32,6 +31,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from benchmarks import emit, machine_info
 
 import numpy as np
 
@@ -118,25 +118,16 @@ class VictoriaMetrics:
         self.stop()
 
 
-def machine_info() -> dict[str, Any]:
-    """What the figures were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import influxdb_client
-
-    vm = find_victoria_metrics()
+def _machine() -> dict[str, Any]:
+    """The machine, and the client and server versions the figures belong to."""
     vm_version = ""
-    if vm:
+    if find_victoria_metrics():
         try:
             vm_version = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "victoria-metrics"], capture_output=True,
                                         text=True, timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             pass
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "processor": cpu, "influxdb_client": influxdb_client.__version__, "victoria_metrics": vm_version}
+    return {**machine_info("influxdb-client"), "victoria_metrics": vm_version}
 
 
 def _batches(kind: str, points: int, sites: int, engines: int, cycles_per_report: int,
@@ -245,7 +236,7 @@ def run_benchmark(points: int, seed: int, url: str | None, sites: int, engines: 
         # Per kind of point: a prediction point has 2 fields, a sensor-row point 25.
         "points_per_s": {kind: results[kind]["points_per_s"] for kind in work},
         "goal_points_per_s": 50_000,
-        "machine": {**machine_info(), "load_average_at_start": load_at_start},
+        "machine": {**_machine(), "load_average_at_start": load_at_start},
     }
 
 
@@ -275,11 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                            not args.no_verify, {k: v for k, v in (("batch_items", args.batch_items),
                                                                   ("flush_interval_ms", args.flush_interval_ms))
                                                 if v is not None})
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        with open(args.json_out, "w") as handle:
-            handle.write(text + "\n")
+    emit(result, args.json_out)
     return 0
 
 
