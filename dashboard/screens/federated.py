@@ -12,7 +12,7 @@ from turbofed.metrics import RUL_CAP
 
 st.title("Federated vs local")
 st.caption("Each site keeps two models: a local one trained only on its own engines and a federated one "
-           "(global weights, then its own training). Both are scored on engines whose true RUL is known.")
+           "(the latest global model, which its training helped build). Both are scored on engines whose true RUL is known.")
 
 with st.sidebar:
     st.subheader("Federated vs local")
