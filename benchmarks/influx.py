@@ -36,6 +36,7 @@ from benchmarks import emit, machine_info
 import numpy as np
 
 VM_BINARY = "victoria-metrics"
+EXPORT_AHEAD_S = 7 * 86_400  # export end: this far past now (see VictoriaMetrics.export)
 
 
 def find_victoria_metrics() -> str | None:
@@ -104,9 +105,15 @@ class VictoriaMetrics:
             return ""
 
     def export(self, match: str) -> list[dict[str, Any]]:
-        """Every raw sample of the series matching `match` (a series selector), flushed first."""
+        """Every raw sample of the series matching `match` (a series selector), flushed first.
+
+        `end` is always given: without it victoria-metrics ends the export at the current
+        time *rounded down to the whole second* (searchutils.GetTime, so that Grafana panels
+        line up), which silently leaves out every sample stamped in the second the export
+        runs in, e.g. the last predictions of a replay read back right after flush().
+        Ingestion refuses samples more than 2 days ahead, so a week ahead covers them all."""
         urllib.request.urlopen(f"{self.url}/internal/force_flush", timeout=30).read()
-        query = urllib.parse.urlencode({"match[]": match})
+        query = urllib.parse.urlencode({"match[]": match, "start": "0", "end": str(int(time.time()) + EXPORT_AHEAD_S)})
         with urllib.request.urlopen(f"{self.url}/api/v1/export?{query}", timeout=120) as r:
             return [json.loads(line) for line in r.read().splitlines() if line.strip()]
 

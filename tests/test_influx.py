@@ -14,6 +14,7 @@ import math
 import sqlite3
 import sys
 import time
+import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,6 +155,20 @@ def test_write_path_against_victoria_metrics(vm: VictoriaMetrics, tmp_path: Path
     assert list(got[("truth_rul", ("engine", "engine-1"), ("site", "site-1"))].values()) == [0]
     assert len(got[("events_at", ("kind", "round_announced"))]) == 5
     assert list(got[("rejections_round", ("reason", "stale_round"), ("site", "site-2"))].values()) == [2]
+
+
+def test_export_reads_back_samples_stamped_this_second(vm: VictoriaMetrics) -> None:
+    """The helper's read-back sees a point the moment the server acknowledged it: without an
+    explicit end, /api/v1/export stops at now rounded down to the second, and a point
+    stamped in the current second (a replay's last predictions) would look lost."""
+    for i in range(3):
+        ms = int(time.time() * 1000)
+        body = f"probe,i={i} v={i}i {ms * 1_000_000}".encode()
+        request = urllib.request.Request(f"{vm.url}/api/v2/write?org=o&bucket=b&precision=ns", data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert r.status == 204
+        got = vm.export(f'probe_v{{i="{i}"}}')
+        assert [(s["timestamps"], s["values"]) for s in got] == [([ms], [i])]
 
 
 def test_recorder_never_blocks_while_server_unreachable(tmp_path: Path) -> None:
