@@ -8,6 +8,8 @@ model back copies them into the estimator bit for bit (the estimator trains in f
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from turbofed.config import ModelSettings
@@ -56,7 +58,9 @@ class RulModel:
         """Draw the seeded initial weights without learning anything (same seed, same weights)."""
         if not self.fitted:
             x = np.zeros((1, self.spec.n_features), dtype=np.float32)
-            self.estimator.partial_fit(x, np.zeros(1, dtype=np.float32))
+            with warnings.catch_warnings():  # "batch_size larger than sample size": expected here
+                warnings.simplefilter("ignore", UserWarning)
+                self.estimator.partial_fit(x, np.zeros(1, dtype=np.float32))
             if self.settings.kind == "mlp":
                 self.estimator._random_state = np.random.RandomState(self.settings.seed)
                 self.estimator._initialize(np.zeros((1, 1), dtype=np.float32), [x.shape[1], *self.settings.hidden, 1], np.float32)
