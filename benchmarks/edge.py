@@ -211,7 +211,8 @@ def child(profile: str, work: Path) -> dict[str, Any]:
 
 def load_runs(n_engines: int, seed: int) -> tuple[list[Any], str]:
     """N training engines (run to failure): C-MAPSS FD001 when it is there, else synthetic."""
-    from edge.cmapss import load_subset, resolve_data_dir
+    from edge.cmapss import load_subset
+    from turbofed.config import resolve_data_dir
     from edge.synthetic import generate_fleet
     from turbofed.errors import DataError
 

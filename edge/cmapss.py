@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from turbofed.config import resolve_data_dir
 from turbofed.errors import DataError
 
 N_COLUMNS = 26
 N_SETTINGS = 3
 N_SENSORS = 21
 SUBSETS = ("FD001", "FD002", "FD003", "FD004")
-DEFAULT_DATA_DIR = Path("data/cmapss")
 FETCH_HINT = "run `turbofed data fetch`, or point --data-dir / TURBOFED_DATA_DIR at a folder holding it"
 
 
@@ -63,14 +63,6 @@ class Subset:
     name: str
     train: list[EngineRun]
     test: list[EngineRun] | None
-
-
-def resolve_data_dir(cli_value: str | os.PathLike | None = None) -> Path:
-    """--data-dir, else $TURBOFED_DATA_DIR, else data/cmapss/."""
-    if cli_value:
-        return Path(cli_value)
-    env = os.environ.get("TURBOFED_DATA_DIR")
-    return Path(env) if env else DEFAULT_DATA_DIR
 
 
 def read_table(path: Path) -> np.ndarray:

@@ -29,7 +29,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from edge.cmapss import resolve_data_dir
+from turbofed.config import resolve_data_dir
 from turbofed.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,7 @@ aggregator asked for. It holds plain values only (no scikit-learn import).
 
 from __future__ import annotations
 
+import os
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,17 @@ class ModelSettings:
 
     def replace(self, **changes: Any) -> "ModelSettings":
         return ModelSettings.from_dict({**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}})
+
+
+DEFAULT_DATA_DIR = Path("data/cmapss")
+
+
+def resolve_data_dir(cli_value: str | os.PathLike | None = None) -> Path:
+    """The C-MAPSS folder: --data-dir, else $TURBOFED_DATA_DIR, else data/cmapss/."""
+    if cli_value:
+        return Path(cli_value)
+    env = os.environ.get("TURBOFED_DATA_DIR")
+    return Path(env) if env else DEFAULT_DATA_DIR
 
 
 # --- TOML files: one per site (`turbofed edge`), one for the fleet (`turbofed aggregator`) ---

@@ -28,7 +28,7 @@ from typing import Any
 
 from turbofed import envelope
 from turbofed.broker import BrokerHandle, start_broker
-from turbofed.config import BrokerSettings, ModelSettings
+from turbofed.config import BrokerSettings, ModelSettings, resolve_data_dir
 from turbofed.errors import TurbofedError
 from turbofed.mqtt import Subscriptions, connect, make_client
 from turbofed.topics import Topics
@@ -125,7 +125,7 @@ class Processes:
 
 def find_data(dataset: str, data_dir: str | None) -> tuple[str, str | None, str]:
     """(dataset, data dir, how it was found): local files, a download, or the synthetic fleet."""
-    folder = Path(data_dir or os.environ.get("TURBOFED_DATA_DIR") or "data/cmapss")
+    folder = resolve_data_dir(data_dir)
     if dataset.upper().startswith("SYN"):
         return dataset, None, "synthetic fleet (asked for)"
     needed = [folder / f"train_{name}.txt" for name in dataset.split("+")]
