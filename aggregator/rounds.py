@@ -14,11 +14,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 
 from turbofed import envelope
-from turbofed.codec import Weights, load_compatible, parse_model, read_weights
+from turbofed.codec import Weights, check_finite, load_compatible, parse_model, read_weights
 from turbofed.errors import TurbofedError, WeightsError
 
 
@@ -80,9 +79,7 @@ class Round:
         try:
             if reference is None:  # round 0: no global model yet; the sites' seeded models must agree
                 weights = read_weights(parse_model(env.body, max_bytes))
-                bad = [n for n, w in weights.items() if not np.all(np.isfinite(w))]
-                if bad:
-                    raise WeightsError(f"initializer {bad[0]!r} holds non-finite values")
+                check_finite(weights)
             else:
                 weights = load_compatible(env.body, reference, max_bytes)
         except WeightsError as exc:

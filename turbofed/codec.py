@@ -79,7 +79,13 @@ def check_weights(candidate: Weights, reference: Weights) -> None:
             raise WeightsMismatch(f"initializer {name!r} has shape {got.shape}, expected {ref.shape}")
         if got.dtype != ref.dtype:
             raise WeightsMismatch(f"initializer {name!r} has dtype {got.dtype}, expected {ref.dtype}")
-        bad = np.size(got) - np.count_nonzero(np.isfinite(got))
+    check_finite(candidate)
+
+
+def check_finite(weights: Weights) -> None:
+    """Raise NonFiniteWeights naming the first initializer that holds NaN or infinity."""
+    for name, w in weights.items():
+        bad = np.size(w) - np.count_nonzero(np.isfinite(w))
         if bad:
             raise NonFiniteWeights(f"initializer {name!r} holds {bad} non-finite value(s)")
 
