@@ -28,9 +28,8 @@ import onnx
 from aggregator.registry import ModelRegistry
 from aggregator.rounds import Rejected, Round, agreed_initial_model
 from aggregator.store import open_store
-from aggregator.strategies import SiteUpdate, make_strategy
+from aggregator.strategies import SiteUpdate, make_strategy, merge
 from turbofed import envelope
-from turbofed.codec import read_weights, replace_weights
 from turbofed.config import FleetConfig, load_fleet_config
 from turbofed.errors import ConfigError, TurbofedError
 from turbofed.mqtt import Subscriptions, client_id, connect, make_client
@@ -241,7 +240,7 @@ class Aggregator:
             model = onnx.load_model_from_string(agreed_initial_model(r.accepted))
         else:
             updates = [SiteUpdate(a.site, a.weights, a.samples) for a in r.accepted.values()]
-            model = replace_weights(self.model, self.strategy.aggregate(read_weights(self.model), updates))
+            model = merge(self.strategy, self.model, updates)  # updates were checked on arrival
         data = model.SerializeToString()
         fleet = {"stats": self.stats.to_dict(), "spec": self.spec.to_dict()}
         self.registry.save(r.number, r.number, data, self.strategy.state(), fleet)  # checkpoint before publishing

@@ -137,6 +137,11 @@ def make_strategy(name: str) -> Strategy:
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}") from None
 
 
+def merge(strategy: Strategy, current: onnx.ModelProto, updates: list[SiteUpdate]) -> onnx.ModelProto:
+    """The next global model: `current` with its weights replaced by the strategy's merge."""
+    return replace_weights(current, strategy.aggregate(read_weights(current), updates))
+
+
 def aggregate_onnx(strategy: Strategy, current: onnx.ModelProto, updates: list[tuple[str, bytes, int]]) -> onnx.ModelProto:
     """ONNX in, ONNX out: parse each (site, model bytes, samples), check it, merge, re-emit."""
     reference = read_weights(current)
@@ -145,4 +150,4 @@ def aggregate_onnx(strategy: Strategy, current: onnx.ModelProto, updates: list[t
         weights = read_weights(onnx.load_model_from_string(data))
         check_weights(weights, reference)
         site_updates.append(SiteUpdate(site, weights, samples))
-    return replace_weights(current, strategy.aggregate(reference, site_updates))
+    return merge(strategy, current, site_updates)
