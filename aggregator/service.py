@@ -165,7 +165,7 @@ class Aggregator:
                 break
             if time.monotonic() >= next_request:
                 self.stats_request_id = uuid.uuid4().hex
-                request = {"request_id": self.stats_request_id, "min_samples": self.config.min_samples}
+                request = {"request_id": self.stats_request_id, "min_samples": self.config.min_samples, "window": self.config.model.window}
                 self.client.publish(self.topics.stats_request, envelope.encode_json(request), qos=1, retain=True)
                 next_request = time.monotonic() + self.config.stats_retry_s
                 log.info("asked sites for fleet statistics (%d of %d ready)", len(ready), needed)
@@ -186,7 +186,9 @@ class Aggregator:
         if reply.get("request_id") != self.stats_request_id:
             return  # an answer to an older request
         if reply.get("stats") is not None:
-            FleetStats.from_dict(reply["stats"])  # validate now, not when summing
+            stats = FleetStats.from_dict(reply["stats"])  # validate now, not when summing
+            if stats.window != self.config.model.window:
+                raise Rejected("bad_stats", f"stats from {site} are for a {stats.window}-cycle window, not {self.config.model.window}")
         self.stats_replies[site] = {"samples": int(reply.get("samples", 0)), "stats": reply.get("stats")}
 
     # --- phase 2: rounds -------------------------------------------------------------

@@ -25,7 +25,7 @@ from aggregator.strategies import aggregate_onnx, make_strategy
 from benchmarks import emit, machine_info
 from edge.cmapss import EngineRun, Subset, load_subset
 from edge.fleet import assign, site_names
-from edge.features import run_features
+from edge.features import run_features, runs_stats
 from edge.inference import OnnxPredictor
 from edge.learner import RulModel
 from turbofed.config import ModelSettings
@@ -57,8 +57,8 @@ class Site:
     subset: str
     runs: list[EngineRun]
 
-    def stats(self) -> FleetStats:
-        return sum((FleetStats.from_rows(r.cycles, r.sensors, r.rul()) for r in self.runs), FleetStats())
+    def stats(self, window: int) -> FleetStats:
+        return runs_stats(self.runs, window)
 
 
 def holdout(subset: Subset, seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[list[EngineRun], EvalSet]:
@@ -147,8 +147,8 @@ def run_accuracy(
     started = time.perf_counter()
     train, evals = load_dataset(dataset, data_dir, settings.seed)
     sites = split_sites(train, n_sites)
-    fleet_stats = sum((s.stats() for s in sites), FleetStats())  # federated analytics
-    spec = FeatureSpec.from_stats(fleet_stats, settings.window)
+    fleet_stats = sum((s.stats(settings.window) for s in sites), FleetStats(window=settings.window))  # federated analytics
+    spec = FeatureSpec.from_stats(fleet_stats)
     budget = settings.rounds * settings.local_epochs
     progress = tqdm(total=settings.rounds + len(sites) + 1, desc=f"bench {dataset}", file=sys.stderr, unit="step")
 
@@ -158,7 +158,7 @@ def run_accuracy(
     local = []
     for site in sites:
         progress.set_postfix_str(f"local {site.name}")
-        site_spec = FeatureSpec.from_stats(site.stats(), settings.window)  # a lone site knows only itself
+        site_spec = FeatureSpec.from_stats(site.stats(settings.window))  # a lone site knows only itself
         model = train_alone(settings, site_spec, site.runs, budget)
         local.append(
             {

@@ -232,16 +232,16 @@ def prepare(work: Path, n_engines: int, seed: int) -> dict[str, Any]:
     """The replay schedule, the fleet spec and a trained global model, written to `work`."""
     import numpy as np
 
-    from edge.features import run_features
+    from edge.features import run_features, runs_stats
     from edge.fleet import FleetEngine, engine_id
     from edge.learner import RulModel
     from edge.replay import publish_schedule
     from turbofed.config import ModelSettings
-    from turbofed.spec import FeatureSpec, FleetStats
+    from turbofed.spec import FeatureSpec
 
     runs, data = load_runs(n_engines, seed)
     settings = ModelSettings(seed=seed)
-    stats = sum((FleetStats.from_rows(r.cycles, r.sensors, r.rul()) for r in runs), FleetStats())
+    stats = runs_stats(runs, settings.window)
     spec = FeatureSpec.from_stats(stats, settings.window)
     x = np.vstack([run_features(spec, r.cycles, r.sensors) for r in runs])
     y = np.concatenate([r.rul() for r in runs])

@@ -82,8 +82,8 @@ class EngineTrack:
         w = self.windows.get(spec)
         if w is None:
             w = self.windows[spec] = EngineWindow(spec)
-            start = max(0, self.n - spec.window)  # from the first reading while it still pads
-            for c, s in zip(self.cycles[start : self.n], self.sensors[start : self.n]):
+            # From the first kept reading: the window needs the last W, its baseline the first ones.
+            for c, s in zip(self.cycles[: self.n], self.sensors[: self.n]):
                 w.push(c, s)
         return w
 
@@ -265,7 +265,10 @@ class EdgeAgent:
 
     def on_stats_request(self, request: dict[str, Any]) -> None:
         """Federated analytics: share count, sums and sums of squares, never rows."""
-        stats = self.buffer.stats() if self.buffer.rows else None
+        window = request.get("window")
+        if not isinstance(window, int) or window < 1:
+            raise MessageError(f"stats request {request.get('request_id')!r}: window must be a positive whole number, got {window!r}", "bad_stats_request")
+        stats = self.buffer.stats(window) if self.buffer.rows else None
         reply = {"request_id": request.get("request_id"), "site": self.site, "samples": self.buffer.rows, "engines": len(self.buffer.engines)}
         reply["stats"] = stats.to_dict() if stats else None
         self.client.publish(self.topics.stats(self.site), envelope.encode_json(reply), qos=1)
@@ -331,7 +334,7 @@ class EdgeAgent:
         from edge.learner import RulModel
 
         if self.local_learner is None:
-            self.local_spec = FeatureSpec.from_stats(self.buffer.stats(), self.settings.window)
+            self.local_spec = FeatureSpec.from_stats(self.buffer.stats(self.settings.window))
             self.local_learner = RulModel(self.settings, self.local_spec)
         x, y = self.buffer.training_rows(self.local_spec)
         self.local_learner.train(x, y, epochs=self.settings.local_epochs)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.features import run_features
+from edge.features import history_stats, run_features
 from turbofed.spec import FeatureSpec, FleetStats
 
 
@@ -40,8 +40,9 @@ class TrainingBuffer:
         key = lambda e: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", e[0])]  # noqa: E731
         return sorted(self.engines, key=key)
 
-    def stats(self) -> FleetStats:
-        return sum((FleetStats.from_rows(c, s, r) for _, c, s, r in self.in_engine_order()), FleetStats())
+    def stats(self, window: int) -> FleetStats:
+        """This site's fleet statistics for features over a `window`-cycle window."""
+        return sum((history_stats(c, s, r, window) for _, c, s, r in self.in_engine_order()), FleetStats(window=window))
 
     def training_rows(self, spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
         """Features (float32) and RUL of every buffered cycle under `spec`."""

@@ -78,11 +78,12 @@ def test_synthetic_fleet_carries_signal() -> None:
     from benchmarks.accuracy import evaluate, train_alone
     from edge.synthetic import generate_fleet
     from turbofed.metrics import rmse
-    from turbofed.spec import FeatureSpec, FleetStats
+    from edge.features import runs_stats
+    from turbofed.spec import FeatureSpec
 
     fleet = generate_fleet(n_train=100, n_test=100, seed=0)
     settings = ModelSettings()
-    stats = sum((FleetStats.from_rows(r.cycles, r.sensors, r.rul()) for r in fleet.train), FleetStats())
+    stats = runs_stats(fleet.train, settings.window)
     spec = FeatureSpec.from_stats(stats, settings.window)
     model = train_alone(settings, spec, fleet.train, epochs=settings.rounds * settings.local_epochs)
     from benchmarks.accuracy import EvalSet

@@ -21,7 +21,7 @@ from turbofed.codec import (
 from turbofed.config import ModelSettings
 from turbofed.spec import FeatureSpec
 
-SPEC = FeatureSpec((0, 1, 2), 30, (0.0,) * 10, (1.0,) * 10)
+SPEC = FeatureSpec((0, 1, 2), 30, (0.0,) * 13, (1.0,) * 13)  # 4 features a sensor + the cycle
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,8 @@ def test_read_and_replace_by_name(reference: onnx.ModelProto) -> None:
     out = replace_weights(reference, doubled)
     for name, w in read_weights(out).items():
         np.testing.assert_array_equal(w, doubled[name])
-    assert raw_weight_bytes(weights) == 4 * (10 * 64 + 64 + 64 * 32 + 32 + 32 + 1)
+    inputs = SPEC.n_features
+    assert raw_weight_bytes(weights) == 4 * (inputs * 64 + 64 + 64 * 32 + 32 + 32 + 1)
 
 
 def test_accepts_same_architecture(reference: onnx.ModelProto) -> None:
@@ -60,7 +61,7 @@ def test_refuses_bytes_that_are_not_a_fitting_model(reference, corrupt, error, m
 
 def test_refuses_other_shapes(reference: onnx.ModelProto) -> None:
     wider = RulModel(ModelSettings(hidden=(65, 32)), SPEC).to_onnx()
-    with pytest.raises(WeightsMismatch, match=r"'coefficient' has shape \(10, 65\), expected \(10, 64\)"):
+    with pytest.raises(WeightsMismatch, match=r"'coefficient' has shape \(13, 65\), expected \(13, 64\)"):
         load_compatible(wider, reference)
 
 

@@ -39,14 +39,14 @@ MODULES_HOOK = (
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A small global model (trained here, with scikit-learn) on synthetic engines, its spec,
     and the engines whose readings the agent will get."""
-    from edge.features import run_features
+    from edge.features import run_features, runs_stats
     from edge.learner import RulModel
     from edge.synthetic import generate_fleet
-    from turbofed.spec import FeatureSpec, FleetStats
+    from turbofed.spec import FeatureSpec
 
     runs = generate_fleet(n_train=6, n_test=0, seed=3).train
     settings = ModelSettings(hidden=(8,), local_epochs=1, window=20)
-    stats = sum((FleetStats.from_rows(r.cycles, r.sensors, r.rul()) for r in runs), FleetStats())
+    stats = runs_stats(runs, settings.window)
     spec = FeatureSpec.from_stats(stats, settings.window)
     model = RulModel(settings, spec)
     with warnings.catch_warnings():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edge.cmapss import load_subset
-from edge.features import EngineWindow, run_features
+from edge.features import BASELINE, EngineWindow, history_stats, run_features, runs_stats
 from turbofed.spec import FeatureSpec, FleetStats
 
 
@@ -17,8 +17,8 @@ def fd001(cmapss_dir: Path):
     return load_subset("FD001", cmapss_dir)
 
 
-def stats_of(runs) -> FleetStats:
-    return sum((FleetStats.from_rows(r.cycles, r.sensors, r.rul()) for r in runs), FleetStats())
+def stats_of(runs, window: int = 30) -> FleetStats:
+    return runs_stats(runs, window)
 
 
 def test_site_stats_sum_to_pooled_stats(fd001) -> None:
@@ -28,13 +28,40 @@ def test_site_stats_sum_to_pooled_stats(fd001) -> None:
     # sums of squares cancel for constant sensors near 2388: a std of ~1e-5 instead of 0
     np.testing.assert_allclose(fleet.std()[1:], pooled_rows.std(0), rtol=1e-6, atol=1e-8 * 2388 * 1e3)
     assert FleetStats.from_dict(fleet.to_dict()).count == fleet.count == len(pooled_rows)
+    pooled_features = np.vstack([history_stats_features(r) for r in fd001.train])
+    np.testing.assert_allclose(fleet.feature_mean(), pooled_features.mean(0), rtol=1e-9, atol=1e-9)
+
+
+def history_stats_features(run) -> np.ndarray:
+    from edge.features import history_features
+
+    return history_features(run.cycles, run.sensors, 30)
+
+
+def test_spec_standardises_the_chosen_features(fd001) -> None:
+    spec = FeatureSpec.from_stats(stats_of(fd001.train[:60]) + stats_of(fd001.train[60:]))
+    x = np.vstack([run_features(spec, r.cycles, r.sensors) for r in fd001.train])
+    z = (x - np.array(spec.offset)) / np.array(spec.scale)
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-6)
+    np.testing.assert_allclose(z.std(0), 1, rtol=1e-5)  # sums of squares of levels near 2388 cancel a little
+
+
+def test_statistics_of_different_windows_do_not_mix(fd001) -> None:
+    with pytest.raises(ValueError, match="30-cycle window to those of a 40-cycle window"):
+        stats_of(fd001.train[:2], 30) + stats_of(fd001.train[2:4], 40)
+    with pytest.raises(ValueError, match="for a 30-cycle window, not 40"):
+        FeatureSpec.from_stats(stats_of(fd001.train[:2], 30), window=40)
+    d = stats_of(fd001.train[:2]).to_dict()
+    del d["feature_sumsq"]
+    with pytest.raises(ValueError, match="lack field.*feature_sumsq"):
+        FleetStats.from_dict(d)
 
 
 def test_informative_sensors_come_from_statistics(fd001) -> None:
     spec = FeatureSpec.from_stats(stats_of(fd001.train))
     # the 14 sensors the C-MAPSS literature keeps for FD001 (1-based 2,3,4,7,8,9,11,12,13,14,15,17,20,21)
     assert [i + 1 for i in spec.sensors] == [2, 3, 4, 7, 8, 9, 11, 12, 13, 14, 15, 17, 20, 21]
-    assert spec.n_features == 3 * 14 + 1
+    assert spec.n_features == 4 * 14 + 1
 
 
 def test_constant_sensor_is_never_informative() -> None:
@@ -43,7 +70,7 @@ def test_constant_sensor_is_never_informative() -> None:
     sensors[:, 4] = 14.62  # constant
     rul = np.arange(200, 0, -1.0)
     sensors[:, 0] += rul / 50  # one sensor follows RUL
-    spec = FeatureSpec.from_stats(FleetStats.from_rows(np.arange(1, 201), sensors, rul))
+    spec = FeatureSpec.from_stats(history_stats(np.arange(1, 201), sensors, rul, 30))
     assert 0 in spec.sensors and 4 not in spec.sensors
 
 
@@ -67,6 +94,19 @@ def test_short_history_is_padded_with_first_reading(fd001) -> None:
     first = run_features(spec, run.cycles[:1], run.sensors[:1])[0]
     s = len(spec.sensors)
     level = run.sensors[0, list(spec.sensors)]
-    np.testing.assert_allclose(first[:s], level)  # recent mean of 30 copies of the first reading
+    np.testing.assert_allclose(first[:s], 0, atol=1e-9)  # recent level = the baseline = the first reading
     np.testing.assert_allclose(first[2 * s : 3 * s], 0, atol=1e-9)  # no slope yet
+    np.testing.assert_allclose(first[3 * s : 4 * s], level)
     assert first[-1] == run.cycles[0]
+
+
+def test_baseline_is_the_mean_of_the_first_readings_only(fd001) -> None:
+    spec = FeatureSpec.from_stats(stats_of(fd001.train), window=30)
+    run = fd001.train[0]
+    s = len(spec.sensors)
+    x = run_features(spec, run.cycles, run.sensors)
+    early = run.sensors[:BASELINE, list(spec.sensors)].mean(0)
+    np.testing.assert_allclose(x[BASELINE - 1, 3 * s : 4 * s], early)
+    np.testing.assert_allclose(x[-1, 3 * s : 4 * s], early)  # frozen after the first BASELINE cycles
+    recent = run.sensors[-5:, list(spec.sensors)].mean(0)
+    np.testing.assert_allclose(x[-1, :s], recent - early)

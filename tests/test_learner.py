@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 
 from edge.cmapss import load_subset
-from edge.features import run_features
+from edge.features import run_features, runs_stats
 from edge.inference import OnnxPredictor
 from edge.learner import RulModel
 from turbofed.config import ModelSettings
 from turbofed.errors import ConfigError, WeightsError
-from turbofed.spec import FeatureSpec, FleetStats
+from turbofed.spec import DEFAULT_WINDOW, FeatureSpec
 
 
 @pytest.fixture(scope="module")
 def data(cmapss_dir: Path):
     runs = load_subset("FD001", cmapss_dir).train[:20]
-    stats = sum((FleetStats.from_rows(r.cycles, r.sensors, r.rul()) for r in runs), FleetStats())
+    stats = runs_stats(runs, DEFAULT_WINDOW)
     spec = FeatureSpec.from_stats(stats)
     x = np.vstack([run_features(spec, r.cycles, r.sensors) for r in runs])
     return spec, x, np.concatenate([r.rul() for r in runs])

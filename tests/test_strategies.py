@@ -15,7 +15,7 @@ from turbofed.codec import WeightsMismatch, read_weights
 from turbofed.config import ModelSettings
 from turbofed.spec import FeatureSpec
 
-SPEC = FeatureSpec((0, 1), 30, (0.0,) * 7, (1.0,) * 7)
+SPEC = FeatureSpec((0, 1), 30, (0.0,) * 9, (1.0,) * 9)  # 4 features a sensor + the cycle
 
 
 def updates() -> list[SiteUpdate]:

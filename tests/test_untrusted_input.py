@@ -19,7 +19,8 @@ from turbofed import envelope
 from turbofed.config import ModelSettings
 from turbofed.messages import SensorReading
 from turbofed.mqtt import connect, make_client
-from turbofed.spec import FeatureSpec, FleetStats
+from edge.features import runs_stats
+from turbofed.spec import FeatureSpec
 
 pytestmark = pytest.mark.slow
 
@@ -83,8 +84,13 @@ def test_aggregator_refuses_bad_updates_and_keeps_going(broker, cmapss_dir: Path
         aggregator = fleet.start_aggregator()
         sites = FakeSites(fleet)
         wait_for("a stats request", lambda: hasattr(sites, "stats_request"))
+        assert sites.stats_request["window"] == settings.window
+        wrong_window = runs_stats(runs[:5], settings.window + 10)
+        reply = {"request_id": sites.stats_request["request_id"], "site": "site1", "samples": int(wrong_window.count), "stats": wrong_window.to_dict()}
+        sites.client.publish(fleet.topics.stats("site1"), envelope.encode_json(reply), qos=1)
+        wait_for("the wrong-window statistics to be refused", lambda: aggregator.counters["bad_stats"] == 1)
         for site, part in (("site1", runs[:5]), ("site2", runs[5:])):
-            stats = sum((FleetStats.from_rows(r.cycles, r.sensors, r.rul()) for r in part), FleetStats())
+            stats = runs_stats(part, settings.window)
             reply = {"request_id": sites.stats_request["request_id"], "site": site, "samples": int(stats.count), "stats": stats.to_dict()}
             sites.client.publish(fleet.topics.stats(site), envelope.encode_json(reply), qos=1)
         wait_for("round 0", lambda: sites.round.get("round") == 0)
@@ -111,14 +117,14 @@ def test_aggregator_refuses_bad_updates_and_keeps_going(broker, cmapss_dir: Path
         sites.send("site1", sites.update(poisoned(good, np.inf)))
         sites.send("site1", sites.update(good))  # the first acceptable update from site1
         sites.send("site1", sites.update(good))  # and a second one
-        wait_for("every bad update to be counted", lambda: sum(aggregator.counters.values()) == len(bad) + 3)
+        wait_for("every bad update to be counted", lambda: sum(aggregator.counters.values()) == len(bad) + 4)
         assert aggregator.version == 0 and sites.global_payload == global_v0  # nothing touched the model
 
         sites.send("site2", sites.update(good, site="site2"))
         wait_for("round 1 to close with the good updates", lambda: aggregator.version == 1)
     finally:
         fleet.close()
-    expected = {**{k: 1 for k in bad}, "mismatch": 2, "non_finite": 2, "duplicate": 1}
+    expected = {**{k: 1 for k in bad}, "mismatch": 2, "non_finite": 2, "duplicate": 1, "bad_stats": 1}
     assert dict(aggregator.counters) == expected
     from aggregator.store import open_store
 
@@ -128,6 +134,8 @@ def test_aggregator_refuses_bad_updates_and_keeps_going(broker, cmapss_dir: Path
     assert len(logged) == sum(expected.values())
     assert any("holds 1 non-finite value" in m for m in logged)
     assert any("envelope names site 'site2' but arrived on 'site1'" in m for m in logged)
+    assert any("stats from site1 are for a 40-cycle window, not 30" in m for m in logged)
+    assert aggregator.stats.count == sum(len(r.cycles) for r in runs)  # the refused statistics were not counted
 
 
 def test_agent_skips_malformed_readings_and_keeps_running(broker, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
