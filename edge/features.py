@@ -20,6 +20,7 @@ labelled history's share of them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -35,22 +36,30 @@ RECENT = 5  # cycles averaged for the "current level" feature
 BASELINE = 30  # first cycles of an engine's history averaged as its own baseline
 
 
+@functools.lru_cache(maxsize=8)
 def _slope_weights(window: int) -> np.ndarray:
+    """Least-squares slope weights, shaped to broadcast over (N, W, S); cached (agents call per reading)."""
     t = np.arange(window, dtype=float) - (window - 1) / 2.0
-    return t / (t @ t)
+    weights = (t / (t @ t))[None, :, None]
+    weights.flags.writeable = False
+    return weights
 
 
 def window_features(windows: np.ndarray, baselines: np.ndarray, cycles: np.ndarray) -> np.ndarray:
-    """(N, W, S) raw sensor windows, (N, S) baselines and (N,) cycle counts -> (N, 4S + 1) raw features."""
-    weights = _slope_weights(windows.shape[1])[None, :, None]
-    return np.hstack(
+    """(N, W, S) raw sensor windows, (N, S) baselines and (N,) cycle counts -> (N, 4S + 1) raw features.
+
+    Sums divided by counts, not `mean()`: the same arithmetic, and an agent calls this for
+    every reading (see `turbofed bench edge`)."""
+    recent = min(RECENT, windows.shape[1])
+    return np.concatenate(
         [
-            windows[:, -RECENT:].mean(axis=1) - baselines,
-            windows.mean(axis=1) - baselines,
-            (windows * weights).sum(axis=1),
+            windows[:, -recent:].sum(axis=1) / recent - baselines,
+            windows.sum(axis=1) / windows.shape[1] - baselines,
+            (windows * _slope_weights(windows.shape[1])).sum(axis=1),
             baselines,
             np.asarray(cycles, dtype=float)[:, None],
-        ]
+        ],
+        axis=1,
     )
 
 
