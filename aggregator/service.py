@@ -25,7 +25,7 @@ from typing import Any
 
 import onnx
 
-from aggregator.registry import ModelRegistry
+from aggregator.registry import ModelRegistry, RegistryError
 from aggregator.rounds import Rejected, Round, agreed_initial_model
 from aggregator.store import open_store
 from aggregator.strategies import SiteUpdate, make_strategy, merge
@@ -66,7 +66,12 @@ class Aggregator:
         self.stats_replies: dict[str, dict[str, Any]] = {}
         self.stats_request_id = ""
         self.client = None
-        self._resume()
+        try:
+            self._resume()
+        except BaseException:
+            self.store.close()
+            self.registry.close()
+            raise
 
     # --- start, resume ---------------------------------------------------------------
 
@@ -77,8 +82,15 @@ class Aggregator:
             return
         self.model = onnx.load_model_from_string(ckpt.model)
         self.version = ckpt.version
-        self.spec = FeatureSpec.from_dict(ckpt.fleet["spec"])
-        self.stats = FleetStats.from_dict(ckpt.fleet["stats"])
+        try:
+            self.spec = FeatureSpec.from_dict(ckpt.fleet["spec"])
+            self.stats = FleetStats.from_dict(ckpt.fleet["stats"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RegistryError(
+                f"checkpoint v{ckpt.version} in {self.registry.folder} holds fleet statistics or a feature spec this "
+                f"turbofed cannot use ({exc}); it was probably written by an older version. It is left as it is: "
+                "start this fleet with a new registry folder."
+            ) from None
         self.strategy.load_state(ckpt.strategy_state)
         log.info("resumed from checkpoint v%d (round %d)", ckpt.version, ckpt.round)
         self.store.record_event("resumed", {"version": ckpt.version, "round": ckpt.round}, time.time())

@@ -92,3 +92,23 @@ def test_crash_between_file_and_row(tmp_path: Path) -> None:
         assert [v["version"] for v in reg.versions()] == [1, 2]
     leftovers = {p.name for p in (tmp_path / "models").iterdir()}
     assert leftovers >= {"v00001.onnx", "v00001.npz", "v00002.onnx", "v00002.npz"}
+
+
+def test_aggregator_refuses_an_older_checkpoint_and_keeps_it(tmp_path: Path) -> None:
+    """A checkpoint whose feature spec and statistics predate the baseline features (3 features
+    a sensor, no feature sums): the aggregator says which checkpoint and why, and deletes nothing."""
+    from aggregator.service import Aggregator
+    from edge.learner import RulModel
+    from turbofed.config import FleetConfig, ModelSettings
+    from turbofed.spec import FeatureSpec
+
+    model = RulModel(ModelSettings(), FeatureSpec((0, 1), 30, (0.0,) * 9, (1.0,) * 9)).to_onnx()
+    old_spec = {"sensors": [0, 1], "window": 30, "offset": [0.0] * 7, "scale": [1.0] * 7}
+    old_stats = {"count": 10.0, "sum": [0.0] * 22, "sumsq": [0.0] * 22, "sum_y": 0.0, "sumsq_y": 0.0, "sum_xy": [0.0] * 22}
+    with ModelRegistry(tmp_path / "registry") as reg:
+        reg.save(3, 2, model, {}, {"spec": old_spec, "stats": old_stats})
+    config = FleetConfig(sites=("site1",), store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry"))
+    with pytest.raises(RegistryError, match=r"checkpoint v3 in .*registry holds .* cannot use \(feature spec offset/scale length"):
+        Aggregator(config)
+    with ModelRegistry(tmp_path / "registry") as reg:
+        assert reg.latest().model == model  # left as it was
