@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.features import history_stats, run_features
+from edge.features import histories_stats, run_features
 from turbofed.spec import FeatureSpec, FleetStats
 
 
@@ -42,7 +42,7 @@ class TrainingBuffer:
 
     def stats(self, window: int) -> FleetStats:
         """This site's fleet statistics for features over a `window`-cycle window."""
-        return sum((history_stats(c, s, r, window) for _, c, s, r in self.in_engine_order()), FleetStats(window=window))
+        return histories_stats(((c, s, r) for _, c, s, r in self.in_engine_order()), window)
 
     def training_rows(self, spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
         """Features (float32) and RUL of every buffered cycle under `spec`."""

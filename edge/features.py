@@ -83,9 +83,14 @@ def history_stats(cycles: np.ndarray, sensors: np.ndarray, rul: np.ndarray, wind
     return FleetStats.from_rows(cycles, sensors, rul, history_features(cycles, sensors, window), window)
 
 
+def histories_stats(histories: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], window: int) -> FleetStats:
+    """The statistics of labelled (cycles, sensors, RUL) histories: each one's `history_stats`, summed."""
+    return sum((history_stats(c, s, r, window) for c, s, r in histories), FleetStats(window=window))
+
+
 def runs_stats(runs: Iterable[EngineRun], window: int) -> FleetStats:
-    """The fleet statistics of labelled engine runs (each run's `history_stats`, summed)."""
-    return sum((history_stats(r.cycles, r.sensors, r.rul(), window) for r in runs), FleetStats(window=window))
+    """The fleet statistics of labelled engine runs."""
+    return histories_stats(((r.cycles, r.sensors, r.rul()) for r in runs), window)
 
 
 class EngineWindow:
