@@ -151,9 +151,7 @@ data
   |> max(column: "cycle")
   |> yield(name: "latest")
 data
-  |> filter(fn: (r) => r._measurement == "truth")
-  {_PIVOT}
-  |> last(column: "at")
+  {_LATEST_TRUTH}
   |> yield(name: "truth")""")
         truth = _truth([r for r in recs if r.get("result") == "truth"])
         latest: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
@@ -181,9 +179,7 @@ data
   {_PIVOT}
   |> yield(name: "predictions")
 data
-  |> filter(fn: (r) => r._measurement == "truth")
-  {_PIVOT}
-  |> last(column: "at")
+  {_LATEST_TRUTH}
   |> yield(name: "truth")""")
         truth = _truth([r for r in recs if r.get("result") == "truth"]).get((site, str(engine)))
         return _trajectory([r for r in recs if r.get("result") == "predictions"], truth)
@@ -192,9 +188,7 @@ data
         """Per engine whose truth is known: truth cycle and RUL (failed: RUL 0 there) and its
         predictions at every cycle (the input of maintenance-policy economics)."""
         truth = _truth(self._query("truth", f"""{self._from()}
-  |> filter(fn: (r) => r._measurement == "truth")
-  {_PIVOT}
-  |> last(column: "at")"""))
+  {_LATEST_TRUTH}"""))
         if not truth:
             return []
         sites = _flux_list(sorted({s for s, _ in truth}))
@@ -260,6 +254,10 @@ data
 
 
 _PIVOT = '|> pivot(rowKey: ["_time"], columnKey: ["_field"], valueColumn: "_value")'
+# The newest truth report per engine (what every truth-aware read starts from).
+_LATEST_TRUTH = f'''|> filter(fn: (r) => r._measurement == "truth")
+  {_PIVOT}
+  |> last(column: "at")'''
 
 
 def _flux_str(text: str) -> str:
