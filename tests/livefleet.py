@@ -99,6 +99,15 @@ class LiveFleet:
             progress=False, max_engines=max_engines, topics=self.topics,
         )
 
+    def buffer_training(self, max_engines: int, data_dir: Path) -> dict:
+        """Start every site's agent, replay training engines to failure and wait until the
+        agents have buffered every row (what a round needs); the replay's summary."""
+        for site in self.sites:
+            self.start_agent(site)
+        train = self.replay("train", max_engines, data_dir)
+        wait_for("sites to buffer the failed engines", lambda: sum(a.buffer.rows for a in self.agents.values()) == train["rows"])
+        return train
+
     def close(self) -> None:
         for stop, _ in self.running:
             stop.set()

@@ -21,10 +21,7 @@ pytestmark = pytest.mark.slow
 def test_four_agents_five_rounds(broker, cmapss_dir: Path, tmp_path: Path) -> None:
     fleet = LiveFleet(broker, tmp_path, ["site1", "site2", "site3", "site4"], ModelSettings(rounds=5, local_epochs=1))
     try:
-        for site in fleet.sites:
-            fleet.start_agent(site)
-        train = fleet.replay("train", 24, cmapss_dir)
-        wait_for("sites to buffer the failed engines", lambda: sum(a.buffer.rows for a in fleet.agents.values()) == train["rows"])
+        train = fleet.buffer_training(24, cmapss_dir)
         aggregator = fleet.start_aggregator()
         wait_for("5 rounds", lambda: aggregator.version == 5, 120)
         wait_for("sites to load global v5", lambda: all(a.global_version == 5 for a in fleet.agents.values()))
@@ -88,10 +85,7 @@ def test_agent_killed_mid_round_catches_up(broker, cmapss_dir: Path, tmp_path: P
 def test_aggregator_restart_resumes_from_checkpoint(broker, cmapss_dir: Path, tmp_path: Path) -> None:
     fleet = LiveFleet(broker, tmp_path, ["site1", "site2"], ModelSettings(rounds=4, local_epochs=1))
     try:
-        for site in fleet.sites:
-            fleet.start_agent(site)
-        train = fleet.replay("train", 12, cmapss_dir)
-        wait_for("sites to buffer", lambda: sum(a.buffer.rows for a in fleet.agents.values()) == train["rows"])
+        fleet.buffer_training(12, cmapss_dir)
         first = fleet.start_aggregator()
         wait_for("round 2", lambda: first.version >= 2, 60)
         fleet.stop_aggregator()
