@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from turbofed.envelope import json_default
 from turbofed.errors import TurbofedError
 
 SCHEMA_VERSION = 1
@@ -103,7 +104,7 @@ class ModelRegistry:
             state = _npz_bytes(strategy_state)
             _write_atomic(path, model)
             _write_atomic(state_path, state)
-            fleet_json = json.dumps(fleet, default=_json_default, sort_keys=True)
+            fleet_json = json.dumps(fleet, default=json_default, sort_keys=True)
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -202,9 +203,3 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
-
-def _json_default(value: Any) -> Any:
-    """numpy arrays and scalars in fleet statistics become lists and numbers."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")

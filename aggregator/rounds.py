@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 import onnx
 
 from turbofed import envelope
-from turbofed.codec import Weights, check_finite, load_compatible, parse_model, read_weights
+from turbofed.codec import (
+    Weights,
+    check_finite,
+    load_compatible,
+    parse_model,
+    read_weights,
+)
 from turbofed.errors import TurbofedError, WeightsError
 
 

@@ -24,16 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from turbofed.aggregator.registry import ModelRegistry, RegistryError
+from turbofed.aggregator.rounds import Rejected, Round, agreed_initial_model
+from turbofed.aggregator.strategies import SiteUpdate, make_strategy, merge
 
-from aggregator.registry import ModelRegistry, RegistryError
-from aggregator.rounds import Rejected, Round, agreed_initial_model
-from aggregator.store import open_store
-from aggregator.strategies import SiteUpdate, make_strategy, merge
 from turbofed import envelope
 from turbofed.config import FleetConfig, load_fleet_config
 from turbofed.errors import ConfigError, TurbofedError
 from turbofed.mqtt import Subscriptions, client_id, connect, make_client
 from turbofed.spec import FeatureSpec, FleetStats
+from turbofed.store import open_store
 from turbofed.topics import TopicError, Topics
 
 log = logging.getLogger("turbofed.aggregator")

@@ -20,33 +20,18 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from tqdm import tqdm
+from turbofed.aggregator.strategies import aggregate_onnx, make_strategy
+from turbofed.benchmarks import emit, machine_info
+from turbofed.data.cmapss import EngineRun
+from turbofed.data.datasets import EvalSet, load_dataset
+from turbofed.edge.features import run_features, runs_stats
+from turbofed.edge.inference import OnnxPredictor
+from turbofed.edge.learner import RulModel
 
-from aggregator.strategies import aggregate_onnx, make_strategy
-from benchmarks import emit, machine_info
-from edge.cmapss import EngineRun, Subset, load_subset
-from edge.fleet import assign, site_names
-from edge.features import run_features, runs_stats
-from edge.inference import OnnxPredictor
-from edge.learner import RulModel
 from turbofed.config import ModelSettings
 from turbofed.metrics import rul_metrics
+from turbofed.simulation.fleet import assign, site_names
 from turbofed.spec import FeatureSpec, FleetStats
-
-HOLDOUT_FRACTION = 0.2
-# NASA cut its test engines some time before failure: on FD001 the shortest observed
-# history is 31 cycles and the true RUL runs from 7 to 145. Held-out engines are cut the
-# same way: a true RUL drawn uniformly from [5, 150], at least 31 cycles observed.
-MIN_OBSERVED_CYCLES = 31
-MIN_TRUE_RUL, MAX_TRUE_RUL = 5, 150
-
-
-@dataclass
-class EvalSet:
-    """Test engines of one subset, and whether they are NASA's or held out of train."""
-
-    subset: str
-    runs: list[EngineRun]
-    kind: str  # "official-test" | "holdout-from-train"
 
 
 @dataclass
@@ -59,39 +44,6 @@ class Site:
 
     def stats(self, window: int) -> FleetStats:
         return runs_stats(self.runs, window)
-
-
-def holdout(subset: Subset, seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[list[EngineRun], EvalSet]:
-    """Hold out a seeded fraction of training engines, each cut before failure like NASA's test set."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(subset.train))
-    n_out = max(1, int(round(fraction * len(subset.train))))
-    held, kept = order[:n_out], order[n_out:]
-    cut = []
-    for i in sorted(held):
-        run = subset.train[i]
-        longest = max(MIN_TRUE_RUL, min(MAX_TRUE_RUL, len(run) - MIN_OBSERVED_CYCLES))
-        rul = int(rng.integers(MIN_TRUE_RUL, longest + 1))
-        cut.append(run.cut(max(1, len(run) - rul)))
-    return [subset.train[i] for i in sorted(kept)], EvalSet(subset.name, cut, "holdout-from-train")
-
-
-def load_dataset(dataset: str, data_dir: str | None, seed: int) -> tuple[dict[str, list[EngineRun]], list[EvalSet]]:
-    """Training runs per subset and one evaluation set per subset (official test if present)."""
-    train, evals = {}, []
-    for name in dataset.split("+"):
-        if name.upper().startswith("SYN"):
-            from edge.synthetic import generate_fleet
-
-            subset = generate_fleet(n_train=100, n_test=100, seed=seed, name=name.upper())
-        else:
-            subset = load_subset(name.upper(), data_dir)
-        if subset.test:
-            train[subset.name], ev = subset.train, EvalSet(subset.name, subset.test, "official-test")
-        else:
-            train[subset.name], ev = holdout(subset, seed)
-        evals.append(ev)
-    return train, evals
 
 
 def split_sites(train: dict[str, list[EngineRun]], n_sites: int) -> list[Site]:

@@ -6,7 +6,7 @@ then times, per page, exactly the reads the page makes when it loads (`views.PAG
 plus the `counts()` every page makes) and, separately, those reads plus the page's table and
 economics computations (everything but drawing). Goal: the slowest page's queries < 1 s.
 
-    python -m benchmarks.dashboard [--engines 100 --cycles 300 --repeats 5 --json out.json]
+    python -m turbofed.benchmarks.dashboard [--engines 100 --cycles 300 --repeats 5 --json out.json]
 
 Prints JSON: machine, settings and seed next to the figures (seconds).
 """
@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from turbofed.benchmarks import machine_info
+from turbofed.dashboard import economics, views
+from turbofed.dashboard.samples import write_big_store
 
-from aggregator.store import ResultsStore, SqliteStore, open_store
-from dashboard import economics, views
-from dashboard.samples import write_big_store
-from benchmarks import machine_info
+from turbofed.store import ResultsStore, open_store
+from turbofed.store.sqlite import SqliteStore
 
 GOAL_S = 1.0
 

@@ -11,7 +11,7 @@ count against the other's memory):
   runs) next to scikit-learn's own `predict` on the same input.
 
 The agent is fed in process, without a broker: `EdgeAgent.handle(topic, payload)` gets
-exactly the (topic, payload) pairs `turbofed replay` publishes (edge.replay's schedule:
+exactly the (topic, payload) pairs `turbofed replay` publishes (turbofed.simulation.replay's schedule:
 SensorReading payloads, failure events), plus the aggregator's messages (a round
 announcement and a global model trained here on the same engines). Its MQTT client is
 a stand-in that drops what the agent publishes, so the figures are the agent's own,
@@ -41,7 +41,8 @@ import uuid
 import warnings
 from pathlib import Path
 from typing import Any
-from benchmarks import emit, machine_info
+
+from turbofed.benchmarks import emit, machine_info
 
 # Only the standard library at module level: a child process imports this module, and
 # whatever it imports counts against the agent's measured memory.
@@ -156,7 +157,8 @@ def _replay(agent: Any, path: Path, prefix: str = "") -> dict[str, float]:
 def child(profile: str, work: Path) -> dict[str, Any]:
     """One profile, in this (fresh) process: returns its memory and CPU figures."""
     rss_start = rss_mb()
-    from edge.agent import EdgeAgent  # what `turbofed edge` imports
+    from turbofed.edge.agent import EdgeAgent  # what `turbofed edge` imports
+
     from turbofed import envelope
     from turbofed.config import BrokerSettings, SiteConfig
     from turbofed.topics import Topics
@@ -211,9 +213,10 @@ def child(profile: str, work: Path) -> dict[str, Any]:
 
 def load_runs(n_engines: int, seed: int) -> tuple[list[Any], str]:
     """N training engines (run to failure): C-MAPSS FD001 when it is there, else synthetic."""
-    from edge.cmapss import load_subset
+    from turbofed.data.cmapss import load_subset
+    from turbofed.data.synthetic import generate_fleet
+
     from turbofed.config import resolve_data_dir
-    from edge.synthetic import generate_fleet
     from turbofed.errors import DataError
 
     folder = resolve_data_dir(None)
@@ -231,12 +234,12 @@ def load_runs(n_engines: int, seed: int) -> tuple[list[Any], str]:
 def prepare(work: Path, n_engines: int, seed: int) -> dict[str, Any]:
     """The replay schedule, the fleet spec and a trained global model, written to `work`."""
     import numpy as np
+    from turbofed.edge.features import run_features, runs_stats
+    from turbofed.edge.learner import RulModel
 
-    from edge.features import run_features, runs_stats
-    from edge.fleet import FleetEngine, engine_id
-    from edge.learner import RulModel
-    from edge.replay import publish_schedule
     from turbofed.config import ModelSettings
+    from turbofed.simulation.fleet import FleetEngine, engine_id
+    from turbofed.simulation.replay import publish_schedule
     from turbofed.spec import FeatureSpec
 
     runs, data = load_runs(n_engines, seed)
@@ -269,10 +272,9 @@ def latency(runs: list[Any], spec: Any, model: Any, onnx_model: bytes) -> dict[s
     features, then `RulModel.predict` (the estimator's own predict, normalisation included).
     """
     import numpy as np
-
-    from edge.agent import EdgeAgent, EngineTrack
-    from edge.features import EngineWindow
-    from edge.inference import OnnxPredictor
+    from turbofed.edge.agent import EdgeAgent, EngineTrack
+    from turbofed.edge.features import EngineWindow
+    from turbofed.edge.inference import OnnxPredictor
 
     predictor = OnnxPredictor(onnx_model)
     order = sorted(((t, k) for k, r in enumerate(runs) for t in range(len(r))), key=lambda tk: (tk[0], tk[1]))[: MAX_TIMED + WARMUP]
@@ -335,7 +337,7 @@ def latency(runs: list[Any], spec: Any, model: Any, onnx_model: bytes) -> dict[s
 def run_child(profile: str, work: Path, timeout: float = 900.0) -> dict[str, Any]:
     env = dict(os.environ)
     env.setdefault("PYTHONHASHSEED", "0")
-    cmd = [sys.executable, "-m", "benchmarks.edge", "--child", profile, "--work", str(work)]
+    cmd = [sys.executable, "-m", "turbofed.benchmarks.edge", "--child", profile, "--work", str(work)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         from turbofed.errors import TurbofedError
@@ -431,8 +433,8 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m benchmarks.edge --child PROFILE --work DIR` (used by run_bench)."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.edge")
+    """`python -m turbofed.benchmarks.edge --child PROFILE --work DIR` (used by run_bench)."""
+    parser = argparse.ArgumentParser(prog="python -m turbofed.benchmarks.edge")
     parser.add_argument("--child", choices=("training", "inference"))
     parser.add_argument("--work")
     parser.add_argument("--engines", type=int, default=100)

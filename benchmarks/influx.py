@@ -9,7 +9,7 @@ the points back through VictoriaMetrics's export API.
 The server is Debian's victoria-metrics, started here on loopback in a temporary folder
 (no InfluxDB 2 server installs on this machine); --url points at another server instead.
 
-    python -m benchmarks.influx --json OUT [--points 1000000] [--seed 0]
+    python -m turbofed.benchmarks.influx --json OUT [--points 1000000] [--seed 0]
 
 This module also holds `VictoriaMetrics`, the throwaway server the tests use.
 """
@@ -31,9 +31,9 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from benchmarks import emit, machine_info
 
 import numpy as np
+from turbofed.benchmarks import emit, machine_info
 
 VM_BINARY = "victoria-metrics"
 EXPORT_AHEAD_S = 7 * 86_400  # export end: this far past now (see VictoriaMetrics.export)
@@ -206,7 +206,7 @@ def run_phase(store: Any, kind: str, batches: list[tuple[str, list[tuple[Any, ..
 
 def run_benchmark(points: int, seed: int, url: str | None, sites: int, engines: int, cycles_per_report: int,
                   verify: bool, settings: dict[str, Any]) -> dict[str, Any]:
-    from aggregator.influx import LINES_PER_ITEM, InfluxSettings, InfluxStore
+    from turbofed.store.influx_write import LINES_PER_ITEM, InfluxSettings, InfluxStore
 
     load_at_start = [round(x, 2) for x in os.getloadavg()]  # other work on the machine skews the figures
     rng = np.random.default_rng(seed)
@@ -257,7 +257,7 @@ def dataclass_settings(config: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.influx", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m turbofed.benchmarks.influx", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", dest="json_out", help="also write the JSON result here")
     parser.add_argument("--points", type=int, default=1_000_000, help="points per phase (predictions, then sensors)")
     parser.add_argument("--seed", type=int, default=0)

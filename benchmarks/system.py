@@ -1,6 +1,6 @@
 """`turbofed bench system`: a 50-site fleet on Mosquitto, measured.
 
-Agents run several to a process (threads of one `python -m benchmarks.system --worker`
+Agents run several to a process (threads of one `python -m turbofed.benchmarks.system --worker`
 process, 10 each by default) to fit 50 on a 2-core machine; each agent has its own MQTT
 connection, state folder and models, exactly as it would on its own device. Reported:
 
@@ -22,10 +22,11 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks import emit, machine_info
-from turbofed.broker import start_broker
+from turbofed.benchmarks import emit, machine_info
+
 from turbofed.config import BrokerSettings, ModelSettings, load_site_config
-from turbofed.demo import FleetWatch, Processes, write_configs
+from turbofed.simulation.broker import start_broker
+from turbofed.simulation.demo import FleetWatch, Processes, write_configs
 
 AGENTS_PER_PROCESS = 10
 
@@ -42,7 +43,7 @@ def run_worker(configs: list[str]) -> int:
     """Several agents in one process until SIGTERM."""
     import logging
 
-    from edge.agent import EdgeAgent
+    from turbofed.edge.agent import EdgeAgent
 
     logging.basicConfig(level=logging.WARNING)
     stop = threading.Event()
@@ -59,7 +60,7 @@ def run_worker(configs: list[str]) -> int:
 
 
 def run_system(n_sites: int = 50, rounds: int = 3, dataset: str = "SYN001", seed: int = 0) -> dict:
-    from edge.replay import replay
+    from turbofed.simulation.replay import replay
 
     settings = ModelSettings(rounds=rounds, local_epochs=1, seed=seed)
     work = Path(tempfile.mkdtemp(prefix="turbofed-bench-system-"))
@@ -76,7 +77,7 @@ def run_system(n_sites: int = 50, rounds: int = 3, dataset: str = "SYN001", seed
             for k, group in enumerate(groups):
                 cfgs = [str(work / f"{s}.toml") for s in group]
                 log = open(work / "logs" / f"worker{k}.log", "wb")
-                workers.append(subprocess.Popen([sys.executable, "-m", "benchmarks.system", "--worker", *cfgs], stdout=log, stderr=subprocess.STDOUT))
+                workers.append(subprocess.Popen([sys.executable, "-m", "turbofed.benchmarks.system", "--worker", *cfgs], stdout=log, stderr=subprocess.STDOUT))
                 processes.children[f"worker{k}"] = workers[-1]
             watch.wait("agents online", lambda: sum(bool(watch.status.get(s, {}).get("online")) for s in sites) == n_sites, 180, processes)
 
@@ -91,10 +92,10 @@ def run_system(n_sites: int = 50, rounds: int = 3, dataset: str = "SYN001", seed
         finally:
             processes.stop(30)
             watch.close()
-    from aggregator.store import open_store
-    from turbofed.codec import raw_weight_bytes, read_weights
-
     import onnx
+
+    from turbofed.codec import raw_weight_bytes, read_weights
+    from turbofed.store import open_store
 
     store = open_store(str(work / "results.sqlite"))
     recorded = [r for r in store.rounds() if r["round"] > 0]

@@ -7,18 +7,12 @@ navigation; the pages are the scripts in `screens/`, each a thin layout over `vi
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-try:
-    import dashboard  # noqa: F401  (installed, or run from the repository root)
-except ImportError:  # `streamlit run` puts only this folder on sys.path
-    sys.path.insert(0, str(HERE.parent))
-
 import streamlit as st
+from turbofed.dashboard import common
 
-from dashboard import common
+HERE = Path(__file__).resolve().parent
 
 st.set_page_config(page_title="turbofed", page_icon=":material/flight:", layout="wide")
 

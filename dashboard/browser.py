@@ -5,7 +5,7 @@ app's skeleton; instead we speak the Chrome DevTools protocol over a websocket w
 `websockets` package (a Streamlit dependency: nothing new to install) and poll the live
 DOM until the page has rendered. Used by the browser test and by
 
-    python -m dashboard.browser --store results.sqlite --out screenshots/
+    python -m turbofed.dashboard.browser --store results.sqlite --out screenshots/
 
 which starts `turbofed dashboard` on a free loopback port and saves one PNG per page (the
 README's screenshot of "Federated vs local" comes from a demo run's store this way).

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 import altair as alt
 import pandas as pd
+from turbofed.dashboard.views import MODEL_COLORS, URGENCY_COLORS, URGENCY_LEVELS
 
-from dashboard.views import MODEL_COLORS, URGENCY_COLORS, URGENCY_LEVELS, natural_key
+from turbofed.topics import natural_key
 
 MODEL_SCALE = alt.Scale(domain=["local", "federated"], range=[MODEL_COLORS["local"], MODEL_COLORS["federated"]])
 SERIES_SCALE = alt.Scale(domain=["true RUL", "local", "federated"],

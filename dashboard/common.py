@@ -15,7 +15,7 @@ from typing import Any
 
 import streamlit as st
 
-from aggregator.store import ResultsStore, StoreError, open_store
+from turbofed.store import ResultsStore, StoreError, open_store
 
 DEFAULT_STORE = ".turbofed/demo/results.sqlite"
 ENV_STORE = "TURBOFED_STORE"

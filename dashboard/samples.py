@@ -5,8 +5,8 @@ dashboard without running the demo; the big one is the benchmark's fleet (100 en
 300 cycles x 2 models by default). Both are written only through the store's record_*
 methods, exactly as the aggregator's recorder would.
 
-    python -m dashboard.samples results.sqlite            # the small store
-    python -m dashboard.samples big.sqlite --engines 100  # the benchmark's fleet
+    python -m turbofed.dashboard.samples results.sqlite            # the small store
+    python -m turbofed.dashboard.samples big.sqlite --engines 100  # the benchmark's fleet
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.store import ResultsStore, open_store
+from turbofed.store import ResultsStore, open_store
 
 T0 = 1_700_000_000.0  # timestamps of the small store: T0 + seconds
 

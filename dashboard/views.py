@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -18,7 +17,8 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from aggregator.store import ResultsStore
+from turbofed.store import ResultsStore
+from turbofed.topics import natural_key
 
 Basis = Literal["either", "local", "federated"]
 URGENCY_LEVELS = ("critical", "warning", "ok", "unknown", "failed")
@@ -28,11 +28,6 @@ MODEL_COLORS = {"local": "#1f77b4", "federated": "#e45756", "true RUL": "#333333
 EVENTS_SHOWN = 50
 BASIS_LABELS: dict[str, Basis] = {"the lower of the two": "either", "federated model": "federated",
                                   "local model": "local"}
-
-
-def natural_key(text: Any) -> tuple[Any, ...]:
-    """Sort key putting "engine-2" before "engine-10" (matches the store's ordering)."""
-    return tuple(int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", str(text))))
 
 
 def _num(value: Any) -> float:

@@ -1,2 +1,3 @@
-"""What runs on the device: data loading and replay, features, the incremental learner,
-ONNX export/import, onnxruntime inference and the agent loop."""
+"""What runs on the device: streaming features, the incremental learner, onnxruntime
+inference, the training buffer and the agent loop. Nothing else (host tools live in
+`turbofed.data`, `turbofed.simulation` and `turbofed.deploy`)."""

@@ -26,19 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from turbofed.edge.buffer import TrainingBuffer, load_histories, save_histories
+from turbofed.edge.features import EngineWindow
+from turbofed.edge.inference import OnnxPredictor
 
 import turbofed
-from edge.buffer import TrainingBuffer, load_histories, save_histories
-from edge.features import EngineWindow
-from edge.inference import OnnxPredictor
 from turbofed import envelope
 from turbofed.config import ModelSettings, SiteConfig, load_site_config
 from turbofed.errors import TurbofedError
 from turbofed.messages import MessageError, parse_event, parse_reading
 from turbofed.metrics import phm08_score, rmse
 from turbofed.mqtt import Subscriptions, client_id, connect, make_client
-from turbofed.topics import TopicError, Topics
 from turbofed.spec import FeatureSpec
+from turbofed.topics import TopicError, Topics
 
 log = logging.getLogger("turbofed.edge")
 
@@ -309,7 +309,7 @@ class EdgeAgent:
         self._take_part(ann)
 
     def _take_part(self, ann: dict[str, Any]) -> None:
-        from edge.learner import RulModel  # training profile only
+        from turbofed.edge.learner import RulModel  # training profile only
 
         r, min_samples = ann["round"], int(ann.get("min_samples", self.config.min_samples))
         if self.buffer.rows < min_samples:
@@ -331,7 +331,7 @@ class EdgeAgent:
 
     def _train_local(self) -> None:
         """The site-only model: own statistics, own data, the same epochs per round."""
-        from edge.learner import RulModel
+        from turbofed.edge.learner import RulModel
 
         if self.local_learner is None:
             self.local_spec = FeatureSpec.from_stats(self.buffer.stats(self.settings.window))

@@ -7,13 +7,13 @@ which can arrive after the data. When the bound is reached the oldest engines go
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import numpy as np
+from turbofed.edge.features import histories_stats, run_features
 
-from edge.features import histories_stats, run_features
 from turbofed.spec import FeatureSpec, FleetStats
+from turbofed.topics import natural_key
 
 
 class TrainingBuffer:
@@ -37,8 +37,7 @@ class TrainingBuffer:
     def in_engine_order(self) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
         """Engines sorted by id (FD001-train-2 before FD001-train-10), not by failure time:
         the same data then trains the same model, however the failures were interleaved."""
-        key = lambda e: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", e[0])]  # noqa: E731
-        return sorted(self.engines, key=key)
+        return sorted(self.engines, key=lambda e: natural_key(e[0]))
 
     def stats(self, window: int) -> FleetStats:
         """This site's fleet statistics for features over a `window`-cycle window."""

@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from turbofed.spec import FeatureSpec, FleetStats
-
-if TYPE_CHECKING:
-    from edge.cmapss import EngineRun
 
 RECENT = 5  # cycles averaged for the "current level" feature
 BASELINE = 30  # first cycles of an engine's history averaged as its own baseline
@@ -88,7 +85,16 @@ def histories_stats(histories: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray
     return sum((history_stats(c, s, r, window) for c, s, r in histories), FleetStats(window=window))
 
 
-def runs_stats(runs: Iterable[EngineRun], window: int) -> FleetStats:
+class LabelledRun(Protocol):
+    """A run-to-failure history (C-MAPSS's `EngineRun` is one; the edge never loads datasets)."""
+
+    cycles: np.ndarray
+    sensors: np.ndarray
+
+    def rul(self) -> np.ndarray: ...
+
+
+def runs_stats(runs: Iterable[LabelledRun], window: int) -> FleetStats:
     """The fleet statistics of labelled engine runs."""
     return histories_stats(((r.cycles, r.sensors, r.rul()) for r in runs), window)
 

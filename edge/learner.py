@@ -12,8 +12,8 @@ import warnings
 
 import numpy as np
 
-from turbofed.config import ModelSettings
 from turbofed.codec import Weights, read_weights, replace_weights
+from turbofed.config import ModelSettings
 from turbofed.errors import WeightsError
 from turbofed.spec import FeatureSpec
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from turbofed.broker import BrokerHandle, find_mosquitto, start_broker
+from turbofed.simulation.broker import BrokerHandle, find_mosquitto, start_broker
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,11 +15,12 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from aggregator.service import Aggregator
-from edge.agent import EdgeAgent
-from edge.replay import replay
-from turbofed.broker import BrokerHandle
+from turbofed.aggregator.service import Aggregator
+from turbofed.edge.agent import EdgeAgent
+
 from turbofed.config import BrokerSettings, FleetConfig, ModelSettings, SiteConfig
+from turbofed.simulation.broker import BrokerHandle
+from turbofed.simulation.replay import replay
 from turbofed.topics import Topics
 
 QUICK = ModelSettings(rounds=2, local_epochs=1)

@@ -9,9 +9,10 @@ import json
 from pathlib import Path
 
 import pytest
+from turbofed.benchmarks.accuracy import run_accuracy, split_sites
+from turbofed.data.cmapss import load_subset
+from turbofed.data.datasets import holdout, load_dataset
 
-from benchmarks.accuracy import holdout, load_dataset, run_accuracy, split_sites
-from edge.cmapss import load_subset
 from turbofed.cli import main
 from turbofed.config import ModelSettings
 
@@ -74,11 +75,11 @@ def test_synthetic_fleet_carries_signal() -> None:
     """The default model trained on the synthetic fleet beats predicting the training mean
     RUL by at least 2x in RMSE on its own test set."""
     import numpy as np
+    from turbofed.benchmarks.accuracy import evaluate, train_alone
+    from turbofed.data.synthetic import generate_fleet
+    from turbofed.edge.features import runs_stats
 
-    from benchmarks.accuracy import evaluate, train_alone
-    from edge.synthetic import generate_fleet
     from turbofed.metrics import rmse
-    from edge.features import runs_stats
     from turbofed.spec import FeatureSpec
 
     fleet = generate_fleet(n_train=100, n_test=100, seed=0)
@@ -86,7 +87,7 @@ def test_synthetic_fleet_carries_signal() -> None:
     stats = runs_stats(fleet.train, settings.window)
     spec = FeatureSpec.from_stats(stats, settings.window)
     model = train_alone(settings, spec, fleet.train, epochs=settings.rounds * settings.local_epochs)
-    from benchmarks.accuracy import EvalSet
+    from turbofed.data.datasets import EvalSet
 
     model_rmse = evaluate(model, spec, EvalSet("SYN001", fleet.test, "official-test"))["rmse"]
     train_mean = np.mean(np.concatenate([np.minimum(r.rul(), settings.rul_cap) for r in fleet.train]))

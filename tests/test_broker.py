@@ -15,7 +15,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from turbofed import envelope
-from turbofed.broker import (
+from turbofed.simulation.broker import (
     MAX_PACKET_BYTES,
     REPO_CONF,
     BrokerError,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from turbofed.data.cmapss import load_subset, read_table, split_runs
 
-from edge.cmapss import load_subset, read_table, split_runs
 from turbofed.config import resolve_data_dir
 from turbofed.errors import DataError
 

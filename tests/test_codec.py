@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from turbofed.edge.learner import RulModel
 
-from edge.learner import RulModel
 from turbofed.codec import (
     ModelTooLarge,
     NonFiniteWeights,

@@ -13,10 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
+from turbofed.dashboard import charts, common, economics, launch, views
+from turbofed.dashboard.samples import T0, write_small_store
 
-from aggregator.store import SqliteStore, StoreError
-from dashboard import charts, common, economics, launch, views
-from dashboard.samples import T0, write_small_store
+from turbofed.store import StoreError
+from turbofed.store.sqlite import SqliteStore
 
 APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
 PAGES = {"Fleet": None, "Federated vs local": "screens/federated.py", "Rounds": "screens/rounds.py",
@@ -436,7 +437,7 @@ def test_single_engine_policies() -> None:
 
 
 def hand_fleet() -> list[economics.EngineLife]:
-    """The small sample store's engines with truth (see dashboard.samples)."""
+    """The small sample store's engines with truth (see turbofed.dashboard.samples)."""
     return [life(10, True, list(range(1, 11)), [12.0 - c for c in range(1, 11)], [10.0 - c for c in range(1, 11)]),
             life(6, True, list(range(1, 7)), [20.0] * 6, [6.0 - c for c in range(1, 7)]),
             life(12, False, [1, 2, 3, 4, 5], [None, 9.0, 8.0, 2.0, 1.0], [12.0 - c for c in range(1, 6)])]

@@ -3,7 +3,7 @@ headless Chromium loads every page; each shows its title, no Streamlit exception
 the fixture's numbers; screenshots go to the test's tmp_path.
 
 Streamlit renders client-side over a websocket, so the test drives Chromium through the
-DevTools protocol (dashboard.browser) and waits for the page to render, with bounded
+DevTools protocol (turbofed.dashboard.browser) and waits for the page to render, with bounded
 timeouts; the server's and the browser's process groups are always killed.
 """
 
@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from turbofed.dashboard.browser import PAGE_PATHS, Chromium, find_chromium, serve
+from turbofed.dashboard.samples import write_small_store
 
-from aggregator.store import SqliteStore
-from dashboard.browser import PAGE_PATHS, Chromium, find_chromium, serve
-from dashboard.samples import write_small_store
+from turbofed.store.sqlite import SqliteStore
 
 CHROMIUM = find_chromium()
 pytestmark = [
@@ -25,7 +25,7 @@ pytestmark = [
                                                 "CI installs it in .ci/run)"),
 ]
 RENDER_TIMEOUT_S = 60
-# Text each page shows from the fixture store (dashboard.samples.write_small_store).
+# Text each page shows from the fixture store (turbofed.dashboard.samples.write_small_store).
 EXPECTED_TEXT = {
     "Fleet": ["Engines, most urgent first", "Sites"],
     "Federated vs local": ["Fleet RMSE, federated", "16.75", "One engine over its life"],

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from turbofed.benchmarks.accuracy import run_accuracy
 
-from benchmarks.accuracy import run_accuracy
-from turbofed.broker import find_mosquitto
 from turbofed.config import ModelSettings
+from turbofed.simulation.broker import find_mosquitto
 
 pytestmark = pytest.mark.slow
 

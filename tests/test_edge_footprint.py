@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from turbofed import envelope
-from turbofed.broker import BrokerHandle
 from turbofed.config import BrokerSettings, ModelSettings
 from turbofed.messages import SensorReading
 from turbofed.mqtt import connect, make_client
+from turbofed.simulation.broker import BrokerHandle
 from turbofed.topics import Topics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,9 +39,10 @@ MODULES_HOOK = (
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A small global model (trained here, with scikit-learn) on synthetic engines, its spec,
     and the engines whose readings the agent will get."""
-    from edge.features import run_features, runs_stats
-    from edge.learner import RulModel
-    from edge.synthetic import generate_fleet
+    from turbofed.data.synthetic import generate_fleet
+    from turbofed.edge.features import run_features, runs_stats
+    from turbofed.edge.learner import RulModel
+
     from turbofed.spec import FeatureSpec
 
     runs = generate_fleet(n_train=6, n_test=0, seed=3).train
@@ -180,7 +181,7 @@ CHILD = textwrap.dedent(
     """
     import json, sys, time, uuid
     from pathlib import Path
-    from edge.agent import EdgeAgent
+    from turbofed.edge.agent import EdgeAgent
     from turbofed import envelope
     from turbofed.config import SiteConfig
     from turbofed.messages import EngineEvent, SensorReading
@@ -241,7 +242,8 @@ def test_inference_agent_in_process_never_imports_sklearn(trained: dict, tmp_pat
 
 
 def _inference_agent(tmp_path: Path):
-    from edge.agent import EdgeAgent
+    from turbofed.edge.agent import EdgeAgent
+
     from turbofed.config import SiteConfig
 
     class Capture:

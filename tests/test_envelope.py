@@ -11,7 +11,7 @@ import pytest
 
 from turbofed import envelope as env
 from turbofed.errors import TurbofedError
-from turbofed.topics import Topics, TopicError, validate_site
+from turbofed.topics import TopicError, Topics, validate_site
 
 BODY = np.arange(1000, dtype=np.float32).tobytes()
 FIELDS = dict(kind="update", site="site-01", round=3, model_version=2, samples=1234)

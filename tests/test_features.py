@@ -6,9 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from turbofed.data.cmapss import load_subset
+from turbofed.edge.features import (
+    BASELINE,
+    EngineWindow,
+    history_stats,
+    run_features,
+    runs_stats,
+)
 
-from edge.cmapss import load_subset
-from edge.features import BASELINE, EngineWindow, history_stats, run_features, runs_stats
 from turbofed.spec import FeatureSpec, FleetStats
 
 
@@ -33,7 +39,7 @@ def test_site_stats_sum_to_pooled_stats(fd001) -> None:
 
 
 def history_stats_features(run) -> np.ndarray:
-    from edge.features import history_features
+    from turbofed.edge.features import history_features
 
     return history_features(run.cycles, run.sensors, 30)
 

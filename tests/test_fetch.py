@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from turbofed.data import fetch
 
-from edge import fetch
 from turbofed.cli import main
 from turbofed.errors import DataError
 
@@ -30,12 +30,12 @@ pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TURBOFED_TEST_CMAPSS", REPO.parent / "shared" / "data" / "cmapss"))
 SHARED_FILES = (
-    "train_FD001.txt", "test_FD001.txt", "RUL_FD001.txt", "train_FD003.txt",
-    "readme.txt", "Damage_Propagation_Modeling.pdf",
+    "train_FD001.txt", "test_FD001.txt", "RUL_FD001.txt", "train_FD002.txt", "test_FD002.txt", "RUL_FD002.txt",
+    "train_FD003.txt", "train_FD004.txt", "readme.txt", "Damage_Propagation_Modeling.pdf",
 )
 TIMEOUT = 5.0
 
-if not all((SHARED / name).is_file() for name in SHARED_FILES[:5]):
+if not all((SHARED / name).is_file() for name in SHARED_FILES[:9]):
     pytest.skip(
         f"shared C-MAPSS files not found in {SHARED} (set TURBOFED_TEST_CMAPSS)",
         allow_module_level=True,
@@ -139,11 +139,14 @@ def no_staging_left(parent: Path) -> bool:
 def test_manifest_hashes_match_shared_copies() -> None:
     real = fetch.load_manifest()
     assert len(real.expected) == 13 and "readme.txt" in real.expected
-    assert "train_FD003.txt" not in real.sha256  # re-serialised copy: informational only
-    for table in (real.sha256, real.sha256_reserialised):
-        for name, digest in table.items():
-            if (SHARED / name).is_file():
-                assert fetch.sha256_file(SHARED / name) == digest, name
+    # Every data file NASA ships is verified; only the readme is placed unchecked.
+    assert set(real.sha256) == set(real.expected) - {"readme.txt"}
+    checked = 0
+    for name, digest in real.sha256.items():
+        if (SHARED / name).is_file():
+            assert fetch.sha256_file(SHARED / name) == digest, name
+            checked += 1
+    assert checked >= 8  # the shared folder's eight data files (FD001-FD004)
 
 
 def test_success_places_verified_files(
@@ -207,7 +210,7 @@ def test_corrupted_file_rejected_and_nothing_written(
 def test_missing_expected_files_with_real_manifest(tmp_path: Path, server: Server, good_zip: bytes) -> None:
     url = server.serve("/cmapss.zip", good_zip)
     data_dir = tmp_path / "cmapss"
-    with pytest.raises(DataError, match=r"lacks .*train_FD002\.txt"):
+    with pytest.raises(DataError, match=r"lacks .*test_FD003\.txt"):
         fetch.fetch_cmapss(data_dir, url=url, timeout=TIMEOUT)
     assert not data_dir.exists()
     assert no_staging_left(tmp_path)

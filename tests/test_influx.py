@@ -21,15 +21,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from turbofed.benchmarks.influx import VictoriaMetrics, find_victoria_metrics, free_port
 
-from aggregator.spool import PROTECTED, TELEMETRY, Spool, SpoolError
-from aggregator.store import SqliteStore, StoreError, open_store
-from benchmarks.influx import VictoriaMetrics, find_victoria_metrics, free_port
+from turbofed.store import StoreError, open_store
+from turbofed.store.spool import PROTECTED, TELEMETRY, Spool, SpoolError
+from turbofed.store.sqlite import SqliteStore
 
 pytest.importorskip("influxdb_client", reason="influxdb-client is not installed: pip install 'turbofed[influx]'")
 
-from aggregator.influx import (  # noqa: E402 - after the importorskip
-    SENSOR_FIELDS, SETTING_FIELDS, InfluxSettings, InfluxStore, _cycle_ns, _line, _tag, influx_settings)
+from turbofed.store.influx_write import (  # noqa: E402 - after the importorskip
+    SENSOR_FIELDS,
+    SETTING_FIELDS,
+    InfluxSettings,
+    InfluxStore,
+    _cycle_ns,
+    _line,
+    _tag,
+    influx_settings,
+)
 
 
 @pytest.fixture

@@ -32,11 +32,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from aggregator.store import SqliteStore, StoreError
+from turbofed.store import StoreError
+from turbofed.store.sqlite import SqliteStore
 
 pytest.importorskip("influxdb_client", reason="influxdb-client is not installed: pip install 'turbofed[influx]'")
 
-from aggregator.influx import InfluxSettings, InfluxStore  # noqa: E402 - after the importorskip
+from turbofed.store.influx_write import InfluxSettings, InfluxStore  # noqa: E402 - after the importorskip
 
 Point = tuple[str, tuple[tuple[str, str], ...], int]  # measurement, sorted tags, ns
 

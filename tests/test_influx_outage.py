@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from benchmarks.influx import VictoriaMetrics, find_victoria_metrics
+from turbofed.benchmarks.influx import VictoriaMetrics, find_victoria_metrics
 
 pytest.importorskip("influxdb_client", reason="influxdb-client is not installed: pip install 'turbofed[influx]'")
 
-from aggregator.influx import InfluxSettings, InfluxStore  # noqa: E402 - after the importorskip
+from turbofed.store.influx_write import InfluxSettings, InfluxStore  # noqa: E402 - after the importorskip
 
 SITES = ("site-1", "site-2", "site-3")
 ENGINES = tuple(f"engine-{e}" for e in range(1, 21))

@@ -8,12 +8,12 @@ import signal
 from pathlib import Path
 
 import pytest
+from turbofed.aggregator.registry import ModelRegistry
 
-from aggregator.registry import ModelRegistry
-from aggregator.store import open_store
 from tests.livefleet import LiveFleet, wait_for
 from turbofed.codec import raw_weight_bytes, read_weights
 from turbofed.config import ModelSettings
+from turbofed.store import open_store
 
 pytestmark = pytest.mark.slow
 

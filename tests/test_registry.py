@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from aggregator.registry import Checkpoint, ModelRegistry, RegistryError
+from turbofed.aggregator.registry import Checkpoint, ModelRegistry, RegistryError
 
 STATE = {"velocity/coefficient": np.arange(6, dtype=np.float32).reshape(2, 3),
          "file": np.array([1.5, -2.0]), "step": np.array(7, dtype=np.int64)}
@@ -97,8 +96,9 @@ def test_crash_between_file_and_row(tmp_path: Path) -> None:
 def test_aggregator_refuses_an_older_checkpoint_and_keeps_it(tmp_path: Path) -> None:
     """A checkpoint whose feature spec and statistics predate the baseline features (3 features
     a sensor, no feature sums): the aggregator says which checkpoint and why, and deletes nothing."""
-    from aggregator.service import Aggregator
-    from edge.learner import RulModel
+    from turbofed.aggregator.service import Aggregator
+    from turbofed.edge.learner import RulModel
+
     from turbofed.config import FleetConfig, ModelSettings
     from turbofed.spec import FeatureSpec
 

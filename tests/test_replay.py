@@ -14,11 +14,14 @@ from collections import defaultdict
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
+from turbofed.data.cmapss import EngineRun
+from turbofed.data.datasets import load_dataset
 
-from benchmarks.accuracy import load_dataset
-from edge.cmapss import EngineRun
-from edge.fleet import FleetEngine, assign
-from edge.replay import (
+from turbofed.cli import main as cli_main
+from turbofed.messages import parse_event, parse_reading
+from turbofed.simulation.broker import BrokerHandle
+from turbofed.simulation.fleet import FleetEngine, assign
+from turbofed.simulation.replay import (
     BrokerUnreachableError,
     ReplayError,
     TokenBucket,
@@ -31,9 +34,6 @@ from edge.replay import (
     replay,
     run_cli,
 )
-from turbofed.broker import BrokerHandle
-from turbofed.cli import main as cli_main
-from turbofed.messages import parse_event, parse_reading
 from turbofed.topics import Topics
 
 TIMEOUT = 20.0
@@ -114,7 +114,7 @@ def test_fleet_schedule_on_cmapss_matches_fleet_assign(cmapss_dir, mode: str) ->
     items = list(fleet_schedule(parts, topics))
     n_train = count_rows(parts[:1]) + len(parts[0][1])
     for (name, engines), chunk in zip(parts, (items[:n_train], items[n_train:])):
-        # every engine to exactly one site: the one edge.fleet.assign names
+        # every engine to exactly one site: the one turbofed.simulation.fleet.assign names
         assert [(e.site, e.engine) for e in engines] == [(e.site, e.engine) for e in expected[name]]
         owners = defaultdict(set)
         for p in chunk:

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.store import ResultsStore, SqliteStore, StoreError, open_store
+from turbofed.store import ResultsStore, StoreError, open_store
+from turbofed.store.sqlite import SqliteStore
 
 
 @pytest.fixture

@@ -8,9 +8,17 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from turbofed.aggregator.strategies import (
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    SiteUpdate,
+    Strategy,
+    aggregate_onnx,
+    make_strategy,
+)
+from turbofed.edge.learner import RulModel
 
-from aggregator.strategies import FedAdam, FedAvg, FedAvgM, SiteUpdate, Strategy, aggregate_onnx, make_strategy
-from edge.learner import RulModel
 from turbofed.codec import WeightsMismatch, read_weights
 from turbofed.config import ModelSettings
 from turbofed.spec import FeatureSpec
@@ -80,7 +88,7 @@ def test_onnx_in_onnx_out() -> None:
 
 def test_aggregator_never_imports_sklearn() -> None:
     code = (
-        "import sys, aggregator.strategies, turbofed.codec, turbofed.cli; "
+        "import sys, turbofed.aggregator.strategies, turbofed.codec, turbofed.cli; "
         "bad = [m for m in sys.modules if m.startswith(('sklearn', 'skl2onnx'))]; "
         "assert not bad, bad"
     )

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from edge.cmapss import N_COLUMNS, EngineRun, Subset, load_subset, read_table
-from edge.synthetic import (
+from turbofed.data.cmapss import N_COLUMNS, EngineRun, Subset, load_subset, read_table
+from turbofed.data.synthetic import (
     CONSTANT_SENSORS,
     MAX_LIFE,
     MIN_LIFE,
@@ -18,6 +17,7 @@ from edge.synthetic import (
     generate_fleet,
     write_subset,
 )
+
 from turbofed.cli import main
 
 pytestmark = pytest.mark.timeout(60)

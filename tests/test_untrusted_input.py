@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from turbofed.data.cmapss import load_subset
+from turbofed.edge.features import runs_stats
+from turbofed.edge.learner import RulModel
 
-from edge.cmapss import load_subset
-from edge.learner import RulModel
 from tests.livefleet import LiveFleet, wait_for
 from turbofed import envelope
 from turbofed.config import ModelSettings
 from turbofed.messages import SensorReading
 from turbofed.mqtt import connect, make_client
-from edge.features import runs_stats
 from turbofed.spec import FeatureSpec
 
 pytestmark = pytest.mark.slow
@@ -126,7 +126,7 @@ def test_aggregator_refuses_bad_updates_and_keeps_going(broker, cmapss_dir: Path
         fleet.close()
     expected = {**{k: 1 for k in bad}, "mismatch": 2, "non_finite": 2, "duplicate": 1, "bad_stats": 1}
     assert dict(aggregator.counters) == expected
-    from aggregator.store import open_store
+    from turbofed.store import open_store
 
     recorded = [r["reason"] for r in open_store(fleet.fleet.store).rejections()]
     assert sorted(recorded) == sorted(r for r, n in expected.items() for _ in range(n))

@@ -30,14 +30,14 @@ def _data(sub: argparse._SubParsersAction) -> None:
     _add_data_dir(fetch)
     fetch.add_argument("--url", help="archive URL (default: the one in data/manifest.toml)")
     fetch.add_argument("--timeout", type=float, default=60.0, help="seconds per network read")
-    fetch.set_defaults(handler="edge.fetch:run_cli")
+    fetch.set_defaults(handler="turbofed.data.fetch:run_cli")
     synth = dsub.add_parser("synth", help="write a synthetic fleet in C-MAPSS format")
     synth.add_argument("--out", default="data/synthetic", help="folder to write into")
     synth.add_argument("--engines", type=int, default=100, help="train (and test) engines")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--fault-modes", type=int, choices=(1, 2), default=1)
     synth.add_argument("--name", default="SYN001", help="subset name used in file names")
-    synth.set_defaults(handler="edge.synthetic:run_cli")
+    synth.set_defaults(handler="turbofed.data.synthetic:run_cli")
 
 
 def _bench(sub: argparse._SubParsersAction) -> None:
@@ -52,22 +52,22 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     acc.add_argument("--seed", type=int, default=0)
     acc.add_argument("--strategy", default="fedavg", help="fedavg, fedavgm or fedadam")
     acc.add_argument("--json", dest="json_out", help="write the result JSON here too")
-    acc.set_defaults(handler="benchmarks.accuracy:run_cli")
+    acc.set_defaults(handler="turbofed.benchmarks.accuracy:run_cli")
     system = bsub.add_parser("system", help="aggregation time, update size, replay rate")
     system.add_argument("--sites", type=int, default=50)
     system.add_argument("--rounds", type=int, default=3)
     system.add_argument("--json", dest="json_out")
-    system.set_defaults(handler="benchmarks.system:run_cli")
+    system.set_defaults(handler="turbofed.benchmarks.system:run_cli")
     influx = bsub.add_parser("influx", help="points per second written to an InfluxDB-API server")
     influx.add_argument("--points", type=int, default=1_000_000)
     influx.add_argument("--seed", type=int, default=0)
     influx.add_argument("--url", help="server to write to (default: start victoria-metrics)")
     influx.add_argument("--json", dest="json_out")
-    influx.set_defaults(handler="benchmarks.influx:run_cli")
+    influx.set_defaults(handler="turbofed.benchmarks.influx:run_cli")
     edge_bench = bsub.add_parser("edge", help="agent memory, prediction latency, CPU per cycle")
     edge_bench.add_argument("--engines", type=int, default=100)
     edge_bench.add_argument("--json", dest="json_out")
-    edge_bench.set_defaults(handler="benchmarks.edge:run_cli")
+    edge_bench.set_defaults(handler="turbofed.benchmarks.edge:run_cli")
 
 
 def _services(sub: argparse._SubParsersAction) -> None:
@@ -75,7 +75,7 @@ def _services(sub: argparse._SubParsersAction) -> None:
     broker.add_argument("--host", default="127.0.0.1")
     broker.add_argument("--port", type=int, default=1883)
     broker.add_argument("--embedded", action="store_true", help="use amqtt even if Mosquitto is installed")
-    broker.set_defaults(handler="turbofed.broker:run_cli")
+    broker.set_defaults(handler="turbofed.simulation.broker:run_cli")
     edge = sub.add_parser("edge", help="run one site's edge agent")
     edge.add_argument("--config", required=True, help="site TOML file")
     edge.add_argument(
@@ -84,10 +84,10 @@ def _services(sub: argparse._SubParsersAction) -> None:
         default="training",
         help="inference: predict and follow the global model only (no scikit-learn needed)",
     )
-    edge.set_defaults(handler="edge.agent:run_cli")
+    edge.set_defaults(handler="turbofed.edge.agent:run_cli")
     agg = sub.add_parser("aggregator", help="run the aggregator")
     agg.add_argument("--config", required=True, help="fleet TOML file")
-    agg.set_defaults(handler="aggregator.service:run_cli")
+    agg.set_defaults(handler="turbofed.aggregator.service:run_cli")
     replay = sub.add_parser("replay", help="publish C-MAPSS rows as live sensor traffic")
     _add_data_dir(replay)
     replay.add_argument("--dataset", default="FD001")
@@ -99,7 +99,7 @@ def _services(sub: argparse._SubParsersAction) -> None:
     replay.add_argument("--seed", type=int, default=0, help="seed of hold-out and synthetic data")
     replay.add_argument("--max-engines", type=int, help="only the first N engines of each part")
     replay.add_argument("--no-progress", dest="progress", action="store_false")
-    replay.set_defaults(handler="edge.replay:run_cli")
+    replay.set_defaults(handler="turbofed.simulation.replay:run_cli")
     demo = sub.add_parser("demo", help="broker, aggregator, 4 agents and a replay, in one command")
     _add_data_dir(demo)
     demo.add_argument("--dataset", default="FD001")
@@ -109,11 +109,11 @@ def _services(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--workdir", help="where the store and state go (default: .turbofed/demo)")
     demo.add_argument("--embedded-broker", action="store_true")
     demo.add_argument("--json", dest="json_out")
-    demo.set_defaults(handler="turbofed.demo:run_cli")
+    demo.set_defaults(handler="turbofed.simulation.demo:run_cli")
     dash = sub.add_parser("dashboard", help="open the Streamlit dashboard")
     dash.add_argument("--store", default=".turbofed/demo/results.sqlite")
     dash.add_argument("--port", type=int, default=8501)
-    dash.set_defaults(handler="dashboard.launch:run_cli")
+    dash.set_defaults(handler="turbofed.dashboard.launch:run_cli")
     flash = sub.add_parser("flash", help="build an offline install bundle for one edge device")
     flash.add_argument("--site", required=True)
     flash.add_argument("--fleet", required=True, help="fleet TOML (broker address, sites)")
@@ -124,7 +124,7 @@ def _services(sub: argparse._SubParsersAction) -> None:
     flash.add_argument("--engines", default="*", help="comma-separated engine ids, or * for all")
     flash.add_argument("--host", help="user@address: copy the bundle over ssh and install it there")
     flash.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
-    flash.set_defaults(handler="edge.flash:run_cli")
+    flash.set_defaults(handler="turbofed.deploy.flash:run_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

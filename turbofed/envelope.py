@@ -288,3 +288,9 @@ def decode_json(
         raise BadJsonError(f"{what}: expected a JSON object, got {type(obj).__name__}")
     return obj
 
+
+def json_default(value: Any) -> Any:
+    """`json.dumps(default=...)` for numpy scalars and arrays (via .tolist); anything else is refused."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

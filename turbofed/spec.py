@@ -7,7 +7,7 @@ across sites, so the aggregator learns the fleet's means, spreads and correlatio
 pooled data. From them it fixes the `FeatureSpec` every site uses: which sensors are
 informative (non-constant and correlated with RUL) and the mean and spread that
 standardise each chosen feature. The features themselves are computed on the device
-(edge/features.py, which also builds a site's statistics: `edge.features.history_stats`).
+(edge/features.py, which also builds a site's statistics: `turbofed.edge.features.history_stats`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class FleetStats:
         cls, cycles: np.ndarray, sensors: np.ndarray, rul: np.ndarray, features: np.ndarray, window: int, cap: float = RUL_CAP
     ) -> "FleetStats":
         """Statistics of labelled rows (one per cycle) and their all-sensor window features
-        (`edge.features.history_stats` computes those); RUL is capped before use."""
+        (`turbofed.edge.features.history_stats` computes those); RUL is capped before use."""
         x = np.column_stack([np.asarray(cycles, dtype=float), np.asarray(sensors, dtype=float)])
         y = np.minimum(np.asarray(rul, dtype=float), cap)
         f = np.asarray(features, dtype=float)

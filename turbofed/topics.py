@@ -14,8 +14,9 @@ Layout (root defaults to ``tfl/v1``, plant root to ``plant``)::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Final, Literal, NamedTuple, get_args
+from typing import Any, Final, Literal, NamedTuple, get_args
 
 from turbofed.errors import TurbofedError
 
@@ -207,3 +208,8 @@ class Topics:
 
 
 DEFAULT_TOPICS: Final = Topics()
+
+
+def natural_key(text: Any) -> tuple[Any, ...]:
+    """Sort key for site and engine names: \"engine-2\" before \"engine-10\"."""
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", str(text))))

@@ -1,13 +1,12 @@
 """Maintenance economics: what would each maintenance policy have cost on the engines whose
-end of life is known? Layout only: the policy arithmetic is in `dashboard.economics`."""
+end of life is known? Layout only: the policy arithmetic is in `turbofed.dashboard.economics`."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import streamlit as st
-
-from dashboard import charts, common, economics, views
+from turbofed.dashboard import charts, common, economics, views
 
 st.title("Maintenance economics")
 st.caption("Four policies replayed on engines whose true end of life is known: run to failure, a fixed "

@@ -1,13 +1,13 @@
 """Federated vs local: does federation predict better, site by site and engine by engine?
-Layout only: the tables come from `dashboard.views`, the charts from `dashboard.charts`."""
+Layout only: the tables come from `turbofed.dashboard.views`, the charts from `turbofed.dashboard.charts`."""
 
 from __future__ import annotations
 
 import math
 
 import streamlit as st
+from turbofed.dashboard import charts, common, views
 
-from dashboard import charts, common, views
 from turbofed.metrics import RUL_CAP
 
 st.title("Federated vs local")

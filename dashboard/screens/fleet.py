@@ -1,11 +1,10 @@
 """Fleet: every engine's latest RUL from the local and the federated model, most urgent
-first, and every site's status. Layout only: the tables come from `dashboard.views`."""
+first, and every site's status. Layout only: the tables come from `turbofed.dashboard.views`."""
 
 from __future__ import annotations
 
 import streamlit as st
-
-from dashboard import charts, common, views
+from turbofed.dashboard import charts, common, views
 
 st.title("Fleet")
 st.caption("Latest predicted remaining useful life (RUL, in cycles) of every engine, from each site's "

@@ -4,8 +4,7 @@ and which updates the aggregator refused and why. Layout only (tables from `view
 from __future__ import annotations
 
 import streamlit as st
-
-from dashboard import charts, common, views
+from turbofed.dashboard import charts, common, views
 
 st.title("Rounds")
 st.caption("Each round the aggregator collects model updates (ONNX weights and sample counts) from the "

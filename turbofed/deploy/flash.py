@@ -45,7 +45,6 @@ import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -191,7 +190,7 @@ def canonical(name: str) -> str:
 
 def find_source_tree() -> Path:
     """The turbofed checkout this code runs from (a wheel is built from it)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     pyproject = root / "pyproject.toml"
     if pyproject.is_file() and re.search(r'(?m)^name\s*=\s*"turbofed"', pyproject.read_text()):
         return root
@@ -209,14 +208,21 @@ def _source_copy(root: Path, dest: Path) -> Path:
     import tomllib
 
     meta = tomllib.loads((root / "pyproject.toml").read_text())
-    include = meta.get("tool", {}).get("setuptools", {}).get("packages", {}).get("find", {}).get("include", ["*"])
+    folders = sorted(set(meta["tool"]["setuptools"]["package-dir"].values()))  # turbofed.edge -> edge, ...
     dest.mkdir(parents=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache")
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        """Build inputs only: no caches, and no sub-folder that is neither a package nor
+        package data (data/cmapss/ holds downloaded datasets)."""
+        here = Path(folder)
+        return {n for n in names if n in ("__pycache__", ".pytest_cache") or n.endswith((".pyc", ".egg-info"))
+                or ((here / n).is_dir() and not (here / n / "__init__.py").is_file() and n != "templates")}
+
     for entry in sorted(root.iterdir()):
         if entry.is_file() and (entry.name == "pyproject.toml" or entry.name.upper().startswith(("README", "LICENSE", "LICENCE", "NOTICE", "MANIFEST.IN"))):
             shutil.copy2(entry, dest / entry.name)
-        elif entry.is_dir() and (entry / "__init__.py").is_file() and any(fnmatch(entry.name, pat) for pat in include):
-            shutil.copytree(entry, dest / entry.name, ignore=ignore)
+    for folder in folders:
+        shutil.copytree(root / folder, dest / folder, ignore=ignore)
     return dest
 
 

@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
 import numpy as np
+from turbofed.data.cmapss import N_COLUMNS, N_SENSORS, EngineRun, Subset
 
-from edge.cmapss import N_COLUMNS, N_SENSORS, EngineRun, Subset
 from turbofed.errors import DataError, TurbofedError
 
 # --- fleet-level constants ------------------------------------------------------------

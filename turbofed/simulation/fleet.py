@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edge.cmapss import EngineRun
+from turbofed.data.cmapss import EngineRun
 
 ASSIGN_MODES = ("contiguous", "round-robin", "subset")
 

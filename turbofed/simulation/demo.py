@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from turbofed import envelope
-from turbofed.broker import BrokerHandle, start_broker
 from turbofed.config import BrokerSettings, ModelSettings, resolve_data_dir
 from turbofed.errors import TurbofedError
 from turbofed.mqtt import Subscriptions, connect, make_client
+from turbofed.simulation.broker import BrokerHandle, start_broker
 from turbofed.topics import Topics
 
-log = logging.getLogger("turbofed.demo")
+log = logging.getLogger("turbofed.simulation.demo")
 
 SYNTHETIC = "SYN001"
 

@@ -2,14 +2,14 @@
 
 The fleet runs the way a real one does: every engine of a part advances one cycle per
 tick (engine k's cycle t goes out in tick t, an engine that has ended drops out), and
-each engine belongs to one site, as `edge.fleet.assign` says. Per engine::
+each engine belongs to one site, as `turbofed.simulation.fleet.assign` says. Per engine::
 
     plant/<site>/<engine>/sensors   one SensorReading per cycle, in cycle order
     plant/<site>/<engine>/events    right after its last row: EngineEvent("failure")
                                     for a training run, EngineEvent("truth", rul) for a
                                     test run
 
-The engines are exactly those `benchmarks.accuracy.load_dataset` trains and evaluates
+The engines are exactly those `turbofed.data.datasets.load_dataset` trains and evaluates
 on (NASA's official test set, or the benchmark's seeded hold-out when a subset has
 none), so a replayed fleet and the in-process benchmark see the same data. Part "both"
 replays all training engines, then all test engines.
@@ -35,10 +35,10 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
-from edge.cmapss import SUBSETS, EngineRun
-from edge.fleet import ASSIGN_MODES, FleetEngine, assign
+from turbofed.data.cmapss import SUBSETS, EngineRun
 from turbofed.errors import TurbofedError
 from turbofed.messages import EngineEvent, SensorReading
+from turbofed.simulation.fleet import ASSIGN_MODES, FleetEngine, assign
 from turbofed.topics import DEFAULT_TOPICS, Topics
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def fleet_parts(
 ) -> list[tuple[str, list[FleetEngine]]]:
     """The engines to replay, per part in replay order: [("train", [...]), ("test", [...])].
 
-    Training runs and evaluation engines come from `benchmarks.accuracy.load_dataset`
+    Training runs and evaluation engines come from `turbofed.data.datasets.load_dataset`
     (same seed -> same hold-out and synthetic fleet as the benchmark). `max_engines`
     keeps the first N engines of each subset and part (a quick slice; sites are then
     assigned among those N).
@@ -165,7 +165,9 @@ def fleet_parts(
     if max_engines is not None and max_engines < 1:
         raise ReplayError(f"max_engines must be at least 1, got {max_engines!r}")
 
-    from benchmarks.accuracy import load_dataset  # lazy: pulls in the benchmark's imports
+    from turbofed.data.datasets import (
+        load_dataset,  # lazy: loading C-MAPSS needs numpy's parsers only here
+    )
 
     train, evals = load_dataset(dataset, data_dir, seed)
     by_part: dict[str, dict[str, list[EngineRun]]] = {

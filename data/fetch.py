@@ -34,7 +34,7 @@ from turbofed.errors import DataError
 
 log = logging.getLogger(__name__)
 
-MANIFEST_PATH = Path(__file__).resolve().parents[1] / "data" / "manifest.toml"
+MANIFEST_PATH = Path(__file__).resolve().parent / "manifest.toml"
 CHUNK = 1 << 16
 MAX_ZIP_DEPTH = 3  # NASA nests one zip; more than a few levels is not a dataset archive
 
@@ -47,7 +47,6 @@ class Manifest:
     expected: tuple[str, ...]
     optional: tuple[str, ...] = ()
     sha256: dict[str, str] = field(default_factory=dict)  # verified against downloads
-    sha256_reserialised: dict[str, str] = field(default_factory=dict)  # informational only
 
     def wanted(self, name: str) -> bool:
         """Whether a basename found in the archive belongs in the data folder."""
@@ -68,7 +67,6 @@ def load_manifest(path: Path | None = None) -> Manifest:
             expected=tuple(doc["files"]["expected"]),
             optional=tuple(doc["files"].get("optional", ())),
             sha256={k: v.lower() for k, v in doc.get("sha256", {}).items()},
-            sha256_reserialised=dict(doc.get("sha256_reserialised", {})),
         )
     except FileNotFoundError:
         raise DataError(f"{path}: dataset manifest not found") from None

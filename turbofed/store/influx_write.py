@@ -10,12 +10,12 @@ Write path (never blocks the caller, never loses a round result):
   batching WriteApi (WriteOptions: batch size, flush interval, retries with exponential
   backoff for HTTP 429/5xx).
 - When the server cannot be reached (no HTTP answer), batches go to a bounded on-disk
-  spool (aggregator/spool.py) instead, and so do new points until it answers again. A
+  spool (spool.py) instead, and so do new points until it answers again. A
   drainer thread retries with backoff and empties the spool, oldest first, once it does.
   When the spool is full the oldest telemetry is dropped and counted; round results,
   metrics, status, truth and events are never dropped.
 
-Read path (aggregator/influx_read.py): Flux through query_api, the dashboard's read
+Read path (influx_read.py): Flux through query_api, the dashboard's read
 methods answering the same dicts as SqliteStore. Nothing here starts a thread or touches disk until the first write, so a
 reader (the dashboard) opening the same store costs one HTTP client.
 
@@ -38,9 +38,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from aggregator.spool import PROTECTED, TELEMETRY, Spool, SpoolError
-from aggregator.influx_read import FluxReads, http_status
-from aggregator.store import MODELS, ResultsStore, StoreError, _json_default
+from turbofed.envelope import json_default
+from turbofed.store.influx_read import FluxReads, http_status
+from turbofed.store.interface import MODELS, ResultsStore, StoreError
+from turbofed.store.spool import PROTECTED, TELEMETRY, Spool, SpoolError
 
 log = logging.getLogger("turbofed.influx")
 
@@ -199,7 +200,7 @@ def _cycle_ns(at: float, cycle: int) -> int:
 
 
 def _event_line(kind: str, detail: Mapping[str, Any], at: float, ns: int) -> str | None:
-    return _line("events", {"kind": kind}, {"detail": json.dumps(detail, default=_json_default), "at": float(at)}, ns)
+    return _line("events", {"kind": kind}, {"detail": json.dumps(detail, default=json_default), "at": float(at)}, ns)
 
 
 # --- the store -----------------------------------------------------------------------------

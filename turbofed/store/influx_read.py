@@ -1,6 +1,6 @@
 """The InfluxDB store's read side: the dashboard's queries, in Flux.
 
-Kept apart from the write path (aggregator/influx.py) so each reads on its own; the
+Kept apart from the write path (influx_write.py) so each reads on its own; the
 `FluxReads` mixin expects `self.settings` (url, org, bucket) and `self._query_api()`.
 """
 
@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from aggregator.store import MODELS, StoreError, _natural
+from turbofed.store.interface import MODELS, StoreError
+from turbofed.topics import natural_key
 
 
 def http_status(exc: BaseException) -> int | None:
@@ -58,7 +59,7 @@ class FluxReads:
         out = []
         for number in sorted(latest):
             r = latest[number]
-            participants = sorted(parts.get((number, r["_time"]), []), key=lambda p: _natural(p["site"]))
+            participants = sorted(parts.get((number, r["_time"]), []), key=lambda p: natural_key(p["site"]))
             out.append({"round": number, "model_version": r.get("model_version"), "started": r.get("started"),
                         "closed": r.get("closed"), "aggregate_ms": r.get("aggregate_ms"), "strategy": r.get("strategy"),
                         "closed_by": r.get("closed_by"), "participants": participants,
@@ -116,7 +117,7 @@ data
             rows.append({"site": site, "online": bool(s["online"]), "at": s.get("at"), "last_seen": last_seen,
                          "agent_version": s.get("agent_version"), "model_version": s.get("model_version"),
                          "samples": s.get("samples")})
-        return sorted(rows, key=lambda r: _natural(r["site"]))
+        return sorted(rows, key=lambda r: natural_key(r["site"]))
 
     def metrics(self, site: str | None = None) -> list[dict[str, Any]]:
         """Every metrics row (one per site, report and model), oldest first."""
@@ -139,7 +140,7 @@ data
             if key not in newest or (_at(r), r["_time"]) >= (_at(newest[key]), newest[key]["_time"]):
                 newest[key] = r
         rows = [_metrics_row(i, r) for i, r in enumerate(newest.values(), 1) if r.get("model") in MODELS]
-        return sorted(rows, key=lambda r: (_natural(r["site"]), MODELS.index(r["model"])))
+        return sorted(rows, key=lambda r: (natural_key(r["site"]), MODELS.index(r["model"])))
 
     def latest_predictions(self) -> list[dict[str, Any]]:
         """Per (site, engine): the latest predicted cycle, both models' RUL there, and the
@@ -167,7 +168,7 @@ data
                 row[model] = m.get("rul") if m is not None and m["cycle"] == cycle else None
             row["true_rul"] = _true_rul(truth.get((site, engine)), cycle)
             rows.append(row)
-        return sorted(rows, key=lambda r: (_natural(r["site"]), _natural(r["engine"])))
+        return sorted(rows, key=lambda r: (natural_key(r["site"]), natural_key(r["engine"])))
 
     def engine_trajectory(self, site: str, engine: str) -> list[dict[str, Any]]:
         """Per cycle of one engine: local, federated and (where known) true RUL."""
@@ -204,7 +205,7 @@ data
         for (site, engine), t in truth.items():
             out.append({"site": site, "engine": engine, "truth_cycle": t["cycle"], "truth_rul": t["rul"],
                         "failed": t["rul"] == 0, "predictions": _trajectory(by_engine.get((site, engine), []), t)})
-        return sorted(out, key=lambda e: (_natural(e["site"]), _natural(e["engine"])))
+        return sorted(out, key=lambda e: (natural_key(e["site"]), natural_key(e["engine"])))
 
     def events(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest `limit` events, newest first, detail decoded."""

@@ -1,147 +1,21 @@
-"""The results store: rounds, rejections, site status, metrics, predictions, truth, events.
-
-The aggregator's recorder writes here; the dashboard and the demo read here. Both go
-through `ResultsStore`, so InfluxDB can later stand in for the embedded SQLite default
-without either side changing. Reads return lists of plain dicts (JSON- and
-DataFrame-friendly). Timestamps are float unix seconds.
-
-Predictions are stored one row per (site, engine, cycle, model) with model "local" or
-"federated". True RUL is stored once per engine, as it becomes known (RUL 0 at the
-failure cycle, or a test engine's revealed RUL at its last cycle); the truth at any
-earlier cycle c follows as rul + (cycle - c). It is not capped: capping is a modelling
-choice the reader makes. Raw sensor rows are stored only where a site chose to share them.
-"""
+"""The embedded SQLite results store (the default): see `interface.py` for what it holds."""
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import sqlite3
 import threading
-from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from turbofed.errors import TurbofedError
+from turbofed.envelope import json_default
+from turbofed.store.interface import MODELS, ResultsStore, StoreError
+from turbofed.topics import natural_key
 
 SCHEMA_VERSION = 2
-MODELS = ("local", "federated")
-
-
-class StoreError(TurbofedError):
-    """The results store cannot be opened or is from a newer turbofed."""
-
-
-class ResultsStore(ABC):
-    """What the recorder writes and the dashboard reads, whatever the backend."""
-
-    # --- write side (the aggregator's recorder) ---
-    @abstractmethod
-    def record_round(self, round: int, model_version: int, started: float, closed: float,
-                     participants: list[dict[str, Any]], aggregate_ms: float, strategy: str,
-                     closed_by: str) -> None:
-        """A closed round; participants are {"site", "samples", "update_bytes"}."""
-
-    @abstractmethod
-    def record_rejection(self, round: int | None, site: str, reason: str, detail: str, at: float) -> None:
-        """An update or message the aggregator refused, and why."""
-
-    @abstractmethod
-    def record_status(self, site: str, online: bool, at: float, agent_version: str | None,
-                      model_version: int | None, samples: int | None) -> None:
-        """A site's status message (or last will); only the latest per site is kept."""
-
-    @abstractmethod
-    def record_metrics(self, site: str, round: int | None, model_version: int | None,
-                       metrics: dict[str, Any], at: float) -> None:
-        """{"engines": n, "local": {"rmse", "score"}, "federated": {...}}: one row per model."""
-
-    @abstractmethod
-    def record_predictions(self, site: str, rows: list[tuple[str, int, float | None, float | None]],
-                           at: float) -> None:
-        """Rows of (engine, cycle, local RUL, federated RUL); None means not predicted."""
-
-    @abstractmethod
-    def record_sensors(self, site: str, rows: list[tuple[str, int, list[float], list[float]]], at: float) -> None:
-        """Rows of (engine, cycle, 3 settings, 21 sensors): raw telemetry a site chose to share."""
-
-    @abstractmethod
-    def record_truth(self, site: str, engine: str, cycle: int, rul: float, at: float) -> None:
-        """The true RUL of `engine` at `cycle` became known (failure: rul 0)."""
-
-    @abstractmethod
-    def record_event(self, kind: str, detail: dict[str, Any], at: float) -> None:
-        """An aggregator event (started, resumed, round announced...)."""
-
-    # --- read side (dashboard, demo) ---
-    @abstractmethod
-    def rounds(self) -> list[dict[str, Any]]: ...
-
-    @abstractmethod
-    def rejections(self, round: int | None = None) -> list[dict[str, Any]]: ...
-
-    @abstractmethod
-    def site_status(self) -> list[dict[str, Any]]: ...
-
-    @abstractmethod
-    def metrics(self, site: str | None = None) -> list[dict[str, Any]]: ...
-
-    @abstractmethod
-    def latest_metrics(self) -> list[dict[str, Any]]: ...
-
-    @abstractmethod
-    def latest_predictions(self) -> list[dict[str, Any]]: ...
-
-    @abstractmethod
-    def engine_trajectory(self, site: str, engine: str) -> list[dict[str, Any]]: ...
-
-    @abstractmethod
-    def engines_with_truth(self) -> list[dict[str, Any]]: ...
-
-    @abstractmethod
-    def events(self, limit: int = 100) -> list[dict[str, Any]]: ...
-
-    @abstractmethod
-    def counts(self) -> dict[str, int]: ...
-
-    @abstractmethod
-    def close(self) -> None: ...
-
-    def __enter__(self) -> "ResultsStore":
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-
-def open_store(path_or_url: str | Path, *, spool_dir: str | Path | None = None,
-               influx: Mapping[str, Any] | None = None) -> ResultsStore:
-    """Open the store named in configuration:
-
-    - a file path (or sqlite:///path) -> SQLite;
-    - "influxdb" -> InfluxDB, settings from TURBOFED_INFLUX_URL/_TOKEN/_ORG/_BUCKET;
-    - "influxdb+http(s)://host:port/?org=..&bucket=.." -> InfluxDB there (token from
-      TURBOFED_INFLUX_TOKEN).
-
-    For InfluxDB, `spool_dir` is where points wait while the server is away and `influx`
-    (the fleet config's [influx] table) overrides any setting; see aggregator/influx.py.
-    """
-    text = str(path_or_url)
-    if text == "influxdb" or text.startswith(("influxdb+http://", "influxdb+https://")):
-        from aggregator.influx import open_influx  # lazy: influxdb-client is optional
-
-        return open_influx(text, spool_dir=spool_dir, overrides=influx)
-    if text.startswith("sqlite://"):
-        return SqliteStore(text.removeprefix("sqlite://"))
-    if re.match(r"^[a-z][a-z0-9+.-]*://", text, re.IGNORECASE):
-        raise StoreError(f"unsupported results store {text!r}: give a file path (SQLite), \"influxdb\" or "
-                         "influxdb+http(s)://host:port/?org=..&bucket=.. (InfluxDB)")
-    return SqliteStore(path_or_url)
 
 
 # Raw sensor rows a site chose to share (record_sensors), added in schema v2: settings and
@@ -337,7 +211,7 @@ class SqliteStore(ResultsStore):
     def record_event(self, kind: str, detail: dict[str, Any], at: float) -> None:
         with self._tx() as db:
             db.execute("INSERT INTO events (kind, detail, at) VALUES (?, ?, ?)",
-                       (kind, json.dumps(detail, default=_json_default), at))
+                       (kind, json.dumps(detail, default=json_default), at))
 
     # --- read side ---
     def rounds(self) -> list[dict[str, Any]]:
@@ -348,7 +222,7 @@ class SqliteStore(ResultsStore):
             for r in db.execute("SELECT * FROM round_participants"):
                 parts.setdefault(r["round"], []).append({k: r[k] for k in ("site", "samples", "update_bytes")})
         for r in rounds:
-            r["participants"] = sorted(parts.get(r["round"], []), key=lambda p: _natural(p["site"]))
+            r["participants"] = sorted(parts.get(r["round"], []), key=lambda p: natural_key(p["site"]))
             r["samples"] = sum(p["samples"] for p in r["participants"])
         return rounds
 
@@ -362,7 +236,7 @@ class SqliteStore(ResultsStore):
         rows = self._rows("SELECT * FROM site_status")
         for r in rows:
             r["online"] = bool(r["online"])
-        return sorted(rows, key=lambda r: _natural(r["site"]))
+        return sorted(rows, key=lambda r: natural_key(r["site"]))
 
     def metrics(self, site: str | None = None) -> list[dict[str, Any]]:
         """Every metrics row (one per site, report and model), oldest first."""
@@ -375,7 +249,7 @@ class SqliteStore(ResultsStore):
                                SELECT id FROM (SELECT id, ROW_NUMBER() OVER (
                                  PARTITION BY site, model ORDER BY at DESC, id DESC) AS n FROM metrics)
                                WHERE n = 1)""")
-        return sorted(rows, key=lambda r: (_natural(r["site"]), MODELS.index(r["model"])))
+        return sorted(rows, key=lambda r: (natural_key(r["site"]), MODELS.index(r["model"])))
 
     def latest_predictions(self) -> list[dict[str, Any]]:
         """Per (site, engine): the latest predicted cycle, both models' RUL there, and the
@@ -385,7 +259,7 @@ class SqliteStore(ResultsStore):
             + """JOIN (SELECT site, engine, MAX(cycle) AS cycle FROM predictions GROUP BY site, engine) last
                    ON last.site = p.site AND last.engine = p.engine AND last.cycle = p.cycle
                  GROUP BY p.site, p.engine, p.cycle""")
-        return sorted(rows, key=lambda r: (_natural(r["site"]), _natural(r["engine"])))
+        return sorted(rows, key=lambda r: (natural_key(r["site"]), natural_key(r["engine"])))
 
     def engine_trajectory(self, site: str, engine: str) -> list[dict[str, Any]]:
         """Per cycle of one engine: local, federated and (where known) true RUL."""
@@ -405,7 +279,7 @@ class SqliteStore(ResultsStore):
                                 + "GROUP BY p.site, p.engine, p.cycle ORDER BY p.site, p.engine, p.cycle"):
                 engines[(r["site"], r["engine"])]["predictions"].append(
                     {k: r[k] for k in ("cycle", "local", "federated", "true_rul")})
-        return sorted(engines.values(), key=lambda e: (_natural(e["site"]), _natural(e["engine"])))
+        return sorted(engines.values(), key=lambda e: (natural_key(e["site"]), natural_key(e["engine"])))
 
     def events(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest `limit` events, newest first, detail decoded."""
@@ -432,15 +306,3 @@ def _finite(value: float | None) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def _natural(text: str) -> tuple[Any, ...]:
-    """Sort key putting "engine-2" before "engine-10"."""
-    return tuple(int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", str(text))))
-
-
-def _json_default(value: Any) -> Any:
-    """numpy scalars and arrays (via .tolist/.item) in event details."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")

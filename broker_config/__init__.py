@@ -1,0 +1,1 @@
+"""Mosquitto configuration shipped with turbofed (`mosquitto.conf`), found by the broker launcher."""

@@ -1,0 +1,1 @@
+"""Deployment: offline install bundles for edge devices (`turbofed flash`)."""

@@ -1,0 +1,110 @@
+"""The results-store interface: rounds, rejections, site status, metrics, predictions, truth, events.
+
+The aggregator's recorder writes here; the dashboard and the demo read here. Both go
+through `ResultsStore`, so InfluxDB can later stand in for the embedded SQLite default
+without either side changing. Reads return lists of plain dicts (JSON- and
+DataFrame-friendly). Timestamps are float unix seconds.
+
+Predictions are stored one row per (site, engine, cycle, model) with model "local" or
+"federated". True RUL is stored once per engine, as it becomes known (RUL 0 at the
+failure cycle, or a test engine's revealed RUL at its last cycle); the truth at any
+earlier cycle c follows as rul + (cycle - c). It is not capped: capping is a modelling
+choice the reader makes. Raw sensor rows are stored only where a site chose to share them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from types import TracebackType
+from typing import Any
+
+from turbofed.errors import TurbofedError
+
+MODELS = ("local", "federated")
+
+
+class StoreError(TurbofedError):
+    """The results store cannot be opened or is from a newer turbofed."""
+
+
+class ResultsStore(ABC):
+    """What the recorder writes and the dashboard reads, whatever the backend."""
+
+    # --- write side (the aggregator's recorder) ---
+    @abstractmethod
+    def record_round(self, round: int, model_version: int, started: float, closed: float,
+                     participants: list[dict[str, Any]], aggregate_ms: float, strategy: str,
+                     closed_by: str) -> None:
+        """A closed round; participants are {"site", "samples", "update_bytes"}."""
+
+    @abstractmethod
+    def record_rejection(self, round: int | None, site: str, reason: str, detail: str, at: float) -> None:
+        """An update or message the aggregator refused, and why."""
+
+    @abstractmethod
+    def record_status(self, site: str, online: bool, at: float, agent_version: str | None,
+                      model_version: int | None, samples: int | None) -> None:
+        """A site's status message (or last will); only the latest per site is kept."""
+
+    @abstractmethod
+    def record_metrics(self, site: str, round: int | None, model_version: int | None,
+                       metrics: dict[str, Any], at: float) -> None:
+        """{"engines": n, "local": {"rmse", "score"}, "federated": {...}}: one row per model."""
+
+    @abstractmethod
+    def record_predictions(self, site: str, rows: list[tuple[str, int, float | None, float | None]],
+                           at: float) -> None:
+        """Rows of (engine, cycle, local RUL, federated RUL); None means not predicted."""
+
+    @abstractmethod
+    def record_sensors(self, site: str, rows: list[tuple[str, int, list[float], list[float]]], at: float) -> None:
+        """Rows of (engine, cycle, 3 settings, 21 sensors): raw telemetry a site chose to share."""
+
+    @abstractmethod
+    def record_truth(self, site: str, engine: str, cycle: int, rul: float, at: float) -> None:
+        """The true RUL of `engine` at `cycle` became known (failure: rul 0)."""
+
+    @abstractmethod
+    def record_event(self, kind: str, detail: dict[str, Any], at: float) -> None:
+        """An aggregator event (started, resumed, round announced...)."""
+
+    # --- read side (dashboard, demo) ---
+    @abstractmethod
+    def rounds(self) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def rejections(self, round: int | None = None) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def site_status(self) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def metrics(self, site: str | None = None) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def latest_metrics(self) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def latest_predictions(self) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def engine_trajectory(self, site: str, engine: str) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def engines_with_truth(self) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def events(self, limit: int = 100) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def counts(self) -> dict[str, int]: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "ResultsStore":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
