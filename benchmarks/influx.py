@@ -33,7 +33,9 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
+
 from turbofed.benchmarks import emit, machine_info
+from turbofed.layout import N_SENSORS
 
 VM_BINARY = "victoria-metrics"
 EXPORT_AHEAD_S = 7 * 86_400  # export end: this far past now (see VictoriaMetrics.export)
@@ -156,7 +158,7 @@ def _batches(kind: str, points: int, sites: int, engines: int, cycles_per_report
                         rows.append((engine, c, local, fed))
                     else:  # C-MAPSS precision: settings to 4 decimals, sensors to 2
                         rows.append((engine, c, np.round(rng.normal(0, 0.002, 3), 4).tolist(),
-                                     np.round(rng.normal(500, 50, 21), 2).tolist()))
+                                     np.round(rng.normal(500, 50, N_SENSORS), 2).tolist()))
             rows = rows[:rows_needed]
             rows_needed -= len(rows)
             if rows:

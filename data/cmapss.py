@@ -15,10 +15,9 @@ import numpy as np
 
 from turbofed.config import resolve_data_dir
 from turbofed.errors import DataError
+from turbofed.layout import N_SENSORS, N_SETTINGS
 
-N_COLUMNS = 26
-N_SETTINGS = 3
-N_SENSORS = 21
+N_COLUMNS = 2 + N_SETTINGS + N_SENSORS  # unit, cycle, settings, sensors
 SUBSETS = ("FD001", "FD002", "FD003", "FD004")
 FETCH_HINT = "run `turbofed data fetch`, or point --data-dir / TURBOFED_DATA_DIR at a folder holding it"
 

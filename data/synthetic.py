@@ -47,9 +47,10 @@ from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
 import numpy as np
-from turbofed.data.cmapss import N_COLUMNS, N_SENSORS, EngineRun, Subset
 
+from turbofed.data.cmapss import N_COLUMNS, EngineRun, Subset
 from turbofed.errors import DataError, TurbofedError
+from turbofed.layout import N_SENSORS, N_SETTINGS
 
 # --- fleet-level constants ------------------------------------------------------------
 
@@ -127,7 +128,7 @@ _GAIN_SPREAD = 0.02  # per-engine, per-sensor multiplier on the degradation resp
 # level (altitude in kft, Mach, TRA %), ISA-lapse-like signs. With FD001's tiny setting
 # noise it is far below the measurement noise, as in FD001 (where the residuals do not
 # correlate with the settings); the constant sensors do not respond, as in FD001.
-_SETTINGS_RESPONSE = np.zeros((N_SENSORS, 3))
+_SETTINGS_RESPONSE = np.zeros((N_SENSORS, N_SETTINGS))
 _SETTINGS_RESPONSE[[1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 19, 20], 0] = [
     -2.2, -5.6, -6.9, -9.9, -4.2, -17.0, -1.1, -9.0, -4.2, -17.0, 0.01, -1.9, -0.08, -0.05,
 ]

@@ -10,8 +10,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-from turbofed.edge.features import histories_stats, run_features
 
+from turbofed.edge.features import histories_stats, run_features
+from turbofed.layout import N_SENSORS
 from turbofed.spec import FeatureSpec, FleetStats
 from turbofed.topics import natural_key
 
@@ -72,7 +73,7 @@ def save_histories(path: Path, histories: list[History], extra: dict[str, int] |
     lengths = np.array([len(h[1]) for h in histories], dtype=np.int64)
     join = lambda k, empty: np.concatenate([h[k] for h in histories]) if histories else empty  # noqa: E731
     tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, names=names, lengths=lengths, cycles=join(1, np.zeros(0, np.int64)), sensors=join(2, np.zeros((0, 21))), rul=join(3, np.zeros(0)), **(extra or {}))
+    np.savez(tmp, names=names, lengths=lengths, cycles=join(1, np.zeros(0, np.int64)), sensors=join(2, np.zeros((0, N_SENSORS))), rul=join(3, np.zeros(0)), **(extra or {}))
     os.replace(tmp, path)
 
 

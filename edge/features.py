@@ -27,6 +27,7 @@ from typing import Protocol
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from turbofed.layout import FEATURE_BLOCKS
 from turbofed.spec import FeatureSpec, FleetStats
 
 RECENT = 5  # cycles averaged for the "current level" feature
@@ -48,16 +49,13 @@ def window_features(windows: np.ndarray, baselines: np.ndarray, cycles: np.ndarr
     Sums divided by counts, not `mean()`: the same arithmetic, and an agent calls this for
     every reading (see `turbofed bench edge`)."""
     recent = min(RECENT, windows.shape[1])
-    return np.concatenate(
-        [
-            windows[:, -recent:].sum(axis=1) / recent - baselines,
-            windows.sum(axis=1) / windows.shape[1] - baselines,
-            (windows * _slope_weights(windows.shape[1])).sum(axis=1),
-            baselines,
-            np.asarray(cycles, dtype=float)[:, None],
-        ],
-        axis=1,
-    )
+    blocks = {
+        "recent": windows[:, -recent:].sum(axis=1) / recent - baselines,
+        "window_mean": windows.sum(axis=1) / windows.shape[1] - baselines,
+        "slope": (windows * _slope_weights(windows.shape[1])).sum(axis=1),
+        "baseline": baselines,
+    }
+    return np.concatenate([blocks[name] for name in FEATURE_BLOCKS] + [np.asarray(cycles, dtype=float)[:, None]], axis=1)
 
 
 def history_features(cycles: np.ndarray, columns: np.ndarray, window: int) -> np.ndarray:

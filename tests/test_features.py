@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from turbofed.data.cmapss import load_subset
 from turbofed.edge.features import (
     BASELINE,
@@ -14,7 +15,6 @@ from turbofed.edge.features import (
     run_features,
     runs_stats,
 )
-
 from turbofed.spec import FeatureSpec, FleetStats
 
 
@@ -116,3 +116,25 @@ def test_baseline_is_the_mean_of_the_first_readings_only(fd001) -> None:
     np.testing.assert_allclose(x[-1, 3 * s : 4 * s], early)  # frozen after the first BASELINE cycles
     recent = run.sensors[-5:, list(spec.sensors)].mean(0)
     np.testing.assert_allclose(x[-1, :s], recent - early)
+
+
+def test_feature_names_follow_the_computed_layout() -> None:
+    """`turbofed.layout` names each column `window_features` computes: a sensor that ramps by
+    k per cycle from level b shows slope k, baseline b, and departures from b in the right columns."""
+    from turbofed.edge.features import RECENT, window_features
+    from turbofed.layout import N_SENSORS, feature_columns, feature_names
+
+    window, slopes, bases = 10, np.arange(1.0, N_SENSORS + 1), np.linspace(100.0, 300.0, N_SENSORS)
+    t = np.arange(window, dtype=float)[:, None]
+    windows = (bases + slopes * t)[None]  # (1, W, S)
+    feats = window_features(windows, bases[None], np.array([42.0]))[0]
+    sensors = [0, 6, 20]
+    named = dict(zip(feature_names(sensors), feats[feature_columns(sensors)]))
+    for i in sensors:
+        s = f"s{i + 1}"
+        assert named[f"{s}.slope"] == pytest.approx(slopes[i])
+        assert named[f"{s}.baseline"] == pytest.approx(bases[i])
+        assert named[f"{s}.window_mean"] == pytest.approx(slopes[i] * (window - 1) / 2)
+        assert named[f"{s}.recent"] == pytest.approx(slopes[i] * (window - 1 - (RECENT - 1) / 2))
+    assert named["cycle"] == 42.0
+    assert len(named) == FeatureSpec((0, 6, 20), window, (0.0,) * 13, (1.0,) * 13).n_features

@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from turbofed.layout import N_ALL_FEATURES, N_SENSORS, feature_columns, n_features
 from turbofed.metrics import RUL_CAP
 
-N_SENSORS = 21
-FEATURE_BLOCKS = 4  # per sensor: recent level, window mean (both vs baseline), slope, baseline
-N_ALL_FEATURES = FEATURE_BLOCKS * N_SENSORS + 1  # ... of all 21 sensors, then the cycle
 DEFAULT_WINDOW = 30
 MIN_CORRELATION = 0.2  # |corr(sensor, capped RUL)| below this is treated as noise
 MIN_STD = 1e-6
@@ -125,7 +123,7 @@ class FeatureSpec:
 
     @property
     def n_features(self) -> int:
-        return FEATURE_BLOCKS * len(self.sensors) + 1
+        return n_features(len(self.sensors))
 
     @classmethod
     def from_stats(cls, stats: FleetStats, window: int | None = None, min_correlation: float = MIN_CORRELATION) -> "FeatureSpec":
@@ -142,8 +140,7 @@ class FeatureSpec:
         )
         if not sensors:
             raise ValueError("no sensor varies with RUL across the fleet")
-        # Feature order (edge/features.py): per block, the chosen sensors; then the cycle.
-        chosen = [block * N_SENSORS + i for block in range(FEATURE_BLOCKS) for i in sensors] + [N_ALL_FEATURES - 1]
+        chosen = feature_columns(sensors)
         offset = stats.feature_mean()[chosen]
         scale = stats.feature_std()[chosen]
         scale = np.where(scale > MIN_STD, scale, 1.0)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from turbofed.envelope import json_default
+from turbofed.layout import SENSOR_NAMES, SETTING_NAMES
 from turbofed.store.influx_read import FluxReads, http_status
 from turbofed.store.interface import MODELS, ResultsStore, StoreError
 from turbofed.store.spool import PROTECTED, TELEMETRY, Spool, SpoolError
@@ -47,8 +48,8 @@ log = logging.getLogger("turbofed.influx")
 
 ENV = {"url": "TURBOFED_INFLUX_URL", "token": "TURBOFED_INFLUX_TOKEN", "org": "TURBOFED_INFLUX_ORG",
        "bucket": "TURBOFED_INFLUX_BUCKET", "spool_dir": "TURBOFED_INFLUX_SPOOL"}
-SETTING_FIELDS = ("setting1", "setting2", "setting3")
-SENSOR_FIELDS = tuple(f"s{i}" for i in range(1, 22))
+SETTING_FIELDS = SETTING_NAMES
+SENSOR_FIELDS = SENSOR_NAMES
 TELEMETRY_MEASUREMENTS = ("sensors", "predictions")  # the only ones the spool may drop
 _TELEMETRY_PREFIXES = tuple(f"{m},".encode() for m in TELEMETRY_MEASUREMENTS)
 _ROW_FIELDS = SETTING_FIELDS + SENSOR_FIELDS
