@@ -12,6 +12,9 @@ from turbofed.simulation.broker import BrokerHandle, find_mosquitto, start_broke
 
 REPO = Path(__file__).resolve().parent.parent
 
+# With CI=true a skipped test fails the run (tests/ci_gate.py).
+pytest_plugins = ["tests.ci_gate"]
+
 
 @pytest.fixture(scope="session", params=["mosquitto", "amqtt"])
 def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerHandle]:

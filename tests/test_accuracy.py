@@ -94,3 +94,18 @@ def test_synthetic_fleet_carries_signal() -> None:
     truth = np.array([r.rul_at_end for r in fleet.test])
     mean_rmse = rmse(np.full_like(truth, train_mean), truth)
     assert model_rmse * 2 <= mean_rmse, (model_rmse, mean_rmse)
+
+
+@pytest.mark.slow
+def test_fd001_figures_the_readme_claims(cmapss_dir: Path) -> None:
+    """What the README states for FD001 (default settings, seed 0, 4 sites, NASA's 100 test
+    engines): federated RMSE at most 12.5 and within 6% of central, and the mean local model's
+    RMSE at least 1.3 x the federated one. About 30 s on a quiet 2-core machine."""
+    result = run_accuracy("FD001", str(cmapss_dir), 4, ModelSettings())
+    assert result["eval"] == "official-test" and result["test_engines"] == {"FD001": 100}
+    federated = result["federated"]["FD001"]["rmse"]
+    central = result["central"]["FD001"]["rmse"]
+    local = [site["metrics"]["FD001"]["rmse"] for site in result["local"]]
+    assert federated <= 12.5, result["federated"]
+    assert federated <= 1.06 * central, (federated, central)
+    assert sum(local) / len(local) >= 1.3 * federated, (local, federated)
