@@ -289,7 +289,11 @@ def test_bench_edge_smoke(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["rss_mb"]) == {"training", "inference"}
-    assert all(0 < v < 2000 for v in result["rss_mb"].values())
+    rss = result["rss_mb"]
+    # The inference profile never loads scikit-learn: it must cost clearly less memory than
+    # training (README: 75.9 vs 212.0 MB in a device-like venv); a Python process holding
+    # numpy and onnxruntime is never below 20 MB, so a smaller figure measured nothing.
+    assert 20 < rss["inference"] < 0.8 * rss["training"], rss
     for engine in ("onnxruntime", "sklearn"):
         assert 0 < result["predict_us"][engine]["p50"] <= result["predict_us"][engine]["p99"]
     assert set(result["cpu_s_per_cycle"]) == {"training", "inference"}
