@@ -127,6 +127,26 @@ def _services(sub: argparse._SubParsersAction) -> None:
     flash.set_defaults(handler="turbofed.deploy.flash:run_cli")
 
 
+def _fleet(sub: argparse._SubParsersAction) -> None:
+    fleet = sub.add_parser("fleet", help="fleet identities: CA, TLS client identities, signing keys, broker ACL")
+    fsub = fleet.add_subparsers(dest="fleet_command", required=True)
+    for name, text in (("init", "create the CA, the broker certificate and every identity fleet.toml names"),
+                       ("add", "issue an identity (a new site and its gateway, say)"),
+                       ("revoke", "revoke an identity: the broker refuses it, its signatures stop counting")):
+        p = fsub.add_parser(name, help=text)
+        p.add_argument("--fleet", required=True, help="fleet TOML (its sites and broker address)")
+        p.add_argument("--pki", help="identity folder (default: pki/ beside the fleet TOML)")
+        if name == "init":
+            p.add_argument("--broker-host", action="append", help="host name or address the broker certificate is "
+                           "valid for (repeat; default: the fleet's broker host, 127.0.0.1 and localhost)")
+        else:
+            p.add_argument("name", help="identity name: a site id, 'aggregator' or 'gateway-<site>'")
+        if name == "add":
+            p.add_argument("--role", choices=("site", "gateway", "aggregator"), default="site",
+                           help="what the identity may do (default: site)")
+        p.set_defaults(handler="turbofed.deploy.identities:run_cli")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="turbofed",
@@ -134,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_data, _bench, _services):
+    for add in (_data, _bench, _services, _fleet):
         add(sub)
     return parser
 
