@@ -2,7 +2,7 @@
 
 A strategy sees only weights by initializer name (numpy arrays) and sample counts, never
 scikit-learn, so any model that exports to ONNX can be federated. A new algorithm is one
-class with one method:
+class with one method (and, if it has settings, a constructor taking them):
 
     class MyStrategy(Strategy):
         name = "mine"
@@ -28,8 +28,8 @@ Choosing and configuring one (fleet.toml):
 `strategy = "fedavg"` (a plain name, no parameters) still works. `name` is resolved by
 `make_strategy` in this order: a built-in name; `"package.module:ClassName"`, imported
 (the module must be importable by the aggregator, e.g. installed or on PYTHONPATH); an
-entry point of that name in the group `turbofed.strategies`, which is how an installed
-distribution offers a strategy without editing turbofed:
+entry point of that name in the group `turbofed.strategies` (never shadowing a built-in
+name), which is how an installed distribution offers a strategy without editing turbofed:
 
     [project.entry-points."turbofed.strategies"]
     median = "mypkg.robust:Median"
