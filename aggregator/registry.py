@@ -1,7 +1,7 @@
 """The model registry: every global model version, checkpointed so the aggregator resumes.
 
 One folder holds `registry.sqlite` (one row per version: round, SHA-256, file, creation
-time, fleet statistics as JSON) and `models/v00001.onnx` with `models/v00001.npz` (the
+time, and as JSON the fleet statistics, feature spec, strategy name and parameters) and `models/v00001.onnx` with `models/v00001.npz` (the
 strategy's server-side optimiser state) beside it.
 
 Crash consistency: files are written first (temp file, fsync, os.replace, so a file is

@@ -30,7 +30,7 @@ from turbofed.aggregator.strategies import SiteUpdate, make_strategy, merge
 
 from turbofed import envelope
 from turbofed.config import FleetConfig, load_fleet_config
-from turbofed.errors import ConfigError, TurbofedError
+from turbofed.errors import TurbofedError
 from turbofed.mqtt import Subscriptions, client_id, connect, make_client
 from turbofed.spec import FeatureSpec, FleetStats
 from turbofed.store import open_store
@@ -46,10 +46,10 @@ class Aggregator:
 
     def __init__(self, config: FleetConfig) -> None:
         self.config = config
-        try:
-            self.strategy = make_strategy(config.strategy)
-        except ValueError as exc:
-            raise ConfigError(f"fleet config strategy: {exc}") from None
+        # First, so a bad [strategy] stops us before anything is opened (ConfigError names file and key).
+        self.strategy = make_strategy(config.strategy.name, config.strategy.params, config.strategy.where)
+        # What every record of this run says it ran with: the configured name, all parameters.
+        self.strategy_record = {"strategy": config.strategy.name, "strategy_params": self.strategy.parameters()}
         self.topics = Topics(config.broker.topic_root, config.broker.plant_root)
         # Points wait here while InfluxDB is away (unused with SQLite).
         spool = Path(config.registry).parent / "influx-spool"
@@ -78,7 +78,7 @@ class Aggregator:
     def _resume(self) -> None:
         ckpt = self.registry.latest()
         if ckpt is None:
-            self.store.record_event("started", {"strategy": self.strategy.name}, time.time())
+            self.store.record_event("started", dict(self.strategy_record), time.time())
             return
         self.model = onnx.load_model_from_string(ckpt.model)
         self.version = ckpt.version
@@ -93,7 +93,10 @@ class Aggregator:
             ) from None
         self.strategy.load_state(ckpt.strategy_state)
         log.info("resumed from checkpoint v%d (round %d)", ckpt.version, ckpt.round)
-        self.store.record_event("resumed", {"version": ckpt.version, "round": ckpt.round}, time.time())
+        previous = {k: ckpt.fleet[k] for k in self.strategy_record if k in ckpt.fleet}
+        if previous and previous != self.strategy_record:
+            log.warning("checkpoint v%d was made with %s; continuing with %s", ckpt.version, previous, self.strategy_record)
+        self.store.record_event("resumed", {"version": ckpt.version, "round": ckpt.round, **self.strategy_record}, time.time())
 
     def start(self) -> None:
         self.client = make_client(client_id("aggregator", self.config.broker), self.config.broker, persistent_session=True)
@@ -256,13 +259,13 @@ class Aggregator:
             updates = [SiteUpdate(a.site, a.weights, a.samples) for a in r.accepted.values()]
             model = merge(self.strategy, self.model, updates)  # updates were checked on arrival
         data = model.SerializeToString()
-        fleet = {"stats": self.stats.to_dict(), "spec": self.spec.to_dict()}
+        fleet = {"stats": self.stats.to_dict(), "spec": self.spec.to_dict(), **self.strategy_record}
         self.registry.save(r.number, r.number, data, self.strategy.state(), fleet)  # checkpoint before publishing
         self.model, self.version = model, r.number
         self._publish_global()
         closed = time.time()
         participants = [{"site": a.site, "samples": a.samples, "update_bytes": a.wire_bytes} for a in r.accepted.values()]
-        self.store.record_round(r.number, self.version, r.started, closed, participants, (closed - last_update) * 1000.0, self.strategy.name, closed_by)
+        self.store.record_round(r.number, self.version, r.started, closed, participants, (closed - last_update) * 1000.0, self.strategy_record["strategy"], closed_by, self.strategy_record["strategy_params"])
         log.info("round %d closed by %s: %d updates, global v%d published", r.number, closed_by, len(participants), self.version)
         self.round = None
 
@@ -323,6 +326,6 @@ def run_cli(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     aggregator.start()
-    log.info("aggregator running: %d sites, quorum %d, %d rounds, strategy %s", len(config.sites), config.effective_quorum, config.model.rounds, config.strategy)
+    log.info("aggregator running: %d sites, quorum %d, %d rounds, strategy %s", len(config.sites), config.effective_quorum, config.model.rounds, config.strategy.name)
     aggregator.run(stop)
     return 0

@@ -16,11 +16,12 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 from tqdm import tqdm
-from turbofed.aggregator.strategies import aggregate_onnx, make_strategy
+from turbofed.aggregator.strategies import Strategy, aggregate_onnx, make_strategy
 from turbofed.benchmarks import emit, machine_info
 from turbofed.data.cmapss import EngineRun
 from turbofed.data.datasets import EvalSet, load_dataset
@@ -29,6 +30,7 @@ from turbofed.edge.inference import OnnxPredictor
 from turbofed.edge.learner import RulModel
 
 from turbofed.config import ModelSettings
+from turbofed.errors import ConfigError
 from turbofed.metrics import rul_metrics
 from turbofed.simulation.fleet import assign, site_names
 from turbofed.spec import FeatureSpec, FleetStats
@@ -70,9 +72,8 @@ def train_alone(settings: ModelSettings, spec: FeatureSpec, runs: list[EngineRun
     return model.to_onnx()
 
 
-def federate(settings: ModelSettings, spec: FeatureSpec, sites: list[Site], strategy_name: str, progress: tqdm) -> bytes:
+def federate(settings: ModelSettings, spec: FeatureSpec, sites: list[Site], strategy: Strategy, progress: tqdm) -> bytes:
     """R rounds: every site trains E epochs from the global model; the strategy merges them."""
-    strategy = make_strategy(strategy_name)
     learners = [RulModel(settings, spec) for _ in sites]
     data = [training_rows(spec, s.runs) for s in sites]
     global_model = onnx.load_model_from_string(learners[0].to_onnx())  # seeded init, same on every site
@@ -93,8 +94,14 @@ def run_accuracy(
     n_sites: int = 4,
     settings: ModelSettings | None = None,
     strategy: str = "fedavg",
+    strategy_params: dict[str, Any] | None = None,
 ) -> dict:
-    """Train central, local and federated models and score them on every evaluation set."""
+    """Train central, local and federated models and score them on every evaluation set.
+
+    `strategy` takes what fleet.toml's [strategy] name does (built in, "module:Class" or an
+    entry point); it is checked with `strategy_params` before any data is read.
+    """
+    merger = make_strategy(strategy, strategy_params, "turbofed bench accuracy --strategy")
     settings = settings or ModelSettings()
     started = time.perf_counter()
     train, evals = load_dataset(dataset, data_dir, settings.seed)
@@ -122,7 +129,7 @@ def run_accuracy(
         )
         progress.update(1)
     progress.set_postfix_str(f"federated ({strategy})")
-    federated = federate(settings, spec, sites, strategy, progress)
+    federated = federate(settings, spec, sites, merger, progress)
     progress.close()
 
     return {
@@ -131,6 +138,7 @@ def run_accuracy(
         "rounds": settings.rounds,
         "local_epochs": settings.local_epochs,
         "strategy": strategy,
+        "strategy_params": merger.parameters(),
         "seed": settings.seed,
         "eval": evals[0].kind if len(evals) == 1 else {ev.subset: ev.kind for ev in evals},
         "test_engines": {ev.subset: len(ev.runs) for ev in evals},
@@ -146,6 +154,21 @@ def run_accuracy(
 
 def run_cli(args: argparse.Namespace) -> int:
     settings = ModelSettings(seed=args.seed).replace(rounds=args.rounds, local_epochs=args.local_epochs)
-    result = run_accuracy(args.dataset, args.data_dir, args.sites, settings, args.strategy)
+    params = dict(parse_param(text) for text in args.strategy_param)
+    result = run_accuracy(args.dataset, args.data_dir, args.sites, settings, args.strategy, params)
     emit(result, args.json_out)
     return 0
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """`--strategy-param KEY=VALUE`: VALUE as a TOML value (0.7, 3, true, "x"), else the bare text."""
+    import tomllib
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--strategy-param {text!r}: give KEY=VALUE, e.g. momentum=0.7")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip(), value

@@ -7,6 +7,8 @@ can share one broker without hearing each other.
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import threading
@@ -63,6 +65,28 @@ class LiveFleet:
             f'[broker]\nhost = "{b.host}"\nport = {b.port}\ntopic_root = "{b.topic_root}"\nplant_root = "{b.plant_root}"\n'
         )
         return path
+
+    def fleet_toml(self, extra: str = "") -> Path:
+        """This fleet as a TOML file, for an aggregator run as a separate process; `extra` is
+        more TOML at the top level (e.g. a [strategy] table)."""
+        f, b = self.fleet, self.broker
+        scalars = {"sites": list(f.sites), "store": f.store, "registry": f.registry, "round_deadline_s": f.round_deadline_s,
+                   "stats_retry_s": f.stats_retry_s, "min_samples": f.min_samples, "max_update_bytes": f.max_update_bytes}
+        if f.quorum is not None:
+            scalars["quorum"] = f.quorum
+        model = {k: list(v) if isinstance(v, tuple) else v for k, v in f.model.to_dict().items()}
+        broker = {"host": b.host, "port": b.port, "topic_root": b.topic_root, "plant_root": b.plant_root}
+        table = lambda d: "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())  # noqa: E731 - JSON scalars are TOML
+        path = self.work / "fleet.toml"
+        path.write_text(f"{table(scalars)}\n[broker]\n{table(broker)}\n[model]\n{table(model)}\n{extra}")
+        return path
+
+    def start_aggregator_process(self, extra_toml: str = "", env: dict[str, str] | None = None) -> subprocess.Popen:
+        """`turbofed aggregator` as its own process on `fleet_toml(extra_toml)`, run from the work
+        folder (so only `env`'s PYTHONPATH, not the current folder, decides what it can import)."""
+        log = open(self.work / "aggregator.log", "ab")
+        cmd = [sys.executable, "-m", "turbofed.cli", "aggregator", "--config", str(self.fleet_toml(extra_toml))]
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.work, env=env if env is not None else dict(os.environ))
 
     def start_agent(self, site: str, **overrides: object) -> EdgeAgent:
         agent = EdgeAgent(self.site_config(site, **overrides))

@@ -57,9 +57,11 @@ def test_result_has_every_figure(cmapss_dir: Path) -> None:
 def test_cli_writes_json(cmapss_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "acc.json"
     argv = ["bench", "accuracy", "--data-dir", str(cmapss_dir), "--dataset", "FD001+FD003", "--sites", "2"]
-    assert main([*argv, "--rounds", "1", "--local-epochs", "1", "--seed", "4", "--json", str(out)]) == 0
+    strategy = ["--strategy", "tests.plugins.median:Median", "--strategy-param", "server_lr=0.5"]  # as in fleet.toml
+    assert main([*argv, "--rounds", "1", "--local-epochs", "1", "--seed", "4", *strategy, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result == json.loads(capsys.readouterr().out)
+    assert result["strategy"] == "tests.plugins.median:Median" and result["strategy_params"] == {"server_lr": 0.5}
     assert result["seed"] == 4 and result["rounds"] == 1 and set(result["federated"]) == {"FD001", "FD003"}
     assert result["eval"] == {"FD001": "official-test", "FD003": "holdout-from-train"}
     assert [l["subset"] for l in result["local"]] == ["FD001", "FD003"]
@@ -69,6 +71,15 @@ def test_cli_writes_json(cmapss_dir: Path, tmp_path: Path, capsys: pytest.Captur
 def test_missing_data_is_a_clear_cli_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "accuracy", "--data-dir", str(tmp_path)]) == 2
     assert "train_FD001.txt: file not found; run `turbofed data fetch`" in capsys.readouterr().err
+
+
+def test_bad_strategy_is_refused_before_any_data_is_read(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["bench", "accuracy", "--data-dir", str(tmp_path), "--strategy", "fedavgm"]
+    assert main([*argv, "--strategy-param", "momentum=2"]) == 2
+    err = capsys.readouterr().err
+    assert "--strategy momentum must be in [0, 1), got 2.0" in err and "file not found" not in err
+    assert main([*argv, "--strategy-param", "momentum"]) == 2
+    assert "--strategy-param 'momentum': give KEY=VALUE" in capsys.readouterr().err
 
 
 def test_synthetic_fleet_carries_signal() -> None:

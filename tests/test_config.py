@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from turbofed.config import load_fleet_config, load_site_config
+from turbofed.config import StrategySettings, load_fleet_config, load_site_config
 from turbofed.errors import ConfigError
 
 
@@ -55,6 +55,17 @@ def test_fleet_config(tmp_path: Path) -> None:
     assert cfg.model.rounds == 3 and cfg.model.hidden == (8,) and cfg.store == str(tmp_path / "r.sqlite")
     influx = load_fleet_config(write(tmp_path, "g.toml", text.replace('"r.sqlite"', '"influxdb"')))
     assert influx.store == "influxdb"
+    assert cfg.strategy == StrategySettings("fedavg", {})  # the default
+
+
+def test_fleet_strategy_as_a_name_or_a_table(tmp_path: Path) -> None:
+    base = 'sites = ["a"]\nstore = "r.sqlite"\nregistry = "reg"\n'
+    plain = load_fleet_config(write(tmp_path, "f.toml", base + 'strategy = "fedavgm"\n'))
+    assert plain.strategy == StrategySettings("fedavgm", {}) and plain.strategy.where == f"{tmp_path / 'f.toml'}: strategy"
+    table = base + '[strategy]\nname = "tests.plugins.median:Median"\nserver_lr = 0.5\nflag = true\nlabel = "x"\n'
+    cfg = load_fleet_config(write(tmp_path, "g.toml", table))
+    assert cfg.strategy == StrategySettings("tests.plugins.median:Median", {"server_lr": 0.5, "flag": True, "label": "x"})
+    assert cfg.strategy.where == f"{tmp_path / 'g.toml'}: [strategy]"
 
 
 @pytest.mark.parametrize(
@@ -64,6 +75,12 @@ def test_fleet_config(tmp_path: Path) -> None:
         ("[model]\nkind = 'lstm'\n", r"model kind must be 'mlp' or 'sgd'"),
         ("[model]\nrounds = 0\n", "rounds must be positive"),
         ("[model]\nepochs = 3\n", r"f.toml \[model\]: unknown setting\(s\) epochs"),
+        ("[strategy]\nmomentum = 0.9\n", r"f.toml: \[strategy\] name must be a non-empty string"),
+        ("[strategy]\nname = 3\n", r"f.toml: \[strategy\] name must be a non-empty string .*, got 3$"),
+        ("[strategy]\nname = \"fedavgm\"\nmomentum = [0.9]\n", r"f.toml: \[strategy\] momentum must be a number, string or boolean, got \[0.9\]$"),
+        ("[strategy]\nname = \"fedavgm\"\n[strategy.inner]\nx = 1\n", r"f.toml: \[strategy\] inner must be a number, string or boolean"),
+        ("strategy = 3\n", r"f.toml: strategy must be a name or a \[strategy\] table, got 3$"),
+        ("strategy = \"\"\n", r"f.toml: strategy must be a non-empty name$"),
     ],
 )
 def test_fleet_config_errors(tmp_path: Path, extra: str, message: str) -> None:

@@ -25,7 +25,7 @@ from turbofed.benchmarks.influx import VictoriaMetrics, find_victoria_metrics, f
 
 from turbofed.store import StoreError, open_store
 from turbofed.store.spool import PROTECTED, TELEMETRY, Spool, SpoolError
-from turbofed.store.sqlite import SqliteStore
+from turbofed.store.sqlite import SCHEMA_VERSION, SqliteStore
 
 pytest.importorskip("influxdb_client", reason="influxdb-client is not installed: pip install 'turbofed[influx]'")
 
@@ -376,10 +376,11 @@ def test_sqlite_record_sensors_and_migration(tmp_path: Path) -> None:
     assert rows[1][2:] == ("[0.0, 0.0, 0.0]", json.dumps([2.0] * 21), 6.0)
     # A version-1 store (before sensors) is migrated on open.
     db.execute("DROP TABLE sensors")
+    db.execute("ALTER TABLE rounds DROP COLUMN strategy_params")  # added in version 3
     db.execute("UPDATE schema_version SET version = 1")
     db.commit()
     db.close()
     with SqliteStore(path) as store:
         store.record_sensors("site-1", [("e1", 3, [0.0] * 3, [1.0] * 21)], 7.0)
         assert store.counts()["sensors"] == 1
-    assert sqlite3.connect(path).execute("SELECT version FROM schema_version").fetchone() == (2,)
+    assert sqlite3.connect(path).execute("SELECT version FROM schema_version").fetchone() == (SCHEMA_VERSION,) == (3,)

@@ -344,7 +344,8 @@ def _record_fleet(store: Any, t0: float) -> None:
         closed = t0 + 40 + rnd
         store.record_round(rnd, rnd, closed - 5, closed,
                            [{"site": "site-10", "samples": 70 * rnd, "update_bytes": 1000},
-                            {"site": "site-2", "samples": 50 * rnd, "update_bytes": 1001}], 1.5 * rnd, "fedavg", "quorum")
+                            {"site": "site-2", "samples": 50 * rnd, "update_bytes": 1001}], 1.5 * rnd, "fedavgm", "quorum",
+                           {"server_lr": 1.0, "momentum": 0.1 * rnd})
         for site, rmse in (("site-1", 20.0), ("site-2", 25.0)):
             store.record_metrics(site, rnd, rnd, {"engines": 3, "local": {"rmse": rmse + rnd, "score": 300.0},
                                                   "federated": {"rmse": rmse - rnd, "score": None}}, closed + 0.5)
@@ -375,6 +376,7 @@ def test_flux_reads_against_stand_in_for_influxdb2_match_sqlite(fake: tuple[Fake
 
     assert store.rounds() == sqlite.rounds()
     assert store.rounds()[1]["closed_by"] == "deadline" and store.rounds()[1]["samples"] == 55
+    assert store.rounds()[0]["strategy_params"] == {"server_lr": 1.0, "momentum": 0.1}
     assert _without_ids(store.rejections()) == _without_ids(sqlite.rejections())
     assert _without_ids(store.rejections(1)) == _without_ids(sqlite.rejections(1)) != []
     assert _without_ids(store.metrics()) == _without_ids(sqlite.metrics())
@@ -456,7 +458,7 @@ def test_verbatim_annotated_csv_from_stand_in_for_influxdb2(fake: tuple[FakeInfl
     with _store(url, tmp_path) as store:
         assert store.rounds() == [{
             "round": 1, "model_version": 1, "started": 1795600800.0, "closed": 1795600805.25, "aggregate_ms": 12.5,
-            "strategy": "fedavg", "closed_by": "quorum", "samples": 300,
+            "strategy": "fedavg", "strategy_params": {}, "closed_by": "quorum", "samples": 300,
             "participants": [{"site": "site-2", "samples": 100, "update_bytes": 2048},
                              {"site": "site-10", "samples": 200, "update_bytes": 2049}]}]
 

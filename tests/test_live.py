@@ -4,12 +4,15 @@ round, and updates are small on the wire."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 from turbofed.aggregator.registry import ModelRegistry
 
+from tests.conftest import REPO
 from tests.livefleet import LiveFleet, wait_for
 from turbofed.codec import raw_weight_bytes, read_weights
 from turbofed.config import ModelSettings
@@ -115,3 +118,43 @@ def test_raw_sensor_rows_leave_a_site_only_when_shared(broker, cmapss_dir: Path,
         fleet.close()
     assert per_site() == {"site1": fleet.agents["site1"].buffer.rows}  # nothing from site2
     assert fleet.agents["site1"].buffer.rows + fleet.agents["site2"].buffer.rows == train["rows"]
+
+
+MEDIAN = "tests.plugins.median:Median"
+
+
+def test_user_strategy_by_module_path_runs_a_live_round(broker, cmapss_dir: Path, tmp_path: Path) -> None:
+    """A strategy that is not part of turbofed (tests/plugins/median.py), named in fleet.toml's
+    [strategy] table with a parameter, aggregates a round in a separate aggregator process;
+    the round row, the "started" event and the checkpoint say what it ran with."""
+    fleet = LiveFleet(broker, tmp_path, ["site1", "site2", "site3"], ModelSettings(rounds=1, local_epochs=1))
+    # The aggregator runs in tmp_path: it can import tests.plugins only through this PYTHONPATH.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    aggregator: subprocess.Popen | None = None
+    try:
+        fleet.buffer_training(12, cmapss_dir)
+        aggregator = fleet.start_aggregator_process(f'[strategy]\nname = "{MEDIAN}"\nserver_lr = 0.5\n', env)
+        store = open_store(fleet.fleet.store)
+
+        def round_one_recorded() -> bool:
+            if aggregator.poll() is not None:
+                raise AssertionError(f"aggregator exited ({aggregator.returncode}): {(tmp_path / 'aggregator.log').read_text()[-2000:]}")
+            return any(r["round"] == 1 and r["strategy"] == MEDIAN and r["strategy_params"] == {"server_lr": 0.5}
+                       for r in store.rounds())
+
+        wait_for("round 1 recorded with the median and its parameters", round_one_recorded, 120)
+    finally:
+        if aggregator is not None and aggregator.poll() is None:
+            aggregator.send_signal(signal.SIGTERM)
+            aggregator.wait(30)
+        fleet.close()
+    rounds = store.rounds()
+    assert [(r["round"], r["strategy"], r["strategy_params"]) for r in rounds] == [(0, MEDIAN, {"server_lr": 0.5}),
+                                                                                  (1, MEDIAN, {"server_lr": 0.5})]
+    assert sorted(p["site"] for p in rounds[1]["participants"]) == fleet.sites
+    started = [e["detail"] for e in store.events() if e["kind"] == "started"]
+    assert started == [{"strategy": MEDIAN, "strategy_params": {"server_lr": 0.5}}]
+    checkpoint = ModelRegistry(fleet.fleet.registry).latest()
+    assert checkpoint.version == 1
+    assert (checkpoint.fleet["strategy"], checkpoint.fleet["strategy_params"]) == (MEDIAN, {"server_lr": 0.5})
+    assert not store.rejections()

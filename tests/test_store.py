@@ -29,7 +29,7 @@ def test_open_store_path_and_schema(tmp_path: Path) -> None:
         assert s.counts()["rounds"] == 0
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
     db.execute("UPDATE schema_version SET version = 99")
     db.commit()
     db.close()
@@ -46,17 +46,36 @@ def test_rounds(store: SqliteStore) -> None:
                        3.5, "fedavg", "deadline")
     store.record_round(1, 1, 10.0, 12.0, [{"site": "s10", "samples": 7, "update_bytes": 70},
                                           {"site": "s2", "samples": 5, "update_bytes": 50}],
-                       1.25, "fedavgm", "quorum")
+                       1.25, "fedavgm", "quorum", {"server_lr": 1.0, "momentum": 0.9})
     rounds = store.rounds()
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[0] == {"round": 1, "model_version": 1, "started": 10.0, "closed": 12.0, "aggregate_ms": 1.25,
-                         "strategy": "fedavgm", "closed_by": "quorum", "samples": 12,
+                         "strategy": "fedavgm", "strategy_params": {"server_lr": 1.0, "momentum": 0.9},
+                         "closed_by": "quorum", "samples": 12,
                          "participants": [{"site": "s2", "samples": 5, "update_bytes": 50},
                                           {"site": "s10", "samples": 7, "update_bytes": 70}]}
     # Re-recording a round replaces it, participants included.
     store.record_round(2, 2, 20.0, 26.0, [], 1.0, "fedavg", "deadline")
     assert store.rounds()[1]["participants"] == [] and store.rounds()[1]["closed"] == 26.0
+    assert store.rounds()[1]["strategy_params"] == {}  # none given
     assert store.counts()["round_participants"] == 2
+
+
+def test_schema_2_store_gains_strategy_params(tmp_path: Path) -> None:
+    """A store written before rounds recorded the strategy's parameters opens, upgraded."""
+    path = tmp_path / "results.sqlite"
+    with open_store(path) as s:
+        s.record_round(1, 1, 10.0, 12.0, [], 1.0, "fedavg", "quorum")
+    db = sqlite3.connect(path)
+    db.executescript("ALTER TABLE rounds DROP COLUMN strategy_params; UPDATE schema_version SET version = 2;")
+    db.close()
+    with open_store(path) as s:
+        assert [(r["strategy"], r["strategy_params"]) for r in s.rounds()] == [("fedavg", {})]
+        s.record_round(2, 2, 20.0, 22.0, [], 1.0, "fedadam", "quorum", {"tau": 0.001})
+        assert s.rounds()[1]["strategy_params"] == {"tau": 0.001}
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
+    db.close()
 
 
 def test_rejections(store: SqliteStore) -> None:

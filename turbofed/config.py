@@ -7,7 +7,7 @@ aggregator asked for. It holds plain values only (no scikit-learn import).
 from __future__ import annotations
 
 import os
-from dataclasses import MISSING, asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,21 @@ class SiteConfig:
 
 
 @dataclass(frozen=True)
+class StrategySettings:
+    """Which aggregation strategy the fleet runs, with its parameters: fleet.toml's
+    `[strategy]` table (`name` plus parameters) or a plain `strategy = "name"`.
+
+    Only the shape is checked here (the core imports no room); the aggregator checks the
+    parameters against the strategy class (turbofed.aggregator.strategies.make_strategy)
+    before it starts. `where` prefixes those errors, e.g. "fleet.toml: [strategy]".
+    """
+
+    name: str = "fedavg"
+    params: dict[str, Any] = field(default_factory=dict)
+    where: str = field(default="[strategy]", compare=False)
+
+
+@dataclass(frozen=True)
 class FleetConfig:
     """The aggregator: the sites it expects, the schedule, the strategy and where results go."""
 
@@ -118,7 +133,7 @@ class FleetConfig:
     store: str
     registry: str
     model: ModelSettings = ModelSettings()
-    strategy: str = "fedavg"
+    strategy: StrategySettings = StrategySettings()
     quorum: int | None = None  # updates that close a round early; default: every site
     round_deadline_s: float = 120.0
     stats_retry_s: float = 5.0
@@ -204,9 +219,30 @@ def load_fleet_config(path: str | Path) -> FleetConfig:
     if not isinstance(sites, list) or not sites or not all(isinstance(s, str) for s in sites):
         raise ConfigError(f"{path}: sites must be a non-empty list of site ids")
     raw["sites"] = tuple(sites)
-    config = _build(FleetConfig, {**raw, "broker": broker, "model": model}, str(path))
+    strategy = _strategy_settings(raw.pop("strategy", "fedavg"), path)
+    config = _build(FleetConfig, {**raw, "broker": broker, "model": model, "strategy": strategy}, str(path))
     if not 1 <= config.effective_quorum <= len(config.sites):
         raise ConfigError(f"{path}: quorum must be between 1 and the number of sites ({len(config.sites)})")
     is_url = config.store == "influxdb" or "://" in config.store
     store = config.store if is_url else _relative(path.parent, config.store)
     return replace(config, store=store, registry=_relative(path.parent, config.registry))
+
+
+def _strategy_settings(value: Any, path: Path) -> StrategySettings:
+    """`strategy = "name"` or a `[strategy]` table with `name` and scalar parameters."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ConfigError(f"{path}: strategy must be a non-empty name")
+        return StrategySettings(value, {}, f"{path}: strategy")
+    where = f"{path}: [strategy]"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: strategy must be a name or a [strategy] table, got {value!r}")
+    params = dict(value)
+    name = params.pop("name", None)
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{where} name must be a non-empty string (a built-in strategy, \"module:Class\" "
+                          f"or an entry point), got {name!r}")
+    for key, v in params.items():
+        if not isinstance(v, (bool, int, float, str)):
+            raise ConfigError(f"{where} {key} must be a number, string or boolean, got {v!r}")
+    return StrategySettings(name, params, where)

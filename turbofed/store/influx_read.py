@@ -62,7 +62,7 @@ class FluxReads:
             participants = sorted(parts.get((number, r["_time"]), []), key=lambda p: natural_key(p["site"]))
             out.append({"round": number, "model_version": r.get("model_version"), "started": r.get("started"),
                         "closed": r.get("closed"), "aggregate_ms": r.get("aggregate_ms"), "strategy": r.get("strategy"),
-                        "closed_by": r.get("closed_by"), "participants": participants,
+                        "strategy_params": _json_object(r.get("strategy_params")), "closed_by": r.get("closed_by"), "participants": participants,
                         "samples": sum(p["samples"] or 0 for p in participants)})
         return out
 
@@ -319,3 +319,12 @@ def _trajectory(recs: list[dict[str, Any]], truth: Mapping[str, Any] | None) -> 
 
 # --- the write machinery ---------------------------------------------------------------------
 
+
+
+def _json_object(text: Any) -> dict[str, Any]:
+    """A JSON object field; {} where it is missing (rounds written before it existed) or not an object."""
+    try:
+        value = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

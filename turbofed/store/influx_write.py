@@ -256,12 +256,14 @@ class InfluxStore(FluxReads, ResultsStore):
 
     def record_round(self, round: int, model_version: int, started: float, closed: float,
                      participants: list[dict[str, Any]], aggregate_ms: float, strategy: str,
-                     closed_by: str) -> None:
+                     closed_by: str, strategy_params: dict[str, Any] | None = None) -> None:
         ns = self._stamp("rounds", closed)
+        params = json.dumps(strategy_params or {}, default=json_default, sort_keys=True)
         parts = [(str(p["site"]), int(p["samples"]), int(p["update_bytes"])) for p in participants]
         lines = [_line("rounds", {}, {"round": int(round), "model_version": int(model_version),
                                       "started": _f(started), "closed": _f(closed), "aggregate_ms": _f(aggregate_ms),
-                                      "strategy": str(strategy), "closed_by": str(closed_by),
+                                      "strategy": str(strategy), "strategy_params": params,
+                                      "closed_by": str(closed_by),
                                       "participants": len(parts), "samples": sum(p[1] for p in parts)}, ns)]
         lines += [_line("round_participants", {"site": site},
                         {"round": int(round), "samples": samples, "update_bytes": size}, ns)

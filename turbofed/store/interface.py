@@ -34,8 +34,9 @@ class ResultsStore(ABC):
     @abstractmethod
     def record_round(self, round: int, model_version: int, started: float, closed: float,
                      participants: list[dict[str, Any]], aggregate_ms: float, strategy: str,
-                     closed_by: str) -> None:
-        """A closed round; participants are {"site", "samples", "update_bytes"}."""
+                     closed_by: str, strategy_params: dict[str, Any] | None = None) -> None:
+        """A closed round; participants are {"site", "samples", "update_bytes"}; the strategy's
+        name and the parameters it ran with (read back as `strategy_params`, {} if none)."""
 
     @abstractmethod
     def record_rejection(self, round: int | None, site: str, reason: str, detail: str, at: float) -> None:

@@ -15,7 +15,7 @@ from turbofed.envelope import json_default
 from turbofed.store.interface import MODELS, ResultsStore, StoreError
 from turbofed.topics import natural_key
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 # Raw sensor rows a site chose to share (record_sensors), added in schema v2: settings and
@@ -26,11 +26,13 @@ CREATE TABLE sensors (
     sensors TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (site, engine, cycle)) WITHOUT ROWID;
 """
+# The strategy's parameters of each round (a JSON object), added in schema v3.
+_ROUND_PARAMS = "ALTER TABLE rounds ADD COLUMN strategy_params TEXT NOT NULL DEFAULT '{}';"
 _SCHEMA = """
 CREATE TABLE rounds (
     round INTEGER PRIMARY KEY, model_version INTEGER NOT NULL, started REAL NOT NULL,
     closed REAL NOT NULL, aggregate_ms REAL NOT NULL, strategy TEXT NOT NULL,
-    closed_by TEXT NOT NULL);
+    closed_by TEXT NOT NULL, strategy_params TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE round_participants (
     round INTEGER NOT NULL REFERENCES rounds(round) ON DELETE CASCADE, site TEXT NOT NULL,
     samples INTEGER NOT NULL, update_bytes INTEGER NOT NULL, PRIMARY KEY (round, site));
@@ -56,7 +58,7 @@ CREATE TABLE events (
     id INTEGER PRIMARY KEY, kind TEXT NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL);
 """ + _SENSORS_TABLE
 # Schema changes: _MIGRATIONS[v] is the SQL that upgrades a version-v store to v + 1.
-_MIGRATIONS: dict[int, str] = {1: _SENSORS_TABLE}
+_MIGRATIONS: dict[int, str] = {1: _SENSORS_TABLE, 2: _ROUND_PARAMS}
 _TABLES = ("rounds", "round_participants", "rejections", "site_status", "metrics",
            "predictions", "truth", "events", "sensors")
 
@@ -140,11 +142,13 @@ class SqliteStore(ResultsStore):
     # --- write side ---
     def record_round(self, round: int, model_version: int, started: float, closed: float,
                      participants: list[dict[str, Any]], aggregate_ms: float, strategy: str,
-                     closed_by: str) -> None:
+                     closed_by: str, strategy_params: dict[str, Any] | None = None) -> None:
         # Re-recording a round (an aggregator that resumed mid-round) replaces it.
+        params = json.dumps(strategy_params or {}, default=json_default, sort_keys=True)
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (round, model_version, started, closed, aggregate_ms, strategy, closed_by))
+            db.execute("INSERT OR REPLACE INTO rounds (round, model_version, started, closed, aggregate_ms, strategy, "
+                       "closed_by, strategy_params) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (round, model_version, started, closed, aggregate_ms, strategy, closed_by, params))
             db.execute("DELETE FROM round_participants WHERE round = ?", (round,))
             db.executemany("INSERT INTO round_participants VALUES (?, ?, ?, ?)",
                            [(round, p["site"], int(p["samples"]), int(p["update_bytes"])) for p in participants])
@@ -222,6 +226,7 @@ class SqliteStore(ResultsStore):
             for r in db.execute("SELECT * FROM round_participants"):
                 parts.setdefault(r["round"], []).append({k: r[k] for k in ("site", "samples", "update_bytes")})
         for r in rounds:
+            r["strategy_params"] = json.loads(r["strategy_params"])
             r["participants"] = sorted(parts.get(r["round"], []), key=lambda p: natural_key(p["site"]))
             r["samples"] = sum(p["samples"] for p in r["participants"])
         return rounds
