@@ -12,10 +12,9 @@ import numpy as np
 from turbofed.edge.features import histories_stats, run_features
 from turbofed.edge.state import (
     StateError,
-    npz_bytes,
     read_npz,
     take_array,
-    write_atomic,
+    write_npz_atomic,
 )
 
 from turbofed.spec import FeatureSpec, FleetStats
@@ -81,7 +80,7 @@ def save_histories(path: Path, histories: list[History], extra: dict[str, int] |
     lengths = np.array([len(h[1]) for h in histories], dtype=np.int64)
     join = lambda k, empty: np.concatenate([h[k] for h in histories]) if histories else empty  # noqa: E731
     arrays = dict(names=names, lengths=lengths, cycles=join(1, np.zeros(0, np.int64)), sensors=join(2, np.zeros((0, 21))), rul=join(3, np.zeros(0)))
-    write_atomic(path, npz_bytes({**arrays, **{k: np.int64(v) for k, v in (extra or {}).items()}}))
+    write_npz_atomic(path, {**arrays, **{k: np.int64(v) for k, v in (extra or {}).items()}})
 
 
 def load_histories(path: Path) -> tuple[list[History], dict[str, int]]:

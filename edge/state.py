@@ -12,16 +12,17 @@ allow_pickle=False, and the learners are saved as plain arrays plus a JSON heade
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
 import os
 import zipfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -55,21 +56,27 @@ class StateError(TurbofedError):
 # --- writing ------------------------------------------------------------------------
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data`: temporary file, fsync, rename (a crash keeps the old file)."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A file handle whose content replaces `path` on success: temporary file, fsync,
+    rename (a crash keeps the old file)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as handle:
-        handle.write(data)
+        yield handle
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
-def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """An uncompressed .npz of plain (non-object) arrays, in memory, for `write_atomic`."""
-    out = io.BytesIO()
-    np.savez(out, **arrays)
-    return out.getvalue()
+def write_atomic(path: Path, data: bytes) -> None:
+    with atomic_file(path) as handle:
+        handle.write(data)
+
+
+def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """An uncompressed .npz of plain (non-object) arrays, written atomically."""
+    with atomic_file(path) as handle:
+        np.savez(handle, **arrays)
 
 
 # --- checked reading ----------------------------------------------------------------
@@ -119,13 +126,17 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     """Every array of an .npz file, loaded now, with allow_pickle=False (object arrays refused)."""
-    data = read_bytes(path)
-    if not data.startswith(b"PK\x03\x04"):
-        raise StateError(f"{path}: not an .npz file ({'it is empty' if not data else 'it is not a zip archive'})")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as exc:
+        raise StateError(f"{path}: cannot read it ({one_line(exc.strerror or exc)})") from None
+    if head != b"PK\x03\x04":
+        raise StateError(f"{path}: not an .npz file ({'it is empty' if not head else 'it is not a zip archive'})")
     arrays: dict[str, np.ndarray] = {}
     key = None
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        with np.load(path, allow_pickle=False) as npz:
             for key in npz.files:
                 arrays[key] = npz[key]
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
@@ -185,7 +196,7 @@ def take_array(arrays: dict[str, np.ndarray], key: str, where: str, kinds: str, 
 
 def settings_from_dict(d: dict[str, Any], where: str) -> ModelSettings:
     """Saved model settings: every field present, each of its declared JSON type."""
-    kinds = {"int": "int", "float": "number", "str": "str", "tuple[int, ...]": "list"}
+    kinds = {"int": "int", "float": "number", "str": "str", "bool": "bool", "tuple[int, ...]": "list"}
     for f in fields(ModelSettings):
         take(d, f.name, kinds[str(f.type)], where)
     hidden = d["hidden"]
@@ -305,7 +316,7 @@ def save_learners(path: Path, learners: dict[str, "RulModel | None"]) -> None:
         header["learners"][role] = own_header
         arrays.update({f"{role}.{name}": a for name, a in own_arrays.items()})
     arrays["header"] = np.frombuffer(json.dumps(header, allow_nan=False, sort_keys=True).encode(), dtype=np.uint8)
-    write_atomic(path, npz_bytes(arrays))
+    write_npz_atomic(path, arrays)
 
 
 def load_learners(path: Path) -> dict[str, "RulModel | None"]:
