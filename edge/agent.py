@@ -7,16 +7,19 @@ trains from the global model and sends its update. Raw sensor rows never leave t
 
 MQTT callbacks only enqueue; one worker thread does all the work in arrival order, so
 training never stalls the network thread (keepalives, acknowledgements). Everything the
-agent knows is saved under its state folder, so a restarted agent resumes where it was.
+agent knows is saved under its state folder, so a restarted agent resumes where it was:
+docs/agent-state.md describes the files and formats (edge/state.py reads and writes
+them). A state file that cannot be read stops the agent at start-up with one line naming
+it, and is left as it is. Learners pickled by older versions (learners.pkl) are never
+unpickled: the file is renamed to learners.pkl.ignored, with a warning, and the learners
+restart from the global model and the training buffer at the next round.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import pickle
 import queue
 import signal
 import threading
@@ -29,6 +32,19 @@ import numpy as np
 from turbofed.edge.buffer import TrainingBuffer, load_histories, save_histories
 from turbofed.edge.features import EngineWindow
 from turbofed.edge.inference import OnnxPredictor
+from turbofed.edge.state import (
+    BUFFER_NPZ,
+    ENGINES_NPZ,
+    GLOBAL_ONNX,
+    LEARNERS_NPZ,
+    STATE_JSON,
+    AgentState,
+    load_global,
+    load_learners,
+    retire_legacy_learners,
+    save_learners,
+    write_atomic,
+)
 
 import turbofed
 from turbofed import envelope
@@ -403,58 +419,46 @@ class EdgeAgent:
     # --- persistence -----------------------------------------------------------------
 
     def save(self) -> None:
-        """Everything needed to resume, each file replaced atomically."""
-        self.buffer.save(self.state_dir / "buffer.npz")
+        """Everything needed to resume, each file replaced atomically (docs/agent-state.md)."""
+        self.buffer.save(self.state_dir / BUFFER_NPZ)
         in_service = [(e, *t.history(), np.zeros(t.n)) for e, t in self.engines.items()]
-        save_histories(self.state_dir / "engines.npz", in_service)
-        state = {
-            "answered": self.answered,
-            "global_version": self.global_version,
-            "settings": self.settings.to_dict() if self.settings else None,
-            "fleet_spec": self.fleet_spec.to_dict() if self.fleet_spec else None,
-            "scored": self.scored,
-            "counters": dict(self.counters),
-        }
-        _write_atomic(self.state_dir / "state.json", json.dumps(state).encode())
+        save_histories(self.state_dir / ENGINES_NPZ, in_service)
+        state = AgentState(self.answered, self.global_version, self.settings, self.fleet_spec, self.scored, dict(self.counters))
+        write_atomic(self.state_dir / STATE_JSON, state.to_json())
         if self.training and (self.fed_learner or self.local_learner):
-            _write_atomic(self.state_dir / "learners.pkl", pickle.dumps({"federated": self.fed_learner, "local": self.local_learner}))
+            save_learners(self.state_dir / LEARNERS_NPZ, {"federated": self.fed_learner, "local": self.local_learner})
         self.dirty = False
         self._last_save = time.monotonic()
 
     def _restore(self) -> None:
-        self.buffer = TrainingBuffer.load(self.state_dir / "buffer.npz", self.config.buffer_rows)
-        path = self.state_dir / "state.json"
+        """Read the state folder; any file that cannot be used raises StateError (naming it)
+        before anything is changed, so the agent stops and the files stay as they are."""
+        self.buffer = TrainingBuffer.load(self.state_dir / BUFFER_NPZ, self.config.buffer_rows)
+        path = self.state_dir / STATE_JSON
         if not path.exists():
+            retire_legacy_learners(self.state_dir)
             return
-        state = json.loads(path.read_text())
-        self.answered = state["answered"]
-        self.settings = ModelSettings.from_dict(state["settings"]) if state["settings"] else None
-        self.fleet_spec = FeatureSpec.from_dict(state["fleet_spec"]) if state["fleet_spec"] else None
-        self.scored = state["scored"]
-        self.counters.update(state["counters"])
-        for engine, cycles, sensors, _ in load_histories(self.state_dir / "engines.npz")[0]:
-            self.engines[engine] = EngineTrack(cycles, sensors)
-        if (self.state_dir / "global.onnx").exists() and state["global_version"] >= 0:
-            self.global_model = (self.state_dir / "global.onnx").read_bytes()
-            self.global_version = state["global_version"]
-            self.fed_predictor = OnnxPredictor(self.global_model)
-        learners = self.state_dir / "learners.pkl"
-        if self.training and learners.exists():
-            saved = pickle.loads(learners.read_bytes())
-            self.fed_learner, self.local_learner = saved["federated"], saved["local"]
-            if self.local_learner is not None:
-                self.local_spec = self.local_learner.spec
-                self.local_predictor = OnnxPredictor(self.local_learner.to_onnx())
+        state = AgentState.read(path)
+        in_service = load_histories(self.state_dir / ENGINES_NPZ)[0]
+        global_onnx = self.state_dir / GLOBAL_ONNX
+        saved_global = load_global(global_onnx) if global_onnx.exists() and state.global_version >= 0 else None
+        learners = self.state_dir / LEARNERS_NPZ
+        saved_learners = load_learners(learners) if self.training and learners.exists() else {}
+        # Everything read and checked: now take it.
+        self.answered, self.settings, self.fleet_spec = state.answered, state.settings, state.fleet_spec
+        self.scored = state.scored
+        self.counters.update(state.counters)
+        for engine, cycles, sensors, _ in in_service:
+            keep = slice(-self.config.history_cycles, None)  # a smaller limit than when saved: the newest
+            self.engines[engine] = EngineTrack(cycles[keep], sensors[keep])
+        if saved_global is not None:
+            (self.global_model, self.fed_predictor), self.global_version = saved_global, state.global_version
+        self.fed_learner, self.local_learner = saved_learners.get("federated"), saved_learners.get("local")
+        if self.local_learner is not None:
+            self.local_spec = self.local_learner.spec
+            self.local_predictor = OnnxPredictor(self.local_learner.to_onnx())
+        retire_legacy_learners(self.state_dir)
         log.info("site %s: resumed from %s (global v%d, %d labelled rows, %d engines in service)", self.site, self.state_dir, self.global_version, self.buffer.rows, len(self.engines))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -6,12 +6,12 @@ which can arrive after the data. When the bound is reached the oldest engines go
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from turbofed.edge.features import histories_stats, run_features
+from turbofed.edge.state import StateError, read_npz, take_array, write_npz_atomic
 from turbofed.layout import N_SENSORS
 from turbofed.spec import FeatureSpec, FleetStats
 from turbofed.topics import natural_key
@@ -67,25 +67,37 @@ class TrainingBuffer:
 History = tuple[str, np.ndarray, np.ndarray, np.ndarray]  # engine, cycles, sensors (n, 21), RUL
 
 
+HISTORY_ARRAYS = ("names", "lengths", "cycles", "sensors", "rul")
+
+
 def save_histories(path: Path, histories: list[History], extra: dict[str, int] | None = None) -> None:
     """Engine histories in one .npz, written atomically (a crash leaves the old file)."""
     names = np.array([h[0] for h in histories], dtype=str)
     lengths = np.array([len(h[1]) for h in histories], dtype=np.int64)
     join = lambda k, empty: np.concatenate([h[k] for h in histories]) if histories else empty  # noqa: E731
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, names=names, lengths=lengths, cycles=join(1, np.zeros(0, np.int64)), sensors=join(2, np.zeros((0, N_SENSORS))), rul=join(3, np.zeros(0)), **(extra or {}))
-    os.replace(tmp, path)
+    arrays = dict(names=names, lengths=lengths, cycles=join(1, np.zeros(0, np.int64)), sensors=join(2, np.zeros((0, N_SENSORS))), rul=join(3, np.zeros(0)))
+    write_npz_atomic(path, {**arrays, **{k: np.int64(v) for k, v in (extra or {}).items()}})
 
 
 def load_histories(path: Path) -> tuple[list[History], dict[str, int]]:
-    """What `save_histories` wrote; nothing if the file is not there yet."""
+    """What `save_histories` wrote; nothing if the file is not there yet. Anything else
+    (truncated, object arrays, wrong dtypes or shapes, lengths that do not add up,
+    non-finite values) raises StateError naming the file."""
     if not path.exists():
         return [], {}
-    with np.load(path) as data:
-        bounds = np.r_[0, np.cumsum(data["lengths"])]
-        histories = [
-            (str(name), data["cycles"][a:b], data["sensors"][a:b], data["rul"][a:b])
-            for name, a, b in zip(data["names"], bounds[:-1], bounds[1:])
-        ]
-        extra = {k: int(data[k]) for k in data.files if k not in ("names", "lengths", "cycles", "sensors", "rul")}
-    return histories, extra
+    arrays = read_npz(path)
+    where = str(path)
+    names = take_array(arrays, "names", where, "U", (None,))
+    lengths = take_array(arrays, "lengths", where, "iu", (len(names),))
+    cycles = take_array(arrays, "cycles", where, "iu", (None,))
+    sensors = take_array(arrays, "sensors", where, "f", (len(cycles), 21))
+    rul = take_array(arrays, "rul", where, "f", (len(cycles),))
+    if np.any(lengths < 0) or int(lengths.sum()) != len(cycles):
+        raise StateError(f"{path}: array 'lengths' must be non-negative and add up to the {len(cycles)} rows, got sum {int(lengths.sum())}")
+    if any(not name for name in names):
+        raise StateError(f"{path}: array 'names' holds an empty engine name")
+    extra = {k: take_array(arrays, k, where, "iu", ()) for k in arrays if k not in HISTORY_ARRAYS}
+    bounds = np.r_[0, np.cumsum(lengths)]
+    cycles, sensors, rul = cycles.astype(np.int64), sensors.astype(float), rul.astype(float)
+    histories = [(str(name), cycles[a:b], sensors[a:b], rul[a:b]) for name, a, b in zip(names, bounds[:-1], bounds[1:])]
+    return histories, {k: int(v) for k, v in extra.items()}

@@ -4,13 +4,26 @@ The exported graph carries the normalisation (a Scaler node built from fleet or 
 statistics) in front of the regressor, so whoever runs it with onnxruntime feeds raw
 window features. Only the regressor's float initializers are federated; loading a global
 model back copies them into the estimator bit for bit (the estimator trains in float32).
+
+`state`/`from_state` turn a learner into plain values and back (coefficients, Adam's
+moments and counters; edge/state.py saves them as learners.npz, docs/agent-state.md), so
+a restarted agent continues training exactly where it was, whatever scikit-learn it has.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
+from typing import Any
 
 import numpy as np
+from turbofed.edge.state import (
+    StateError,
+    settings_from_dict,
+    spec_from_dict,
+    take,
+    take_array,
+)
 
 from turbofed.codec import Weights, read_weights, replace_weights
 from turbofed.config import ModelSettings
@@ -18,6 +31,10 @@ from turbofed.errors import WeightsError
 from turbofed.spec import FeatureSpec
 
 ONNX_OPSET = 17
+ESTIMATORS = {"mlp": "MLPRegressor", "sgd": "SGDRegressor"}
+ADAM_SCALARS = ("learning_rate", "learning_rate_init", "beta_1", "beta_2", "epsilon")
+
+log = logging.getLogger("turbofed.edge")
 
 
 class RulModel:
@@ -57,17 +74,21 @@ class RulModel:
     def initialise(self) -> None:
         """Draw the seeded initial weights without learning anything (same seed, same weights)."""
         if not self.fitted:
-            x = np.zeros((1, self.spec.n_features), dtype=np.float32)
-            with warnings.catch_warnings():  # "batch_size larger than sample size": expected here
-                warnings.simplefilter("ignore", UserWarning)
-                self.estimator.partial_fit(x, np.zeros(1, dtype=np.float32))
+            self._fit_once()
             if self.settings.kind == "mlp":
                 self.estimator._random_state = np.random.RandomState(self.settings.seed)
-                self.estimator._initialize(np.zeros((1, 1), dtype=np.float32), [x.shape[1], *self.settings.hidden, 1], np.float32)
+                self.estimator._initialize(np.zeros((1, 1), dtype=np.float32), [self.spec.n_features, *self.settings.hidden, 1], np.float32)
                 del self.estimator._optimizer  # forget the dummy step; the next fit starts Adam afresh
             else:
                 self.estimator.coef_[:] = 0.0
                 self.estimator.intercept_[:] = 0.0
+
+    def _fit_once(self) -> None:
+        """One partial_fit on a single zero row: scikit-learn builds the estimator's structure."""
+        x = np.zeros((1, self.spec.n_features), dtype=np.float32)
+        with warnings.catch_warnings():  # "batch_size larger than sample size": expected here
+            warnings.simplefilter("ignore", UserWarning)
+            self.estimator.partial_fit(x, np.zeros(1, dtype=np.float32))
 
     def train(self, features: np.ndarray, rul: np.ndarray, epochs: int, rng: np.random.Generator | None = None) -> None:
         """`epochs` passes of partial_fit over (features, RUL capped at the settings' cap)."""
@@ -100,6 +121,113 @@ class RulModel:
     def predict(self, features: np.ndarray) -> np.ndarray:
         """scikit-learn's own prediction (the ONNX export runs the same arithmetic)."""
         return self.estimator.predict(self.normalise(np.atleast_2d(features)))
+
+    # --- saved state (learners.npz: edge/state.py, docs/agent-state.md) ------------------
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Everything partial_fit needs to continue exactly where it is, as plain values: a
+        JSON-able header (settings, spec, counters, Adam's scalars) and arrays (coefficients,
+        intercepts, Adam's first and second moments, the loss curve)."""
+        import sklearn
+
+        est = self.estimator
+        header: dict[str, Any] = {
+            "estimator": type(est).__name__,
+            "scikit_learn": sklearn.__version__,  # informational: loading never depends on it
+            "settings": self.settings.to_dict(),
+            "spec": self.spec.to_dict(),
+            "random_state": int(est.random_state),
+            "samples_seen": int(self.samples_seen),
+            "fitted": self.fitted,
+        }
+        arrays: dict[str, np.ndarray] = {}
+        if not self.fitted:
+            return header, arrays
+        header.update(n_iter_=int(est.n_iter_))
+        if self.settings.kind == "sgd":
+            header["t_"] = float(est.t_)
+            arrays.update(coef=est.coef_, intercept=est.intercept_)
+            return header, arrays
+        best = float(est.best_loss_) if est.best_loss_ is not None else None
+        header.update(
+            t_=int(est.t_),
+            layers=len(est.coefs_),
+            loss_=float(est.loss_) if hasattr(est, "loss_") else None,
+            best_loss_=best if best is not None and np.isfinite(best) else None,  # null: infinite
+            no_improvement_count=int(est._no_improvement_count),
+        )
+        arrays.update({f"coef{i}": c for i, c in enumerate(est.coefs_)})
+        arrays.update({f"intercept{i}": b for i, b in enumerate(est.intercepts_)})
+        arrays["loss_curve"] = np.asarray(est.loss_curve_, dtype=np.float64)
+        optimizer = getattr(est, "_optimizer", None)  # absent: the next partial_fit starts Adam afresh
+        header["adam"] = None
+        if optimizer is not None:
+            header["adam"] = {"t": int(optimizer.t), **{k: float(getattr(optimizer, k)) for k in ADAM_SCALARS}}
+            arrays.update({f"adam_m{i}": m for i, m in enumerate(optimizer.ms)})
+            arrays.update({f"adam_v{i}": v for i, v in enumerate(optimizer.vs)})
+        return header, arrays
+
+    @classmethod
+    def from_state(cls, header: dict[str, Any], arrays: dict[str, np.ndarray], where: str) -> "RulModel":
+        """Rebuild what `state` gave: scikit-learn builds the structure (one partial_fit on a
+        zero row), then every value is checked (shape, dtype, finite) and set. Raises
+        StateError naming `where` and the key."""
+        settings = settings_from_dict(take(header, "settings", "object", where), f"{where}: settings")
+        spec = spec_from_dict(take(header, "spec", "object", where), f"{where}: spec")
+        estimator = take(header, "estimator", "str", where)
+        if estimator != ESTIMATORS[settings.kind]:
+            raise StateError(f"{where}: estimator {estimator!r} does not match model kind {settings.kind!r}")
+        model = cls(settings, spec, seed=take(header, "random_state", "int", where, minimum=0))
+        model.samples_seen = take(header, "samples_seen", "int", where, minimum=0)
+        if not take(header, "fitted", "bool", where):
+            return model
+        model._fit_once()
+        est = model.estimator
+        est.n_iter_ = take(header, "n_iter_", "int", where, minimum=0)
+        if settings.kind == "sgd":
+            est.coef_ = _saved_like(arrays, "coef", est.coef_, where)
+            # float32 after training, float64 straight after initialise(): either is kept as saved
+            est.intercept_ = np.array(take_array(arrays, "intercept", where, "f", est.intercept_.shape), order="C")
+            est.t_ = float(take(header, "t_", "number", where, minimum=1))
+            return model
+        layers = take(header, "layers", "int", where)
+        if layers != len(est.coefs_):
+            raise StateError(f"{where}: {layers} layers saved, settings.hidden {list(settings.hidden)} makes {len(est.coefs_)}")
+        est.coefs_ = [_saved_like(arrays, f"coef{i}", c, where) for i, c in enumerate(est.coefs_)]
+        est.intercepts_ = [_saved_like(arrays, f"intercept{i}", b, where) for i, b in enumerate(est.intercepts_)]
+        est._best_coefs, est._best_intercepts = [c.copy() for c in est.coefs_], [b.copy() for b in est.intercepts_]
+        est.t_ = take(header, "t_", "int", where, minimum=0)
+        loss = take(header, "loss_", "number?", where)
+        if loss is not None:
+            est.loss_ = float(loss)
+        best = take(header, "best_loss_", "number?", where)
+        est.best_loss_ = np.inf if best is None else float(best)
+        est._no_improvement_count = take(header, "no_improvement_count", "int", where, minimum=0)
+        est.loss_curve_ = take_array(arrays, "loss_curve", where, "f", (None,)).astype(float).tolist()
+        adam = take(header, "adam", "object?", where)
+        if adam is None:
+            del est._optimizer
+        else:
+            model._restore_adam(adam, arrays, where)
+        return model
+
+    def _restore_adam(self, adam: dict[str, Any], arrays: dict[str, np.ndarray], where: str) -> None:
+        """Adam's step count, rates and moments into the optimizer partial_fit created. A
+        scikit-learn whose optimizer keeps them differently keeps the weights, restarts Adam."""
+        est = self.estimator
+        optimizer = est._optimizer
+        params = est.coefs_ + est.intercepts_
+        if not all(hasattr(optimizer, k) for k in ("t", "ms", "vs", *ADAM_SCALARS)) or len(optimizer.ms) != len(params):
+            log.warning("%s: this scikit-learn keeps Adam's state differently; weights restored, Adam restarts", where)
+            del est._optimizer
+            return
+        optimizer.t = take(adam, "t", "int", f"{where}: adam", minimum=0)
+        for k in ADAM_SCALARS:
+            setattr(optimizer, k, float(take(adam, k, "number", f"{where}: adam", minimum=0)))
+        optimizer.ms = [_saved_like(arrays, f"adam_m{i}", p, where) for i, p in enumerate(params)]
+        optimizer.vs = [_saved_like(arrays, f"adam_v{i}", p, where) for i, p in enumerate(params)]
+        if any(np.any(v < 0) for v in optimizer.vs):
+            raise StateError(f"{where}: Adam's second moments (adam_v*) must not be negative")
 
     # --- ONNX -------------------------------------------------------------------------
 
@@ -152,6 +280,14 @@ class RulModel:
         import onnx
 
         self.load_weights(read_weights(onnx.load_model_from_string(data)))
+
+
+def _saved_like(arrays: dict[str, np.ndarray], key: str, like: np.ndarray, where: str) -> np.ndarray:
+    """A saved array that must have exactly the dtype and shape of `like` (finite)."""
+    a = take_array(arrays, key, where, like.dtype.kind, like.shape)
+    if a.dtype != like.dtype:
+        raise StateError(f"{where}: array {key!r} holds {a.dtype}, expected {like.dtype}")
+    return np.array(a, dtype=like.dtype, order="C")
 
 
 def _sgd_names(weights: Weights) -> tuple[str, str]:
