@@ -98,7 +98,9 @@ def _spec(value: Any, what: str) -> FeatureSpec:
         sensors = [whole(i, f"{what} sensors[]", 0, N_SENSORS - 1) for i in bounded_list(required(value, "sensors", what), f"{what} sensors", N_SENSORS)]
         window = whole(required(value, "window", what), f"{what} window", 1)
         offset = [finite(v, f"{what} offset[]") for v in bounded_list(required(value, "offset", what), f"{what} offset", MAX_STATS_VALUES)]
-        scale = [finite(v, f"{what} scale[]", 0.0) for v in bounded_list(required(value, "scale", what), f"{what} scale", MAX_STATS_VALUES)]
+        scale = [finite(v, f"{what} scale[]") for v in bounded_list(required(value, "scale", what), f"{what} scale", MAX_STATS_VALUES)]
+        if any(v <= 0 for v in scale):
+            raise MessageError(f"{what} scale must be positive (features are divided by it)", Refusal.BAD_ROUND)
         return FeatureSpec.from_dict({"sensors": sensors, "window": window, "offset": offset, "scale": scale})
 
 
