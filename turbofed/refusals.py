@@ -38,7 +38,7 @@ class Refusal(StrEnum):
     NO_SAMPLES = "no_samples"
     BAD_TOPIC = "bad_topic"
     UNKNOWN_KIND = "unknown_kind"  # a topic kind no handler is registered for
-    # message content (turbofed/messages.py)
+    # message content (turbofed/messages/)
     NOT_JSON = "not_json"  # plant traffic that is not a UTF-8 JSON object
     WRONG_FIELDS = "wrong_fields"
     NOT_A_NUMBER = "not_a_number"

@@ -1,6 +1,8 @@
 """Every JSON message of the protocol as a frozen dataclass, built and checked in one place.
 
-Each message has `to_payload() -> bytes` and a classmethod `from_payload(payload, ...)` that
+The dataclasses live in `fleet` (aggregator -> sites, and the stats reply), `site` (what a
+site reports) and `plant` (sensor traffic); the shared field checks in `_check`. Each
+message has `to_payload() -> bytes` and a classmethod `from_payload(payload, ...)` that
 parses and validates (types, ranges, bounded lists, finite numbers; for a message that
 names its site, that the site is the topic's) and raises `MessageError`, whose `reason` is
 a `Refusal`, for anything else. Nothing from another process is used before it passed
