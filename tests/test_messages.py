@@ -284,6 +284,9 @@ def _round_body(**change: object) -> dict:
     (RoundAnnouncement, _round_body(settings={**ModelSettings().to_dict(), "turbo": True}), Refusal.BAD_ROUND),
     (RoundAnnouncement, _round_body(settings={**ModelSettings().to_dict(), "kind": "forest"}), Refusal.BAD_ROUND),
     (RoundAnnouncement, _round_body(settings=None), Refusal.BAD_ROUND),
+    (RoundAnnouncement, _round_body(settings={**ModelSettings().to_dict(), "hidden": [10**9]}), Refusal.BAD_ROUND),
+    (RoundAnnouncement, _round_body(settings={**ModelSettings().to_dict(), "hidden": [8] * 1000}), Refusal.BAD_ROUND),
+    (RoundAnnouncement, _round_body(settings={**ModelSettings().to_dict(), "window": 10**7}), Refusal.BAD_ROUND),
     (RoundAnnouncement, _round_body(spec={**_spec().to_dict(), "sensors": [1, 99]}), Refusal.BAD_ROUND),
     (RoundAnnouncement, _round_body(spec={**_spec().to_dict(), "scale": [0.0] * _spec().n_features}), Refusal.BAD_ROUND),
     (RoundAnnouncement, _round_body(spec={**_spec().to_dict(), "offset": [1.0]}), Refusal.BAD_ROUND),
@@ -293,6 +296,7 @@ def _round_body(**change: object) -> dict:
     (RoundAnnouncement, _round_body(done="yes"), Refusal.WRONG_FIELDS),
     (StatsRequest, {"request_id": "r1", "min_samples": 5, "window": 0}, Refusal.BAD_STATS_REQUEST),
     (StatsRequest, {"request_id": "r1", "min_samples": 5, "window": "30"}, Refusal.BAD_STATS_REQUEST),
+    (StatsRequest, {"request_id": "r1", "min_samples": 5, "window": 10**7}, Refusal.BAD_STATS_REQUEST),
     (StatsRequest, {"min_samples": 5, "window": 30}, Refusal.BAD_STATS_REQUEST),
     (StatsRequest, b"\x00", Refusal.BAD_JSON),
 ], ids=lambda v: v.__name__ if isinstance(v, type) else None)

@@ -10,7 +10,10 @@ from turbofed.config import ModelSettings
 from turbofed.envelope import encode_json
 from turbofed.messages import N_SENSORS
 from turbofed.messages._check import (
+    MAX_LAYER_WIDTH,
+    MAX_LAYERS,
     MAX_STATS_VALUES,
+    MAX_WINDOW,
     MessageError,
     bounded_list,
     finite,
@@ -77,6 +80,11 @@ class RoundAnnouncement:
             settings = body.get("settings")
             if not isinstance(settings, dict):
                 raise MessageError(f"{what} settings must be an object, got {type(settings).__name__}", Refusal.BAD_ROUND)
+            if "hidden" in settings:
+                for h in bounded_list(settings["hidden"], f"{what} settings hidden", MAX_LAYERS):
+                    whole(h, f"{what} settings hidden[]", 1, MAX_LAYER_WIDTH)
+            if "window" in settings:
+                whole(settings["window"], f"{what} settings window", 1, MAX_WINDOW)
             settings = ModelSettings.from_dict(settings, f"{what} settings")
         return cls(
             number,
@@ -96,7 +104,7 @@ def _spec(value: Any, what: str) -> FeatureSpec:
         if not isinstance(value, dict):
             raise MessageError(f"{what} must be an object", Refusal.BAD_ROUND)
         sensors = [whole(i, f"{what} sensors[]", 0, N_SENSORS - 1) for i in bounded_list(required(value, "sensors", what), f"{what} sensors", N_SENSORS)]
-        window = whole(required(value, "window", what), f"{what} window", 1)
+        window = whole(required(value, "window", what), f"{what} window", 1, MAX_WINDOW)
         offset = [finite(v, f"{what} offset[]") for v in bounded_list(required(value, "offset", what), f"{what} offset", MAX_STATS_VALUES)]
         scale = [finite(v, f"{what} scale[]") for v in bounded_list(required(value, "scale", what), f"{what} scale", MAX_STATS_VALUES)]
         if any(v <= 0 for v in scale):
@@ -122,7 +130,7 @@ class StatsRequest:
         with refused_as(Refusal.BAD_STATS_REQUEST, what):
             request_id = text(required(body, "request_id", what), f"{what} request_id")
             where = f"{what} {request_id!r}"
-            return cls(request_id, whole(required(body, "min_samples", where), f"{where} min_samples"), whole(required(body, "window", where), f"{where} window", 1))
+            return cls(request_id, whole(required(body, "min_samples", where), f"{where} min_samples"), whole(required(body, "window", where), f"{where} window", 1, MAX_WINDOW))
 
 
 # --- sites -> aggregator -------------------------------------------------------------------
@@ -166,7 +174,7 @@ def _fleet_stats(value: Any, what: str) -> FleetStats:
             if isinstance(v, list):
                 clean[key] = [finite(x, f"{what} {key}[]") for x in bounded_list(v, f"{what} {key}", MAX_STATS_VALUES)]
             elif key == "window":
-                clean[key] = whole(v, f"{what} window", 1)
+                clean[key] = whole(v, f"{what} window", 1, MAX_WINDOW)
             else:
                 clean[key] = finite(v, f"{what} {key}")
         if clean.get("count", 0) < 0:
