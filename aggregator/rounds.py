@@ -24,15 +24,15 @@ from turbofed.codec import (
     parse_model,
     read_weights,
 )
-from turbofed.errors import TurbofedError, WeightsError
+from turbofed.errors import Refused, WeightsError
+from turbofed.refusals import Refusal
 
 
-class Rejected(TurbofedError):
-    """An update that is refused; `reason` is the short code it is counted under."""
+class Rejected(Refused):
+    """A message the aggregator refuses for protocol state; `reason` is the Refusal it is counted under."""
 
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
+    def __init__(self, reason: Refusal, detail: str) -> None:
+        super().__init__(detail, reason)
 
 
 @dataclass
@@ -64,24 +64,24 @@ class Round:
     def check(self, topic_site: str, payload: bytes, reference: onnx.ModelProto | None, max_bytes: int) -> Accepted | None:
         """Validate one update; returns it (None for a 'skip' notice) or raises Rejected."""
         if topic_site not in self.sites:
-            raise Rejected("unknown_site", f"site {topic_site!r} is not in the fleet config")
+            raise Rejected(Refusal.UNKNOWN_SITE, f"site {topic_site!r} is not in the fleet config")
         try:
             env = envelope.decode(payload, max_bytes=max_bytes)
         except envelope.EnvelopeError as exc:
             raise Rejected(exc.reason, str(exc)) from None
         if env.site != topic_site:
-            raise Rejected("wrong_sender", f"envelope names site {env.site!r} but arrived on {topic_site!r}'s topic")
+            raise Rejected(Refusal.WRONG_SENDER, f"envelope names site {env.site!r} but arrived on {topic_site!r}'s topic")
         if env.kind not in ("update", "skip"):
-            raise Rejected("bad_kind", f"a site may send 'update' or 'skip', not {env.kind!r}")
+            raise Rejected(Refusal.BAD_KIND, f"a site may send 'update' or 'skip', not {env.kind!r}")
         if env.round != self.number:
-            raise Rejected("stale_round", f"update for round {env.round}, the open round is {self.number}")
+            raise Rejected(Refusal.STALE_ROUND, f"update for round {env.round}, the open round is {self.number}")
         if topic_site in self.responded():
-            raise Rejected("duplicate", f"site {topic_site!r} already answered round {self.number}")
+            raise Rejected(Refusal.DUPLICATE, f"site {topic_site!r} already answered round {self.number}")
         if env.kind == "skip":
             self.skipped[topic_site] = env.samples
             return None
         if env.samples < 1:
-            raise Rejected("no_samples", "an update must say how many samples it was trained on")
+            raise Rejected(Refusal.NO_SAMPLES, "an update must say how many samples it was trained on")
         try:
             if reference is None:  # round 0: no global model yet; the sites' seeded models must agree
                 weights = read_weights(parse_model(env.body, max_bytes))
@@ -89,7 +89,7 @@ class Round:
             else:
                 weights = load_compatible(env.body, reference, max_bytes)
         except WeightsError as exc:
-            raise Rejected(getattr(exc, "reason", "bad_model"), str(exc)) from None
+            raise Rejected(exc.reason, str(exc)) from None
         accepted = Accepted(topic_site, env.samples, weights, env.body, len(payload), time.time())
         self.accepted[topic_site] = accepted
         return accepted

@@ -21,20 +21,30 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Callable
 
 import onnx
+
+from turbofed import envelope
 from turbofed.aggregator.registry import ModelRegistry, RegistryError
 from turbofed.aggregator.rounds import Rejected, Round, agreed_initial_model
 from turbofed.aggregator.strategies import SiteUpdate, make_strategy, merge
-
-from turbofed import envelope
 from turbofed.config import FleetConfig, load_fleet_config
-from turbofed.errors import TurbofedError
+from turbofed.errors import Refused
+from turbofed.messages import (
+    Metrics,
+    Predictions,
+    RoundAnnouncement,
+    StatsReply,
+    StatsRequest,
+    Status,
+    Telemetry,
+)
 from turbofed.mqtt import Subscriptions, client_id, connect, make_client
+from turbofed.refusals import Refusal
 from turbofed.spec import FeatureSpec, FleetStats
 from turbofed.store import open_store
-from turbofed.topics import TopicError, Topics
+from turbofed.topics import Topics
 
 log = logging.getLogger("turbofed.aggregator")
 
@@ -63,9 +73,18 @@ class Aggregator:
         self.spec: FeatureSpec | None = None
         self.stats: FleetStats | None = None
         self.round: Round | None = None
-        self.stats_replies: dict[str, dict[str, Any]] = {}
+        self.stats_replies: dict[str, StatsReply] = {}
         self.stats_request_id = ""
         self.client = None
+        # Who handles each kind of site topic; a kind missing here is refused, not looked up by name.
+        self._handlers: dict[str, Callable[[str, bytes], None]] = {
+            "update": self._on_update,
+            "stats": self._on_stats,
+            "status": self._on_status,
+            "metrics": self._on_metrics,
+            "predictions": self._on_predictions,
+            "telemetry": self._on_telemetry,
+        }
         try:
             self._resume()
         except BaseException:
@@ -102,8 +121,7 @@ class Aggregator:
         self.client = make_client(client_id("aggregator", self.config.broker), self.config.broker, persistent_session=True)
         self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
         self.client.on_connect = self._on_connect
-        kinds = ("update", "stats", "status", "metrics", "predictions", "telemetry")
-        self.subscriptions = Subscriptions(self.client, [self.topics.all_sites(k) for k in kinds])
+        self.subscriptions = Subscriptions(self.client, [self.topics.all_sites(k) for k in self._handlers])
         connect(self.client, self.config.broker)  # runs _on_connect: subscribe, say we are online
         self.subscriptions.wait()
         if self.model is not None:
@@ -125,7 +143,7 @@ class Aggregator:
         while not stop.is_set() and self.version < self.config.model.rounds:
             self._run_round(self.version + 1, stop)
         if not stop.is_set():
-            self._announce({"round": self.version, "done": True, "spec": self.spec.to_dict()})
+            self._announce(RoundAnnouncement(self.version, self.spec, done=True))
             log.info("all %d rounds done; recording site reports until stopped", self.config.model.rounds)
         while not stop.is_set():
             self.pump(0.2)
@@ -150,21 +168,24 @@ class Aggregator:
         try:
             site, kind = self.topics.parse_site(topic)
             if site not in self.config.sites:
-                raise Rejected("unknown_site", f"site {site!r} is not in the fleet config")
-            getattr(self, f"_on_{kind}")(site, payload)
+                raise Rejected(Refusal.UNKNOWN_SITE, f"site {site!r} is not in the fleet config")
+            handler = self._handlers.get(kind)
+            if handler is None:
+                raise Rejected(Refusal.UNKNOWN_KIND, f"{topic}: no handler for site messages of kind {kind!r}")
+            handler(site, payload)
         except Rejected as exc:
             self._reject(site, exc.reason, str(exc))
-        except (TopicError, TurbofedError, KeyError, ValueError, TypeError) as exc:
-            self._reject(site, getattr(exc, "reason", type(exc).__name__), f"{topic}: {exc}")
+        except Refused as exc:
+            self._reject(site, exc.reason, f"{topic}: {exc}")
         except Exception:
-            self.counters["internal_error"] += 1
+            self.counters[Refusal.INTERNAL_ERROR.value] += 1
             log.exception("failed to handle a message on %s", topic)
 
-    def _reject(self, site: str, reason: str, detail: str) -> None:
-        self.counters[reason] += 1
+    def _reject(self, site: str, reason: Refusal, detail: str) -> None:
+        self.counters[reason.value] += 1
         round_no = self.round.number if self.round else None
-        log.warning("rejected from %s (%s, #%d): %s", site, reason, self.counters[reason], detail)
-        self.store.record_rejection(round_no, site, reason, detail, time.time())
+        log.warning("rejected from %s (%s, #%d): %s", site, reason.value, self.counters[reason.value], detail)
+        self.store.record_rejection(round_no, site, reason.value, detail, time.time())
 
     # --- phase 1: federated statistics ------------------------------------------------
 
@@ -175,19 +196,19 @@ class Aggregator:
         next_request = 0.0
         give_up = time.monotonic() + self.config.round_deadline_s
         while not stop.is_set():
-            ready = {s: r for s, r in self.stats_replies.items() if r["samples"] >= self.config.min_samples and r.get("stats")}
+            ready = {s: r for s, r in self.stats_replies.items() if r.samples >= self.config.min_samples and r.stats is not None}
             if len(ready) >= needed or (ready and time.monotonic() >= give_up):
                 break
             if time.monotonic() >= next_request:
                 self.stats_request_id = uuid.uuid4().hex
-                request = {"request_id": self.stats_request_id, "min_samples": self.config.min_samples, "window": self.config.model.window}
-                self.client.publish(self.topics.stats_request, envelope.encode_json(request), qos=1, retain=True)
+                request = StatsRequest(self.stats_request_id, self.config.min_samples, self.config.model.window)
+                self.client.publish(self.topics.stats_request, request.to_payload(), qos=1, retain=True)
                 next_request = time.monotonic() + self.config.stats_retry_s
                 log.info("asked sites for fleet statistics (%d of %d ready)", len(ready), needed)
             self.pump(0.2)
         if stop.is_set():
             return
-        self.stats = sum((FleetStats.from_dict(r["stats"]) for r in ready.values()), FleetStats())
+        self.stats = sum((r.stats for r in ready.values()), FleetStats())
         self.spec = FeatureSpec.from_stats(self.stats, self.config.model.window)
         self.client.publish(self.topics.stats_request, b"", qos=1, retain=True)  # clear the request
         detail = {"sites": sorted(ready), "rows": int(self.stats.count), "sensors": [i + 1 for i in self.spec.sensors]}
@@ -195,36 +216,32 @@ class Aggregator:
         self.store.record_event("fleet_statistics", detail, time.time())
 
     def _on_stats(self, site: str, payload: bytes) -> None:
-        reply = envelope.decode_json(payload, f"stats from {site}")
-        if reply.get("site") != site:
-            raise Rejected("wrong_sender", f"stats reply names site {reply.get('site')!r} on {site!r}'s topic")
-        if reply.get("request_id") != self.stats_request_id:
+        reply = StatsReply.from_payload(payload, site=site)  # statistics validated now, not when summing
+        if reply.request_id != self.stats_request_id:
             return  # an answer to an older request
-        if reply.get("stats") is not None:
-            stats = FleetStats.from_dict(reply["stats"])  # validate now, not when summing
-            if stats.window != self.config.model.window:
-                raise Rejected("bad_stats", f"stats from {site} are for a {stats.window}-cycle window, not {self.config.model.window}")
-        self.stats_replies[site] = {"samples": int(reply.get("samples", 0)), "stats": reply.get("stats")}
+        if reply.stats is not None and reply.stats.window != self.config.model.window:
+            raise Rejected(Refusal.BAD_STATS, f"stats from {site} are for a {reply.stats.window}-cycle window, not {self.config.model.window}")
+        self.stats_replies[site] = reply
 
     # --- phase 2: rounds -------------------------------------------------------------
 
-    def _announce(self, body: dict[str, Any]) -> None:
-        self.client.publish(self.topics.round, envelope.encode_json(body), qos=1, retain=True)
+    def _announce(self, announcement: RoundAnnouncement) -> None:
+        self.client.publish(self.topics.round, announcement.to_payload(), qos=1, retain=True)
 
     def _run_round(self, number: int, stop: threading.Event) -> None:
         now = time.time()
         self.round = Round(number, max(self.version, 0), uuid.uuid4().hex, now, now + self.config.round_deadline_s, self.config.sites)
         self._announce(
-            {
-                "round": number,
-                "announce_id": self.round.announce_id,
-                "model_version": self.round.model_version,
-                "deadline": self.round.deadline,
-                "settings": self.config.model.to_dict(),
-                "spec": self.spec.to_dict(),
-                "min_samples": self.config.min_samples,
-                "strategy": self.strategy.name,
-            }
+            RoundAnnouncement(
+                number,
+                self.spec,
+                announce_id=self.round.announce_id,
+                model_version=self.round.model_version,
+                deadline=self.round.deadline,
+                settings=self.config.model,
+                min_samples=self.config.min_samples,
+                strategy=self.strategy.name,
+            )
         )
         log.info("round %d announced (from global v%d, deadline %.0f s)", number, self.round.model_version, self.config.round_deadline_s)
         closed_by = None
@@ -245,7 +262,7 @@ class Aggregator:
 
     def _on_update(self, site: str, payload: bytes) -> None:
         if self.round is None:
-            raise Rejected("stale_round", "no round is open")
+            raise Rejected(Refusal.STALE_ROUND, "no round is open")
         accepted = self.round.check(site, payload, self.model, self.config.max_update_bytes)
         if accepted:
             log.info("round %d: update from %s (%d samples, %d bytes)", self.round.number, site, accepted.samples, accepted.wire_bytes)
@@ -279,44 +296,27 @@ class Aggregator:
 
     def _on_status(self, site: str, payload: bytes) -> None:
         if not payload:
-            return
-        s = envelope.decode_json(payload, f"status from {site}")
-        if s.get("site") != site:
-            raise Rejected("wrong_sender", f"status names site {s.get('site')!r} on {site!r}'s topic")
-        self.store.record_status(site, bool(s.get("online")), float(s.get("at") or time.time()), s.get("agent_version"), s.get("model_version"), s.get("samples"))
+            return  # a retained status being cleared
+        s = Status.from_payload(payload, site=site)
+        self.store.record_status(site, s.online, s.at or time.time(), s.agent_version, s.model_version, s.samples)
 
     def _on_metrics(self, site: str, payload: bytes) -> None:
-        m = envelope.decode_json(payload, f"metrics from {site}")
-        if m.get("site") != site:
-            raise Rejected("wrong_sender", f"metrics name site {m.get('site')!r} on {site!r}'s topic")
-        self.store.record_metrics(site, self.version, m.get("model_version"), m, time.time())
+        m = Metrics.from_payload(payload, site=site)
+        self.store.record_metrics(site, self.version, m.model_version, m.to_dict(), time.time())
 
     def _on_predictions(self, site: str, payload: bytes) -> None:
-        p = envelope.decode_json(payload, f"predictions from {site}")
-        if p.get("site") != site:
-            raise Rejected("wrong_sender", f"predictions name site {p.get('site')!r} on {site!r}'s topic")
+        p = Predictions.from_payload(payload, site=site)
         now = time.time()
-        rows = [(str(e), int(c), _num(lo), _num(fe)) for e, c, lo, fe in p.get("rows", [])]
-        if rows:
-            self.store.record_predictions(site, rows, now)
-        for engine, cycle, rul in p.get("truth", []):
-            self.store.record_truth(site, str(engine), int(cycle), float(rul), now)
-
+        if p.rows:
+            self.store.record_predictions(site, list(p.rows), now)
+        for engine, cycle, rul in p.truth:
+            self.store.record_truth(site, engine, cycle, rul, now)
 
     def _on_telemetry(self, site: str, payload: bytes) -> None:
         """Raw sensor rows, from a site whose config shares them."""
-        t = envelope.decode_json(payload, f"telemetry from {site}")
-        if t.get("site") != site:
-            raise Rejected("wrong_sender", f"telemetry names site {t.get('site')!r} on {site!r}'s topic")
-        rows = [(str(e), int(c), [float(v) for v in st], [float(v) for v in se]) for e, c, st, se in t.get("rows", [])]
-        if any(len(st) != 3 or len(se) != 21 for _, _, st, se in rows):
-            raise Rejected("wrong_fields", f"telemetry from {site}: a row without 3 settings and 21 sensors")
-        if rows:
-            self.store.record_sensors(site, rows, time.time())
-
-
-def _num(value: Any) -> float | None:
-    return None if value is None else float(value)
+        t = Telemetry.from_payload(payload, site=site)
+        if t.rows:
+            self.store.record_sensors(site, [(e, c, list(st), list(se)) for e, c, st, se in t.rows], time.time())
 
 
 def run_cli(args: argparse.Namespace) -> int:

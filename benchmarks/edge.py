@@ -160,7 +160,9 @@ def child(profile: str, work: Path) -> dict[str, Any]:
     from turbofed.edge.agent import EdgeAgent  # what `turbofed edge` imports
 
     from turbofed import envelope
-    from turbofed.config import BrokerSettings, SiteConfig
+    from turbofed.config import BrokerSettings, ModelSettings, SiteConfig
+    from turbofed.messages import RoundAnnouncement
+    from turbofed.spec import FeatureSpec
     from turbofed.topics import Topics
 
     rss_import = rss_mb()
@@ -171,17 +173,11 @@ def child(profile: str, work: Path) -> dict[str, Any]:
     agent.client = NullClient()
 
     def announce(number: int) -> None:
-        body = {
-            "round": number,
-            "announce_id": uuid.uuid4().hex,
-            "model_version": 0,
-            "deadline": time.time() + 3600,
-            "settings": meta["settings"],
-            "spec": meta["spec"],
-            "min_samples": 200,
-            "strategy": "fedavg",
-        }
-        agent.handle(topics.round, envelope.encode_json(body))
+        body = RoundAnnouncement(
+            number, FeatureSpec.from_dict(meta["spec"]), announce_id=uuid.uuid4().hex, model_version=0, deadline=time.time() + 3600,
+            settings=ModelSettings.from_dict(meta["settings"]), min_samples=200, strategy="fedavg",
+        )
+        agent.handle(topics.round, body.to_payload())
 
     model = (work / "global.onnx").read_bytes()
     agent.handle(topics.global_model, envelope.encode(kind="global", site="aggregator", round=0, model_version=0, samples=meta["rows"], body=model))

@@ -26,9 +26,13 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+
+import turbofed
+from turbofed import envelope
+from turbofed.config import ModelSettings, SiteConfig, load_site_config
 from turbofed.edge.buffer import TrainingBuffer, load_histories, save_histories
 from turbofed.edge.features import EngineWindow
 from turbofed.edge.inference import OnnxPredictor
@@ -45,16 +49,27 @@ from turbofed.edge.state import (
     save_learners,
     write_atomic,
 )
-
-import turbofed
-from turbofed import envelope
-from turbofed.config import ModelSettings, SiteConfig, load_site_config
-from turbofed.errors import TurbofedError
-from turbofed.messages import MessageError, parse_event, parse_reading
+from turbofed.errors import Refused
+from turbofed.messages import (
+    MAX_PREDICTION_ROWS,
+    MAX_TELEMETRY_ROWS,
+    EngineEvent,
+    MessageError,
+    Metrics,
+    ModelScore,
+    Predictions,
+    RoundAnnouncement,
+    SensorReading,
+    StatsReply,
+    StatsRequest,
+    Status,
+    Telemetry,
+)
 from turbofed.metrics import phm08_score, rmse
 from turbofed.mqtt import Subscriptions, client_id, connect, make_client
+from turbofed.refusals import Refusal
 from turbofed.spec import FeatureSpec
-from turbofed.topics import TopicError, Topics
+from turbofed.topics import Topics
 
 log = logging.getLogger("turbofed.edge")
 
@@ -128,23 +143,30 @@ class EdgeAgent:
         self.fed_predictor: OnnxPredictor | None = None
         self.local_predictor: OnnxPredictor | None = None
         self.answered: list[str] = []
-        self.pending_round: dict[str, Any] | None = None
+        self.pending_round: RoundAnnouncement | None = None
         self.scored: dict[str, list[float | None]] = {}  # engine -> [truth, local, federated]
-        self.pending_rows: list[list[Any]] = []
-        self.pending_truth: list[list[Any]] = []
-        self.pending_sensors: list[list[Any]] = []
+        self.pending_rows: list[tuple[str, int, float | None, float | None]] = []
+        self.pending_truth: list[tuple[str, int, float]] = []
+        self.pending_sensors: list[tuple[str, int, tuple[float, ...], tuple[float, ...]]] = []
         self.metrics_dirty = False
         self.dirty = False
         self._last_save = 0.0
         self._reported_rows = -1
         self.client = None
+        # What each subscribed topic carries and who handles it: parsed before it is used.
+        self._routes: dict[str, Callable[[bytes], None]] = {
+            self.topics.round: lambda payload: self.on_round(RoundAnnouncement.from_payload(payload)),
+            self.topics.global_model: self.on_global,
+            self.topics.stats_request: lambda payload: self.on_stats_request(StatsRequest.from_payload(payload)),
+        }
+        self._plant_routes: dict[str, Callable[[str, bytes], None]] = {"sensors": self.on_reading, "events": self.on_event}
         self._restore()
 
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
         """Connect (reconnects are automatic) and subscribe."""
-        offline = envelope.encode_json({"site": self.site, "online": False})
+        offline = Status(self.site, online=False).to_payload()
         self.client = make_client(client_id(f"edge-{self.site}", self.config.broker), self.config.broker, will=(self.topics.status(self.site), offline), persistent_session=True)
         self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
         self.client.on_connect = self._on_connect
@@ -206,48 +228,42 @@ class EdgeAgent:
             if topic.startswith(self.topics.plant_root + "/"):
                 _, engine, kind = self.topics.parse_plant(topic)
                 if self.config.engines is not None and engine not in self.config.engines:
-                    raise MessageError(f"engine {engine!r} is not in this site's engine list", "unknown_engine")
-                if kind == "sensors":
-                    self.on_reading(engine, payload)
-                else:
-                    self.on_event(engine, payload)
-            elif not payload:
-                return  # a retained message being cleared
-            elif topic == self.topics.round:
-                self.on_round(envelope.decode_json(payload, "round announcement"))
-            elif topic == self.topics.global_model:
-                self.on_global(payload)
-            elif topic == self.topics.stats_request:
-                self.on_stats_request(envelope.decode_json(payload, "stats request"))
-        except (MessageError, TopicError, TurbofedError, KeyError, ValueError) as exc:
-            reason = getattr(exc, "reason", type(exc).__name__)
-            self._reject(reason, f"{topic}: {exc}")
+                    raise MessageError(f"engine {engine!r} is not in this site's engine list", Refusal.UNKNOWN_ENGINE)
+                plant_handler = self._plant_routes.get(kind)
+                if plant_handler is None:
+                    raise MessageError(f"no handler for plant messages of kind {kind!r}", Refusal.UNKNOWN_KIND)
+                plant_handler(engine, payload)
+            elif payload and topic in self._routes:  # an empty payload clears a retained message
+                self._routes[topic](payload)
+        except Refused as exc:
+            self._reject(exc.reason, f"{topic}: {exc}")
         except Exception:  # keep serving the other engines whatever one message does
-            self.counters["internal_error"] += 1
+            self.counters[Refusal.INTERNAL_ERROR.value] += 1
             log.exception("site %s: failed to handle a message on %s", self.site, topic)
 
-    def _reject(self, reason: str, detail: str) -> None:
-        self.counters[f"rejected.{reason}"] += 1
-        n = self.counters[f"rejected.{reason}"]
+    def _reject(self, reason: Refusal, detail: str) -> None:
+        key = f"rejected.{reason.value}"
+        self.counters[key] += 1
+        n = self.counters[key]
         if n <= LOG_FIRST_N or n % 100 == 0:
             log.warning("site %s: skipped (%s, #%d): %s", self.site, reason, n, detail)
 
     # --- sensor stream ---------------------------------------------------------------
 
     def on_reading(self, engine: str, payload: bytes) -> None:
-        reading = parse_reading(payload)
+        reading = SensorReading.from_payload(payload)
         track = self.engines.setdefault(engine, EngineTrack())
         if track.n and reading.cycle <= track.last_cycle:
-            raise MessageError(f"engine {engine}: cycle {reading.cycle} does not follow {track.last_cycle}", "cycle_backwards")
+            raise MessageError(f"engine {engine}: cycle {reading.cycle} does not follow {track.last_cycle}", Refusal.CYCLE_BACKWARDS)
         track.append(reading.cycle, np.asarray(reading.sensors, dtype=float), self.config.history_cycles)
         self.counters["readings"] += 1
         local = self._predict(self.local_predictor, self.local_spec, track)
         fed = self._predict(self.fed_predictor, self.fleet_spec, track)
         track.last = (reading.cycle, local, fed)
         if local is not None or fed is not None:
-            self.pending_rows.append([engine, reading.cycle, local, fed])
+            self.pending_rows.append((engine, reading.cycle, local, fed))
         if self.config.share_sensors:  # raw rows leave the site only when its config says so
-            self.pending_sensors.append([engine, reading.cycle, list(reading.settings), list(reading.sensors)])
+            self.pending_sensors.append((engine, reading.cycle, reading.settings, reading.sensors))
 
     @staticmethod
     def _predict(predictor: OnnxPredictor | None, spec: FeatureSpec | None, track: EngineTrack) -> float | None:
@@ -256,22 +272,22 @@ class EdgeAgent:
         return round(float(predictor.predict(track.window(spec).features())[0]), 3)
 
     def on_event(self, engine: str, payload: bytes) -> None:
-        event = parse_event(payload)
+        event = EngineEvent.from_payload(payload)
         track = self.engines.get(engine)
         if track is None or not track.n:
-            raise MessageError(f"engine {engine}: {event.event} event for an engine with no readings", "unknown_engine")
+            raise MessageError(f"engine {engine}: {event.event} event for an engine with no readings", Refusal.UNKNOWN_ENGINE)
         if event.cycle != track.last_cycle:
-            raise MessageError(f"engine {engine}: {event.event} at cycle {event.cycle}, last reading was {track.last_cycle}", "bad_event")
+            raise MessageError(f"engine {engine}: {event.event} at cycle {event.cycle}, last reading was {track.last_cycle}", Refusal.BAD_EVENT)
         if event.event == "failure":
             if self.training:  # labelled history is training data; an inference-only site keeps none
                 cycles, sensors = track.history()
                 self.buffer.add(engine, cycles.copy(), sensors.copy(), (event.cycle - cycles).astype(float))
-            self.pending_truth.append([engine, event.cycle, 0.0])
+            self.pending_truth.append((engine, event.cycle, 0.0))
             self.counters["failures"] += 1
         else:
             _, local, fed = track.last or (None, None, None)
             self.scored[engine] = [event.rul, local, fed]
-            self.pending_truth.append([engine, event.cycle, event.rul])
+            self.pending_truth.append((engine, event.cycle, event.rul))
             self.metrics_dirty = True
             self.counters["truths"] += 1
         del self.engines[engine]
@@ -279,44 +295,43 @@ class EdgeAgent:
 
     # --- federation ------------------------------------------------------------------
 
-    def on_stats_request(self, request: dict[str, Any]) -> None:
+    def on_stats_request(self, request: StatsRequest) -> None:
         """Federated analytics: share count, sums and sums of squares, never rows."""
-        window = request.get("window")
-        if not isinstance(window, int) or window < 1:
-            raise MessageError(f"stats request {request.get('request_id')!r}: window must be a positive whole number, got {window!r}", "bad_stats_request")
-        stats = self.buffer.stats(window) if self.buffer.rows else None
-        reply = {"request_id": request.get("request_id"), "site": self.site, "samples": self.buffer.rows, "engines": len(self.buffer.engines)}
-        reply["stats"] = stats.to_dict() if stats else None
-        self.client.publish(self.topics.stats(self.site), envelope.encode_json(reply), qos=1)
+        stats = self.buffer.stats(request.window) if self.buffer.rows else None
+        reply = StatsReply(request.request_id, self.site, self.buffer.rows, len(self.buffer.engines), stats)
+        self.client.publish(self.topics.stats(self.site), reply.to_payload(), qos=1)
 
     def on_global(self, payload: bytes) -> None:
         env = envelope.decode(payload)
         if env.kind != "global":
-            raise MessageError(f"global topic carried a {env.kind!r} envelope", "bad_global")
+            raise MessageError(f"global topic carried a {env.kind!r} envelope", Refusal.BAD_GLOBAL)
         if env.model_version <= self.global_version:
             return  # the retained copy of a model we already have
-        predictor = OnnxPredictor(env.body)  # refuses what onnxruntime cannot run
+        try:
+            predictor = OnnxPredictor(env.body)
+        except Exception as exc:  # onnxruntime raises its own types for what it cannot run
+            raise MessageError(f"global model v{env.model_version}: onnxruntime cannot load it: {exc}", Refusal.NOT_ONNX) from None
         self.global_model, self.global_version, self.fed_predictor = env.body, env.model_version, predictor
         (self.state_dir / "global.onnx.tmp").write_bytes(env.body)
         os.replace(self.state_dir / "global.onnx.tmp", self.state_dir / "global.onnx")
         log.info("site %s: global model v%d received (round %d)", self.site, env.model_version, env.round)
         self.dirty = True
         self.publish_status(online=True)
-        if self.pending_round and self.global_version >= self.pending_round["model_version"]:
+        if self.pending_round and self.global_version >= self.pending_round.model_version:
             announcement, self.pending_round = self.pending_round, None
             self.on_round(announcement)
 
-    def on_round(self, ann: dict[str, Any]) -> None:
-        if "spec" in ann:  # also on the final 'done' announcement, for sites that join later
-            self.fleet_spec = FeatureSpec.from_dict(ann["spec"])
-        if ann.get("done") or ann["announce_id"] in self.answered:
+    def on_round(self, ann: RoundAnnouncement) -> None:
+        if ann.spec is not None:  # also on the final 'done' announcement, for sites that join later
+            self.fleet_spec = ann.spec
+        if ann.done or ann.announce_id in self.answered:
             return
-        self.settings = ModelSettings.from_dict(ann["settings"], "round announcement settings")
-        if ann["round"] > 0 and ann["model_version"] > self.global_version:
+        self.settings = ann.settings
+        if ann.round > 0 and ann.model_version > self.global_version:
             self.pending_round = ann  # the retained global model is on its way
             return
-        if time.time() > ann["deadline"]:
-            log.info("site %s: round %d closed before we could take part", self.site, ann["round"])
+        if time.time() > ann.deadline:
+            log.info("site %s: round %d closed before we could take part", self.site, ann.round)
             self._answered(ann)
             return
         if not self.training:  # say so, so the round need not wait for us
@@ -324,10 +339,11 @@ class EdgeAgent:
             return
         self._take_part(ann)
 
-    def _take_part(self, ann: dict[str, Any]) -> None:
+    def _take_part(self, ann: RoundAnnouncement) -> None:
         from turbofed.edge.learner import RulModel  # training profile only
 
-        r, min_samples = ann["round"], int(ann.get("min_samples", self.config.min_samples))
+        r = ann.round
+        min_samples = ann.min_samples if ann.min_samples is not None else self.config.min_samples
         if self.buffer.rows < min_samples:
             log.info("site %s: round %d: %d labelled rows < %d, sitting it out", self.site, r, self.buffer.rows, min_samples)
             self._send(ann, "skip", b"", self.buffer.rows)
@@ -335,7 +351,7 @@ class EdgeAgent:
         started = time.perf_counter()
         if self.fed_learner is None or self.fed_learner.spec != self.fleet_spec or self.fed_learner.settings != self.settings:
             self.fed_learner = RulModel(self.settings, self.fleet_spec)
-        if ann["round"] == 0:  # the seeded initial model, identical on every site
+        if ann.round == 0:  # the seeded initial model, identical on every site
             self._send(ann, "update", self.fed_learner.to_onnx(), self.buffer.rows)
             return
         self.fed_learner.load_onnx(self.global_model)
@@ -356,65 +372,64 @@ class EdgeAgent:
         self.local_learner.train(x, y, epochs=self.settings.local_epochs)
         self.local_predictor = OnnxPredictor(self.local_learner.to_onnx())
 
-    def _send(self, ann: dict[str, Any], kind: str, body: bytes, samples: int) -> None:
-        payload = envelope.encode(kind=kind, site=self.site, round=ann["round"], model_version=ann["model_version"], samples=samples, body=body)
+    def _send(self, ann: RoundAnnouncement, kind: str, body: bytes, samples: int) -> None:
+        payload = envelope.encode(kind=kind, site=self.site, round=ann.round, model_version=ann.model_version, samples=samples, body=body)
         self.client.publish(self.topics.update(self.site), payload, qos=1)
         self.counters[f"sent.{kind}"] += 1
         self._answered(ann)
 
-    def _answered(self, ann: dict[str, Any]) -> None:
-        self.answered = (self.answered + [ann["announce_id"]])[-20:]
+    def _answered(self, ann: RoundAnnouncement) -> None:
+        self.answered = (self.answered + [ann.announce_id])[-20:]
         self.dirty = True
         self.save()
 
     # --- reporting -------------------------------------------------------------------
 
     def publish_status(self, online: bool) -> None:
-        status = {
-            "site": self.site,
-            "online": online,
-            "agent_version": turbofed.__version__,
-            "model_version": self.global_version if self.global_version >= 0 else None,
-            "samples": self.buffer.rows,
-            "profile": "training" if self.training else "inference",
-            "at": time.time(),
-        }
+        status = Status(
+            self.site,
+            online,
+            agent_version=turbofed.__version__,
+            model_version=self.global_version if self.global_version >= 0 else None,
+            samples=self.buffer.rows,
+            profile="training" if self.training else "inference",
+            at=time.time(),
+        )
         self._reported_rows = self.buffer.rows
         if self.client is not None:
-            self.client.publish(self.topics.status(self.site), envelope.encode_json(status), qos=1, retain=True)
+            self.client.publish(self.topics.status(self.site), status.to_payload(), qos=1, retain=True)
 
     def flush(self) -> None:
         """Send batched predictions and fresh metrics; save state if it changed."""
         while self.pending_rows or self.pending_truth:
-            rows, self.pending_rows = self.pending_rows[:2000], self.pending_rows[2000:]
-            truth, self.pending_truth = self.pending_truth, []
-            body = {"site": self.site, "rows": rows, "truth": truth}
-            self.client.publish(self.topics.predictions(self.site), envelope.encode_json(body), qos=1)
+            rows, self.pending_rows = self.pending_rows[:MAX_PREDICTION_ROWS], self.pending_rows[MAX_PREDICTION_ROWS:]
+            truth, self.pending_truth = self.pending_truth[:MAX_PREDICTION_ROWS], self.pending_truth[MAX_PREDICTION_ROWS:]
+            body = Predictions(self.site, tuple(rows), tuple(truth))
+            self.client.publish(self.topics.predictions(self.site), body.to_payload(), qos=1)
         while self.pending_sensors:
-            rows, self.pending_sensors = self.pending_sensors[:1000], self.pending_sensors[1000:]
-            self.client.publish(self.topics.site(self.site, "telemetry"), envelope.encode_json({"site": self.site, "rows": rows}), qos=1)
+            rows, self.pending_sensors = self.pending_sensors[:MAX_TELEMETRY_ROWS], self.pending_sensors[MAX_TELEMETRY_ROWS:]
+            self.client.publish(self.topics.site(self.site, "telemetry"), Telemetry(self.site, tuple(rows)).to_payload(), qos=1)
         if self.metrics_dirty:
-            self.client.publish(self.topics.metrics(self.site), envelope.encode_json(self.metrics()), qos=1)
+            self.client.publish(self.topics.metrics(self.site), self.metrics().to_payload(), qos=1)
             self.metrics_dirty = False
         if self.buffer.rows != self._reported_rows:  # the dashboard shows training samples per site
             self.publish_status(online=True)
         if self.dirty and time.monotonic() - self._last_save > SAVE_EVERY_S:
             self.save()
 
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self) -> Metrics:
         """Local vs federated on engines whose true RUL is known (prediction at the truth cycle)."""
-        out: dict[str, Any] = {"site": self.site, "model_version": self.global_version, "engines": len(self.scored)}
         truth = np.array([v[0] for v in self.scored.values()], dtype=float)
-        for k, name in ((1, "local"), (2, "federated")):
+        scores = []
+        for k in (1, 2):  # local, federated
             pred = [v[k] for v in self.scored.values()]
             ok = np.array([p is not None for p in pred], dtype=bool)
             if ok.any():
                 p = np.array([x for x in pred if x is not None], dtype=float)
-                out[name] = {"rmse": round(rmse(p, truth[ok]), 4), "score": round(phm08_score(p, truth[ok]), 2), "engines": int(ok.sum())}
+                scores.append(ModelScore(round(rmse(p, truth[ok]), 4), round(phm08_score(p, truth[ok]), 2), int(ok.sum())))
             else:
-                out[name] = {"rmse": None, "score": None, "engines": 0}
-        out["counters"] = dict(self.counters)
-        return out
+                scores.append(ModelScore())
+        return Metrics(self.site, self.global_version, len(self.scored), scores[0], scores[1], dict(self.counters))
 
     # --- persistence -----------------------------------------------------------------
 

@@ -17,6 +17,9 @@ import warnings
 from typing import Any
 
 import numpy as np
+
+from turbofed.codec import Weights, read_weights, replace_weights
+from turbofed.config import ModelSettings
 from turbofed.edge.state import (
     StateError,
     settings_from_dict,
@@ -24,9 +27,6 @@ from turbofed.edge.state import (
     take,
     take_array,
 )
-
-from turbofed.codec import Weights, read_weights, replace_weights
-from turbofed.config import ModelSettings
 from turbofed.errors import WeightsError
 from turbofed.spec import FeatureSpec
 

@@ -20,7 +20,7 @@ import pytest
 
 from turbofed import envelope
 from turbofed.config import BrokerSettings, ModelSettings
-from turbofed.messages import SensorReading
+from turbofed.messages import Predictions, RoundAnnouncement, SensorReading, Status
 from turbofed.mqtt import connect, make_client
 from turbofed.simulation.broker import BrokerHandle
 from turbofed.topics import Topics
@@ -57,18 +57,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _announcement(trained: dict, number: int, model_version: int) -> bytes:
-    return envelope.encode_json(
-        {
-            "round": number,
-            "announce_id": uuid.uuid4().hex,
-            "model_version": model_version,
-            "deadline": time.time() + 120,
-            "settings": trained["settings"].to_dict(),
-            "spec": trained["spec"].to_dict(),
-            "min_samples": 50,
-            "strategy": "fedavg",
-        }
-    )
+    return RoundAnnouncement(
+        number, trained["spec"], announce_id=uuid.uuid4().hex, model_version=model_version, deadline=time.time() + 120,
+        settings=trained["settings"], min_samples=50, strategy="fedavg",
+    ).to_payload()
 
 
 def _global(trained: dict, version: int) -> bytes:
@@ -144,19 +136,19 @@ def test_inference_agent_predicts_follows_the_global_model_and_never_imports_skl
         def status(version: int):
             def match(topic: str, payload: bytes):
                 if topic == topics.status(site) and payload:
-                    body = envelope.decode_json(payload, "status")
-                    return body if body.get("online") and body.get("model_version") == version else None
+                    body = Status.from_payload(payload, site=site)
+                    return body if body.online and body.model_version == version else None
             return match
 
         first = listener.wait("the agent online with global v0", status(0), proc=proc)
-        assert first["profile"] == "inference"
+        assert first.profile == "inference"
         for topic, payload in _readings(topics, site, trained["runs"][:2], 40):
             listener.publish(topic, payload)
 
         def federated(topic: str, payload: bytes):
             if topic != topics.predictions(site):
                 return None
-            rows = envelope.decode_json(payload, "predictions")["rows"]
+            rows = Predictions.from_payload(payload, site=site).rows
             return rows if rows and all(r[3] is not None for r in rows) else None
 
         rows = listener.wait("federated predictions", federated, proc=proc)
@@ -182,9 +174,9 @@ CHILD = textwrap.dedent(
     import json, sys, time, uuid
     from pathlib import Path
     from turbofed.edge.agent import EdgeAgent
-    from turbofed import envelope
-    from turbofed.config import SiteConfig
-    from turbofed.messages import EngineEvent, SensorReading
+    from turbofed.config import ModelSettings, SiteConfig
+    from turbofed.messages import EngineEvent, RoundAnnouncement, SensorReading
+    from turbofed.spec import FeatureSpec
     from turbofed.topics import Topics
 
     work = Path(sys.argv[1])
@@ -199,8 +191,8 @@ CHILD = textwrap.dedent(
     agent = EdgeAgent(SiteConfig(site="s1", state_dir=str(work / "state")), training=False)
     agent.client = Client()
     agent.handle(t.global_model, (work / "global.env").read_bytes())
-    agent.handle(t.round, envelope.encode_json({"round": 1, "announce_id": uuid.uuid4().hex, "model_version": 0,
-        "deadline": time.time() + 60, "settings": settings, "spec": spec, "min_samples": 10}))
+    agent.handle(t.round, RoundAnnouncement(1, FeatureSpec.from_dict(spec), announce_id=uuid.uuid4().hex, model_version=0,
+        deadline=time.time() + 60, settings=ModelSettings.from_dict(settings), min_samples=10).to_payload())
     readings = json.loads((work / "readings.json").read_text())
     for engine, cycle, setting, sensors in readings:
         agent.handle(t.sensors("s1", engine), SensorReading(cycle, tuple(setting), tuple(sensors)).to_payload())
@@ -271,7 +263,7 @@ def test_inference_site_joining_after_training_predicts(trained: dict, tmp_path:
     agent = _inference_agent(tmp_path)
     topics = Topics()
     agent.handle(topics.global_model, _global(trained, 8))
-    agent.handle(topics.round, envelope.encode_json({"round": 8, "done": True, "spec": trained["spec"].to_dict()}))
+    agent.handle(topics.round, RoundAnnouncement(8, trained["spec"], done=True).to_payload())
     for topic, payload in _readings(topics, "s1", trained["runs"][:1], 5):
         agent.handle(topic, payload)
     assert agent.engines["e0"].last[2] is not None

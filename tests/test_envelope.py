@@ -11,6 +11,7 @@ import pytest
 
 from turbofed import envelope as env
 from turbofed.errors import TurbofedError
+from turbofed.refusals import Refusal
 from turbofed.topics import TopicError, Topics, validate_site
 
 BODY = np.arange(1000, dtype=np.float32).tobytes()
@@ -53,7 +54,7 @@ def test_skip_has_an_empty_body() -> None:
     assert e.kind == "skip" and e.body == b"" and e.samples == 3
     with pytest.raises(env.BadHeaderError):
         make(kind="skip")
-    assert _reason(with_header({**good_header(), "kind": "skip"})) == "bad_header"
+    assert _reason(with_header({**good_header(), "kind": "skip"})) == Refusal.BAD_HEADER
 
 
 def test_overhead_bound() -> None:
@@ -63,18 +64,19 @@ def test_overhead_bound() -> None:
     assert len(payload) <= 1.05 * len(body) + 2048
 
 
-def _reason(payload: bytes, **kw: object) -> str:
+def _reason(payload: bytes, **kw: object) -> Refusal:
     with pytest.raises(env.EnvelopeError) as info:
         env.decode(payload, **kw)  # type: ignore[arg-type]
     exc = info.value
     assert isinstance(exc, TurbofedError)
-    assert exc.reason in str(exc)  # the message carries the code, e.g. "hash_mismatch: ..."
+    assert isinstance(exc.reason, Refusal)
+    assert exc.reason.value in str(exc)  # the message carries the code, e.g. "hash_mismatch: ..."
     return exc.reason
 
 
 def test_too_large() -> None:
     payload = make()
-    assert _reason(payload, max_bytes=len(payload) - 1) == "too_large"
+    assert _reason(payload, max_bytes=len(payload) - 1) == Refusal.TOO_LARGE
     assert env.decode(payload, max_bytes=len(payload)).body == BODY
     with pytest.raises(env.TooLargeError):
         make(body=b"\0" * env.MAX_PAYLOAD_BYTES)
@@ -82,21 +84,21 @@ def test_too_large() -> None:
 
 @pytest.mark.parametrize("payload", [b"", b"TF", b"XYZ\x01" + b"\0" * 100, b"\x89PNG\r\n", "TFW"])
 def test_bad_magic(payload: bytes) -> None:
-    assert _reason(payload) == "bad_magic"  # type: ignore[arg-type]
+    assert _reason(payload) == Refusal.BAD_MAGIC  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("version", [0, 2, 255])
 def test_unknown_version(version: int) -> None:
     payload = bytearray(make())
     payload[3] = version
-    assert _reason(bytes(payload)) == "unknown_version"
+    assert _reason(bytes(payload)) == Refusal.UNKNOWN_VERSION
 
 
 def test_truncated() -> None:
     payload = make()
-    assert _reason(payload[:6]) == "truncated"
+    assert _reason(payload[:6]) == Refusal.TRUNCATED
     header_len = struct.unpack(">I", payload[4:8])[0]
-    assert _reason(payload[: 8 + header_len - 1]) == "truncated"
+    assert _reason(payload[: 8 + header_len - 1]) == Refusal.TRUNCATED
 
 
 @pytest.mark.parametrize(
@@ -111,7 +113,7 @@ def test_truncated() -> None:
     ],
 )
 def test_bad_header_not_an_object(header: bytes) -> None:
-    assert _reason(with_header(header)) == "bad_header"
+    assert _reason(with_header(header)) == Refusal.BAD_HEADER
 
 
 @pytest.mark.parametrize(
@@ -137,15 +139,15 @@ def test_bad_header_not_an_object(header: bytes) -> None:
     ],
 )
 def test_bad_header_fields(change: dict) -> None:
-    assert _reason(with_header({**good_header(), **change})) == "bad_header"
+    assert _reason(with_header({**good_header(), **change})) == Refusal.BAD_HEADER
 
 
 def test_bad_header_missing_key_and_too_long() -> None:
     header = good_header()
     del header["samples"]
-    assert _reason(with_header(header)) == "bad_header"
+    assert _reason(with_header(header)) == Refusal.BAD_HEADER
     long_header = json.dumps({**good_header(), "pad": "x" * env.MAX_HEADER_BYTES}).encode()
-    assert _reason(with_header(long_header)) == "bad_header"
+    assert _reason(with_header(long_header)) == Refusal.BAD_HEADER
 
 
 def test_unknown_header_keys_are_ignored() -> None:
@@ -154,14 +156,14 @@ def test_unknown_header_keys_are_ignored() -> None:
 
 def test_size_mismatch() -> None:
     payload = make()
-    assert _reason(payload + b"\0") == "size_mismatch"
-    assert _reason(payload[:-1]) == "size_mismatch"
+    assert _reason(payload + b"\0") == Refusal.SIZE_MISMATCH
+    assert _reason(payload[:-1]) == Refusal.SIZE_MISMATCH
 
 
 def test_hash_mismatch() -> None:
     payload = bytearray(make())
     payload[-1] ^= 0x01
-    assert _reason(bytes(payload)) == "hash_mismatch"
+    assert _reason(bytes(payload)) == Refusal.HASH_MISMATCH
     assert isinstance(pytest.raises(env.HashMismatchError, env.decode, bytes(payload)).value, env.EnvelopeError)
 
 

@@ -11,6 +11,7 @@ aarch64 bundle holds only aarch64 or pure-Python wheels.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -29,7 +30,7 @@ import pytest
 from turbofed import envelope
 from turbofed.config import BrokerSettings, FleetConfig, ModelSettings, load_site_config
 from turbofed.deploy import flash
-from turbofed.messages import EngineEvent, SensorReading
+from turbofed.messages import EngineEvent, RoundAnnouncement, SensorReading, Status
 from turbofed.mqtt import connect, make_client
 from turbofed.simulation.broker import BrokerHandle
 from turbofed.topics import Topics
@@ -320,9 +321,9 @@ def test_installed_agent_takes_part_in_a_round(installed: dict, broker: BrokerHa
                 env = envelope.decode(payload)
                 updates.append((env.round, env.kind, env.samples))
             elif topic == topics.status(SITE):
-                status.update(envelope.decode_json(payload, "status"))
+                status.update(dataclasses.asdict(Status.from_payload(payload, site=SITE)))
             elif topic == topics.round:
-                done = done or bool(envelope.decode_json(payload, "round").get("done"))
+                done = done or RoundAnnouncement.from_payload(payload).done
 
     try:
         pump("the installed agent to come online", lambda: status.get("online") is True, timeout=60)

@@ -29,7 +29,7 @@ def test_four_agents_five_rounds(broker, cmapss_dir: Path, tmp_path: Path) -> No
         wait_for("5 rounds", lambda: aggregator.version == 5, 120)
         wait_for("sites to load global v5", lambda: all(a.global_version == 5 for a in fleet.agents.values()))
         test = fleet.replay("test", 12, cmapss_dir)
-        wait_for("metrics from every site", lambda: all(a.metrics()["engines"] == 3 for a in fleet.agents.values()))
+        wait_for("metrics from every site", lambda: all(a.metrics().engines == 3 for a in fleet.agents.values()))
         store = open_store(fleet.fleet.store)
         wait_for("the store to hold every site's final metrics", lambda: [m["engines"] for m in store.latest_metrics()] == [3] * 8)
     finally:

@@ -18,7 +18,7 @@ from turbofed.data.cmapss import EngineRun
 from turbofed.data.datasets import load_dataset
 
 from turbofed.cli import main as cli_main
-from turbofed.messages import parse_event, parse_reading
+from turbofed.messages import EngineEvent, SensorReading
 from turbofed.simulation.broker import BrokerHandle
 from turbofed.simulation.fleet import FleetEngine, assign
 from turbofed.simulation.replay import (
@@ -58,14 +58,14 @@ def check_schedule(items, engines: list[FleetEngine], topics: Topics) -> None:
         plant = topics.parse_plant(p.topic)
         assert (plant.site, plant.engine, plant.kind) == (e.site, e.engine, p.kind)
         if p.kind == "sensors":
-            reading = parse_reading(p.payload)
+            reading = SensorReading.from_payload(p.payload)
             assert reading.cycle == p.cycle == int(e.run.cycles[p.tick])
             assert reading.sensors == tuple(e.run.sensors[p.tick])
             assert reading.settings == tuple(e.run.settings[p.tick])
             assert p.engine not in seen or seen[p.engine][-1] < reading.cycle
             seen[p.engine].append(reading.cycle)
         else:
-            event = parse_event(p.payload)
+            event = EngineEvent.from_payload(p.payload)
             prev = items[i - 1]
             assert (prev.engine, prev.kind) == (p.engine, "sensors"), "event must follow the engine's last row"
             assert seen[p.engine] == e.run.cycles.tolist(), "event before all rows"
@@ -96,7 +96,7 @@ def test_schedule_truth_event_for_test_runs() -> None:
     engines = assign({"FD001": [fake_run(7, 3, rul_at_end=42.0), fake_run(8, 1, rul_at_end=7.5)]}, 1, "test")
     items = list(publish_schedule(engines, Topics(plant_root="x/plant")))
     check_schedule(items, engines, Topics(plant_root="x/plant"))
-    events = {p.engine: parse_event(p.payload) for p in items if p.kind == "events"}
+    events = {p.engine: EngineEvent.from_payload(p.payload) for p in items if p.kind == "events"}
     assert events["FD001-test-7"].rul == 42 and events["FD001-test-8"].rul == 7.5
     assert json.loads(items[2].payload) == {"event": "truth", "cycle": 1, "rul": 7.5}
 
@@ -244,9 +244,9 @@ def test_replay_delivers_every_row_once_in_order(broker: BrokerHandle, cmapss_di
     for p in expected:
         want[p.engine].append((p.topic, p.payload))
     for engine, msgs in want.items():
-        sensors = [parse_reading(pl).cycle for t, pl in per_engine[engine] if t.endswith("/sensors")]
-        assert sensors == [parse_reading(pl).cycle for t, pl in msgs if t.endswith("/sensors")]
-        events = [parse_event(pl) for t, pl in per_engine[engine] if t.endswith("/events")]
+        sensors = [SensorReading.from_payload(pl).cycle for t, pl in per_engine[engine] if t.endswith("/sensors")]
+        assert sensors == [SensorReading.from_payload(pl).cycle for t, pl in msgs if t.endswith("/sensors")]
+        events = [EngineEvent.from_payload(pl) for t, pl in per_engine[engine] if t.endswith("/events")]
         assert len(events) == 1 and events[0].cycle == sensors[-1]
         assert events[0].event == ("failure" if "-train-" in engine else "truth")
 

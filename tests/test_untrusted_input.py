@@ -18,9 +18,8 @@ from turbofed.edge.learner import RulModel
 from tests.livefleet import LiveFleet, wait_for
 from turbofed import envelope
 from turbofed.config import ModelSettings
-from turbofed.messages import SensorReading
+from turbofed.messages import RoundAnnouncement, SensorReading, StatsReply, StatsRequest
 from turbofed.mqtt import connect, make_client
-from turbofed.spec import FeatureSpec
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +29,7 @@ class FakeSites:
 
     def __init__(self, fleet: LiveFleet) -> None:
         self.fleet, self.topics = fleet, fleet.topics
-        self.round: dict = {}
+        self.round: RoundAnnouncement | None = None
         self.global_payload = b""
         self.seen = threading.Condition()
         self.client = make_client(f"fake-sites-{fleet.broker.topic_root}", fleet.broker)
@@ -42,19 +41,19 @@ class FakeSites:
     def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
         with self.seen:
             if msg.topic == self.topics.round and msg.payload:
-                self.round = json.loads(msg.payload)
+                self.round = RoundAnnouncement.from_payload(msg.payload)
             elif msg.topic == self.topics.global_model:
                 self.global_payload = msg.payload
             elif msg.topic == self.topics.stats_request and msg.payload:
-                self.stats_request = json.loads(msg.payload)
+                self.stats_request = StatsRequest.from_payload(msg.payload)
             self.seen.notify_all()
 
     def send(self, site: str, payload: bytes) -> None:
         self.client.publish(self.topics.update(site), payload, qos=1).wait_for_publish(10)
 
     def update(self, body: bytes, site: str = "site1", round_no: int | None = None, samples: int = 100) -> bytes:
-        r = self.round["round"] if round_no is None else round_no
-        return envelope.encode(kind="update", site=site, round=r, model_version=self.round["model_version"], samples=samples, body=body)
+        r = self.round.round if round_no is None else round_no
+        return envelope.encode(kind="update", site=site, round=r, model_version=self.round.model_version, samples=samples, body=body)
 
 
 def poisoned(model: bytes, value: float) -> bytes:
@@ -84,21 +83,21 @@ def test_aggregator_refuses_bad_updates_and_keeps_going(broker, cmapss_dir: Path
         aggregator = fleet.start_aggregator()
         sites = FakeSites(fleet)
         wait_for("a stats request", lambda: hasattr(sites, "stats_request"))
-        assert sites.stats_request["window"] == settings.window
+        assert sites.stats_request.window == settings.window
         wrong_window = runs_stats(runs[:5], settings.window + 10)
-        reply = {"request_id": sites.stats_request["request_id"], "site": "site1", "samples": int(wrong_window.count), "stats": wrong_window.to_dict()}
-        sites.client.publish(fleet.topics.stats("site1"), envelope.encode_json(reply), qos=1)
+        reply = StatsReply(sites.stats_request.request_id, "site1", int(wrong_window.count), 5, wrong_window)
+        sites.client.publish(fleet.topics.stats("site1"), reply.to_payload(), qos=1)
         wait_for("the wrong-window statistics to be refused", lambda: aggregator.counters["bad_stats"] == 1)
         for site, part in (("site1", runs[:5]), ("site2", runs[5:])):
             stats = runs_stats(part, settings.window)
-            reply = {"request_id": sites.stats_request["request_id"], "site": site, "samples": int(stats.count), "stats": stats.to_dict()}
-            sites.client.publish(fleet.topics.stats(site), envelope.encode_json(reply), qos=1)
-        wait_for("round 0", lambda: sites.round.get("round") == 0)
-        spec = FeatureSpec.from_dict(sites.round["spec"])
+            reply = StatsReply(sites.stats_request.request_id, site, int(stats.count), len(part), stats)
+            sites.client.publish(fleet.topics.stats(site), reply.to_payload(), qos=1)
+        wait_for("round 0", lambda: sites.round is not None and sites.round.round == 0)
+        spec = sites.round.spec
         init = RulModel(settings, spec).to_onnx()
         for site in fleet.sites:
             sites.send(site, sites.update(init, site))
-        wait_for("round 1", lambda: sites.round.get("round") == 1 and aggregator.version == 0)
+        wait_for("round 1", lambda: sites.round.round == 1 and aggregator.version == 0)
         global_v0 = sites.global_payload
 
         good = RulModel(settings.replace(seed=5), spec).to_onnx()

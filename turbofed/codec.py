@@ -15,6 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from turbofed.errors import WeightsError
+from turbofed.refusals import Refusal
 
 MAX_MODEL_BYTES = 4 * 1024 * 1024  # largest model a site may send (fits the broker limit)
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
@@ -23,19 +24,19 @@ Weights = dict[str, np.ndarray]
 
 
 class ModelTooLarge(WeightsError):
-    reason = "too_large"
+    reason = Refusal.TOO_LARGE
 
 
 class NotOnnx(WeightsError):
-    reason = "not_onnx"
+    reason = Refusal.NOT_ONNX
 
 
 class WeightsMismatch(WeightsError):
-    reason = "mismatch"
+    reason = Refusal.MISMATCH
 
 
 class NonFiniteWeights(WeightsError):
-    reason = "non_finite"
+    reason = Refusal.NON_FINITE
 
 
 def parse_model(data: bytes, max_bytes: int = MAX_MODEL_BYTES) -> onnx.ModelProto:

@@ -13,7 +13,7 @@ Header keys: kind ("update" | "global" | "skip"), site, round, model_version, sa
 (hex of body), body_len, sig (null for now: room for a signature over the body hash).
 
 Decoding never trusts the sender: every check failure raises a subclass of
-:class:`EnvelopeError` whose ``reason`` is a short machine code to log and count.
+:class:`EnvelopeError` whose ``reason`` is the :class:`~turbofed.refusals.Refusal` to log and count.
 Checks on the ONNX content itself (names, shapes, finite values) belong to
 ``turbofed.codec``; checks against protocol state (sender == topic site, current
 round, one update per site per round) belong to the aggregator.
@@ -27,7 +27,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from turbofed.errors import TurbofedError
+from turbofed.errors import Refused
+from turbofed.refusals import Refusal
 from turbofed.topics import TopicError, validate_site
 
 MAGIC: Final = b"TFW"
@@ -48,15 +49,10 @@ KINDS: Final[tuple[str, ...]] = ("update", "global", "skip")
 _HEADER_KEYS: Final = ("kind", "site", "round", "model_version", "samples", "sha256", "body_len", "sig")
 
 
-class EnvelopeError(TurbofedError):
-    """A message failed to decode (or encode); ``reason`` is a short machine code."""
+class EnvelopeError(Refused):
+    """A message failed to decode (or encode); ``reason`` is its Refusal."""
 
-    reason: str = "bad_envelope"
-
-    def __init__(self, message: str, reason: str | None = None) -> None:
-        super().__init__(message)
-        if reason is not None:
-            self.reason = reason
+    reason = Refusal.BAD_ENVELOPE
 
     def __str__(self) -> str:
         return f"{self.reason}: {super().__str__()}"
@@ -65,49 +61,49 @@ class EnvelopeError(TurbofedError):
 class TooLargeError(EnvelopeError):
     """Payload above the size limit: refused before any parsing."""
 
-    reason = "too_large"
+    reason = Refusal.TOO_LARGE
 
 
 class BadMagicError(EnvelopeError):
     """Not a turbofed envelope at all (wrong topic, wrong sender, garbage)."""
 
-    reason = "bad_magic"
+    reason = Refusal.BAD_MAGIC
 
 
 class UnknownVersionError(EnvelopeError):
     """An envelope version this build does not understand (sender is newer or broken)."""
 
-    reason = "unknown_version"
+    reason = Refusal.UNKNOWN_VERSION
 
 
 class TruncatedError(EnvelopeError):
     """The payload ends before the fixed prefix or the declared header does."""
 
-    reason = "truncated"
+    reason = Refusal.TRUNCATED
 
 
 class BadHeaderError(EnvelopeError):
     """Header is not UTF-8 JSON, misses a key, or a field has the wrong type or range."""
 
-    reason = "bad_header"
+    reason = Refusal.BAD_HEADER
 
 
 class SizeMismatchError(EnvelopeError):
     """Body length differs from the header's ``body_len``."""
 
-    reason = "size_mismatch"
+    reason = Refusal.SIZE_MISMATCH
 
 
 class HashMismatchError(EnvelopeError):
     """Body SHA-256 differs from the header's ``sha256``: corrupted or tampered."""
 
-    reason = "hash_mismatch"
+    reason = Refusal.HASH_MISMATCH
 
 
 class BadJsonError(EnvelopeError):
     """A JSON (non-weights) message is not a UTF-8 JSON object."""
 
-    reason = "bad_json"
+    reason = Refusal.BAD_JSON
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final, Literal, NamedTuple, get_args
 
-from turbofed.errors import TurbofedError
+from turbofed.errors import Refused
+from turbofed.refusals import Refusal
 
 DEFAULT_ROOT: Final = "tfl/v1"
 DEFAULT_PLANT_ROOT: Final = "plant"
@@ -32,8 +33,10 @@ PLANT_KINDS: Final[tuple[str, ...]] = get_args(PlantKind)
 _FORBIDDEN = set("/+#\x00")
 
 
-class TopicError(TurbofedError):
+class TopicError(Refused):
     """A topic or an id in it is malformed; the message names the offending value."""
+
+    reason = Refusal.BAD_TOPIC
 
 
 def validate_id(value: object, what: str = "site id") -> str:

@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from turbofed import envelope
 from turbofed.config import BrokerSettings, ModelSettings, resolve_data_dir
-from turbofed.errors import TurbofedError
+from turbofed.errors import Refused, TurbofedError
+from turbofed.messages import Metrics, RoundAnnouncement, Status
 from turbofed.mqtt import Subscriptions, connect, make_client
 from turbofed.simulation.broker import BrokerHandle, start_broker
 from turbofed.topics import Topics
@@ -47,9 +47,9 @@ class FleetWatch:
 
     def __init__(self, broker: BrokerSettings) -> None:
         self.topics = Topics(broker.topic_root, broker.plant_root)
-        self.status: dict[str, dict[str, Any]] = {}
-        self.metrics: dict[str, dict[str, Any]] = {}
-        self.round: dict[str, Any] = {}
+        self.status: dict[str, Status] = {}
+        self.metrics: dict[str, Metrics] = {}
+        self.round: RoundAnnouncement | None = None
         self.changed = threading.Condition()
         self.client = make_client(f"turbofed-demo-{os.getpid()}", broker)
         self.client.on_message = self._on_message
@@ -62,14 +62,27 @@ class FleetWatch:
     def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
         if not msg.payload:
             return
-        body = envelope.decode_json(msg.payload, msg.topic)
-        with self.changed:
+        try:
             if msg.topic == self.topics.round:
-                self.round = body
+                site, body = "", RoundAnnouncement.from_payload(msg.payload)
             else:
                 site, kind = self.topics.parse_site(msg.topic)
-                (self.status if kind == "status" else self.metrics)[site] = body
+                body = (Status if kind == "status" else Metrics).from_payload(msg.payload, site=site)
+        except Refused as exc:
+            log.warning("ignored a message on %s (%s): %s", msg.topic, exc.reason.value, exc)
+            return
+        with self.changed:
+            if isinstance(body, RoundAnnouncement):
+                self.round = body
+            elif isinstance(body, Status):
+                self.status[site] = body
+            else:
+                self.metrics[site] = body
             self.changed.notify_all()
+
+    def site_status(self, site: str) -> Status:
+        """The site's latest status; offline and empty until it has said anything."""
+        return self.status.get(site) or Status(site, online=False)
 
     def wait(self, what: str, condition, timeout: float, processes: "Processes") -> None:
         """Block until `condition()` holds; fail early if a child process died."""
@@ -188,7 +201,7 @@ def run_demo(
         watch = FleetWatch(broker)
         for site in sites:
             processes.start(site, "edge", "--config", str(work / f"{site}.toml"))
-        watch.wait("the edge agents to come online", lambda: sum(bool(watch.status.get(s, {}).get("online")) for s in sites) == n_sites, 120, processes)
+        watch.wait("the edge agents to come online", lambda: sum(watch.site_status(s).online for s in sites) == n_sites, 120, processes)
 
         replay_args = ["--dataset", dataset, "--sites", str(n_sites), "--rate", "max", "--seed", str(settings.seed), "--broker", f"{broker.host}:{broker.port}"]
         if data_dir:
@@ -196,18 +209,18 @@ def run_demo(
         train = _replay(processes, work, replay_args + ["--part", "train"])
         watch.wait(
             "the sites to label every training engine",
-            lambda: sum(watch.status.get(s, {}).get("samples") or 0 for s in sites) >= train["rows"],
+            lambda: sum(watch.site_status(s).samples or 0 for s in sites) >= train["rows"],
             300,
             processes,
         )
         processes.start("aggregator", "aggregator", "--config", str(fleet_toml))
-        watch.wait(f"{settings.rounds} federated rounds", lambda: bool(watch.round.get("done")) and watch.round.get("round") == settings.rounds, 120 + 60 * settings.rounds, processes)
-        watch.wait("every site to load the final global model", lambda: all((watch.status.get(s) or {}).get("model_version") == settings.rounds for s in sites), 60, processes)
+        watch.wait(f"{settings.rounds} federated rounds", lambda: watch.round is not None and watch.round.done and watch.round.round == settings.rounds, 120 + 60 * settings.rounds, processes)
+        watch.wait("every site to load the final global model", lambda: all(watch.site_status(s).model_version == settings.rounds for s in sites), 60, processes)
 
         test = _replay(processes, work, replay_args + ["--part", "test"])
         n_test = sum(test["engines"].values())
-        watch.wait("the sites to score their test engines", lambda: sum(m.get("engines", 0) for m in watch.metrics.values()) >= n_test, 300, processes)
-        table = [_site_row(site, watch.metrics.get(site, {})) for site in sites]
+        watch.wait("the sites to score their test engines", lambda: sum(m.engines for m in watch.metrics.values()) >= n_test, 300, processes)
+        table = [_site_row(site, watch.metrics.get(site)) for site in sites]
     finally:
         processes.stop()
         if watch:
@@ -238,9 +251,10 @@ def _replay(processes: Processes, work: Path, args: list[str]) -> dict[str, Any]
     return json.loads(out.read_text().strip().splitlines()[-1])
 
 
-def _site_row(site: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    pick = lambda model: {k: (metrics.get(model) or {}).get(k) for k in ("rmse", "score")}  # noqa: E731
-    return {"site": site, "engines": metrics.get("engines", 0), "local": pick("local"), "federated": pick("federated")}
+def _site_row(site: str, metrics: Metrics | None) -> dict[str, Any]:
+    metrics = metrics or Metrics(site, -1, 0)
+    pick = lambda score: {"rmse": score.rmse, "score": score.score}  # noqa: E731
+    return {"site": site, "engines": metrics.engines, "local": pick(metrics.local), "federated": pick(metrics.federated)}
 
 
 def _pooled(table: list[dict[str, Any]]) -> dict[str, Any]:

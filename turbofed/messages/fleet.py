@@ -1,0 +1,182 @@
+"""What the aggregator tells every site: round announcements and statistics requests, and
+the sites' statistics replies (the two phases the aggregator drives)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from turbofed.config import ModelSettings
+from turbofed.envelope import encode_json
+from turbofed.layout import N_SENSORS
+from turbofed.messages._check import (
+    MAX_LAYER_WIDTH,
+    MAX_LAYERS,
+    MAX_STATS_VALUES,
+    MAX_WINDOW,
+    MessageError,
+    bounded_list,
+    finite,
+    flag,
+    json_body,
+    optional,
+    refused_as,
+    required,
+    site_of,
+    text,
+    whole,
+)
+from turbofed.refusals import Refusal
+from turbofed.spec import FeatureSpec, FleetStats
+
+# --- aggregator -> sites -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundAnnouncement:
+    """Round `round` is open (train from global `model_version` before `deadline`), or, with
+    `done`, all rounds are over; `spec` lets a site that joins late predict."""
+
+    round: int
+    spec: FeatureSpec | None = None
+    announce_id: str | None = None
+    model_version: int | None = None
+    deadline: float | None = None
+    settings: ModelSettings | None = None
+    min_samples: int | None = None
+    strategy: str | None = None
+    done: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.done and None in (self.announce_id, self.model_version, self.deadline, self.settings):
+            raise ValueError("an open round needs announce_id, model_version, deadline and settings")
+
+    def to_payload(self) -> bytes:
+        spec = self.spec.to_dict() if self.spec else None
+        if self.done:
+            return encode_json({"round": self.round, "done": True, **({"spec": spec} if spec else {})})
+        body: dict[str, Any] = {
+            "round": self.round, "announce_id": self.announce_id, "model_version": self.model_version,
+            "deadline": self.deadline, "settings": self.settings.to_dict(),
+        }
+        if spec:
+            body["spec"] = spec
+        for key in ("min_samples", "strategy"):
+            if getattr(self, key) is not None:
+                body[key] = getattr(self, key)
+        return encode_json(body)
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "RoundAnnouncement":
+        what = "round announcement"
+        body = json_body(payload, what)
+        number = whole(required(body, "round", what), f"{what} round")
+        spec = None
+        if body.get("spec") is not None:
+            spec = _spec(body["spec"], f"{what} spec")
+        if flag(body.get("done", False), f"{what} done"):
+            return cls(number, spec, done=True)
+        with refused_as(Refusal.BAD_ROUND, f"{what} settings"):
+            settings = body.get("settings")
+            if not isinstance(settings, dict):
+                raise MessageError(f"{what} settings must be an object, got {type(settings).__name__}", Refusal.BAD_ROUND)
+            if "hidden" in settings:
+                for h in bounded_list(settings["hidden"], f"{what} settings hidden", MAX_LAYERS):
+                    whole(h, f"{what} settings hidden[]", 1, MAX_LAYER_WIDTH)
+            if "window" in settings:
+                whole(settings["window"], f"{what} settings window", 1, MAX_WINDOW)
+            settings = ModelSettings.from_dict(settings, f"{what} settings")
+        return cls(
+            number,
+            spec,
+            announce_id=text(required(body, "announce_id", what), f"{what} announce_id"),
+            model_version=whole(required(body, "model_version", what), f"{what} model_version"),
+            deadline=finite(required(body, "deadline", what), f"{what} deadline"),
+            settings=settings,
+            min_samples=optional(body.get("min_samples"), whole, f"{what} min_samples"),
+            strategy=optional(body.get("strategy"), text, f"{what} strategy"),
+        )
+
+
+def _spec(value: Any, what: str) -> FeatureSpec:
+    """A feature spec: sensor indices, a window, and a finite offset and positive scale per feature."""
+    with refused_as(Refusal.BAD_ROUND, what):
+        if not isinstance(value, dict):
+            raise MessageError(f"{what} must be an object", Refusal.BAD_ROUND)
+        sensors = [whole(i, f"{what} sensors[]", 0, N_SENSORS - 1) for i in bounded_list(required(value, "sensors", what), f"{what} sensors", N_SENSORS)]
+        window = whole(required(value, "window", what), f"{what} window", 1, MAX_WINDOW)
+        offset = [finite(v, f"{what} offset[]") for v in bounded_list(required(value, "offset", what), f"{what} offset", MAX_STATS_VALUES)]
+        scale = [finite(v, f"{what} scale[]") for v in bounded_list(required(value, "scale", what), f"{what} scale", MAX_STATS_VALUES)]
+        if any(v <= 0 for v in scale):
+            raise MessageError(f"{what} scale must be positive (features are divided by it)", Refusal.BAD_ROUND)
+        return FeatureSpec.from_dict({"sensors": sensors, "window": window, "offset": offset, "scale": scale})
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    """Asks every site for its feature statistics over `window`-cycle windows."""
+
+    request_id: str
+    min_samples: int
+    window: int
+
+    def to_payload(self) -> bytes:
+        return encode_json({"request_id": self.request_id, "min_samples": self.min_samples, "window": self.window})
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> "StatsRequest":
+        what = "stats request"
+        body = json_body(payload, what)
+        with refused_as(Refusal.BAD_STATS_REQUEST, what):
+            request_id = text(required(body, "request_id", what), f"{what} request_id")
+            where = f"{what} {request_id!r}"
+            return cls(request_id, whole(required(body, "min_samples", where), f"{where} min_samples"), whole(required(body, "window", where), f"{where} window", 1, MAX_WINDOW))
+
+
+# --- sites -> aggregator -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StatsReply:
+    """A site's count, sums and sums of squares for a request (`stats` None: no labelled data yet)."""
+
+    request_id: str
+    site: str
+    samples: int
+    engines: int
+    stats: FleetStats | None = None
+
+    def to_payload(self) -> bytes:
+        stats = self.stats.to_dict() if self.stats is not None else None
+        return encode_json({"request_id": self.request_id, "site": self.site, "samples": self.samples, "engines": self.engines, "stats": stats})
+
+    @classmethod
+    def from_payload(cls, payload: bytes, *, site: str) -> "StatsReply":
+        what = f"stats reply from {site}"
+        body = json_body(payload, what)
+        site_of(body, site, what)
+        stats = body.get("stats")
+        if stats is not None:
+            stats = _fleet_stats(stats, f"{what}: stats")
+        return cls(
+            text(required(body, "request_id", what), f"{what} request_id"), site,
+            whole(required(body, "samples", what), f"{what} samples"), whole(body.get("engines", 0), f"{what} engines"), stats,
+        )
+
+
+def _fleet_stats(value: Any, what: str) -> FleetStats:
+    """Statistics whose every number is finite and every list bounded, before FleetStats checks sizes."""
+    with refused_as(Refusal.BAD_STATS, what):
+        if not isinstance(value, dict):
+            raise MessageError(f"{what} must be an object", Refusal.BAD_STATS)
+        clean: dict[str, Any] = {}
+        for key, v in value.items():
+            if isinstance(v, list):
+                clean[key] = [finite(x, f"{what} {key}[]") for x in bounded_list(v, f"{what} {key}", MAX_STATS_VALUES)]
+            elif key == "window":
+                clean[key] = whole(v, f"{what} window", 1, MAX_WINDOW)
+            else:
+                clean[key] = finite(v, f"{what} {key}")
+        if clean.get("count", 0) < 0:
+            raise MessageError(f"{what} count is negative", Refusal.BAD_STATS)
+        return FleetStats.from_dict(clean)

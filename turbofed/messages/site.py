@@ -1,0 +1,184 @@
+"""What a site reports: status, metrics, predictions and (when shared) raw telemetry."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from turbofed.envelope import encode_json
+from turbofed.layout import N_SENSORS, N_SETTINGS
+from turbofed.messages._check import (
+    MAX_COUNTERS,
+    MAX_PREDICTION_ROWS,
+    MAX_TELEMETRY_ROWS,
+    MessageError,
+    bounded_list,
+    cycle_no,
+    engine_id,
+    finite,
+    finite_vector,
+    flag,
+    json_body,
+    optional,
+    required,
+    row_of,
+    site_of,
+    text,
+    whole,
+)
+from turbofed.refusals import Refusal
+
+
+@dataclass(frozen=True)
+class Status:
+    """A site is online or offline (its last will carries only site and online)."""
+
+    site: str
+    online: bool
+    agent_version: str | None = None
+    model_version: int | None = None
+    samples: int | None = None
+    profile: str | None = None
+    at: float | None = None
+
+    def to_payload(self) -> bytes:
+        return encode_json({
+            "site": self.site, "online": self.online, "agent_version": self.agent_version, "model_version": self.model_version,
+            "samples": self.samples, "profile": self.profile, "at": self.at,
+        })
+
+    @classmethod
+    def from_payload(cls, payload: bytes, *, site: str) -> "Status":
+        what = f"status from {site}"
+        body = json_body(payload, what)
+        site_of(body, site, what)
+        return cls(
+            site,
+            flag(required(body, "online", what), f"{what} online"),
+            optional(body.get("agent_version"), text, f"{what} agent_version"),
+            optional(body.get("model_version"), whole, f"{what} model_version"),
+            optional(body.get("samples"), whole, f"{what} samples"),
+            optional(body.get("profile"), text, f"{what} profile"),
+            optional(body.get("at"), finite, f"{what} at", lo=0.0),
+        )
+
+
+@dataclass(frozen=True)
+class ModelScore:
+    """One model's error on the engines whose true RUL is known (None: not scored yet)."""
+
+    rmse: float | None = None
+    score: float | None = None
+    engines: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rmse": self.rmse, "score": self.score, "engines": self.engines}
+
+    @classmethod
+    def from_dict(cls, value: Any, where: str) -> "ModelScore":
+        if not isinstance(value, dict):
+            raise MessageError(f"{where} must be an object, got {type(value).__name__}", Refusal.WRONG_FIELDS)
+        return cls(
+            optional(value.get("rmse"), finite, f"{where} rmse", lo=0.0),
+            optional(value.get("score"), finite, f"{where} score"),
+            whole(value.get("engines", 0), f"{where} engines"),
+        )
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Local vs federated error at a site; `model_version` -1 before any global model."""
+
+    site: str
+    model_version: int
+    engines: int
+    local: ModelScore = ModelScore()
+    federated: ModelScore = ModelScore()
+    counters: Mapping[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire object, also what results stores record."""
+        return {
+            "site": self.site, "model_version": self.model_version, "engines": self.engines,
+            "local": self.local.to_dict(), "federated": self.federated.to_dict(), "counters": dict(self.counters),
+        }
+
+    def to_payload(self) -> bytes:
+        return encode_json(self.to_dict())
+
+    @classmethod
+    def from_payload(cls, payload: bytes, *, site: str) -> "Metrics":
+        what = f"metrics from {site}"
+        body = json_body(payload, what)
+        site_of(body, site, what)
+        counters = body.get("counters", {})
+        if not isinstance(counters, dict) or len(counters) > MAX_COUNTERS:
+            raise MessageError(f"{what} counters must be an object of at most {MAX_COUNTERS} entries", Refusal.WRONG_FIELDS)
+        return cls(
+            site,
+            whole(required(body, "model_version", what), f"{what} model_version", -1),
+            whole(required(body, "engines", what), f"{what} engines"),
+            ModelScore.from_dict(required(body, "local", what), f"{what} local"),
+            ModelScore.from_dict(required(body, "federated", what), f"{what} federated"),
+            {text(k, f"{what} counter name"): whole(v, f"{what} counter {k!r:.40}") for k, v in counters.items()},
+        )
+
+
+PredictionRow = tuple[str, int, float | None, float | None]  # engine, cycle, local RUL, federated RUL
+TruthRow = tuple[str, int, float]  # engine, cycle, true RUL (0 at failure)
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """A batch of per-engine predictions and of true RULs that became known."""
+
+    site: str
+    rows: tuple[PredictionRow, ...] = ()
+    truth: tuple[TruthRow, ...] = ()
+
+    def to_payload(self) -> bytes:
+        return encode_json({"site": self.site, "rows": [list(r) for r in self.rows], "truth": [list(t) for t in self.truth]})
+
+    @classmethod
+    def from_payload(cls, payload: bytes, *, site: str) -> "Predictions":
+        what = f"predictions from {site}"
+        body = json_body(payload, what)
+        site_of(body, site, what)
+        rows = []
+        for i, row in enumerate(bounded_list(body.get("rows", []), f"{what} rows", MAX_PREDICTION_ROWS)):
+            engine, cycle, local, fed = row_of(row, f"{what} rows[{i}]", 4)
+            where = f"{what} rows[{i}]"
+            rows.append((engine_id(engine, where), cycle_no(cycle, f"{where} cycle"), optional(local, finite, f"{where} local"), optional(fed, finite, f"{where} federated")))
+        truth = []
+        for i, row in enumerate(bounded_list(body.get("truth", []), f"{what} truth", MAX_PREDICTION_ROWS)):
+            engine, cycle, rul = row_of(row, f"{what} truth[{i}]", 3)
+            where = f"{what} truth[{i}]"
+            truth.append((engine_id(engine, where), cycle_no(cycle, f"{where} cycle"), finite(rul, f"{where} rul", 0.0)))
+        return cls(site, tuple(rows), tuple(truth))
+
+
+TelemetryRow = tuple[str, int, tuple[float, ...], tuple[float, ...]]  # engine, cycle, settings, sensors
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    """Raw sensor rows, sent only by a site whose config shares them."""
+
+    site: str
+    rows: tuple[TelemetryRow, ...] = ()
+
+    def to_payload(self) -> bytes:
+        return encode_json({"site": self.site, "rows": [[e, c, list(st), list(se)] for e, c, st, se in self.rows]})
+
+    @classmethod
+    def from_payload(cls, payload: bytes, *, site: str) -> "Telemetry":
+        what = f"telemetry from {site}"
+        body = json_body(payload, what)
+        site_of(body, site, what)
+        rows = []
+        for i, row in enumerate(bounded_list(body.get("rows", []), f"{what} rows", MAX_TELEMETRY_ROWS)):
+            where = f"{what} rows[{i}]"
+            engine, cycle, settings, sensors = row_of(row, where, 4)
+            rows.append((engine_id(engine, where), cycle_no(cycle, f"{where} cycle"), finite_vector(settings, N_SETTINGS, f"{where} settings"), finite_vector(sensors, N_SENSORS, f"{where} sensors")))
+        return cls(site, tuple(rows))

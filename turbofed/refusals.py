@@ -1,0 +1,59 @@
+"""Every reason turbofed refuses a message, as one enum: the codes logs, counters and stores use.
+
+One list, so a reason is spelled once and a typo is an AttributeError at import time, not
+a new counter nobody watches. Values are the strings stored in results stores and shown
+on the dashboard; they never change spelling (add a member rather than rename one).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum, unique
+
+
+@unique
+class Refusal(StrEnum):
+    """Why a message was refused. `str(Refusal.X)` and f-strings give the stored value."""
+
+    # envelope (turbofed/envelope.py), checked before anything is parsed
+    BAD_ENVELOPE = "bad_envelope"
+    TOO_LARGE = "too_large"
+    BAD_MAGIC = "bad_magic"
+    UNKNOWN_VERSION = "unknown_version"
+    TRUNCATED = "truncated"
+    BAD_HEADER = "bad_header"
+    SIZE_MISMATCH = "size_mismatch"
+    HASH_MISMATCH = "hash_mismatch"
+    BAD_JSON = "bad_json"  # a site's JSON message is not a UTF-8 JSON object
+    # ONNX weights (turbofed/codec.py)
+    BAD_MODEL = "bad_model"
+    NOT_ONNX = "not_onnx"
+    MISMATCH = "mismatch"
+    NON_FINITE = "non_finite"
+    # protocol state (aggregator/rounds.py, the services)
+    UNKNOWN_SITE = "unknown_site"
+    WRONG_SENDER = "wrong_sender"
+    BAD_KIND = "bad_kind"
+    STALE_ROUND = "stale_round"
+    DUPLICATE = "duplicate"
+    NO_SAMPLES = "no_samples"
+    BAD_TOPIC = "bad_topic"
+    UNKNOWN_KIND = "unknown_kind"  # a topic kind no handler is registered for
+    # message content (turbofed/messages/)
+    NOT_JSON = "not_json"  # plant traffic that is not a UTF-8 JSON object
+    WRONG_FIELDS = "wrong_fields"
+    NOT_A_NUMBER = "not_a_number"
+    NOT_FINITE = "not_finite"
+    OUT_OF_RANGE = "out_of_range"
+    TOO_MANY_ROWS = "too_many_rows"
+    BAD_ID = "bad_id"
+    BAD_CYCLE = "bad_cycle"
+    BAD_EVENT = "bad_event"
+    BAD_STATS = "bad_stats"
+    BAD_STATS_REQUEST = "bad_stats_request"
+    BAD_ROUND = "bad_round"
+    # the edge agent's own checks against what it knows
+    UNKNOWN_ENGINE = "unknown_engine"
+    CYCLE_BACKWARDS = "cycle_backwards"
+    BAD_GLOBAL = "bad_global"
+    # not a refusal of the input: a bug while handling it, counted next to the refusals
+    INTERNAL_ERROR = "internal_error"
