@@ -227,6 +227,14 @@ class FedAdam(Strategy):
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FedAvg, FedAvgM, FedAdam)}
 
 
+def builtin_strategies() -> dict[str, type[Strategy]]:
+    """The strategies turbofed ships: the FedAvg family here, the robust ones in robust.py
+    (which builds on this module, hence imported here, not at the top)."""
+    from turbofed.aggregator.robust import ROBUST
+
+    return {**STRATEGIES, **ROBUST}
+
+
 # --- finding and configuring a strategy ------------------------------------------------------
 
 
@@ -264,8 +272,9 @@ def find_strategy(name: str, where: str = "strategy") -> type[Strategy]:
     """The Strategy subclass `name` stands for: built in, "module:Class", or an entry point."""
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"{where} name must be a non-empty string, got {name!r}")
-    if name in STRATEGIES:
-        return STRATEGIES[name]
+    builtin = builtin_strategies()
+    if name in builtin:
+        return builtin[name]
     if ":" in name:
         obj = _import_object(name, where)
     else:
@@ -306,8 +315,9 @@ def _import_object(path: str, where: str) -> object:
 
 
 def _known_names() -> list[str]:
-    installed = sorted({ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)} - set(STRATEGIES))
-    return list(STRATEGIES) + installed
+    builtin = builtin_strategies()
+    installed = sorted({ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)} - set(builtin))
+    return list(builtin) + installed
 
 
 _TYPES: dict[type, str] = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}

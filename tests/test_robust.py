@@ -1,0 +1,102 @@
+"""Robust strategies against small examples worked out by hand, and their per-site reports."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from turbofed.aggregator.robust import ClippedFedAvg, Median, MultiKrum, TrimmedMean, capped_shares
+from turbofed.aggregator.strategies import FedAvg, SiteUpdate, make_strategy
+
+CURRENT = {"w": np.array([1.0, 1.0], dtype=np.float32), "b": np.array([0.0], dtype=np.float32)}
+
+
+def updates(deltas: list[list[float]], samples: list[int] | None = None) -> list[SiteUpdate]:
+    """Sites whose update is CURRENT + delta; delta = [w0, w1, b]."""
+    samples = samples or [10] * len(deltas)
+    return [SiteUpdate(f"site{i + 1}", {"w": CURRENT["w"] + np.array(d[:2], dtype=np.float32),
+                                        "b": CURRENT["b"] + np.array(d[2:], dtype=np.float32)}, s)
+            for i, (d, s) in enumerate(zip(deltas, samples))]
+
+
+HONEST = [[1.0, 0.0, 1.0], [2.0, 1.0, 0.0], [3.0, -1.0, 2.0], [1.5, 0.5, 1.0]]
+ATTACK = [[1000.0, -1000.0, 1000.0]]
+
+
+def test_median_per_coordinate() -> None:
+    s = Median()
+    out = s.aggregate(CURRENT, updates(HONEST + ATTACK))
+    # w0: median of 1, 2, 3, 1.5, 1000 = 2; w1: of 0, 1, -1, .5, -1000 = 0; b: of 1, 0, 2, 1, 1000 = 1
+    assert out["w"].tolist() == [3.0, 1.0] and out["b"].tolist() == [1.0]
+    assert s.last_report["site5"]["action"] == "trimmed"
+
+
+@pytest.mark.parametrize("strategy", [Median(), TrimmedMean(beta=0.2)])
+def test_coordinate_wise_reports_name_the_site_that_pushes_one_way(strategy) -> None:
+    """In a real model (thousands of weights) an honest site is at an end of the ranking in a
+    minority of coordinates; a scaled attacker in nearly all of them."""
+    rng = np.random.default_rng(0)
+    current = {"w": np.zeros(2000, dtype=np.float32)}
+    honest = [SiteUpdate(f"site{i}", {"w": rng.normal(0, 1, 2000).astype(np.float32)}, 10) for i in range(1, 5)]
+    attacker = SiteUpdate("site5", {"w": (1000 * np.abs(rng.normal(0, 1, 2000))).astype(np.float32)}, 10)
+    strategy.aggregate(current, honest + [attacker])
+    assert {s: r["action"] for s, r in strategy.last_report.items()} == {
+        "site1": "kept", "site2": "kept", "site3": "kept", "site4": "kept", "site5": "trimmed"}
+    assert strategy.last_report["site5"]["norm"] > 100 * strategy.last_report["site1"]["norm"]
+
+
+def test_trimmed_mean_drops_beta_at_each_end() -> None:
+    s = TrimmedMean(beta=0.2)  # 5 sites: one value dropped at each end of every coordinate
+    out = s.aggregate(CURRENT, updates(HONEST + ATTACK))
+    # w0 sorted 1, 1.5, 2, 3, 1000 -> mean(1.5, 2, 3) = 6.5/3; w1 sorted -1000, -1, 0, .5, 1 -> mean(-1, 0, .5) = -0.5/3
+    assert out["w"] == pytest.approx(np.array([1 + 6.5 / 3, 1 - 0.5 / 3], dtype=np.float32))
+    assert out["b"] == pytest.approx([(1 + 1 + 2) / 3])
+    assert s.last_report["site5"]["action"] == "trimmed"
+
+
+def test_multi_krum_excludes_the_outlier() -> None:
+    s = MultiKrum(f=1)
+    out = s.aggregate(CURRENT, updates(HONEST + ATTACK))
+    mean = np.mean(HONEST, axis=0)  # m = n - f = 4: the four honest deltas
+    assert out["w"] == pytest.approx((CURRENT["w"] + mean[:2]).astype(np.float32))
+    assert out["b"] == pytest.approx(mean[2:])
+    assert [s.last_report[f"site{i}"]["action"] for i in range(1, 6)] == ["kept"] * 4 + ["excluded"]
+
+
+def test_clipped_fedavg_bounds_norms_and_shares() -> None:
+    s = ClippedFedAvg(clip=1.0, max_share=0.5)
+    # Two sites: deltas of norm 1 and 3 (median 2): the long one is cut to norm 2.
+    ups = updates([[1.0, 0.0, 0.0], [3.0, 0.0, 0.0]], samples=[10, 10])
+    out = s.aggregate(CURRENT, ups)
+    assert out["w"] == pytest.approx([1 + (1 + 2) / 2, 1.0])
+    assert [s.last_report[u.site]["action"] for u in ups] == ["kept", "clipped"]
+    assert s.last_report["site2"]["norm"] == pytest.approx(3.0)
+
+
+def test_inflated_sample_count_buys_nothing_beyond_the_cap() -> None:
+    shares = capped_shares(np.array([10.0, 10.0, 10.0, 2.0**53]), max_share=0.4)
+    assert shares.sum() == pytest.approx(1.0) and shares.max() == pytest.approx(0.4)
+    assert shares[:3] == pytest.approx([0.2, 0.2, 0.2])
+    assert capped_shares(np.array([0.0, 0.0]), 0.5).tolist() == [0.5, 0.5]
+
+
+def test_without_attack_robust_strategies_agree_with_fedavg_on_identical_updates() -> None:
+    same = updates([[1.0, 2.0, 3.0]] * 5)
+    reference = FedAvg().aggregate(CURRENT, same)
+    for s in (Median(), TrimmedMean(), MultiKrum(), ClippedFedAvg()):
+        out = s.aggregate(CURRENT, same)
+        assert all(np.allclose(out[n], reference[n]) for n in CURRENT), s.name
+        assert all(r["cosine"] == pytest.approx(1.0) for r in s.last_report.values()), s.name
+
+
+def test_fedavg_is_wrecked_by_the_same_attack() -> None:
+    """The contrast the robust strategies exist for: one scaled update moves FedAvg by ~200 per weight."""
+    out = FedAvg().aggregate(CURRENT, updates(HONEST + ATTACK))
+    assert abs(float(out["w"][0]) - 1.0) > 100
+
+
+@pytest.mark.parametrize("name, params", [("median", {}), ("trimmed-mean", {"beta": 0.1}),
+                                          ("multi-krum", {"f": 2, "m": 3}), ("clipped-fedavg", {"clip": 1.5})])
+def test_configured_by_name_from_the_strategy_table(name: str, params: dict) -> None:
+    s = make_strategy(name, params, "fleet.toml: [strategy]")
+    assert s.name == name and {k: s.parameters()[k] for k in params} == params
