@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,17 +73,31 @@ def train_alone(settings: ModelSettings, spec: FeatureSpec, runs: list[EngineRun
     return model.to_onnx()
 
 
-def federate(settings: ModelSettings, spec: FeatureSpec, sites: list[Site], strategy: Strategy, progress: tqdm) -> bytes:
-    """R rounds: every site trains E epochs from the global model; the strategy merges them."""
+Update = tuple[str, bytes, int]  # site, ONNX model, claimed samples
+Tamper = Callable[[onnx.ModelProto, list[Update]], list[Update]]
+
+
+def federate(settings: ModelSettings, spec: FeatureSpec, sites: list[Site], strategy: Strategy, progress: tqdm,
+             data: list[tuple[np.ndarray, np.ndarray]] | None = None, tamper: Tamper | None = None) -> bytes:
+    """R rounds: every site trains E epochs from the global model; the strategy merges them.
+
+    `data` replaces the sites' training rows (a site training on flipped labels, say) and
+    `tamper` may rewrite the round's updates before they are merged: the attack benchmark
+    (benchmarks/attack.py) uses both to play compromised sites."""
     learners = [RulModel(settings, spec) for _ in sites]
-    data = [training_rows(spec, s.runs) for s in sites]
+    data = data or [training_rows(spec, s.runs) for s in sites]
     global_model = onnx.load_model_from_string(learners[0].to_onnx())  # seeded init, same on every site
     for _ in range(settings.rounds):
         updates = []
         for site, learner, (x, y) in zip(sites, learners, data):
-            learner.load_onnx(global_model.SerializeToString())
-            learner.train(x, y, epochs=settings.local_epochs)
-            updates.append((site.name, learner.to_onnx(), len(x)))
+            try:
+                learner.load_onnx(global_model.SerializeToString())
+                learner.train(x, y, epochs=settings.local_epochs)
+                updates.append((site.name, learner.to_onnx(), len(x)))
+            except ValueError:  # a wrecked global model (non-finite training): the site sends it back unchanged
+                updates.append((site.name, global_model.SerializeToString(), len(x)))
+        if tamper is not None:
+            updates = tamper(global_model, updates)
         global_model = aggregate_onnx(strategy, global_model, updates)
         progress.update(1)
     return global_model.SerializeToString()

@@ -100,3 +100,27 @@ def test_fedavg_is_wrecked_by_the_same_attack() -> None:
 def test_configured_by_name_from_the_strategy_table(name: str, params: dict) -> None:
     s = make_strategy(name, params, "fleet.toml: [strategy]")
     assert s.name == name and {k: s.parameters()[k] for k in params} == params
+
+
+def test_little_is_enough_z_follows_the_paper() -> None:
+    """Baruch et al. 2019, section 3: s = floor(n/2 + 1) - m, z = Phi^-1((n - s) / n)."""
+    from statistics import NormalDist
+
+    from turbofed.benchmarks.attack import little_is_enough_z
+
+    assert little_is_enough_z(50, 24) == pytest.approx(NormalDist().inv_cdf(48 / 50))
+    assert little_is_enough_z(5, 1) == pytest.approx(NormalDist().inv_cdf(3 / 5))
+
+
+@pytest.mark.slow
+def test_attack_bench_shows_fedavg_collapse_and_median_holding() -> None:
+    """A short run of `turbofed bench attack` on the synthetic fleet: one of five sites scales
+    its weights by 1000; FedAvg's RMSE explodes, the median's stays near its clean figure."""
+    from turbofed.benchmarks.attack import format_table, run_attack
+    from turbofed.config import ModelSettings
+
+    result = run_attack("SYN", None, 5, 1, ["none", "scale"], ["fedavg", "median"], ModelSettings(rounds=4))
+    assert result["malicious"] == ["site5"] and result["eval"].startswith("validation")
+    assert result["attacked_over_clean"]["fedavg"]["scale"] > 100
+    assert result["attacked_over_clean"]["median"]["scale"] < 1.25
+    assert "| median |" in format_table(result)
