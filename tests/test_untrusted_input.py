@@ -26,16 +26,21 @@ pytestmark = pytest.mark.slow
 
 
 class FakeSites:
-    """The test speaks for the sites, so it can send exactly what it likes."""
+    """The test speaks for the sites (each with its own identity on the secure broker, as a
+    compromised site would), so it can send exactly what it likes."""
 
     def __init__(self, fleet: LiveFleet) -> None:
         self.fleet, self.topics = fleet, fleet.topics
         self.round: dict = {}
         self.global_payload = b""
         self.seen = threading.Condition()
-        self.client = make_client(f"fake-sites-{fleet.broker.topic_root}", fleet.broker)
+        self.clients = {}
+        for site in fleet.sites:
+            settings = fleet.settings(site)
+            self.clients[site] = make_client(f"fake-{site}-{fleet.topics.root}", settings)
+            connect(self.clients[site], settings)
+        self.client = self.clients[fleet.sites[0]]
         self.client.on_message = self._on_message
-        connect(self.client, fleet.broker)
         for topic in (self.topics.round, self.topics.global_model, self.topics.stats_request):
             self.client.subscribe(topic, qos=1)
 
@@ -50,7 +55,7 @@ class FakeSites:
             self.seen.notify_all()
 
     def send(self, site: str, payload: bytes) -> None:
-        self.client.publish(self.topics.update(site), payload, qos=1).wait_for_publish(10)
+        self.clients[site].publish(self.topics.update(site), payload, qos=1).wait_for_publish(10)
 
     def update(self, body: bytes, site: str = "site1", round_no: int | None = None, samples: int = 100) -> bytes:
         r = self.round["round"] if round_no is None else round_no
@@ -87,12 +92,12 @@ def test_aggregator_refuses_bad_updates_and_keeps_going(broker, cmapss_dir: Path
         assert sites.stats_request["window"] == settings.window
         wrong_window = runs_stats(runs[:5], settings.window + 10)
         reply = {"request_id": sites.stats_request["request_id"], "site": "site1", "samples": int(wrong_window.count), "stats": wrong_window.to_dict()}
-        sites.client.publish(fleet.topics.stats("site1"), envelope.encode_json(reply), qos=1)
+        sites.clients["site1"].publish(fleet.topics.stats("site1"), envelope.encode_json(reply), qos=1)
         wait_for("the wrong-window statistics to be refused", lambda: aggregator.counters["bad_stats"] == 1)
         for site, part in (("site1", runs[:5]), ("site2", runs[5:])):
             stats = runs_stats(part, settings.window)
             reply = {"request_id": sites.stats_request["request_id"], "site": site, "samples": int(stats.count), "stats": stats.to_dict()}
-            sites.client.publish(fleet.topics.stats(site), envelope.encode_json(reply), qos=1)
+            sites.clients[site].publish(fleet.topics.stats(site), envelope.encode_json(reply), qos=1)
         wait_for("round 0", lambda: sites.round.get("round") == 0)
         spec = FeatureSpec.from_dict(sites.round["spec"])
         init = RulModel(settings, spec).to_onnx()
@@ -152,8 +157,9 @@ def test_agent_skips_malformed_readings_and_keeps_running(broker, tmp_path: Path
     }
     try:
         agent = fleet.start_agent("site1", engines=("e1", "e2"))
-        client = make_client(f"gateway-{fleet.broker.topic_root}", fleet.broker)
-        connect(client, fleet.broker)
+        gateway = fleet.settings("gateway-site1")
+        client = make_client(f"gateway-{fleet.broker.topic_root}", gateway)
+        connect(client, gateway)
         client.publish(fleet.topics.sensors("site1", "e1"), ok.to_payload(), qos=1)
         for payload in bad.values():
             client.publish(fleet.topics.sensors("site1", "e1"), payload, qos=1)

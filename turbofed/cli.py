@@ -105,6 +105,7 @@ def _services(sub: argparse._SubParsersAction) -> None:
     replay.add_argument("--seed", type=int, default=0, help="seed of hold-out and synthetic data")
     replay.add_argument("--max-engines", type=int, help="only the first N engines of each part")
     replay.add_argument("--no-progress", dest="progress", action="store_false")
+    replay.add_argument("--pki", help="fleet identity folder: connect over TLS as each site's gateway (gateway-<site>)")
     replay.set_defaults(handler="turbofed.simulation.replay:run_cli")
     demo = sub.add_parser("demo", help="broker, aggregator, 4 agents and a replay, in one command")
     _add_data_dir(demo)
