@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 from turbofed.aggregator.service import Aggregator
-from turbofed.edge.agent import EdgeAgent
-
 from turbofed.config import BrokerSettings, FleetConfig, ModelSettings, SiteConfig
 from turbofed.deploy.identities import AGGREGATOR, FleetIdentities, init_from_fleet, write_acl
+from turbofed.edge.agent import EdgeAgent
 from turbofed.simulation.broker import BrokerHandle
 from turbofed.simulation.replay import replay
 from turbofed.topics import DEFAULT_TOPICS, Topics

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
+
+from tests.livefleet import admit_topics
+from turbofed.cli import main as cli_main
 from turbofed.data.cmapss import EngineRun
 from turbofed.data.datasets import load_dataset
-
-from turbofed.cli import main as cli_main
 from turbofed.messages import parse_event, parse_reading
 from turbofed.mqtt import configure_tls
 from turbofed.simulation.broker import BrokerHandle
@@ -37,8 +38,6 @@ from turbofed.simulation.replay import (
     run_cli,
 )
 from turbofed.topics import Topics
-
-from tests.livefleet import admit_topics
 
 TIMEOUT = 20.0
 

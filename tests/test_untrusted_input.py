@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from turbofed.data.cmapss import load_subset
-from turbofed.edge.features import runs_stats
-from turbofed.edge.learner import RulModel
 
 from tests.livefleet import LiveFleet, wait_for
 from turbofed import envelope
 from turbofed.config import ModelSettings
+from turbofed.data.cmapss import load_subset
+from turbofed.edge.features import runs_stats
+from turbofed.edge.learner import RulModel
 from turbofed.messages import SensorReading
 from turbofed.mqtt import connect, make_client
 from turbofed.spec import FeatureSpec
