@@ -388,13 +388,19 @@ def init_from_fleet(fleet_toml: Path, root: Path | None = None, broker_hosts: li
     config = load_fleet_config(fleet_toml)
     root = root or Path(fleet_toml).resolve().parent / "pki"
     hosts = broker_hosts or sorted({config.broker.host, "127.0.0.1", "localhost"})
-    ids = init_fleet(root, hosts)
+    return init_for_sites(root, list(config.sites), Topics(config.broker.topic_root, config.broker.plant_root), hosts)
+
+
+def init_for_sites(root: Path, sites: list[str], topics: Topics, broker_hosts: list[str]) -> FleetIdentities:
+    """A new identity folder: CA, broker certificate, aggregator, monitor, each site and its
+    gateway, and the ACL (what `fleet init` does once it has read fleet.toml)."""
+    ids = init_fleet(root, broker_hosts)
     add_identity(ids, AGGREGATOR, "aggregator")
     add_identity(ids, MONITOR, "monitor")
-    for site in config.sites:
+    for site in sites:
         add_identity(ids, site, "site")
         add_identity(ids, gateway_name(site), "gateway")
-    write_acl(ids, list(config.sites), Topics(config.broker.topic_root, config.broker.plant_root))
+    write_acl(ids, sites, topics)
     return ids
 
 
