@@ -124,6 +124,7 @@ def _services(sub: argparse._SubParsersAction) -> None:
     flash = sub.add_parser("flash", help="build an offline install bundle for one edge device")
     flash.add_argument("--site", required=True)
     flash.add_argument("--fleet", required=True, help="fleet TOML (broker address, sites)")
+    flash.add_argument("--pki", help="fleet identity folder holding the site's identity (default: pki/ beside --fleet)")
     flash.add_argument("--out", required=True, help="bundle folder")
     flash.add_argument("--platform", default=None, help="e.g. linux_aarch64 (default: this machine)")
     flash.add_argument("--python-version", default=None, help="target Python, e.g. 3.11 (default: this one)")
