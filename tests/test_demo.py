@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from turbofed.benchmarks.accuracy import run_accuracy
 
+from turbofed.benchmarks.accuracy import run_accuracy
 from turbofed.config import ModelSettings
 from turbofed.simulation.broker import find_mosquitto
 
