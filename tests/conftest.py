@@ -1,4 +1,6 @@
-"""Shared pytest fixtures: a real broker (Mosquitto and amqtt) and the C-MAPSS folder."""
+"""Shared pytest fixtures: a real broker (Mosquitto with TLS, client certificates and the
+fleet's ACL; amqtt as the insecure development broker), the session's fleet identities
+and the C-MAPSS folder."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from turbofed.deploy.identities import FleetIdentities
 from turbofed.simulation.broker import BrokerHandle, find_mosquitto, start_broker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -16,18 +19,31 @@ REPO = Path(__file__).resolve().parent.parent
 pytest_plugins = ["tests.ci_gate"]
 
 
+@pytest.fixture(scope="session")
+def fleet_pki(tmp_path_factory: pytest.TempPathFactory) -> FleetIdentities:
+    """One set of fleet identities for the whole session (CA, broker, aggregator, monitor,
+    site1..site4 and their gateways, ACL, CRL): `fleet init` once, not per test."""
+    from tests.livefleet import make_session_pki
+
+    return make_session_pki(tmp_path_factory.mktemp("fleet-pki"))
+
+
 @pytest.fixture(scope="session", params=["mosquitto", "amqtt"])
 def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerHandle]:
-    """A broker on a free loopback port, started once per session for each kind.
+    """A broker on a free loopback port, started once per session for each kind: Mosquitto
+    runs the secure setup with the session's identities (connect with
+    `broker.settings(identity)`), amqtt the insecure development broker.
 
-    Tests share it: use topics and client ids unique to the test.
+    Tests share it: use topics and client ids unique to the test; a test fleet's topic roots
+    go into the ACL with `tests.livefleet.admit_topics`.
     """
     kind = request.param
     if kind == "mosquitto" and find_mosquitto() is None:
         pytest.skip("mosquitto is not installed (not on PATH, /usr/sbin or /usr/local/sbin)")
     if kind == "amqtt":
         pytest.importorskip("amqtt", reason="amqtt is not installed: pip install 'turbofed[broker]'")
-    with start_broker(embedded=(kind == "amqtt"), workdir=tmp_path_factory.mktemp(f"broker-{kind}")) as handle:
+    pki = request.getfixturevalue("fleet_pki") if kind == "mosquitto" else None
+    with start_broker(embedded=(kind == "amqtt"), workdir=tmp_path_factory.mktemp(f"broker-{kind}"), pki=pki) as handle:
         yield handle
 
 

@@ -18,14 +18,36 @@ from pathlib import Path
 from typing import Callable
 
 from turbofed.aggregator.service import Aggregator
-from turbofed.edge.agent import EdgeAgent
-
 from turbofed.config import BrokerSettings, FleetConfig, ModelSettings, SiteConfig
+from turbofed.deploy.identities import AGGREGATOR, FleetIdentities, init_from_fleet, write_acl
+from turbofed.edge.agent import EdgeAgent
 from turbofed.simulation.broker import BrokerHandle
 from turbofed.simulation.replay import replay
-from turbofed.topics import Topics
+from turbofed.topics import DEFAULT_TOPICS, Topics
 
 QUICK = ModelSettings(rounds=2, local_epochs=1)
+SESSION_SITES = ["site1", "site2", "site3", "site4"]
+_admitted: dict[Path, list[Topics]] = {}
+
+
+def make_session_pki(folder: Path) -> FleetIdentities:
+    """`turbofed fleet init` for the test session's sites (every test fleet uses some of them)."""
+    fleet = folder / "fleet.toml"
+    fleet.write_text(f'sites = {SESSION_SITES!r}\nstore = "r.sqlite"\nregistry = "reg"\n'.replace("'", '"'))
+    return init_from_fleet(fleet, folder / "pki")
+
+
+def admit_topics(broker: BrokerHandle, topics: Topics) -> None:
+    """Add a test fleet's topic roots to a secure broker's ACL (the same rules per root as for
+    tfl/v1, so each test keeps its own retained round and sessions) and reload it."""
+    if broker.pki is None:
+        return
+    roots = _admitted.setdefault(broker.pki.root, [DEFAULT_TOPICS])
+    if topics in roots:
+        return
+    roots.append(topics)
+    write_acl(broker.pki, SESSION_SITES, roots)
+    broker.reload()
 
 
 def wait_for(what: str, condition: Callable[[], bool], timeout: float = 60.0) -> None:
@@ -41,8 +63,10 @@ class LiveFleet:
 
     def __init__(self, broker: BrokerHandle, work: Path, sites: list[str], settings: ModelSettings = QUICK, **fleet: object) -> None:
         tag = uuid.uuid4().hex[:8]
-        self.broker = BrokerSettings(host=broker.host, port=broker.port, topic_root=f"t{tag}/v1", plant_root=f"plant{tag}")
-        self.topics = Topics(self.broker.topic_root, self.broker.plant_root)
+        self.handle = broker
+        self.topics = Topics(f"t{tag}/v1", f"plant{tag}")
+        admit_topics(broker, self.topics)
+        self.broker = self.settings(AGGREGATOR)  # the aggregator's: FleetConfig.broker
         self.work = work
         self.sites = sites
         defaults = dict(round_deadline_s=30.0, stats_retry_s=0.5, min_samples=50)
@@ -53,16 +77,21 @@ class LiveFleet:
         self.agents: dict[str, EdgeAgent] = {}
         self.aggregator: Aggregator | None = None
 
+    def settings(self, identity: str) -> BrokerSettings:
+        """This fleet's broker settings as `identity` (TLS on the secure broker)."""
+        return self.handle.settings(identity, topic_root=self.topics.root, plant_root=self.topics.plant_root)
+
     def site_config(self, site: str, **overrides: object) -> SiteConfig:
-        return SiteConfig(site=site, state_dir=str(self.work / "state" / site), broker=self.broker, min_samples=50, predictions_every_s=0.2, **overrides)
+        return SiteConfig(site=site, state_dir=str(self.work / "state" / site), broker=self.settings(site), min_samples=50, predictions_every_s=0.2, **overrides)
 
     def site_toml(self, site: str) -> Path:
         """The same site as a TOML file, for an agent run as a separate process."""
-        b = self.broker
+        b = self.settings(site)
         path = self.work / f"{site}.toml"
+        tls = f'ca = "{b.ca}"\ncert = "{b.cert}"\nkey = "{b.key}"\n' if b.tls else ""
         path.write_text(
             f'site = "{site}"\nstate_dir = "state/{site}"\nmin_samples = 50\npredictions_every_s = 0.2\n\n'
-            f'[broker]\nhost = "{b.host}"\nport = {b.port}\ntopic_root = "{b.topic_root}"\nplant_root = "{b.plant_root}"\n'
+            f'[broker]\nhost = "{b.host}"\nport = {b.port}\ntopic_root = "{b.topic_root}"\nplant_root = "{b.plant_root}"\n{tls}'
         )
         return path
 
@@ -121,7 +150,7 @@ class LiveFleet:
     def replay(self, part: str, max_engines: int, data_dir: Path, dataset: str = "FD001") -> dict:
         return replay(
             dataset, str(data_dir), len(self.sites), self.broker.host, self.broker.port, None, "round-robin", part,
-            progress=False, max_engines=max_engines, topics=self.topics,
+            progress=False, max_engines=max_engines, topics=self.topics, pki=self.handle.pki.root if self.handle.pki else None,
         )
 
     def buffer_training(self, max_engines: int, data_dir: Path) -> dict:

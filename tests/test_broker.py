@@ -1,4 +1,8 @@
-"""Both brokers, through paho-mqtt 2.x: large QoS 1 payloads, retained, last will, queues."""
+"""Both brokers, through paho-mqtt 2.x: large QoS 1 payloads, retained, last will, queues.
+
+Mosquitto runs the secure setup (TLS, client certificates, ACL): these clients connect as
+the aggregator, which may read and write everything under tfl/v1/. amqtt is the insecure
+development broker. tests/test_broker_security.py tests what the ACL refuses."""
 
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from turbofed import envelope
+from turbofed.deploy.identities import AGGREGATOR, FleetIdentities
+from turbofed.mqtt import configure_tls
 from turbofed.simulation.broker import (
     MAX_PACKET_BYTES,
     REPO_CONF,
@@ -31,7 +37,7 @@ TIMEOUT = 15.0
 class Client:
     """A paho client on its own network thread that queues what it receives."""
 
-    def __init__(self, broker: BrokerHandle, client_id: str | None = None, clean: bool = True) -> None:
+    def __init__(self, broker: BrokerHandle, client_id: str | None = None, clean: bool = True, identity: str = AGGREGATOR) -> None:
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self._acks: queue.Queue[str] = queue.Queue()
         self.c = mqtt.Client(
@@ -40,6 +46,7 @@ class Client:
             clean_session=clean,
             protocol=mqtt.MQTTv311,
         )
+        configure_tls(self.c, broker.settings(identity))
         self.c.on_connect = lambda c, u, flags, rc, props: self._acks.put(f"connect:{rc}")
         self.c.on_subscribe = lambda c, u, mid, rcs, props: self._acks.put("suback")
         self.c.on_message = lambda c, u, msg: self.messages.put(msg)
@@ -69,7 +76,8 @@ class Client:
 
 
 def unique(name: str) -> str:
-    return f"test/{name}/{uuid.uuid4().hex[:8]}"
+    """A topic of this test alone, under tfl/v1/ where the aggregator's identity may read and write."""
+    return f"tfl/v1/test/{name}/{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture
@@ -133,11 +141,14 @@ def test_last_will_on_abrupt_death(clients, broker: BrokerHandle) -> None:
     topic = unique("status")
     watcher = clients()
     watcher.subscribe(topic)
+    tls = broker.settings(AGGREGATOR)
     script = textwrap.dedent(f"""
         import sys, time
         import paho.mqtt.client as mqtt
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="dying-{uuid.uuid4().hex[:6]}",
                         protocol=mqtt.MQTTv311)
+        if {tls.tls!r}:
+            c.tls_set(ca_certs={tls.ca!r}, certfile={tls.cert!r}, keyfile={tls.key!r})
         c.will_set({topic!r}, b"offline", qos=1, retain=False)
         c.on_connect = lambda *a: (print("connected", flush=True))
         c.connect({broker.host!r}, {broker.port}, keepalive=30)
@@ -171,19 +182,60 @@ def test_offline_persistent_session_gets_queued_qos1(clients, broker: BrokerHand
 # --- start-up and config (no shared broker needed) -------------------------------
 
 
+def conf_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
 def test_repo_config_limits_match_code() -> None:
-    text = REPO_CONF.read_text()
-    assert f"max_packet_size {MAX_PACKET_BYTES}" in text
-    assert "listener 1883 127.0.0.1" in text and "allow_anonymous true" in text
+    lines = conf_lines(REPO_CONF.read_text())
+    assert f"max_packet_size {MAX_PACKET_BYTES}" in lines
+    # the shipped config is the secure one: TLS listener, certificates required, ACL, CRL
+    assert "allow_anonymous false" in lines and "allow_anonymous true" not in lines
+    assert "listener 8883 127.0.0.1" in lines
+    after_listener = lines[lines.index("listener 8883 127.0.0.1"):]
+    for line in ("require_certificate true", "use_identity_as_username true", "cafile pki/ca.crt",
+                 "certfile pki/broker/broker.crt", "keyfile pki/broker/broker.key", "crlfile pki/crl.pem"):
+        assert line in after_listener, line
+    assert "acl_file pki/acl" in lines
 
 
 def test_mosquitto_config_overrides(tmp_path: Path) -> None:
-    conf = mosquitto_config(REPO_CONF.read_text(), "127.0.0.1", 40123, tmp_path)
-    lines = [line for line in conf.splitlines() if line and not line.startswith("#")]
-    assert "listener 40123 127.0.0.1" in lines and "listener 1883 127.0.0.1" not in lines
+    """Without identities: the insecure development broker (anonymous, no TLS lines)."""
+    lines = conf_lines(mosquitto_config(REPO_CONF.read_text(), "127.0.0.1", 40123, tmp_path))
+    assert "listener 40123 127.0.0.1" in lines and "listener 8883 127.0.0.1" not in lines
     assert f"persistence_location {tmp_path.resolve()}/" in lines
     assert "persistence_location .turbofed/mosquitto/" not in lines
     assert f"max_packet_size {MAX_PACKET_BYTES}" in lines and "max_queued_messages 200000" in lines
+    assert "allow_anonymous true" in lines and "allow_anonymous false" not in lines
+    assert not [line for line in lines if line.split()[0] in ("cafile", "acl_file", "require_certificate", "crlfile")]
+
+
+def test_mosquitto_config_points_at_the_identity_folder(tmp_path: Path, fleet_pki: FleetIdentities) -> None:
+    lines = conf_lines(mosquitto_config(REPO_CONF.read_text(), "127.0.0.1", 40123, tmp_path, fleet_pki))
+    root = fleet_pki.root.resolve()
+    for line in (f"cafile {root}/ca.crt", f"certfile {root}/broker/broker.crt", f"keyfile {root}/broker/broker.key",
+                 f"crlfile {root}/crl.pem", f"acl_file {root}/acl", "allow_anonymous false",
+                 "require_certificate true", "use_identity_as_username true", "listener 40123 127.0.0.1"):
+        assert line in lines, line
+    assert lines.index("listener 40123 127.0.0.1") < lines.index(f"cafile {root}/ca.crt")  # TLS applies to our listener
+    with pytest.raises(BrokerError, match="lacks the secure settings"):
+        mosquitto_config("listener 1883 127.0.0.1\nallow_anonymous true\n", "127.0.0.1", 40123, tmp_path, fleet_pki)
+
+
+def test_insecure_broker_binds_loopback_only(tmp_path: Path) -> None:
+    for host in ("0.0.0.0", "192.0.2.7", "::"):
+        with pytest.raises(BrokerError, match="loopback only"):
+            start_broker(host, embedded=True, workdir=tmp_path)
+        with pytest.raises(BrokerError, match="loopback only"):
+            mosquitto_config(REPO_CONF.read_text(), host, 40123, tmp_path)
+
+
+def test_embedded_broker_refuses_identities_and_warns(tmp_path: Path, fleet_pki: FleetIdentities) -> None:
+    pytest.importorskip("amqtt")
+    with pytest.raises(BrokerError, match="cannot enforce TLS"):
+        start_broker(embedded=True, workdir=tmp_path, pki=fleet_pki)
+    with start_broker(embedded=True, workdir=tmp_path) as handle:
+        assert "INSECURE DEVELOPMENT BROKER" in handle.log_text(limit=100_000)
 
 
 @pytest.mark.parametrize("kind", ["mosquitto", "amqtt"])

@@ -87,3 +87,51 @@ def test_fleet_config_errors(tmp_path: Path, extra: str, message: str) -> None:
     text = 'sites = ["a", "b"]\nstore = "r.sqlite"\nregistry = "reg"\n' + extra
     with pytest.raises(ConfigError, match=message):
         load_fleet_config(write(tmp_path, "f.toml", text))
+
+
+# --- [broker] TLS settings -----------------------------------------------------------
+
+
+def tls_files(folder: Path, key_mode: int = 0o600) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("ca.crt", "client.crt", "client.key"):
+        (folder / name).write_text("-----BEGIN PLACEHOLDER-----\n")
+    (folder / "client.key").chmod(key_mode)
+
+
+TLS = '[broker]\nca = "id/ca.crt"\ncert = "id/client.crt"\nkey = "id/client.key"\n'
+
+
+def test_tls_paths_relative_to_the_file_and_tls_on_by_default(tmp_path: Path) -> None:
+    tls_files(tmp_path / "id")
+    cfg = load_site_config(write(tmp_path, "s.toml", f'site = "a"\nstate_dir = "x"\n{TLS}'))
+    assert cfg.broker.tls is True and cfg.broker.port == 8883
+    assert cfg.broker.ca == str(tmp_path / "id" / "ca.crt") and cfg.broker.key == str(tmp_path / "id" / "client.key")
+    fleet = load_fleet_config(write(tmp_path, "f.toml", f'sites = ["a"]\nstore = "r"\nregistry = "g"\n{TLS}port = 1884\n'))
+    assert fleet.broker.tls and fleet.broker.port == 1884 and fleet.broker.cert == str(tmp_path / "id" / "client.crt")
+    plain = load_site_config(write(tmp_path, "p.toml", 'site = "a"\nstate_dir = "x"\n'))
+    assert plain.broker.tls is False and plain.broker.port == 1883
+
+
+@pytest.mark.parametrize(
+    "broker, message",
+    [
+        ('ca = "id/nope.crt"\n', r"s.toml \[broker\]: ca: .*nope.crt does not exist"),
+        ('ca = "id/ca.crt"\ncert = "id/client.crt"\n', r"s.toml \[broker\]: cert and key go together"),
+        ('ca = "id/ca.crt"\ncert = "id/client.crt"\nkey = "id/gone.key"\n', r"s.toml \[broker\]: key: .*gone.key does not exist"),
+        ('tls = "yes"\nca = "id/ca.crt"\n', r"s.toml \[broker\]: tls must be true or false"),
+        ('tls = true\n', r"s.toml \[broker\]: tls = true needs ca"),
+        ('ca = 5\n', r"s.toml \[broker\]: ca must be a file path"),
+        ('tls = false\ncert = "id/client.crt"\nkey = "id/client.key"\n', r"s.toml \[broker\]: cert/key are set but tls is false"),
+    ],
+)
+def test_tls_errors_name_file_and_key(tmp_path: Path, broker: str, message: str) -> None:
+    tls_files(tmp_path / "id")
+    with pytest.raises(ConfigError, match=message):
+        load_site_config(write(tmp_path, "s.toml", f'site = "a"\nstate_dir = "x"\n[broker]\n{broker}'))
+
+
+def test_tls_key_readable_by_others_is_refused(tmp_path: Path) -> None:
+    tls_files(tmp_path / "id", key_mode=0o644)
+    with pytest.raises(ConfigError, match=r"s.toml \[broker\]: key: .*client.key is readable by other users \(mode 644\); chmod 600"):
+        load_site_config(write(tmp_path, "s.toml", f'site = "a"\nstate_dir = "x"\n{TLS}'))

@@ -1,5 +1,6 @@
 """`turbofed demo` end to end, as separate processes, on both brokers: its federated model
-learns as well as the in-process benchmark with the same seed and settings."""
+learns as well as the in-process benchmark with the same seed and settings. On Mosquitto it
+runs the secure setup (TLS, each process its own identity); amqtt runs insecure, saying so."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from turbofed.benchmarks.accuracy import run_accuracy
 
+from turbofed.benchmarks.accuracy import run_accuracy
 from turbofed.config import ModelSettings
 from turbofed.simulation.broker import find_mosquitto
 
@@ -43,3 +44,13 @@ def test_demo_matches_in_process_benchmark(kind: str, bench: dict, cmapss_dir: P
     assert abs(demo_rmse - bench_rmse) <= 0.05 * bench_rmse, (demo_rmse, bench_rmse)
     assert "local RMSE" in done.stdout and f"turbofed dashboard --store {result['store']}" in done.stdout
     assert Path(result["store"]).is_file()
+    work = tmp_path / "demo"
+    if kind == "mosquitto":
+        assert result["secure"] is True and "TLS" in done.stderr
+        assert 'cert = "pki/identities/site1/client.crt"' in (work / "site1.toml").read_text()
+        assert 'key = "pki/identities/aggregator/client.key"' in (work / "fleet.toml").read_text()
+        broker_log = (work / "broker" / "mosquitto.log").read_text()
+        for identity in ("site1", "site4", "aggregator", "monitor", "gateway-site1", "gateway-site4"):
+            assert f"u'{identity}')" in broker_log, identity  # each process connected as itself
+    else:
+        assert result["secure"] is False and "INSECURE" in done.stderr

@@ -5,8 +5,9 @@ Slow tests build real bundles (pip fetches the wheels from the configured packag
 they skip with the reason when it is unreachable), install the native one into a fresh
 virtual environment with the bundle's install.sh --no-systemd (pip --no-index; inside a
 network namespace without network when `unshare -rn` works here), run the installed
-agent against the test broker with the real aggregator in this process, and check the
-aarch64 bundle holds only aarch64 or pure-Python wheels.
+agent against the test broker with the real aggregator in this process (on Mosquitto: a
+broker with the bundle's fleet identities, the agent connecting with the identity the
+bundle installed), and check the aarch64 bundle holds only aarch64 or pure-Python wheels.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import queue
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -28,11 +30,12 @@ from pathlib import Path
 import pytest
 
 from turbofed import envelope
-from turbofed.config import BrokerSettings, FleetConfig, ModelSettings, load_site_config
+from turbofed.config import FleetConfig, ModelSettings, load_site_config
 from turbofed.deploy import flash
+from turbofed.deploy.identities import AGGREGATOR, FleetIdentities, gateway_name, init_from_fleet, write_acl
 from turbofed.messages import EngineEvent, RoundAnnouncement, SensorReading, Status
 from turbofed.mqtt import connect, make_client
-from turbofed.simulation.broker import BrokerHandle
+from turbofed.simulation.broker import BrokerHandle, start_broker
 from turbofed.topics import Topics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,12 +45,15 @@ TRAIN = {"scikit-learn", "skl2onnx", "scipy"}
 
 
 def write_fleet(folder: Path, host: str = "10.20.0.5", port: int = 1883) -> Path:
+    """A fleet config and its identities (`turbofed fleet init`: pki/ beside it)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "fleet.toml"
     path.write_text(
         f'sites = ["{SITE}", "pi-hangar-2"]\nstore = "results.sqlite"\nregistry = "registry"\n\n'
         f'[broker]\nhost = "{host}"\nport = {port}\nusername = "aggregator"\npassword = "not-for-sites"\n'
     )
+    if not (folder / "pki").exists():
+        init_from_fleet(path)
     return path
 
 
@@ -58,6 +64,7 @@ def fake_bundle(tmp: Path, profile: str = "training", platform: str | None = Non
     (out / "config").mkdir(parents=True)
     (out / "systemd").mkdir()
     (out / "config" / "edge.toml").write_text(flash.site_config_toml(SITE, plan.broker, None, plan.fleet))
+    flash.write_identity(plan, out / "config" / flash.IDENTITY_DIR)
     values = {"SITE": SITE, "PROFILE": profile, "EXTRAS": plan.extras, "WHEEL": plan.wheel_name, "PY_VERSION": plan.target.python_version,
               "ARCH": plan.target.arch, "UNIT": flash.UNIT, "USER": flash.SERVICE_USER, "VENV": flash.VENV, "CONFIG": flash.CONFIG,
               "STATE_DIR": f"/var/lib/turbofed/{SITE}", "VERSION": plan.version, "PLATFORM": plan.target.label}
@@ -113,6 +120,26 @@ def test_site_config_is_a_loadable_site_toml_without_the_aggregators_login(tmp_p
     config = load_site_config(out / "config" / "edge.toml")
     assert config.site == SITE and config.state_dir == f"/var/lib/turbofed/{SITE}" and config.engines is None
     assert (config.broker.host, config.broker.port, config.broker.username) == ("10.20.0.5", 1883, None)
+    # the site's own identity, from the fleet's identity folder, keys 0600
+    identity = out / "config" / "identity"
+    assert config.broker.tls and config.broker.cert == str(identity / "client.crt") and config.broker.identity == SITE
+    pki = FleetIdentities(tmp_path / "pki")
+    assert (identity / "client.key").read_bytes() == pki.client_key(SITE).read_bytes()
+    assert (identity / "aggregator.pub").read_bytes() == pki.signing_pub(AGGREGATOR).read_bytes()
+    assert (identity / "signing.key").read_bytes() == pki.signing_key(SITE).read_bytes()
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in identity.iterdir()} == {
+        "client.crt": 0o644, "client.key": 0o600, "ca.crt": 0o644, "signing.key": 0o600, "aggregator.pub": 0o644}
+
+
+def test_a_site_without_an_identity_gets_no_bundle(tmp_path: Path) -> None:
+    fleet = write_fleet(tmp_path)
+    from turbofed.deploy.identities import revoke_identity
+
+    revoke_identity(FleetIdentities(tmp_path / "pki"), SITE)
+    with pytest.raises(flash.FlashError, match=f"no active site identity '{SITE}'; issue one: turbofed fleet add"):
+        flash.plan_bundle(SITE, str(fleet), tmp_path / "b")
+    with pytest.raises(flash.FlashError, match="no fleet identities here"):
+        flash.plan_bundle(SITE, str(fleet), tmp_path / "b", pki=tmp_path / "elsewhere")
 
 
 def test_unit_runs_the_venv_agent_unprivileged_and_restarts(tmp_path: Path) -> None:
@@ -231,7 +258,7 @@ def installed(index: None, tmp_path_factory: pytest.TempPathFactory) -> dict:
     built = time.perf_counter()
     proc = _install(bundle, tmp / "root", "--no-credentials")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {"bundle": bundle, "manifest": manifest, "root": tmp / "root", "venv": tmp / "root" / "opt" / "venv",
+    return {"bundle": bundle, "manifest": manifest, "root": tmp / "root", "venv": tmp / "root" / "opt" / "venv", "pki": tmp / "pki",
             "config": tmp / "root" / "etc" / "edge.toml", "isolated": bool(_no_network_prefix()),
             "build_s": built - started, "install_s": time.perf_counter() - built}
 
@@ -250,6 +277,12 @@ def test_native_bundle_is_complete_and_installs_offline(installed: dict) -> None
         assert have.get(name) == version, name
     config = load_site_config(installed["config"])
     assert config.site == SITE and config.broker.username is None and config.state_dir == str(installed["root"] / "state")
+    assert "config/identity/client.key" in listed and "config/identity/aggregator.pub" in listed
+    identity = installed["root"] / "etc" / "identity"
+    assert config.broker.key == str(identity / "client.key") and config.broker.identity == SITE
+    assert stat.S_IMODE(identity.stat().st_mode) == 0o700
+    for key in ("client.key", "signing.key"):
+        assert stat.S_IMODE((identity / key).stat().st_mode) == 0o600, key
 
 
 @pytest.mark.slow
@@ -272,15 +305,27 @@ def test_reinstall_reads_the_login_from_a_file_and_keeps_the_old_config(installe
 @pytest.mark.timeout(300)
 def test_installed_agent_takes_part_in_a_round(installed: dict, broker: BrokerHandle, tmp_path: Path) -> None:
     """The agent from the bundle's venv, the real aggregator in this process: fleet
-    statistics, round 0 (seeded model) and round 1 (trained) each get the site's update."""
+    statistics, round 0 (seeded model) and round 1 (trained) each get the site's update.
+    On Mosquitto the round is secure: a broker with the bundle's fleet identities (TLS,
+    ACL), the agent with the identity install.sh placed, the others with theirs."""
     from turbofed.aggregator.service import Aggregator
     from turbofed.data.synthetic import generate_fleet
 
     tag = uuid.uuid4().hex[:8]
-    settings = BrokerSettings(host=broker.host, port=broker.port, topic_root=f"fl{tag}/v1", plant_root=f"plantfl{tag}")
-    topics = Topics(settings.topic_root, settings.plant_root)
+    topics = Topics(f"fl{tag}/v1", f"plantfl{tag}")
+    own_broker = None
+    if broker.secure:  # the session broker knows another CA: one with the bundle's fleet
+        ids = FleetIdentities(installed["pki"])
+        write_acl(ids, [SITE, "pi-hangar-2"], topics)
+        broker = own_broker = start_broker(embedded=False, workdir=tmp_path / "broker", pki=ids)
+    as_ = lambda identity: broker.settings(identity, topic_root=topics.root, plant_root=topics.plant_root)  # noqa: E731
+    settings = as_(AGGREGATOR)
     raw = tomllib.loads(installed["config"].read_text())
     raw["broker"].update(host=settings.host, port=settings.port, topic_root=settings.topic_root, plant_root=settings.plant_root)
+    for name in ("ca", "cert", "key"):  # the installed identity, relative to the installed config
+        raw["broker"][name] = str(installed["config"].parent / raw["broker"][name])
+        if not broker.secure:
+            del raw["broker"][name]  # the development broker speaks no TLS
     config = tmp_path / "edge.toml"
     config.write_text(
         f'site = "{raw["site"]}"\nstate_dir = "{tmp_path / "state"}"\nengines = "*"\npredictions_every_s = 0.5\n\n[broker]\n'
@@ -329,8 +374,9 @@ def test_installed_agent_takes_part_in_a_round(installed: dict, broker: BrokerHa
         pump("the installed agent to come online", lambda: status.get("online") is True, timeout=60)
         runs = generate_fleet(n_train=4, n_test=0, seed=1).train
         rows = sum(len(r) for r in runs)
-        publisher = make_client(f"t-flash-pub-{tag}", settings)
-        connect(publisher, settings)
+        gateway = as_(gateway_name(SITE))
+        publisher = make_client(f"t-flash-pub-{tag}", gateway)
+        connect(publisher, gateway)
         for k, run in enumerate(runs):
             for t in range(len(run)):
                 reading = SensorReading(int(run.cycles[t]), tuple(run.settings[t]), tuple(run.sensors[t]))
@@ -365,6 +411,8 @@ def test_installed_agent_takes_part_in_a_round(installed: dict, broker: BrokerHa
         watcher.disconnect()
         watcher.loop_stop()
         log.close()
+        if own_broker is not None:
+            own_broker.stop()
     assert [(r, kind) for r, kind, _ in updates] == [(0, "update"), (1, "update")]
     assert updates[1][2] == rows
     assert agent.returncode == 0

@@ -10,10 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from turbofed.aggregator.registry import ModelRegistry
 
 from tests.conftest import REPO
 from tests.livefleet import LiveFleet, wait_for
+from turbofed.aggregator.registry import ModelRegistry
 from turbofed.codec import raw_weight_bytes, read_weights
 from turbofed.config import ModelSettings
 from turbofed.store import open_store
@@ -113,6 +113,7 @@ def test_raw_sensor_rows_leave_a_site_only_when_shared(broker, cmapss_dir: Path,
         fleet.start_agent("site2")
         train = fleet.replay("train", 4, cmapss_dir)
         per_site = lambda: dict(sqlite3.connect(fleet.fleet.store).execute("SELECT site, COUNT(*) FROM sensors GROUP BY site").fetchall())  # noqa: E731
+        wait_for("both sites to buffer every row", lambda: sum(a.buffer.rows for a in fleet.agents.values()) == train["rows"], 60)
         wait_for("site1's rows in the store", lambda: fleet.agents["site1"].buffer.rows > 0 and per_site().get("site1") == fleet.agents["site1"].buffer.rows, 60)
     finally:
         fleet.close()

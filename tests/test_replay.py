@@ -10,15 +10,19 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
+
+from tests.livefleet import admit_topics
+from turbofed.cli import main as cli_main
 from turbofed.data.cmapss import EngineRun
 from turbofed.data.datasets import load_dataset
 
-from turbofed.cli import main as cli_main
 from turbofed.messages import EngineEvent, SensorReading
+from turbofed.mqtt import configure_tls
 from turbofed.simulation.broker import BrokerHandle
 from turbofed.simulation.fleet import FleetEngine, assign
 from turbofed.simulation.replay import (
@@ -180,23 +184,30 @@ def test_token_bucket_paces_without_sleeping_per_row() -> None:
 
 
 class Subscriber:
-    """A paho client that records every message under a plant root, in arrival order."""
+    """Paho clients that record every message under a plant root, in arrival order (per
+    topic). On the secure broker only a site may read its own plant topics: one client per
+    site, as that site; on the development broker one client reads them all."""
 
-    def __init__(self, broker: BrokerHandle, root: str) -> None:
+    def __init__(self, broker: BrokerHandle, root: str, sites: list[str]) -> None:
+        admit_topics(broker, Topics(plant_root=root))
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        acks: queue.Queue[str] = queue.Queue()
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-replay-{uuid.uuid4().hex[:8]}",
-                             protocol=mqtt.MQTTv311)
-        self.c.on_connect = lambda c, u, f, rc, p: acks.put(f"connect:{rc}")
-        self.c.on_subscribe = lambda c, u, mid, rcs, p: acks.put("suback")
-        # amqtt 0.12 also hands a new '#' subscriber retained messages of unrelated topics
-        # (other tests' rounds and global models): count only our own plant traffic.
-        self.c.on_message = lambda c, u, msg: msg.topic.startswith(root + "/") and self.messages.put((msg.topic, msg.payload))
-        self.c.connect(broker.host, broker.port, keepalive=30)
-        self.c.loop_start()
-        assert acks.get(timeout=TIMEOUT) == "connect:Success"
-        self.c.subscribe(f"{root}/#", qos=1)
-        assert acks.get(timeout=TIMEOUT) == "suback"
+        self.clients = []
+        for site in sites if broker.secure else [None]:
+            acks: queue.Queue[str] = queue.Queue()
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-replay-{uuid.uuid4().hex[:8]}",
+                            protocol=mqtt.MQTTv311)
+            configure_tls(c, broker.settings(site))
+            c.on_connect = lambda c, u, f, rc, p, acks=acks: acks.put(f"connect:{rc}")
+            c.on_subscribe = lambda c, u, mid, rcs, p, acks=acks: acks.put(f"suback:{rcs[0]}")
+            # amqtt 0.12 also hands a new '#' subscriber retained messages of unrelated topics
+            # (other tests' rounds and global models): count only our own plant traffic.
+            c.on_message = lambda c, u, msg: msg.topic.startswith(root + "/") and self.messages.put((msg.topic, msg.payload))
+            c.connect(broker.host, broker.port, keepalive=30)
+            c.loop_start()
+            self.clients.append(c)
+            assert acks.get(timeout=TIMEOUT) == "connect:Success"
+            c.subscribe(f"{root}/{site}/#" if site else f"{root}/#", qos=1)
+            assert acks.get(timeout=TIMEOUT).startswith("suback:Granted")
 
     def collect(self, n: int) -> list[tuple[str, bytes]]:
         out = []
@@ -215,8 +226,13 @@ class Subscriber:
         return out
 
     def close(self) -> None:
-        self.c.disconnect()
-        self.c.loop_stop()
+        for c in self.clients:
+            c.disconnect()
+            c.loop_stop()
+
+
+def pki_of(broker: BrokerHandle) -> Path | None:
+    return broker.pki.root if broker.pki else None
 
 
 def test_replay_delivers_every_row_once_in_order(broker: BrokerHandle, cmapss_dir) -> None:
@@ -224,10 +240,10 @@ def test_replay_delivers_every_row_once_in_order(broker: BrokerHandle, cmapss_di
     topics = Topics(plant_root=root)
     parts = fleet_parts("FD001", str(cmapss_dir), 2, "round-robin", "both", max_engines=3)
     expected = list(fleet_schedule(parts, topics))
-    sub = Subscriber(broker, root)
+    sub = Subscriber(broker, root, ["site1", "site2"])
     try:
         summary = replay("FD001", str(cmapss_dir), 2, broker.host, broker.port, None, "round-robin", "both",
-                         progress=False, max_engines=3, topics=topics)
+                         progress=False, max_engines=3, topics=topics, pki=pki_of(broker))
         got = sub.collect(len(expected))
     finally:
         sub.close()
@@ -253,9 +269,10 @@ def test_replay_delivers_every_row_once_in_order(broker: BrokerHandle, cmapss_di
 
 def test_rate_is_respected(broker: BrokerHandle, cmapss_dir) -> None:
     topics = Topics(plant_root=f"plant-{uuid.uuid4().hex[:8]}")
+    admit_topics(broker, topics)
     started = time.monotonic()
     summary = replay("FD001", str(cmapss_dir), 2, broker.host, broker.port, 1000.0, "round-robin", "test",
-                     progress=False, max_engines=5, topics=topics)
+                     progress=False, max_engines=5, topics=topics, pki=pki_of(broker))
     elapsed = time.monotonic() - started
     assert summary["rows"] == 31 + 49 + 126 + 106 + 98  # first five FD001 test engines
     assert summary["rate"] == 1000.0
@@ -298,7 +315,7 @@ def test_cli_bad_rate_and_dataset(capsys) -> None:
 
 def test_cli_replays_and_prints_summary(broker: BrokerHandle, cmapss_dir, capsys) -> None:
     code = run_cli(cli_args(data_dir=str(cmapss_dir), dataset="SYN", sites=3, rate="max",
-                            broker=broker.address, part="test", max_engines=4, progress=False))
+                            broker=broker.address, part="test", max_engines=4, progress=False, pki=pki_of(broker)))
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["events"] == 4 and summary["rows"] > 0 and summary["rate"] == "max"

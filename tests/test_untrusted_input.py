@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from turbofed.data.cmapss import load_subset
-from turbofed.edge.features import runs_stats
-from turbofed.edge.learner import RulModel
 
 from tests.livefleet import LiveFleet, wait_for
 from turbofed import envelope
 from turbofed.config import ModelSettings
+from turbofed.data.cmapss import load_subset
+from turbofed.edge.features import runs_stats
+from turbofed.edge.learner import RulModel
 from turbofed.messages import RoundAnnouncement, SensorReading, StatsReply, StatsRequest
 from turbofed.mqtt import connect, make_client
 
@@ -25,16 +25,21 @@ pytestmark = pytest.mark.slow
 
 
 class FakeSites:
-    """The test speaks for the sites, so it can send exactly what it likes."""
+    """The test speaks for the sites (each with its own identity on the secure broker, as a
+    compromised site would), so it can send exactly what it likes."""
 
     def __init__(self, fleet: LiveFleet) -> None:
         self.fleet, self.topics = fleet, fleet.topics
         self.round: RoundAnnouncement | None = None
         self.global_payload = b""
         self.seen = threading.Condition()
-        self.client = make_client(f"fake-sites-{fleet.broker.topic_root}", fleet.broker)
+        self.clients = {}
+        for site in fleet.sites:
+            settings = fleet.settings(site)
+            self.clients[site] = make_client(f"fake-{site}-{fleet.topics.root}", settings)
+            connect(self.clients[site], settings)
+        self.client = self.clients[fleet.sites[0]]
         self.client.on_message = self._on_message
-        connect(self.client, fleet.broker)
         for topic in (self.topics.round, self.topics.global_model, self.topics.stats_request):
             self.client.subscribe(topic, qos=1)
 
@@ -49,7 +54,7 @@ class FakeSites:
             self.seen.notify_all()
 
     def send(self, site: str, payload: bytes) -> None:
-        self.client.publish(self.topics.update(site), payload, qos=1).wait_for_publish(10)
+        self.clients[site].publish(self.topics.update(site), payload, qos=1).wait_for_publish(10)
 
     def update(self, body: bytes, site: str = "site1", round_no: int | None = None, samples: int = 100) -> bytes:
         r = self.round.round if round_no is None else round_no
@@ -86,12 +91,12 @@ def test_aggregator_refuses_bad_updates_and_keeps_going(broker, cmapss_dir: Path
         assert sites.stats_request.window == settings.window
         wrong_window = runs_stats(runs[:5], settings.window + 10)
         reply = StatsReply(sites.stats_request.request_id, "site1", int(wrong_window.count), 5, wrong_window)
-        sites.client.publish(fleet.topics.stats("site1"), reply.to_payload(), qos=1)
+        sites.clients["site1"].publish(fleet.topics.stats("site1"), reply.to_payload(), qos=1)
         wait_for("the wrong-window statistics to be refused", lambda: aggregator.counters["bad_stats"] == 1)
         for site, part in (("site1", runs[:5]), ("site2", runs[5:])):
             stats = runs_stats(part, settings.window)
             reply = StatsReply(sites.stats_request.request_id, site, int(stats.count), len(part), stats)
-            sites.client.publish(fleet.topics.stats(site), reply.to_payload(), qos=1)
+            sites.clients[site].publish(fleet.topics.stats(site), reply.to_payload(), qos=1)
         wait_for("round 0", lambda: sites.round is not None and sites.round.round == 0)
         spec = sites.round.spec
         init = RulModel(settings, spec).to_onnx()
@@ -151,8 +156,9 @@ def test_agent_skips_malformed_readings_and_keeps_running(broker, tmp_path: Path
     }
     try:
         agent = fleet.start_agent("site1", engines=("e1", "e2"))
-        client = make_client(f"gateway-{fleet.broker.topic_root}", fleet.broker)
-        connect(client, fleet.broker)
+        gateway = fleet.settings("gateway-site1")
+        client = make_client(f"gateway-{fleet.broker.topic_root}", gateway)
+        connect(client, gateway)
         client.publish(fleet.topics.sensors("site1", "e1"), ok.to_payload(), qos=1)
         for payload in bad.values():
             client.publish(fleet.topics.sensors("site1", "e1"), payload, qos=1)

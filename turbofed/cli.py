@@ -89,8 +89,14 @@ def _bench(sub: argparse._SubParsersAction) -> None:
 def _services(sub: argparse._SubParsersAction) -> None:
     broker = sub.add_parser("broker", help="run Mosquitto (or the embedded broker)")
     broker.add_argument("--host", default="127.0.0.1")
-    broker.add_argument("--port", type=int, default=1883)
-    broker.add_argument("--embedded", action="store_true", help="use amqtt even if Mosquitto is installed")
+    broker.add_argument("--port", type=int, default=None, help="default: 8883 (TLS), 1883 with --insecure-dev")
+    broker.add_argument("--pki", help="fleet identity folder (turbofed fleet init): TLS, client certificates, ACL, CRL "
+                        "(default: pki/ beside --fleet, else ./pki)")
+    broker.add_argument("--fleet", help="fleet TOML whose pki/ folder to use")
+    broker.add_argument("--insecure-dev", action="store_true",
+                        help="anonymous plain-MQTT broker on loopback, for development only")
+    broker.add_argument("--embedded", action="store_true",
+                        help="use amqtt even if Mosquitto is installed (always insecure, loopback only)")
     broker.set_defaults(handler="turbofed.simulation.broker:run_cli")
     edge = sub.add_parser("edge", help="run one site's edge agent")
     edge.add_argument("--config", required=True, help="site TOML file")
@@ -115,6 +121,7 @@ def _services(sub: argparse._SubParsersAction) -> None:
     replay.add_argument("--seed", type=int, default=0, help="seed of hold-out and synthetic data")
     replay.add_argument("--max-engines", type=int, help="only the first N engines of each part")
     replay.add_argument("--no-progress", dest="progress", action="store_false")
+    replay.add_argument("--pki", help="fleet identity folder: connect over TLS as each site's gateway (gateway-<site>)")
     replay.set_defaults(handler="turbofed.simulation.replay:run_cli")
     demo = sub.add_parser("demo", help="broker, aggregator, 4 agents and a replay, in one command")
     _add_data_dir(demo)
@@ -133,6 +140,7 @@ def _services(sub: argparse._SubParsersAction) -> None:
     flash = sub.add_parser("flash", help="build an offline install bundle for one edge device")
     flash.add_argument("--site", required=True)
     flash.add_argument("--fleet", required=True, help="fleet TOML (broker address, sites)")
+    flash.add_argument("--pki", help="fleet identity folder holding the site's identity (default: pki/ beside --fleet)")
     flash.add_argument("--out", required=True, help="bundle folder")
     flash.add_argument("--platform", default=None, help="e.g. linux_aarch64 (default: this machine)")
     flash.add_argument("--python-version", default=None, help="target Python, e.g. 3.11 (default: this one)")
@@ -156,9 +164,9 @@ def _fleet(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--broker-host", action="append", help="host name or address the broker certificate is "
                            "valid for (repeat; default: the fleet's broker host, 127.0.0.1 and localhost)")
         else:
-            p.add_argument("name", help="identity name: a site id, 'aggregator' or 'gateway-<site>'")
+            p.add_argument("name", help="identity name: a site id, 'aggregator', 'monitor' or 'gateway-<site>'")
         if name == "add":
-            p.add_argument("--role", choices=("site", "gateway", "aggregator"), default="site",
+            p.add_argument("--role", choices=("site", "gateway", "aggregator", "monitor"), default="site",
                            help="what the identity may do (default: site)")
         p.set_defaults(handler="turbofed.deploy.identities:run_cli")
 

@@ -84,8 +84,19 @@ def resolve_data_dir(cli_value: str | os.PathLike | None = None) -> Path:
 # --- TOML files: one per site (`turbofed edge`), one for the fleet (`turbofed aggregator`) ---
 
 
+TLS_PORT = 8883
+
+
 @dataclass(frozen=True)
 class BrokerSettings:
+    """Where the broker is and who we are to it.
+
+    With `ca` (the fleet's CA certificate) the client speaks TLS and verifies the broker
+    against that CA; `cert`/`key` are this client's identity (`turbofed fleet init` writes
+    them; the broker takes the certificate's CN as the MQTT username). `tls` defaults to
+    true when a `ca` is given; in a TOML file the port then defaults to 8883.
+    """
+
     host: str = "127.0.0.1"
     port: int = 1883
     topic_root: str = "tfl/v1"
@@ -93,6 +104,81 @@ class BrokerSettings:
     keepalive: int = 30
     username: str | None = None
     password: str | None = None
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    tls: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.tls is None:
+            object.__setattr__(self, "tls", self.ca is not None)
+
+    @property
+    def identity(self) -> str | None:
+        """The CN of our client certificate (the broker's name for us), if we have one."""
+        if not self.cert:
+            return None
+        try:
+            from cryptography import x509
+            from cryptography.x509.oid import NameOID
+
+            cert = x509.load_pem_x509_certificate(Path(self.cert).read_bytes())
+            names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            return str(names[0].value) if names else None
+        except (OSError, ValueError):
+            return None
+
+
+_TLS_KEYS = ("ca", "cert", "key")
+
+
+def _load_broker(path: Path, raw: dict[str, Any]) -> BrokerSettings:
+    """The [broker] table: TLS paths relative to the file, checked now (a missing CA or an
+    unreadable key is a one-line error naming file and key, not a TLS traceback later)."""
+    where = f"{path} [broker]"
+    values = dict(raw)
+    for name in _TLS_KEYS:
+        if name in values:
+            if not isinstance(values[name], str) or not values[name]:
+                raise ConfigError(f"{where}: {name} must be a file path, got {values[name]!r}")
+            values[name] = _relative(path.parent, values[name])
+    if "tls" in values and not isinstance(values["tls"], bool):
+        raise ConfigError(f"{where}: tls must be true or false, got {values['tls']!r}")
+    if values.get("tls", "ca" in values) and "port" not in values:
+        values["port"] = TLS_PORT
+    broker = _build(BrokerSettings, values, where)
+    check_tls_files(broker, where)
+    return broker
+
+
+def check_tls_files(broker: BrokerSettings, where: str) -> None:
+    """Refuse TLS settings that cannot work: no CA, a cert without its key (or the reverse),
+    a missing or unreadable file, or a private key other users may read (like ssh, we
+    refuse a group- or world-readable key instead of warning: a leaked key is a site
+    another party can impersonate)."""
+    if not broker.tls:
+        if broker.cert or broker.key:
+            raise ConfigError(f"{where}: cert/key are set but tls is false; set tls = true and ca")
+        return
+    if not broker.ca:
+        raise ConfigError(f"{where}: tls = true needs ca (the fleet's CA certificate)")
+    if bool(broker.cert) != bool(broker.key):
+        raise ConfigError(f"{where}: cert and key go together (the client identity); got only {'cert' if broker.cert else 'key'}")
+    for name in _TLS_KEYS:
+        value = getattr(broker, name)
+        if value is None:
+            continue
+        file = Path(value)
+        try:
+            with open(file, "rb") as handle:
+                handle.read(1)
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: {name}: {file} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"{where}: {name}: {file} is not readable: {exc.strerror or exc}") from None
+        if name == "key" and os.name == "posix" and file.stat().st_mode & 0o077:
+            raise ConfigError(f"{where}: key: {file} is readable by other users (mode {file.stat().st_mode & 0o777:o}); "
+                              f"chmod 600 it")
 
 
 @dataclass(frozen=True)
@@ -190,7 +276,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
     """Read a site TOML file; errors name the file and the key."""
     path = Path(path)
     raw = _read_toml(path)
-    broker = _build(BrokerSettings, raw.pop("broker", {}), f"{path} [broker]")
+    broker = _load_broker(path, raw.pop("broker", {}))
     if "engines" in raw:
         engines = raw["engines"]
         if engines == "*":
@@ -213,7 +299,7 @@ def load_fleet_config(path: str | Path) -> FleetConfig:
     """Read the fleet TOML file; errors name the file and the key."""
     path = Path(path)
     raw = _read_toml(path)
-    broker = _build(BrokerSettings, raw.pop("broker", {}), f"{path} [broker]")
+    broker = _load_broker(path, raw.pop("broker", {}))
     model = ModelSettings.from_dict(raw.pop("model", {}), f"{path} [model]")
     sites = raw.get("sites")
     if not isinstance(sites, list) or not sites or not all(isinstance(s, str) for s in sites):

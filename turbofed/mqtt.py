@@ -8,6 +8,7 @@ host:port when the broker is not there, and a last will where there is one.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 
 import paho.mqtt.client as mqtt
@@ -47,6 +48,7 @@ def make_client(
     client.reconnect_delay_set(min_delay=1, max_delay=30)
     client.max_inflight_messages_set(max_inflight)
     client.max_queued_messages_set(0)  # paho queues without bound while offline: nothing dropped
+    configure_tls(client, broker)
     if broker.username:
         client.username_pw_set(broker.username, broker.password)
     if will:
@@ -54,11 +56,29 @@ def make_client(
     return client
 
 
+def configure_tls(client: mqtt.Client, broker: BrokerSettings) -> None:
+    """TLS from the broker settings: verify the broker against the fleet's CA and present our
+    client certificate (the broker's ACL knows us by its CN). Nothing when `tls` is off."""
+    if not broker.tls:
+        return
+    if not broker.ca:
+        raise ConnectError(f"TLS to {broker.host}:{broker.port} needs the fleet's CA certificate ([broker] ca)")
+    try:
+        client.tls_set(ca_certs=broker.ca, certfile=broker.cert, keyfile=broker.key,
+                       cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConnectError(f"TLS identity for {broker.host}:{broker.port} unusable (ca {broker.ca}, cert {broker.cert}, "
+                           f"key {broker.key}): {exc}") from None
+
+
 def connect(client: mqtt.Client, broker: BrokerSettings, timeout: float = 10.0) -> None:
-    """Connect and start the network thread; raise ConnectError naming host:port on failure."""
+    """Connect and start the network thread; raise ConnectError naming host:port on failure.
+
+    A broker that refuses our certificate (unknown CA, revoked) closes the connection
+    before any CONNACK: that fails here at once, not after the timeout."""
     connected = threading.Event()
     failure: list[str] = []
-    previous = client.on_connect
+    previous, previous_disconnect = client.on_connect, client.on_disconnect
 
     def on_connect(c, userdata, flags, reason_code, properties):  # noqa: ANN001 - paho signature
         if reason_code.is_failure:
@@ -67,19 +87,31 @@ def connect(client: mqtt.Client, broker: BrokerSettings, timeout: float = 10.0) 
         if previous:
             previous(c, userdata, flags, reason_code, properties)
 
-    client.on_connect = on_connect
+    def on_disconnect(c, userdata, flags, reason_code, properties):  # noqa: ANN001 - paho signature
+        if not connected.is_set():
+            why = "certificate refused or revoked?" if broker.tls else str(reason_code)
+            failure.append(f"closed the connection before acknowledging it ({why})")
+            connected.set()
+        if previous_disconnect:
+            previous_disconnect(c, userdata, flags, reason_code, properties)
+
+    client.on_connect, client.on_disconnect = on_connect, on_disconnect
+    where = f"{broker.host}:{broker.port}" + (" (TLS)" if broker.tls else "")
     try:
         client.connect(broker.host, broker.port, keepalive=broker.keepalive)
-    except OSError as exc:
-        raise ConnectError(f"cannot reach MQTT broker at {broker.host}:{broker.port}: {exc}") from None
+    except OSError as exc:  # ssl.SSLError included: the broker's certificate is not from our CA
+        client.on_connect, client.on_disconnect = previous, previous_disconnect
+        raise ConnectError(f"cannot reach MQTT broker at {where}: {exc}") from None
     client.loop_start()
-    if not connected.wait(timeout):
-        client.loop_stop()
-        raise ConnectError(f"MQTT broker at {broker.host}:{broker.port} did not answer within {timeout:.0f} s")
-    if failure:
-        client.loop_stop()
-        raise ConnectError(f"MQTT broker at {broker.host}:{broker.port} refused the connection: {failure[0]}")
-    client.on_connect = previous
+    try:
+        if not connected.wait(timeout):
+            client.loop_stop()
+            raise ConnectError(f"MQTT broker at {where} did not answer within {timeout:.0f} s")
+        if failure:
+            client.loop_stop()
+            raise ConnectError(f"MQTT broker at {where} refused the connection: {failure[0]}")
+    finally:
+        client.on_connect, client.on_disconnect = previous, previous_disconnect
 
 
 class Subscriptions:

@@ -8,7 +8,13 @@ package index, so a bundle carries everything the agent needs::
                                 target platform and Python version (nothing to compile)
       config/edge.toml          the site's config: broker address from the fleet config,
                                 site id, engines, state folder under /var/lib/turbofed/<site>,
-                                a placeholder install.sh fills with the site's broker login
+                                TLS paths (identity/..., relative to the config), a
+                                placeholder install.sh fills with an optional broker login
+      config/identity/          the site's identity from the fleet's identity folder
+                                (`turbofed fleet init`): client.crt, client.key (0600),
+                                ca.crt, signing.key (0600), aggregator.pub; install.sh
+                                places it beside the config, keys 0600 owned by the
+                                service user
       systemd/turbofed-edge.service
                                 restart on failure, unprivileged user `turbofed`,
                                 StateDirectory=turbofed, ExecStart from the venv
@@ -49,6 +55,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from turbofed.config import BrokerSettings, load_fleet_config
+from turbofed.deploy.identities import AGGREGATOR, FleetIdentities, IdentityError
 from turbofed.errors import TurbofedError
 from turbofed.topics import TopicError, validate_engine, validate_site
 
@@ -317,6 +324,28 @@ def parse_engines(engines: str | Sequence[str] | None) -> tuple[str, ...] | None
     return tuple(dict.fromkeys(items))
 
 
+IDENTITY_DIR = "identity"  # beside edge.toml, in the bundle's config/ and in ETC on the device
+# (file in the bundle, where it comes from in the identity folder, private?)
+IDENTITY_FILES = (("client.crt", "client_cert", False), ("client.key", "client_key", True), ("ca.crt", "ca_cert", False),
+                  ("signing.key", "signing_key", True), ("aggregator.pub", "aggregator_pub", False))
+
+
+def identity_sources(pki: FleetIdentities, site: str) -> dict[str, Path]:
+    """The site's identity files in the fleet's identity folder; a missing one is an error
+    that says how to issue it."""
+    sources = {"client.crt": pki.client_cert(site), "client.key": pki.client_key(site), "ca.crt": pki.ca_cert,
+               "signing.key": pki.signing_key(site), "aggregator.pub": pki.signing_pub(AGGREGATOR)}
+    try:
+        if pki.identities().get(site) != "site":
+            raise FlashError(f"{pki.root}: no active site identity {site!r}; issue one: turbofed fleet add --fleet FLEET {site}")
+    except IdentityError as exc:
+        raise FlashError(f"{exc}; the bundle carries the site's identity") from None
+    missing = [str(path) for path in sources.values() if not path.is_file()]
+    if missing:
+        raise FlashError(f"{pki.root}: the identity of site {site!r} is incomplete (missing {', '.join(missing)})")
+    return sources
+
+
 def site_config_toml(site: str, broker: BrokerSettings, engines: tuple[str, ...] | None, fleet: str) -> str:
     """The site TOML the bundle installs; `#@credentials@` is where install.sh writes the login."""
     q = json.dumps  # a JSON string is a valid TOML basic string
@@ -333,8 +362,13 @@ def site_config_toml(site: str, broker: BrokerSettings, engines: tuple[str, ...]
         f"topic_root = {q(broker.topic_root)}",
         f"plant_root = {q(broker.plant_root)}",
         f"keepalive = {int(broker.keepalive)}",
-        "# The site's own broker login (never the aggregator's): install.sh asks for it, or",
-        "# reads it from --credentials FILE, and writes `username` and `password` here.",
+        "# TLS: the fleet's CA and this site's client certificate (the broker knows the site by",
+        "# its CN); relative to this file: install.sh places identity/ beside it.",
+        f"ca = {q(IDENTITY_DIR + '/ca.crt')}",
+        f"cert = {q(IDENTITY_DIR + '/client.crt')}",
+        f"key = {q(IDENTITY_DIR + '/client.key')}",
+        "# An optional broker login on top of the certificate: install.sh writes `username` and",
+        "# `password` here when given --credentials FILE.",
         "#@credentials@",
         "",
     ]
@@ -364,6 +398,7 @@ class Plan:
     engines: tuple[str, ...] | None
     broker: BrokerSettings
     version: str
+    identity: dict[str, Path] = field(default_factory=dict)  # bundle file name -> source file
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -382,8 +417,9 @@ def _source_version(root: Path) -> str:
 
 
 def plan_bundle(site: str, fleet: str, out: str | Path, platform: str | None = None, python_version: str | None = None,
-                profile: str = "training", engines: str | Sequence[str] | None = "*") -> Plan:
-    """Check the inputs (site in the fleet, platform, profile, engines) and decide the bundle."""
+                profile: str = "training", engines: str | Sequence[str] | None = "*", pki: str | Path | None = None) -> Plan:
+    """Check the inputs (site in the fleet, its identity in `pki` (default pki/ beside the
+    fleet config), platform, profile, engines) and decide the bundle."""
     if profile not in PROFILES:
         raise FlashError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
     try:
@@ -396,7 +432,10 @@ def plan_bundle(site: str, fleet: str, out: str | Path, platform: str | None = N
     target = resolve_target(platform, python_version)
     broker = BrokerSettings(host=config.broker.host, port=config.broker.port, topic_root=config.broker.topic_root,
                             plant_root=config.broker.plant_root, keepalive=config.broker.keepalive)
-    plan = Plan(site, str(fleet), Path(out), target, profile, parse_engines(engines), broker, _source_version(find_source_tree()))
+    ids = FleetIdentities(Path(pki) if pki else Path(fleet).resolve().parent / "pki")
+    identity = identity_sources(ids, site)
+    plan = Plan(site, str(fleet), Path(out), target, profile, parse_engines(engines), broker, _source_version(find_source_tree()),
+                identity)
     if broker.host in LOOPBACK:
         plan.warnings.append(
             f"the fleet config's broker host is {broker.host!r}: the device will look for the broker on itself. "
@@ -438,6 +477,18 @@ def pip_commands(plan: Plan, source: str = "<checkout>") -> dict[str, list[str]]
         "check": ["install", "--dry-run", "--ignore-installed", "--no-index", "--find-links", str(wheels), *opts,
                   "--target", str(plan.out / ".check"), "--quiet", "--report", str(plan.out / ".check-report.json"), req],
     }
+
+
+def write_identity(plan: Plan, folder: Path) -> None:
+    """Copy the site's identity into the bundle: private keys 0600 from the start, the folder 0700."""
+    folder.mkdir(mode=0o700)
+    private = {name for name, _, secret in IDENTITY_FILES if secret}
+    for name, source in plan.identity.items():
+        mode = 0o600 if name in private else 0o644
+        fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(source.read_bytes())
+        os.chmod(folder / name, mode)
 
 
 def build_bundle(plan: Plan, progress: Progress = _stderr) -> dict:
@@ -484,6 +535,7 @@ def build_bundle(plan: Plan, progress: Progress = _stderr) -> dict:
     progress(f"[4/{steps}] writing config/edge.toml (broker {plan.broker.host}:{plan.broker.port}, engines {'all' if plan.engines is None else ','.join(plan.engines)})")
     (out / "config").mkdir()
     (out / "config" / "edge.toml").write_text(site_config_toml(plan.site, plan.broker, plan.engines, plan.fleet))
+    write_identity(plan, out / "config" / IDENTITY_DIR)
 
     progress(f"[5/{steps}] writing systemd/{UNIT} and install.sh")
     values = {
@@ -508,7 +560,8 @@ def build_bundle(plan: Plan, progress: Progress = _stderr) -> dict:
         "pip_platforms": list(plan.target.platforms),
         "arch": plan.target.arch,
         "python": plan.target.python_version,
-        "broker": {"host": plan.broker.host, "port": plan.broker.port, "topic_root": plan.broker.topic_root},
+        "broker": {"host": plan.broker.host, "port": plan.broker.port, "topic_root": plan.broker.topic_root, "tls": True},
+        "identity": sorted(f"config/{IDENTITY_DIR}/{name}" for name in plan.identity),
         "engines": "*" if plan.engines is None else list(plan.engines),
         "packages": dict(sorted(packages.items())),
         "wheels": wheels,
@@ -568,7 +621,9 @@ def dry_run_lines(plan: Plan, host: str | None) -> list[str]:
         shlex.join([*py, *cmds["wheel"]]) + "   # from a copy of the checkout",
         shlex.join([*py, *cmds["download"]]),
         "PIP_CONFIG_FILE=/dev/null " + shlex.join([*py, *cmds["check"]]),
-        f"# write {out / 'config' / 'edge.toml'}  (broker {plan.broker.host}:{plan.broker.port}, state {STATE_ROOT}/{plan.site})",
+        f"# write {out / 'config' / 'edge.toml'}  (broker {plan.broker.host}:{plan.broker.port}, TLS, state {STATE_ROOT}/{plan.site})",
+        f"# copy the site's identity into {out / 'config' / IDENTITY_DIR} (keys 0600): "
+        + ", ".join(f"{name} <- {source}" for name, source in plan.identity.items()),
         f"# write {out / 'systemd' / UNIT}, {out / 'install.sh'}, {out / 'bundle.json'}, {out / 'SHA256SUMS'}",
     ]
     if host:
@@ -580,7 +635,7 @@ def dry_run_lines(plan: Plan, host: str | None) -> list[str]:
 
 def run_cli(args: argparse.Namespace) -> int:
     plan = plan_bundle(args.site, args.fleet, args.out, getattr(args, "platform", None), getattr(args, "python_version", None),
-                       getattr(args, "profile", "training"), getattr(args, "engines", "*"))
+                       getattr(args, "profile", "training"), getattr(args, "engines", "*"), getattr(args, "pki", None))
     for warning in plan.warnings:
         _stderr(f"turbofed flash: warning: {warning}")
     host = getattr(args, "host", None)

@@ -3,17 +3,26 @@
 Either broker runs in its own process so it never shares the caller's event loop or
 GIL, and so stopping it is the same for both. ``start_broker`` returns only once the
 broker answers an MQTT CONNECT, so callers can connect immediately.
+
+With a fleet identity folder (``pki``, see turbofed.deploy.identities) Mosquitto runs the
+secure setup of broker_config/mosquitto.conf: TLS, client certificates, the fleet's ACL
+and CRL; the readiness probe is then a TLS CONNECT as the aggregator. Without one it is
+an anonymous, loopback-only development broker, and says so loudly. The embedded amqtt
+broker cannot enforce client certificates and ACLs: it is always such a development
+broker, and refuses any address but loopback.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import ipaddress
 import logging
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -24,6 +33,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import turbofed.broker_config
+from turbofed.config import TLS_PORT, BrokerSettings
+from turbofed.deploy.identities import AGGREGATOR, FleetIdentities, client_settings
 from turbofed.envelope import MAX_PAYLOAD_BYTES
 from turbofed.errors import TurbofedError
 
@@ -43,6 +54,23 @@ listener 1883 127.0.0.1
 """
 # Keys start_broker sets itself; the copies in the base config are dropped.
 _OVERRIDDEN = {"port", "bind_address", "persistence_location", "log_dest", "pid_file", "user", "include_dir"}
+# The security lines: pointed at the identity folder, or dropped for the insecure dev broker.
+_SECURITY = {"allow_anonymous", "acl_file", "password_file", "cafile", "capath", "certfile", "keyfile", "crlfile",
+             "require_certificate", "use_identity_as_username", "use_subject_as_username", "tls_version",
+             "ciphers", "ciphers_tls1.3", "psk_hint", "psk_file"}
+INSECURE_WARNING = ("INSECURE DEVELOPMENT BROKER: anonymous clients, no TLS, no ACL; anyone who reaches "
+                    "{address} can read, forge and wipe the fleet's models and data. Loopback only; never use it "
+                    "for a real fleet (give it the fleet's identities: --pki DIR).")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost: the only addresses an insecure broker may bind."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class BrokerError(TurbofedError):
@@ -60,11 +88,42 @@ class BrokerHandle:
     workdir: Path
     log_path: Path | None = field(default=None, repr=False)
     _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
+    pki: FleetIdentities | None = None  # the secure setup (TLS, certificates, ACL) when set
 
     @property
     def address(self) -> str:
         """``host:port``, the form the CLI's ``--broker`` options take."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def secure(self) -> bool:
+        return self.pki is not None
+
+    def settings(self, identity: str | None = None, **fields: Any) -> BrokerSettings:
+        """Client settings for this broker: TLS as `identity` on a secure broker (required
+        there), plain MQTT on a development broker (the identity is then ignored)."""
+        base = BrokerSettings(host=_probe_host(self.host), port=self.port, **fields)
+        if self.pki is None:
+            return base
+        if identity is None:
+            raise BrokerError(f"the broker on {self.address} requires a client identity (TLS certificate)")
+        return client_settings(self.pki, identity, base)
+
+    def reload(self, timeout: float = 10.0) -> None:
+        """SIGHUP: Mosquitto reloads its ACL and CRL (checked on 2.0.11: a certificate revoked
+        since start is then refused at connect). Returns once the broker has logged the reload,
+        so connections made after this see the new rules."""
+        if self.kind != "mosquitto" or not self.running():
+            raise BrokerError(f"only a running Mosquitto reloads its ACL and CRL ({self.kind} on {self.address})")
+        seen = self.log_text(limit=10**9).count("Reloading config.")
+        self.process.send_signal(signal.SIGHUP)
+        if self.log_path is None:
+            return  # logs go to the terminal: nothing to wait on
+        deadline = time.monotonic() + timeout
+        while self.log_text(limit=10**9).count("Reloading config.") <= seen:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"mosquitto on {self.address} did not reload within {timeout:.0f} s")
+            time.sleep(0.02)
 
     def running(self) -> bool:
         return self.process.poll() is None
@@ -132,13 +191,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def mosquitto_config(base: str, host: str, port: int, persistence_dir: Path) -> str:
+def _pki_paths(pki: FleetIdentities) -> dict[str, str]:
+    """Where each security line of the base config points, in this identity folder."""
+    return {"acl_file": str(pki.acl.resolve()), "cafile": str(pki.ca_cert.resolve()),
+            "certfile": str(pki.broker_cert.resolve()), "keyfile": str(pki.broker_key.resolve()),
+            "crlfile": str(pki.crl.resolve())}
+
+
+def mosquitto_config(base: str, host: str, port: int, persistence_dir: Path, pki: FleetIdentities | None = None) -> str:
     """Derive a runnable config from ``base``: our listener, persistence folder, stderr log.
 
-    Everything else in ``base`` (limits, queues, auth) is kept, so tests exercise the
-    same settings as ``broker_config/mosquitto.conf``.
+    With ``pki`` the security lines (acl_file, cafile, certfile, keyfile, crlfile) point into
+    that identity folder and every file must exist; without it they are dropped and the
+    broker admits anonymous clients (the insecure development broker: loopback only).
+    Everything else in ``base`` (limits, queues) is kept, so tests exercise the same
+    settings as ``broker_config/mosquitto.conf``.
     """
+    if pki is None and not is_loopback(host):
+        raise BrokerError(f"an insecure (anonymous, no TLS) broker binds loopback only, not {host!r}; "
+                          "give it the fleet's identities (--pki DIR)")
+    paths = _pki_paths(pki) if pki is not None else {}
+    for key, value in paths.items():
+        if not Path(value).is_file():
+            raise BrokerError(f"{pki.root if pki else ''}: {key} {value} is missing; run `turbofed fleet init` first")
     out: list[str] = []
+    seen: set[str] = set()
     listener_done = False
     for line in base.splitlines():
         words = line.split()
@@ -152,7 +229,20 @@ def mosquitto_config(base: str, host: str, port: int, persistence_dir: Path) -> 
             line = "persistence true"
         elif key in _OVERRIDDEN:
             continue
+        elif key in _SECURITY:
+            if pki is None:
+                continue
+            if key in paths:
+                line = f"{key} {paths[key]}"
+        seen.add(key)
         out.append(line)
+    if pki is None:
+        out.insert(0, "allow_anonymous true")
+    else:
+        required = {"allow_anonymous", "require_certificate", "use_identity_as_username", *paths}
+        if required - seen or "allow_anonymous true" in out:
+            raise BrokerError(f"the base mosquitto config lacks the secure settings ({', '.join(sorted(required - seen)) or 'allow_anonymous false'}); "
+                              f"see {REPO_CONF}")
     if not any(line.split()[:1] == ["max_packet_size"] for line in out):
         out.insert(0, f"max_packet_size {MAX_PACKET_BYTES}")
     head = [f"persistence_location {persistence_dir.resolve()}/", "log_dest stderr"]
@@ -162,6 +252,8 @@ def mosquitto_config(base: str, host: str, port: int, persistence_dir: Path) -> 
 
         head.append(f"user {pwd.getpwuid(0).pw_name}")
     if not listener_done:
+        if pki is not None:
+            raise BrokerError(f"the base mosquitto config has no listener for its TLS settings; see {REPO_CONF}")
         out.append(f"listener {port} {host}")
     return "\n".join(["# generated by turbofed.simulation.broker", *head, *out]) + "\n"
 
@@ -170,8 +262,16 @@ def _probe_host(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
-def mqtt_ping(host: str, port: int, timeout: float = 1.0) -> bool:
-    """True if an MQTT 3.1.1 broker accepts an anonymous CONNECT (CONNACK code 0).
+def probe_tls_context(pki: FleetIdentities, identity: str = AGGREGATOR) -> ssl.SSLContext:
+    """A client TLS context as `identity` of the fleet: verifies the broker against the CA."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca_cert))
+    context.load_cert_chain(str(pki.client_cert(identity)), str(pki.client_key(identity)))
+    return context
+
+
+def mqtt_ping(host: str, port: int, timeout: float = 1.0, tls: ssl.SSLContext | None = None) -> bool:
+    """True if an MQTT 3.1.1 broker accepts a CONNECT (CONNACK code 0): anonymous, or over
+    TLS with the client certificate of the `tls` context (the broker names us by its CN).
 
     A bare TCP connect would report ready before amqtt has loaded its plugins, and makes
     both brokers log a protocol error.
@@ -179,8 +279,10 @@ def mqtt_ping(host: str, port: int, timeout: float = 1.0) -> bool:
     client_id = f"turbofed-probe-{uuid.uuid4().hex[:12]}".encode()
     var = b"\x00\x04MQTT\x04\x02\x00\x05" + len(client_id).to_bytes(2, "big") + client_id
     connect = bytes([0x10, len(var)]) + var
+    target = _probe_host(host)
     try:
-        with socket.create_connection((_probe_host(host), port), timeout=timeout) as s:
+        with socket.create_connection((target, port), timeout=timeout) as raw:
+            s = tls.wrap_socket(raw, server_hostname=target) if tls is not None else raw
             s.sendall(connect)
             ack = b""
             while len(ack) < 4:
@@ -194,7 +296,8 @@ def mqtt_ping(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def _spawn(kind: BrokerKind, host: str, port: int, workdir: Path, stream_logs: bool) -> tuple[subprocess.Popen[bytes], Path | None]:
+def _spawn(kind: BrokerKind, host: str, port: int, workdir: Path, stream_logs: bool,
+           pki: FleetIdentities | None) -> tuple[subprocess.Popen[bytes], Path | None]:
     if kind == "mosquitto":
         exe = find_mosquitto()
         if exe is None:
@@ -204,7 +307,7 @@ def _spawn(kind: BrokerKind, host: str, port: int, workdir: Path, stream_logs: b
         persistence = workdir / "mosquitto"
         persistence.mkdir(parents=True, exist_ok=True)
         conf = workdir / "mosquitto.conf"
-        conf.write_text(mosquitto_config(base, host, port, persistence))
+        conf.write_text(mosquitto_config(base, host, port, persistence, pki))
         cmd = [exe, "-c", str(conf)]
     else:
         code = "import sys; from turbofed.simulation.broker import serve_amqtt; sys.exit(serve_amqtt(sys.argv[1:]))"
@@ -228,6 +331,7 @@ def start_broker(
     *,
     timeout: float = 20.0,
     stream_logs: bool = False,
+    pki: FleetIdentities | str | Path | None = None,
 ) -> BrokerHandle:
     """Start a broker and wait until it accepts MQTT connections.
 
@@ -235,11 +339,24 @@ def start_broker(
     True = amqtt; False = Mosquitto or fail. ``workdir`` holds the generated config,
     the persistence folder and the log (a temporary folder when None, removed on stop).
     ``stream_logs`` sends the broker's output to this process's terminal instead.
+    ``pki``: the fleet's identity folder: Mosquitto with TLS, client certificates, ACL and
+    CRL (amqtt cannot do this: asking for it is an error, not a silent downgrade). Without
+    it the broker is the insecure development broker: loopback only, logged as such.
     """
+    if pki is not None and not isinstance(pki, FleetIdentities):
+        pki = FleetIdentities(Path(pki))
+    if pki is not None:
+        pki.read_manifest()  # a clear error for a folder that holds no fleet
     if embedded is None:
         kind: BrokerKind = "amqtt" if find_mosquitto() is None else "mosquitto"
     else:
         kind = "amqtt" if embedded else "mosquitto"
+    if kind == "amqtt" and pki is not None:
+        raise BrokerError("the embedded broker (amqtt) cannot enforce TLS client certificates and the fleet's ACL; "
+                          "install mosquitto for the secure setup, or run the insecure development broker without --pki")
+    if pki is None and not is_loopback(host):
+        raise BrokerError(f"the insecure development broker ({kind}: anonymous, no TLS, no ACL) binds loopback only, "
+                          f"not {host!r}; give it the fleet's identities (--pki DIR) to serve other machines")
     if kind == "amqtt":
         try:
             import amqtt  # noqa: F401
@@ -258,13 +375,17 @@ def start_broker(
     for attempt in range(attempts):
         chosen = free_port(host) if port == 0 else port
         log.info("starting %s broker on %s:%d (workdir %s)", kind, host, chosen, workdir)
-        proc, log_path = _spawn(kind, host, chosen, workdir, stream_logs)
-        handle = BrokerHandle(host, chosen, kind, proc, workdir, log_path, tmp)
+        proc, log_path = _spawn(kind, host, chosen, workdir, stream_logs, pki)
+        handle = BrokerHandle(host, chosen, kind, proc, workdir, log_path, tmp, pki)
         _live.add(handle)
+        probe = probe_tls_context(pki) if pki is not None else None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and proc.poll() is None:
-            if mqtt_ping(host, chosen):
-                log.info("%s broker ready on %s:%d", kind, host, chosen)
+            if mqtt_ping(host, chosen, tls=probe):
+                if pki is None:
+                    log.warning(INSECURE_WARNING.format(address=handle.address))
+                else:
+                    log.info("%s broker ready on %s:%d (TLS, client certificates of %s, ACL)", kind, host, chosen, pki.root)
                 return handle
             time.sleep(0.05)
         exited = proc.poll() is not None
@@ -281,6 +402,25 @@ def start_broker(
     raise BrokerError(f"{kind} broker on {host}:{chosen} {why}. Its output:\n{last_error.strip()}")
 
 
+def broker_pki(args: argparse.Namespace) -> FleetIdentities | None:
+    """The identity folder `turbofed broker` runs with: --pki, else pki/ beside --fleet, else
+    ./pki when it holds a fleet. None only with an explicit --insecure-dev (or --embedded,
+    which cannot be secure): a broker never drops its security silently."""
+    insecure = bool(getattr(args, "insecure_dev", False) or getattr(args, "embedded", False))
+    pki_arg, fleet_arg = getattr(args, "pki", None), getattr(args, "fleet", None)
+    if insecure:
+        if pki_arg:
+            raise BrokerError("--pki and --insecure-dev/--embedded exclude each other")
+        return None
+    if pki_arg:
+        return FleetIdentities(Path(pki_arg))
+    folder = Path(fleet_arg).resolve().parent / "pki" if fleet_arg else Path("pki")
+    if (folder / "fleet.json").is_file():
+        return FleetIdentities(folder)
+    raise BrokerError(f"no fleet identities in {folder} (run `turbofed fleet init --fleet fleet.toml`, then "
+                      "`turbofed broker --pki pki`), or run the anonymous loopback development broker with --insecure-dev")
+
+
 def run_cli(args: argparse.Namespace) -> int:
     """``turbofed broker``: run a broker in the foreground until Ctrl-C.
 
@@ -289,8 +429,13 @@ def run_cli(args: argparse.Namespace) -> int:
     """
     embedded = True if getattr(args, "embedded", False) else None
     workdir = Path(getattr(args, "workdir", None) or ".turbofed/broker")
-    handle = start_broker(args.host, args.port, embedded=embedded, workdir=workdir, stream_logs=True)
-    log.info("%s broker running on %s; Ctrl-C to stop", handle.kind, handle.address)
+    pki = broker_pki(args)
+    port = args.port if args.port is not None else (TLS_PORT if pki is not None else 1883)
+    handle = start_broker(args.host, port, embedded=embedded, workdir=workdir, stream_logs=True, pki=pki)
+    if pki is None:
+        print(f"turbofed: {INSECURE_WARNING.format(address=handle.address)}", file=sys.stderr)
+    log.info("%s broker running on %s%s; Ctrl-C to stop", handle.kind, handle.address,
+             f" (TLS, identities in {pki.root})" if pki is not None else " (INSECURE development broker)")
 
     def _terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # systemd/docker stop: shut down like Ctrl-C
@@ -351,6 +496,10 @@ def serve_amqtt(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not is_loopback(a.host):
+        print(f"turbofed-amqtt: the embedded broker is for development only and binds loopback only, not {a.host!r}",
+              file=sys.stderr)
+        return 2
     for noisy in ("transitions", "amqtt.mqtt.protocol", "amqtt.broker.plugins"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     host = f"[{a.host}]" if ":" in a.host else a.host
@@ -383,6 +532,7 @@ def serve_amqtt(argv: list[str] | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         await broker.start()
         log.info("amqtt broker listening on %s:%d (in-memory: no persistence across restarts)", a.host, a.port)
+        log.warning(INSECURE_WARNING.format(address=f"{a.host}:{a.port}"))
         while not stop.is_set():
             if a.parent_pid and os.getppid() != a.parent_pid:
                 log.warning("parent process %d is gone; stopping", a.parent_pid)

@@ -1,7 +1,9 @@
 """`turbofed demo`: the whole system on one machine, in one command.
 
 It starts a broker (Mosquitto when installed, else the embedded one), four edge agents
-and the aggregator as separate processes talking only through MQTT, replays the training
+and the aggregator as separate processes talking only through MQTT (on Mosquitto, the
+secure setup: `fleet init` into the workdir, TLS, and every process with its own
+identity; the embedded broker runs insecure, on loopback, with a warning), replays the training
 engines (sites label them as they fail), lets the aggregator compute fleet statistics and
 run its rounds, replays the test engines (their true RUL is revealed at the end), and
 prints each site's local vs federated RMSE on its own test engines.
@@ -27,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from turbofed.config import BrokerSettings, ModelSettings, resolve_data_dir
+from turbofed.deploy.identities import AGGREGATOR, MONITOR, FleetIdentities, init_for_sites
 from turbofed.errors import Refused, TurbofedError
 from turbofed.messages import Metrics, RoundAnnouncement, Status
 from turbofed.mqtt import Subscriptions, connect, make_client
-from turbofed.simulation.broker import BrokerHandle, start_broker
-from turbofed.topics import Topics
+from turbofed.simulation.broker import BrokerHandle, find_mosquitto, start_broker
+from turbofed.topics import DEFAULT_TOPICS, Topics
 
 log = logging.getLogger("turbofed.simulation.demo")
 
@@ -158,16 +161,26 @@ def find_data(dataset: str, data_dir: str | None) -> tuple[str, str | None, str]
     return SYNTHETIC, None, f"synthetic fleet (C-MAPSS unavailable: {reason})"
 
 
-def write_configs(work: Path, sites: list[str], broker: BrokerSettings, settings: ModelSettings) -> Path:
-    """One TOML per site and one for the fleet, as a user would write them."""
-    broker_toml = f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n'
+def write_configs(work: Path, sites: list[str], broker: BrokerSettings, settings: ModelSettings,
+                  pki: FleetIdentities | None = None) -> Path:
+    """One TOML per site and one for the fleet, as a user would write them: with `pki` (inside
+    `work`), each names its own identity's certificate and key, relative to the file."""
+
+    def broker_toml(identity: str) -> str:
+        text = f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n'
+        if pki is not None:
+            rel = lambda p: p.resolve().relative_to(work.resolve()).as_posix()  # noqa: E731
+            text += (f'ca = "{rel(pki.ca_cert)}"\ncert = "{rel(pki.client_cert(identity))}"\n'
+                     f'key = "{rel(pki.client_key(identity))}"\n')
+        return text
+
     for site in sites:
-        (work / f"{site}.toml").write_text(f'site = "{site}"\nstate_dir = "state/{site}"\nengines = "*"\n\n{broker_toml}')
+        (work / f"{site}.toml").write_text(f'site = "{site}"\nstate_dir = "state/{site}"\nengines = "*"\n\n{broker_toml(site)}')
     model = "\n".join(f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in settings.to_dict().items())
     fleet = work / "fleet.toml"
     fleet.write_text(
         f"sites = {json.dumps(sites)}\nstore = \"results.sqlite\"\nregistry = \"registry\"\n"
-        f"strategy = \"fedavg\"\nround_deadline_s = 120\n\n{broker_toml}\n[model]\n{model}\n"
+        f"strategy = \"fedavg\"\nround_deadline_s = 120\n\n{broker_toml(AGGREGATOR)}\n[model]\n{model}\n"
     )
     return fleet
 
@@ -194,16 +207,21 @@ def run_demo(
     broker_handle: BrokerHandle | None = None
     watch: FleetWatch | None = None
     try:
-        broker_handle = start_broker(embedded=embedded_broker, workdir=work / "broker")
-        print(f"broker: {broker_handle.kind} on {broker_handle.host}:{broker_handle.port}", file=sys.stderr)
+        secure = not embedded_broker and find_mosquitto() is not None
+        pki = init_for_sites(work / "pki", sites, DEFAULT_TOPICS, ["127.0.0.1", "localhost"]) if secure else None
+        broker_handle = start_broker(embedded=not secure, workdir=work / "broker", pki=pki)
+        how = f"TLS, one identity per process ({pki.root})" if pki else "INSECURE: anonymous, no TLS, loopback only"
+        print(f"broker: {broker_handle.kind} on {broker_handle.host}:{broker_handle.port} ({how})", file=sys.stderr)
         broker = BrokerSettings(host=broker_handle.host, port=broker_handle.port)
-        fleet_toml = write_configs(work, sites, broker, settings)
-        watch = FleetWatch(broker)
+        fleet_toml = write_configs(work, sites, broker, settings, pki)
+        watch = FleetWatch(broker_handle.settings(MONITOR))
         for site in sites:
             processes.start(site, "edge", "--config", str(work / f"{site}.toml"))
         watch.wait("the edge agents to come online", lambda: sum(watch.site_status(s).online for s in sites) == n_sites, 120, processes)
 
         replay_args = ["--dataset", dataset, "--sites", str(n_sites), "--rate", "max", "--seed", str(settings.seed), "--broker", f"{broker.host}:{broker.port}"]
+        if pki is not None:
+            replay_args += ["--pki", str(pki.root)]  # the replay publishes as each site's gateway
         if data_dir:
             replay_args += ["--data-dir", data_dir]
         train = _replay(processes, work, replay_args + ["--part", "train"])
@@ -231,6 +249,7 @@ def run_demo(
         "seconds": round(time.perf_counter() - started, 1),
         "store": str(work / "results.sqlite"),
         "broker": broker_handle.kind if broker_handle else None,
+        "secure": bool(broker_handle and broker_handle.secure),
         "data": data_note,
         "dataset": dataset,
         "settings": settings.to_dict(),
@@ -285,7 +304,8 @@ def run_cli(args: argparse.Namespace) -> int:
     settings = ModelSettings(seed=args.seed).replace(rounds=args.rounds)
     result = run_demo(args.dataset, args.data_dir, args.sites, settings, args.workdir, True if args.embedded_broker else None)
     print(format_table(result))
-    print(f"\n{result['data']}; broker {result['broker']}; {result['seconds']:.0f} s")
+    security = "TLS with per-process identities" if result["secure"] else "INSECURE development broker"
+    print(f"\n{result['data']}; broker {result['broker']} ({security}); {result['seconds']:.0f} s")
     print(f"results store: {result['store']}")
     print(f"open the dashboard: turbofed dashboard --store {result['store']}")
     if args.json_out:

@@ -20,6 +20,10 @@ a token bucket of rows per second (or as fast as the broker acknowledges, "max")
 
 `publish_schedule` / `fleet_schedule` are the pure part (no broker): the exact order of
 (topic, payload), for tests and benchmarks.
+
+On a secure broker the replay acts as each site's sensor gateway: one connection per
+site, as `gateway-<site>` (TLS client certificate), since the ACL lets a gateway publish
+only `plant/<its site>/...` (`GatewayReplay`; `turbofed replay --pki DIR`).
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
+from turbofed.config import BrokerSettings
 from turbofed.data.cmapss import SUBSETS, EngineRun
 from turbofed.errors import TurbofedError
 from turbofed.messages import EngineEvent, SensorReading
@@ -299,8 +305,11 @@ class Replay:
         connect_timeout: float = CONNECT_TIMEOUT,
         ack_timeout: float = ACK_TIMEOUT,
         client_id: str | None = None,
+        tls: BrokerSettings | None = None,
     ) -> None:
         import paho.mqtt.client as mqtt
+
+        from turbofed.mqtt import ConnectError, configure_tls
 
         self.host, self.port = host, port
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -322,6 +331,11 @@ class Replay:
         self._client.max_inflight_messages_set(inflight)
         self._client.max_queued_messages_set(0)  # unbounded in paho; we bound it ourselves
         self._client.reconnect_delay_set(min_delay=1, max_delay=5)
+        if tls is not None:
+            try:
+                configure_tls(self._client, tls)
+            except ConnectError as exc:
+                raise BrokerUnreachableError(str(exc)) from None
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
@@ -426,40 +440,115 @@ class Replay:
         self.close(wait=exc_type is None)
 
     # the replay itself
+    def send(self, item: Publish) -> None:
+        self.publish(item.topic, item.payload)
+
     def run(self, schedule: Iterable[Publish], rate: float | None, total_rows: int | None = None, progress: bool = True) -> dict:
         """Publish the schedule, pacing sensor rows at `rate` per second (None: max), then flush."""
-        from tqdm import tqdm
+        return run_schedule(self, schedule, rate, total_rows, progress)
 
-        bucket = TokenBucket(rate) if rate else None
-        rows = events = 0
-        bar = tqdm(total=total_rows, unit="row", desc="replay", file=sys.stderr, disable=not progress,
-                   unit_scale=True, dynamic_ncols=True)
-        started = time.perf_counter()
-        batch = 0
+
+class GatewayReplay:
+    """The replay as every site's sensor gateway: one `Replay` per site, each with that
+    site's gateway identity (`gateway-<site>`), each message sent by its site's gateway.
+    Same interface as `Replay` (context manager, send, flush, run)."""
+
+    def __init__(self, host: str, port: int, gateways: Mapping[str, BrokerSettings], **options: Any) -> None:
+        if not gateways:
+            raise ReplayError("a gateway replay needs at least one site's gateway identity")
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.publishers = {site: Replay(host, port, tls=settings, client_id=f"turbofed-replay-{site}-{uuid.uuid4().hex[:6]}",
+                                        **options) for site, settings in gateways.items()}
+
+    def connect(self) -> None:
         try:
-            for item in schedule:
-                if item.kind == "sensors":
-                    if bucket is not None:
-                        bucket.take()
-                    rows += 1
-                    batch += 1
-                    if batch >= 256:
-                        bar.update(batch)
-                        batch = 0
-                else:
-                    events += 1
-                self.publish(item.topic, item.payload)
-            self.flush()
-        finally:
-            bar.update(batch)
-            bar.close()
-        seconds = time.perf_counter() - started
-        return {
-            "rows": rows,
-            "events": events,
-            "seconds": round(seconds, 3),
-            "rows_per_s": round(rows / seconds, 1) if seconds > 0 else None,
-        }
+            for publisher in self.publishers.values():
+                publisher.connect()
+        except BaseException:
+            self.close(wait=False)
+            raise
+
+    def send(self, item: Publish) -> None:
+        publisher = self.publishers.get(item.site)
+        if publisher is None:
+            raise ReplayError(f"no gateway identity for site {item.site!r} (topic {item.topic}); "
+                              f"have: {', '.join(sorted(self.publishers))}")
+        publisher.publish(item.topic, item.payload)
+
+    def flush(self) -> None:
+        for publisher in self.publishers.values():
+            publisher.flush()
+
+    def close(self, wait: bool = True) -> None:
+        errors = []
+        for publisher in self.publishers.values():
+            try:
+                publisher.close(wait=wait)
+            except ReplayError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> GatewayReplay:
+        self.connect()
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self.close(wait=exc_type is None)
+
+    def run(self, schedule: Iterable[Publish], rate: float | None, total_rows: int | None = None, progress: bool = True) -> dict:
+        return run_schedule(self, schedule, rate, total_rows, progress)
+
+
+def gateway_settings(pki: str | Path, sites: Iterable[str], host: str, port: int, topics: Topics | None = None) -> dict[str, BrokerSettings]:
+    """Each site's gateway identity from the fleet's identity folder, as client settings."""
+    from turbofed.deploy.identities import FleetIdentities, IdentityError, client_settings, gateway_name
+
+    ids = FleetIdentities(Path(pki))
+    topics = topics or DEFAULT_TOPICS
+    base = BrokerSettings(host=host, port=port, topic_root=topics.root, plant_root=topics.plant_root)
+    try:
+        return {site: client_settings(ids, gateway_name(site), base) for site in sites}
+    except IdentityError as exc:
+        raise ReplayError(f"--pki {pki}: {exc}") from None
+
+
+def run_schedule(publisher: Replay | GatewayReplay, schedule: Iterable[Publish], rate: float | None,
+                 total_rows: int | None = None, progress: bool = True) -> dict:
+    """Publish the schedule through `publisher`, pacing sensor rows at `rate` per second
+    (None: max), then flush."""
+    from tqdm import tqdm
+
+    bucket = TokenBucket(rate) if rate else None
+    rows = events = 0
+    bar = tqdm(total=total_rows, unit="row", desc="replay", file=sys.stderr, disable=not progress,
+               unit_scale=True, dynamic_ncols=True)
+    started = time.perf_counter()
+    batch = 0
+    try:
+        for item in schedule:
+            if item.kind == "sensors":
+                if bucket is not None:
+                    bucket.take()
+                rows += 1
+                batch += 1
+                if batch >= 256:
+                    bar.update(batch)
+                    batch = 0
+            else:
+                events += 1
+            publisher.send(item)
+        publisher.flush()
+    finally:
+        bar.update(batch)
+        bar.close()
+    seconds = time.perf_counter() - started
+    return {
+        "rows": rows,
+        "events": events,
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(rows / seconds, 1) if seconds > 0 else None,
+    }
 
 
 # --------------------------------------------------------------------------- front doors
@@ -482,11 +571,13 @@ def replay(
     inflight: int = DEFAULT_INFLIGHT,
     connect_timeout: float = CONNECT_TIMEOUT,
     ack_timeout: float = ACK_TIMEOUT,
+    pki: str | Path | None = None,
 ) -> dict:
     """Replay a fleet to the broker at host:port; returns once the broker acknowledged all.
 
     `rate` is rows per second (None = as fast as the broker acknowledges). The summary
-    holds rows, events, engines, sites, seconds and rows/s.
+    holds rows, events, engines, sites, seconds and rows/s. With `pki` (the fleet's
+    identity folder) it connects over TLS as each site's gateway (`GatewayReplay`).
     """
     rate = parse_rate(rate)
     parts = fleet_parts(dataset, data_dir, n_sites, assign_mode, part, seed, max_engines)
@@ -497,7 +588,14 @@ def replay(
         dataset, part, sum(len(e) for _, e in parts), total, n_sites,
         "max rate" if rate is None else f"{rate:g} rows/s",
     )
-    with Replay(host, port, inflight=inflight, connect_timeout=connect_timeout, ack_timeout=ack_timeout) as publisher:
+    options: dict[str, Any] = dict(inflight=inflight, connect_timeout=connect_timeout, ack_timeout=ack_timeout)
+    publisher: Replay | GatewayReplay
+    if pki is not None:
+        sites = sorted({engine.site for _, engines in parts for engine in engines})
+        publisher = GatewayReplay(host, port, gateway_settings(pki, sites, host, port, topics), **options)
+    else:
+        publisher = Replay(host, port, **options)
+    with publisher:
         summary = publisher.run(fleet_schedule(parts, topics), rate, total, progress)
     return {
         "dataset": dataset,
@@ -528,6 +626,7 @@ def run_cli(args: argparse.Namespace) -> int:
         seed=getattr(args, "seed", 0) or 0,
         progress=getattr(args, "progress", True),
         max_engines=getattr(args, "max_engines", None),
+        pki=getattr(args, "pki", None),
     )
     print(json.dumps(summary))
     print(

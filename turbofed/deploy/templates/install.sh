@@ -37,10 +37,13 @@ Usage: install.sh [options]
 
 Installs the turbofed edge agent for site $SITE ($PROFILE profile): a virtual
 environment under PREFIX/venv from the bundled wheels (no network), the site config
-under ETC, and the systemd service $UNIT running as user $SERVICE_USER.
+and the site's identity (TLS certificate and key, the fleet's CA, its signing key and
+the aggregator's public key; keys 0600, owned by $SERVICE_USER) under ETC, and the
+systemd service $UNIT running as user $SERVICE_USER.
 
 Options:
-  --credentials FILE  broker login from FILE: lines 'username=...' and 'password=...'
+  --credentials FILE  an optional broker login on top of the certificate, from FILE:
+                      lines 'username=...' and 'password=...'
                       (default: ask on the terminal; an empty username means no login)
   --no-credentials    the broker takes connections without a login
   --prefix DIR        where the virtual environment goes (default: $PREFIX)
@@ -125,7 +128,7 @@ if [ -n "$CREDENTIALS" ]; then
 elif [ "$NO_CREDENTIALS" = 1 ]; then
     :
 elif [ -t 0 ]; then
-    read -r -p "MQTT username for site $SITE (empty: the broker needs no login): " BROKER_USER
+    read -r -p "MQTT username for site $SITE (empty: none; the site's certificate is its identity): " BROKER_USER
     if [ -n "$BROKER_USER" ]; then
         read -r -s -p "MQTT password for $BROKER_USER: " BROKER_PASS
         echo >&2
@@ -182,9 +185,32 @@ fi
 printf '%s\n' "$PROFILE" > "$PREFIX/profile"
 "$VENV/bin/turbofed" --help >/dev/null || die "the installed turbofed command does not start"
 
-# --- site config -----------------------------------------------------------------------
+# --- the site's identity ----------------------------------------------------------------
+# Beside the config (which names identity/ca.crt, identity/client.crt, identity/client.key
+# relative to itself). Built in a 0700 folder and swapped in whole: no moment in which a
+# key is readable by anyone but its owner, or half of an old identity remains.
 
 mkdir -p "$ETC"
+IDENTITY="$ETC/identity"
+if [ -d "$BUNDLE/config/identity" ]; then
+    say "placing the site's identity in $IDENTITY (private keys 0600)"
+    staged="$ETC/.identity.new"
+    rm -rf "$staged"
+    (umask 077 && mkdir "$staged")
+    for file in "$BUNDLE/config/identity/"*; do
+        name="$(basename "$file")"
+        case "$name" in *.key) mode=0600 ;; *) mode=0644 ;; esac
+        install -m "$mode" "$file" "$staged/$name"
+    done
+    if [ "$SYSTEMD" = 1 ]; then
+        chown -R "$SERVICE_USER:$SERVICE_USER" "$staged"
+    fi
+    rm -rf "$IDENTITY"
+    mv "$staged" "$IDENTITY"
+fi
+
+# --- site config -----------------------------------------------------------------------
+
 if [ -f "$CONFIG" ]; then
     backup="$CONFIG.$(date +%Y%m%d-%H%M%S).bak"
     cp -p "$CONFIG" "$backup"
