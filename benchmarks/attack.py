@@ -76,7 +76,9 @@ def make_tamper(attack: str, malicious: set[str], n_sites: int, rng: np.random.G
                 z = little_is_enough_z(n_sites, len(malicious))
                 weights = {n: (np.mean([h[n] for h in honest], axis=0) - z * np.std([h[n] for h in honest], axis=0)
                                ).astype(w.dtype) for n, w in weights.items()}
-            out.append((site, replace_weights(model, weights).SerializeToString(), samples))
+            if all(np.all(np.isfinite(w)) for w in weights.values()):
+                out.append((site, replace_weights(model, weights).SerializeToString(), samples))
+            # else: non-finite weights, which the aggregator refuses (non_finite): the update is dropped
         return out
 
     return tamper
