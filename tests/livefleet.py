@@ -50,6 +50,12 @@ def admit_topics(broker: BrokerHandle, topics: Topics) -> None:
     broker.reload()
 
 
+def broker_table(b: BrokerSettings) -> str:
+    """A config file's [broker] table for these settings, TLS identity included."""
+    tls = f'ca = "{b.ca}"\ncert = "{b.cert}"\nkey = "{b.key}"\n' if b.tls else ""
+    return f'[broker]\nhost = "{b.host}"\nport = {b.port}\ntopic_root = "{b.topic_root}"\nplant_root = "{b.plant_root}"\n{tls}'
+
+
 def wait_for(what: str, condition: Callable[[], bool], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -86,13 +92,9 @@ class LiveFleet:
 
     def site_toml(self, site: str) -> Path:
         """The same site as a TOML file, for an agent run as a separate process."""
-        b = self.settings(site)
         path = self.work / f"{site}.toml"
-        tls = f'ca = "{b.ca}"\ncert = "{b.cert}"\nkey = "{b.key}"\n' if b.tls else ""
-        path.write_text(
-            f'site = "{site}"\nstate_dir = "state/{site}"\nmin_samples = 50\npredictions_every_s = 0.2\n\n'
-            f'[broker]\nhost = "{b.host}"\nport = {b.port}\ntopic_root = "{b.topic_root}"\nplant_root = "{b.plant_root}"\n{tls}'
-        )
+        path.write_text(f'site = "{site}"\nstate_dir = "state/{site}"\nmin_samples = 50\npredictions_every_s = 0.2\n\n'
+                        + broker_table(self.settings(site)))
         return path
 
     def fleet_toml(self, extra: str = "") -> Path:
@@ -104,10 +106,9 @@ class LiveFleet:
         if f.quorum is not None:
             scalars["quorum"] = f.quorum
         model = {k: list(v) if isinstance(v, tuple) else v for k, v in f.model.to_dict().items()}
-        broker = {"host": b.host, "port": b.port, "topic_root": b.topic_root, "plant_root": b.plant_root}
         table = lambda d: "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())  # noqa: E731 - JSON scalars are TOML
         path = self.work / "fleet.toml"
-        path.write_text(f"{table(scalars)}\n[broker]\n{table(broker)}\n[model]\n{table(model)}\n{extra}")
+        path.write_text(f"{table(scalars)}\n{broker_table(b)}\n[model]\n{table(model)}\n{extra}")
         return path
 
     def start_aggregator_process(self, extra_toml: str = "", env: dict[str, str] | None = None) -> subprocess.Popen:

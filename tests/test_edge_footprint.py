@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 from turbofed import envelope
+from tests.livefleet import admit_topics, broker_table
 from turbofed.config import BrokerSettings, ModelSettings
+from turbofed.deploy.identities import AGGREGATOR, gateway_name
 from turbofed.messages import Predictions, RoundAnnouncement, SensorReading, Status
 from turbofed.mqtt import connect, make_client
 from turbofed.simulation.broker import BrokerHandle
@@ -116,14 +118,13 @@ def test_inference_agent_predicts_follows_the_global_model_and_never_imports_skl
     round announcement caught up on connect, federated predictions published, a new global
     model followed, and no scikit-learn module in its sys.modules when it exits."""
     tag = uuid.uuid4().hex[:8]
-    site = f"fp-{tag}"
-    settings = BrokerSettings(host=broker.host, port=broker.port, topic_root=f"fp{tag}/v1", plant_root=f"plantfp{tag}")
-    topics = Topics(settings.topic_root, settings.plant_root)
+    site = "site1"  # a session identity: on Mosquitto the agent connects as itself, with TLS
+    topics = Topics(f"fp{tag}/v1", f"plantfp{tag}")
+    admit_topics(broker, topics)
+    settings = broker.settings(AGGREGATOR, topic_root=topics.root, plant_root=topics.plant_root)
     config = tmp_path / "site.toml"
-    config.write_text(
-        f'site = "{site}"\nstate_dir = "{tmp_path / "state"}"\nengines = "*"\npredictions_every_s = 0.2\n\n'
-        f'[broker]\nhost = "{settings.host}"\nport = {settings.port}\ntopic_root = "{settings.topic_root}"\nplant_root = "{settings.plant_root}"\n'
-    )
+    config.write_text(f'site = "{site}"\nstate_dir = "{tmp_path / "state"}"\nengines = "*"\npredictions_every_s = 0.2\n\n'
+                      + broker_table(broker.settings(site, topic_root=topics.root, plant_root=topics.plant_root)))
     listener = Listener(settings, topics.predictions(site), topics.status(site), topics.update(site))
     listener.publish(topics.global_model, _global(trained, 0), retain=True)
     listener.publish(topics.round, _announcement(trained, 1, 0), retain=True)
@@ -142,8 +143,10 @@ def test_inference_agent_predicts_follows_the_global_model_and_never_imports_skl
 
         first = listener.wait("the agent online with global v0", status(0), proc=proc)
         assert first.profile == "inference"
+        gateway = Listener(broker.settings(gateway_name(site), topic_root=topics.root, plant_root=topics.plant_root))
         for topic, payload in _readings(topics, site, trained["runs"][:2], 40):
-            listener.publish(topic, payload)
+            gateway.publish(topic, payload)  # readings come from the site's gateway: the ACL lets only it publish them
+        gateway.close()
 
         def federated(topic: str, payload: bytes):
             if topic != topics.predictions(site):
