@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from turbofed.edge.learner import RulModel
 
 from turbofed.codec import (
     ForeignGraph,
@@ -20,6 +19,7 @@ from turbofed.codec import (
     replace_weights,
 )
 from turbofed.config import ModelSettings
+from turbofed.edge.learner import RulModel
 from turbofed.spec import FeatureSpec
 
 SPEC = FeatureSpec((0, 1, 2), 30, (0.0,) * 13, (1.0,) * 13)  # 4 features a sensor + the cycle
