@@ -82,23 +82,23 @@ def check_data_only(model: onnx.ModelProto) -> None:
     or tensors whose values are stored outside the model (external data, which whoever
     reads the model would fetch from a file on its own disk)."""
     if len(model.functions):
-        raise ForeignGraph(f"model defines {len(model.functions)} function(s) ({model.functions[0].name!r}); a model may only hold the reference graph")
+        raise ForeignGraph(f"model defines {len(model.functions)} function(s) ({model.functions[0].name[:64]!r}); a model may only hold the reference graph")
     if len(model.training_info):
         raise ForeignGraph("model carries training graphs (training_info); a model may only hold the reference graph")
     graph = model.graph
     if len(graph.sparse_initializer):
         raise ForeignGraph(f"graph has {len(graph.sparse_initializer)} sparse initializer(s); weights must be dense initializers")
     for init in graph.initializer:
-        _check_stored_inside(init, f"initializer {init.name!r}")
+        _check_stored_inside(init, f"initializer {init.name[:64]!r}")
     for node in graph.node:
-        where = f"node {node.name!r} ({node.op_type})"
+        where = f"node {node.name[:64]!r} ({node.op_type[:64]})"
         for attr in node.attribute:
             if attr.type in _SUBGRAPH_ATTRS or attr.HasField("g") or len(attr.graphs):
-                raise ForeignGraph(f"{where} attribute {attr.name!r} holds a subgraph; a model may not carry control flow")
+                raise ForeignGraph(f"{where} attribute {attr.name[:64]!r} holds a subgraph; a model may not carry control flow")
             if attr.type in _SPARSE_ATTRS or attr.HasField("sparse_tensor") or len(attr.sparse_tensors):
-                raise ForeignGraph(f"{where} attribute {attr.name!r} holds a sparse tensor")
+                raise ForeignGraph(f"{where} attribute {attr.name[:64]!r} holds a sparse tensor")
             for tensor in ([attr.t] if attr.HasField("t") else []) + list(attr.tensors):
-                _check_stored_inside(tensor, f"{where} attribute {attr.name!r}")
+                _check_stored_inside(tensor, f"{where} attribute {attr.name[:64]!r}")
 
 
 def _check_stored_inside(tensor: onnx.TensorProto, where: str) -> None:
@@ -107,11 +107,17 @@ def _check_stored_inside(tensor: onnx.TensorProto, where: str) -> None:
         raise ForeignGraph(f"{where} is external data (location {location[:200]!r}); a model must carry its weights itself")
 
 
+def _short(items: list, limit: int = 5) -> str:
+    """A list for an error message, bounded whatever a sender put in it."""
+    shown = [x[:64] if isinstance(x, str) else x for x in items[:limit]]
+    return f"{shown}" + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def read_weights(model: onnx.ModelProto) -> Weights:
     """The float initializers of a model, by name, as numpy arrays (in graph order). Raises
     ForeignGraph, reading nothing, for an initializer stored outside the model."""
     for init in model.graph.initializer:
-        _check_stored_inside(init, f"initializer {init.name!r}")
+        _check_stored_inside(init, f"initializer {init.name[:64]!r}")
     return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer if init.data_type in _FLOAT_TYPES}
 
 
@@ -132,7 +138,7 @@ def check_weights(candidate: Weights, reference: Weights) -> None:
     missing = sorted(set(reference) - set(candidate))
     extra = sorted(set(candidate) - set(reference))
     if missing or extra:
-        raise WeightsMismatch(f"initializer names differ: missing {missing}, unexpected {extra}")
+        raise WeightsMismatch(f"initializer names differ: missing {_short(missing)}, unexpected {_short(extra)}")
     for name, ref in reference.items():
         got = np.asarray(candidate[name])
         if got.shape != ref.shape:
@@ -159,7 +165,7 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     everything that must never change."""
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(model)
-    for name in _DESCRIPTIVE:
+    for name in (*_DESCRIPTIVE, "opset_import"):  # opsets are compared as a set first: skl2onnx's order varies
         skeleton.ClearField(name)
     for init in skeleton.graph.initializer:
         if init.data_type in _FLOAT_TYPES:
@@ -182,13 +188,13 @@ def check_graph(model: onnx.ModelProto, reference: onnx.ModelProto) -> Weights:
     ours = [(o.domain, o.version) for o in reference.opset_import]
     theirs = [(o.domain, o.version) for o in model.opset_import]
     if (model.ir_version, sorted(theirs)) != (reference.ir_version, sorted(ours)):
-        raise ForeignGraph(f"IR version {model.ir_version} with opsets {sorted(theirs)}, expected IR {reference.ir_version} with {sorted(ours)}")
+        raise ForeignGraph(f"IR version {model.ir_version} with opsets {_short(sorted(theirs))}, expected IR {reference.ir_version} with {sorted(ours)}")
     names = [i.name for i in model.graph.initializer]
     expected = [i.name for i in reference.graph.initializer]
     if names != expected:
         extra = [n for n in names if n not in expected]
         missing = [n for n in expected if n not in names]
-        detail = f"missing {missing}, unexpected {extra}" if missing or extra else f"order {names}, expected {expected}"
+        detail = f"missing {_short(missing)}, unexpected {_short(extra)}" if missing or extra else f"order {_short(names, 20)}, expected {expected}"
         raise ForeignGraph(f"graph differs from the reference: initializer names differ: {detail}")
     _check_nodes(list(model.graph.node), list(reference.graph.node))
     for part in ("input", "output", "value_info"):
