@@ -3,27 +3,22 @@
 Decoding never trusts the sender. An update is refused, with a reason that is logged,
 counted and recorded, when its envelope is malformed (see turbofed.envelope), when the
 envelope's site is not the topic's site, when it is for another round, when the site
-already sent one this round, when the site is not in the fleet, or when its ONNX model
-does not fit the current global model (see turbofed.codec). Nothing refused ever touches
-the global model.
+already sent one this round, when the site is not in the fleet, or when its ONNX model is
+not exactly the current global model's graph with other finite weights in it (see
+turbofed.codec.check_graph; the global model is the reference graph of turbofed.graph).
+Only the weights of an accepted update are used, never its bytes: nothing refused, and
+nothing but numbers, ever reaches the global model.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 import onnx
 
 from turbofed import envelope
-from turbofed.codec import (
-    Weights,
-    check_finite,
-    load_compatible,
-    parse_model,
-    read_weights,
-)
+from turbofed.codec import Weights, load_compatible
 from turbofed.errors import Refused, WeightsError
 from turbofed.refusals import Refusal
 
@@ -37,10 +32,11 @@ class Rejected(Refused):
 
 @dataclass
 class Accepted:
+    """An update that passed every check: its weights only (the bytes it came in are not kept)."""
+
     site: str
     samples: int
     weights: Weights
-    body: bytes
     wire_bytes: int
     received: float
 
@@ -61,8 +57,9 @@ class Round:
     def responded(self) -> set[str]:
         return set(self.accepted) | set(self.skipped)
 
-    def check(self, topic_site: str, payload: bytes, reference: onnx.ModelProto | None, max_bytes: int) -> Accepted | None:
-        """Validate one update; returns it (None for a 'skip' notice) or raises Rejected."""
+    def check(self, topic_site: str, payload: bytes, reference: onnx.ModelProto, max_bytes: int) -> Accepted | None:
+        """Validate one update against the global model it started from (`reference`);
+        returns it (None for a 'skip' notice) or raises Rejected."""
         if topic_site not in self.sites:
             raise Rejected(Refusal.UNKNOWN_SITE, f"site {topic_site!r} is not in the fleet config")
         try:
@@ -83,14 +80,10 @@ class Round:
         if env.samples < 1:
             raise Rejected(Refusal.NO_SAMPLES, "an update must say how many samples it was trained on")
         try:
-            if reference is None:  # round 0: no global model yet; the sites' seeded models must agree
-                weights = read_weights(parse_model(env.body, max_bytes))
-                check_finite(weights)
-            else:
-                weights = load_compatible(env.body, reference, max_bytes)
+            weights = load_compatible(env.body, reference, max_bytes)
         except WeightsError as exc:
             raise Rejected(exc.reason, str(exc)) from None
-        accepted = Accepted(topic_site, env.samples, weights, env.body, len(payload), time.time())
+        accepted = Accepted(topic_site, env.samples, weights, len(payload), time.time())
         self.accepted[topic_site] = accepted
         return accepted
 
@@ -102,8 +95,3 @@ class Round:
             return "all answered"
         return None
 
-
-def agreed_initial_model(accepted: dict[str, Accepted]) -> bytes:
-    """Round 0: the model most sites sent (they build it from the same seed and spec)."""
-    votes = Counter(a.body for a in accepted.values())
-    return votes.most_common(1)[0][0]

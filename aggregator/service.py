@@ -2,7 +2,9 @@
 
 1. Federated analytics: ask every site for count, sums and sums of squares of its labelled
    data; their sum fixes the fleet's feature spec (sensors, normalisation).
-2. Round 0: sites send the seeded initial model; the one most of them sent is global v0.
+2. Round 0: the aggregator builds global v0 itself, the fleet's reference graph for the
+   spec and the model settings (turbofed.graph) with seeded initial weights, and publishes
+   it; sites propose nothing. Every later update must be that graph with other weights.
 3. Rounds 1..R: announce (retained), collect updates until quorum or deadline, validate
    each, aggregate with the strategy, checkpoint, then publish global v_r (retained).
 It keeps recording site status, metrics and predictions in the results store until
@@ -27,10 +29,12 @@ import onnx
 
 from turbofed import envelope
 from turbofed.aggregator.registry import ModelRegistry, RegistryError
-from turbofed.aggregator.rounds import Rejected, Round, agreed_initial_model
+from turbofed.aggregator.rounds import Rejected, Round
 from turbofed.aggregator.strategies import SiteUpdate, make_strategy, merge
+from turbofed.codec import check_graph
 from turbofed.config import FleetConfig, load_fleet_config
-from turbofed.errors import Refused
+from turbofed.errors import Refused, WeightsError
+from turbofed.graph import reference_model
 from turbofed.messages import (
     Metrics,
     Predictions,
@@ -99,7 +103,6 @@ class Aggregator:
         if ckpt is None:
             self.store.record_event("started", dict(self.strategy_record), time.time())
             return
-        self.model = onnx.load_model_from_string(ckpt.model)
         self.version = ckpt.version
         try:
             self.spec = FeatureSpec.from_dict(ckpt.fleet["spec"])
@@ -110,6 +113,15 @@ class Aggregator:
                 f"turbofed cannot use ({exc}); it was probably written by an older version. It is left as it is: "
                 "start this fleet with a new registry folder."
             ) from None
+        # The checkpoint's weights, in the reference graph this fleet.toml's [model] makes.
+        try:
+            weights = check_graph(onnx.load_model_from_string(ckpt.model), reference_model(self.spec, self.config.model))
+        except (WeightsError, ValueError) as exc:
+            raise RegistryError(
+                f"checkpoint v{ckpt.version} in {self.registry.folder} is not the model this fleet config's [model] "
+                f"settings make ({exc}); restore the settings it was made with, or start with a new registry folder."
+            ) from None
+        self.model = reference_model(self.spec, self.config.model, weights)
         self.strategy.load_state(ckpt.strategy_state)
         log.info("resumed from checkpoint v%d (round %d)", ckpt.version, ckpt.round)
         previous = {k: ckpt.fleet[k] for k in self.strategy_record if k in ckpt.fleet}
@@ -140,6 +152,8 @@ class Aggregator:
             self.start()
         if self.spec is None:
             self._collect_stats(stop)
+        if self.model is None and not stop.is_set():
+            self._initial_model()
         while not stop.is_set() and self.version < self.config.model.rounds:
             self._run_round(self.version + 1, stop)
         if not stop.is_set():
@@ -225,12 +239,20 @@ class Aggregator:
 
     # --- phase 2: rounds -------------------------------------------------------------
 
+    def _initial_model(self) -> None:
+        """Round 0: global v0 is the reference graph for the fleet's spec and settings with
+        seeded initial weights, built here (no site proposes it), checkpointed and published."""
+        started = time.time()
+        model = reference_model(self.spec, self.config.model)
+        self._commit(0, model, started, [], 0.0, "initial")
+        log.info("round 0: built and published global v0 (%s, seed %d)", self.config.model.kind, self.config.model.seed)
+
     def _announce(self, announcement: RoundAnnouncement) -> None:
         self.client.publish(self.topics.round, announcement.to_payload(), qos=1, retain=True)
 
     def _run_round(self, number: int, stop: threading.Event) -> None:
         now = time.time()
-        self.round = Round(number, max(self.version, 0), uuid.uuid4().hex, now, now + self.config.round_deadline_s, self.config.sites)
+        self.round = Round(number, self.version, uuid.uuid4().hex, now, now + self.config.round_deadline_s, self.config.sites)
         self._announce(
             RoundAnnouncement(
                 number,
@@ -270,21 +292,22 @@ class Aggregator:
     def _close_round(self, closed_by: str) -> None:
         r = self.round
         last_update = max(a.received for a in r.accepted.values())
-        if r.number == 0:
-            model = onnx.load_model_from_string(agreed_initial_model(r.accepted))
-        else:
-            updates = [SiteUpdate(a.site, a.weights, a.samples) for a in r.accepted.values()]
-            model = merge(self.strategy, self.model, updates)  # updates were checked on arrival
-        data = model.SerializeToString()
-        fleet = {"stats": self.stats.to_dict(), "spec": self.spec.to_dict(), **self.strategy_record}
-        self.registry.save(r.number, r.number, data, self.strategy.state(), fleet)  # checkpoint before publishing
-        self.model, self.version = model, r.number
-        self._publish_global()
-        closed = time.time()
+        updates = [SiteUpdate(a.site, a.weights, a.samples) for a in r.accepted.values()]
+        model = merge(self.strategy, self.model, updates)  # updates were checked on arrival; only their weights are used
         participants = [{"site": a.site, "samples": a.samples, "update_bytes": a.wire_bytes} for a in r.accepted.values()]
-        self.store.record_round(r.number, self.version, r.started, closed, participants, (closed - last_update) * 1000.0, self.strategy_record["strategy"], closed_by, self.strategy_record["strategy_params"])
+        self._commit(r.number, model, r.started, participants, last_update, closed_by)
         log.info("round %d closed by %s: %d updates, global v%d published", r.number, closed_by, len(participants), self.version)
         self.round = None
+
+    def _commit(self, number: int, model: onnx.ModelProto, started: float, participants: list[dict], last_update: float, closed_by: str) -> None:
+        """Global v`number`: checkpoint it (before publishing), publish it retained, record the round."""
+        fleet = {"stats": self.stats.to_dict(), "spec": self.spec.to_dict(), **self.strategy_record}
+        self.registry.save(number, number, model.SerializeToString(), self.strategy.state(), fleet)
+        self.model, self.version = model, number
+        self._publish_global()
+        closed = time.time()
+        aggregate_ms = (closed - last_update) * 1000.0 if last_update else 0.0
+        self.store.record_round(number, self.version, started, closed, participants, aggregate_ms, self.strategy_record["strategy"], closed_by, self.strategy_record["strategy_params"])
 
     def _publish_global(self) -> None:
         data = self.model.SerializeToString()

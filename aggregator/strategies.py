@@ -57,7 +57,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from turbofed.codec import Weights, check_weights, read_weights, replace_weights
+from turbofed.codec import Weights, load_compatible, read_weights, replace_weights
 from turbofed.errors import ConfigError
 
 ENTRY_POINT_GROUP = "turbofed.strategies"
@@ -384,11 +384,7 @@ def merge(strategy: Strategy, current: onnx.ModelProto, updates: list[SiteUpdate
 
 
 def aggregate_onnx(strategy: Strategy, current: onnx.ModelProto, updates: list[tuple[str, bytes, int]]) -> onnx.ModelProto:
-    """ONNX in, ONNX out: parse each (site, model bytes, samples), check it, merge, re-emit."""
-    reference = read_weights(current)
-    site_updates = []
-    for site, data, samples in updates:
-        weights = read_weights(onnx.load_model_from_string(data))
-        check_weights(weights, reference)
-        site_updates.append(SiteUpdate(site, weights, samples))
+    """ONNX in, ONNX out: parse each (site, model bytes, samples), check it is `current`'s
+    graph (codec.load_compatible), merge its weights, re-emit."""
+    site_updates = [SiteUpdate(site, load_compatible(data, current), samples) for site, data, samples in updates]
     return merge(strategy, current, site_updates)

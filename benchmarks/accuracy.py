@@ -22,16 +22,18 @@ from typing import Any
 import numpy as np
 import onnx
 from tqdm import tqdm
+
 from turbofed.aggregator.strategies import Strategy, aggregate_onnx, make_strategy
 from turbofed.benchmarks import emit, machine_info
+from turbofed.codec import read_weights, replace_weights
+from turbofed.config import ModelSettings
 from turbofed.data.cmapss import EngineRun
 from turbofed.data.datasets import EvalSet, load_dataset
 from turbofed.edge.features import run_features, runs_stats
 from turbofed.edge.inference import OnnxPredictor
 from turbofed.edge.learner import RulModel
-
-from turbofed.config import ModelSettings
 from turbofed.errors import ConfigError
+from turbofed.graph import reference_model
 from turbofed.metrics import rul_metrics
 from turbofed.simulation.fleet import assign, site_names
 from turbofed.spec import FeatureSpec, FleetStats
@@ -80,20 +82,21 @@ Tamper = Callable[[onnx.ModelProto, list[Update]], list[Update]]
 def federate(settings: ModelSettings, spec: FeatureSpec, sites: list[Site], strategy: Strategy, progress: tqdm,
              data: list[tuple[np.ndarray, np.ndarray]] | None = None, tamper: Tamper | None = None) -> bytes:
     """R rounds: every site trains E epochs from the global model; the strategy merges them.
+    As in the fleet: the aggregator builds v0, sites write their weights into the global model.
 
     `data` replaces the sites' training rows (a site training on flipped labels, say) and
     `tamper` may rewrite the round's updates before they are merged: the attack benchmark
     (benchmarks/attack.py) uses both to play compromised sites."""
     learners = [RulModel(settings, spec) for _ in sites]
     data = data or [training_rows(spec, s.runs) for s in sites]
-    global_model = onnx.load_model_from_string(learners[0].to_onnx())  # seeded init, same on every site
+    global_model = reference_model(spec, settings)  # v0, built by the aggregator
     for _ in range(settings.rounds):
         updates = []
         for site, learner, (x, y) in zip(sites, learners, data):
             try:
-                learner.load_onnx(global_model.SerializeToString())
+                learner.load_weights(read_weights(global_model))
                 learner.train(x, y, epochs=settings.local_epochs)
-                updates.append((site.name, learner.to_onnx(), len(x)))
+                updates.append((site.name, replace_weights(global_model, learner.weights()).SerializeToString(), len(x)))
             except ValueError:  # a wrecked global model (non-finite training): the site sends it back unchanged
                 updates.append((site.name, global_model.SerializeToString(), len(x)))
         if tamper is not None:

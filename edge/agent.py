@@ -327,7 +327,7 @@ class EdgeAgent:
         if ann.done or ann.announce_id in self.answered:
             return
         self.settings = ann.settings
-        if ann.round > 0 and ann.model_version > self.global_version:
+        if ann.model_version > self.global_version:
             self.pending_round = ann  # the retained global model is on its way
             return
         if time.time() > ann.deadline:
@@ -340,7 +340,8 @@ class EdgeAgent:
         self._take_part(ann)
 
     def _take_part(self, ann: RoundAnnouncement) -> None:
-        from turbofed.edge.learner import RulModel  # training profile only
+        from turbofed.codec import parse_model, read_weights, replace_weights  # training profile only (onnx)
+        from turbofed.edge.learner import RulModel
 
         r = ann.round
         min_samples = ann.min_samples if ann.min_samples is not None else self.config.min_samples
@@ -351,13 +352,13 @@ class EdgeAgent:
         started = time.perf_counter()
         if self.fed_learner is None or self.fed_learner.spec != self.fleet_spec or self.fed_learner.settings != self.settings:
             self.fed_learner = RulModel(self.settings, self.fleet_spec)
-        if ann.round == 0:  # the seeded initial model, identical on every site
-            self._send(ann, "update", self.fed_learner.to_onnx(), self.buffer.rows)
-            return
-        self.fed_learner.load_onnx(self.global_model)
+        global_model = parse_model(self.global_model)
+        self.fed_learner.load_weights(read_weights(global_model))
         x, y = self.buffer.training_rows(self.fleet_spec)
         self.fed_learner.train(x, y, epochs=self.settings.local_epochs)
-        self._send(ann, "update", self.fed_learner.to_onnx(), len(x))
+        # The update is the global model with our weights in it: the aggregator's graph, by construction.
+        update = replace_weights(global_model, self.fed_learner.weights()).SerializeToString()
+        self._send(ann, "update", update, len(x))
         self._train_local()
         log.info("site %s: round %d trained on %d rows in %.1f s", self.site, r, len(x), time.perf_counter() - started)
 

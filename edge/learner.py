@@ -2,8 +2,12 @@
 
 The exported graph carries the normalisation (a Scaler node built from fleet or site
 statistics) in front of the regressor, so whoever runs it with onnxruntime feeds raw
-window features. Only the regressor's float initializers are federated; loading a global
-model back copies them into the estimator bit for bit (the estimator trains in float32).
+window features. Only the regressor's float initializers are federated, under the names
+of the fleet's reference graph (turbofed.graph, which is exactly what `to_onnx` exports):
+`load_weights` copies a global model's weights into the estimator bit for bit (the
+estimator trains in float32), and `weights` gives them back for the site to write into
+the global model it received (`codec.replace_weights`). The federated model is never
+exported by skl2onnx; the site's local-only model is (`to_onnx`).
 
 `state`/`from_state` turn a learner into plain values and back (coefficients, Adam's
 moments and counters; edge/state.py saves them as learners.npz, docs/agent-state.md), so
@@ -18,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from turbofed.codec import Weights, read_weights, replace_weights
+from turbofed.codec import Weights, check_weights, read_weights
 from turbofed.config import ModelSettings
 from turbofed.edge.state import (
     StateError,
@@ -27,10 +31,9 @@ from turbofed.edge.state import (
     take,
     take_array,
 )
-from turbofed.errors import WeightsError
+from turbofed.graph import ONNX_OPSET, weight_names, weight_shapes
 from turbofed.spec import FeatureSpec
 
-ONNX_OPSET = 17
 ESTIMATORS = {"mlp": "MLPRegressor", "sgd": "SGDRegressor"}
 ADAM_SCALARS = ("learning_rate", "learning_rate_init", "beta_1", "beta_2", "epsilon")
 
@@ -252,28 +255,31 @@ class RulModel:
         return model.SerializeToString()
 
     def weights(self) -> Weights:
-        """The regressor's parameters under the ONNX initializer names skl2onnx gives them."""
-        import onnx
-
-        return read_weights(onnx.load_model_from_string(self.to_onnx()))
+        """The regressor's parameters as float32, under the reference graph's initializer
+        names and shapes (turbofed.graph): what a site writes into the global model."""
+        self.initialise()
+        est = self.estimator
+        if self.settings.kind == "sgd":
+            arrays = [est.coef_, est.intercept_]
+        else:
+            arrays = [a for pair in zip(est.coefs_, est.intercepts_) for a in pair]
+        shapes = weight_shapes(self.spec, self.settings)
+        return {name: np.asarray(a, dtype=np.float32).reshape(shape) for a, (name, shape) in zip(arrays, shapes.items())}
 
     def load_weights(self, weights: Weights) -> None:
-        """Copy ONNX-named weights into the estimator (after checking names and shapes)."""
-        import onnx
-
+        """Copy reference-named weights into the estimator (after checking names, shapes,
+        dtype and finiteness: raises WeightsError naming the first that differs)."""
         self.initialise()
-        template = onnx.load_model_from_string(self.to_onnx())
-        replace_weights(template, weights)  # raises WeightsError on any mismatch
-        if self.settings.kind == "mlp":
-            layers = len(self.estimator.coefs_)
-            names = [("coefficient", "intercepts")] + [(f"coefficient{i}", f"intercepts{i}") for i in range(1, layers)]
-            for i, (w_name, b_name) in enumerate(names):
-                self.estimator.coefs_[i] = np.array(weights[w_name], dtype=np.float32).reshape(self.estimator.coefs_[i].shape)
-                self.estimator.intercepts_[i] = np.array(weights[b_name], dtype=np.float32).reshape(self.estimator.intercepts_[i].shape)
-        else:
-            coef, intercept = _sgd_names(weights)
-            self.estimator.coef_ = np.array(weights[coef], dtype=np.float32).reshape(self.estimator.coef_.shape)
-            self.estimator.intercept_ = np.array(weights[intercept], dtype=np.float32).reshape(self.estimator.intercept_.shape)
+        expected = {name: np.zeros(shape, dtype=np.float32) for name, shape in weight_shapes(self.spec, self.settings).items()}
+        check_weights(weights, expected)
+        est = self.estimator
+        if self.settings.kind == "sgd":
+            est.coef_ = np.array(weights["coef"], dtype=np.float32).reshape(est.coef_.shape)
+            est.intercept_ = np.array(weights["intercept"], dtype=np.float32).reshape(est.intercept_.shape)
+            return
+        for i, (w_name, b_name) in enumerate(weight_names(self.settings)):
+            est.coefs_[i] = np.array(weights[w_name], dtype=np.float32).reshape(est.coefs_[i].shape)
+            est.intercepts_[i] = np.array(weights[b_name], dtype=np.float32).reshape(est.intercepts_[i].shape)
 
     def load_onnx(self, data: bytes) -> None:
         """Continue training from a (global) ONNX model's weights."""
@@ -289,9 +295,3 @@ def _saved_like(arrays: dict[str, np.ndarray], key: str, like: np.ndarray, where
         raise StateError(f"{where}: array {key!r} holds {a.dtype}, expected {like.dtype}")
     return np.array(a, dtype=like.dtype, order="C")
 
-
-def _sgd_names(weights: Weights) -> tuple[str, str]:
-    names = sorted(weights, key=lambda n: np.size(weights[n]), reverse=True)
-    if len(names) != 2:
-        raise WeightsError(f"a linear model has 2 float initializers, found {len(names)}: {names}")
-    return names[0], names[1]

@@ -305,9 +305,10 @@ def test_reinstall_reads_the_login_from_a_file_and_keeps_the_old_config(installe
 @pytest.mark.timeout(300)
 def test_installed_agent_takes_part_in_a_round(installed: dict, broker: BrokerHandle, tmp_path: Path) -> None:
     """The agent from the bundle's venv, the real aggregator in this process: fleet
-    statistics, round 0 (seeded model) and round 1 (trained) each get the site's update.
-    On Mosquitto the round is secure: a broker with the bundle's fleet identities (TLS,
-    ACL), the agent with the identity install.sh placed, the others with theirs."""
+    statistics, then global v0 (built by the aggregator: the site sends nothing for it) and
+    round 1 (trained from v0), which gets the site's update. On Mosquitto the round is secure:
+    a broker with the bundle's fleet identities (TLS, ACL), the agent with the identity
+    install.sh placed, the others with theirs."""
     from turbofed.aggregator.service import Aggregator
     from turbofed.data.synthetic import generate_fleet
 
@@ -393,7 +394,7 @@ def test_installed_agent_takes_part_in_a_round(installed: dict, broker: BrokerHa
         aggregator.start()
         thread = threading.Thread(target=aggregator.run, args=(stop,), daemon=True)
         thread.start()
-        pump("rounds 0 and 1 to finish", lambda: done, timeout=180)
+        pump("global v0 and round 1 to finish", lambda: done, timeout=180)
         pump("the site to load global v1", lambda: status.get("model_version") == 1, timeout=60)
     finally:
         stop.set()
@@ -413,8 +414,8 @@ def test_installed_agent_takes_part_in_a_round(installed: dict, broker: BrokerHa
         log.close()
         if own_broker is not None:
             own_broker.stop()
-    assert [(r, kind) for r, kind, _ in updates] == [(0, "update"), (1, "update")]
-    assert updates[1][2] == rows
+    assert [(r, kind) for r, kind, _ in updates] == [(1, "update")]
+    assert updates[0][2] == rows
     assert agent.returncode == 0
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from turbofed.aggregator.registry import Checkpoint, ModelRegistry, RegistryError
 
 STATE = {"velocity/coefficient": np.arange(6, dtype=np.float32).reshape(2, 3),
@@ -97,9 +98,8 @@ def test_aggregator_refuses_an_older_checkpoint_and_keeps_it(tmp_path: Path) -> 
     """A checkpoint whose feature spec and statistics predate the baseline features (3 features
     a sensor, no feature sums): the aggregator says which checkpoint and why, and deletes nothing."""
     from turbofed.aggregator.service import Aggregator
-    from turbofed.edge.learner import RulModel
-
     from turbofed.config import FleetConfig, ModelSettings
+    from turbofed.edge.learner import RulModel
     from turbofed.spec import FeatureSpec
 
     model = RulModel(ModelSettings(), FeatureSpec((0, 1), 30, (0.0,) * 9, (1.0,) * 9)).to_onnx()
@@ -112,3 +112,53 @@ def test_aggregator_refuses_an_older_checkpoint_and_keeps_it(tmp_path: Path) -> 
         Aggregator(config)
     with ModelRegistry(tmp_path / "registry") as reg:
         assert reg.latest().model == model  # left as it was
+
+
+def _checkpoint_fleet(spec) -> dict:  # noqa: ANN001
+    """The fleet part of a checkpoint: statistics and the spec they fixed."""
+    from turbofed.spec import FleetStats
+
+    return {"spec": spec.to_dict(), "stats": FleetStats(count=10.0).to_dict(), "strategy": "fedavg", "strategy_params": {}}
+
+
+def test_aggregator_resumes_a_checkpoint_exported_by_sites(tmp_path: Path) -> None:
+    """A checkpoint from when sites proposed v0 (skl2onnx wrote it): the same graph, so the
+    aggregator resumes with its weights, in the graph it builds itself."""
+    import onnx
+
+    from turbofed.aggregator.service import Aggregator
+    from turbofed.codec import read_weights
+    from turbofed.config import FleetConfig, ModelSettings
+    from turbofed.edge.learner import RulModel
+    from turbofed.graph import reference_model
+    from turbofed.spec import FeatureSpec
+
+    spec, settings = FeatureSpec((0, 1), 30, (0.5,) * 9, (2.0,) * 9), ModelSettings(seed=3)
+    exported = RulModel(settings, spec).to_onnx()
+    with ModelRegistry(tmp_path / "registry") as reg:
+        reg.save(2, 2, exported, {}, _checkpoint_fleet(spec))
+    config = FleetConfig(sites=("site1",), store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry"), model=settings)
+    aggregator = Aggregator(config)
+    try:
+        assert aggregator.version == 2
+        ours, theirs = read_weights(aggregator.model), read_weights(onnx.load_model_from_string(exported))
+        assert all(np.array_equal(ours[n], theirs[n]) for n in theirs)
+        assert aggregator.model.SerializeToString() == reference_model(spec, settings, theirs).SerializeToString()
+    finally:
+        aggregator.store.close()
+        aggregator.registry.close()
+
+
+def test_aggregator_refuses_a_checkpoint_of_other_model_settings(tmp_path: Path) -> None:
+    """fleet.toml's [model] changed since the checkpoint: updates could never fit, so say so at start."""
+    from turbofed.aggregator.service import Aggregator
+    from turbofed.config import FleetConfig, ModelSettings
+    from turbofed.graph import reference_model
+    from turbofed.spec import FeatureSpec
+
+    spec = FeatureSpec((0, 1), 30, (0.0,) * 9, (1.0,) * 9)
+    with ModelRegistry(tmp_path / "registry") as reg:
+        reg.save(1, 1, reference_model(spec, ModelSettings(hidden=(8,))).SerializeToString(), {}, _checkpoint_fleet(spec))
+    config = FleetConfig(sites=("site1",), store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry"))
+    with pytest.raises(RegistryError, match=r"checkpoint v1 in .*registry is not the model this fleet config's \[model\] settings make \(.*initializer names differ"):
+        Aggregator(config)

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+
+from tests.plugins.median import Median
 from turbofed.aggregator.service import Aggregator
 from turbofed.aggregator.strategies import (
     FedAdam,
@@ -20,11 +22,9 @@ from turbofed.aggregator.strategies import (
     aggregate_onnx,
     make_strategy,
 )
-from turbofed.edge.learner import RulModel
-
-from tests.plugins.median import Median
-from turbofed.codec import WeightsMismatch, read_weights
+from turbofed.codec import ForeignGraph, WeightsMismatch, read_weights
 from turbofed.config import ModelSettings, load_fleet_config
+from turbofed.edge.learner import RulModel
 from turbofed.errors import ConfigError
 from turbofed.spec import FeatureSpec
 
@@ -205,14 +205,20 @@ def test_onnx_in_onnx_out() -> None:
     out = read_weights(merged)
     for name in out:
         np.testing.assert_allclose(out[name], (wa[name] + wb[name]) / 2, rtol=1e-6)
-    wrong = RulModel(ModelSettings(hidden=(4,)), SPEC).to_onnx()
-    with pytest.raises(WeightsMismatch):
+    wrong = RulModel(ModelSettings(hidden=(4, 32)), SPEC).to_onnx()
+    with pytest.raises(WeightsMismatch, match=r"'coefficient' has shape \(\d+, 4\), expected \(\d+, 64\)"):
         aggregate_onnx(FedAvg(), current, [("a", wrong, 1)])
+    fewer_layers = RulModel(ModelSettings(hidden=(4,)), SPEC).to_onnx()
+    with pytest.raises(ForeignGraph, match="initializer names differ"):
+        aggregate_onnx(FedAvg(), current, [("a", fewer_layers, 1)])
 
 
 def test_aggregator_never_imports_sklearn() -> None:
     code = (
-        "import sys, turbofed.aggregator.strategies, turbofed.codec, turbofed.cli; "
+        "import sys, turbofed.aggregator.strategies, turbofed.aggregator.service, turbofed.codec, turbofed.cli; "
+        "from turbofed.graph import reference_model; from turbofed.config import ModelSettings; "
+        "from turbofed.spec import FeatureSpec; "
+        "reference_model(FeatureSpec((0, 1), 30, (0.0,) * 9, (1.0,) * 9), ModelSettings()); "  # global v0, built as the aggregator does
         "bad = [m for m in sys.modules if m.startswith(('sklearn', 'skl2onnx'))]; "
         "assert not bad, bad"
     )

@@ -70,6 +70,18 @@ def poisoned(model: bytes, value: float) -> bytes:
     return proto.SerializeToString()
 
 
+def external(model: bytes, path: Path) -> bytes:
+    """The issue 11 attack: a weight stored as ONNX external data pointing at a file of the aggregator's."""
+    proto = onnx.load_model_from_string(model)
+    init = proto.graph.initializer[0]
+    init.ClearField("raw_data")
+    init.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", str(path)), ("offset", "0"), ("length", str(4 * int(np.prod(init.dims))))):
+        entry = init.external_data.add()
+        entry.key, entry.value = key, value
+    return proto.SerializeToString()
+
+
 def renamed(model: bytes) -> bytes:
     proto = onnx.load_model_from_string(model)
     old = proto.graph.initializer[1].name
@@ -97,13 +109,12 @@ def test_aggregator_refuses_bad_updates_and_keeps_going(broker, cmapss_dir: Path
             stats = runs_stats(part, settings.window)
             reply = StatsReply(sites.stats_request.request_id, site, int(stats.count), len(part), stats)
             sites.clients[site].publish(fleet.topics.stats(site), reply.to_payload(), qos=1)
-        wait_for("round 0", lambda: sites.round is not None and sites.round.round == 0)
+        # Round 0: the aggregator builds and publishes v0 itself; nobody sends anything.
+        wait_for("round 1", lambda: sites.round is not None and sites.round.round == 1 and aggregator.version == 0 and sites.global_payload)
         spec = sites.round.spec
-        init = RulModel(settings, spec).to_onnx()
-        for site in fleet.sites:
-            sites.send(site, sites.update(init, site))
-        wait_for("round 1", lambda: sites.round.round == 1 and aggregator.version == 0)
         global_v0 = sites.global_payload
+        secret = tmp_path / "fleet.toml"
+        secret.write_bytes(b'[influx]\ntoken = "SECRET-influx-token-0123456789"\n' * 200)  # as long as the weight
 
         good = RulModel(settings.replace(seed=5), spec).to_onnx()
         bad = {
@@ -114,6 +125,7 @@ def test_aggregator_refuses_bad_updates_and_keeps_going(broker, cmapss_dir: Path
             "too_large": sites.update(good + b"\0" * 250_000),
             "stale_round": sites.update(good, round_no=0),
             "wrong_sender": sites.update(good, site="site2"),
+            "foreign_graph": sites.update(external(good, secret)),
         }
         for payload in bad.values():
             sites.send("site1", payload)
@@ -126,9 +138,11 @@ def test_aggregator_refuses_bad_updates_and_keeps_going(broker, cmapss_dir: Path
 
         sites.send("site2", sites.update(good, site="site2"))
         wait_for("round 1 to close with the good updates", lambda: aggregator.version == 1)
+        wait_for("global v1", lambda: envelope.decode(sites.global_payload).model_version == 1)
+        assert b"SECRET" not in sites.global_payload and b"SECRET" not in aggregator.model.SerializeToString()
     finally:
         fleet.close()
-    expected = {**{k: 1 for k in bad}, "mismatch": 2, "non_finite": 2, "duplicate": 1, "bad_stats": 1}
+    expected = {**{k: 1 for k in bad}, "foreign_graph": 2, "non_finite": 2, "duplicate": 1, "bad_stats": 1}  # renamed: foreign_graph
     assert dict(aggregator.counters) == expected
     from turbofed.store import open_store
 
@@ -139,6 +153,7 @@ def test_aggregator_refuses_bad_updates_and_keeps_going(broker, cmapss_dir: Path
     assert any("holds 1 non-finite value" in m for m in logged)
     assert any("envelope names site 'site2' but arrived on 'site1'" in m for m in logged)
     assert any("stats from site1 are for a 40-cycle window, not 30" in m for m in logged)
+    assert any("initializer 'coefficient' is external data" in m for m in logged)
     assert aggregator.stats.count == sum(len(r.cycles) for r in runs)  # the refused statistics were not counted
 
 

@@ -29,6 +29,7 @@ class Refusal(StrEnum):
     NOT_ONNX = "not_onnx"
     MISMATCH = "mismatch"
     NON_FINITE = "non_finite"
+    FOREIGN_GRAPH = "foreign_graph"  # not the reference graph: external data, extra nodes or initializers, subgraphs, ...
     # protocol state (aggregator/rounds.py, the services)
     UNKNOWN_SITE = "unknown_site"
     WRONG_SENDER = "wrong_sender"
