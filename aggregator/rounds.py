@@ -2,7 +2,8 @@
 
 Decoding never trusts the sender. An update is refused, with a reason that is logged,
 counted and recorded, when its envelope is malformed (see turbofed.envelope), when the
-envelope's site is not the topic's site, when it is for another round, when the site
+envelope's site is not the topic's site, when it does not carry that site's valid signature
+(turbofed.messages.signed), when it is for another round, when the site
 already sent one this round, when the site is not in the fleet, or when its ONNX model
 does not fit the current global model (see turbofed.codec). Nothing refused ever touches
 the global model.
@@ -25,6 +26,7 @@ from turbofed.codec import (
     read_weights,
 )
 from turbofed.errors import Refused, WeightsError
+from turbofed.messages.signed import Unsigned, Verifier
 from turbofed.refusals import Refusal
 
 
@@ -61,8 +63,10 @@ class Round:
     def responded(self) -> set[str]:
         return set(self.accepted) | set(self.skipped)
 
-    def check(self, topic_site: str, payload: bytes, reference: onnx.ModelProto | None, max_bytes: int) -> Accepted | None:
-        """Validate one update; returns it (None for a 'skip' notice) or raises Rejected."""
+    def check(self, topic_site: str, payload: bytes, reference: onnx.ModelProto | None, max_bytes: int,
+              verifier: Verifier | Unsigned, epoch: int = 0) -> Accepted | None:
+        """Validate one update; returns it (None for a 'skip' notice) or raises Rejected
+        (or SignatureError, a Refused, for a signature that does not check out)."""
         if topic_site not in self.sites:
             raise Rejected(Refusal.UNKNOWN_SITE, f"site {topic_site!r} is not in the fleet config")
         try:
@@ -73,6 +77,7 @@ class Round:
             raise Rejected(Refusal.WRONG_SENDER, f"envelope names site {env.site!r} but arrived on {topic_site!r}'s topic")
         if env.kind not in ("update", "skip"):
             raise Rejected(Refusal.BAD_KIND, f"a site may send 'update' or 'skip', not {env.kind!r}")
+        verifier.check_envelope(env, signer=topic_site, epoch=epoch)
         if env.round != self.number:
             raise Rejected(Refusal.STALE_ROUND, f"update for round {env.round}, the open round is {self.number}")
         if topic_site in self.responded():

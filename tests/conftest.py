@@ -38,3 +38,20 @@ def cmapss_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"C-MAPSS data not found at {path} (set TURBOFED_TEST_CMAPSS to the folder)")
     return path
+
+
+PKI_SITES = ("site1", "site2", "site3", "site4")  # the sites tests run fleets of
+
+
+@pytest.fixture(scope="session")
+def fleet_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One fleet identity folder for the session (`turbofed fleet init` on a fleet.toml of
+    PKI_SITES): the aggregator's and every site's signing keys, the fleet id. Key generation
+    is cheap, but one folder keeps the suite fast and every fleet of a test on real keys."""
+    from turbofed.deploy.identities import init_from_fleet
+
+    work = tmp_path_factory.mktemp("fleet-pki")
+    fleet_toml = work / "fleet.toml"
+    sites = ", ".join(f'"{s}"' for s in PKI_SITES)
+    fleet_toml.write_text(f'sites = [{sites}]\nstore = "results.sqlite"\nregistry = "registry"\n')
+    return init_from_fleet(fleet_toml).root

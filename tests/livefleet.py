@@ -18,14 +18,20 @@ from pathlib import Path
 from typing import Callable
 
 from turbofed.aggregator.service import Aggregator
+from turbofed.config import BrokerSettings, FleetConfig, IdentitySettings, ModelSettings, SiteConfig
 from turbofed.edge.agent import EdgeAgent
-
-from turbofed.config import BrokerSettings, FleetConfig, ModelSettings, SiteConfig
 from turbofed.simulation.broker import BrokerHandle
 from turbofed.simulation.replay import replay
 from turbofed.topics import Topics
 
 QUICK = ModelSettings(rounds=2, local_epochs=1)
+
+
+def site_identity(pki: Path, site: str) -> IdentitySettings:
+    """A site's [identity] from a fleet identity folder (tests/conftest.py's fleet_pki)."""
+    fleet_id = json.loads((pki / "fleet.json").read_text())["fleet_id"]
+    folder = pki / "identities" / site
+    return IdentitySettings(fleet_id, str(folder / "signing.key"), str(folder / "aggregator.pub"))
 
 
 def wait_for(what: str, condition: Callable[[], bool], timeout: float = 60.0) -> None:
@@ -39,13 +45,17 @@ def wait_for(what: str, condition: Callable[[], bool], timeout: float = 60.0) ->
 class LiveFleet:
     """Broker settings, configs and running parts of one test fleet."""
 
-    def __init__(self, broker: BrokerHandle, work: Path, sites: list[str], settings: ModelSettings = QUICK, **fleet: object) -> None:
+    def __init__(self, broker: BrokerHandle, work: Path, sites: list[str], settings: ModelSettings = QUICK, *, pki: Path | None,
+                 **fleet: object) -> None:
+        """`pki`: the fleet's identity folder (the `fleet_pki` fixture), or None for an unsigned fleet."""
         tag = uuid.uuid4().hex[:8]
         self.broker = BrokerSettings(host=broker.host, port=broker.port, topic_root=f"t{tag}/v1", plant_root=f"plant{tag}")
         self.topics = Topics(self.broker.topic_root, self.broker.plant_root)
         self.work = work
         self.sites = sites
-        defaults = dict(round_deadline_s=30.0, stats_retry_s=0.5, min_samples=50)
+        self.pki = pki
+        signing = {"pki": str(pki)} if pki is not None else {"insecure_unsigned": True}
+        defaults = dict(round_deadline_s=30.0, stats_retry_s=0.5, min_samples=50, **signing)
         self.fleet = FleetConfig(
             sites=tuple(sites), store=str(work / "results.sqlite"), registry=str(work / "registry"), model=settings, broker=self.broker, **{**defaults, **fleet}
         )
@@ -54,15 +64,24 @@ class LiveFleet:
         self.aggregator: Aggregator | None = None
 
     def site_config(self, site: str, **overrides: object) -> SiteConfig:
-        return SiteConfig(site=site, state_dir=str(self.work / "state" / site), broker=self.broker, min_samples=50, predictions_every_s=0.2, **overrides)
+        signing = {"identity": site_identity(self.pki, site)} if self.pki is not None else {"insecure_unsigned": True}
+        return SiteConfig(site=site, state_dir=str(self.work / "state" / site), broker=self.broker, min_samples=50, predictions_every_s=0.2,
+                          **{**signing, **overrides})
 
     def site_toml(self, site: str) -> Path:
         """The same site as a TOML file, for an agent run as a separate process."""
         b = self.broker
         path = self.work / f"{site}.toml"
+        if self.pki is not None:
+            ident = site_identity(self.pki, site)
+            signing = (f'[identity]\nfleet_id = "{ident.fleet_id}"\nsigning_key = {json.dumps(ident.signing_key)}\n'
+                       f'aggregator_key = {json.dumps(ident.aggregator_key)}\n')
+        else:
+            signing = ""
         path.write_text(
-            f'site = "{site}"\nstate_dir = "state/{site}"\nmin_samples = 50\npredictions_every_s = 0.2\n\n'
-            f'[broker]\nhost = "{b.host}"\nport = {b.port}\ntopic_root = "{b.topic_root}"\nplant_root = "{b.plant_root}"\n'
+            f'site = "{site}"\nstate_dir = "state/{site}"\nmin_samples = 50\npredictions_every_s = 0.2\n'
+            f'{"" if self.pki is not None else "insecure_unsigned = true"}\n\n'
+            f'[broker]\nhost = "{b.host}"\nport = {b.port}\ntopic_root = "{b.topic_root}"\nplant_root = "{b.plant_root}"\n\n{signing}'
         )
         return path
 
@@ -74,6 +93,7 @@ class LiveFleet:
                    "stats_retry_s": f.stats_retry_s, "min_samples": f.min_samples, "max_update_bytes": f.max_update_bytes}
         if f.quorum is not None:
             scalars["quorum"] = f.quorum
+        scalars.update({"pki": f.pki} if f.pki is not None else {"insecure_unsigned": True})
         model = {k: list(v) if isinstance(v, tuple) else v for k, v in f.model.to_dict().items()}
         broker = {"host": b.host, "port": b.port, "topic_root": b.topic_root, "plant_root": b.plant_root}
         table = lambda d: "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())  # noqa: E731 - JSON scalars are TOML

@@ -121,7 +121,7 @@ def test_inference_agent_predicts_follows_the_global_model_and_never_imports_skl
     topics = Topics(settings.topic_root, settings.plant_root)
     config = tmp_path / "site.toml"
     config.write_text(
-        f'site = "{site}"\nstate_dir = "{tmp_path / "state"}"\nengines = "*"\npredictions_every_s = 0.2\n\n'
+        f'site = "{site}"\nstate_dir = "{tmp_path / "state"}"\nengines = "*"\npredictions_every_s = 0.2\ninsecure_unsigned = true\n\n'
         f'[broker]\nhost = "{settings.host}"\nport = {settings.port}\ntopic_root = "{settings.topic_root}"\nplant_root = "{settings.plant_root}"\n'
     )
     listener = Listener(settings, topics.predictions(site), topics.status(site), topics.update(site))
@@ -188,7 +188,7 @@ CHILD = textwrap.dedent(
             published.append(topic)
 
     t = Topics()
-    agent = EdgeAgent(SiteConfig(site="s1", state_dir=str(work / "state")), training=False)
+    agent = EdgeAgent(SiteConfig(site="s1", state_dir=str(work / "state"), insecure_unsigned=True), training=False)
     agent.client = Client()
     agent.handle(t.global_model, (work / "global.env").read_bytes())
     agent.handle(t.round, RoundAnnouncement(1, FeatureSpec.from_dict(spec), announce_id=uuid.uuid4().hex, model_version=0,
@@ -245,7 +245,7 @@ def _inference_agent(tmp_path: Path):
         def publish(self, topic: str, payload: bytes = b"", qos: int = 0, retain: bool = False) -> None:
             self.sent.append((topic, payload))
 
-    agent = EdgeAgent(SiteConfig(site="s1", state_dir=str(tmp_path / "state")), training=False)
+    agent = EdgeAgent(SiteConfig(site="s1", state_dir=str(tmp_path / "state"), insecure_unsigned=True), training=False)
     agent.client = Capture()
     return agent
 

@@ -6,29 +6,31 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+
+from tests.livefleet import LiveFleet, site_identity, wait_for
+from turbofed.config import ModelSettings
 from turbofed.data.cmapss import load_subset
 from turbofed.edge.features import runs_stats
 from turbofed.edge.learner import RulModel
-
-from tests.livefleet import LiveFleet, wait_for
-from turbofed import envelope
-from turbofed.config import ModelSettings
-from turbofed.messages import RoundAnnouncement, SensorReading, StatsReply, StatsRequest
+from turbofed.messages import RoundAnnouncement, SensorReading, StatsReply, StatsRequest, signed
 from turbofed.mqtt import connect, make_client
 
 pytestmark = pytest.mark.slow
 
 
 class FakeSites:
-    """The test speaks for the sites, so it can send exactly what it likes."""
+    """The test speaks for the sites (with their keys), so it can send exactly what it likes."""
 
     def __init__(self, fleet: LiveFleet) -> None:
         self.fleet, self.topics = fleet, fleet.topics
+        self.sealers = {s: signed.site_keys(s, *astuple(site_identity(fleet.pki, s)))[0] for s in fleet.sites}
+        self.verifier = signed.site_keys(fleet.sites[0], *astuple(site_identity(fleet.pki, fleet.sites[0])))[1]
         self.round: RoundAnnouncement | None = None
         self.global_payload = b""
         self.seen = threading.Condition()
@@ -41,11 +43,12 @@ class FakeSites:
     def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
         with self.seen:
             if msg.topic == self.topics.round and msg.payload:
-                self.round = RoundAnnouncement.from_payload(msg.payload)
+                self.round = RoundAnnouncement.from_payload(self.verifier.open(signed.ROUND, msg.payload, signer=signed.AGGREGATOR).body)
             elif msg.topic == self.topics.global_model:
                 self.global_payload = msg.payload
             elif msg.topic == self.topics.stats_request and msg.payload:
-                self.stats_request = StatsRequest.from_payload(msg.payload)
+                body = self.verifier.open(signed.STATS_REQUEST, msg.payload, signer=signed.AGGREGATOR).body
+                self.stats_request = StatsRequest.from_payload(body)
             self.seen.notify_all()
 
     def send(self, site: str, payload: bytes) -> None:
@@ -53,7 +56,10 @@ class FakeSites:
 
     def update(self, body: bytes, site: str = "site1", round_no: int | None = None, samples: int = 100) -> bytes:
         r = self.round.round if round_no is None else round_no
-        return envelope.encode(kind="update", site=site, round=r, model_version=self.round.model_version, samples=samples, body=body)
+        return self.sealers[site].envelope(kind="update", round=r, model_version=self.round.model_version, samples=samples, body=body)
+
+    def stats(self, reply: StatsReply) -> None:
+        self.client.publish(self.topics.stats(reply.site), self.sealers[reply.site].seal(signed.STATS, reply.to_payload()), qos=1)
 
 
 def poisoned(model: bytes, value: float) -> bytes:
@@ -74,10 +80,10 @@ def renamed(model: bytes) -> bytes:
     return proto.SerializeToString()
 
 
-def test_aggregator_refuses_bad_updates_and_keeps_going(broker, cmapss_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_aggregator_refuses_bad_updates_and_keeps_going(broker, fleet_pki: Path, cmapss_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="turbofed.aggregator")
     settings = ModelSettings(rounds=1, local_epochs=1)
-    fleet = LiveFleet(broker, tmp_path, ["site1", "site2"], settings, max_update_bytes=200_000)
+    fleet = LiveFleet(broker, tmp_path, ["site1", "site2"], settings, max_update_bytes=200_000, pki=fleet_pki)
     runs = load_subset("FD001", cmapss_dir).train[:10]
     try:
         aggregator = fleet.start_aggregator()
@@ -86,12 +92,12 @@ def test_aggregator_refuses_bad_updates_and_keeps_going(broker, cmapss_dir: Path
         assert sites.stats_request.window == settings.window
         wrong_window = runs_stats(runs[:5], settings.window + 10)
         reply = StatsReply(sites.stats_request.request_id, "site1", int(wrong_window.count), 5, wrong_window)
-        sites.client.publish(fleet.topics.stats("site1"), reply.to_payload(), qos=1)
+        sites.stats(reply)
         wait_for("the wrong-window statistics to be refused", lambda: aggregator.counters["bad_stats"] == 1)
         for site, part in (("site1", runs[:5]), ("site2", runs[5:])):
             stats = runs_stats(part, settings.window)
             reply = StatsReply(sites.stats_request.request_id, site, int(stats.count), len(part), stats)
-            sites.client.publish(fleet.topics.stats(site), reply.to_payload(), qos=1)
+            sites.stats(reply)
         wait_for("round 0", lambda: sites.round is not None and sites.round.round == 0)
         spec = sites.round.spec
         init = RulModel(settings, spec).to_onnx()
@@ -137,9 +143,9 @@ def test_aggregator_refuses_bad_updates_and_keeps_going(broker, cmapss_dir: Path
     assert aggregator.stats.count == sum(len(r.cycles) for r in runs)  # the refused statistics were not counted
 
 
-def test_agent_skips_malformed_readings_and_keeps_running(broker, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_agent_skips_malformed_readings_and_keeps_running(broker, fleet_pki: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="turbofed.edge")
-    fleet = LiveFleet(broker, tmp_path, ["site1"])
+    fleet = LiveFleet(broker, tmp_path, ["site1"], pki=fleet_pki)
     ok = SensorReading(1, (0.0, 0.0, 100.0), tuple(float(i) for i in range(21)))
     raw = lambda **kw: json.dumps({"cycle": 2, "settings": [0, 0, 100], "sensors": list(range(21)), **kw}).encode()  # noqa: E731
     bad = {

@@ -8,7 +8,10 @@ package index, so a bundle carries everything the agent needs::
                                 target platform and Python version (nothing to compile)
       config/edge.toml          the site's config: broker address from the fleet config,
                                 site id, engines, state folder under /var/lib/turbofed/<site>,
-                                a placeholder install.sh fills with the site's broker login
+                                a placeholder install.sh fills with the site's broker login,
+                                [identity] (fleet id, the two key files below)
+      config/signing.key        the site's Ed25519 signing key (0600), from the fleet's pki folder
+      config/aggregator.pub     the aggregator's public key the agent pins
       systemd/turbofed-edge.service
                                 restart on failure, unprivileged user `turbofed`,
                                 StateDirectory=turbofed, ExecStart from the venv
@@ -317,8 +320,12 @@ def parse_engines(engines: str | Sequence[str] | None) -> tuple[str, ...] | None
     return tuple(dict.fromkeys(items))
 
 
-def site_config_toml(site: str, broker: BrokerSettings, engines: tuple[str, ...] | None, fleet: str) -> str:
-    """The site TOML the bundle installs; `#@credentials@` is where install.sh writes the login."""
+SITE_KEYS = ("signing.key", "aggregator.pub")  # beside the config on the device; [identity] names them
+
+
+def site_config_toml(site: str, broker: BrokerSettings, engines: tuple[str, ...] | None, fleet: str, fleet_id: str | None = None) -> str:
+    """The site TOML the bundle installs; `#@credentials@` is where install.sh writes the login.
+    With `fleet_id` it has an [identity] table naming SITE_KEYS; without, the fleet runs unsigned."""
     q = json.dumps  # a JSON string is a valid TOML basic string
     lines = [
         f"# turbofed edge agent for site {site}, written by `turbofed flash` from {Path(fleet).name}.",
@@ -338,7 +345,29 @@ def site_config_toml(site: str, broker: BrokerSettings, engines: tuple[str, ...]
         "#@credentials@",
         "",
     ]
+    if fleet_id is None:
+        lines[5:5] = ["insecure_unsigned = true  # the fleet config has no pki folder: nothing is signed"]
+    else:
+        lines += ["[identity]", f"fleet_id = {q(fleet_id)}", f"signing_key = {q(SITE_KEYS[0])}", f"aggregator_key = {q(SITE_KEYS[1])}", ""]
     return "\n".join(lines)
+
+
+def write_config(plan: "Plan", folder: Path) -> None:
+    """config/edge.toml and, for a signed fleet, the site's signing key and the aggregator's public key."""
+    from turbofed.deploy.identities import AGGREGATOR, FleetIdentities
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fleet_id = None
+    if plan.pki is not None:
+        ids = FleetIdentities(Path(plan.pki))
+        fleet_id = ids.fleet_id
+        for source, name in ((ids.signing_key(plan.site), SITE_KEYS[0]), (ids.signing_pub(AGGREGATOR), SITE_KEYS[1])):
+            if not source.is_file():
+                raise FlashError(f"{source}: missing; run `turbofed fleet add {plan.site} --role site` (or `fleet init`) first")
+            fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(source.read_bytes())
+    (folder / "edge.toml").write_text(site_config_toml(plan.site, plan.broker, plan.engines, plan.fleet, fleet_id))
 
 
 def render(template: str, values: dict[str, str]) -> str:
@@ -365,6 +394,7 @@ class Plan:
     broker: BrokerSettings
     version: str
     warnings: list[str] = field(default_factory=list)
+    pki: str | None = None  # the fleet's identity folder: the bundle carries the site's keys from it
 
     @property
     def extras(self) -> str:
@@ -396,7 +426,8 @@ def plan_bundle(site: str, fleet: str, out: str | Path, platform: str | None = N
     target = resolve_target(platform, python_version)
     broker = BrokerSettings(host=config.broker.host, port=config.broker.port, topic_root=config.broker.topic_root,
                             plant_root=config.broker.plant_root, keepalive=config.broker.keepalive)
-    plan = Plan(site, str(fleet), Path(out), target, profile, parse_engines(engines), broker, _source_version(find_source_tree()))
+    plan = Plan(site, str(fleet), Path(out), target, profile, parse_engines(engines), broker, _source_version(find_source_tree()),
+                pki=config.pki)
     if broker.host in LOOPBACK:
         plan.warnings.append(
             f"the fleet config's broker host is {broker.host!r}: the device will look for the broker on itself. "
@@ -482,8 +513,7 @@ def build_bundle(plan: Plan, progress: Progress = _stderr) -> dict:
     wheels = [w for w in wheels if w not in unused]
 
     progress(f"[4/{steps}] writing config/edge.toml (broker {plan.broker.host}:{plan.broker.port}, engines {'all' if plan.engines is None else ','.join(plan.engines)})")
-    (out / "config").mkdir()
-    (out / "config" / "edge.toml").write_text(site_config_toml(plan.site, plan.broker, plan.engines, plan.fleet))
+    write_config(plan, out / "config")
 
     progress(f"[5/{steps}] writing systemd/{UNIT} and install.sh")
     values = {

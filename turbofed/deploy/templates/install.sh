@@ -212,6 +212,13 @@ for line in open(source, encoding="utf-8").read().splitlines():
 with open(target, "w", encoding="utf-8") as handle:
     handle.write("\n".join(out) + "\n")
 PY
+for key in signing.key aggregator.pub; do  # the site's identity, named by the config's [identity]
+    if [ -f "$BUNDLE/config/$key" ]; then
+        cp "$BUNDLE/config/$key" "$ETC/$key"
+        chmod 0600 "$ETC/$key"
+        if [ "$SYSTEMD" = 1 ]; then chown "$SERVICE_USER:$SERVICE_USER" "$ETC/$key"; fi
+    fi
+done
 "$VENV/bin/python" -c 'import sys; from turbofed.config import load_site_config; load_site_config(sys.argv[1])' "$CONFIG.new" \
     || die "the written config $CONFIG.new does not load (see above)"
 if [ "$SYSTEMD" = 1 ]; then
