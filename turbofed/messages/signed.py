@@ -234,5 +234,5 @@ def aggregator_keys(pki: str | None) -> tuple[Sealer | Unsigned, Verifier | Unsi
 
 __all__ = [
     "AGGREGATOR", "METRICS", "PREDICTIONS", "ROUND", "STATS", "STATS_REQUEST", "STATUS", "TELEMETRY", "FleetKeys",
-    "Opened", "Sealer", "SignatureError", "Unsigned", "Verifier", "aggregator_keys", "site_keys",
+    "Opened", "Sealer", "SignatureError", "TrustedKeys", "Unsigned", "Verifier", "aggregator_keys", "site_keys",
 ]

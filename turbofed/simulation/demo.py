@@ -28,7 +28,7 @@ from typing import Any
 
 from turbofed.config import BrokerSettings, ModelSettings, resolve_data_dir
 from turbofed.errors import Refused, TurbofedError
-from turbofed.messages import Metrics, RoundAnnouncement, Status
+from turbofed.messages import Metrics, RoundAnnouncement, Status, signed
 from turbofed.mqtt import Subscriptions, connect, make_client
 from turbofed.simulation.broker import BrokerHandle, start_broker
 from turbofed.topics import Topics
@@ -45,8 +45,15 @@ class DemoError(TurbofedError):
 class FleetWatch:
     """What the fleet says over MQTT: site status, the round announcement, site metrics."""
 
-    def __init__(self, broker: BrokerSettings) -> None:
+    def __init__(self, broker: BrokerSettings, pki: Path | None = None) -> None:
+        """`pki`: the fleet's identity folder; what the fleet says is then checked against its
+        keys (the aggregator's and every site's), as the agents and the aggregator do."""
         self.topics = Topics(broker.topic_root, broker.plant_root)
+        self.verifier: signed.Verifier | signed.Unsigned = signed.Unsigned("demo")
+        if pki is not None:
+            keys = signed.FleetKeys.load(pki)
+            everyone = {**keys.sites.keys, signed.AGGREGATOR: keys.aggregator.key.public_key()}
+            self.verifier = signed.Verifier(keys.fleet_id, signed.TrustedKeys(everyone))
         self.status: dict[str, Status] = {}
         self.metrics: dict[str, Metrics] = {}
         self.round: RoundAnnouncement | None = None
@@ -64,10 +71,12 @@ class FleetWatch:
             return
         try:
             if msg.topic == self.topics.round:
-                site, body = "", RoundAnnouncement.from_payload(msg.payload)
+                opened = self.verifier.open(signed.ROUND, msg.payload, signer=signed.AGGREGATOR)
+                site, body = "", RoundAnnouncement.from_payload(opened.body)
             else:
                 site, kind = self.topics.parse_site(msg.topic)
-                body = (Status if kind == "status" else Metrics).from_payload(msg.payload, site=site)
+                opened = self.verifier.open(signed.STATUS if kind == "status" else signed.METRICS, msg.payload, signer=site)
+                body = (Status if kind == "status" else Metrics).from_payload(opened.body, site=site)
         except Refused as exc:
             log.warning("ignored a message on %s (%s): %s", msg.topic, exc.reason.value, exc)
             return
@@ -159,16 +168,22 @@ def find_data(dataset: str, data_dir: str | None) -> tuple[str, str | None, str]
 
 
 def write_configs(work: Path, sites: list[str], broker: BrokerSettings, settings: ModelSettings) -> Path:
-    """One TOML per site and one for the fleet, as a user would write them."""
+    """One TOML per site and one for the fleet, as a user would write them, and the fleet's
+    identities (`turbofed fleet init`, in work/pki): every message is signed."""
+    from turbofed.deploy.identities import AGGREGATOR, FleetIdentities, init_from_fleet
+
     broker_toml = f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n'
-    for site in sites:
-        (work / f"{site}.toml").write_text(f'site = "{site}"\nstate_dir = "state/{site}"\nengines = "*"\n\n{broker_toml}')
     model = "\n".join(f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in settings.to_dict().items())
     fleet = work / "fleet.toml"
     fleet.write_text(
-        f"sites = {json.dumps(sites)}\nstore = \"results.sqlite\"\nregistry = \"registry\"\n"
+        f"sites = {json.dumps(sites)}\nstore = \"results.sqlite\"\nregistry = \"registry\"\npki = \"pki\"\n"
         f"strategy = \"fedavg\"\nround_deadline_s = 120\n\n{broker_toml}\n[model]\n{model}\n"
     )
+    ids: FleetIdentities = init_from_fleet(fleet, work / "pki")
+    for site in sites:
+        identity = (f'[identity]\nfleet_id = "{ids.fleet_id}"\nsigning_key = "pki/identities/{site}/signing.key"\n'
+                    f'aggregator_key = "pki/identities/{AGGREGATOR}/signing.pub"\n')
+        (work / f"{site}.toml").write_text(f'site = "{site}"\nstate_dir = "state/{site}"\nengines = "*"\n\n{broker_toml}\n{identity}')
     return fleet
 
 
@@ -198,7 +213,7 @@ def run_demo(
         print(f"broker: {broker_handle.kind} on {broker_handle.host}:{broker_handle.port}", file=sys.stderr)
         broker = BrokerSettings(host=broker_handle.host, port=broker_handle.port)
         fleet_toml = write_configs(work, sites, broker, settings)
-        watch = FleetWatch(broker)
+        watch = FleetWatch(broker, work / "pki")
         for site in sites:
             processes.start(site, "edge", "--config", str(work / f"{site}.toml"))
         watch.wait("the edge agents to come online", lambda: sum(watch.site_status(s).online for s in sites) == n_sites, 120, processes)
