@@ -101,6 +101,7 @@ class Aggregator:
             self.store.close()
             self.registry.close()
             raise
+        signed.warn_if_unsigned(self.sealer, "the aggregator")
 
     # --- start, resume ---------------------------------------------------------------
 

@@ -176,6 +176,7 @@ class EdgeAgent:
         }
         self._plant_routes: dict[str, Callable[[str, bytes], None]] = {"sensors": self.on_reading, "events": self.on_event}
         self._restore()
+        signed.warn_if_unsigned(self.sealer, f"site {self.site}")
 
     # --- lifecycle -------------------------------------------------------------------
 

@@ -14,12 +14,14 @@ import onnx
 import pytest
 
 from tests.livefleet import LiveFleet, site_identity, wait_for
+from turbofed import envelope
 from turbofed.config import ModelSettings
 from turbofed.data.cmapss import load_subset
 from turbofed.edge.features import runs_stats
 from turbofed.edge.learner import RulModel
 from turbofed.messages import RoundAnnouncement, SensorReading, StatsReply, StatsRequest, signed
 from turbofed.mqtt import connect, make_client
+from turbofed.signing import SigningKey
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +59,15 @@ class FakeSites:
     def update(self, body: bytes, site: str = "site1", round_no: int | None = None, samples: int = 100) -> bytes:
         r = self.round.round if round_no is None else round_no
         return self.sealers[site].envelope(kind="update", round=r, model_version=self.round.model_version, samples=samples, body=body)
+
+    def forged(self, body: bytes, form: str) -> bytes:
+        """An update that claims to be site1's: unsigned, signed with site2's key, or for another fleet."""
+        fields = dict(kind="update", round=self.round.round, model_version=self.round.model_version, samples=100, body=body)
+        if form == "unsigned":
+            return envelope.encode(site="site1", **fields)
+        site1, site2 = self.sealers["site1"], self.sealers["site2"]
+        sealer = signed.Sealer("0" * 32, site1.key) if form == "wrong_fleet" else signed.Sealer(site1.fleet, SigningKey("site1", site2.key.key))
+        return sealer.envelope(**fields)
 
     def stats(self, reply: StatsReply) -> None:
         self.client.publish(self.topics.stats(reply.site), self.sealers[reply.site].seal(signed.STATS, reply.to_payload()), qos=1)
@@ -114,7 +125,10 @@ def test_aggregator_refuses_bad_updates_and_keeps_going(broker, fleet_pki: Path,
             "non_finite": sites.update(poisoned(good, np.nan)),
             "too_large": sites.update(good + b"\0" * 250_000),
             "stale_round": sites.update(good, round_no=0),
-            "wrong_sender": sites.update(good, site="site2"),
+            "wrong_sender": sites.update(good, site="site2"),  # site2's own key, on site1's topic: no ACL needed to refuse it
+            "bad_signature": sites.forged(good, "bad_signature"),  # names site1, signed with site2's key
+            "unsigned": sites.forged(good, "unsigned"),
+            "wrong_fleet": sites.forged(good, "wrong_fleet"),
         }
         for payload in bad.values():
             sites.send("site1", payload)

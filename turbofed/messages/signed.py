@@ -56,6 +56,12 @@ METRICS: Final = "metrics"
 PREDICTIONS: Final = "predictions"
 TELEMETRY: Final = "telemetry"
 
+def warn_if_unsigned(sealer: "Sealer | Unsigned", who: str) -> None:
+    """The loud start-up warning of `insecure_unsigned` (after the process's own checks passed)."""
+    if not sealer.signed:
+        log.warning(INSECURE_WARNING, who)
+
+
 INSECURE_WARNING: Final = (
     "INSECURE: %s runs with insecure_unsigned = true: messages are neither signed nor verified, so any client "
     "of the broker can forge rounds, models, updates and reports. Use it only with the development broker."
@@ -180,7 +186,6 @@ def site_keys(site: str, fleet_id: str | None, signing_key: str | None, aggregat
     """An agent's sealer (its own key) and verifier (the pinned aggregator key); both
     `Unsigned` when the site config has no [identity] (insecure_unsigned, checked at load)."""
     if fleet_id is None or signing_key is None or aggregator_key is None:
-        log.warning(INSECURE_WARNING, f"site {site}")
         return Unsigned(site), Unsigned(site)
     try:
         trusted = TrustedKeys({AGGREGATOR: load_public_key(aggregator_key)})
@@ -226,7 +231,6 @@ def aggregator_keys(pki: str | None) -> tuple[Sealer | Unsigned, Verifier | Unsi
     """The aggregator's sealer and its verifier of site messages; `Unsigned` without `pki`
     (insecure_unsigned, checked at load)."""
     if pki is None:
-        log.warning(INSECURE_WARNING, "the aggregator")
         return Unsigned(AGGREGATOR), Unsigned(AGGREGATOR)
     keys = FleetKeys.load(pki)
     return Sealer(keys.fleet_id, keys.aggregator), Verifier(keys.fleet_id, keys.sites)
@@ -234,5 +238,5 @@ def aggregator_keys(pki: str | None) -> tuple[Sealer | Unsigned, Verifier | Unsi
 
 __all__ = [
     "AGGREGATOR", "METRICS", "PREDICTIONS", "ROUND", "STATS", "STATS_REQUEST", "STATUS", "TELEMETRY", "FleetKeys",
-    "Opened", "Sealer", "SignatureError", "TrustedKeys", "Unsigned", "Verifier", "aggregator_keys", "site_keys",
+    "Opened", "Sealer", "SignatureError", "TrustedKeys", "Unsigned", "Verifier", "aggregator_keys", "site_keys", "warn_if_unsigned",
 ]
