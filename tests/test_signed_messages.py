@@ -354,13 +354,13 @@ def test_forged_retained_global_changes_no_agent_on_a_live_fleet(broker, fleet_p
         outsider.publish(topics.global_model, mis_signed, qos=1, retain=True).wait_for_publish(10)
         wait_for("the mis-signed forgery to be refused", lambda: all(a.counters["rejected.bad_signature"] >= 1 for a in fleet.agents.values()))
         wait_for("the real global v2 at every site", lambda: all(a.global_version == 2 for a in fleet.agents.values()), 120)
+        final = aggregator.registry.latest().model
         test = fleet.replay("test", 4, cmapss_dir)
         store = open_store(fleet.fleet.store)
         wait_for("every test engine's prediction in the store", lambda: len(store.latest_predictions()) == test["engines"]["test"])
         outsider.disconnect()
     finally:
         fleet.close()
-    final = aggregator.registry.latest().model
     for agent in fleet.agents.values():
         assert agent.global_version == 2 and agent.global_model == final
         assert (agent.state_dir / "global.onnx").read_bytes() == final
