@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from turbofed.config import ModelSettings, SiteConfig
 from turbofed.data.cmapss import load_subset
 from turbofed.edge.agent import EdgeAgent
 from turbofed.edge.features import run_features, runs_stats
 from turbofed.edge.learner import RulModel
 from turbofed.edge.state import StateError, load_learners, save_learners
-
-from turbofed.config import ModelSettings, SiteConfig
 from turbofed.spec import DEFAULT_WINDOW, FeatureSpec
 
 SETTINGS = ModelSettings(hidden=(16, 8))

@@ -42,7 +42,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from turbofed.data.synthetic import generate_fleet
     from turbofed.edge.features import run_features, runs_stats
     from turbofed.edge.learner import RulModel
-
     from turbofed.spec import FeatureSpec
 
     runs = generate_fleet(n_train=6, n_test=0, seed=3).train
@@ -234,9 +233,8 @@ def test_inference_agent_in_process_never_imports_sklearn(trained: dict, tmp_pat
 
 
 def _inference_agent(tmp_path: Path):
-    from turbofed.edge.agent import EdgeAgent
-
     from turbofed.config import SiteConfig
+    from turbofed.edge.agent import EdgeAgent
 
     class Capture:
         def __init__(self) -> None:

@@ -10,10 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from turbofed.aggregator.registry import ModelRegistry
 
 from tests.conftest import REPO
 from tests.livefleet import LiveFleet, wait_for
+from turbofed.aggregator.registry import ModelRegistry
 from turbofed.codec import raw_weight_bytes, read_weights
 from turbofed.config import ModelSettings
 from turbofed.store import open_store

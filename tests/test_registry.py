@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from turbofed.aggregator.registry import Checkpoint, ModelRegistry, RegistryError
 
 STATE = {"velocity/coefficient": np.arange(6, dtype=np.float32).reshape(2, 3),
@@ -97,9 +98,8 @@ def test_aggregator_refuses_an_older_checkpoint_and_keeps_it(tmp_path: Path) -> 
     """A checkpoint whose feature spec and statistics predate the baseline features (3 features
     a sensor, no feature sums): the aggregator says which checkpoint and why, and deletes nothing."""
     from turbofed.aggregator.service import Aggregator
-    from turbofed.edge.learner import RulModel
-
     from turbofed.config import FleetConfig, ModelSettings
+    from turbofed.edge.learner import RulModel
     from turbofed.spec import FeatureSpec
 
     model = RulModel(ModelSettings(), FeatureSpec((0, 1), 30, (0.0,) * 9, (1.0,) * 9)).to_onnx()

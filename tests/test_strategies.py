@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+
+from tests.plugins.median import Median
 from turbofed.aggregator.service import Aggregator
 from turbofed.aggregator.strategies import (
     FedAdam,
@@ -20,11 +22,9 @@ from turbofed.aggregator.strategies import (
     aggregate_onnx,
     make_strategy,
 )
-from turbofed.edge.learner import RulModel
-
-from tests.plugins.median import Median
 from turbofed.codec import WeightsMismatch, read_weights
 from turbofed.config import ModelSettings, load_fleet_config
+from turbofed.edge.learner import RulModel
 from turbofed.errors import ConfigError
 from turbofed.spec import FeatureSpec
 
