@@ -2,12 +2,13 @@
 
 Decoding never trusts the sender. An update is refused, with a reason that is logged,
 counted and recorded, when its envelope is malformed (see turbofed.envelope), when the
-envelope's site is not the topic's site, when it is for another round, when the site
-already sent one this round, when the site is not in the fleet, or when its ONNX model is
-not exactly the current global model's graph with other finite weights in it (see
-turbofed.codec.check_graph; the global model is the reference graph of turbofed.graph).
-Only the weights of an accepted update are used, never its bytes: nothing refused, and
-nothing but numbers, ever reaches the global model.
+envelope's site is not the topic's site, when it does not carry that site's valid signature
+(turbofed.messages.signed), when it is for another round, when the site already sent one
+this round, when the site is not in the fleet, or when its ONNX model is not exactly the
+current global model's graph with other finite weights in it (see turbofed.codec.check_graph;
+the global model is the reference graph of turbofed.graph). Only the weights of an accepted
+update are used, never its bytes: nothing refused, and nothing but numbers, ever reaches the
+global model.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import onnx
 from turbofed import envelope
 from turbofed.codec import Weights, load_compatible
 from turbofed.errors import Refused, WeightsError
+from turbofed.messages.signed import Unsigned, Verifier
 from turbofed.refusals import Refusal
 
 
@@ -57,9 +59,11 @@ class Round:
     def responded(self) -> set[str]:
         return set(self.accepted) | set(self.skipped)
 
-    def check(self, topic_site: str, payload: bytes, reference: onnx.ModelProto, max_bytes: int) -> Accepted | None:
-        """Validate one update against the global model it started from (`reference`);
-        returns it (None for a 'skip' notice) or raises Rejected."""
+    def check(self, topic_site: str, payload: bytes, reference: onnx.ModelProto, max_bytes: int,
+              verifier: Verifier | Unsigned, epoch: int = 0) -> Accepted | None:
+        """Validate one update against the global model it started from (`reference`); returns
+        it (None for a 'skip' notice) or raises Rejected (or SignatureError, a Refused, for a
+        signature that does not check out)."""
         if topic_site not in self.sites:
             raise Rejected(Refusal.UNKNOWN_SITE, f"site {topic_site!r} is not in the fleet config")
         try:
@@ -70,6 +74,7 @@ class Round:
             raise Rejected(Refusal.WRONG_SENDER, f"envelope names site {env.site!r} but arrived on {topic_site!r}'s topic")
         if env.kind not in ("update", "skip"):
             raise Rejected(Refusal.BAD_KIND, f"a site may send 'update' or 'skip', not {env.kind!r}")
+        verifier.check_envelope(env, signer=topic_site, epoch=epoch)
         if env.round != self.number:
             raise Rejected(Refusal.STALE_ROUND, f"update for round {env.round}, the open round is {self.number}")
         if topic_site in self.responded():

@@ -10,6 +10,10 @@
 It keeps recording site status, metrics and predictions in the results store until
 stopped. A restarted aggregator resumes from its last checkpoint: no round is repeated
 or skipped, and the retained global model is published again.
+
+It signs every round announcement, statistics request and global model with the fleet's
+aggregator key, and checks every site message against that site's key from the fleet's
+identity folder (docs/protocol.md, "Signed messages").
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from typing import Callable
 
 import onnx
 
-from turbofed import envelope
 from turbofed.aggregator.registry import ModelRegistry, RegistryError
 from turbofed.aggregator.rounds import Rejected, Round
 from turbofed.aggregator.strategies import SiteUpdate, make_strategy, merge
@@ -43,6 +46,7 @@ from turbofed.messages import (
     StatsRequest,
     Status,
     Telemetry,
+    signed,
 )
 from turbofed.mqtt import Subscriptions, client_id, connect, make_client
 from turbofed.refusals import Refusal
@@ -52,7 +56,7 @@ from turbofed.topics import Topics
 
 log = logging.getLogger("turbofed.aggregator")
 
-AGGREGATOR_SITE = "aggregator"  # the `site` field of envelopes the aggregator sends
+AGGREGATOR_SITE = signed.AGGREGATOR  # the `site` field of envelopes the aggregator sends
 
 
 class Aggregator:
@@ -69,6 +73,12 @@ class Aggregator:
         spool = Path(config.registry).parent / "influx-spool"
         self.store = open_store(config.store, spool_dir=spool, influx=config.influx)
         self.registry = ModelRegistry(config.registry)
+        try:
+            self.sealer, self.verifier = signed.aggregator_keys(config.pki)
+        except BaseException:
+            self.store.close()
+            self.registry.close()
+            raise
         self.counters: Counter[str] = Counter()  # refusals, by reason
         self.ignored = 0  # messages on topics we never subscribed to
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
@@ -95,6 +105,7 @@ class Aggregator:
             self.store.close()
             self.registry.close()
             raise
+        signed.warn_if_unsigned(self.sealer, "the aggregator")
 
     # --- start, resume ---------------------------------------------------------------
 
@@ -157,7 +168,7 @@ class Aggregator:
         while not stop.is_set() and self.version < self.config.model.rounds:
             self._run_round(self.version + 1, stop)
         if not stop.is_set():
-            self._announce(RoundAnnouncement(self.version, self.spec, done=True))
+            self._announce(RoundAnnouncement(self.version, self.spec, done=True, epoch=self.config.epoch))
             log.info("all %d rounds done; recording site reports until stopped", self.config.model.rounds)
         while not stop.is_set():
             self.pump(0.2)
@@ -216,7 +227,8 @@ class Aggregator:
             if time.monotonic() >= next_request:
                 self.stats_request_id = uuid.uuid4().hex
                 request = StatsRequest(self.stats_request_id, self.config.min_samples, self.config.model.window)
-                self.client.publish(self.topics.stats_request, request.to_payload(), qos=1, retain=True)
+                payload = self.sealer.seal(signed.STATS_REQUEST, request.to_payload())
+                self.client.publish(self.topics.stats_request, payload, qos=1, retain=True)
                 next_request = time.monotonic() + self.config.stats_retry_s
                 log.info("asked sites for fleet statistics (%d of %d ready)", len(ready), needed)
             self.pump(0.2)
@@ -230,7 +242,7 @@ class Aggregator:
         self.store.record_event("fleet_statistics", detail, time.time())
 
     def _on_stats(self, site: str, payload: bytes) -> None:
-        reply = StatsReply.from_payload(payload, site=site)  # statistics validated now, not when summing
+        reply = StatsReply.from_payload(self.verifier.open(signed.STATS, payload, signer=site).body, site=site)  # statistics validated now, not when summing
         if reply.request_id != self.stats_request_id:
             return  # an answer to an older request
         if reply.stats is not None and reply.stats.window != self.config.model.window:
@@ -248,7 +260,8 @@ class Aggregator:
         log.info("round 0: built and published global v0 (%s, seed %d)", self.config.model.kind, self.config.model.seed)
 
     def _announce(self, announcement: RoundAnnouncement) -> None:
-        self.client.publish(self.topics.round, announcement.to_payload(), qos=1, retain=True)
+        payload = self.sealer.seal(signed.ROUND, announcement.to_payload(), round=announcement.round, version=announcement.version)
+        self.client.publish(self.topics.round, payload, qos=1, retain=True)
 
     def _run_round(self, number: int, stop: threading.Event) -> None:
         now = time.time()
@@ -263,6 +276,7 @@ class Aggregator:
                 settings=self.config.model,
                 min_samples=self.config.min_samples,
                 strategy=self.strategy.name,
+                epoch=self.config.epoch,
             )
         )
         log.info("round %d announced (from global v%d, deadline %.0f s)", number, self.round.model_version, self.config.round_deadline_s)
@@ -285,7 +299,7 @@ class Aggregator:
     def _on_update(self, site: str, payload: bytes) -> None:
         if self.round is None:
             raise Rejected(Refusal.STALE_ROUND, "no round is open")
-        accepted = self.round.check(site, payload, self.model, self.config.max_update_bytes)
+        accepted = self.round.check(site, payload, self.model, self.config.max_update_bytes, self.verifier, self.config.epoch)
         if accepted:
             log.info("round %d: update from %s (%d samples, %d bytes)", self.round.number, site, accepted.samples, accepted.wire_bytes)
 
@@ -312,7 +326,7 @@ class Aggregator:
     def _publish_global(self) -> None:
         data = self.model.SerializeToString()
         total = sum(a.samples for a in self.round.accepted.values()) if self.round else 0
-        payload = envelope.encode(kind="global", site=AGGREGATOR_SITE, round=self.version, model_version=self.version, samples=total, body=data)
+        payload = self.sealer.envelope(kind="global", round=self.version, model_version=self.version, samples=total, body=data, epoch=self.config.epoch)
         self.client.publish(self.topics.global_model, payload, qos=1, retain=True)
 
     # --- what sites report -----------------------------------------------------------
@@ -320,15 +334,15 @@ class Aggregator:
     def _on_status(self, site: str, payload: bytes) -> None:
         if not payload:
             return  # a retained status being cleared
-        s = Status.from_payload(payload, site=site)
+        s = Status.from_payload(self.verifier.open(signed.STATUS, payload, signer=site).body, site=site)
         self.store.record_status(site, s.online, s.at or time.time(), s.agent_version, s.model_version, s.samples)
 
     def _on_metrics(self, site: str, payload: bytes) -> None:
-        m = Metrics.from_payload(payload, site=site)
+        m = Metrics.from_payload(self.verifier.open(signed.METRICS, payload, signer=site).body, site=site)
         self.store.record_metrics(site, self.version, m.model_version, m.to_dict(), time.time())
 
     def _on_predictions(self, site: str, payload: bytes) -> None:
-        p = Predictions.from_payload(payload, site=site)
+        p = Predictions.from_payload(self.verifier.open(signed.PREDICTIONS, payload, signer=site).body, site=site)
         now = time.time()
         if p.rows:
             self.store.record_predictions(site, list(p.rows), now)
@@ -337,7 +351,7 @@ class Aggregator:
 
     def _on_telemetry(self, site: str, payload: bytes) -> None:
         """Raw sensor rows, from a site whose config shares them."""
-        t = Telemetry.from_payload(payload, site=site)
+        t = Telemetry.from_payload(self.verifier.open(signed.TELEMETRY, payload, signer=site).body, site=site)
         if t.rows:
             self.store.record_sensors(site, [(e, c, list(st), list(se)) for e, c, st, se in t.rows], time.time())
 

@@ -157,31 +157,33 @@ def _replay(agent: Any, path: Path, prefix: str = "") -> dict[str, float]:
 def child(profile: str, work: Path) -> dict[str, Any]:
     """One profile, in this (fresh) process: returns its memory and CPU figures."""
     rss_start = rss_mb()
+    from turbofed.config import BrokerSettings, IdentitySettings, ModelSettings, SiteConfig
     from turbofed.edge.agent import EdgeAgent  # what `turbofed edge` imports
-
-    from turbofed import envelope
-    from turbofed.config import BrokerSettings, ModelSettings, SiteConfig
-    from turbofed.messages import RoundAnnouncement
+    from turbofed.messages import RoundAnnouncement, signed
     from turbofed.spec import FeatureSpec
     from turbofed.topics import Topics
 
     rss_import = rss_mb()
     meta = json.loads((work / "meta.json").read_text())
     topics = Topics(BrokerSettings().topic_root, BrokerSettings().plant_root)
-    config = SiteConfig(site=SITE, state_dir=str(work / f"state-{profile}"))
+    pki = work / "pki"  # the site signs what it sends and checks the aggregator's signatures, as in service
+    identity = IdentitySettings(json.loads((pki / "fleet.json").read_text())["fleet_id"], str(pki / "identities" / SITE / "signing.key"),
+                                str(pki / "identities" / "aggregator" / "signing.pub"))
+    config = SiteConfig(site=SITE, state_dir=str(work / f"state-{profile}"), identity=identity)
     agent = EdgeAgent(config, training=(profile == "training"))
     agent.client = NullClient()
+    aggregator = signed.aggregator_keys(str(pki))[0]
 
     def announce(number: int) -> None:
         body = RoundAnnouncement(
             number, FeatureSpec.from_dict(meta["spec"]), announce_id=uuid.uuid4().hex, model_version=0, deadline=time.time() + 3600,
             settings=ModelSettings.from_dict(meta["settings"]), min_samples=200, strategy="fedavg",
         )
-        agent.handle(topics.round, body.to_payload())
+        agent.handle(topics.round, aggregator.seal(signed.ROUND, body.to_payload(), round=body.round, version=body.version))
 
     model = (work / "global.onnx").read_bytes()
-    agent.handle(topics.global_model, envelope.encode(kind="global", site="aggregator", round=0, model_version=0, samples=meta["rows"], body=model))
-    announce(1)
+    announce(1)  # round 1 from global v0: the announcement vouches for the global that follows
+    agent.handle(topics.global_model, aggregator.envelope(kind="global", round=0, model_version=0, samples=meta["rows"], body=model))
     out: dict[str, Any] = {"profile": profile, "rss_mb": {"start": rss_start, "after_import": rss_import}}
     out["pass1"] = _replay(agent, work / "schedule.txt")
     out["rss_mb"]["after_pass1"] = rss_mb()
@@ -209,10 +211,9 @@ def child(profile: str, work: Path) -> dict[str, Any]:
 
 def load_runs(n_engines: int, seed: int) -> tuple[list[Any], str]:
     """N training engines (run to failure): C-MAPSS FD001 when it is there, else synthetic."""
+    from turbofed.config import resolve_data_dir
     from turbofed.data.cmapss import load_subset
     from turbofed.data.synthetic import generate_fleet
-
-    from turbofed.config import resolve_data_dir
     from turbofed.errors import DataError
 
     folder = resolve_data_dir(None)
@@ -230,10 +231,10 @@ def load_runs(n_engines: int, seed: int) -> tuple[list[Any], str]:
 def prepare(work: Path, n_engines: int, seed: int) -> dict[str, Any]:
     """The replay schedule, the fleet spec and a trained global model, written to `work`."""
     import numpy as np
-    from turbofed.edge.features import run_features, runs_stats
-    from turbofed.edge.learner import RulModel
 
     from turbofed.config import ModelSettings
+    from turbofed.edge.features import run_features, runs_stats
+    from turbofed.edge.learner import RulModel
     from turbofed.simulation.fleet import FleetEngine, engine_id
     from turbofed.simulation.replay import publish_schedule
     from turbofed.spec import FeatureSpec
@@ -257,6 +258,10 @@ def prepare(work: Path, n_engines: int, seed: int) -> dict[str, Any]:
             n_messages += 1
     meta = {"settings": settings.to_dict(), "spec": spec.to_dict(), "rows": int(len(x)), "messages": n_messages, "cycles": int(len(x)), "data": data}
     (work / "meta.json").write_text(json.dumps(meta))
+    from turbofed.deploy.identities import init_from_fleet
+
+    (work / "fleet.toml").write_text(f'sites = ["{SITE}"]\nstore = "results.sqlite"\nregistry = "registry"\n')
+    init_from_fleet(work / "fleet.toml")  # work/pki: the site's and the aggregator's keys
     return {"meta": meta, "runs": runs, "spec": spec, "model": model}
 
 
@@ -268,6 +273,7 @@ def latency(runs: list[Any], spec: Any, model: Any, onnx_model: bytes) -> dict[s
     features, then `RulModel.predict` (the estimator's own predict, normalisation included).
     """
     import numpy as np
+
     from turbofed.edge.agent import EdgeAgent, EngineTrack
     from turbofed.edge.features import EngineWindow
     from turbofed.edge.inference import OnnxPredictor

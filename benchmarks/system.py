@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 
 from turbofed.benchmarks import emit, machine_info
-
 from turbofed.config import BrokerSettings, ModelSettings, load_site_config
+from turbofed.deploy.identities import init_for_sites
 from turbofed.simulation.broker import start_broker
 from turbofed.simulation.demo import FleetWatch, Processes, write_configs
+from turbofed.topics import DEFAULT_TOPICS
 
 AGENTS_PER_PROCESS = 10
 
@@ -67,10 +68,11 @@ def run_system(n_sites: int = 50, rounds: int = 3, dataset: str = "SYN001", seed
     (work / "logs").mkdir()
     sites = [f"site{i + 1}" for i in range(n_sites)]
     processes = Processes(work / "logs")
+    pki = init_for_sites(work / "pki", sites, DEFAULT_TOPICS, ["127.0.0.1"])  # every message signed; no TLS here yet
     with start_broker(embedded=False, workdir=work / "broker") as handle:
         broker = BrokerSettings(host=handle.host, port=handle.port)
-        fleet_toml = write_configs(work, sites, broker, settings)
-        watch = FleetWatch(broker)
+        fleet_toml = write_configs(work, sites, broker, settings, pki, tls=False)
+        watch = FleetWatch(broker, pki.root)
         try:
             groups = [sites[i : i + AGENTS_PER_PROCESS] for i in range(0, n_sites, AGENTS_PER_PROCESS)]
             workers = []
@@ -79,15 +81,15 @@ def run_system(n_sites: int = 50, rounds: int = 3, dataset: str = "SYN001", seed
                 log = open(work / "logs" / f"worker{k}.log", "wb")
                 workers.append(subprocess.Popen([sys.executable, "-m", "turbofed.benchmarks.system", "--worker", *cfgs], stdout=log, stderr=subprocess.STDOUT))
                 processes.children[f"worker{k}"] = workers[-1]
-            watch.wait("agents online", lambda: sum(bool(watch.status.get(s, {}).get("online")) for s in sites) == n_sites, 180, processes)
+            watch.wait("agents online", lambda: sum(watch.site_status(s).online for s in sites) == n_sites, 180, processes)
 
             started = time.perf_counter()
             summary = replay(dataset, None, n_sites, broker.host, broker.port, None, "round-robin", "train", seed=seed, progress=True)
-            watch.wait("rows delivered", lambda: sum(watch.status.get(s, {}).get("samples") or 0 for s in sites) >= summary["rows"], 600, processes)
+            watch.wait("rows delivered", lambda: sum(watch.site_status(s).samples or 0 for s in sites) >= summary["rows"], 600, processes)
             delivered_s = time.perf_counter() - started
 
             processes.start("aggregator", "aggregator", "--config", str(fleet_toml))
-            watch.wait("rounds", lambda: bool(watch.round.get("done")) and watch.round.get("round") == rounds, 300 + 120 * rounds, processes)
+            watch.wait("rounds", lambda: watch.round is not None and watch.round.done and watch.round.round == rounds, 300 + 120 * rounds, processes)
             rss = [rss_mb(w.pid) for w in workers]
         finally:
             processes.stop(30)

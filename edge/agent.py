@@ -5,6 +5,12 @@ site's own (local) and the fleet's (the latest global model); when an engine fai
 labels that engine's history and buffers it for training; when a round is announced it
 trains from the global model and sends its update. Raw sensor rows never leave the site.
 
+Everything it sends is signed with the site's key, and it pins the aggregator's key: a
+round announcement, statistics request or global model that is unsigned, mis-signed or for
+another fleet is refused, and a global model is taken only in a version the latest signed
+round announcement vouches for (no jumps; no rollback except after a signed fleet reset,
+a higher `epoch`). docs/protocol.md, "Signed messages".
+
 MQTT callbacks only enqueue; one worker thread does all the work in arrival order, so
 training never stalls the network thread (keepalives, acknowledgements). Everything the
 agent knows is saved under its state folder, so a restarted agent resumes where it was:
@@ -64,6 +70,7 @@ from turbofed.messages import (
     StatsRequest,
     Status,
     Telemetry,
+    signed,
 )
 from turbofed.metrics import phm08_score, rmse
 from turbofed.mqtt import Subscriptions, client_id, connect, make_client
@@ -74,7 +81,7 @@ from turbofed.topics import Topics
 log = logging.getLogger("turbofed.edge")
 
 SAVE_EVERY_S = 2.0
-LOG_FIRST_N = 20  # per reason, then every 100th: a flood of bad input must not flood the log
+LOG_EVERY_S = 60.0  # one log line per refusal reason per interval: a flood of bad input must not flood the log
 
 
 class EngineTrack:
@@ -153,20 +160,31 @@ class EdgeAgent:
         self._last_save = 0.0
         self._reported_rows = -1
         self.client = None
-        # What each subscribed topic carries and who handles it: parsed before it is used.
+        identity = config.identity
+        self.sealer, self.verifier = signed.site_keys(
+            self.site, *((identity.fleet_id, identity.signing_key, identity.aggregator_key) if identity else (None, None, None)))
+        self.epoch = 0  # the fleet epoch of the latest signed announcement (a reset raises it)
+        self.announced: RoundAnnouncement | None = None  # the latest signed round announcement
+        self.deferred_global: bytes | None = None  # a signed global that arrived before its announcement
+        self._logged: dict[Refusal, float] = {}
+        # What each subscribed topic carries and who handles it: verified and parsed before it is used.
         self._routes: dict[str, Callable[[bytes], None]] = {
-            self.topics.round: lambda payload: self.on_round(RoundAnnouncement.from_payload(payload)),
+            self.topics.round: self._on_round_payload,
             self.topics.global_model: self.on_global,
-            self.topics.stats_request: lambda payload: self.on_stats_request(StatsRequest.from_payload(payload)),
+            self.topics.stats_request: lambda payload: self.on_stats_request(
+                StatsRequest.from_payload(self.verifier.open(signed.STATS_REQUEST, payload, signer=signed.AGGREGATOR).body)),
         }
         self._plant_routes: dict[str, Callable[[str, bytes], None]] = {"sensors": self.on_reading, "events": self.on_event}
         self._restore()
+        signed.warn_if_unsigned(self.sealer, f"site {self.site}")
 
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
         """Connect (reconnects are automatic) and subscribe."""
-        offline = Status(self.site, online=False).to_payload()
+        # The will is signed now, at connect: a replayed offline status is possible and harmless
+        # (the next online status, signed with a later `at`, replaces it).
+        offline = self.sealer.seal(signed.STATUS, Status(self.site, online=False).to_payload())
         self.client = make_client(client_id(f"edge-{self.site}", self.config.broker), self.config.broker, will=(self.topics.status(self.site), offline), persistent_session=True)
         self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
         self.client.on_connect = self._on_connect
@@ -244,9 +262,11 @@ class EdgeAgent:
     def _reject(self, reason: Refusal, detail: str) -> None:
         key = f"rejected.{reason.value}"
         self.counters[key] += 1
-        n = self.counters[key]
-        if n <= LOG_FIRST_N or n % 100 == 0:
-            log.warning("site %s: skipped (%s, #%d): %s", self.site, reason, n, detail)
+        now = time.monotonic()
+        if now - self._logged.get(reason, -LOG_EVERY_S) >= LOG_EVERY_S:
+            self._logged[reason] = now
+            log.warning("site %s: skipped (%s, #%d so far; next line for this reason in %.0f s at the earliest): %s",
+                        self.site, reason, self.counters[key], LOG_EVERY_S, detail)
 
     # --- sensor stream ---------------------------------------------------------------
 
@@ -299,14 +319,21 @@ class EdgeAgent:
         """Federated analytics: share count, sums and sums of squares, never rows."""
         stats = self.buffer.stats(request.window) if self.buffer.rows else None
         reply = StatsReply(request.request_id, self.site, self.buffer.rows, len(self.buffer.engines), stats)
-        self.client.publish(self.topics.stats(self.site), reply.to_payload(), qos=1)
+        self.client.publish(self.topics.stats(self.site), self.sealer.seal(signed.STATS, reply.to_payload()), qos=1)
 
     def on_global(self, payload: bytes) -> None:
+        """A global model: signed by the aggregator for this fleet and epoch, newer than ours,
+        and in a version the latest signed round announcement vouches for."""
         env = envelope.decode(payload)
         if env.kind != "global":
             raise MessageError(f"global topic carried a {env.kind!r} envelope", Refusal.BAD_GLOBAL)
+        self.verifier.check_envelope(env, signer=signed.AGGREGATOR, epoch=self.epoch)
         if env.model_version <= self.global_version:
-            return  # the retained copy of a model we already have
+            return  # the retained copy of a model we already have (or an older one: no rollback)
+        if self.verifier.signed and (self.announced is None or env.model_version not in self.announced.versions):
+            self.deferred_global = bytes(payload)  # taken if the next signed announcement names it
+            latest = f"round {self.announced.round} vouches for v{self.announced.versions}" if self.announced else "none yet"
+            raise MessageError(f"global v{env.model_version} was not announced by a signed round (latest: {latest})", Refusal.UNANNOUNCED_VERSION)
         try:
             predictor = OnnxPredictor(env.body)
         except Exception as exc:  # onnxruntime raises its own types for what it cannot run
@@ -321,7 +348,34 @@ class EdgeAgent:
             announcement, self.pending_round = self.pending_round, None
             self.on_round(announcement)
 
+    def _on_round_payload(self, payload: bytes) -> None:
+        opened = self.verifier.open(signed.ROUND, payload, signer=signed.AGGREGATOR)
+        ann = RoundAnnouncement.from_payload(opened.body)
+        opened.expect(round=ann.round, version=ann.version)
+        self.on_round(ann)
+
+    def _follow(self, ann: RoundAnnouncement) -> None:
+        """Make `ann` the latest announcement: a higher epoch is a fleet reset (start again
+        from no global model), a lower one or an older round is refused."""
+        if ann.epoch < self.epoch:
+            raise MessageError(f"round {ann.round} is from fleet epoch {ann.epoch}, we are at {self.epoch}", Refusal.STALE_EPOCH)
+        if ann.epoch > self.epoch:
+            log.warning("site %s: fleet reset to epoch %d: dropping global v%d", self.site, ann.epoch, self.global_version)
+            self.epoch, self.global_version, self.global_model, self.fed_predictor = ann.epoch, -1, None, None
+            self.announced = self.pending_round = None
+            self.dirty = True
+        elif self.announced is not None and ann.round < self.announced.round:
+            raise MessageError(f"round {ann.round} announced after round {self.announced.round}", Refusal.STALE_ROUND)
+        if self.pending_round is not None and self.pending_round.announce_id != ann.announce_id:
+            self.pending_round = None  # superseded: a round we never got the starting model for
+        self.announced = ann
+        if self.deferred_global is not None:
+            deferred, self.deferred_global = self.deferred_global, None
+            if envelope.decode(deferred).model_version in ann.versions:
+                self.on_global(deferred)
+
     def on_round(self, ann: RoundAnnouncement) -> None:
+        self._follow(ann)
         if ann.spec is not None:  # also on the final 'done' announcement, for sites that join later
             self.fleet_spec = ann.spec
         if ann.done or ann.announce_id in self.answered:
@@ -374,7 +428,7 @@ class EdgeAgent:
         self.local_predictor = OnnxPredictor(self.local_learner.to_onnx())
 
     def _send(self, ann: RoundAnnouncement, kind: str, body: bytes, samples: int) -> None:
-        payload = envelope.encode(kind=kind, site=self.site, round=ann.round, model_version=ann.model_version, samples=samples, body=body)
+        payload = self.sealer.envelope(kind=kind, round=ann.round, model_version=ann.model_version, samples=samples, body=body, epoch=self.epoch)
         self.client.publish(self.topics.update(self.site), payload, qos=1)
         self.counters[f"sent.{kind}"] += 1
         self._answered(ann)
@@ -398,7 +452,7 @@ class EdgeAgent:
         )
         self._reported_rows = self.buffer.rows
         if self.client is not None:
-            self.client.publish(self.topics.status(self.site), status.to_payload(), qos=1, retain=True)
+            self.client.publish(self.topics.status(self.site), self.sealer.seal(signed.STATUS, status.to_payload()), qos=1, retain=True)
 
     def flush(self) -> None:
         """Send batched predictions and fresh metrics; save state if it changed."""
@@ -406,12 +460,13 @@ class EdgeAgent:
             rows, self.pending_rows = self.pending_rows[:MAX_PREDICTION_ROWS], self.pending_rows[MAX_PREDICTION_ROWS:]
             truth, self.pending_truth = self.pending_truth[:MAX_PREDICTION_ROWS], self.pending_truth[MAX_PREDICTION_ROWS:]
             body = Predictions(self.site, tuple(rows), tuple(truth))
-            self.client.publish(self.topics.predictions(self.site), body.to_payload(), qos=1)
+            self.client.publish(self.topics.predictions(self.site), self.sealer.seal(signed.PREDICTIONS, body.to_payload()), qos=1)
         while self.pending_sensors:
             rows, self.pending_sensors = self.pending_sensors[:MAX_TELEMETRY_ROWS], self.pending_sensors[MAX_TELEMETRY_ROWS:]
-            self.client.publish(self.topics.site(self.site, "telemetry"), Telemetry(self.site, tuple(rows)).to_payload(), qos=1)
+            payload = self.sealer.seal(signed.TELEMETRY, Telemetry(self.site, tuple(rows)).to_payload())
+            self.client.publish(self.topics.site(self.site, "telemetry"), payload, qos=1)
         if self.metrics_dirty:
-            self.client.publish(self.topics.metrics(self.site), self.metrics().to_payload(), qos=1)
+            self.client.publish(self.topics.metrics(self.site), self.sealer.seal(signed.METRICS, self.metrics().to_payload()), qos=1)
             self.metrics_dirty = False
         if self.buffer.rows != self._reported_rows:  # the dashboard shows training samples per site
             self.publish_status(online=True)
@@ -439,7 +494,7 @@ class EdgeAgent:
         self.buffer.save(self.state_dir / BUFFER_NPZ)
         in_service = [(e, *t.history(), np.zeros(t.n)) for e, t in self.engines.items()]
         save_histories(self.state_dir / ENGINES_NPZ, in_service)
-        state = AgentState(self.answered, self.global_version, self.settings, self.fleet_spec, self.scored, dict(self.counters))
+        state = AgentState(self.answered, self.global_version, self.settings, self.fleet_spec, self.scored, dict(self.counters), self.epoch)
         write_atomic(self.state_dir / STATE_JSON, state.to_json())
         if self.training and (self.fed_learner or self.local_learner):
             save_learners(self.state_dir / LEARNERS_NPZ, {"federated": self.fed_learner, "local": self.local_learner})
@@ -462,7 +517,7 @@ class EdgeAgent:
         saved_learners = load_learners(learners) if self.training and learners.exists() else {}
         # Everything read and checked: now take it.
         self.answered, self.settings, self.fleet_spec = state.answered, state.settings, state.fleet_spec
-        self.scored = state.scored
+        self.scored, self.epoch = state.scored, state.epoch
         self.counters.update(state.counters)
         for engine, cycles, sensors, _ in in_service:
             keep = slice(-self.config.history_cycles, None)  # a smaller limit than when saved: the newest

@@ -239,6 +239,7 @@ class AgentState:
     fleet_spec: FeatureSpec | None
     scored: dict[str, list[float | None]]
     counters: dict[str, int]
+    epoch: int = 0  # the fleet epoch of the latest signed round announcement (absent in older files: 0)
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -250,6 +251,7 @@ class AgentState:
                 "fleet_spec": self.fleet_spec.to_dict() if self.fleet_spec else None,
                 "scored": self.scored,
                 "counters": self.counters,
+                "epoch": self.epoch,
             }
         ).encode()
 
@@ -282,6 +284,7 @@ class AgentState:
             fleet_spec=spec_from_dict(spec, f"{path}: fleet_spec") if spec is not None else None,
             scored=scored,
             counters=counters,
+            epoch=take(raw, "epoch", "int", where, minimum=0) if "epoch" in raw else 0,
         )
 
 

@@ -54,3 +54,9 @@ def cmapss_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"C-MAPSS data not found at {path} (set TURBOFED_TEST_CMAPSS to the folder)")
     return path
+
+
+@pytest.fixture(scope="session")
+def pki_dir(fleet_pki: FleetIdentities) -> Path:
+    """The session's identity folder as a path (what `pki = ...` in a fleet config names)."""
+    return fleet_pki.root

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from turbofed.aggregator.service import Aggregator
-from turbofed.config import BrokerSettings, FleetConfig, ModelSettings, SiteConfig
+from turbofed.config import BrokerSettings, FleetConfig, IdentitySettings, ModelSettings, SiteConfig
 from turbofed.deploy.identities import AGGREGATOR, FleetIdentities, init_from_fleet, write_acl
 from turbofed.edge.agent import EdgeAgent
 from turbofed.simulation.broker import BrokerHandle
@@ -56,6 +56,13 @@ def broker_table(b: BrokerSettings) -> str:
     return f'[broker]\nhost = "{b.host}"\nport = {b.port}\ntopic_root = "{b.topic_root}"\nplant_root = "{b.plant_root}"\n{tls}'
 
 
+def site_identity(pki: Path, site: str) -> IdentitySettings:
+    """A site's [identity] from a fleet identity folder (tests/conftest.py's pki_dir)."""
+    fleet_id = json.loads((pki / "fleet.json").read_text())["fleet_id"]
+    folder = pki / "identities" / site
+    return IdentitySettings(fleet_id, str(folder / "signing.key"), str(folder / "aggregator.pub"))
+
+
 def wait_for(what: str, condition: Callable[[], bool], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -67,7 +74,9 @@ def wait_for(what: str, condition: Callable[[], bool], timeout: float = 60.0) ->
 class LiveFleet:
     """Broker settings, configs and running parts of one test fleet."""
 
-    def __init__(self, broker: BrokerHandle, work: Path, sites: list[str], settings: ModelSettings = QUICK, **fleet: object) -> None:
+    def __init__(self, broker: BrokerHandle, work: Path, sites: list[str], settings: ModelSettings = QUICK, *, pki: Path | None,
+                 **fleet: object) -> None:
+        """`pki`: the fleet's identity folder (the `pki_dir` fixture: `fleet_pki.root`), or None for an unsigned fleet."""
         tag = uuid.uuid4().hex[:8]
         self.handle = broker
         self.topics = Topics(f"t{tag}/v1", f"plant{tag}")
@@ -75,7 +84,9 @@ class LiveFleet:
         self.broker = self.settings(AGGREGATOR)  # the aggregator's: FleetConfig.broker
         self.work = work
         self.sites = sites
-        defaults = dict(round_deadline_s=30.0, stats_retry_s=0.5, min_samples=50)
+        self.pki = pki
+        signing = {"pki": str(pki)} if pki is not None else {"insecure_unsigned": True}
+        defaults = dict(round_deadline_s=30.0, stats_retry_s=0.5, min_samples=50, **signing)
         self.fleet = FleetConfig(
             sites=tuple(sites), store=str(work / "results.sqlite"), registry=str(work / "registry"), model=settings, broker=self.broker, **{**defaults, **fleet}
         )
@@ -88,13 +99,22 @@ class LiveFleet:
         return self.handle.settings(identity, topic_root=self.topics.root, plant_root=self.topics.plant_root)
 
     def site_config(self, site: str, **overrides: object) -> SiteConfig:
-        return SiteConfig(site=site, state_dir=str(self.work / "state" / site), broker=self.settings(site), min_samples=50, predictions_every_s=0.2, **overrides)
+        signing = {"identity": site_identity(self.pki, site)} if self.pki is not None else {"insecure_unsigned": True}
+        return SiteConfig(site=site, state_dir=str(self.work / "state" / site), broker=self.settings(site), min_samples=50,
+                          predictions_every_s=0.2, **{**signing, **overrides})
 
     def site_toml(self, site: str) -> Path:
         """The same site as a TOML file, for an agent run as a separate process."""
         path = self.work / f"{site}.toml"
-        path.write_text(f'site = "{site}"\nstate_dir = "state/{site}"\nmin_samples = 50\npredictions_every_s = 0.2\n\n'
-                        + broker_table(self.settings(site)))
+        if self.pki is not None:
+            ident = site_identity(self.pki, site)
+            signing = (f'[identity]\nfleet_id = "{ident.fleet_id}"\nsigning_key = {json.dumps(ident.signing_key)}\n'
+                       f'aggregator_key = {json.dumps(ident.aggregator_key)}\n')
+        else:
+            signing = ""
+        path.write_text(f'site = "{site}"\nstate_dir = "state/{site}"\nmin_samples = 50\npredictions_every_s = 0.2\n'
+                        f'{"" if self.pki is not None else "insecure_unsigned = true"}\n\n'
+                        + broker_table(self.settings(site)) + f"\n{signing}")
         return path
 
     def fleet_toml(self, extra: str = "") -> Path:
@@ -105,6 +125,7 @@ class LiveFleet:
                    "stats_retry_s": f.stats_retry_s, "min_samples": f.min_samples, "max_update_bytes": f.max_update_bytes}
         if f.quorum is not None:
             scalars["quorum"] = f.quorum
+        scalars.update({"pki": f.pki} if f.pki is not None else {"insecure_unsigned": True})
         model = {k: list(v) if isinstance(v, tuple) else v for k, v in f.model.to_dict().items()}
         table = lambda d: "".join(f"{k} = {json.dumps(v)}\n" for k, v in d.items())  # noqa: E731 - JSON scalars are TOML
         path = self.work / "fleet.toml"

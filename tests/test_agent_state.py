@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from turbofed.config import ModelSettings, SiteConfig
 from turbofed.data.cmapss import load_subset
 from turbofed.edge.agent import EdgeAgent
 from turbofed.edge.features import run_features, runs_stats
 from turbofed.edge.learner import RulModel
 from turbofed.edge.state import StateError, load_learners, save_learners
-
-from turbofed.config import ModelSettings, SiteConfig
 from turbofed.spec import DEFAULT_WINDOW, FeatureSpec
 
 SETTINGS = ModelSettings(hidden=(16, 8))
@@ -92,7 +92,7 @@ def test_learners_file_is_plain_arrays_and_a_json_header(data, tmp_path: Path) -
 
 
 def _config(state_dir: Path) -> SiteConfig:
-    return SiteConfig(site="site1", state_dir=str(state_dir), min_samples=50)
+    return SiteConfig(site="site1", state_dir=str(state_dir), min_samples=50, insecure_unsigned=True)
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +304,7 @@ def test_turbofed_edge_prints_one_line_and_exits_2(saved_state: Path, tmp_path: 
     state_dir = _copy(saved_state, tmp_path)
     (state_dir / "buffer.npz").write_bytes(b"PK\x03\x04 cut short")
     config = tmp_path / "site.toml"
-    config.write_text('site = "site1"\nstate_dir = "state"\n\n[broker]\nport = 1\n')
+    config.write_text('insecure_unsigned = true\nsite = "site1"\nstate_dir = "state"\n\n[broker]\nport = 1\n')
     done = subprocess.run([sys.executable, "-m", "turbofed.cli", "edge", "--config", str(config)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [f"turbofed: error: {state_dir / 'buffer.npz'}: not a readable .npz file (File is not a zip file)"]

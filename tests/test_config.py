@@ -17,25 +17,25 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 
 def test_site_config_with_defaults_and_relative_state(tmp_path: Path) -> None:
-    cfg = load_site_config(write(tmp_path, "s.toml", 'site = "hangar-7"\nstate_dir = "state"\n[broker]\nport = 1884\n'))
+    cfg = load_site_config(write(tmp_path, "s.toml", 'insecure_unsigned = true\nsite = "hangar-7"\nstate_dir = "state"\n[broker]\nport = 1884\n'))
     assert cfg.site == "hangar-7" and cfg.engines is None and cfg.broker.port == 1884
     assert cfg.state_dir == str(tmp_path / "state") and not cfg.share_sensors
 
 
 def test_site_engine_list(tmp_path: Path) -> None:
-    cfg = load_site_config(write(tmp_path, "s.toml", 'site = "a"\nstate_dir = "/var/lib/x"\nengines = ["e1", "e2"]\n'))
+    cfg = load_site_config(write(tmp_path, "s.toml", 'insecure_unsigned = true\nsite = "a"\nstate_dir = "/var/lib/x"\nengines = ["e1", "e2"]\n'))
     assert cfg.engines == ("e1", "e2") and cfg.state_dir == "/var/lib/x"
 
 
 @pytest.mark.parametrize(
     "text, message",
     [
-        ('site = "a"\n', r"s.toml: missing key\(s\) state_dir"),
-        ('site = "a"\nstate_dir = "x"\nbufer_rows = 3\n', r"s.toml: unknown key\(s\) bufer_rows"),
-        ('site = "a/b"\nstate_dir = "x"\n', r"s.toml: site: invalid site id 'a/b'"),
-        ('site = "a"\nstate_dir = "x"\n[broker]\nport = "1883"\n', r"s.toml \[broker\]: port must be a number"),
-        ('site = "a"\nstate_dir = "x"\nengines = 3\n', r"s.toml: engines must be"),
-        ('site = "a"\nstate_dir = \n', r"s.toml: not valid TOML"),
+        ('insecure_unsigned = true\nsite = "a"\n', r"s.toml: missing key\(s\) state_dir"),
+        ('insecure_unsigned = true\nsite = "a"\nstate_dir = "x"\nbufer_rows = 3\n', r"s.toml: unknown key\(s\) bufer_rows"),
+        ('insecure_unsigned = true\nsite = "a/b"\nstate_dir = "x"\n', r"s.toml: site: invalid site id 'a/b'"),
+        ('insecure_unsigned = true\nsite = "a"\nstate_dir = "x"\n[broker]\nport = "1883"\n', r"s.toml \[broker\]: port must be a number"),
+        ('insecure_unsigned = true\nsite = "a"\nstate_dir = "x"\nengines = 3\n', r"s.toml: engines must be"),
+        ('insecure_unsigned = true\nsite = "a"\nstate_dir = \n', r"s.toml: not valid TOML"),
     ],
 )
 def test_site_config_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:
@@ -49,7 +49,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_fleet_config(tmp_path: Path) -> None:
-    text = 'sites = ["a", "b", "c"]\nstore = "r.sqlite"\nregistry = "reg"\nquorum = 2\n[model]\nrounds = 3\nhidden = [8]\n'
+    text = 'insecure_unsigned = true\nsites = ["a", "b", "c"]\nstore = "r.sqlite"\nregistry = "reg"\nquorum = 2\n[model]\nrounds = 3\nhidden = [8]\n'
     cfg = load_fleet_config(write(tmp_path, "f.toml", text))
     assert cfg.sites == ("a", "b", "c") and cfg.effective_quorum == 2
     assert cfg.model.rounds == 3 and cfg.model.hidden == (8,) and cfg.store == str(tmp_path / "r.sqlite")
@@ -59,7 +59,7 @@ def test_fleet_config(tmp_path: Path) -> None:
 
 
 def test_fleet_strategy_as_a_name_or_a_table(tmp_path: Path) -> None:
-    base = 'sites = ["a"]\nstore = "r.sqlite"\nregistry = "reg"\n'
+    base = 'insecure_unsigned = true\nsites = ["a"]\nstore = "r.sqlite"\nregistry = "reg"\n'
     plain = load_fleet_config(write(tmp_path, "f.toml", base + 'strategy = "fedavgm"\n'))
     assert plain.strategy == StrategySettings("fedavgm", {}) and plain.strategy.where == f"{tmp_path / 'f.toml'}: strategy"
     table = base + '[strategy]\nname = "tests.plugins.median:Median"\nserver_lr = 0.5\nflag = true\nlabel = "x"\n'
@@ -84,7 +84,7 @@ def test_fleet_strategy_as_a_name_or_a_table(tmp_path: Path) -> None:
     ],
 )
 def test_fleet_config_errors(tmp_path: Path, extra: str, message: str) -> None:
-    text = 'sites = ["a", "b"]\nstore = "r.sqlite"\nregistry = "reg"\n' + extra
+    text = 'insecure_unsigned = true\nsites = ["a", "b"]\nstore = "r.sqlite"\nregistry = "reg"\n' + extra
     with pytest.raises(ConfigError, match=message):
         load_fleet_config(write(tmp_path, "f.toml", text))
 

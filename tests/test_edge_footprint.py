@@ -44,7 +44,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from turbofed.data.synthetic import generate_fleet
     from turbofed.edge.features import run_features, runs_stats
     from turbofed.edge.learner import RulModel
-
     from turbofed.spec import FeatureSpec
 
     runs = generate_fleet(n_train=6, n_test=0, seed=3).train
@@ -123,7 +122,8 @@ def test_inference_agent_predicts_follows_the_global_model_and_never_imports_skl
     admit_topics(broker, topics)
     settings = broker.settings(AGGREGATOR, topic_root=topics.root, plant_root=topics.plant_root)
     config = tmp_path / "site.toml"
-    config.write_text(f'site = "{site}"\nstate_dir = "{tmp_path / "state"}"\nengines = "*"\npredictions_every_s = 0.2\n\n'
+    config.write_text(f'site = "{site}"\nstate_dir = "{tmp_path / "state"}"\nengines = "*"\npredictions_every_s = 0.2\n'
+                      'insecure_unsigned = true\n\n'
                       + broker_table(broker.settings(site, topic_root=topics.root, plant_root=topics.plant_root)))
     listener = Listener(settings, topics.predictions(site), topics.status(site), topics.update(site))
     listener.publish(topics.global_model, _global(trained, 0), retain=True)
@@ -191,7 +191,7 @@ CHILD = textwrap.dedent(
             published.append(topic)
 
     t = Topics()
-    agent = EdgeAgent(SiteConfig(site="s1", state_dir=str(work / "state")), training=False)
+    agent = EdgeAgent(SiteConfig(site="s1", state_dir=str(work / "state"), insecure_unsigned=True), training=False)
     agent.client = Client()
     agent.handle(t.global_model, (work / "global.env").read_bytes())
     agent.handle(t.round, RoundAnnouncement(1, FeatureSpec.from_dict(spec), announce_id=uuid.uuid4().hex, model_version=0,
@@ -237,9 +237,8 @@ def test_inference_agent_in_process_never_imports_sklearn(trained: dict, tmp_pat
 
 
 def _inference_agent(tmp_path: Path):
-    from turbofed.edge.agent import EdgeAgent
-
     from turbofed.config import SiteConfig
+    from turbofed.edge.agent import EdgeAgent
 
     class Capture:
         def __init__(self) -> None:
@@ -248,7 +247,7 @@ def _inference_agent(tmp_path: Path):
         def publish(self, topic: str, payload: bytes = b"", qos: int = 0, retain: bool = False) -> None:
             self.sent.append((topic, payload))
 
-    agent = EdgeAgent(SiteConfig(site="s1", state_dir=str(tmp_path / "state")), training=False)
+    agent = EdgeAgent(SiteConfig(site="s1", state_dir=str(tmp_path / "state"), insecure_unsigned=True), training=False)
     agent.client = Capture()
     return agent
 

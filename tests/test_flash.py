@@ -33,7 +33,7 @@ from turbofed import envelope
 from turbofed.config import FleetConfig, ModelSettings, load_site_config
 from turbofed.deploy import flash
 from turbofed.deploy.identities import AGGREGATOR, FleetIdentities, gateway_name, init_from_fleet, write_acl
-from turbofed.messages import EngineEvent, RoundAnnouncement, SensorReading, Status
+from turbofed.messages import EngineEvent, RoundAnnouncement, SensorReading, Status, signed
 from turbofed.mqtt import connect, make_client
 from turbofed.simulation.broker import BrokerHandle, start_broker
 from turbofed.topics import Topics
@@ -49,7 +49,7 @@ def write_fleet(folder: Path, host: str = "10.20.0.5", port: int = 1883) -> Path
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "fleet.toml"
     path.write_text(
-        f'sites = ["{SITE}", "pi-hangar-2"]\nstore = "results.sqlite"\nregistry = "registry"\n\n'
+        f'sites = ["{SITE}", "pi-hangar-2"]\nstore = "results.sqlite"\nregistry = "registry"\npki = "pki"\n\n'
         f'[broker]\nhost = "{host}"\nport = {port}\nusername = "aggregator"\npassword = "not-for-sites"\n'
     )
     if not (folder / "pki").exists():
@@ -61,9 +61,9 @@ def fake_bundle(tmp: Path, profile: str = "training", platform: str | None = Non
     """Config, unit and installer of a bundle, without wheels (for tests that stop before pip)."""
     plan = flash.plan_bundle(SITE, str(write_fleet(tmp)), tmp / "bundle", platform, None, profile, "*")
     out = plan.out
-    (out / "config").mkdir(parents=True)
+    flash.write_config(plan, out / "config")
     (out / "systemd").mkdir()
-    (out / "config" / "edge.toml").write_text(flash.site_config_toml(SITE, plan.broker, None, plan.fleet))
+    (out / "config" / "edge.toml").write_text(flash.site_config_toml(SITE, plan.broker, None, plan.fleet, plan.fleet_id))
     flash.write_identity(plan, out / "config" / flash.IDENTITY_DIR)
     values = {"SITE": SITE, "PROFILE": profile, "EXTRAS": plan.extras, "WHEEL": plan.wheel_name, "PY_VERSION": plan.target.python_version,
               "ARCH": plan.target.arch, "UNIT": flash.UNIT, "USER": flash.SERVICE_USER, "VENV": flash.VENV, "CONFIG": flash.CONFIG,
@@ -119,6 +119,11 @@ def test_site_config_is_a_loadable_site_toml_without_the_aggregators_login(tmp_p
     assert not [line for line in text.splitlines() if line.startswith(("username", "password"))]
     config = load_site_config(out / "config" / "edge.toml")
     assert config.site == SITE and config.state_dir == f"/var/lib/turbofed/{SITE}" and config.engines is None
+    pki = tmp_path / "pki"  # the bundle carries this site's signing key and pins the aggregator's key, both 0600
+    assert config.identity is not None and config.identity.fleet_id == json.loads((pki / "fleet.json").read_text())["fleet_id"]
+    assert Path(config.identity.signing_key).read_bytes() == (pki / "identities" / SITE / "signing.key").read_bytes()
+    assert Path(config.identity.aggregator_key).read_bytes() == (pki / "identities" / "aggregator" / "signing.pub").read_bytes()
+    assert {oct((out / "config" / k).stat().st_mode & 0o777) for k in flash.SITE_KEYS} == {"0o600"}
     assert (config.broker.host, config.broker.port, config.broker.username) == ("10.20.0.5", 1883, None)
     # the site's own identity, from the fleet's identity folder, keys 0600
     identity = out / "config" / "identity"
@@ -280,6 +285,7 @@ def test_native_bundle_is_complete_and_installs_offline(installed: dict) -> None
     assert "config/identity/client.key" in listed and "config/identity/aggregator.pub" in listed
     identity = installed["root"] / "etc" / "identity"
     assert config.broker.key == str(identity / "client.key") and config.broker.identity == SITE
+    assert config.identity is not None and Path(config.identity.signing_key) == identity / "signing.key"
     assert stat.S_IMODE(identity.stat().st_mode) == 0o700
     for key in ("client.key", "signing.key"):
         assert stat.S_IMODE((identity / key).stat().st_mode) == 0o600, key
@@ -328,10 +334,15 @@ def test_installed_agent_takes_part_in_a_round(installed: dict, broker: BrokerHa
         if not broker.secure:
             del raw["broker"][name]  # the development broker speaks no TLS
     config = tmp_path / "edge.toml"
+    ident = {k: v if k == "fleet_id" else str(installed["config"].parent / v) for k, v in raw["identity"].items()}  # the installed keys
     config.write_text(
         f'site = "{raw["site"]}"\nstate_dir = "{tmp_path / "state"}"\nengines = "*"\npredictions_every_s = 0.5\n\n[broker]\n'
         + "".join(f"{k} = {json.dumps(v)}\n" for k, v in raw["broker"].items())
+        + "\n[identity]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in ident.items())
     )
+    pki = installed["bundle"].parent / "pki"
+    site_messages = signed.aggregator_keys(str(pki))[1]  # the site's signatures, as the aggregator checks them
+    aggregator_messages = signed.site_keys(SITE, ident["fleet_id"], ident["signing_key"], ident["aggregator_key"])[1]
     seen: queue.Queue[tuple[str, bytes]] = queue.Queue()
     watcher = make_client(f"t-flash-{tag}", settings)
     watcher.on_message = lambda c, u, msg: seen.put((msg.topic, msg.payload))
@@ -365,11 +376,14 @@ def test_installed_agent_takes_part_in_a_round(installed: dict, broker: BrokerHa
                 continue
             if topic == topics.update(SITE):
                 env = envelope.decode(payload)
+                site_messages.check_envelope(env, signer=SITE)
                 updates.append((env.round, env.kind, env.samples))
             elif topic == topics.status(SITE):
-                status.update(dataclasses.asdict(Status.from_payload(payload, site=SITE)))
+                body = site_messages.open(signed.STATUS, payload, signer=SITE).body
+                status.update(dataclasses.asdict(Status.from_payload(body, site=SITE)))
             elif topic == topics.round:
-                done = done or RoundAnnouncement.from_payload(payload).done
+                body = aggregator_messages.open(signed.ROUND, payload, signer=signed.AGGREGATOR).body
+                done = done or RoundAnnouncement.from_payload(body).done
 
     try:
         pump("the installed agent to come online", lambda: status.get("online") is True, timeout=60)
@@ -389,7 +403,7 @@ def test_installed_agent_takes_part_in_a_round(installed: dict, broker: BrokerHa
 
         fleet = FleetConfig(sites=(SITE,), store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry"),
                             model=ModelSettings(hidden=(16,), rounds=1, local_epochs=1), min_samples=50,
-                            round_deadline_s=60.0, stats_retry_s=0.5, broker=settings)
+                            round_deadline_s=60.0, stats_retry_s=0.5, broker=settings, pki=str(pki))
         aggregator = Aggregator(fleet)
         aggregator.start()
         thread = threading.Thread(target=aggregator.run, args=(stop,), daemon=True)

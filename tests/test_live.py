@@ -21,8 +21,8 @@ from turbofed.store import open_store
 pytestmark = pytest.mark.slow
 
 
-def test_four_agents_five_rounds(broker, cmapss_dir: Path, tmp_path: Path) -> None:
-    fleet = LiveFleet(broker, tmp_path, ["site1", "site2", "site3", "site4"], ModelSettings(rounds=5, local_epochs=1))
+def test_four_agents_five_rounds(broker, pki_dir: Path, cmapss_dir: Path, tmp_path: Path) -> None:
+    fleet = LiveFleet(broker, tmp_path, ["site1", "site2", "site3", "site4"], ModelSettings(rounds=5, local_epochs=1), pki=pki_dir)
     try:
         train = fleet.buffer_training(24, cmapss_dir)
         aggregator = fleet.start_aggregator()
@@ -50,9 +50,9 @@ def test_four_agents_five_rounds(broker, cmapss_dir: Path, tmp_path: Path) -> No
     assert not store.rejections()
 
 
-def test_agent_killed_mid_round_catches_up(broker, cmapss_dir: Path, tmp_path: Path) -> None:
+def test_agent_killed_mid_round_catches_up(broker, pki_dir: Path, cmapss_dir: Path, tmp_path: Path) -> None:
     sites = ["site1", "site2", "site3"]
-    fleet = LiveFleet(broker, tmp_path, sites, ModelSettings(rounds=3, local_epochs=1), round_deadline_s=6.0)
+    fleet = LiveFleet(broker, tmp_path, sites, ModelSettings(rounds=3, local_epochs=1), round_deadline_s=6.0, pki=pki_dir)
     victim = None
     try:
         fleet.start_agent("site1")
@@ -86,8 +86,8 @@ def test_agent_killed_mid_round_catches_up(broker, cmapss_dir: Path, tmp_path: P
     assert "resumed from" in log and "global v" in log
 
 
-def test_aggregator_restart_resumes_from_checkpoint(broker, cmapss_dir: Path, tmp_path: Path) -> None:
-    fleet = LiveFleet(broker, tmp_path, ["site1", "site2"], ModelSettings(rounds=4, local_epochs=1))
+def test_aggregator_restart_resumes_from_checkpoint(broker, pki_dir: Path, cmapss_dir: Path, tmp_path: Path) -> None:
+    fleet = LiveFleet(broker, tmp_path, ["site1", "site2"], ModelSettings(rounds=4, local_epochs=1), pki=pki_dir)
     try:
         fleet.buffer_training(12, cmapss_dir)
         first = fleet.start_aggregator()
@@ -104,10 +104,10 @@ def test_aggregator_restart_resumes_from_checkpoint(broker, cmapss_dir: Path, tm
     assert [v["version"] for v in ModelRegistry(fleet.fleet.registry).versions()] == [0, 1, 2, 3, 4]
 
 
-def test_raw_sensor_rows_leave_a_site_only_when_shared(broker, cmapss_dir: Path, tmp_path: Path) -> None:
+def test_raw_sensor_rows_leave_a_site_only_when_shared(broker, pki_dir: Path, cmapss_dir: Path, tmp_path: Path) -> None:
     import sqlite3
 
-    fleet = LiveFleet(broker, tmp_path, ["site1", "site2"])
+    fleet = LiveFleet(broker, tmp_path, ["site1", "site2"], pki=pki_dir)
     try:
         fleet.start_aggregator()  # records whatever sites send while it waits for statistics
         fleet.start_agent("site1", share_sensors=True)
@@ -125,11 +125,11 @@ def test_raw_sensor_rows_leave_a_site_only_when_shared(broker, cmapss_dir: Path,
 MEDIAN = "tests.plugins.median:Median"
 
 
-def test_user_strategy_by_module_path_runs_a_live_round(broker, cmapss_dir: Path, tmp_path: Path) -> None:
+def test_user_strategy_by_module_path_runs_a_live_round(broker, pki_dir: Path, cmapss_dir: Path, tmp_path: Path) -> None:
     """A strategy that is not part of turbofed (tests/plugins/median.py), named in fleet.toml's
     [strategy] table with a parameter, aggregates a round in a separate aggregator process;
     the round row, the "started" event and the checkpoint say what it ran with."""
-    fleet = LiveFleet(broker, tmp_path, ["site1", "site2", "site3"], ModelSettings(rounds=1, local_epochs=1))
+    fleet = LiveFleet(broker, tmp_path, ["site1", "site2", "site3"], ModelSettings(rounds=1, local_epochs=1), pki=pki_dir)
     # The aggregator runs in tmp_path: it can import tests.plugins only through this PYTHONPATH.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     aggregator: subprocess.Popen | None = None

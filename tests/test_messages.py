@@ -327,7 +327,7 @@ def test_refusal_values_keep_their_spelling() -> None:
 def test_aggregator_dispatches_by_table_and_counts_refusals(tmp_path: Path) -> None:
     from turbofed.aggregator.service import Aggregator
 
-    aggregator = Aggregator(FleetConfig(sites=(SITE,), store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry")))
+    aggregator = Aggregator(FleetConfig(sites=(SITE,), store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry"), insecure_unsigned=True))
     topics = aggregator.topics
     try:
         assert set(aggregator._handlers) == {"update", "stats", "status", "metrics", "predictions", "telemetry"}
@@ -354,7 +354,7 @@ def test_aggregator_dispatches_by_table_and_counts_refusals(tmp_path: Path) -> N
 def test_agent_routes_by_table_and_counts_refusals(tmp_path: Path) -> None:
     from turbofed.edge.agent import EdgeAgent
 
-    agent = EdgeAgent(SiteConfig(site=SITE, state_dir=str(tmp_path / "state")), training=False)
+    agent = EdgeAgent(SiteConfig(site=SITE, state_dir=str(tmp_path / "state"), insecure_unsigned=True), training=False)
     topics = Topics()
     agent.handle(topics.round, json.dumps(_round_body(settings={"kind": "forest"})).encode())
     agent.handle(topics.stats_request, b'{"request_id": "r1", "min_samples": 5, "window": 0}')

@@ -107,7 +107,7 @@ def test_aggregator_refuses_an_older_checkpoint_and_keeps_it(tmp_path: Path) -> 
     old_stats = {"count": 10.0, "sum": [0.0] * 22, "sumsq": [0.0] * 22, "sum_y": 0.0, "sumsq_y": 0.0, "sum_xy": [0.0] * 22}
     with ModelRegistry(tmp_path / "registry") as reg:
         reg.save(3, 2, model, {}, {"spec": old_spec, "stats": old_stats})
-    config = FleetConfig(sites=("site1",), store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry"))
+    config = FleetConfig(sites=("site1",), store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry"), insecure_unsigned=True)
     with pytest.raises(RegistryError, match=r"checkpoint v3 in .*registry holds .* cannot use \(feature spec offset/scale length"):
         Aggregator(config)
     with ModelRegistry(tmp_path / "registry") as reg:

@@ -184,7 +184,7 @@ def test_entry_point_names_a_strategy(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_bad_strategy_table_stops_the_aggregator_before_it_opens_anything(tmp_path: Path) -> None:
     path = tmp_path / "fleet.toml"
-    path.write_text('sites = ["a"]\nstore = "r.sqlite"\nregistry = "reg"\n[strategy]\nname = "fedavgm"\nmomentum = 1.5\n')
+    path.write_text('insecure_unsigned = true\nsites = ["a"]\nstore = "r.sqlite"\nregistry = "reg"\n[strategy]\nname = "fedavgm"\nmomentum = 1.5\n')
     config = load_fleet_config(path)
     with pytest.raises(ConfigError, match=rf"^{path}: \[strategy\] momentum must be in \[0, 1\), got 1.5$"):
         Aggregator(config)

@@ -6,30 +6,34 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-from tests.livefleet import LiveFleet, wait_for
+from tests.livefleet import LiveFleet, site_identity, wait_for
 from turbofed import envelope
 from turbofed.config import ModelSettings
 from turbofed.data.cmapss import load_subset
 from turbofed.edge.features import runs_stats
 from turbofed.edge.learner import RulModel
-from turbofed.messages import RoundAnnouncement, SensorReading, StatsReply, StatsRequest
+from turbofed.messages import RoundAnnouncement, SensorReading, StatsReply, StatsRequest, signed
 from turbofed.mqtt import connect, make_client
+from turbofed.signing import SigningKey
 
 pytestmark = pytest.mark.slow
 
 
 class FakeSites:
-    """The test speaks for the sites (each with its own identity on the secure broker, as a
-    compromised site would), so it can send exactly what it likes."""
+    """The test speaks for the sites (each with its own identity on the secure broker and its
+    own signing key, as a compromised site would), so it can send exactly what it likes."""
 
     def __init__(self, fleet: LiveFleet) -> None:
         self.fleet, self.topics = fleet, fleet.topics
+        self.sealers = {s: signed.site_keys(s, *astuple(site_identity(fleet.pki, s)))[0] for s in fleet.sites}
+        self.verifier = signed.site_keys(fleet.sites[0], *astuple(site_identity(fleet.pki, fleet.sites[0])))[1]
         self.round: RoundAnnouncement | None = None
         self.global_payload = b""
         self.seen = threading.Condition()
@@ -46,11 +50,12 @@ class FakeSites:
     def _on_message(self, client, userdata, msg) -> None:  # noqa: ANN001
         with self.seen:
             if msg.topic == self.topics.round and msg.payload:
-                self.round = RoundAnnouncement.from_payload(msg.payload)
+                self.round = RoundAnnouncement.from_payload(self.verifier.open(signed.ROUND, msg.payload, signer=signed.AGGREGATOR).body)
             elif msg.topic == self.topics.global_model:
                 self.global_payload = msg.payload
             elif msg.topic == self.topics.stats_request and msg.payload:
-                self.stats_request = StatsRequest.from_payload(msg.payload)
+                body = self.verifier.open(signed.STATS_REQUEST, msg.payload, signer=signed.AGGREGATOR).body
+                self.stats_request = StatsRequest.from_payload(body)
             self.seen.notify_all()
 
     def send(self, site: str, payload: bytes) -> None:
@@ -58,7 +63,19 @@ class FakeSites:
 
     def update(self, body: bytes, site: str = "site1", round_no: int | None = None, samples: int = 100) -> bytes:
         r = self.round.round if round_no is None else round_no
-        return envelope.encode(kind="update", site=site, round=r, model_version=self.round.model_version, samples=samples, body=body)
+        return self.sealers[site].envelope(kind="update", round=r, model_version=self.round.model_version, samples=samples, body=body)
+
+    def forged(self, body: bytes, form: str) -> bytes:
+        """An update that claims to be site1's: unsigned, signed with site2's key, or for another fleet."""
+        fields = dict(kind="update", round=self.round.round, model_version=self.round.model_version, samples=100, body=body)
+        if form == "unsigned":
+            return envelope.encode(site="site1", **fields)
+        site1, site2 = self.sealers["site1"], self.sealers["site2"]
+        sealer = signed.Sealer("0" * 32, site1.key) if form == "wrong_fleet" else signed.Sealer(site1.fleet, SigningKey("site1", site2.key.key))
+        return sealer.envelope(**fields)
+
+    def stats(self, reply: StatsReply) -> None:
+        self.clients[reply.site].publish(self.topics.stats(reply.site), self.sealers[reply.site].seal(signed.STATS, reply.to_payload()), qos=1)
 
 
 def poisoned(model: bytes, value: float) -> bytes:
@@ -91,10 +108,10 @@ def renamed(model: bytes) -> bytes:
     return proto.SerializeToString()
 
 
-def test_aggregator_refuses_bad_updates_and_keeps_going(broker, cmapss_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_aggregator_refuses_bad_updates_and_keeps_going(broker, pki_dir: Path, cmapss_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="turbofed.aggregator")
     settings = ModelSettings(rounds=1, local_epochs=1)
-    fleet = LiveFleet(broker, tmp_path, ["site1", "site2"], settings, max_update_bytes=200_000)
+    fleet = LiveFleet(broker, tmp_path, ["site1", "site2"], settings, max_update_bytes=200_000, pki=pki_dir)
     runs = load_subset("FD001", cmapss_dir).train[:10]
     try:
         aggregator = fleet.start_aggregator()
@@ -103,12 +120,12 @@ def test_aggregator_refuses_bad_updates_and_keeps_going(broker, cmapss_dir: Path
         assert sites.stats_request.window == settings.window
         wrong_window = runs_stats(runs[:5], settings.window + 10)
         reply = StatsReply(sites.stats_request.request_id, "site1", int(wrong_window.count), 5, wrong_window)
-        sites.clients["site1"].publish(fleet.topics.stats("site1"), reply.to_payload(), qos=1)
+        sites.stats(reply)
         wait_for("the wrong-window statistics to be refused", lambda: aggregator.counters["bad_stats"] == 1)
         for site, part in (("site1", runs[:5]), ("site2", runs[5:])):
             stats = runs_stats(part, settings.window)
             reply = StatsReply(sites.stats_request.request_id, site, int(stats.count), len(part), stats)
-            sites.clients[site].publish(fleet.topics.stats(site), reply.to_payload(), qos=1)
+            sites.stats(reply)
         # Round 0: the aggregator builds and publishes v0 itself; nobody sends anything.
         wait_for("round 1", lambda: sites.round is not None and sites.round.round == 1 and aggregator.version == 0 and sites.global_payload)
         spec = sites.round.spec
@@ -124,8 +141,11 @@ def test_aggregator_refuses_bad_updates_and_keeps_going(broker, cmapss_dir: Path
             "non_finite": sites.update(poisoned(good, np.nan)),
             "too_large": sites.update(good + b"\0" * 250_000),
             "stale_round": sites.update(good, round_no=0),
-            "wrong_sender": sites.update(good, site="site2"),
+            "wrong_sender": sites.update(good, site="site2"),  # site2's own key, on site1's topic: no ACL needed to refuse it
             "foreign_graph": sites.update(external(good, secret)),
+            "bad_signature": sites.forged(good, "bad_signature"),  # names site1, signed with site2's key
+            "unsigned": sites.forged(good, "unsigned"),
+            "wrong_fleet": sites.forged(good, "wrong_fleet"),
         }
         for payload in bad.values():
             sites.send("site1", payload)
@@ -157,9 +177,9 @@ def test_aggregator_refuses_bad_updates_and_keeps_going(broker, cmapss_dir: Path
     assert aggregator.stats.count == sum(len(r.cycles) for r in runs)  # the refused statistics were not counted
 
 
-def test_agent_skips_malformed_readings_and_keeps_running(broker, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_agent_skips_malformed_readings_and_keeps_running(broker, pki_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="turbofed.edge")
-    fleet = LiveFleet(broker, tmp_path, ["site1"])
+    fleet = LiveFleet(broker, tmp_path, ["site1"], pki=pki_dir)
     ok = SensorReading(1, (0.0, 0.0, 100.0), tuple(float(i) for i in range(21)))
     raw = lambda **kw: json.dumps({"cycle": 2, "settings": [0, 0, 100], "sensors": list(range(21)), **kw}).encode()  # noqa: E731
     bad = {

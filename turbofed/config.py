@@ -182,8 +182,24 @@ def check_tls_files(broker: BrokerSettings, where: str) -> None:
 
 
 @dataclass(frozen=True)
+class IdentitySettings:
+    """A site's `[identity]` table: the fleet it belongs to, its own Ed25519 signing key and the
+    aggregator's public key it pins (paths relative to the config file, checked at load)."""
+
+    fleet_id: str
+    signing_key: str
+    aggregator_key: str
+
+
+_NO_IDENTITY = ("set insecure_unsigned = true only for the development broker or tests "
+                "(nothing is then signed or verified)")
+
+
+@dataclass(frozen=True)
 class SiteConfig:
-    """One edge agent: who it is, where the broker is, what it watches, where it keeps state."""
+    """One edge agent: who it is, where the broker is, what it watches, where it keeps state.
+
+    Secure is the default: without `identity` the config must say `insecure_unsigned = True`."""
 
     site: str
     state_dir: str
@@ -194,6 +210,11 @@ class SiteConfig:
     history_cycles: int = 2_000  # longest history kept per engine before failure
     predictions_every_s: float = 1.0
     share_sensors: bool = False  # raw sensor rows never leave the site unless this is set
+    identity: IdentitySettings | None = None
+    insecure_unsigned: bool = False
+
+    def __post_init__(self) -> None:
+        _secure_or_explicit(self.identity is not None, self.insecure_unsigned, f"site {self.site}", "[identity] table")
 
 
 @dataclass(frozen=True)
@@ -227,10 +248,28 @@ class FleetConfig:
     max_update_bytes: int = 1024 * 1024
     broker: BrokerSettings = BrokerSettings()
     influx: dict[str, Any] | None = None  # [influx] table: url, org, bucket, token, ... (docs/telemetry.md)
+    pki: str | None = None  # the fleet's identity folder (`turbofed fleet init`): fleet id, signing keys
+    insecure_unsigned: bool = False  # without pki: sign and verify nothing (development only)
+    epoch: int = 0  # fleet reset counter, sent in signed round announcements (docs/protocol.md)
+
+    def __post_init__(self) -> None:
+        _secure_or_explicit(self.pki is not None, self.insecure_unsigned, "fleet", "pki folder")
+        if isinstance(self.epoch, bool) or not isinstance(self.epoch, int) or not 0 <= self.epoch <= 2**53 - 1:
+            raise ConfigError(f"fleet: epoch must be a whole number in [0, 2^53-1], got {self.epoch!r}")
 
     @property
     def effective_quorum(self) -> int:
         return self.quorum or len(self.sites)
+
+
+def _secure_or_explicit(has_keys: bool, insecure: Any, where: str, what: str) -> None:
+    """Signed messages unless the config explicitly (a TOML boolean) turns them off."""
+    if not isinstance(insecure, bool):
+        raise ConfigError(f"{where}: insecure_unsigned must be true or false, got {insecure!r}")
+    if has_keys and insecure:
+        raise ConfigError(f"{where}: insecure_unsigned = true and a {what} contradict each other; keep one")
+    if not has_keys and not insecure:
+        raise ConfigError(f"{where}: no {what}: messages are signed and checked by default; {_NO_IDENTITY}")
 
 
 def _read_toml(path: str | Path) -> dict[str, Any]:
@@ -262,7 +301,7 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
             raise ConfigError(f"{where}: {name} must be a string, got {value!r}")
     try:
         return cls(**values)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, ConfigError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
 
@@ -272,10 +311,34 @@ def _relative(base: Path, value: str) -> str:
     return str(p if p.is_absolute() else (base / p))
 
 
+def _identity(path: Path, raw: dict[str, Any]) -> IdentitySettings | None:
+    """The `[identity]` table, its key files resolved and read now (a bad key stops the start)."""
+    from turbofed.signing import KeyFileError, SigningKey, load_public_key
+
+    _secure_or_explicit("identity" in raw, raw.get("insecure_unsigned", False), str(path), "[identity] table")
+    table = raw.pop("identity", None)
+    if table is None:
+        return None
+    where = f"{path} [identity]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table (fleet_id, signing_key, aggregator_key)")
+    identity = _build(IdentitySettings, table, where)
+    if not identity.fleet_id.strip() or len(identity.fleet_id) > 128 or not identity.fleet_id.isprintable():
+        raise ConfigError(f"{where}: fleet_id must be printable text of 1 to 128 characters")
+    signing, aggregator = _relative(path.parent, identity.signing_key), _relative(path.parent, identity.aggregator_key)
+    for key, file, load in (("signing_key", signing, lambda f: SigningKey.load("site", f)), ("aggregator_key", aggregator, load_public_key)):
+        try:
+            load(file)
+        except KeyFileError as exc:
+            raise ConfigError(f"{where} {key}: {exc}") from None
+    return IdentitySettings(identity.fleet_id, signing, aggregator)
+
+
 def load_site_config(path: str | Path) -> SiteConfig:
     """Read a site TOML file; errors name the file and the key."""
     path = Path(path)
     raw = _read_toml(path)
+    raw["identity"] = _identity(path, raw)
     broker = _load_broker(path, raw.pop("broker", {}))
     if "engines" in raw:
         engines = raw["engines"]
@@ -295,10 +358,26 @@ def load_site_config(path: str | Path) -> SiteConfig:
     return replace(config, state_dir=_relative(path.parent, config.state_dir))
 
 
-def load_fleet_config(path: str | Path) -> FleetConfig:
-    """Read the fleet TOML file; errors name the file and the key."""
+def load_fleet_config(path: str | Path, keys: bool = True) -> FleetConfig:
+    """Read the fleet TOML file; errors name the file and the key. `keys=False` (for `turbofed
+    fleet init`, which creates the pki folder) skips the signing keys' checks."""
     path = Path(path)
     raw = _read_toml(path)
+    if not keys:
+        raw.pop("pki", None)
+        raw["insecure_unsigned"] = True
+    else:
+        _secure_or_explicit("pki" in raw, raw.get("insecure_unsigned", False), str(path), "pki folder (pki = \"pki\")")
+    if "pki" in raw:
+        if not isinstance(raw["pki"], str) or not raw["pki"].strip():
+            raise ConfigError(f"{path}: pki must be the path of the fleet's identity folder")
+        raw["pki"] = _relative(path.parent, raw["pki"])
+        from turbofed.messages.signed import FleetKeys
+
+        try:
+            FleetKeys.load(raw["pki"])
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: pki: {exc}") from None
     broker = _load_broker(path, raw.pop("broker", {}))
     model = ModelSettings.from_dict(raw.pop("model", {}), f"{path} [model]")
     sites = raw.get("sites")

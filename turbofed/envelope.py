@@ -10,7 +10,8 @@ Wire layout of a weights message (``tfl/v1/global``, ``tfl/v1/sites/<site>/updat
     8+H     N     body: the ONNX model bytes, N == header["body_len"]
 
 Header keys: kind ("update" | "global" | "skip"), site, round, model_version, samples, sha256
-(hex of body), body_len, sig (null for now: room for a signature over the body hash).
+(hex of body), body_len, sig (the sender's Ed25519 signature, base64, or null when the fleet
+runs unsigned), and optionally fleet (the fleet id the signature is for).
 
 Decoding never trusts the sender: every check failure raises a subclass of
 :class:`EnvelopeError` whose ``reason`` is the :class:`~turbofed.refusals.Refusal` to log and count.
@@ -47,6 +48,8 @@ Kind = Literal["update", "global", "skip"]
 # skip: on the update topic, a site with too few samples sits the round out (empty body).
 KINDS: Final[tuple[str, ...]] = ("update", "global", "skip")
 _HEADER_KEYS: Final = ("kind", "site", "round", "model_version", "samples", "sha256", "body_len", "sig")
+_OPTIONAL_KEYS: Final = ("fleet",)  # written only when set, so an unsigned envelope is unchanged
+MAX_FLEET_CHARS: Final = 128
 
 
 class EnvelopeError(Refused):
@@ -120,10 +123,11 @@ class Envelope:
     sig: str | None
     body: bytes
     version: int = VERSION
+    fleet: str | None = None
 
     def header(self) -> dict[str, Any]:
         """The header fields (for logging and storage), without the body."""
-        return {k: getattr(self, k) for k in _HEADER_KEYS}
+        return {k: getattr(self, k) for k in _HEADER_KEYS + _OPTIONAL_KEYS}
 
 
 def _check_int(header: dict[str, Any], key: str) -> int:
@@ -158,6 +162,9 @@ def _check_header(header: Any) -> dict[str, Any]:
     sig = header["sig"]
     if sig is not None and not (isinstance(sig, str) and 0 < len(sig) <= MAX_SIG_CHARS):
         raise BadHeaderError(f"header sig must be null or a string of at most {MAX_SIG_CHARS} characters")
+    fleet = header.get("fleet")
+    if fleet is not None and not (isinstance(fleet, str) and 0 < len(fleet) <= MAX_FLEET_CHARS and fleet.isprintable()):
+        raise BadHeaderError(f"header fleet must be null or printable text of at most {MAX_FLEET_CHARS} characters")
     return header
 
 
@@ -170,6 +177,7 @@ def encode(
     samples: int,
     body: bytes,
     sig: str | None = None,
+    fleet: str | None = None,
     max_bytes: int = MAX_PAYLOAD_BYTES,
 ) -> bytes:
     """Wrap ONNX bytes in a versioned, hashed envelope ready to publish.
@@ -187,6 +195,7 @@ def encode(
         "sha256": hashlib.sha256(body).hexdigest(),
         "body_len": len(body),
         "sig": sig,
+        **({"fleet": fleet} if fleet is not None else {}),
     })
     raw = json.dumps(header, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode("utf-8")
     if len(raw) > MAX_HEADER_BYTES:
@@ -249,7 +258,7 @@ def decode(payload: bytes | bytearray | memoryview, max_bytes: int = MAX_PAYLOAD
         raise SizeMismatchError(f"body is {len(body)} bytes, header says {header['body_len']}")
     if hashlib.sha256(body).hexdigest() != header["sha256"]:
         raise HashMismatchError("body SHA-256 does not match the header")
-    return Envelope(body=body, version=version, **{k: header[k] for k in _HEADER_KEYS})
+    return Envelope(body=body, version=version, fleet=header.get("fleet"), **{k: header[k] for k in _HEADER_KEYS})
 
 
 def encode_json(obj: Any, max_bytes: int = MAX_JSON_BYTES) -> bytes:

@@ -52,6 +52,13 @@ class Refusal(StrEnum):
     BAD_STATS = "bad_stats"
     BAD_STATS_REQUEST = "bad_stats_request"
     BAD_ROUND = "bad_round"
+    # signatures (turbofed/signing.py, turbofed/messages/signed.py)
+    UNSIGNED = "unsigned"  # no signature where one is required
+    BAD_SIGNATURE = "bad_signature"  # not the signer's valid signature of this message
+    UNKNOWN_SIGNER = "unknown_signer"  # no trusted key for the signer (unknown or revoked site)
+    WRONG_FLEET = "wrong_fleet"  # signed for another fleet
+    UNANNOUNCED_VERSION = "unannounced_version"  # a global model no signed round announcement named
+    STALE_EPOCH = "stale_epoch"  # a round announcement from before the latest signed fleet reset
     # the edge agent's own checks against what it knows
     UNKNOWN_ENGINE = "unknown_engine"
     CYCLE_BACKWARDS = "cycle_backwards"

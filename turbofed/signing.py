@@ -9,7 +9,9 @@ signer, the round, the model version and the SHA-256 of the body, each length-pr
 no two statements share bytes. A signature therefore cannot be replayed into another fleet,
 onto another kind of message, as another signer, or for another round or version. The
 statement holds no secret; the signature travels with the message (the envelope's `sig`
-field), base64-encoded.
+field), base64-encoded. Two optional tagged trailers bind what only some messages have: the
+sample count of a weights envelope (FedAvg's weight, `S`) and the fleet epoch (`E`, the
+signed fleet reset: docs/protocol.md); a statement without them is unchanged.
 """
 
 from __future__ import annotations
@@ -25,20 +27,22 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from turbofed.errors import TurbofedError
+from turbofed.errors import Refused, TurbofedError
+from turbofed.refusals import Refusal
 
 DOMAIN = b"turbofed/signature/v1"
 SIGNATURE_BYTES = 64
 _MAX_FIELD = 4096
 
 
-class SignatureError(TurbofedError):
+class SignatureError(Refused):
     """A message is unsigned, mis-signed, or signed by a key this receiver does not trust.
-    `reason` is the short code it is counted under."""
+    `reason` is the Refusal it is counted under."""
 
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+    reason = Refusal.BAD_SIGNATURE
+
+    def __init__(self, message: str, reason: Refusal | str) -> None:
+        super().__init__(message, Refusal(reason))
 
 
 class KeyFileError(TurbofedError):
@@ -50,7 +54,8 @@ def body_digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-def statement(*, fleet: str, kind: str, signer: str, round: int, version: int, body_sha256: str) -> bytes:  # noqa: A002
+def statement(*, fleet: str, kind: str, signer: str, round: int, version: int, body_sha256: str,  # noqa: A002
+              samples: int | None = None, epoch: int = 0) -> bytes:
     """The exact bytes that are signed for one message (see the module docstring)."""
     out = [DOMAIN]
     for text in (fleet, kind, signer, body_sha256):
@@ -62,6 +67,11 @@ def statement(*, fleet: str, kind: str, signer: str, round: int, version: int, b
         if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number < 2**63:
             raise ValueError(f"statement round/version must be a non-negative integer, got {number!r}")
         out.append(struct.pack(">Q", number))
+    for tag, number in ((b"S", samples), (b"E", epoch or None)):
+        if number is not None:
+            if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number < 2**63:
+                raise ValueError(f"statement samples/epoch must be a non-negative integer, got {number!r}")
+            out.append(tag + struct.pack(">Q", number))
     return b"".join(out)
 
 

@@ -346,8 +346,11 @@ def identity_sources(pki: FleetIdentities, site: str) -> dict[str, Path]:
     return sources
 
 
-def site_config_toml(site: str, broker: BrokerSettings, engines: tuple[str, ...] | None, fleet: str) -> str:
-    """The site TOML the bundle installs; `#@credentials@` is where install.sh writes the login."""
+def site_config_toml(site: str, broker: BrokerSettings, engines: tuple[str, ...] | None, fleet: str,
+                     fleet_id: str | None = None) -> str:
+    """The site TOML the bundle installs; `#@credentials@` is where install.sh writes the login.
+    With `fleet_id` it has an [identity] table naming the signing keys in identity/; without,
+    the site runs unsigned (`insecure_unsigned = true`), which only a development fleet wants."""
     q = json.dumps  # a JSON string is a valid TOML basic string
     lines = [
         f"# turbofed edge agent for site {site}, written by `turbofed flash` from {Path(fleet).name}.",
@@ -372,6 +375,12 @@ def site_config_toml(site: str, broker: BrokerSettings, engines: tuple[str, ...]
         "#@credentials@",
         "",
     ]
+    if fleet_id is None:
+        lines[5:5] = ["insecure_unsigned = true  # no fleet identity: nothing is signed"]
+    else:
+        lines += ["# Signatures: this site signs with its own key and trusts only the aggregator's.",
+                  "[identity]", f"fleet_id = {q(fleet_id)}", f"signing_key = {q(IDENTITY_DIR + '/signing.key')}",
+                  f"aggregator_key = {q(IDENTITY_DIR + '/aggregator.pub')}", ""]
     return "\n".join(lines)
 
 
@@ -399,6 +408,7 @@ class Plan:
     broker: BrokerSettings
     version: str
     identity: dict[str, Path] = field(default_factory=dict)  # bundle file name -> source file
+    fleet_id: str | None = None  # the fleet the site's signatures are bound to
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -435,7 +445,7 @@ def plan_bundle(site: str, fleet: str, out: str | Path, platform: str | None = N
     ids = FleetIdentities(Path(pki) if pki else Path(fleet).resolve().parent / "pki")
     identity = identity_sources(ids, site)
     plan = Plan(site, str(fleet), Path(out), target, profile, parse_engines(engines), broker, _source_version(find_source_tree()),
-                identity)
+                identity, fleet_id=ids.fleet_id)
     if broker.host in LOOPBACK:
         plan.warnings.append(
             f"the fleet config's broker host is {broker.host!r}: the device will look for the broker on itself. "
@@ -534,7 +544,7 @@ def build_bundle(plan: Plan, progress: Progress = _stderr) -> dict:
 
     progress(f"[4/{steps}] writing config/edge.toml (broker {plan.broker.host}:{plan.broker.port}, engines {'all' if plan.engines is None else ','.join(plan.engines)})")
     (out / "config").mkdir()
-    (out / "config" / "edge.toml").write_text(site_config_toml(plan.site, plan.broker, plan.engines, plan.fleet))
+    (out / "config" / "edge.toml").write_text(site_config_toml(plan.site, plan.broker, plan.engines, plan.fleet, plan.fleet_id))
     write_identity(plan, out / "config" / IDENTITY_DIR)
 
     progress(f"[5/{steps}] writing systemd/{UNIT} and install.sh")

@@ -385,7 +385,7 @@ def write_acl(ids: FleetIdentities, sites: list[str], topics: Topics | Sequence[
 def init_from_fleet(fleet_toml: Path, root: Path | None = None, broker_hosts: list[str] | None = None) -> FleetIdentities:
     """`turbofed fleet init`: CA, broker certificate, the aggregator, every site of fleet.toml and
     its gateway, and the ACL, in `root` (default: pki/ beside fleet.toml)."""
-    config = load_fleet_config(fleet_toml)
+    config = load_fleet_config(fleet_toml, keys=False)  # the keys are what we are about to create
     root = root or Path(fleet_toml).resolve().parent / "pki"
     hosts = broker_hosts or sorted({config.broker.host, "127.0.0.1", "localhost"})
     return init_for_sites(root, list(config.sites), Topics(config.broker.topic_root, config.broker.plant_root), hosts)
@@ -407,7 +407,7 @@ def init_for_sites(root: Path, sites: list[str], topics: Topics, broker_hosts: l
 def run_cli(args: argparse.Namespace) -> int:
     fleet_toml = Path(args.fleet)
     root = Path(args.pki) if args.pki else fleet_toml.resolve().parent / "pki"
-    config = load_fleet_config(fleet_toml)
+    config = load_fleet_config(fleet_toml, keys=False)
     topics = Topics(config.broker.topic_root, config.broker.plant_root)
     if args.fleet_command == "init":
         ids = init_from_fleet(fleet_toml, root, args.broker_host or None)

@@ -46,6 +46,19 @@ class RoundAnnouncement:
     min_samples: int | None = None
     strategy: str | None = None
     done: bool = False
+    epoch: int = 0  # fleet reset counter: a higher signed epoch lets sites start again from v0
+
+    @property
+    def version(self) -> int:
+        """The model version a signature of this announcement binds: the starting model, or
+        when done the last one."""
+        return self.round if self.model_version is None else self.model_version
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """The global model versions this announcement vouches for: the round's starting model
+        and the model the round produces (version = round number), or, when done, the last."""
+        return (self.round,) if self.done else (self.model_version, self.round)
 
     def __post_init__(self) -> None:
         if not self.done and None in (self.announce_id, self.model_version, self.deadline, self.settings):
@@ -53,8 +66,9 @@ class RoundAnnouncement:
 
     def to_payload(self) -> bytes:
         spec = self.spec.to_dict() if self.spec else None
+        epoch = {"epoch": self.epoch} if self.epoch else {}
         if self.done:
-            return encode_json({"round": self.round, "done": True, **({"spec": spec} if spec else {})})
+            return encode_json({"round": self.round, "done": True, **({"spec": spec} if spec else {}), **epoch})
         body: dict[str, Any] = {
             "round": self.round, "announce_id": self.announce_id, "model_version": self.model_version,
             "deadline": self.deadline, "settings": self.settings.to_dict(),
@@ -64,7 +78,7 @@ class RoundAnnouncement:
         for key in ("min_samples", "strategy"):
             if getattr(self, key) is not None:
                 body[key] = getattr(self, key)
-        return encode_json(body)
+        return encode_json({**body, **epoch})
 
     @classmethod
     def from_payload(cls, payload: bytes) -> "RoundAnnouncement":
@@ -74,8 +88,9 @@ class RoundAnnouncement:
         spec = None
         if body.get("spec") is not None:
             spec = _spec(body["spec"], f"{what} spec")
+        epoch = whole(body.get("epoch", 0), f"{what} epoch")
         if flag(body.get("done", False), f"{what} done"):
-            return cls(number, spec, done=True)
+            return cls(number, spec, done=True, epoch=epoch)
         with refused_as(Refusal.BAD_ROUND, f"{what} settings"):
             settings = body.get("settings")
             if not isinstance(settings, dict):
@@ -95,6 +110,7 @@ class RoundAnnouncement:
             settings=settings,
             min_samples=optional(body.get("min_samples"), whole, f"{what} min_samples"),
             strategy=optional(body.get("strategy"), text, f"{what} strategy"),
+            epoch=epoch,
         )
 
 

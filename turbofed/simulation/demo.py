@@ -31,7 +31,7 @@ from typing import Any
 from turbofed.config import BrokerSettings, ModelSettings, resolve_data_dir
 from turbofed.deploy.identities import AGGREGATOR, MONITOR, FleetIdentities, init_for_sites
 from turbofed.errors import Refused, TurbofedError
-from turbofed.messages import Metrics, RoundAnnouncement, Status
+from turbofed.messages import Metrics, RoundAnnouncement, Status, signed
 from turbofed.mqtt import Subscriptions, connect, make_client
 from turbofed.simulation.broker import BrokerHandle, find_mosquitto, start_broker
 from turbofed.topics import DEFAULT_TOPICS, Topics
@@ -48,8 +48,15 @@ class DemoError(TurbofedError):
 class FleetWatch:
     """What the fleet says over MQTT: site status, the round announcement, site metrics."""
 
-    def __init__(self, broker: BrokerSettings) -> None:
+    def __init__(self, broker: BrokerSettings, pki: Path | None = None) -> None:
+        """`pki`: the fleet's identity folder; what the fleet says is then checked against its
+        keys (the aggregator's and every site's), as the agents and the aggregator do."""
         self.topics = Topics(broker.topic_root, broker.plant_root)
+        self.verifier: signed.Verifier | signed.Unsigned = signed.Unsigned("demo")
+        if pki is not None:
+            keys = signed.FleetKeys.load(pki)
+            everyone = {**keys.sites.keys, signed.AGGREGATOR: keys.aggregator.key.public_key()}
+            self.verifier = signed.Verifier(keys.fleet_id, signed.TrustedKeys(everyone))
         self.status: dict[str, Status] = {}
         self.metrics: dict[str, Metrics] = {}
         self.round: RoundAnnouncement | None = None
@@ -67,10 +74,12 @@ class FleetWatch:
             return
         try:
             if msg.topic == self.topics.round:
-                site, body = "", RoundAnnouncement.from_payload(msg.payload)
+                opened = self.verifier.open(signed.ROUND, msg.payload, signer=signed.AGGREGATOR)
+                site, body = "", RoundAnnouncement.from_payload(opened.body)
             else:
                 site, kind = self.topics.parse_site(msg.topic)
-                body = (Status if kind == "status" else Metrics).from_payload(msg.payload, site=site)
+                opened = self.verifier.open(signed.STATUS if kind == "status" else signed.METRICS, msg.payload, signer=site)
+                body = (Status if kind == "status" else Metrics).from_payload(opened.body, site=site)
         except Refused as exc:
             log.warning("ignored a message on %s (%s): %s", msg.topic, exc.reason.value, exc)
             return
@@ -162,24 +171,27 @@ def find_data(dataset: str, data_dir: str | None) -> tuple[str, str | None, str]
 
 
 def write_configs(work: Path, sites: list[str], broker: BrokerSettings, settings: ModelSettings,
-                  pki: FleetIdentities | None = None) -> Path:
-    """One TOML per site and one for the fleet, as a user would write them: with `pki` (inside
-    `work`), each names its own identity's certificate and key, relative to the file."""
+                  pki: FleetIdentities, tls: bool) -> Path:
+    """One TOML per site and one for the fleet, as a user would write them. Every process signs
+    with its key from `pki` (inside `work`, `turbofed fleet init`'s folder); with `tls` each
+    also names its own certificate and key, relative to the file."""
+    rel = lambda p: p.resolve().relative_to(work.resolve()).as_posix()  # noqa: E731
 
     def broker_toml(identity: str) -> str:
         text = f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n'
-        if pki is not None:
-            rel = lambda p: p.resolve().relative_to(work.resolve()).as_posix()  # noqa: E731
+        if tls:
             text += (f'ca = "{rel(pki.ca_cert)}"\ncert = "{rel(pki.client_cert(identity))}"\n'
                      f'key = "{rel(pki.client_key(identity))}"\n')
         return text
 
     for site in sites:
-        (work / f"{site}.toml").write_text(f'site = "{site}"\nstate_dir = "state/{site}"\nengines = "*"\n\n{broker_toml(site)}')
+        identity = (f'[identity]\nfleet_id = "{pki.fleet_id}"\nsigning_key = "{rel(pki.signing_key(site))}"\n'
+                    f'aggregator_key = "{rel(pki.signing_pub(AGGREGATOR))}"\n')
+        (work / f"{site}.toml").write_text(f'site = "{site}"\nstate_dir = "state/{site}"\nengines = "*"\n\n{broker_toml(site)}\n{identity}')
     model = "\n".join(f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in settings.to_dict().items())
     fleet = work / "fleet.toml"
     fleet.write_text(
-        f"sites = {json.dumps(sites)}\nstore = \"results.sqlite\"\nregistry = \"registry\"\n"
+        f"sites = {json.dumps(sites)}\nstore = \"results.sqlite\"\nregistry = \"registry\"\npki = \"{rel(pki.root)}\"\n"
         f"strategy = \"fedavg\"\nround_deadline_s = 120\n\n{broker_toml(AGGREGATOR)}\n[model]\n{model}\n"
     )
     return fleet
@@ -208,19 +220,20 @@ def run_demo(
     watch: FleetWatch | None = None
     try:
         secure = not embedded_broker and find_mosquitto() is not None
-        pki = init_for_sites(work / "pki", sites, DEFAULT_TOPICS, ["127.0.0.1", "localhost"]) if secure else None
-        broker_handle = start_broker(embedded=not secure, workdir=work / "broker", pki=pki)
-        how = f"TLS, one identity per process ({pki.root})" if pki else "INSECURE: anonymous, no TLS, loopback only"
+        # Identities always (every message is signed); TLS and the ACL on Mosquitto only.
+        pki = init_for_sites(work / "pki", sites, DEFAULT_TOPICS, ["127.0.0.1", "localhost"])
+        broker_handle = start_broker(embedded=not secure, workdir=work / "broker", pki=pki if secure else None)
+        how = f"TLS, one identity per process ({pki.root})" if secure else "INSECURE: anonymous, no TLS, loopback only"
         print(f"broker: {broker_handle.kind} on {broker_handle.host}:{broker_handle.port} ({how})", file=sys.stderr)
         broker = BrokerSettings(host=broker_handle.host, port=broker_handle.port)
-        fleet_toml = write_configs(work, sites, broker, settings, pki)
-        watch = FleetWatch(broker_handle.settings(MONITOR))
+        fleet_toml = write_configs(work, sites, broker, settings, pki, tls=secure)
+        watch = FleetWatch(broker_handle.settings(MONITOR), pki.root)
         for site in sites:
             processes.start(site, "edge", "--config", str(work / f"{site}.toml"))
         watch.wait("the edge agents to come online", lambda: sum(watch.site_status(s).online for s in sites) == n_sites, 120, processes)
 
         replay_args = ["--dataset", dataset, "--sites", str(n_sites), "--rate", "max", "--seed", str(settings.seed), "--broker", f"{broker.host}:{broker.port}"]
-        if pki is not None:
+        if secure:
             replay_args += ["--pki", str(pki.root)]  # the replay publishes as each site's gateway
         if data_dir:
             replay_args += ["--data-dir", data_dir]
