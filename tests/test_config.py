@@ -104,12 +104,12 @@ TLS = '[broker]\nca = "id/ca.crt"\ncert = "id/client.crt"\nkey = "id/client.key"
 
 def test_tls_paths_relative_to_the_file_and_tls_on_by_default(tmp_path: Path) -> None:
     tls_files(tmp_path / "id")
-    cfg = load_site_config(write(tmp_path, "s.toml", f'site = "a"\nstate_dir = "x"\n{TLS}'))
+    cfg = load_site_config(write(tmp_path, "s.toml", f'site = "a"\nstate_dir = "x"\ninsecure_unsigned = true\n{TLS}'))
     assert cfg.broker.tls is True and cfg.broker.port == 8883
     assert cfg.broker.ca == str(tmp_path / "id" / "ca.crt") and cfg.broker.key == str(tmp_path / "id" / "client.key")
-    fleet = load_fleet_config(write(tmp_path, "f.toml", f'sites = ["a"]\nstore = "r"\nregistry = "g"\n{TLS}port = 1884\n'))
+    fleet = load_fleet_config(write(tmp_path, "f.toml", f'sites = ["a"]\nstore = "r"\nregistry = "g"\ninsecure_unsigned = true\n{TLS}port = 1884\n'))
     assert fleet.broker.tls and fleet.broker.port == 1884 and fleet.broker.cert == str(tmp_path / "id" / "client.crt")
-    plain = load_site_config(write(tmp_path, "p.toml", 'site = "a"\nstate_dir = "x"\n'))
+    plain = load_site_config(write(tmp_path, "p.toml", 'site = "a"\nstate_dir = "x"\ninsecure_unsigned = true\n'))
     assert plain.broker.tls is False and plain.broker.port == 1883
 
 
@@ -128,10 +128,10 @@ def test_tls_paths_relative_to_the_file_and_tls_on_by_default(tmp_path: Path) ->
 def test_tls_errors_name_file_and_key(tmp_path: Path, broker: str, message: str) -> None:
     tls_files(tmp_path / "id")
     with pytest.raises(ConfigError, match=message):
-        load_site_config(write(tmp_path, "s.toml", f'site = "a"\nstate_dir = "x"\n[broker]\n{broker}'))
+        load_site_config(write(tmp_path, "s.toml", f'site = "a"\nstate_dir = "x"\ninsecure_unsigned = true\n[broker]\n{broker}'))
 
 
 def test_tls_key_readable_by_others_is_refused(tmp_path: Path) -> None:
     tls_files(tmp_path / "id", key_mode=0o644)
     with pytest.raises(ConfigError, match=r"s.toml \[broker\]: key: .*client.key is readable by other users \(mode 644\); chmod 600"):
-        load_site_config(write(tmp_path, "s.toml", f'site = "a"\nstate_dir = "x"\n{TLS}'))
+        load_site_config(write(tmp_path, "s.toml", f'site = "a"\nstate_dir = "x"\ninsecure_unsigned = true\n{TLS}'))
