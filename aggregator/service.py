@@ -29,7 +29,7 @@ from turbofed import envelope
 from turbofed.aggregator.registry import ModelRegistry, RegistryError
 from turbofed.aggregator.rounds import Rejected, Round, agreed_initial_model
 from turbofed.aggregator.strategies import SiteUpdate, make_strategy, merge
-from turbofed.config import FleetConfig, load_fleet_config
+from turbofed.config import FleetConfig, load_fleet_config, require_writable_dir
 from turbofed.errors import Refused
 from turbofed.messages import (
     Metrics,
@@ -61,6 +61,7 @@ class Aggregator:
         # What every record of this run says it ran with: the configured name, all parameters.
         self.strategy_record = {"strategy": config.strategy.name, "strategy_params": self.strategy.parameters()}
         self.topics = Topics(config.broker.topic_root, config.broker.plant_root)
+        require_writable_dir(config.registry, "registry")  # at start, with the path, not at the first checkpoint
         # Points wait here while InfluxDB is away (unused with SQLite).
         spool = Path(config.registry).parent / "influx-spool"
         self.store = open_store(config.store, spool_dir=spool, influx=config.influx)

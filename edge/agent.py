@@ -32,7 +32,7 @@ import numpy as np
 
 import turbofed
 from turbofed import envelope
-from turbofed.config import ModelSettings, SiteConfig, load_site_config
+from turbofed.config import ModelSettings, SiteConfig, load_site_config, require_writable_dir
 from turbofed.edge.buffer import TrainingBuffer, load_histories, save_histories
 from turbofed.edge.features import EngineWindow
 from turbofed.edge.inference import OnnxPredictor
@@ -127,8 +127,7 @@ class EdgeAgent:
         self.site = config.site
         self.training = training
         self.topics = Topics(config.broker.topic_root, config.broker.plant_root)
-        self.state_dir = Path(config.state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = require_writable_dir(config.state_dir, "state_dir")  # at start, not at the first save
         self.counters: Counter[str] = Counter()
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.engines: dict[str, EngineTrack] = {}
