@@ -41,6 +41,7 @@ from turbofed.messages import (
     Telemetry,
 )
 from turbofed.mqtt import Subscriptions, client_id, connect, make_client
+from turbofed.ratelog import LOG_INTERVAL_S, RateLimitedLog, RefusalLog, Throttle
 from turbofed.refusals import Refusal
 from turbofed.spec import FeatureSpec, FleetStats
 from turbofed.store import open_store
@@ -49,6 +50,7 @@ from turbofed.topics import Topics
 log = logging.getLogger("turbofed.aggregator")
 
 AGGREGATOR_SITE = "aggregator"  # the `site` field of envelopes the aggregator sends
+REJECTION_ROW_INTERVAL_S = LOG_INTERVAL_S  # the store gets one rejection row per (site, reason) per interval
 
 
 class Aggregator:
@@ -67,6 +69,13 @@ class Aggregator:
         self.store = open_store(config.store, spool_dir=spool, influx=config.influx)
         self.registry = ModelRegistry(config.registry)
         self.counters: Counter[str] = Counter()  # refusals, by reason
+        # Refusals: counted, the last 100 kept as samples (self.refusals.recent), logged once a
+        # minute per reason; the store gets one row per (site, reason) per interval, then a
+        # row saying how many more there were (bounded whatever a site sends).
+        self.refusals = RefusalLog(log, "rejected from %s (%s, #%d): %s")
+        self._rejection_rows = Throttle(REJECTION_ROW_INTERVAL_S)
+        self._next_rows_check = 0.0
+        self._errors = RateLimitedLog(log)
         self.ignored = 0  # messages on topics we never subscribed to
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.model: onnx.ModelProto | None = None
@@ -150,11 +159,15 @@ class Aggregator:
             self.pump(0.2)
         self.client.disconnect()
         self.client.loop_stop()
+        self._record_held_rejections(everything=True)
         self.store.close()
         self.registry.close()
 
     def pump(self, timeout: float) -> None:
         """Handle one message (or wait up to `timeout`). Nothing a site sends can stop us."""
+        if time.monotonic() >= self._next_rows_check:
+            self._next_rows_check = time.monotonic() + 1.0
+            self._record_held_rejections()
         try:
             topic, payload = self.inbox.get(timeout=max(timeout, 0.0))
         except queue.Empty:
@@ -180,13 +193,24 @@ class Aggregator:
             self._reject(site, exc.reason, f"{topic}: {exc}")
         except Exception:
             self.counters[Refusal.INTERNAL_ERROR.value] += 1
-            log.exception("failed to handle a message on %s", topic)
+            self._errors.warning(Refusal.INTERNAL_ERROR, "failed to handle a message on %s", topic[:300], exc_info=True)
 
     def _reject(self, site: str, reason: Refusal, detail: str) -> None:
-        self.counters[reason.value] += 1
-        round_no = self.round.number if self.round else None
-        log.warning("rejected from %s (%s, #%d): %s", site, reason.value, self.counters[reason.value], detail)
-        self.store.record_rejection(round_no, site, reason.value, detail, time.time())
+        self.refusals.refused(self.counters, reason.value, site, reason.value, detail)
+        if self._rejection_rows.allow((site, reason.value)) is not None:
+            self.store.record_rejection(self._round_number(), site, reason.value, detail[:1000], time.time())
+
+    def _round_number(self) -> int | None:
+        return self.round.number if self.round else None
+
+    def _record_held_rejections(self, everything: bool = False) -> None:
+        """One row per (site, reason) whose interval has passed with refusals held back: how many."""
+        held = list(self._rejection_rows.held.items()) if everything else self._rejection_rows.due()
+        for (site, reason), n in held:
+            detail = f"{n} more like it not stored one by one (at most one row per site and reason every {REJECTION_ROW_INTERVAL_S:.0f} s)"
+            self.store.record_rejection(self._round_number(), site, reason, detail, time.time())
+        if everything:
+            self._rejection_rows.held.clear()
 
     # --- phase 1: federated statistics ------------------------------------------------
 
@@ -196,12 +220,14 @@ class Aggregator:
         needed = self.config.effective_quorum
         next_request = 0.0
         give_up = time.monotonic() + self.config.round_deadline_s
+        # One request, re-sent until enough sites have answered: a site answers a spec's
+        # statistics once (edge/agent.py on_stats_request), so a new id would not get a new answer.
+        self.stats_request_id = uuid.uuid4().hex
         while not stop.is_set():
             ready = {s: r for s, r in self.stats_replies.items() if r.samples >= self.config.min_samples and r.stats is not None}
             if len(ready) >= needed or (ready and time.monotonic() >= give_up):
                 break
             if time.monotonic() >= next_request:
-                self.stats_request_id = uuid.uuid4().hex
                 request = StatsRequest(self.stats_request_id, self.config.min_samples, self.config.model.window)
                 self.client.publish(self.topics.stats_request, request.to_payload(), qos=1, retain=True)
                 next_request = time.monotonic() + self.config.stats_retry_s

@@ -239,6 +239,8 @@ class AgentState:
     fleet_spec: FeatureSpec | None
     scored: dict[str, list[float | None]]
     counters: dict[str, int]
+    # The last statistics answer: {"request_id", "epoch", "engines": [ids]} (edge/agent.py on_stats_request)
+    stats_answer: dict[str, Any] | None = None
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -250,6 +252,7 @@ class AgentState:
                 "fleet_spec": self.fleet_spec.to_dict() if self.fleet_spec else None,
                 "scored": self.scored,
                 "counters": self.counters,
+                "stats_answer": self.stats_answer,
             }
         ).encode()
 
@@ -275,6 +278,13 @@ class AgentState:
         counters = take(raw, "counters", "object", where)
         for name in counters:
             take(counters, name, "int", f"{path}: counters", minimum=0)
+        stats_answer = take(raw, "stats_answer", "object?", where) if "stats_answer" in raw else None  # older files: absent
+        if stats_answer is not None:
+            for key in ("request_id", "epoch"):
+                take(stats_answer, key, "str", f"{path}: stats_answer")
+            engines = take(stats_answer, "engines", "list", f"{path}: stats_answer")
+            if not all(isinstance(e, str) for e in engines):
+                raise StateError(f"{path}: stats_answer key 'engines' must be a list of engine ids, got {short(engines)}")
         return cls(
             answered=answered,
             global_version=take(raw, "global_version", "int", where, minimum=-1),
@@ -282,6 +292,7 @@ class AgentState:
             fleet_spec=spec_from_dict(spec, f"{path}: fleet_spec") if spec is not None else None,
             scored=scored,
             counters=counters,
+            stats_answer=stats_answer,
         )
 
 

@@ -54,14 +54,16 @@ class LiveFleet:
         self.aggregator: Aggregator | None = None
 
     def site_config(self, site: str, **overrides: object) -> SiteConfig:
-        return SiteConfig(site=site, state_dir=str(self.work / "state" / site), broker=self.broker, min_samples=50, predictions_every_s=0.2, **overrides)
+        # Test fleets give each site only a few engines: statistics over at least 2 (default 5).
+        values = dict(min_samples=50, predictions_every_s=0.2, min_stats_engines=2) | overrides
+        return SiteConfig(site=site, state_dir=str(self.work / "state" / site), broker=self.broker, **values)
 
     def site_toml(self, site: str) -> Path:
         """The same site as a TOML file, for an agent run as a separate process."""
         b = self.broker
         path = self.work / f"{site}.toml"
         path.write_text(
-            f'site = "{site}"\nstate_dir = "state/{site}"\nmin_samples = 50\npredictions_every_s = 0.2\n\n'
+            f'site = "{site}"\nstate_dir = "state/{site}"\nmin_samples = 50\npredictions_every_s = 0.2\nmin_stats_engines = 2\n\n'
             f'[broker]\nhost = "{b.host}"\nport = {b.port}\ntopic_root = "{b.topic_root}"\nplant_root = "{b.plant_root}"\n'
         )
         return path
