@@ -113,6 +113,8 @@ def test_raw_sensor_rows_leave_a_site_only_when_shared(broker, cmapss_dir: Path,
         fleet.start_agent("site2")
         train = fleet.replay("train", 4, cmapss_dir)
         per_site = lambda: dict(sqlite3.connect(fleet.fleet.store).execute("SELECT site, COUNT(*) FROM sensors GROUP BY site").fetchall())  # noqa: E731
+        both = lambda: fleet.agents["site1"].buffer.rows + fleet.agents["site2"].buffer.rows == train["rows"]  # noqa: E731
+        wait_for("both sites to buffer their engines", both, 60)
         wait_for("site1's rows in the store", lambda: fleet.agents["site1"].buffer.rows > 0 and per_site().get("site1") == fleet.agents["site1"].buffer.rows, 60)
     finally:
         fleet.close()
