@@ -35,7 +35,7 @@ from turbofed.aggregator.registry import ModelRegistry, RegistryError
 from turbofed.aggregator.rounds import Rejected, Round
 from turbofed.aggregator.strategies import SiteUpdate, make_strategy, merge
 from turbofed.codec import check_graph
-from turbofed.config import FleetConfig, load_fleet_config
+from turbofed.config import FleetConfig, load_fleet_config, require_writable_dir
 from turbofed.errors import Refused, WeightsError
 from turbofed.graph import reference_model
 from turbofed.messages import (
@@ -49,6 +49,7 @@ from turbofed.messages import (
     signed,
 )
 from turbofed.mqtt import Subscriptions, client_id, connect, make_client
+from turbofed.ratelog import LOG_INTERVAL_S, RateLimitedLog, RefusalLog, Throttle
 from turbofed.refusals import Refusal
 from turbofed.spec import FeatureSpec, FleetStats
 from turbofed.store import open_store
@@ -57,6 +58,7 @@ from turbofed.topics import Topics
 log = logging.getLogger("turbofed.aggregator")
 
 AGGREGATOR_SITE = signed.AGGREGATOR  # the `site` field of envelopes the aggregator sends
+REJECTION_ROW_INTERVAL_S = LOG_INTERVAL_S  # the store gets one rejection row per (site, reason) per interval
 
 
 class Aggregator:
@@ -69,6 +71,7 @@ class Aggregator:
         # What every record of this run says it ran with: the configured name, all parameters.
         self.strategy_record = {"strategy": config.strategy.name, "strategy_params": self.strategy.parameters()}
         self.topics = Topics(config.broker.topic_root, config.broker.plant_root)
+        require_writable_dir(config.registry, "registry")  # at start, with the path, not at the first checkpoint
         # Points wait here while InfluxDB is away (unused with SQLite).
         spool = Path(config.registry).parent / "influx-spool"
         self.store = open_store(config.store, spool_dir=spool, influx=config.influx)
@@ -80,6 +83,13 @@ class Aggregator:
             self.registry.close()
             raise
         self.counters: Counter[str] = Counter()  # refusals, by reason
+        # Refusals: counted, the last 100 kept as samples (self.refusals.recent), logged once a
+        # minute per reason; the store gets one row per (site, reason) per interval, then a
+        # row saying how many more there were (bounded whatever a site sends).
+        self.refusals = RefusalLog(log, "rejected from %s (%s, #%d): %s")
+        self._rejection_rows = Throttle(REJECTION_ROW_INTERVAL_S)
+        self._next_rows_check = 0.0
+        self._errors = RateLimitedLog(log)
         self.ignored = 0  # messages on topics we never subscribed to
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.model: onnx.ModelProto | None = None
@@ -174,11 +184,15 @@ class Aggregator:
             self.pump(0.2)
         self.client.disconnect()
         self.client.loop_stop()
+        self._record_held_rejections(everything=True)
         self.store.close()
         self.registry.close()
 
     def pump(self, timeout: float) -> None:
         """Handle one message (or wait up to `timeout`). Nothing a site sends can stop us."""
+        if time.monotonic() >= self._next_rows_check:
+            self._next_rows_check = time.monotonic() + 1.0
+            self._record_held_rejections()
         try:
             topic, payload = self.inbox.get(timeout=max(timeout, 0.0))
         except queue.Empty:
@@ -204,13 +218,24 @@ class Aggregator:
             self._reject(site, exc.reason, f"{topic}: {exc}")
         except Exception:
             self.counters[Refusal.INTERNAL_ERROR.value] += 1
-            log.exception("failed to handle a message on %s", topic)
+            self._errors.warning(Refusal.INTERNAL_ERROR, "failed to handle a message on %s", topic[:300], exc_info=True)
 
     def _reject(self, site: str, reason: Refusal, detail: str) -> None:
-        self.counters[reason.value] += 1
-        round_no = self.round.number if self.round else None
-        log.warning("rejected from %s (%s, #%d): %s", site, reason.value, self.counters[reason.value], detail)
-        self.store.record_rejection(round_no, site, reason.value, detail, time.time())
+        self.refusals.refused(self.counters, reason.value, site, reason.value, detail)
+        if self._rejection_rows.allow((site, reason.value)) is not None:
+            self.store.record_rejection(self._round_number(), site, reason.value, detail[:1000], time.time())
+
+    def _round_number(self) -> int | None:
+        return self.round.number if self.round else None
+
+    def _record_held_rejections(self, everything: bool = False) -> None:
+        """One row per (site, reason) whose interval has passed with refusals held back: how many."""
+        held = list(self._rejection_rows.held.items()) if everything else self._rejection_rows.due()
+        for (site, reason), n in held:
+            detail = f"{n} more like it not stored one by one (at most one row per site and reason every {REJECTION_ROW_INTERVAL_S:.0f} s)"
+            self.store.record_rejection(self._round_number(), site, reason, detail, time.time())
+        if everything:
+            self._rejection_rows.held.clear()
 
     # --- phase 1: federated statistics ------------------------------------------------
 
@@ -220,12 +245,14 @@ class Aggregator:
         needed = self.config.effective_quorum
         next_request = 0.0
         give_up = time.monotonic() + self.config.round_deadline_s
+        # One request, re-sent until enough sites have answered: a site answers a spec's
+        # statistics once (edge/agent.py on_stats_request), so a new id would not get a new answer.
+        self.stats_request_id = uuid.uuid4().hex
         while not stop.is_set():
             ready = {s: r for s, r in self.stats_replies.items() if r.samples >= self.config.min_samples and r.stats is not None}
             if len(ready) >= needed or (ready and time.monotonic() >= give_up):
                 break
             if time.monotonic() >= next_request:
-                self.stats_request_id = uuid.uuid4().hex
                 request = StatsRequest(self.stats_request_id, self.config.min_samples, self.config.model.window)
                 payload = self.sealer.seal(signed.STATS_REQUEST, request.to_payload())
                 self.client.publish(self.topics.stats_request, payload, qos=1, retain=True)

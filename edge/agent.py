@@ -24,21 +24,23 @@ restart from the global model and the training buffer at the next round.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
+import math
 import os
 import queue
 import signal
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 import turbofed
 from turbofed import envelope
-from turbofed.config import ModelSettings, SiteConfig, load_site_config
+from turbofed.config import ModelSettings, SiteConfig, load_site_config, require_writable_dir
 from turbofed.edge.buffer import TrainingBuffer, load_histories, save_histories
 from turbofed.edge.features import EngineWindow
 from turbofed.edge.inference import OnnxPredictor
@@ -74,6 +76,7 @@ from turbofed.messages import (
 )
 from turbofed.metrics import phm08_score, rmse
 from turbofed.mqtt import Subscriptions, client_id, connect, make_client
+from turbofed.ratelog import RateLimitedLog, RefusalLog
 from turbofed.refusals import Refusal
 from turbofed.spec import FeatureSpec
 from turbofed.topics import Topics
@@ -81,7 +84,8 @@ from turbofed.topics import Topics
 log = logging.getLogger("turbofed.edge")
 
 SAVE_EVERY_S = 2.0
-LOG_EVERY_S = 60.0  # one log line per refusal reason per interval: a flood of bad input must not flood the log
+SWEEP_EVERY_S = 60.0  # how often engines that went quiet are looked for
+MAX_WINDOWS_PER_ENGINE = 4  # feature windows kept per engine (one per spec: local, fleet, and a spare)
 
 
 class EngineTrack:
@@ -93,6 +97,7 @@ class EngineTrack:
         self.n = 0 if cycles is None else len(cycles)
         self.windows: dict[FeatureSpec, EngineWindow] = {}
         self.last: tuple[int, float | None, float | None] | None = None  # cycle, local, federated
+        self.last_seen = time.time()  # wall clock of the last reading (idle engines are forgotten)
 
     @property
     def last_cycle(self) -> int | None:
@@ -119,6 +124,8 @@ class EngineTrack:
         """The window for `spec`, built from the history the first time a spec is seen."""
         w = self.windows.get(spec)
         if w is None:
+            while len(self.windows) >= MAX_WINDOWS_PER_ENGINE:  # specs come and go; keep the newest
+                del self.windows[next(iter(self.windows))]
             w = self.windows[spec] = EngineWindow(spec)
             # From the first kept reading: the window needs the last W, its baseline the first ones.
             for c, s in zip(self.cycles[: self.n], self.sensors[: self.n]):
@@ -134,9 +141,12 @@ class EdgeAgent:
         self.site = config.site
         self.training = training
         self.topics = Topics(config.broker.topic_root, config.broker.plant_root)
-        self.state_dir = Path(config.state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = require_writable_dir(config.state_dir, "state_dir")  # at start, not at the first save
         self.counters: Counter[str] = Counter()
+        self.refusals = RefusalLog(log, "site %s: skipped (%s, #%d): %s")  # counted always, logged once a minute per reason
+        self._errors = RateLimitedLog(log)  # tracebacks of internal errors, once a minute per place
+        self.stats_answer: dict[str, Any] | None = None  # the last statistics answer (on_stats_request)
+        self._next_sweep = time.monotonic() + SWEEP_EVERY_S
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.engines: dict[str, EngineTrack] = {}
         self.buffer = TrainingBuffer(config.buffer_rows)
@@ -166,7 +176,6 @@ class EdgeAgent:
         self.epoch = 0  # the fleet epoch of the latest signed announcement (a reset raises it)
         self.announced: RoundAnnouncement | None = None  # the latest signed round announcement
         self.deferred_global: bytes | None = None  # a signed global that arrived before its announcement
-        self._logged: dict[Refusal, float] = {}
         # What each subscribed topic carries and who handles it: verified and parsed before it is used.
         self._routes: dict[str, Callable[[bytes], None]] = {
             self.topics.round: self._on_round_payload,
@@ -254,28 +263,36 @@ class EdgeAgent:
             elif payload and topic in self._routes:  # an empty payload clears a retained message
                 self._routes[topic](payload)
         except Refused as exc:
-            self._reject(exc.reason, f"{topic}: {exc}")
+            self._reject(exc.reason, f"{topic[:300]}: {exc}")
         except Exception:  # keep serving the other engines whatever one message does
-            self.counters[Refusal.INTERNAL_ERROR.value] += 1
-            log.exception("site %s: failed to handle a message on %s", self.site, topic)
+            self._internal_error("handle", f"handling a message on {topic[:300]}")
 
     def _reject(self, reason: Refusal, detail: str) -> None:
-        key = f"rejected.{reason.value}"
-        self.counters[key] += 1
-        now = time.monotonic()
-        if now - self._logged.get(reason, -LOG_EVERY_S) >= LOG_EVERY_S:
-            self._logged[reason] = now
-            log.warning("site %s: skipped (%s, #%d so far; next line for this reason in %.0f s at the earliest): %s",
-                        self.site, reason, self.counters[key], LOG_EVERY_S, detail)
+        self.refusals.refused(self.counters, f"rejected.{reason.value}", self.site, reason.value, detail)
+
+    def _internal_error(self, where: str, doing: str) -> None:
+        """A bug, not bad input: counted, its traceback logged at most once a minute per `where`."""
+        self.counters[Refusal.INTERNAL_ERROR.value] += 1
+        self._errors.warning(where, "site %s: failed %s", self.site, doing, exc_info=True)
 
     # --- sensor stream ---------------------------------------------------------------
 
     def on_reading(self, engine: str, payload: bytes) -> None:
         reading = SensorReading.from_payload(payload)
-        track = self.engines.setdefault(engine, EngineTrack())
+        limit = self.config.sensor_abs_max
+        for name, values in (("settings", reading.settings), ("sensors", reading.sensors)):
+            bad = next((i for i, v in enumerate(values) if abs(v) > limit), None)
+            if bad is not None:
+                raise MessageError(f"engine {engine}: {name}[{bad}] = {values[bad]:g} is beyond the plausible ±{limit:g}", Refusal.IMPLAUSIBLE)
+        track = self.engines.get(engine)
+        if track is None:
+            if len(self.engines) >= self.config.max_engines and not self.evict_idle():
+                raise MessageError(f"engine {engine}: already tracking {len(self.engines)} engines (max_engines), none idle", Refusal.TOO_MANY_ENGINES)
+            track = self.engines[engine] = EngineTrack()
         if track.n and reading.cycle <= track.last_cycle:
             raise MessageError(f"engine {engine}: cycle {reading.cycle} does not follow {track.last_cycle}", Refusal.CYCLE_BACKWARDS)
         track.append(reading.cycle, np.asarray(reading.sensors, dtype=float), self.config.history_cycles)
+        track.last_seen = time.time()
         self.counters["readings"] += 1
         local = self._predict(self.local_predictor, self.local_spec, track)
         fed = self._predict(self.fed_predictor, self.fleet_spec, track)
@@ -285,11 +302,28 @@ class EdgeAgent:
         if self.config.share_sensors:  # raw rows leave the site only when its config says so
             self.pending_sensors.append((engine, reading.cycle, reading.settings, reading.sensors))
 
-    @staticmethod
-    def _predict(predictor: OnnxPredictor | None, spec: FeatureSpec | None, track: EngineTrack) -> float | None:
+    def _predict(self, predictor: OnnxPredictor | None, spec: FeatureSpec | None, track: EngineTrack) -> float | None:
+        """The model's RUL, or None; NaN or infinite features or output are counted, never published."""
         if predictor is None or spec is None:
             return None
-        return round(float(predictor.predict(track.window(spec).features())[0]), 3)
+        features = track.window(spec).features()
+        value = float(predictor.predict(features)[0]) if np.all(np.isfinite(features)) else math.nan
+        if not math.isfinite(value):
+            self._reject(Refusal.NON_FINITE_OUTPUT, f"engine at cycle {track.last_cycle}: features or prediction not finite; not published")
+            return None
+        return round(value, 3)
+
+    def evict_idle(self) -> int:
+        """Forget engines not heard from for engine_idle_s (memory stays bounded); how many went."""
+        cutoff = time.time() - self.config.engine_idle_s
+        idle = [e for e, t in self.engines.items() if t.last_seen < cutoff]
+        for engine in idle:
+            del self.engines[engine]
+        if idle:
+            self.counters["engines_evicted"] += len(idle)
+            self.dirty = True
+            log.info("site %s: forgot %d engine(s) idle for over %.0f s", self.site, len(idle), self.config.engine_idle_s)
+        return len(idle)
 
     def on_event(self, engine: str, payload: bytes) -> None:
         event = EngineEvent.from_payload(payload)
@@ -307,6 +341,8 @@ class EdgeAgent:
         else:
             _, local, fed = track.last or (None, None, None)
             self.scored[engine] = [event.rul, local, fed]
+            while len(self.scored) > self.config.max_engines:  # the oldest scores go first
+                del self.scored[next(iter(self.scored))]
             self.pending_truth.append((engine, event.cycle, event.rul))
             self.metrics_dirty = True
             self.counters["truths"] += 1
@@ -316,10 +352,39 @@ class EdgeAgent:
     # --- federation ------------------------------------------------------------------
 
     def on_stats_request(self, request: StatsRequest) -> None:
-        """Federated analytics: share count, sums and sums of squares, never rows."""
-        stats = self.buffer.stats(request.window) if self.buffer.rows else None
-        reply = StatsReply(request.request_id, self.site, self.buffer.rows, len(self.buffer.engines), stats)
+        """Federated analytics: count, sums and sums of squares over all labelled engines, never
+        rows, and only what cannot be taken apart: one answer per feature spec (before any spec,
+        the first request), for the spec's window, over at least min_stats_engines engines, and
+        differing from the previous answer by at least that many engines. Anything else is
+        refused and counted and nothing is published (a window sweep recovers nothing)."""
+        k, what = self.config.min_stats_engines, f"stats request {request.request_id!r}"
+        if request.window > self.config.max_stats_window:
+            raise MessageError(f"{what}: a {request.window}-cycle window is over this site's max_stats_window ({self.config.max_stats_window})", Refusal.STATS_UNAFFORDABLE)
+        if self.fleet_spec is not None and request.window != self.fleet_spec.window:
+            raise MessageError(f"{what}: window {request.window} is not the current spec's {self.fleet_spec.window}", Refusal.STATS_WRONG_WINDOW)
+        epoch = self._stats_epoch()
+        last = self.stats_answer
+        if last is not None and (last["epoch"] == epoch or last["request_id"] == request.request_id):
+            raise MessageError(f"{what}: this site already answered {last['request_id']!r} for the current spec", Refusal.STATS_REPEATED)
+        engines = {e for e, *_ in self.buffer.engines}
+        changed = len(engines.symmetric_difference(last["engines"])) if last is not None else len(engines)
+        if len(engines) < k or changed < k:
+            raise MessageError(f"{what}: {len(engines)} labelled engines, {changed} changed since the last answer; "
+                               f"statistics are shared over at least {k} (min_stats_engines)", Refusal.STATS_TOO_FEW_ENGINES)
+        if self.buffer.rows < request.min_samples:
+            raise MessageError(f"{what}: {self.buffer.rows} labelled rows, the request needs {request.min_samples}", Refusal.STATS_TOO_FEW_SAMPLES)
+        reply = StatsReply(request.request_id, self.site, self.buffer.rows, len(engines), self.buffer.stats(request.window))
         self.client.publish(self.topics.stats(self.site), self.sealer.seal(signed.STATS, reply.to_payload()), qos=1)
+        self.stats_answer = {"request_id": request.request_id, "epoch": epoch, "engines": sorted(engines)}
+        self.counters["sent.stats"] += 1
+        self.dirty = True
+        self.save()  # the answer is spent even if the agent stops now
+
+    def _stats_epoch(self) -> str:
+        """What one statistics answer is allowed per: the current fleet spec, or 'initial' before one."""
+        if self.fleet_spec is None:
+            return "initial"
+        return hashlib.sha256(json.dumps(self.fleet_spec.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def on_global(self, payload: bytes) -> None:
         """A global model: signed by the aggregator for this fleet and epoch, newer than ours,
@@ -455,7 +520,19 @@ class EdgeAgent:
             self.client.publish(self.topics.status(self.site), self.sealer.seal(signed.STATUS, status.to_payload()), qos=1, retain=True)
 
     def flush(self) -> None:
-        """Send batched predictions and fresh metrics; save state if it changed."""
+        """Send batched predictions and fresh metrics; forget idle engines; save state if it
+        changed. A batch that cannot be sent (a bug) is dropped and counted: the loop goes on."""
+        try:
+            self._flush()
+        except Exception:
+            self.pending_rows, self.pending_truth, self.pending_sensors = [], [], []
+            self.metrics_dirty = False
+            self._internal_error("flush", "publishing reports (the batch was dropped)")
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + SWEEP_EVERY_S
+            self.evict_idle()
+
+    def _flush(self) -> None:
         while self.pending_rows or self.pending_truth:
             rows, self.pending_rows = self.pending_rows[:MAX_PREDICTION_ROWS], self.pending_rows[MAX_PREDICTION_ROWS:]
             truth, self.pending_truth = self.pending_truth[:MAX_PREDICTION_ROWS], self.pending_truth[MAX_PREDICTION_ROWS:]
@@ -494,7 +571,8 @@ class EdgeAgent:
         self.buffer.save(self.state_dir / BUFFER_NPZ)
         in_service = [(e, *t.history(), np.zeros(t.n)) for e, t in self.engines.items()]
         save_histories(self.state_dir / ENGINES_NPZ, in_service)
-        state = AgentState(self.answered, self.global_version, self.settings, self.fleet_spec, self.scored, dict(self.counters), self.epoch)
+        state = AgentState(self.answered, self.global_version, self.settings, self.fleet_spec, self.scored, dict(self.counters),
+                           epoch=self.epoch, stats_answer=self.stats_answer)
         write_atomic(self.state_dir / STATE_JSON, state.to_json())
         if self.training and (self.fed_learner or self.local_learner):
             save_learners(self.state_dir / LEARNERS_NPZ, {"federated": self.fed_learner, "local": self.local_learner})
@@ -519,6 +597,7 @@ class EdgeAgent:
         self.answered, self.settings, self.fleet_spec = state.answered, state.settings, state.fleet_spec
         self.scored, self.epoch = state.scored, state.epoch
         self.counters.update(state.counters)
+        self.stats_answer = state.stats_answer
         for engine, cycles, sensors, _ in in_service:
             keep = slice(-self.config.history_cycles, None)  # a smaller limit than when saved: the newest
             self.engines[engine] = EngineTrack(cycles[keep], sensors[keep])

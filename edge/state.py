@@ -240,6 +240,8 @@ class AgentState:
     scored: dict[str, list[float | None]]
     counters: dict[str, int]
     epoch: int = 0  # the fleet epoch of the latest signed round announcement (absent in older files: 0)
+    # The last statistics answer: {"request_id", "epoch", "engines": [ids]} (edge/agent.py on_stats_request)
+    stats_answer: dict[str, Any] | None = None
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -252,6 +254,7 @@ class AgentState:
                 "scored": self.scored,
                 "counters": self.counters,
                 "epoch": self.epoch,
+                "stats_answer": self.stats_answer,
             }
         ).encode()
 
@@ -277,6 +280,13 @@ class AgentState:
         counters = take(raw, "counters", "object", where)
         for name in counters:
             take(counters, name, "int", f"{path}: counters", minimum=0)
+        stats_answer = take(raw, "stats_answer", "object?", where) if "stats_answer" in raw else None  # older files: absent
+        if stats_answer is not None:
+            for key in ("request_id", "epoch"):
+                take(stats_answer, key, "str", f"{path}: stats_answer")
+            engines = take(stats_answer, "engines", "list", f"{path}: stats_answer")
+            if not all(isinstance(e, str) for e in engines):
+                raise StateError(f"{path}: stats_answer key 'engines' must be a list of engine ids, got {short(engines)}")
         return cls(
             answered=answered,
             global_version=take(raw, "global_version", "int", where, minimum=-1),
@@ -285,6 +295,7 @@ class AgentState:
             scored=scored,
             counters=counters,
             epoch=take(raw, "epoch", "int", where, minimum=0) if "epoch" in raw else 0,
+            stats_answer=stats_answer,
         )
 
 

@@ -100,8 +100,9 @@ class LiveFleet:
 
     def site_config(self, site: str, **overrides: object) -> SiteConfig:
         signing = {"identity": site_identity(self.pki, site)} if self.pki is not None else {"insecure_unsigned": True}
-        return SiteConfig(site=site, state_dir=str(self.work / "state" / site), broker=self.settings(site), min_samples=50,
-                          predictions_every_s=0.2, **{**signing, **overrides})
+        # Test fleets give each site only a few engines: statistics over at least 2 (default 5).
+        values = dict(min_samples=50, predictions_every_s=0.2, min_stats_engines=2, **signing) | overrides
+        return SiteConfig(site=site, state_dir=str(self.work / "state" / site), broker=self.settings(site), **values)
 
     def site_toml(self, site: str) -> Path:
         """The same site as a TOML file, for an agent run as a separate process."""
@@ -112,7 +113,7 @@ class LiveFleet:
                        f'aggregator_key = {json.dumps(ident.aggregator_key)}\n')
         else:
             signing = ""
-        path.write_text(f'site = "{site}"\nstate_dir = "state/{site}"\nmin_samples = 50\npredictions_every_s = 0.2\n'
+        path.write_text(f'site = "{site}"\nstate_dir = "state/{site}"\nmin_samples = 50\npredictions_every_s = 0.2\nmin_stats_engines = 2\n'
                         f'{"" if self.pki is not None else "insecure_unsigned = true"}\n\n'
                         + broker_table(self.settings(site)) + f"\n{signing}")
         return path

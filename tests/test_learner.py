@@ -82,5 +82,5 @@ def test_loading_other_architecture_is_refused(data) -> None:
 def test_bad_settings_are_named() -> None:
     with pytest.raises(ConfigError, match="unknown setting\\(s\\) hiden"):
         ModelSettings.from_dict({"hiden": [3]})
-    with pytest.raises(ConfigError, match="batch_size must be positive"):
+    with pytest.raises(ConfigError, match=r"model settings batch_size must be an integer in 1..1000000, got 0$"):
         ModelSettings(batch_size=0)

@@ -169,7 +169,7 @@ def test_aggregator_refuses_bad_updates_and_keeps_going(broker, pki_dir: Path, c
     recorded = [r["reason"] for r in open_store(fleet.fleet.store).rejections()]
     assert sorted(recorded) == sorted(r for r, n in expected.items() for _ in range(n))
     logged = [r.getMessage() for r in caplog.records if "rejected from site1" in r.getMessage()]
-    assert len(logged) == sum(expected.values())
+    assert len(logged) == len(expected)  # once per reason per minute: the second mismatch and non_finite are counted, not logged
     assert any("holds 1 non-finite value" in m for m in logged)
     assert any("envelope names site 'site2' but arrived on 'site1'" in m for m in logged)
     assert any("stats from site1 are for a 40-cycle window, not 30" in m for m in logged)
@@ -188,6 +188,8 @@ def test_agent_skips_malformed_readings_and_keeps_running(broker, pki_dir: Path,
         "not_finite": raw(sensors=[float("nan")] + list(range(20))),
         "not_json": b"cycle=2 sensors=1,2,3",
         "cycle_backwards": ok.to_payload(),
+        "implausible": raw(sensors=[1e308] * 21),  # crashed the agent (JSON of its own report) before
+        "bad_cycle": raw(cycle=10**30),
     }
     try:
         agent = fleet.start_agent("site1", engines=("e1", "e2"))
@@ -211,3 +213,34 @@ def test_agent_skips_malformed_readings_and_keeps_running(broker, pki_dir: Path,
     assert any("sensors has 20 values, expected 21" in m for m in messages)
     assert any("cycle 1 does not follow 1" in m for m in messages)
     assert any("engine 'e9' is not in this site's engine list" in m for m in messages)
+
+
+def test_a_statistics_window_sweep_recovers_nothing(broker, cmapss_dir: Path, tmp_path: Path) -> None:
+    """The attack that recovered every raw sensor value of an engine: ask for windows 2..N.
+    The site answers the first request only (over >= 5 engines, all summed) and refuses,
+    counts and publishes nothing for every later one."""
+    fleet = LiveFleet(broker, tmp_path, ["site1"])
+    replies: list[StatsReply] = []
+    try:
+        agent = fleet.start_agent("site1", min_stats_engines=5)
+        for run in load_subset("FD001", cmapss_dir).train[:6]:
+            agent.buffer.add(f"e{run.unit}", run.cycles, run.sensors, run.rul())
+        attacker = make_client(f"attacker-{fleet.broker.topic_root}", fleet.broker)
+        stats_topic = fleet.topics.stats("site1")
+        # amqtt may also hand this client retained messages of other topics: only the site's replies count.
+        attacker.on_message = lambda c, u, msg: msg.topic == stats_topic and replies.append(StatsReply.from_payload(msg.payload, site="site1"))
+        connect(attacker, fleet.broker)
+        attacker.subscribe(stats_topic, qos=1)
+        windows = range(2, 41)
+        for w in windows:
+            attacker.publish(fleet.topics.stats_request, StatsRequest(f"sweep-{w}", 1, w).to_payload(), qos=1).wait_for_publish(10)
+        attacker.publish(fleet.topics.stats_request, StatsRequest("huge", 1, 2000).to_payload(), qos=1).wait_for_publish(10)
+        refused = lambda: sum(v for k, v in agent.counters.items() if k.startswith("rejected.stats_"))  # noqa: E731
+        wait_for("every request after the first to be refused", lambda: refused() == len(windows))
+        attacker.publish(fleet.topics.stats_request, b"", qos=1, retain=True)
+        attacker.disconnect()
+    finally:
+        fleet.close()
+    assert [r.request_id for r in replies] == ["sweep-2"]  # one answer, summed over all six engines
+    assert replies[0].engines == 6 and replies[0].stats.count == sum(len(r.cycles) for r in load_subset("FD001", cmapss_dir).train[:6])
+    assert agent.counters["rejected.stats_repeated"] == len(windows) - 1 and agent.counters["rejected.stats_unaffordable"] == 1

@@ -6,13 +6,197 @@ aggregator asked for. It holds plain values only (no scikit-learn import).
 
 from __future__ import annotations
 
+import functools
+import math
+import numbers
 import os
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+import tempfile
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Union
 
-from turbofed.errors import ConfigError
+from turbofed.errors import ConfigError, TurbofedError
 from turbofed.spec import DEFAULT_WINDOW
+
+MAX_WINDOW: Final = 2000  # cycles in a feature window (an agent keeps 2,000 cycles of history by default)
+MAX_LAYERS: Final = 16  # hidden layers a round may ask sites to train ...
+MAX_LAYER_WIDTH: Final = 4096  # ... and units per layer: bounds what one announcement makes every site allocate
+
+
+# --- checking every value: types from the dataclass fields, allowed values from RANGES ------
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The values one config field allows. Types come from the dataclass field (booleans must
+    be TOML booleans, strings non-empty, numbers finite); this adds the range (`lo`..`hi`,
+    `lo` excluded when `above`), the choices of a string, the length of a list (`items`,
+    whose elements get the range), or `check`: a callable that raises with the reason."""
+
+    lo: float | None = None
+    hi: float | None = None
+    above: bool = False
+    choices: tuple[str, ...] = ()
+    items: tuple[int, int] | None = None
+    check: Callable[[Any], Any] | None = None
+
+    def allows(self, value: float) -> bool:
+        low_ok = self.lo is None or (value > self.lo if self.above else value >= self.lo)
+        return low_ok and (self.hi is None or value <= self.hi)
+
+    def describe(self, integer: bool) -> str:
+        """'an integer in 1..65535', 'a number > 0 and <= 10': the allowed range, in words."""
+        kind = "an integer" if integer else "a number"
+        if self.lo is None and self.hi is None:
+            return kind
+        if self.above or self.lo is None or self.hi is None:
+            low = "" if self.lo is None else f" {'>' if self.above else '>='} {_num(self.lo)}"
+            high = "" if self.hi is None else f" <= {_num(self.hi)}"
+            return f"{kind}{low}{' and' if low and high else ''}{high}"
+        return f"{kind} in {_num(self.lo)}..{_num(self.hi)}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e12 else f"{x:g}"
+
+
+def _topic_root(value: str) -> None:
+    from turbofed.topics import Topics
+
+    Topics(value, value)  # validates both roots the same way
+
+
+def _site_ids(values: tuple[str, ...]) -> None:
+    from turbofed.topics import validate_site
+
+    for v in values:
+        validate_site(v)
+    if len(set(values)) != len(values):
+        raise ValueError(f"site ids must be unique, got {list(values)!r}")
+
+
+def _engine_ids(values: tuple[str, ...]) -> None:
+    from turbofed.topics import validate_engine
+
+    for v in values:
+        validate_engine(v)
+
+
+def _site_id(value: str) -> None:
+    from turbofed.topics import validate_site
+
+    validate_site(value)
+
+
+# Allowed values per dataclass and field. A field added to one of these classes is checked by
+# its type alone until it gets an entry here; tests/test_config.py requires an entry (or a
+# bad-value case) for every field. Keys are class names, so the table needs no import order.
+RANGES: dict[str, dict[str, Limit]] = {
+    "ModelSettings": {
+        "kind": Limit(choices=("mlp", "sgd")),
+        "hidden": Limit(1, MAX_LAYER_WIDTH, items=(0, MAX_LAYERS)),
+        "learning_rate": Limit(0, 10, above=True),
+        "batch_size": Limit(1, 1_000_000),
+        "alpha": Limit(0, 1_000),
+        "window": Limit(1, MAX_WINDOW),
+        "rul_cap": Limit(0, 100_000, above=True),
+        "rounds": Limit(1, 1_000_000),
+        "local_epochs": Limit(1, 10_000),
+        "seed": Limit(0, 2**32 - 1),
+    },
+    "BrokerSettings": {
+        "port": Limit(1, 65535),
+        "keepalive": Limit(1, 65535),
+        "topic_root": Limit(check=_topic_root),
+        "plant_root": Limit(check=_topic_root),
+    },
+    "SiteConfig": {
+        "site": Limit(check=_site_id),
+        "engines": Limit(items=(1, 10_000_000), check=_engine_ids),
+        "buffer_rows": Limit(1, 100_000_000),
+        "min_samples": Limit(1, 1_000_000_000),
+        "history_cycles": Limit(1, 1_000_000),
+        "predictions_every_s": Limit(0, 3600, above=True),
+        "min_stats_engines": Limit(2, 1_000_000),
+        "max_stats_window": Limit(1, MAX_WINDOW),
+        "max_engines": Limit(1, 10_000_000),
+        "engine_idle_s": Limit(0, 1e9, above=True),
+        "sensor_abs_max": Limit(0, 1e300, above=True),
+    },
+    "FleetConfig": {
+        "sites": Limit(items=(1, 100_000), check=_site_ids),
+        "quorum": Limit(1, 100_000),
+        "round_deadline_s": Limit(0, 1e7, above=True),
+        "stats_retry_s": Limit(0, 86_400, above=True),
+        "min_samples": Limit(1, 1_000_000_000),
+        "max_update_bytes": Limit(1, 4 * 1024 * 1024),  # envelope.MAX_PAYLOAD_BYTES: nothing larger arrives
+        "epoch": Limit(0, 1_000_000_000),
+    },
+}
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_fields(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Check each of `values` against its field's type in `cls` and its RANGES entry; return
+    the values normalised (ints as floats where a float is declared, lists as tuples).
+    Raises ConfigError "<where> <key> must be <what is allowed>, got <value>"."""
+    hints, limits = _hints(cls), RANGES.get(cls.__name__, {})
+    return {name: _checked(hints[name], value, f"{where} {name}", limits.get(name, Limit())) if name in hints else value
+            for name, value in values.items()}
+
+
+def _checked(tp: Any, value: Any, key: str, limit: Limit) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be a boolean (true or false, without quotes), got {value!r:.60}")
+        return value
+    if tp in (int, float):
+        integer = tp is int
+        ok_type = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+        if not ok_type or not math.isfinite(value) or not limit.allows(value):
+            raise ConfigError(f"{key} must be {limit.describe(integer)}, got {value!r:.60}")
+        value = int(value) if integer else float(value)
+    elif tp is str:
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{key} must be a non-empty string, got {value!r:.60}")
+        if limit.choices and value not in limit.choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, limit.choices))}, got {value!r:.60}")
+    elif origin is tuple:
+        lo, hi = limit.items or (0, 1_000_000)
+        (element, _) = args
+        what = "integers" if element is int else "numbers" if element is float else "non-empty strings"
+        if element in (int, float) and (limit.lo is not None or limit.hi is not None):
+            what = f"{what} ({limit.describe(element is int)[len('an integer ' if element is int else 'a number '):]})"
+        if not isinstance(value, (list, tuple)) or not lo <= len(value) <= hi:
+            raise ConfigError(f"{key} must be a list of {lo}..{hi} {what}, got {value!r:.60}")
+        try:
+            value = tuple(_checked(element, v, key, replace(limit, items=None, check=None)) for v in value)
+        except ConfigError:
+            raise ConfigError(f"{key} must be a list of {lo}..{hi} {what}, got {value!r:.60}") from None
+    elif origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table, got {value!r:.60}")
+    elif is_dataclass(tp) and not isinstance(value, tp):
+        raise ConfigError(f"{key} must be a table ([{key.rsplit(' ', 1)[-1]}]), got {value!r:.60}")
+    if limit.check is not None:
+        try:
+            limit.check(value)
+        except (TurbofedError, ValueError) as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    return value
 
 
 @dataclass(frozen=True)
@@ -38,14 +222,9 @@ class ModelSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("mlp", "sgd"):
-            raise ConfigError(f"model kind must be 'mlp' or 'sgd', got {self.kind!r}")
-        positive = ("learning_rate", "batch_size", "window", "rul_cap", "rounds", "local_epochs")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"model setting {name} must be positive, got {getattr(self, name)!r}")
-        if self.kind == "mlp" and (not self.hidden or min(self.hidden) < 1):
-            raise ConfigError(f"model setting hidden must be layer sizes >= 1, got {self.hidden!r}")
+        check_fields(type(self), {f.name: getattr(self, f.name) for f in fields(self)}, "model settings")
+        if self.kind == "mlp" and not self.hidden:
+            raise ConfigError(f"model settings hidden must be at least one layer size for an mlp, got {self.hidden!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -57,14 +236,11 @@ class ModelSettings:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        values = dict(d)
-        if "hidden" in values:
-            values["hidden"] = tuple(int(h) for h in values["hidden"])
-        try:
-            return cls(**values)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+            raise ConfigError(f"{where} unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = check_fields(cls, d, where)
+        if values.get("kind", "mlp") == "mlp" and values.get("hidden") == ():
+            raise ConfigError(f"{where} hidden must be at least one layer size for an mlp, got []")
+        return cls(**values)
 
     def replace(self, **changes: Any) -> "ModelSettings":
         return ModelSettings.from_dict({**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}})
@@ -135,15 +311,15 @@ _TLS_KEYS = ("ca", "cert", "key")
 def _load_broker(path: Path, raw: dict[str, Any]) -> BrokerSettings:
     """The [broker] table: TLS paths relative to the file, checked now (a missing CA or an
     unreadable key is a one-line error naming file and key, not a TLS traceback later)."""
-    where = f"{path} [broker]"
+    where = f"{path}: [broker]"
     values = dict(raw)
     for name in _TLS_KEYS:
         if name in values:
             if not isinstance(values[name], str) or not values[name]:
-                raise ConfigError(f"{where}: {name} must be a file path, got {values[name]!r}")
+                raise ConfigError(f"{where} {name} must be a file path, got {values[name]!r}")
             values[name] = _relative(path.parent, values[name])
     if "tls" in values and not isinstance(values["tls"], bool):
-        raise ConfigError(f"{where}: tls must be true or false, got {values['tls']!r}")
+        raise ConfigError(f"{where} tls must be true or false, got {values['tls']!r}")
     if values.get("tls", "ca" in values) and "port" not in values:
         values["port"] = TLS_PORT
     broker = _build(BrokerSettings, values, where)
@@ -158,12 +334,12 @@ def check_tls_files(broker: BrokerSettings, where: str) -> None:
     another party can impersonate)."""
     if not broker.tls:
         if broker.cert or broker.key:
-            raise ConfigError(f"{where}: cert/key are set but tls is false; set tls = true and ca")
+            raise ConfigError(f"{where} cert/key are set but tls is false; set tls = true and ca")
         return
     if not broker.ca:
-        raise ConfigError(f"{where}: tls = true needs ca (the fleet's CA certificate)")
+        raise ConfigError(f"{where} tls = true needs ca (the fleet's CA certificate)")
     if bool(broker.cert) != bool(broker.key):
-        raise ConfigError(f"{where}: cert and key go together (the client identity); got only {'cert' if broker.cert else 'key'}")
+        raise ConfigError(f"{where} cert and key go together (the client identity); got only {'cert' if broker.cert else 'key'}")
     for name in _TLS_KEYS:
         value = getattr(broker, name)
         if value is None:
@@ -173,11 +349,11 @@ def check_tls_files(broker: BrokerSettings, where: str) -> None:
             with open(file, "rb") as handle:
                 handle.read(1)
         except FileNotFoundError:
-            raise ConfigError(f"{where}: {name}: {file} does not exist") from None
+            raise ConfigError(f"{where} {name}: {file} does not exist") from None
         except OSError as exc:
-            raise ConfigError(f"{where}: {name}: {file} is not readable: {exc.strerror or exc}") from None
+            raise ConfigError(f"{where} {name}: {file} is not readable: {exc.strerror or exc}") from None
         if name == "key" and os.name == "posix" and file.stat().st_mode & 0o077:
-            raise ConfigError(f"{where}: key: {file} is readable by other users (mode {file.stat().st_mode & 0o777:o}); "
+            raise ConfigError(f"{where} key: {file} is readable by other users (mode {file.stat().st_mode & 0o777:o}); "
                               f"chmod 600 it")
 
 
@@ -210,6 +386,11 @@ class SiteConfig:
     history_cycles: int = 2_000  # longest history kept per engine before failure
     predictions_every_s: float = 1.0
     share_sensors: bool = False  # raw sensor rows never leave the site unless this is set
+    min_stats_engines: int = 5  # statistics are shared only over at least this many labelled engines
+    max_stats_window: int = 250  # a statistics request for a longer window is unaffordable: refused
+    max_engines: int = 10_000  # engines tracked at once; a new engine beyond this is refused
+    engine_idle_s: float = 7 * 24 * 3600.0  # an engine not heard from for this long is forgotten
+    sensor_abs_max: float = 1e6  # plausibility bound on every sensor and setting value (absolute)
     identity: IdentitySettings | None = None
     insecure_unsigned: bool = False
 
@@ -248,18 +429,30 @@ class FleetConfig:
     max_update_bytes: int = 1024 * 1024
     broker: BrokerSettings = BrokerSettings()
     influx: dict[str, Any] | None = None  # [influx] table: url, org, bucket, token, ... (docs/telemetry.md)
+
     pki: str | None = None  # the fleet's identity folder (`turbofed fleet init`): fleet id, signing keys
     insecure_unsigned: bool = False  # without pki: sign and verify nothing (development only)
     epoch: int = 0  # fleet reset counter, sent in signed round announcements (docs/protocol.md)
 
     def __post_init__(self) -> None:
         _secure_or_explicit(self.pki is not None, self.insecure_unsigned, "fleet", "pki folder")
-        if isinstance(self.epoch, bool) or not isinstance(self.epoch, int) or not 0 <= self.epoch <= 2**53 - 1:
-            raise ConfigError(f"fleet: epoch must be a whole number in [0, 2^53-1], got {self.epoch!r}")
 
     @property
     def effective_quorum(self) -> int:
         return self.quorum or len(self.sites)
+
+
+def require_writable_dir(path: str | Path, what: str) -> Path:
+    """Create `path` if needed and prove it writable now, at start, not at the first save;
+    ConfigError names `what` (e.g. "site.toml: state_dir") and the path otherwise."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{what} {str(folder)!r} is not a writable folder: {exc.strerror or exc}") from None
+    return folder
 
 
 def _secure_or_explicit(has_keys: bool, insecure: Any, where: str, what: str) -> None:
@@ -270,6 +463,29 @@ def _secure_or_explicit(has_keys: bool, insecure: Any, where: str, what: str) ->
         raise ConfigError(f"{where}: insecure_unsigned = true and a {what} contradict each other; keep one")
     if not has_keys and not insecure:
         raise ConfigError(f"{where}: no {what}: messages are signed and checked by default; {_NO_IDENTITY}")
+
+
+def _identity(path: Path, raw: dict[str, Any]) -> IdentitySettings | None:
+    """The `[identity]` table, its key files resolved and read now (a bad key stops the start)."""
+    from turbofed.signing import KeyFileError, SigningKey, load_public_key
+
+    _secure_or_explicit("identity" in raw, raw.get("insecure_unsigned", False), str(path), "[identity] table")
+    table = raw.pop("identity", None)
+    if table is None:
+        return None
+    where = f"{path}: [identity]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table (fleet_id, signing_key, aggregator_key)")
+    identity = _build(IdentitySettings, table, where)
+    if not identity.fleet_id.strip() or len(identity.fleet_id) > 128 or not identity.fleet_id.isprintable():
+        raise ConfigError(f"{where} fleet_id must be printable text of 1 to 128 characters")
+    signing, aggregator = _relative(path.parent, identity.signing_key), _relative(path.parent, identity.aggregator_key)
+    for key, file, load in (("signing_key", signing, lambda f: SigningKey.load("site", f)), ("aggregator_key", aggregator, load_public_key)):
+        try:
+            load(file)
+        except KeyFileError as exc:
+            raise ConfigError(f"{where} {key}: {exc}") from None
+    return IdentitySettings(identity.fleet_id, signing, aggregator)
 
 
 def _read_toml(path: str | Path) -> dict[str, Any]:
@@ -285,24 +501,26 @@ def _read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+def _build(cls: type, values: Any, where: str) -> Any:
+    """`cls` from one TOML table, every value checked; `where` is "file:" or "file: [table]"."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a table, got {values!r:.60}")
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ConfigError(f"{where} unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     missing = [n for n, f in known.items() if n not in values and f.default is MISSING and f.default_factory is MISSING]
     if missing:
-        raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")
-    for name, value in values.items():
-        expected = known[name].type
-        if expected in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ConfigError(f"{where}: {name} must be a number, got {value!r}")
-        if expected == "str" and not isinstance(value, str):
-            raise ConfigError(f"{where}: {name} must be a string, got {value!r}")
-    try:
-        return cls(**values)
-    except (TypeError, ValueError, ConfigError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(f"{where} missing key(s) {', '.join(missing)}")
+    return cls(**check_fields(cls, values, where))
+
+
+def _table(raw: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+    """A sub-table ([broker], [model]) popped from `raw`; anything but a table is named."""
+    value = raw.pop(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: {key} must be a table ([{key}]), got {value!r:.60}")
+    return value
 
 
 def _relative(base: Path, value: str) -> str:
@@ -311,56 +529,23 @@ def _relative(base: Path, value: str) -> str:
     return str(p if p.is_absolute() else (base / p))
 
 
-def _identity(path: Path, raw: dict[str, Any]) -> IdentitySettings | None:
-    """The `[identity]` table, its key files resolved and read now (a bad key stops the start)."""
-    from turbofed.signing import KeyFileError, SigningKey, load_public_key
-
-    _secure_or_explicit("identity" in raw, raw.get("insecure_unsigned", False), str(path), "[identity] table")
-    table = raw.pop("identity", None)
-    if table is None:
-        return None
-    where = f"{path} [identity]"
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: must be a table (fleet_id, signing_key, aggregator_key)")
-    identity = _build(IdentitySettings, table, where)
-    if not identity.fleet_id.strip() or len(identity.fleet_id) > 128 or not identity.fleet_id.isprintable():
-        raise ConfigError(f"{where}: fleet_id must be printable text of 1 to 128 characters")
-    signing, aggregator = _relative(path.parent, identity.signing_key), _relative(path.parent, identity.aggregator_key)
-    for key, file, load in (("signing_key", signing, lambda f: SigningKey.load("site", f)), ("aggregator_key", aggregator, load_public_key)):
-        try:
-            load(file)
-        except KeyFileError as exc:
-            raise ConfigError(f"{where} {key}: {exc}") from None
-    return IdentitySettings(identity.fleet_id, signing, aggregator)
-
-
 def load_site_config(path: str | Path) -> SiteConfig:
-    """Read a site TOML file; errors name the file and the key."""
+    """Read a site TOML file; every value is checked, errors name the file and the key."""
     path = Path(path)
     raw = _read_toml(path)
     raw["identity"] = _identity(path, raw)
-    broker = _load_broker(path, raw.pop("broker", {}))
-    if "engines" in raw:
-        engines = raw["engines"]
-        if engines == "*":
-            raw["engines"] = None
-        elif isinstance(engines, list) and all(isinstance(e, str) for e in engines):
-            raw["engines"] = tuple(engines)
-        else:
-            raise ConfigError(f"{path}: engines must be \"*\" or a list of engine ids")
-    config = _build(SiteConfig, {**raw, "broker": broker}, str(path))
-    from turbofed.topics import TopicError, validate_site
-
-    try:
-        validate_site(config.site)
-    except TopicError as exc:
-        raise ConfigError(f"{path}: site: {exc}") from None
+    broker = _load_broker(path, _table(raw, "broker", path))
+    if raw.get("engines") == "*":
+        raw["engines"] = None
+    elif "engines" in raw and not isinstance(raw["engines"], list):
+        raise ConfigError(f"{path}: engines must be \"*\" or a list of engine ids, got {raw['engines']!r:.60}")
+    config = _build(SiteConfig, {**raw, "broker": broker}, f"{path}:")
     return replace(config, state_dir=_relative(path.parent, config.state_dir))
 
 
 def load_fleet_config(path: str | Path, keys: bool = True) -> FleetConfig:
-    """Read the fleet TOML file; errors name the file and the key. `keys=False` (for `turbofed
-    fleet init`, which creates the pki folder) skips the signing keys' checks."""
+    """Read the fleet TOML file; every value is checked, errors name the file and the key.
+    `keys=False` (for `turbofed fleet init`, which creates the pki folder) skips the signing keys."""
     path = Path(path)
     raw = _read_toml(path)
     if not keys:
@@ -378,16 +563,12 @@ def load_fleet_config(path: str | Path, keys: bool = True) -> FleetConfig:
             FleetKeys.load(raw["pki"])
         except ConfigError as exc:
             raise ConfigError(f"{path}: pki: {exc}") from None
-    broker = _load_broker(path, raw.pop("broker", {}))
-    model = ModelSettings.from_dict(raw.pop("model", {}), f"{path} [model]")
-    sites = raw.get("sites")
-    if not isinstance(sites, list) or not sites or not all(isinstance(s, str) for s in sites):
-        raise ConfigError(f"{path}: sites must be a non-empty list of site ids")
-    raw["sites"] = tuple(sites)
+    broker = _load_broker(path, _table(raw, "broker", path))
+    model = ModelSettings.from_dict(_table(raw, "model", path), f"{path}: [model]")
     strategy = _strategy_settings(raw.pop("strategy", "fedavg"), path)
-    config = _build(FleetConfig, {**raw, "broker": broker, "model": model, "strategy": strategy}, str(path))
+    config = _build(FleetConfig, {**raw, "broker": broker, "model": model, "strategy": strategy}, f"{path}:")
     if not 1 <= config.effective_quorum <= len(config.sites):
-        raise ConfigError(f"{path}: quorum must be between 1 and the number of sites ({len(config.sites)})")
+        raise ConfigError(f"{path}: quorum must be between 1 and the number of sites ({len(config.sites)}), got {config.quorum}")
     is_url = config.store == "influxdb" or "://" in config.store
     store = config.store if is_url else _relative(path.parent, config.store)
     return replace(config, store=store, registry=_relative(path.parent, config.registry))

@@ -63,5 +63,14 @@ class Refusal(StrEnum):
     UNKNOWN_ENGINE = "unknown_engine"
     CYCLE_BACKWARDS = "cycle_backwards"
     BAD_GLOBAL = "bad_global"
+    IMPLAUSIBLE = "implausible"  # a sensor or setting value beyond the site's sensor_abs_max
+    TOO_MANY_ENGINES = "too_many_engines"  # a new engine while max_engines are tracked (none idle)
+    NON_FINITE_OUTPUT = "non_finite_output"  # features or a prediction came out NaN/inf: not published
+    # statistics requests a site refuses to answer (they would reveal more than aggregates)
+    STATS_UNAFFORDABLE = "stats_unaffordable"  # window over the site's max_stats_window
+    STATS_WRONG_WINDOW = "stats_wrong_window"  # not the window of the current feature spec
+    STATS_REPEATED = "stats_repeated"  # already answered for this spec (or this request id)
+    STATS_TOO_FEW_ENGINES = "stats_too_few_engines"  # fewer than min_stats_engines labelled (or changed) engines
+    STATS_TOO_FEW_SAMPLES = "stats_too_few_samples"  # fewer labelled rows than the request's min_samples
     # not a refusal of the input: a bug while handling it, counted next to the refusals
     INTERNAL_ERROR = "internal_error"

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Final
 
+from turbofed.config import MAX_LAYER_WIDTH, MAX_LAYERS, MAX_WINDOW  # noqa: F401 - re-exported: one number each
 from turbofed.envelope import EnvelopeError, decode_json
 from turbofed.errors import ConfigError, Refused
 from turbofed.refusals import Refusal
@@ -18,9 +19,6 @@ MAX_PREDICTION_ROWS: Final = 2000  # per predictions message (and truth rows); t
 MAX_TELEMETRY_ROWS: Final = 1000  # per telemetry message
 MAX_COUNTERS: Final = 256  # named counters in a metrics message
 MAX_STATS_VALUES: Final = 4096  # values in one list of a statistics reply or feature spec
-MAX_WINDOW: Final = 2000  # cycles in a feature window (an agent keeps 2,000 cycles of history by default)
-MAX_LAYERS: Final = 16  # hidden layers a round may ask sites to train ...
-MAX_LAYER_WIDTH: Final = 4096  # ... and units per layer: bounds what one announcement makes every site allocate
 MAX_TEXT: Final = 128  # request ids, announce ids, versions, strategy and profile names
 MAX_INT: Final = 2**53 - 1  # exact in every JSON implementation
 
