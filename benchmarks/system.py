@@ -24,7 +24,7 @@ from pathlib import Path
 
 from turbofed.benchmarks import emit, machine_info
 from turbofed.config import BrokerSettings, ModelSettings, load_site_config
-from turbofed.deploy.identities import init_for_sites
+from turbofed.deploy.identities import MONITOR, init_for_sites
 from turbofed.simulation.broker import start_broker
 from turbofed.simulation.demo import FleetWatch, Processes, write_configs
 from turbofed.topics import DEFAULT_TOPICS
@@ -52,7 +52,9 @@ def run_worker(configs: list[str]) -> int:
     agents = [EdgeAgent(load_site_config(c)) for c in configs]
     threads = []
     for agent in agents:
-        agent.start()
+        started = time.perf_counter()
+        agent.start()  # connect (the TLS handshake, when secure), subscribe, say online
+        print(f"CONNECT_MS {agent.site} {(time.perf_counter() - started) * 1000:.2f}", flush=True)
         threads.append(threading.Thread(target=agent.run, args=(stop,)))
         threads[-1].start()
     for t in threads:
@@ -60,7 +62,10 @@ def run_worker(configs: list[str]) -> int:
     return 0
 
 
-def run_system(n_sites: int = 50, rounds: int = 3, dataset: str = "SYN001", seed: int = 0) -> dict:
+def run_system(n_sites: int = 50, rounds: int = 3, dataset: str = "SYN001", seed: int = 0, secure: bool = True) -> dict:
+    """One fleet on Mosquitto: `secure` is the default setup (TLS with one identity per
+    process, the ACL, every message signed), else the insecure development setup (plain
+    MQTT, nothing signed), so the cost of security can be measured."""
     from turbofed.simulation.replay import replay
 
     settings = ModelSettings(rounds=rounds, local_epochs=1, seed=seed)
@@ -68,11 +73,12 @@ def run_system(n_sites: int = 50, rounds: int = 3, dataset: str = "SYN001", seed
     (work / "logs").mkdir()
     sites = [f"site{i + 1}" for i in range(n_sites)]
     processes = Processes(work / "logs")
-    pki = init_for_sites(work / "pki", sites, DEFAULT_TOPICS, ["127.0.0.1"])  # every message signed; no TLS here yet
-    with start_broker(embedded=False, workdir=work / "broker") as handle:
+    pki = init_for_sites(work / "pki", sites, DEFAULT_TOPICS, ["127.0.0.1"]) if secure else None
+    with start_broker(embedded=False, workdir=work / "broker", pki=pki) as handle:
         broker = BrokerSettings(host=handle.host, port=handle.port)
-        fleet_toml = write_configs(work, sites, broker, settings, pki, tls=False)
-        watch = FleetWatch(broker, pki.root)
+        # A site here has 2 engines (100 over 50 sites): statistics over at least 2 (default 5).
+        fleet_toml = write_configs(work, sites, broker, settings, pki, tls=secure, site_extra="min_stats_engines = 2\n")
+        watch = FleetWatch(handle.settings(MONITOR), pki.root if pki else None)
         try:
             groups = [sites[i : i + AGENTS_PER_PROCESS] for i in range(0, n_sites, AGENTS_PER_PROCESS)]
             workers = []
@@ -84,7 +90,8 @@ def run_system(n_sites: int = 50, rounds: int = 3, dataset: str = "SYN001", seed
             watch.wait("agents online", lambda: sum(watch.site_status(s).online for s in sites) == n_sites, 180, processes)
 
             started = time.perf_counter()
-            summary = replay(dataset, None, n_sites, broker.host, broker.port, None, "round-robin", "train", seed=seed, progress=True)
+            summary = replay(dataset, None, n_sites, broker.host, broker.port, None, "round-robin", "train", seed=seed, progress=True,
+                             pki=pki.root if pki else None)
             watch.wait("rows delivered", lambda: sum(watch.site_status(s).samples or 0 for s in sites) >= summary["rows"], 600, processes)
             delivered_s = time.perf_counter() - started
 
@@ -104,7 +111,10 @@ def run_system(n_sites: int = 50, rounds: int = 3, dataset: str = "SYN001", seed
     aggregate = [r["aggregate_ms"] for r in recorded]
     sizes = [p["update_bytes"] for r in recorded for p in r["participants"]]
     model = onnx.load_model_from_string((work / "registry" / "models" / f"v{rounds:05d}.onnx").read_bytes())
+    connect_ms = [float(line.split()[2]) for path in sorted((work / "logs").glob("worker*.log"))
+                  for line in path.read_text(errors="replace").splitlines() if line.startswith("CONNECT_MS ")]
     return {
+        "secure": secure,
         "sites": n_sites,
         "agents": f"{AGENTS_PER_PROCESS} agents per process (threads), {len(rss)} processes",
         "rounds": rounds,
@@ -114,6 +124,7 @@ def run_system(n_sites: int = 50, rounds: int = 3, dataset: str = "SYN001", seed
         "participants_per_round": [len(r["participants"]) for r in recorded],
         "aggregate_ms": {"p50": round(statistics.median(aggregate), 2), "max": round(max(aggregate), 2)},
         "update_bytes": max(sizes),
+        "agent_connect_ms": {"p50": round(statistics.median(connect_ms), 2), "max": round(max(connect_ms), 2), "agents": len(connect_ms)},
         "raw_weight_bytes": raw_weight_bytes(read_weights(model)),
         "replay_rows_per_s": round(summary["rows"] / delivered_s, 1),
         "replay_publish_rows_per_s": summary["rows_per_s"],
@@ -127,7 +138,17 @@ def run_system(n_sites: int = 50, rounds: int = 3, dataset: str = "SYN001", seed
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    result = run_system(args.sites, args.rounds)
+    """Both setups in one run (insecure first, then secure), and what security costs."""
+    off = run_system(args.sites, args.rounds, secure=False)
+    on = run_system(args.sites, args.rounds, secure=True)
+    result = {
+        "secure": on, "insecure": off,
+        "security_cost": {
+            "update_bytes": round(on["update_bytes"] / off["update_bytes"], 4),
+            "aggregate_ms_p50": round(on["aggregate_ms"]["p50"] / off["aggregate_ms"]["p50"], 3),
+            "agent_connect_ms_p50": {"secure": on["agent_connect_ms"]["p50"], "insecure": off["agent_connect_ms"]["p50"]},
+        },
+    }
     emit(result, args.json_out)
     return 0
 

@@ -386,7 +386,7 @@ def test_installed_agent_takes_part_in_a_round(installed: dict, broker: BrokerHa
 
     try:
         pump("the installed agent to come online", lambda: status.get("online") is True, timeout=60)
-        runs = generate_fleet(n_train=4, n_test=0, seed=1).train
+        runs = generate_fleet(n_train=5, n_test=0, seed=1).train  # a site shares statistics over >= 5 engines (min_stats_engines)
         rows = sum(len(r) for r in runs)
         gateway = as_(gateway_name(SITE))
         publisher = make_client(f"t-flash-pub-{tag}", gateway)

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+
+from turbofed.messages.signed import Unsigned
 from onnx import TensorProto, helper, numpy_helper
 
 from turbofed import envelope
@@ -63,6 +65,9 @@ def test_the_aggregators_graph_is_what_the_learner_exports(settings: ModelSettin
     assert list(ours) == list(sk)
     for name in sk:
         assert ours[name].dtype == sk[name].dtype == np.float32 and np.array_equal(ours[name], sk[name]), name
+
+
+UNSIGNED = Unsigned("aggregator")  # signatures are tested in test_signed_messages.py; these tests are about graphs
 
 
 def test_initial_weights_follow_the_seed() -> None:
@@ -240,14 +245,14 @@ def test_external_data_update_is_refused_and_the_file_never_reaches_a_global_mod
     r = Round(1, 0, uuid.uuid4().hex, time.time(), time.time() + 60, sites)
     payload = envelope.encode(kind="update", site="site1", round=1, model_version=0, samples=100, body=attack.SerializeToString())
     with pytest.raises(Rejected, match="initializer 'coefficient' is external data") as caught:
-        r.check("site1", payload, v0, 1024 * 1024)
+        r.check("site1", payload, v0, 1024 * 1024, UNSIGNED)
     assert caught.value.reason is Refusal.FOREIGN_GRAPH and not r.accepted
     with pytest.raises(ForeignGraph):
         read_weights(attack)  # nor does reading weights anywhere else fetch the file
 
     good = _update()
     payload = envelope.encode(kind="update", site="site2", round=1, model_version=0, samples=100, body=good.SerializeToString())
-    accepted = r.check("site2", payload, v0, 1024 * 1024)
+    accepted = r.check("site2", payload, v0, 1024 * 1024, UNSIGNED)
     v1 = merge(FedAvg(), v0, [SiteUpdate(accepted.site, accepted.weights, accepted.samples)]).SerializeToString()
     assert secret[:8] not in v1 and b"fleet.toml" not in v1 and b"influx" not in v1
     check_graph(onnx.load_model_from_string(v1), v0)
@@ -259,7 +264,7 @@ def test_a_round_has_no_site_proposed_model() -> None:
     other = reference_model(SPEC, ModelSettings(hidden=(8,)))  # any self-consistent model a site might propose
     payload = envelope.encode(kind="update", site="site1", round=1, model_version=0, samples=100, body=other.SerializeToString())
     with pytest.raises(Rejected) as caught:
-        r.check("site1", payload, reference_model(SPEC, ModelSettings()), 1024 * 1024)
+        r.check("site1", payload, reference_model(SPEC, ModelSettings()), 1024 * 1024, UNSIGNED)
     assert caught.value.reason is Refusal.FOREIGN_GRAPH
 
 
@@ -283,7 +288,7 @@ def test_site_update_is_the_global_model_with_its_weights(cmapss_dir: Path, tmp_
     settings = ModelSettings(hidden=(16,), local_epochs=1)
     spec = FeatureSpec.from_stats(runs_stats(runs, settings.window))
     topics = Topics()
-    agent = EdgeAgent(SiteConfig(site="s1", state_dir=str(tmp_path / "state"), min_samples=10))
+    agent = EdgeAgent(SiteConfig(site="s1", state_dir=str(tmp_path / "state"), min_samples=10, insecure_unsigned=True))
     agent.client = Capture()
     for k, run in enumerate(runs):
         for t in range(len(run)):

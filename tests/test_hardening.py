@@ -79,7 +79,7 @@ def _raw(**kw: object) -> bytes:
 def agent(tmp_path: Path):  # noqa: ANN201
     from turbofed.edge.agent import EdgeAgent
 
-    return EdgeAgent(SiteConfig(site=SITE, state_dir=str(tmp_path / "state"), max_engines=3), training=False)
+    return EdgeAgent(SiteConfig(site=SITE, state_dir=str(tmp_path / "state"), max_engines=3, insecure_unsigned=True), training=False)
 
 
 def _with_a_model(agent) -> None:  # noqa: ANN001
@@ -126,7 +126,7 @@ def test_non_finite_predictions_are_counted_not_published(tmp_path: Path) -> Non
     from turbofed.edge.agent import EdgeAgent
 
     # A site that turned plausibility off: 1e300 passes, and the float32 model overflows on it.
-    agent = EdgeAgent(SiteConfig(site=SITE, state_dir=str(tmp_path / "state"), sensor_abs_max=1e300), training=False)
+    agent = EdgeAgent(SiteConfig(site=SITE, state_dir=str(tmp_path / "state"), sensor_abs_max=1e300, insecure_unsigned=True), training=False)
     _with_a_model(agent)
     agent.handle(TOPICS.sensors(SITE, "e1"), _reading(1, value=1e300))
     assert agent.counters["rejected.non_finite_output"] == 1 and agent.pending_rows == []
@@ -176,7 +176,7 @@ def test_statistics_requests_that_would_reveal_more_than_aggregates_are_refused(
 def test_the_statistics_answer_survives_a_restart(tmp_path: Path) -> None:
     from turbofed.edge.agent import EdgeAgent
 
-    config = SiteConfig(site=SITE, state_dir=str(tmp_path / "state"))
+    config = SiteConfig(site=SITE, state_dir=str(tmp_path / "state"), insecure_unsigned=True)
     first = EdgeAgent(config, training=False)
     first.stats_answer = {"request_id": "r1", "epoch": "initial", "engines": ["e1", "e2"]}
     first.save()
@@ -193,7 +193,7 @@ def test_aggregator_refusals_are_bounded_counters_samples_and_store_rows(tmp_pat
     from turbofed.aggregator.service import Aggregator
 
     caplog.set_level(logging.WARNING, logger="turbofed.aggregator")
-    aggregator = Aggregator(FleetConfig(sites=(SITE, "site2"), store=str(tmp_path / "r.sqlite"), registry=str(tmp_path / "reg")))
+    aggregator = Aggregator(FleetConfig(sites=(SITE, "site2"), store=str(tmp_path / "r.sqlite"), registry=str(tmp_path / "reg"), insecure_unsigned=True))
     try:
         flood = encode_json({"site": "site2", "online": True})  # another site's name, 500 times
         for _ in range(500):

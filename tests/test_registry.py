@@ -137,7 +137,7 @@ def test_aggregator_resumes_a_checkpoint_exported_by_sites(tmp_path: Path) -> No
     exported = RulModel(settings, spec).to_onnx()
     with ModelRegistry(tmp_path / "registry") as reg:
         reg.save(2, 2, exported, {}, _checkpoint_fleet(spec))
-    config = FleetConfig(sites=("site1",), store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry"), model=settings)
+    config = FleetConfig(sites=("site1",), store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry"), model=settings, insecure_unsigned=True)
     aggregator = Aggregator(config)
     try:
         assert aggregator.version == 2
@@ -159,6 +159,6 @@ def test_aggregator_refuses_a_checkpoint_of_other_model_settings(tmp_path: Path)
     spec = FeatureSpec((0, 1), 30, (0.0,) * 9, (1.0,) * 9)
     with ModelRegistry(tmp_path / "registry") as reg:
         reg.save(1, 1, reference_model(spec, ModelSettings(hidden=(8,))).SerializeToString(), {}, _checkpoint_fleet(spec))
-    config = FleetConfig(sites=("site1",), store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry"))
+    config = FleetConfig(sites=("site1",), store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry"), insecure_unsigned=True)
     with pytest.raises(RegistryError, match=r"checkpoint v1 in .*registry is not the model this fleet config's \[model\] settings make \(.*initializer names differ"):
         Aggregator(config)

@@ -215,11 +215,14 @@ def test_agent_skips_malformed_readings_and_keeps_running(broker, pki_dir: Path,
     assert any("engine 'e9' is not in this site's engine list" in m for m in messages)
 
 
-def test_a_statistics_window_sweep_recovers_nothing(broker, cmapss_dir: Path, tmp_path: Path) -> None:
+def test_a_statistics_window_sweep_recovers_nothing(broker, pki_dir: Path, cmapss_dir: Path, tmp_path: Path) -> None:
     """The attack that recovered every raw sensor value of an engine: ask for windows 2..N.
-    The site answers the first request only (over >= 5 engines, all summed) and refuses,
-    counts and publishes nothing for every later one."""
-    fleet = LiveFleet(broker, tmp_path, ["site1"])
+    An outsider's requests are unsigned and refused; here the attacker even holds the
+    aggregator's key (a compromised aggregator). The site answers the first request only
+    (over >= 5 engines, all summed) and refuses, counts and publishes nothing for every later one."""
+    fleet = LiveFleet(broker, tmp_path, ["site1"], pki=pki_dir)
+    sealer = signed.aggregator_keys(str(pki_dir))[0]
+    opener = signed.aggregator_keys(str(pki_dir))[1]
     replies: list[StatsReply] = []
     try:
         agent = fleet.start_agent("site1", min_stats_engines=5)
@@ -228,13 +231,16 @@ def test_a_statistics_window_sweep_recovers_nothing(broker, cmapss_dir: Path, tm
         attacker = make_client(f"attacker-{fleet.broker.topic_root}", fleet.broker)
         stats_topic = fleet.topics.stats("site1")
         # amqtt may also hand this client retained messages of other topics: only the site's replies count.
-        attacker.on_message = lambda c, u, msg: msg.topic == stats_topic and replies.append(StatsReply.from_payload(msg.payload, site="site1"))
+        attacker.on_message = lambda c, u, msg: msg.topic == stats_topic and replies.append(
+            StatsReply.from_payload(opener.open(signed.STATS, msg.payload, signer="site1").body, site="site1"))
         connect(attacker, fleet.broker)
         attacker.subscribe(stats_topic, qos=1)
         windows = range(2, 41)
         for w in windows:
-            attacker.publish(fleet.topics.stats_request, StatsRequest(f"sweep-{w}", 1, w).to_payload(), qos=1).wait_for_publish(10)
-        attacker.publish(fleet.topics.stats_request, StatsRequest("huge", 1, 2000).to_payload(), qos=1).wait_for_publish(10)
+            request = sealer.seal(signed.STATS_REQUEST, StatsRequest(f"sweep-{w}", 1, w).to_payload())
+            attacker.publish(fleet.topics.stats_request, request, qos=1).wait_for_publish(10)
+        request = sealer.seal(signed.STATS_REQUEST, StatsRequest("huge", 1, 2000).to_payload())
+        attacker.publish(fleet.topics.stats_request, request, qos=1).wait_for_publish(10)
         refused = lambda: sum(v for k, v in agent.counters.items() if k.startswith("rejected.stats_"))  # noqa: E731
         wait_for("every request after the first to be refused", lambda: refused() == len(windows))
         attacker.publish(fleet.topics.stats_request, b"", qos=1, retain=True)

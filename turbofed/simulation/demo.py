@@ -171,10 +171,11 @@ def find_data(dataset: str, data_dir: str | None) -> tuple[str, str | None, str]
 
 
 def write_configs(work: Path, sites: list[str], broker: BrokerSettings, settings: ModelSettings,
-                  pki: FleetIdentities, tls: bool) -> Path:
+                  pki: FleetIdentities | None, tls: bool, site_extra: str = "") -> Path:
     """One TOML per site and one for the fleet, as a user would write them. Every process signs
-    with its key from `pki` (inside `work`, `turbofed fleet init`'s folder); with `tls` each
-    also names its own certificate and key, relative to the file."""
+    with its key from `pki` (inside `work`, `turbofed fleet init`'s folder; None: nothing is
+    signed, the insecure development setup); with `tls` each also names its own certificate
+    and key, relative to the file. `site_extra` is more TOML for every site config."""
     rel = lambda p: p.resolve().relative_to(work.resolve()).as_posix()  # noqa: E731
 
     def broker_toml(identity: str) -> str:
@@ -186,12 +187,15 @@ def write_configs(work: Path, sites: list[str], broker: BrokerSettings, settings
 
     for site in sites:
         identity = (f'[identity]\nfleet_id = "{pki.fleet_id}"\nsigning_key = "{rel(pki.signing_key(site))}"\n'
-                    f'aggregator_key = "{rel(pki.signing_pub(AGGREGATOR))}"\n')
-        (work / f"{site}.toml").write_text(f'site = "{site}"\nstate_dir = "state/{site}"\nengines = "*"\n\n{broker_toml(site)}\n{identity}')
+                    f'aggregator_key = "{rel(pki.signing_pub(AGGREGATOR))}"\n') if pki else ""
+        unsigned = "" if pki else "insecure_unsigned = true\n"
+        (work / f"{site}.toml").write_text(f'site = "{site}"\nstate_dir = "state/{site}"\nengines = "*"\n{unsigned}{site_extra}\n'
+                                           f'{broker_toml(site)}\n{identity}')
     model = "\n".join(f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in settings.to_dict().items())
     fleet = work / "fleet.toml"
     fleet.write_text(
-        f"sites = {json.dumps(sites)}\nstore = \"results.sqlite\"\nregistry = \"registry\"\npki = \"{rel(pki.root)}\"\n"
+        f"sites = {json.dumps(sites)}\nstore = \"results.sqlite\"\nregistry = \"registry\"\n"
+        + (f"pki = \"{rel(pki.root)}\"\n" if pki else "insecure_unsigned = true\n") +
         f"strategy = \"fedavg\"\nround_deadline_s = 120\n\n{broker_toml(AGGREGATOR)}\n[model]\n{model}\n"
     )
     return fleet
