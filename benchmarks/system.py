@@ -26,7 +26,7 @@ from turbofed.benchmarks import emit, machine_info
 from turbofed.config import BrokerSettings, ModelSettings, load_site_config
 from turbofed.deploy.identities import MONITOR, init_for_sites
 from turbofed.simulation.broker import start_broker
-from turbofed.simulation.demo import FleetWatch, Processes, write_configs
+from turbofed.simulation.localfleet import FleetWatch, Processes, write_configs
 from turbofed.topics import DEFAULT_TOPICS
 
 AGENTS_PER_PROCESS = 10
