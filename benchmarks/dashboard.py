@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from turbofed.benchmarks import machine_info
 from turbofed.dashboard import economics, views
 from turbofed.dashboard.samples import write_big_store
-
 from turbofed.store import ResultsStore, open_store
 from turbofed.store.sqlite import SqliteStore
 

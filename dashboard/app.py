@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import streamlit as st
+
 from turbofed.dashboard import common
 
 HERE = Path(__file__).resolve().parent

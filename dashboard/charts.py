@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import altair as alt
 import pandas as pd
-from turbofed.dashboard.views import MODEL_COLORS, URGENCY_COLORS, URGENCY_LEVELS
 
+from turbofed.dashboard.views import MODEL_COLORS, URGENCY_COLORS, URGENCY_LEVELS
 from turbofed.topics import natural_key
 
 MODEL_SCALE = alt.Scale(domain=["local", "federated"], range=[MODEL_COLORS["local"], MODEL_COLORS["federated"]])

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from turbofed.data.cmapss import EngineRun, Subset, load_subset
 from turbofed.data.synthetic import generate_fleet
 

@@ -9,12 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
-from turbofed.benchmarks.accuracy import run_accuracy, split_sites
-from turbofed.data.cmapss import load_subset
-from turbofed.data.datasets import holdout, load_dataset
 
+from turbofed.benchmarks.accuracy import run_accuracy, split_sites
 from turbofed.cli import main
 from turbofed.config import ModelSettings
+from turbofed.data.cmapss import load_subset
+from turbofed.data.datasets import holdout, load_dataset
 
 QUICK = ModelSettings(rounds=2, local_epochs=1)
 
@@ -86,10 +86,10 @@ def test_synthetic_fleet_carries_signal() -> None:
     """The default model trained on the synthetic fleet beats predicting the training mean
     RUL by at least 2x in RMSE on its own test set."""
     import numpy as np
+
     from turbofed.benchmarks.accuracy import evaluate, train_alone
     from turbofed.data.synthetic import generate_fleet
     from turbofed.edge.features import runs_stats
-
     from turbofed.metrics import rmse
     from turbofed.spec import FeatureSpec
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from turbofed.data.cmapss import load_subset, read_table, split_runs
 
 from turbofed.config import resolve_data_dir
+from turbofed.data.cmapss import load_subset, read_table, split_runs
 from turbofed.errors import DataError
 
 ROW = "1 {c} -0.0007 -0.0004 100.0 " + " ".join(["518.67"] * 21)

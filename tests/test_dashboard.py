@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
+
 from turbofed.dashboard import charts, common, economics, launch, views
 from turbofed.dashboard.samples import T0, write_small_store
-
 from turbofed.store import StoreError
 from turbofed.store.sqlite import SqliteStore
 

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from turbofed.dashboard.browser import PAGE_PATHS, Chromium, find_chromium, serve
 from turbofed.dashboard.samples import write_small_store
-
 from turbofed.store.sqlite import SqliteStore
 
 CHROMIUM = find_chromium()

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from turbofed import envelope
 from tests.livefleet import admit_topics, broker_table
+from turbofed import envelope
 from turbofed.config import BrokerSettings, ModelSettings
 from turbofed.deploy.identities import AGGREGATOR, gateway_name
 from turbofed.messages import Predictions, RoundAnnouncement, SensorReading, Status

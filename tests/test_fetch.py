@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from turbofed.data import fetch
 
 from turbofed.cli import main
+from turbofed.data import fetch
 from turbofed.errors import DataError
 
 pytestmark = pytest.mark.timeout(60)

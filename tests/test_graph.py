@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
-from turbofed.messages.signed import Unsigned
 from onnx import TensorProto, helper, numpy_helper
 
 from turbofed import envelope
@@ -35,6 +33,7 @@ from turbofed.edge.inference import OnnxPredictor
 from turbofed.edge.learner import RulModel
 from turbofed.graph import initial_weights, reference_model
 from turbofed.messages import EngineEvent, RoundAnnouncement, SensorReading
+from turbofed.messages.signed import Unsigned
 from turbofed.refusals import Refusal
 from turbofed.spec import DEFAULT_WINDOW, FeatureSpec
 from turbofed.topics import Topics

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from turbofed.benchmarks.influx import VictoriaMetrics, find_victoria_metrics, free_port
 
+from turbofed.benchmarks.influx import VictoriaMetrics, find_victoria_metrics, free_port
 from turbofed.store import StoreError, open_store
 from turbofed.store.spool import PROTECTED, TELEMETRY, Spool, SpoolError
 from turbofed.store.sqlite import SCHEMA_VERSION, SqliteStore

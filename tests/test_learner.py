@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from turbofed.config import ModelSettings
 from turbofed.data.cmapss import load_subset
 from turbofed.edge.features import run_features, runs_stats
 from turbofed.edge.inference import OnnxPredictor
 from turbofed.edge.learner import RulModel
-
-from turbofed.config import ModelSettings
 from turbofed.errors import ConfigError, WeightsError
 from turbofed.spec import DEFAULT_WINDOW, FeatureSpec
 

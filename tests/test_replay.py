@@ -20,7 +20,6 @@ from tests.livefleet import admit_topics
 from turbofed.cli import main as cli_main
 from turbofed.data.cmapss import EngineRun
 from turbofed.data.datasets import load_dataset
-
 from turbofed.messages import EngineEvent, SensorReading
 from turbofed.mqtt import configure_tls
 from turbofed.simulation.broker import BrokerHandle

@@ -11,8 +11,8 @@ import time
 import uuid
 from pathlib import Path
 
-import onnx
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper
 

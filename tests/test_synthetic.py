@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from turbofed.cli import main
 from turbofed.data.cmapss import N_COLUMNS, EngineRun, Subset, load_subset, read_table
 from turbofed.data.synthetic import (
     CONSTANT_SENSORS,
@@ -17,8 +19,6 @@ from turbofed.data.synthetic import (
     generate_fleet,
     write_subset,
 )
-
-from turbofed.cli import main
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import streamlit as st
+
 from turbofed.dashboard import charts, common, economics, views
 
 st.title("Maintenance economics")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 
 import streamlit as st
-from turbofed.dashboard import charts, common, views
 
+from turbofed.dashboard import charts, common, views
 from turbofed.metrics import RUL_CAP
 
 st.title("Federated vs local")

@@ -4,6 +4,7 @@ first, and every site's status. Layout only: the tables come from `turbofed.dash
 from __future__ import annotations
 
 import streamlit as st
+
 from turbofed.dashboard import charts, common, views
 
 st.title("Fleet")

@@ -4,6 +4,7 @@ and which updates the aggregator refused and why. Layout only (tables from `view
 from __future__ import annotations
 
 import streamlit as st
+
 from turbofed.dashboard import charts, common, views
 
 st.title("Rounds")

@@ -8,8 +8,8 @@ entry point in the group `turbofed.strategies`.
 from __future__ import annotations
 
 import numpy as np
-from turbofed.aggregator.strategies import POSITIVE, SiteUpdate, Strategy
 
+from turbofed.aggregator.strategies import POSITIVE, SiteUpdate, Strategy
 from turbofed.codec import Weights
 
 
