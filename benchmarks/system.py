@@ -111,8 +111,9 @@ def run_system(n_sites: int = 50, rounds: int = 3, dataset: str = "SYN001", seed
     aggregate = [r["aggregate_ms"] for r in recorded]
     sizes = [p["update_bytes"] for r in recorded for p in r["participants"]]
     model = onnx.load_model_from_string((work / "registry" / "models" / f"v{rounds:05d}.onnx").read_bytes())
-    connect_ms = [float(line.split()[2]) for path in sorted((work / "logs").glob("worker*.log"))
-                  for line in path.read_text(errors="replace").splitlines() if line.startswith("CONNECT_MS ")]
+    per_agent = {line.split()[1]: float(line.split()[2]) for path in sorted((work / "logs").glob("worker*.log"))
+                 for line in path.read_text(errors="replace").splitlines() if line.startswith("CONNECT_MS ")}
+    connect_ms = list(per_agent.values())
     return {
         "secure": secure,
         "sites": n_sites,
@@ -124,7 +125,8 @@ def run_system(n_sites: int = 50, rounds: int = 3, dataset: str = "SYN001", seed
         "participants_per_round": [len(r["participants"]) for r in recorded],
         "aggregate_ms": {"p50": round(statistics.median(aggregate), 2), "max": round(max(aggregate), 2)},
         "update_bytes": max(sizes),
-        "agent_connect_ms": {"p50": round(statistics.median(connect_ms), 2), "max": round(max(connect_ms), 2), "agents": len(connect_ms)},
+        "agent_connect_ms": {"p50": round(statistics.median(connect_ms), 2), "max": round(max(connect_ms), 2), "agents": len(connect_ms),
+                             "per_agent": per_agent},
         "raw_weight_bytes": raw_weight_bytes(read_weights(model)),
         "replay_rows_per_s": round(summary["rows"] / delivered_s, 1),
         "replay_publish_rows_per_s": summary["rows_per_s"],
