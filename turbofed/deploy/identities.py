@@ -37,7 +37,6 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -45,21 +44,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from turbofed.config import BrokerSettings, load_fleet_config
-from turbofed.errors import TurbofedError
+from turbofed.pki import IdentityError, IdentityFolder, Role
 from turbofed.topics import Topics, validate_id
 
 log = logging.getLogger("turbofed.identities")
 
-Role = Literal["aggregator", "site", "gateway", "monitor"]
 ROLES: tuple[Role, ...] = ("aggregator", "site", "gateway", "monitor")
 AGGREGATOR = "aggregator"
 MONITOR = "monitor"  # read-only: dashboards, the demo's watcher
 CERT_DAYS = 3 * 365
 CA_DAYS = 10 * 365
-
-
-class IdentityError(TurbofedError):
-    """The fleet's identity folder is missing, incomplete, or asked to do something unsafe."""
 
 
 def gateway_name(site: str) -> str:
@@ -107,84 +101,12 @@ def _now() -> dt.datetime:
 # --------------------------------------------------------------------------- the folder
 
 @dataclass(frozen=True)
-class FleetIdentities:
-    """A fleet's identity folder (see the module docstring for its layout)."""
-
-    root: Path
-
-    @property
-    def ca_cert(self) -> Path:
-        return self.root / "ca.crt"
-
-    @property
-    def ca_key(self) -> Path:
-        return self.root / "ca.key"
-
-    @property
-    def crl(self) -> Path:
-        return self.root / "crl.pem"
-
-    @property
-    def acl(self) -> Path:
-        return self.root / "acl"
-
-    @property
-    def broker_cert(self) -> Path:
-        return self.root / "broker" / "broker.crt"
-
-    @property
-    def broker_key(self) -> Path:
-        return self.root / "broker" / "broker.key"
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "fleet.json"
-
-    def identity_dir(self, name: str) -> Path:
-        if validate_id(name, "identity") in (".", ".."):
-            raise IdentityError(f"invalid identity name {name!r}")
-        return self.root / "identities" / name
-
-    def client_cert(self, name: str) -> Path:
-        return self.identity_dir(name) / "client.crt"
-
-    def client_key(self, name: str) -> Path:
-        return self.identity_dir(name) / "client.key"
-
-    def signing_key(self, name: str) -> Path:
-        return self.identity_dir(name) / "signing.key"
-
-    def signing_pub(self, name: str) -> Path:
-        return self.identity_dir(name) / "signing.pub"
-
-    # --- the manifest: fleet id, identities, revocations ---
-    def read_manifest(self) -> dict:
-        try:
-            doc = json.loads(self.manifest.read_text())
-        except FileNotFoundError:
-            raise IdentityError(f"{self.root}: no fleet identities here (run `turbofed fleet init`)") from None
-        except (OSError, ValueError) as exc:
-            raise IdentityError(f"{self.manifest}: unreadable: {exc}") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("fleet_id"), str) or not isinstance(doc.get("identities"), dict):
-            raise IdentityError(f"{self.manifest}: not a turbofed fleet manifest (fleet_id, identities)")
-        doc.setdefault("revoked", [])
-        return doc
+class FleetIdentities(IdentityFolder):
+    """A fleet's identity folder, with what creating and changing it needs (the layout and the
+    manifest reading are `turbofed.pki.IdentityFolder`'s)."""
 
     def _write_manifest(self, doc: dict) -> None:
         _write_public(self.manifest, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
-
-    @property
-    def fleet_id(self) -> str:
-        return self.read_manifest()["fleet_id"]
-
-    def identities(self) -> dict[str, Role]:
-        """Active identities and their roles (revoked ones excluded)."""
-        return dict(self.read_manifest()["identities"])
-
-    def revoked(self) -> set[str]:
-        """Names revoked and not issued again."""
-        doc = self.read_manifest()
-        return {r["name"] for r in doc["revoked"]} - set(doc["identities"])
 
     def site_signing_keys(self) -> dict[str, bytes]:
         """Each active site's Ed25519 public key (raw 32 bytes): what the aggregator trusts."""

@@ -30,16 +30,16 @@ broker and tests of unrelated things, and says so loudly when a process starts.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from turbofed import envelope
 from turbofed.envelope import Envelope, encode_json
 from turbofed.errors import ConfigError
 from turbofed.messages._check import json_body, required, whole
+from turbofed.pki import IdentityError, IdentityFolder
 from turbofed.refusals import Refusal
 from turbofed.signing import KeyFileError, SignatureError, SigningKey, TrustedKeys, body_digest, load_public_key, statement
 
@@ -207,22 +207,12 @@ class FleetKeys:
     @classmethod
     def load(cls, pki: str | Path) -> "FleetKeys":
         """Read `pki` (laid out by `turbofed fleet init`, turbofed/deploy/identities.py)."""
-        root = Path(pki)
-        manifest = root / "fleet.json"
+        folder = IdentityFolder(Path(pki))
         try:
-            doc: Any = json.loads(manifest.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{manifest}: not found: pki must be a folder made by `turbofed fleet init`") from None
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{manifest}: unreadable: {exc}") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("fleet_id"), str) or not isinstance(doc.get("identities"), dict):
-            raise ConfigError(f"{manifest}: not a turbofed fleet manifest (fleet_id, identities)")
-        folder = root / "identities"
-        try:
-            own = SigningKey.load(AGGREGATOR, folder / AGGREGATOR / "signing.key")
-            sites = {name: load_public_key(folder / name / "signing.pub")
-                     for name, role in doc["identities"].items() if role == "site"}
-        except KeyFileError as exc:
+            doc = folder.read_manifest()
+            own = SigningKey.load(AGGREGATOR, folder.signing_key(AGGREGATOR))
+            sites = {name: load_public_key(folder.signing_pub(name)) for name, role in doc["identities"].items() if role == "site"}
+        except (IdentityError, KeyFileError) as exc:
             raise ConfigError(str(exc)) from None
         return cls(doc["fleet_id"], own, TrustedKeys(sites))
 
