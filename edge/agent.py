@@ -362,9 +362,9 @@ class EdgeAgent:
             raise MessageError(f"{what}: a {request.window}-cycle window is over this site's max_stats_window ({self.config.max_stats_window})", Refusal.STATS_UNAFFORDABLE)
         if self.fleet_spec is not None and request.window != self.fleet_spec.window:
             raise MessageError(f"{what}: window {request.window} is not the current spec's {self.fleet_spec.window}", Refusal.STATS_WRONG_WINDOW)
-        epoch = self._stats_epoch()
+        spec_key = self._stats_spec_key()
         last = self.stats_answer
-        if last is not None and (last["epoch"] == epoch or last["request_id"] == request.request_id):
+        if last is not None and (last["spec"] == spec_key or last["request_id"] == request.request_id):
             raise MessageError(f"{what}: this site already answered {last['request_id']!r} for the current spec", Refusal.STATS_REPEATED)
         engines = {e for e, *_ in self.buffer.engines}
         changed = len(engines.symmetric_difference(last["engines"])) if last is not None else len(engines)
@@ -375,12 +375,12 @@ class EdgeAgent:
             raise MessageError(f"{what}: {self.buffer.rows} labelled rows, the request needs {request.min_samples}", Refusal.STATS_TOO_FEW_SAMPLES)
         reply = StatsReply(request.request_id, self.site, self.buffer.rows, len(engines), self.buffer.stats(request.window))
         self.client.publish(self.topics.stats(self.site), self.sealer.seal(signed.STATS, reply.to_payload()), qos=1)
-        self.stats_answer = {"request_id": request.request_id, "epoch": epoch, "engines": sorted(engines)}
+        self.stats_answer = {"request_id": request.request_id, "spec": spec_key, "engines": sorted(engines)}
         self.counters["sent.stats"] += 1
         self.dirty = True
         self.save()  # the answer is spent even if the agent stops now
 
-    def _stats_epoch(self) -> str:
+    def _stats_spec_key(self) -> str:
         """What one statistics answer is allowed per: the current fleet spec, or 'initial' before one."""
         if self.fleet_spec is None:
             return "initial"

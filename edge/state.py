@@ -240,7 +240,7 @@ class AgentState:
     scored: dict[str, list[float | None]]
     counters: dict[str, int]
     epoch: int = 0  # the fleet epoch of the latest signed round announcement (absent in older files: 0)
-    # The last statistics answer: {"request_id", "epoch", "engines": [ids]} (edge/agent.py on_stats_request)
+    # The last statistics answer: {"request_id", "spec" (the spec it answered for), "engines": [ids]} (edge/agent.py on_stats_request)
     stats_answer: dict[str, Any] | None = None
 
     def to_json(self) -> bytes:
@@ -282,7 +282,7 @@ class AgentState:
             take(counters, name, "int", f"{path}: counters", minimum=0)
         stats_answer = take(raw, "stats_answer", "object?", where) if "stats_answer" in raw else None  # older files: absent
         if stats_answer is not None:
-            for key in ("request_id", "epoch"):
+            for key in ("request_id", "spec"):
                 take(stats_answer, key, "str", f"{path}: stats_answer")
             engines = take(stats_answer, "engines", "list", f"{path}: stats_answer")
             if not all(isinstance(e, str) for e in engines):

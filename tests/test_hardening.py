@@ -164,9 +164,9 @@ def test_statistics_requests_that_would_reveal_more_than_aggregates_are_refused(
     agent.handle(TOPICS.stats_request, StatsRequest("r3", 10_000, 30).to_payload())  # 5 engines, 200 rows < 10,000
     agent.fleet_spec = _spec()
     agent.handle(TOPICS.stats_request, _request(31))  # not the current spec's window
-    agent.stats_answer = {"request_id": "r0", "epoch": agent._stats_epoch(), "engines": ["e0"]}
+    agent.stats_answer = {"request_id": "r0", "spec": agent._stats_spec_key(), "engines": ["e0"]}
     agent.handle(TOPICS.stats_request, _request(30))  # this spec was answered already
-    agent.stats_answer = {"request_id": "r0", "epoch": "initial", "engines": ["e0", "e1", "e2", "e3"]}
+    agent.stats_answer = {"request_id": "r0", "spec": "initial", "engines": ["e0", "e1", "e2", "e3"]}
     agent.handle(TOPICS.stats_request, _request(30))  # a new spec, but only e4 changed: the difference is one engine
     rejected = {k: v for k, v in agent.counters.items() if k.startswith("rejected.")}
     assert rejected == {"rejected.stats_unaffordable": 1, "rejected.stats_too_few_engines": 3, "rejected.stats_too_few_samples": 1,
@@ -178,7 +178,7 @@ def test_the_statistics_answer_survives_a_restart(tmp_path: Path) -> None:
 
     config = SiteConfig(site=SITE, state_dir=str(tmp_path / "state"), insecure_unsigned=True)
     first = EdgeAgent(config, training=False)
-    first.stats_answer = {"request_id": "r1", "epoch": "initial", "engines": ["e1", "e2"]}
+    first.stats_answer = {"request_id": "r1", "spec": "initial", "engines": ["e1", "e2"]}
     first.save()
     again = EdgeAgent(config, training=False)
     assert again.stats_answer == first.stats_answer
