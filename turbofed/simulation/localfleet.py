@@ -18,6 +18,8 @@ from turbofed.deploy.identities import AGGREGATOR, FleetIdentities
 from turbofed.errors import Refused, TurbofedError
 from turbofed.messages import Metrics, RoundAnnouncement, Status, signed
 from turbofed.mqtt import Subscriptions, connect, make_client
+from turbofed.pki import IdentityFolder
+from turbofed.signing import load_public_key
 from turbofed.topics import Topics
 
 log = logging.getLogger("turbofed.simulation.localfleet")
@@ -36,9 +38,11 @@ class FleetWatch:
         self.topics = Topics(broker.topic_root, broker.plant_root)
         self.verifier: signed.Verifier | signed.Unsigned = signed.Unsigned("demo")
         if pki is not None:
-            keys = signed.FleetKeys.load(pki)
-            everyone = {**keys.sites.keys, signed.AGGREGATOR: keys.aggregator.key.public_key()}
-            self.verifier = signed.Verifier(keys.fleet_id, signed.TrustedKeys(everyone))
+            folder = IdentityFolder(Path(pki))  # public keys only: a watcher holds no signing key
+            manifest = folder.read_manifest()
+            everyone = {name: load_public_key(folder.signing_pub(name))
+                        for name, role in manifest["identities"].items() if role in ("site", "aggregator")}
+            self.verifier = signed.Verifier(manifest["fleet_id"], signed.TrustedKeys(everyone))
         self.status: dict[str, Status] = {}
         self.metrics: dict[str, Metrics] = {}
         self.round: RoundAnnouncement | None = None
