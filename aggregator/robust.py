@@ -27,14 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from turbofed.aggregator.strategies import POSITIVE, Range, SiteUpdate, Strategy
+from turbofed.aggregator.strategies import POSITIVE, Range, SiteUpdate, Strategy, flatten, site_report
 from turbofed.codec import Weights
 
-ACTIONS = ("kept", "clipped", "trimmed", "excluded")
-
-
-def flatten(weights: Weights, names: list[str]) -> np.ndarray:
-    return np.concatenate([np.asarray(weights[n], dtype=np.float64).ravel() for n in names])
 
 
 def unflatten(vector: np.ndarray, like: Weights, names: list[str]) -> Weights:
@@ -54,6 +49,7 @@ class DeltaStrategy(Strategy):
     def __init__(self, server_lr: float = 1.0) -> None:
         self.server_lr = server_lr
         self.last_report: dict[str, dict[str, Any]] = {}
+        self.last_actions: dict[str, str] = {}
 
     def combine(self, deltas: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, list[str]]:
         """(n, d) deltas and (n,) claimed sample counts -> aggregate delta and one action per site."""
@@ -67,20 +63,10 @@ class DeltaStrategy(Strategy):
         deltas = np.stack([flatten(u.weights, names) - base for u in updates])
         samples = np.array([max(int(u.samples), 0) for u in updates], dtype=np.float64)
         combined, actions = self.combine(deltas, samples)
+        self.last_actions = dict(zip((u.site for u in updates), actions))
         self.last_report = site_report(updates, deltas, combined, actions)
         new = unflatten(base + self.server_lr * combined, current, names)
         return {n: new[n].astype(current[n].dtype) for n in names}
-
-
-def site_report(updates: list[SiteUpdate], deltas: np.ndarray, combined: np.ndarray, actions: list[str]) -> dict[str, dict[str, Any]]:
-    """Per site: delta norm, cosine to the aggregate delta (None when either is zero), action."""
-    total = float(np.linalg.norm(combined))
-    report = {}
-    for u, d, action in zip(updates, deltas, actions):
-        norm = float(np.linalg.norm(d))
-        cosine = float(d @ combined / (norm * total)) if norm > 0 and total > 0 else None
-        report[u.site] = {"norm": norm, "cosine": cosine, "action": action}
-    return report
 
 
 class Median(DeltaStrategy):

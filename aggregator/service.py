@@ -33,8 +33,8 @@ import onnx
 
 from turbofed.aggregator.registry import ModelRegistry, RegistryError
 from turbofed.aggregator.rounds import Rejected, Round
-from turbofed.aggregator.strategies import SiteUpdate, make_strategy, merge
-from turbofed.codec import check_graph
+from turbofed.aggregator.strategies import SiteUpdate, make_strategy, merge, round_report
+from turbofed.codec import check_graph, read_weights
 from turbofed.config import FleetConfig, load_fleet_config, require_writable_dir
 from turbofed.errors import Refused, WeightsError
 from turbofed.graph import reference_model
@@ -335,7 +335,8 @@ class Aggregator:
         last_update = max(a.received for a in r.accepted.values())
         updates = [SiteUpdate(a.site, a.weights, a.samples) for a in r.accepted.values()]
         model = merge(self.strategy, self.model, updates)  # updates were checked on arrival; only their weights are used
-        participants = [{"site": a.site, "samples": a.samples, "update_bytes": a.wire_bytes} for a in r.accepted.values()]
+        report = round_report(self.strategy, read_weights(self.model), updates, read_weights(model))
+        participants = [{"site": a.site, "samples": a.samples, "update_bytes": a.wire_bytes, **report[a.site]} for a in r.accepted.values()]
         self._commit(r.number, model, r.started, participants, last_update, closed_by)
         log.info("round %d closed by %s: %d updates, global v%d published", r.number, closed_by, len(participants), self.version)
         self.round = None

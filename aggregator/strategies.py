@@ -125,6 +125,35 @@ class Strategy:
         """Restore what `state()` returned."""
 
 
+ACTIONS = ("kept", "clipped", "trimmed", "excluded")  # what a strategy did with a site's update
+
+
+def flatten(weights: Weights, names: list[str]) -> np.ndarray:
+    return np.concatenate([np.asarray(weights[n], dtype=np.float64).ravel() for n in names])
+
+
+def site_report(updates: list[SiteUpdate], deltas: np.ndarray, combined: np.ndarray, actions: list[str]) -> dict[str, dict[str, Any]]:
+    """Per site: delta norm, cosine to the aggregate delta (None when either is zero), action."""
+    total = float(np.linalg.norm(combined))
+    report = {}
+    for u, d, action in zip(updates, deltas, actions):
+        norm = float(np.linalg.norm(d))
+        cosine = float(d @ combined / (norm * total)) if norm > 0 and total > 0 else None
+        report[u.site] = {"norm": norm, "cosine": cosine, "action": action}
+    return report
+
+
+def round_report(strategy: "Strategy", current: Weights, updates: list[SiteUpdate], merged: Weights) -> dict[str, dict[str, Any]]:
+    """Per site, for the round's records: its delta's norm, the cosine of its delta to the
+    aggregate delta (merged - current), and what the strategy did with it (`last_actions` of a
+    robust strategy; 'kept' for the FedAvg family, which keeps every update)."""
+    names = list(current)
+    base = flatten(current, names)
+    deltas = np.stack([flatten(u.weights, names) - base for u in updates])
+    actions = [getattr(strategy, "last_actions", {}).get(u.site, "kept") for u in updates]
+    return site_report(updates, deltas, flatten(merged, names) - base, actions)
+
+
 def weighted_mean(updates: list[SiteUpdate]) -> Weights:
     """Sample-weighted average of the updates' weights, computed in float64."""
     if not updates:

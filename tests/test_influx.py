@@ -377,10 +377,12 @@ def test_sqlite_record_sensors_and_migration(tmp_path: Path) -> None:
     # A version-1 store (before sensors) is migrated on open.
     db.execute("DROP TABLE sensors")
     db.execute("ALTER TABLE rounds DROP COLUMN strategy_params")  # added in version 3
+    for column in ("norm", "cosine", "action"):  # added in version 4
+        db.execute(f"ALTER TABLE round_participants DROP COLUMN {column}")
     db.execute("UPDATE schema_version SET version = 1")
     db.commit()
     db.close()
     with SqliteStore(path) as store:
         store.record_sensors("site-1", [("e1", 3, [0.0] * 3, [1.0] * 21)], 7.0)
         assert store.counts()["sensors"] == 1
-    assert sqlite3.connect(path).execute("SELECT version FROM schema_version").fetchone() == (SCHEMA_VERSION,) == (3,)
+    assert sqlite3.connect(path).execute("SELECT version FROM schema_version").fetchone() == (SCHEMA_VERSION,) == (4,)

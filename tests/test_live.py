@@ -39,6 +39,10 @@ def test_four_agents_five_rounds(broker, pki_dir: Path, cmapss_dir: Path, tmp_pa
     assert (rounds[0]["participants"], rounds[0]["closed_by"]) == ([], "initial")  # v0: built by the aggregator
     assert all(sorted(p["site"] for p in r["participants"]) == fleet.sites for r in rounds[1:])
     assert all(r["closed_by"] == "quorum" for r in rounds[1:])
+    # What the strategy did with each update is recorded: FedAvg keeps every one; every site
+    # trained, so every delta is non-zero and has a cosine to the aggregate delta.
+    reports = [p for r in rounds[1:] for p in r["participants"]]
+    assert all(p["action"] == "kept" and p["norm"] > 0 and -1.0 <= p["cosine"] <= 1.0 for p in reports), reports
     raw = raw_weight_bytes(read_weights(aggregator.model))
     sizes = [p["update_bytes"] for r in rounds for p in r["participants"]]
     assert max(sizes) <= 1.05 * raw + 2048, (max(sizes), raw)

@@ -54,8 +54,10 @@ class FluxReads:
                 if r["round"] not in latest or r["_time"] >= latest[r["round"]]["_time"]:
                     latest[r["round"]] = r
             else:
-                parts.setdefault((r["round"], r["_time"]), []).append(
-                    {"site": r["site"], "samples": r.get("samples"), "update_bytes": r.get("update_bytes")})
+                part = {"site": r["site"], "samples": r.get("samples"), "update_bytes": r.get("update_bytes")}
+                if r.get("action") is not None:
+                    part.update(norm=r.get("norm"), cosine=r.get("cosine"), action=r["action"])
+                parts.setdefault((r["round"], r["_time"]), []).append(part)
         out = []
         for number in sorted(latest):
             r = latest[number]

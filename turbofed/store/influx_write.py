@@ -259,15 +259,15 @@ class InfluxStore(FluxReads, ResultsStore):
                      closed_by: str, strategy_params: dict[str, Any] | None = None) -> None:
         ns = self._stamp("rounds", closed)
         params = json.dumps(strategy_params or {}, default=json_default, sort_keys=True)
-        parts = [(str(p["site"]), int(p["samples"]), int(p["update_bytes"])) for p in participants]
+        parts = [(str(p["site"]), int(p["samples"]), int(p["update_bytes"]), _report_fields(p)) for p in participants]
         lines = [_line("rounds", {}, {"round": int(round), "model_version": int(model_version),
                                       "started": _f(started), "closed": _f(closed), "aggregate_ms": _f(aggregate_ms),
                                       "strategy": str(strategy), "strategy_params": params,
                                       "closed_by": str(closed_by),
                                       "participants": len(parts), "samples": sum(p[1] for p in parts)}, ns)]
         lines += [_line("round_participants", {"site": site},
-                        {"round": int(round), "samples": samples, "update_bytes": size}, ns)
-                  for site, samples, size in parts]
+                        {"round": int(round), "samples": samples, "update_bytes": size, **report}, ns)
+                  for site, samples, size, report in parts]
         self._emit(PROTECTED, lines)
 
     def record_rejection(self, round: int | None, site: str, reason: str, detail: str, at: float) -> None:
@@ -565,3 +565,15 @@ class _Writer:
             log.warning("InfluxDB store closed with %d points in the spool %s: they are sent on next start",
                         pending, self.spool.folder)
         self.spool.close()
+
+
+def _report_fields(participant: Mapping[str, Any]) -> dict[str, Any]:
+    """What the strategy did with a site's update (norm, cosine, action), where it was reported."""
+    if participant.get("action") is None:
+        return {}
+    out: dict[str, Any] = {"action": str(participant["action"])}
+    for key in ("norm", "cosine"):
+        value = participant.get(key)
+        if value is not None and math.isfinite(float(value)):
+            out[key] = float(value)
+    return out

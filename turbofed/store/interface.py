@@ -35,8 +35,10 @@ class ResultsStore(ABC):
     def record_round(self, round: int, model_version: int, started: float, closed: float,
                      participants: list[dict[str, Any]], aggregate_ms: float, strategy: str,
                      closed_by: str, strategy_params: dict[str, Any] | None = None) -> None:
-        """A closed round; participants are {"site", "samples", "update_bytes"}; the strategy's
-        name and the parameters it ran with (read back as `strategy_params`, {} if none)."""
+        """A closed round; participants are {"site", "samples", "update_bytes"} and, where the
+        aggregator reported them, what the strategy did with each update ("norm" of its delta,
+        "cosine" to the aggregate delta, "action": kept, clipped, trimmed or excluded); the
+        strategy's name and the parameters it ran with (read back as `strategy_params`)."""
 
     @abstractmethod
     def record_rejection(self, round: int | None, site: str, reason: str, detail: str, at: float) -> None:

@@ -15,7 +15,7 @@ from turbofed.envelope import json_default
 from turbofed.store.interface import MODELS, ResultsStore, StoreError
 from turbofed.topics import natural_key
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 # Raw sensor rows a site chose to share (record_sensors), added in schema v2: settings and
@@ -28,6 +28,10 @@ CREATE TABLE sensors (
 """
 # The strategy's parameters of each round (a JSON object), added in schema v3.
 _ROUND_PARAMS = "ALTER TABLE rounds ADD COLUMN strategy_params TEXT NOT NULL DEFAULT '{}';"
+# What the strategy did with each site's update (norm, cosine to the aggregate, action), added in v4.
+_PARTICIPANT_REPORT = ("ALTER TABLE round_participants ADD COLUMN norm REAL; "
+                       "ALTER TABLE round_participants ADD COLUMN cosine REAL; "
+                       "ALTER TABLE round_participants ADD COLUMN action TEXT;")
 _SCHEMA = """
 CREATE TABLE rounds (
     round INTEGER PRIMARY KEY, model_version INTEGER NOT NULL, started REAL NOT NULL,
@@ -35,7 +39,8 @@ CREATE TABLE rounds (
     closed_by TEXT NOT NULL, strategy_params TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE round_participants (
     round INTEGER NOT NULL REFERENCES rounds(round) ON DELETE CASCADE, site TEXT NOT NULL,
-    samples INTEGER NOT NULL, update_bytes INTEGER NOT NULL, PRIMARY KEY (round, site));
+    samples INTEGER NOT NULL, update_bytes INTEGER NOT NULL, norm REAL, cosine REAL, action TEXT,
+    PRIMARY KEY (round, site));
 CREATE TABLE rejections (
     id INTEGER PRIMARY KEY, round INTEGER, site TEXT NOT NULL, reason TEXT NOT NULL,
     detail TEXT NOT NULL, at REAL NOT NULL);
@@ -58,7 +63,7 @@ CREATE TABLE events (
     id INTEGER PRIMARY KEY, kind TEXT NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL);
 """ + _SENSORS_TABLE
 # Schema changes: _MIGRATIONS[v] is the SQL that upgrades a version-v store to v + 1.
-_MIGRATIONS: dict[int, str] = {1: _SENSORS_TABLE, 2: _ROUND_PARAMS}
+_MIGRATIONS: dict[int, str] = {1: _SENSORS_TABLE, 2: _ROUND_PARAMS, 3: _PARTICIPANT_REPORT}
 _TABLES = ("rounds", "round_participants", "rejections", "site_status", "metrics",
            "predictions", "truth", "events", "sensors")
 
@@ -150,8 +155,10 @@ class SqliteStore(ResultsStore):
                        "closed_by, strategy_params) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (round, model_version, started, closed, aggregate_ms, strategy, closed_by, params))
             db.execute("DELETE FROM round_participants WHERE round = ?", (round,))
-            db.executemany("INSERT INTO round_participants VALUES (?, ?, ?, ?)",
-                           [(round, p["site"], int(p["samples"]), int(p["update_bytes"])) for p in participants])
+            db.executemany("INSERT INTO round_participants (round, site, samples, update_bytes, norm, cosine, action) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           [(round, p["site"], int(p["samples"]), int(p["update_bytes"]), _finite(p.get("norm")),
+                             _finite(p.get("cosine")), p.get("action")) for p in participants])
 
     def record_rejection(self, round: int | None, site: str, reason: str, detail: str, at: float) -> None:
         with self._tx() as db:
@@ -224,7 +231,10 @@ class SqliteStore(ResultsStore):
             rounds = [dict(r) for r in db.execute("SELECT * FROM rounds ORDER BY round")]
             parts: dict[int, list[dict[str, Any]]] = {}
             for r in db.execute("SELECT * FROM round_participants"):
-                parts.setdefault(r["round"], []).append({k: r[k] for k in ("site", "samples", "update_bytes")})
+                part = {k: r[k] for k in ("site", "samples", "update_bytes")}
+                if r["action"] is not None:  # what the strategy did with it, where the aggregator reported it
+                    part.update(norm=r["norm"], cosine=r["cosine"], action=r["action"])
+                parts.setdefault(r["round"], []).append(part)
         for r in rounds:
             r["strategy_params"] = json.loads(r["strategy_params"])
             r["participants"] = sorted(parts.get(r["round"], []), key=lambda p: natural_key(p["site"]))
