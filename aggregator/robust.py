@@ -31,7 +31,6 @@ from turbofed.aggregator.strategies import POSITIVE, Range, SiteUpdate, Strategy
 from turbofed.codec import Weights
 
 
-
 def unflatten(vector: np.ndarray, like: Weights, names: list[str]) -> Weights:
     out, at = {}, 0
     for n in names:
