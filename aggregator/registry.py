@@ -17,9 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import sqlite3
-import tempfile
 import threading
 import time
 import zipfile
@@ -32,6 +30,7 @@ import numpy as np
 
 from turbofed.envelope import json_default
 from turbofed.errors import TurbofedError
+from turbofed.files import write_atomic
 
 SCHEMA_VERSION = 1
 
@@ -102,8 +101,8 @@ class ModelRegistry:
             path = self.models / f"v{version:05d}.onnx"
             state_path = path.with_suffix(".npz")
             state = _npz_bytes(strategy_state)
-            _write_atomic(path, model)
-            _write_atomic(state_path, state)
+            write_atomic(path, model, mode=0o600)
+            write_atomic(state_path, state, mode=0o600)
             fleet_json = json.dumps(fleet, default=json_default, sort_keys=True)
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -166,26 +165,6 @@ class ModelRegistry:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Whole file or no file: write a temp file beside it, fsync, rename, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

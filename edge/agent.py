@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import queue
 import signal
 import threading
@@ -55,9 +54,9 @@ from turbofed.edge.state import (
     load_learners,
     retire_legacy_learners,
     save_learners,
-    write_atomic,
 )
 from turbofed.errors import Refused
+from turbofed.files import write_atomic
 from turbofed.messages import (
     MAX_PREDICTION_ROWS,
     MAX_TELEMETRY_ROWS,
@@ -404,8 +403,7 @@ class EdgeAgent:
         except Exception as exc:  # onnxruntime raises its own types for what it cannot run
             raise MessageError(f"global model v{env.model_version}: onnxruntime cannot load it: {exc}", Refusal.NOT_ONNX) from None
         self.global_model, self.global_version, self.fed_predictor = env.body, env.model_version, predictor
-        (self.state_dir / "global.onnx.tmp").write_bytes(env.body)
-        os.replace(self.state_dir / "global.onnx.tmp", self.state_dir / "global.onnx")
+        write_atomic(self.state_dir / GLOBAL_ONNX, env.body)
         log.info("site %s: global model v%d received (round %d)", self.site, env.model_version, env.round)
         self.dirty = True
         self.publish_status(online=True)

@@ -1,7 +1,7 @@
 """The edge agent's state folder: its files, written atomically and read without trust.
 
 docs/agent-state.md lists every file and its format. Writes go to a temporary file that
-is fsynced and then renamed over the old one (`write_atomic`), so a crash leaves the old
+is fsynced and then renamed over the old one (`turbofed.files`), so a crash leaves the old
 file or the new one, never half of one. Reads check everything (JSON types, keys, array
 shapes, dtypes, finiteness) and raise `StateError`, one line naming the file and what is
 wrong; the agent then stops at start-up and leaves the file where it is, so nothing
@@ -18,17 +18,17 @@ import math
 import os
 import zipfile
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from turbofed.config import ModelSettings
 from turbofed.errors import ConfigError, TurbofedError
-from turbofed.spec import N_SENSORS, FeatureSpec
+from turbofed.files import atomic_file
+from turbofed.layout import N_SENSORS
+from turbofed.spec import FeatureSpec
 
 if TYPE_CHECKING:
     from turbofed.edge.inference import OnnxPredictor
@@ -54,23 +54,6 @@ class StateError(TurbofedError):
 
 
 # --- writing ------------------------------------------------------------------------
-
-
-@contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A file handle whose content replaces `path` on success: temporary file, fsync,
-    rename (a crash keeps the old file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        yield handle
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    with atomic_file(path) as handle:
-        handle.write(data)
 
 
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:

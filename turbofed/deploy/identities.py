@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from turbofed.config import BrokerSettings, load_fleet_config
+from turbofed.files import write_atomic
 from turbofed.pki import IdentityError, IdentityFolder, Role
 from turbofed.topics import Topics, validate_id
 
@@ -71,23 +72,12 @@ def client_settings(ids: FleetIdentities, name: str, broker: BrokerSettings) -> 
 # --------------------------------------------------------------------------- files
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Create `path` 0600 from the start (no window in which another user can read it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(path, 0o600)
+    """A private key: 0600 from the moment it exists."""
+    write_atomic(path, data, mode=0o600)
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomic(path, data, mode=0o644)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
