@@ -48,7 +48,6 @@ class DeltaStrategy(Strategy):
     def __init__(self, server_lr: float = 1.0) -> None:
         self.server_lr = server_lr
         self.last_report: dict[str, dict[str, Any]] = {}
-        self.last_actions: dict[str, str] = {}
 
     def combine(self, deltas: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, list[str]]:
         """(n, d) deltas and (n,) claimed sample counts -> aggregate delta and one action per site."""
@@ -62,7 +61,6 @@ class DeltaStrategy(Strategy):
         deltas = np.stack([flatten(u.weights, names) - base for u in updates])
         samples = np.array([max(int(u.samples), 0) for u in updates], dtype=np.float64)
         combined, actions = self.combine(deltas, samples)
-        self.last_actions = dict(zip((u.site for u in updates), actions))
         self.last_report = site_report(updates, deltas, combined, actions)
         new = unflatten(base + self.server_lr * combined, current, names)
         return {n: new[n].astype(current[n].dtype) for n in names}

@@ -145,13 +145,15 @@ def site_report(updates: list[SiteUpdate], deltas: np.ndarray, combined: np.ndar
 
 def round_report(strategy: "Strategy", current: Weights, updates: list[SiteUpdate], merged: Weights) -> dict[str, dict[str, Any]]:
     """Per site, for the round's records: its delta's norm, the cosine of its delta to the
-    aggregate delta (merged - current), and what the strategy did with it (`last_actions` of a
-    robust strategy; 'kept' for the FedAvg family, which keeps every update)."""
+    aggregate delta (merged - current), and what the strategy did with it. A robust strategy
+    measured all of it while merging (`last_report`); the FedAvg family keeps every update."""
+    measured = getattr(strategy, "last_report", None)
+    if measured and set(measured) == {u.site for u in updates}:
+        return measured
     names = list(current)
     base = flatten(current, names)
     deltas = np.stack([flatten(u.weights, names) - base for u in updates])
-    actions = [getattr(strategy, "last_actions", {}).get(u.site, "kept") for u in updates]
-    return site_report(updates, deltas, flatten(merged, names) - base, actions)
+    return site_report(updates, deltas, flatten(merged, names) - base, ["kept"] * len(updates))
 
 
 def weighted_mean(updates: list[SiteUpdate]) -> Weights:
