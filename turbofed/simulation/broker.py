@@ -37,6 +37,7 @@ from turbofed.config import TLS_PORT, BrokerSettings
 from turbofed.deploy.identities import AGGREGATOR, FleetIdentities, client_settings
 from turbofed.envelope import MAX_PAYLOAD_BYTES
 from turbofed.errors import TurbofedError
+from turbofed.simulation.children import spawn
 
 log = logging.getLogger(__name__)
 
@@ -314,12 +315,12 @@ def _spawn(kind: BrokerKind, host: str, port: int, workdir: Path, stream_logs: b
         cmd = [sys.executable, "-c", code, "--host", host, "--port", str(port),
                "--max-bytes", str(MAX_PACKET_BYTES), "--parent-pid", str(os.getpid())]
     env = dict(os.environ)
+    # Its own session, and SIGTERM from the kernel should we die without stopping it.
     if stream_logs:
-        return subprocess.Popen(cmd, env=env), None
+        return spawn(cmd, env=env), None
     log_path = workdir / f"{kind}.log"
     with open(log_path, "wb") as out:  # fresh per start: errors below quote only this run
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = spawn(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     return proc, log_path
 
 

@@ -10,7 +10,8 @@ prints each site's local vs federated RMSE on its own test engines.
 
 The demo watches the system the way an operator would, over MQTT (site status, rounds,
 metrics); it imports neither `edge` nor `aggregator`. Everything stops cleanly on exit,
-Ctrl-C included.
+on Ctrl-C and on SIGTERM, and nothing outlives a demo that is killed
+(`turbofed.simulation.children`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from turbofed.config import BrokerSettings, ModelSettings, resolve_data_dir
 from turbofed.deploy.identities import MONITOR, init_for_sites
 from turbofed.messages import Metrics
 from turbofed.simulation.broker import BrokerHandle, find_mosquitto, start_broker
+from turbofed.simulation.children import Stopped, stop_on_signals
 from turbofed.simulation.localfleet import FleetError, FleetWatch, Processes, write_configs
 from turbofed.topics import DEFAULT_TOPICS
 
@@ -135,12 +137,12 @@ def run_demo(
 
 
 def _replay(processes: Processes, work: Path, args: list[str]) -> dict[str, Any]:
-    """Run a replay to completion (its progress bar on our stderr) and return its summary."""
+    """Run a replay to completion (its progress bar on our stderr) and return its summary.
+    It is one of `processes`, so a stop signal stops it with the others."""
     part = args[args.index("--part") + 1]
     out = work / "logs" / f"replay-{part}.json"
-    with open(out, "w") as stdout:
-        code = subprocess.call([sys.executable, "-m", "turbofed.cli", "replay", *args], stdout=stdout, stdin=subprocess.DEVNULL)
-    processes.check()
+    processes.start(f"replay-{part}", "replay", *args, stdout=out)
+    code = processes.finish(f"replay-{part}", 3600)
     if code != 0:
         raise FleetError(f"replay of the {part} engines failed (exit {code})")
     return json.loads(out.read_text().strip().splitlines()[-1])
@@ -177,8 +179,17 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    """Exit 0 when done; on SIGTERM or SIGINT every child is stopped (agents and replays, then
+    the aggregator, then the broker; each has GRACE_S to save its state before SIGKILL) and
+    the demo exits with 128 + the signal number (143, 130), as a shell reports it."""
     settings = ModelSettings(seed=args.seed).replace(rounds=args.rounds)
-    result = run_demo(args.dataset, args.data_dir, args.sites, settings, args.workdir, True if args.embedded_broker else None)
+    with stop_on_signals():
+        try:
+            result = run_demo(args.dataset, args.data_dir, args.sites, settings, args.workdir, True if args.embedded_broker else None)
+        except Stopped as stopped:
+            print(f"turbofed demo: stopped by {stopped.name}; the broker, aggregator, agents and replay it started "
+                  f"have stopped (exit {stopped.exit_code})", file=sys.stderr)
+            return stopped.exit_code
     print(format_table(result))
     security = "TLS with per-process identities" if result["secure"] else "INSECURE development broker"
     print(f"\n{result['data']}; broker {result['broker']} ({security}); {result['seconds']:.0f} s")

@@ -20,9 +20,11 @@ from turbofed.messages import Metrics, RoundAnnouncement, Status, signed
 from turbofed.mqtt import Subscriptions, connect, make_client
 from turbofed.pki import IdentityFolder
 from turbofed.signing import load_public_key
+from turbofed.simulation.children import spawn
 from turbofed.topics import Topics
 
 log = logging.getLogger("turbofed.simulation.localfleet")
+GRACE_S = 10.0  # how long a child has to save its state and exit after SIGTERM
 
 
 class FleetError(TurbofedError):
@@ -99,37 +101,65 @@ class FleetWatch:
 
 
 class Processes:
-    """The demo's child processes, each logging to its own file, all stopped together."""
+    """The demo's child processes, each logging to its own file, all stopped together.
 
-    def __init__(self, logs: Path) -> None:
+    Each runs in its own session and gets SIGTERM from the kernel should this process die
+    without stopping them (`turbofed.simulation.children`)."""
+
+    def __init__(self, logs: Path, grace: float = GRACE_S) -> None:
         self.logs = logs
+        self.grace = grace
         self.children: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        handle = open(self.logs / f"{name}.log", "wb")
+    def start(self, name: str, *args: str, stdout: Path | None = None) -> subprocess.Popen:
+        """`turbofed ARGS...` as child `name`, output in logs/<name>.log; with `stdout`, its
+        standard output goes to that file and its standard error to ours instead."""
         cmd = [sys.executable, "-m", "turbofed.cli", *args]
-        self.children[name] = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        with open(stdout or self.logs / f"{name}.log", "wb") as handle:
+            errors = None if stdout else subprocess.STDOUT
+            self.children[name] = spawn(cmd, stdout=handle, stderr=errors, stdin=subprocess.DEVNULL)
         return self.children[name]
+
+    def pids(self) -> dict[str, int]:
+        return {name: proc.pid for name, proc in self.children.items()}
 
     def check(self) -> None:
         for name, proc in self.children.items():
             if proc.poll() not in (None, 0):
                 raise FleetError(f"{name} exited with code {proc.returncode}; see {self.logs / (name + '.log')}")
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """Agents first, so the aggregator still records their goodbye (offline) status."""
+    def finish(self, name: str, timeout: float) -> int:
+        """Wait for child `name` to exit by itself (a replay), failing early if another died."""
+        proc, deadline = self.children[name], time.monotonic() + timeout
+        while proc.poll() is None:
+            others = {n: p for n, p in self.children.items() if n != name}
+            for other, p in others.items():
+                if p.poll() not in (None, 0):
+                    raise FleetError(f"{other} exited with code {p.returncode}; see {self.logs / (other + '.log')}")
+            if time.monotonic() > deadline:
+                raise FleetError(f"{name} did not finish within {timeout:.0f} s")
+            try:
+                proc.wait(0.5)
+            except subprocess.TimeoutExpired:
+                pass
+        return proc.returncode
+
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM, then SIGKILL after `timeout` (default: the grace period). Agents and
+        replays first, so the aggregator still records their goodbye (offline) status."""
+        grace = self.grace if timeout is None else timeout
         agents = {n: p for n, p in self.children.items() if n != "aggregator"}
         rest = {n: p for n, p in self.children.items() if n == "aggregator"}
         for group in (agents, rest):
             for proc in group.values():
                 if proc.poll() is None:
                     proc.terminate()
-            deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + grace
             for name, proc in group.items():
                 try:
                     proc.wait(max(deadline - time.monotonic(), 0.1))
                 except subprocess.TimeoutExpired:
-                    log.warning("%s did not stop within %.0f s; killing it", name, timeout)
+                    log.warning("%s did not stop within %.0f s; killing it", name, grace)
                     proc.kill()
                     proc.wait()
 
