@@ -68,7 +68,7 @@ def fake_bundle(tmp: Path, profile: str = "training", platform: str | None = Non
     values = {"SITE": SITE, "PROFILE": profile, "EXTRAS": plan.extras, "WHEEL": plan.wheel_name, "PY_VERSION": plan.target.python_version,
               "ARCH": plan.target.arch, "UNIT": flash.UNIT, "USER": flash.SERVICE_USER, "VENV": flash.VENV, "CONFIG": flash.CONFIG,
               "STATE_DIR": f"/var/lib/turbofed/{SITE}", "VERSION": plan.version, "PLATFORM": plan.target.label}
-    (out / "systemd" / flash.UNIT).write_text(flash.render(flash.UNIT, values))
+    (out / "systemd" / flash.UNIT).write_text(flash.edge_unit(SITE, profile))
     (out / "install.sh").write_text(flash.render("install.sh", values))
     return out
 
@@ -146,23 +146,49 @@ def test_a_site_without_an_identity_gets_no_bundle(tmp_path: Path) -> None:
         flash.plan_bundle(SITE, str(fleet), tmp_path / "b", pki=tmp_path / "elsewhere")
 
 
-def test_unit_runs_the_venv_agent_unprivileged_and_restarts(tmp_path: Path) -> None:
-    out = fake_bundle(tmp_path, profile="inference")
-    unit = (out / "systemd" / flash.UNIT).read_text()
-    for line in ("Restart=on-failure", "User=turbofed", "StateDirectory=turbofed", "WantedBy=multi-user.target",
-                 "ExecStart=/opt/turbofed/venv/bin/turbofed edge --config /etc/turbofed/edge.toml --profile inference"):
-        assert line in unit.splitlines(), line
+def verify_unit(unit: str, name: str, tmp_path: Path) -> None:
+    """`systemd-analyze verify` finds nothing to say about the unit (when systemd is here),
+    with its ExecStart pointed at a stub."""
     if shutil.which("systemd-analyze") is None:
         return
     stub = tmp_path / "venv" / "bin" / "turbofed"
     stub.parent.mkdir(parents=True)
     stub.write_text("#!/bin/sh\n")
     stub.chmod(0o755)
-    checked = tmp_path / flash.UNIT
+    checked = tmp_path / name
     checked.write_text(unit.replace("/opt/turbofed/venv/", f"{tmp_path}/venv/"))
-    proc = subprocess.run(["systemd-analyze", "verify", str(checked)], capture_output=True, text=True, timeout=60)
-    complaints = [line for line in (proc.stdout + proc.stderr).splitlines() if flash.UNIT in line]
+    proc = subprocess.run(["systemd-analyze", "verify", str(checked)], capture_output=True, text=True, timeout=60, check=False)
+    complaints = [line for line in (proc.stdout + proc.stderr).splitlines() if name in line]
     assert not complaints, "\n".join(complaints)
+
+
+def test_unit_runs_the_venv_agent_unprivileged_and_restarts(tmp_path: Path) -> None:
+    out = fake_bundle(tmp_path, profile="inference")
+    unit = (out / "systemd" / flash.UNIT).read_text()
+    for line in ("Restart=on-failure", "User=turbofed", "StateDirectory=turbofed", "WantedBy=multi-user.target",
+                 "ExecStart=/opt/turbofed/venv/bin/turbofed edge --config /etc/turbofed/edge.toml --profile inference",
+                 "Description=turbofed edge agent (site pi-hangar-1, inference profile)", "KillSignal=SIGTERM"):
+        assert line in unit.splitlines(), line
+    verify_unit(unit, flash.UNIT, tmp_path)
+
+
+def test_aggregator_unit_is_the_agents_with_its_own_command(tmp_path: Path) -> None:
+    from turbofed.deploy import units
+
+    unit = units.aggregator_unit()
+    edge = units.edge_unit(SITE, "training").splitlines()
+    own = {"ExecStart=/opt/turbofed/venv/bin/turbofed aggregator --config /etc/turbofed/fleet.toml",
+           "Description=turbofed aggregator", "After=network-online.target mosquitto.service"}
+    assert own <= set(unit.splitlines())
+    # Everything that is not a comment, the description or the command is the same unit.
+    def same(lines: list[str]) -> list[str]:
+        return [x for x in lines if not x.startswith(("#", "Description=", "ExecStart=", "After="))]
+
+    assert same(unit.splitlines()) == same(edge)
+    printed = subprocess.run([sys.executable, "-m", "turbofed.deploy.units", "aggregator", "--venv", "/srv/tf"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "ExecStart=/srv/tf/bin/turbofed aggregator --config /etc/turbofed/fleet.toml" in printed.splitlines()
+    verify_unit(unit, units.AGGREGATOR_UNIT, tmp_path)
 
 
 def test_installer_is_valid_bash_and_refuses_before_changing_anything(tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ package index, so a bundle carries everything the agent needs::
                                 service user
       systemd/turbofed-edge.service
                                 restart on failure, unprivileged user `turbofed`,
-                                StateDirectory=turbofed, ExecStart from the venv
+                                StateDirectory=turbofed, ExecStart from the venv (the
+                                unit the aggregator shares: turbofed.deploy.units)
       install.sh                user, venv under /opt/turbofed, `pip install --no-index
                                 --find-links wheels`, config, unit, enable + start
       bundle.json               what was built, for what, from what (and the pip commands)
@@ -56,17 +57,12 @@ from typing import Callable, Sequence
 
 from turbofed.config import BrokerSettings, load_fleet_config
 from turbofed.deploy.identities import AGGREGATOR, FleetIdentities, IdentityError
+from turbofed.deploy.units import EDGE_CONFIG, EDGE_UNIT, SERVICE_USER, STATE_ROOT, VENV, edge_unit, render
 from turbofed.errors import TurbofedError
 from turbofed.topics import TopicError, validate_engine, validate_site
 
-TEMPLATES = Path(__file__).resolve().parent / "templates"
-UNIT = "turbofed-edge.service"
-SERVICE_USER = "turbofed"
-PREFIX = "/opt/turbofed"
-VENV = f"{PREFIX}/venv"
-ETC = "/etc/turbofed"
-CONFIG = f"{ETC}/edge.toml"
-STATE_ROOT = "/var/lib/turbofed"
+UNIT = EDGE_UNIT
+CONFIG = EDGE_CONFIG
 PROFILES = {"training": "[train]", "inference": ""}  # profile -> extras of the turbofed wheel
 # Newest glibc a foreign-platform bundle may need: Raspberry Pi OS 12 (bookworm) has 2.36.
 # Name a manylinux tag instead (--platform manylinux_2_31_aarch64) for an older system.
@@ -324,7 +320,7 @@ def parse_engines(engines: str | Sequence[str] | None) -> tuple[str, ...] | None
     return tuple(dict.fromkeys(items))
 
 
-IDENTITY_DIR = "identity"  # beside edge.toml, in the bundle's config/ and in ETC on the device
+IDENTITY_DIR = "identity"  # beside edge.toml, in the bundle's config/ and in /etc/turbofed on the device
 # (file in the bundle, where it comes from in the identity folder, private?)
 IDENTITY_FILES = (("client.crt", "client_cert", False), ("client.key", "client_key", True), ("ca.crt", "ca_cert", False),
                   ("signing.key", "signing_key", True), ("aggregator.pub", "aggregator_pub", False))
@@ -382,17 +378,6 @@ def site_config_toml(site: str, broker: BrokerSettings, engines: tuple[str, ...]
                   "[identity]", f"fleet_id = {q(fleet_id)}", f"signing_key = {q(IDENTITY_DIR + '/signing.key')}",
                   f"aggregator_key = {q(IDENTITY_DIR + '/aggregator.pub')}", ""]
     return "\n".join(lines)
-
-
-def render(template: str, values: dict[str, str]) -> str:
-    """Fill @@NAME@@ placeholders; every placeholder must be known."""
-    text = (TEMPLATES / template).read_text(encoding="utf-8")
-    for key, value in values.items():
-        text = text.replace(f"@@{key}@@", value)
-    left = sorted(set(re.findall(r"@@([A-Z_]+)@@", text)))
-    if left:
-        raise FlashError(f"template {template}: no value for {', '.join(left)}")
-    return text
 
 
 @dataclass
@@ -555,7 +540,7 @@ def build_bundle(plan: Plan, progress: Progress = _stderr) -> dict:
         "PLATFORM": plan.target.label,
     }
     (out / "systemd").mkdir()
-    (out / "systemd" / UNIT).write_text(render(UNIT, values))
+    (out / "systemd" / UNIT).write_text(edge_unit(plan.site, plan.profile, CONFIG, SERVICE_USER, VENV))
     (out / "install.sh").write_text(render("install.sh", values))
     (out / "install.sh").chmod(0o755)
 
