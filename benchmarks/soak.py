@@ -22,9 +22,11 @@ over and over for `--minutes`, while rounds keep running (the round limit is nev
 - **Lost.** A sensor row the broker acknowledged to the replay (QoS 1) during the soak, for
   which the results store holds no federated prediction once the pipeline has drained. It
   covers the whole path: replay -> broker -> agent -> prediction -> broker -> aggregator ->
-  store. Every row should arrive (the federated model exists before the soak starts). Rows
-  an agent refused (its `rejected.*` counters, read from its state file after a clean stop)
-  are reported too, and count as lost.
+  store. Every row should arrive (the federated model exists before the soak starts). A row
+  an agent refused would count as lost; the agents' own counters, read from their state files
+  after a clean stop, are reported beside it: `agent_readings` (rows accepted, the setup
+  pass's `setup_rows` included) and every `rejected.*` reason (these include refused model
+  messages, e.g. a global model that arrived before its announcement, which lose no row).
 """
 
 from __future__ import annotations
@@ -217,7 +219,7 @@ def run_soak(minutes: float, n_sites: int = 4, dataset: str = "SYN001", data_dir
     with closing(sqlite3.connect(work / "results.sqlite")) as db:
         rounds = db.execute("SELECT COUNT(*), MAX(round) FROM rounds WHERE round > 0").fetchone()
     counters = agent_counters(work, sites)
-    refused = {s: sum(v for name, v in c.items() if name.startswith("rejected.")) for s, c in counters.items()}
+    refused = {s: {name: v for name, v in c.items() if name.startswith("rejected.")} for s, c in counters.items()}
     published, in_store = sum(p["published"] for p in passes), sum(p["stored"] for p in passes)
     memory = {name: memory_report(s, elapsed) for name, s in sampler.samples.items()}
     return {
@@ -241,8 +243,9 @@ def run_soak(minutes: float, n_sites: int = 4, dataset: str = "SYN001", data_dir
         "growth_goal_pct": GROWTH_GOAL_PCT,
         "worst_growth_pct": max(m["growth_pct"] for m in memory.values()),
         "growth_goal_met": all(m["growth_pct"] <= GROWTH_GOAL_PCT for m in memory.values()),
-        "messages": {"published": published, "stored": in_store, "lost": published - in_store, "refused_by_agents": refused,
-                     "per_pass": passes},
+        "messages": {"published": published, "stored": in_store, "lost": published - in_store,
+                     "agent_readings": sum(c.get("readings", 0) for c in counters.values()), "setup_rows": count_rows(parts[:1]),
+                     "agent_refusals": refused, "per_pass": passes},
         "agent_counters": counters,
         "rss_samples": {name: s for name, s in sampler.samples.items()},
         "workdir": str(work),
