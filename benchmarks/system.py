@@ -26,6 +26,7 @@ from turbofed.benchmarks import emit, machine_info
 from turbofed.config import BrokerSettings, ModelSettings, load_site_config
 from turbofed.deploy.identities import MONITOR, init_for_sites
 from turbofed.simulation.broker import start_broker
+from turbofed.simulation.children import spawn
 from turbofed.simulation.localfleet import FleetWatch, Processes, write_configs
 from turbofed.topics import DEFAULT_TOPICS
 
@@ -85,7 +86,7 @@ def run_system(n_sites: int = 50, rounds: int = 3, dataset: str = "SYN001", seed
             for k, group in enumerate(groups):
                 cfgs = [str(work / f"{s}.toml") for s in group]
                 log = open(work / "logs" / f"worker{k}.log", "wb")
-                workers.append(subprocess.Popen([sys.executable, "-m", "turbofed.benchmarks.system", "--worker", *cfgs], stdout=log, stderr=subprocess.STDOUT))
+                workers.append(spawn([sys.executable, "-m", "turbofed.benchmarks.system", "--worker", *cfgs], stdout=log, stderr=subprocess.STDOUT))
                 processes.children[f"worker{k}"] = workers[-1]
             watch.wait("agents online", lambda: sum(watch.site_status(s).online for s in sites) == n_sites, 180, processes)
 
