@@ -194,7 +194,7 @@ def run_soak(minutes: float, n_sites: int = 4, dataset: str = "SYN001", data_dir
                 processes.start("aggregator", "aggregator", "--config", str(fleet_toml))
                 watch.wait("global model v1 at every site", lambda: all((watch.site_status(s).model_version or 0) >= 1 for s in sites),
                            600, processes)
-                pids = {name: proc.pid for name, proc in processes.children.items()} | {"broker": handle.process.pid}
+                pids = processes.pids() | {"broker": handle.process.pid}
                 t0 = time.monotonic()
                 sampler = Sampler(pids, sample_every, t0)
                 sampler.start()
