@@ -134,6 +134,7 @@ RANGES: dict[str, dict[str, Limit]] = {
         "min_samples": Limit(1, 1_000_000_000),
         "max_update_bytes": Limit(1, 4 * 1024 * 1024),  # envelope.MAX_PAYLOAD_BYTES: nothing larger arrives
         "epoch": Limit(0, 1_000_000_000),
+        "rollback_margin": Limit(0, 100),
     },
 }
 
@@ -440,6 +441,9 @@ class FleetConfig:
     pki: str | None = None  # the fleet's identity folder (`turbofed fleet init`): fleet id, signing keys
     insecure_unsigned: bool = False  # without pki: sign and verify nothing (development only)
     epoch: int = 0  # fleet reset counter, sent in signed round announcements (docs/protocol.md)
+    # A new global model whose median RMSE on the sites' own labelled rows is more than this
+    # much worse than the last good model's (0.25 = 25%) is rolled back (aggregator/rollback.py); 0: never.
+    rollback_margin: float = 0.25
 
     def __post_init__(self) -> None:
         _secure_or_explicit(self.pki is not None, self.insecure_unsigned, "fleet", "pki folder")
