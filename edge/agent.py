@@ -84,6 +84,7 @@ from turbofed.topics import Topics
 log = logging.getLogger("turbofed.edge")
 
 SAVE_EVERY_S = 2.0
+SCORE_ROWS = 5_000  # labelled cycles (the first failed engines) a new global model is scored on
 MAX_EVALUATION_RMSE = 1e9  # what a global model that predicts nothing finite scores (score_global)
 SWEEP_EVERY_S = 60.0  # how often engines that went quiet are looked for
 MAX_WINDOWS_PER_ENGINE = 4  # feature windows kept per engine (one per spec: local, fleet, and a spare)
@@ -420,11 +421,11 @@ class EdgeAgent:
         predicts nothing finite gets the largest score we send."""
         if self.fleet_spec is None or self.settings is None or self.fed_predictor is None or self.buffer.rows < self.config.min_samples:
             return
-        x, y = self.buffer.training_rows(self.fleet_spec)
+        x, y = self.buffer.scoring_rows(self.fleet_spec, SCORE_ROWS)
         with np.errstate(all="ignore"):
             error = self.fed_predictor.predict(x) - np.minimum(y, self.settings.rul_cap)
             rmse = float(np.sqrt(np.mean(error * error)))
-        body = ModelEvaluation(self.site, self.global_version, rmse if math.isfinite(rmse) else MAX_EVALUATION_RMSE, len(y))
+        body = ModelEvaluation(self.site, self.global_version, min(rmse, MAX_EVALUATION_RMSE) if math.isfinite(rmse) else MAX_EVALUATION_RMSE, len(y))
         if self.client is not None:
             self.client.publish(self.topics.site(self.site, "evaluation"), self.sealer.seal(signed.EVALUATION, body.to_payload()), qos=1)
 
