@@ -12,6 +12,10 @@ clipped, trimmed or excluded), which the aggregator stores per round.
 - `MultiKrum`: the m updates closest to their n - f - 2 nearest neighbours, averaged
   (Blanchard et al., "Machine Learning with Adversaries: Byzantine Tolerant Gradient
   Descent", NeurIPS 2017; multi-Krum as in El Mhamdi et al., ICML 2018).
+- `FilteredFedAvg`: updates far from the round's coordinate-wise median delta are excluded
+  (the filtering step of FLAME, Nguyen et al., USENIX Security 2022, with the median as the
+  centre, Yin et al. 2018), the rest clipped to the same distance bound and averaged
+  FedAvg-style with capped sample shares.
 - `ClippedFedAvg`: every delta clipped to `clip` x the round's median delta norm (norm
   bounding, Sun et al., "Can You Really Backdoor Federated Learning?", 2019), and no site
   weighted above `max_share` of the round's samples, then FedAvg.
@@ -182,6 +186,52 @@ class ClippedFedAvg(DeltaStrategy):
         return weights @ clipped, actions
 
 
+class FilteredFedAvg(DeltaStrategy):
+    """FedAvg over the updates that look like the round: each delta's distance to the
+    coordinate-wise median delta (a centre no minority can move far, Yin et al. 2018) is
+    compared with the median of those distances; a delta more than `radius` times farther is
+    excluded (the filtering idea of FLAME, Nguyen et al., "FLAME: Taming Backdoors in Federated
+    Learning", USENIX Security 2022), at most the minority `(n - 1) // 2` farthest. The kept
+    deltas are clipped to that distance bound around the centre and averaged with their
+    sample shares, no site above `max_share`. Without an attack every site is usually kept and
+    this is FedAvg; a scaled, sign-flipped, noisy or wrongly-labelled update lands far away and
+    is excluded; one that hides near the mean ("a little is enough") can only move the model
+    as far as an honest site could.
+
+    Parameters:
+        radius: the exclusion bound as a multiple of the median distance to the centre, > 1
+            (default 3.0).
+        max_share: the largest share of the round's weight one site may have, in (0, 1]
+            (default 0.5).
+        server_lr: step applied to the mean delta, > 0 (default 1.0).
+    """
+
+    name = "filtered-fedavg"
+    ranges = {"radius": Range(1.0, math.inf, low_open=True), "max_share": Range(0.0, 1.0, low_open=True), "server_lr": POSITIVE}
+
+    def __init__(self, radius: float = 3.0, max_share: float = 0.5, server_lr: float = 1.0) -> None:
+        super().__init__(server_lr)
+        self.radius, self.max_share = radius, max_share
+
+    def combine(self, deltas: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        n = len(deltas)
+        if n <= 2:  # no majority to tell an outlier by
+            return capped_shares(samples, self.max_share) @ deltas, ["kept"] * n
+        centre = np.median(deltas, axis=0)
+        offsets = deltas - centre
+        distance = np.linalg.norm(offsets, axis=1)
+        bound = self.radius * float(np.median(distance))
+        far = np.argsort(-distance, kind="stable")[: (n - 1) // 2]
+        excluded = {int(i) for i in far if distance[i] > bound}
+        kept = np.array([i for i in range(n) if i not in excluded])
+        scale = np.where(distance[kept] > bound, bound / np.maximum(distance[kept], 1e-300), 1.0)
+        clipped = centre + offsets[kept] * scale[:, None]
+        weights = capped_shares(samples[kept], self.max_share)
+        clipped_sites = {int(i) for i, f in zip(kept, scale) if f < 1.0}
+        actions = ["excluded" if i in excluded else "clipped" if i in clipped_sites else "kept" for i in range(n)]
+        return weights @ clipped, actions
+
+
 def capped_shares(samples: np.ndarray, max_share: float) -> np.ndarray:
     """Sample shares with none above `max_share` (the excess spread over the others, in
     proportion); equal shares when nobody claims samples or the cap cannot be met."""
@@ -206,4 +256,4 @@ def capped_shares(samples: np.ndarray, max_share: float) -> np.ndarray:
     return shares
 
 
-ROBUST: dict[str, type[Strategy]] = {s.name: s for s in (Median, TrimmedMean, MultiKrum, ClippedFedAvg)}
+ROBUST: dict[str, type[Strategy]] = {s.name: s for s in (Median, TrimmedMean, MultiKrum, FilteredFedAvg, ClippedFedAvg)}

@@ -32,6 +32,7 @@ from typing import Callable
 import onnx
 
 from turbofed.aggregator.registry import ModelRegistry, RegistryError
+from turbofed.aggregator.rollback import ModelGuard, Verdict
 from turbofed.aggregator.rounds import Rejected, Round
 from turbofed.aggregator.strategies import SiteUpdate, make_strategy, merge, round_report
 from turbofed.codec import check_graph, read_weights
@@ -40,6 +41,7 @@ from turbofed.errors import Refused, WeightsError
 from turbofed.graph import reference_model
 from turbofed.messages import (
     Metrics,
+    ModelEvaluation,
     Predictions,
     RoundAnnouncement,
     StatsReply,
@@ -97,6 +99,7 @@ class Aggregator:
         self.spec: FeatureSpec | None = None
         self.stats: FleetStats | None = None
         self.round: Round | None = None
+        self.guard = ModelGuard(config.rollback_margin)  # the last good model, by the sites' own scores
         self.stats_replies: dict[str, StatsReply] = {}
         self.stats_request_id = ""
         self.client = None
@@ -108,6 +111,7 @@ class Aggregator:
             "metrics": self._on_metrics,
             "predictions": self._on_predictions,
             "telemetry": self._on_telemetry,
+            "evaluation": self._on_evaluation,
         }
         try:
             self._resume()
@@ -144,6 +148,7 @@ class Aggregator:
             ) from None
         self.model = reference_model(self.spec, self.config.model, weights)
         self.strategy.load_state(ckpt.strategy_state)
+        self.guard.last_good = int(ckpt.fleet.get("last_good", ckpt.version))
         log.info("resumed from checkpoint v%d (round %d)", ckpt.version, ckpt.round)
         previous = {k: ckpt.fleet[k] for k in self.strategy_record if k in ckpt.fleet}
         if previous and previous != self.strategy_record:
@@ -333,6 +338,10 @@ class Aggregator:
     def _close_round(self, closed_by: str) -> None:
         r = self.round
         last_update = max(a.received for a in r.accepted.values())
+        verdict = self.guard.judge(self.version)  # the model this round started from, by the sites' scores
+        if verdict.bad:
+            self._roll_back(verdict, last_update)
+            return
         updates = [SiteUpdate(a.site, a.weights, a.samples) for a in r.accepted.values()]
         model = merge(self.strategy, self.model, updates)  # updates were checked on arrival; only their weights are used
         report = round_report(self.strategy, read_weights(self.model), updates, read_weights(model))
@@ -341,9 +350,25 @@ class Aggregator:
         log.info("round %d closed by %s: %d updates, global v%d published", r.number, closed_by, len(participants), self.version)
         self.round = None
 
+    def _roll_back(self, verdict: Verdict, last_update: float) -> None:
+        """Global v`verdict.version` scored clearly worse at the sites than v`verdict.against`:
+        this round's updates (trained from the bad model) are set aside and the last good
+        weights are published again as the next version, the round flagged `rollback`."""
+        r = self.round
+        weights = check_graph(onnx.load_model_from_string(self.registry.get(verdict.against)), self.model)
+        model = reference_model(self.spec, self.config.model, weights)
+        participants = [{"site": a.site, "samples": a.samples, "update_bytes": a.wire_bytes, "norm": None, "cosine": None,
+                         "action": "excluded"} for a in r.accepted.values()]
+        log.warning("round %d: global v%d scored %.2fx the RMSE of v%d at %d site(s) (margin %.0f%%): publishing v%d's "
+                    "weights again as v%d; this round's updates set aside", r.number, verdict.version, verdict.ratio,
+                    verdict.against, verdict.sites, 100 * self.config.rollback_margin, verdict.against, r.number)
+        self.store.record_event("rollback", {"round": r.number, **verdict.detail()}, time.time())
+        self._commit(r.number, model, r.started, participants, last_update, "rollback")
+        self.round = None
+
     def _commit(self, number: int, model: onnx.ModelProto, started: float, participants: list[dict], last_update: float, closed_by: str) -> None:
         """Global v`number`: checkpoint it (before publishing), publish it retained, record the round."""
-        fleet = {"stats": self.stats.to_dict(), "spec": self.spec.to_dict(), **self.strategy_record}
+        fleet = {"stats": self.stats.to_dict(), "spec": self.spec.to_dict(), "last_good": self.guard.last_good, **self.strategy_record}
         self.registry.save(number, number, model.SerializeToString(), self.strategy.state(), fleet)
         self.model, self.version = model, number
         self._publish_global()
@@ -368,6 +393,12 @@ class Aggregator:
     def _on_metrics(self, site: str, payload: bytes) -> None:
         m = Metrics.from_payload(self.verifier.open(signed.METRICS, payload, signer=site).body, site=site)
         self.store.record_metrics(site, self.version, m.model_version, m.to_dict(), time.time())
+
+    def _on_evaluation(self, site: str, payload: bytes) -> None:
+        """A site's RMSE of a global version on its labelled rows: what the rollback check uses."""
+        e = ModelEvaluation.from_payload(self.verifier.open(signed.EVALUATION, payload, signer=site).body, site=site)
+        if not self.guard.record(site, e.model_version, e.rmse, newest=self.version):
+            raise Rejected(Refusal.STALE_ROUND, f"evaluation of v{e.model_version} from {site}: not a recent version (newest v{self.version})")
 
     def _on_predictions(self, site: str, payload: bytes) -> None:
         p = Predictions.from_payload(self.verifier.open(signed.PREDICTIONS, payload, signer=site).body, site=site)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from turbofed.aggregator.strategies import Strategy, aggregate_onnx, make_strategy
 from turbofed.benchmarks import emit, machine_info
 from turbofed.codec import read_weights, replace_weights
-from turbofed.config import ModelSettings
+from turbofed.config import DEFAULT_STRATEGY, ModelSettings
 from turbofed.data.cmapss import EngineRun
 from turbofed.data.datasets import EvalSet, load_dataset
 from turbofed.edge.features import run_features, runs_stats
@@ -111,7 +111,7 @@ def run_accuracy(
     data_dir: str | None = None,
     n_sites: int = 4,
     settings: ModelSettings | None = None,
-    strategy: str = "fedavg",
+    strategy: str = DEFAULT_STRATEGY,
     strategy_params: dict[str, Any] | None = None,
 ) -> dict:
     """Train central, local and federated models and score them on every evaluation set.

@@ -22,6 +22,7 @@ attack and under each attack, and the attacked/clean ratio.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -139,7 +140,10 @@ def format_table(result: dict[str, Any]) -> str:
         cells = []
         for a in attacks:
             ratio = result["attacked_over_clean"][name].get(a)
-            cells.append(f"{row[a]:.2f}" + (f" ({ratio:.2f}x)" if a != "none" and ratio is not None else ""))
+            if not math.isfinite(row[a]):
+                cells.append("collapsed (NaN)")
+                continue
+            cells.append(f"{row[a]:.2f}" + (f" ({ratio:.2f}×)" if a != "none" and ratio is not None else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -149,7 +153,7 @@ def run_cli(args: argparse.Namespace) -> int:
     attacks = ["none", *[a for a in (args.attack or ATTACKS[1:]) if a != "none"]]
     try:
         result = run_attack(args.dataset, args.data_dir, args.sites, args.malicious, attacks,
-                            args.strategy or ["fedavg", "median", "trimmed-mean", "multi-krum", "clipped-fedavg"], settings)
+                            args.strategy or ["fedavg", "median", "trimmed-mean", "multi-krum", "clipped-fedavg", "filtered-fedavg"], settings)
     except ValueError as exc:
         from turbofed.errors import ConfigError
 

@@ -63,6 +63,7 @@ from turbofed.messages import (
     EngineEvent,
     MessageError,
     Metrics,
+    ModelEvaluation,
     ModelScore,
     Predictions,
     RoundAnnouncement,
@@ -83,6 +84,8 @@ from turbofed.topics import Topics
 log = logging.getLogger("turbofed.edge")
 
 SAVE_EVERY_S = 2.0
+SCORE_ROWS = 5_000  # labelled cycles (the first failed engines) a new global model is scored on
+MAX_EVALUATION_RMSE = 1e9  # what a global model that predicts nothing finite scores (score_global)
 SWEEP_EVERY_S = 60.0  # how often engines that went quiet are looked for
 MAX_WINDOWS_PER_ENGINE = 4  # feature windows kept per engine (one per spec: local, fleet, and a spare)
 
@@ -407,9 +410,24 @@ class EdgeAgent:
         log.info("site %s: global model v%d received (round %d)", self.site, env.model_version, env.round)
         self.dirty = True
         self.publish_status(online=True)
+        self.score_global()
         if self.pending_round and self.global_version >= self.pending_round.model_version:
             announcement, self.pending_round = self.pending_round, None
             self.on_round(announcement)
+
+    def score_global(self) -> None:
+        """Score the global model on our labelled rows and tell the aggregator, whose rollback
+        check compares versions by the sites' scores (aggregator/rollback.py). A model that
+        predicts nothing finite gets the largest score we send."""
+        if self.fleet_spec is None or self.settings is None or self.fed_predictor is None or self.buffer.rows < self.config.min_samples:
+            return
+        x, y = self.buffer.scoring_rows(self.fleet_spec, SCORE_ROWS)
+        with np.errstate(all="ignore"):
+            error = self.fed_predictor.predict(x) - np.minimum(y, self.settings.rul_cap)
+            rmse = float(np.sqrt(np.mean(error * error)))
+        body = ModelEvaluation(self.site, self.global_version, min(rmse, MAX_EVALUATION_RMSE) if math.isfinite(rmse) else MAX_EVALUATION_RMSE, len(y))
+        if self.client is not None:
+            self.client.publish(self.topics.site(self.site, "evaluation"), self.sealer.seal(signed.EVALUATION, body.to_payload()), qos=1)
 
     def _on_round_payload(self, payload: bytes) -> None:
         opened = self.verifier.open(signed.ROUND, payload, signer=signed.AGGREGATOR)

@@ -46,11 +46,19 @@ class TrainingBuffer:
 
     def training_rows(self, spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
         """Features (float32) and RUL of every buffered cycle under `spec`."""
-        engines = self.in_engine_order()
-        if not engines:
-            return np.zeros((0, spec.n_features), dtype=np.float32), np.zeros(0)
-        x = np.vstack([run_features(spec, c, s) for _, c, s, _ in engines]).astype(np.float32)
-        return x, np.concatenate([r for _, _, _, r in engines])
+        return _rows(spec, self.in_engine_order())
+
+    def scoring_rows(self, spec: FeatureSpec, max_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Features and RUL of the engines that failed first, up to about `max_rows` cycles
+        (whole engines, at least one): a cheap sample for scoring a model, and the same one
+        from version to version until the buffer overflows, so scores compare like with like."""
+        first, rows = [], 0
+        for engine in self.engines:
+            if first and rows + len(engine[1]) > max_rows:
+                break
+            first.append(engine)
+            rows += len(engine[1])
+        return _rows(spec, first)
 
     def save(self, path: Path) -> None:
         save_histories(path, [(e, c, s, r) for e, c, s, r in self.engines], extra={"dropped": self.dropped_engines})
@@ -68,6 +76,13 @@ History = tuple[str, np.ndarray, np.ndarray, np.ndarray]  # engine, cycles, sens
 
 
 HISTORY_ARRAYS = ("names", "lengths", "cycles", "sensors", "rul")
+
+
+def _rows(spec: FeatureSpec, engines: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    if not engines:
+        return np.zeros((0, spec.n_features), dtype=np.float32), np.zeros(0)
+    x = np.vstack([run_features(spec, c, s) for _, c, s, _ in engines]).astype(np.float32)
+    return x, np.concatenate([r for _, _, _, r in engines])
 
 
 def save_histories(path: Path, histories: list[History], extra: dict[str, int] | None = None) -> None:

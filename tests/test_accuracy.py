@@ -49,8 +49,8 @@ def test_result_has_every_figure(cmapss_dir: Path) -> None:
     for model in ("central", "federated"):
         assert set(result[model]["FD001"]) == {"rmse", "rmse_capped", "score"}
         assert 5 < result[model]["FD001"]["rmse"] < 60
-    assert [l["site"] for l in result["local"]] == ["site1", "site2"]
-    assert all(l["subset"] == "FD001" and l["engines"] == 50 for l in result["local"])
+    assert [site["site"] for site in result["local"]] == ["site1", "site2"]
+    assert all(site["subset"] == "FD001" and site["engines"] == 50 for site in result["local"])
     assert result["federated"]["FD001"]["rmse"] >= result["federated"]["FD001"]["rmse_capped"]
 
 
@@ -64,7 +64,7 @@ def test_cli_writes_json(cmapss_dir: Path, tmp_path: Path, capsys: pytest.Captur
     assert result["strategy"] == "tests.plugins.median:Median" and result["strategy_params"] == {"server_lr": 0.5}
     assert result["seed"] == 4 and result["rounds"] == 1 and set(result["federated"]) == {"FD001", "FD003"}
     assert result["eval"] == {"FD001": "official-test", "FD003": "holdout-from-train"}
-    assert [l["subset"] for l in result["local"]] == ["FD001", "FD003"]
+    assert [site["subset"] for site in result["local"]] == ["FD001", "FD003"]
     assert set(result["local"][0]["metrics"]) == {"FD001", "FD003"}
 
 

@@ -66,7 +66,7 @@ def test_fleet_config(tmp_path: Path) -> None:
     assert cfg.model.rounds == 3 and cfg.model.hidden == (8,) and cfg.store == str(tmp_path / "r.sqlite")
     influx = load_fleet_config(write(tmp_path, "g.toml", text.replace('"r.sqlite"', '"influxdb"')))
     assert influx.store == "influxdb"
-    assert cfg.strategy == StrategySettings("fedavg", {})  # the default
+    assert cfg.strategy == StrategySettings("filtered-fedavg", {})  # the default (config.DEFAULT_STRATEGY)
 
 
 def test_fleet_strategy_as_a_name_or_a_table(tmp_path: Path) -> None:

@@ -330,7 +330,7 @@ def test_aggregator_dispatches_by_table_and_counts_refusals(tmp_path: Path) -> N
     aggregator = Aggregator(FleetConfig(sites=(SITE,), store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry"), insecure_unsigned=True))
     topics = aggregator.topics
     try:
-        assert set(aggregator._handlers) == {"update", "stats", "status", "metrics", "predictions", "telemetry"}
+        assert set(aggregator._handlers) == {"update", "stats", "status", "metrics", "predictions", "telemetry", "evaluation"}
         sent = [
             (topics.status(SITE), Status(SITE, True, samples=10, at=5.0).to_payload()),  # accepted
             (topics.status(SITE), Status("site2", True).to_payload()),  # another site's name

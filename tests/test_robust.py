@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from turbofed.aggregator.robust import ClippedFedAvg, Median, MultiKrum, TrimmedMean, capped_shares
+from turbofed.aggregator.robust import ClippedFedAvg, FilteredFedAvg, Median, MultiKrum, TrimmedMean, capped_shares
 from turbofed.aggregator.strategies import FedAvg, SiteUpdate, make_strategy
 
 CURRENT = {"w": np.array([1.0, 1.0], dtype=np.float32), "b": np.array([0.0], dtype=np.float32)}
@@ -61,6 +61,36 @@ def test_multi_krum_excludes_the_outlier() -> None:
     assert out["w"] == pytest.approx((CURRENT["w"] + mean[:2]).astype(np.float32))
     assert out["b"] == pytest.approx(mean[2:])
     assert [s.last_report[f"site{i}"]["action"] for i in range(1, 6)] == ["kept"] * 4 + ["excluded"]
+
+
+def test_filtered_fedavg_excludes_the_far_update_and_averages_the_rest() -> None:
+    s = FilteredFedAvg(radius=3.0)
+    out = s.aggregate(CURRENT, updates(HONEST + ATTACK, samples=[10, 10, 10, 10, 2**53]))
+    # Centre (coordinate-wise median) = [2, 0, 1]; honest distances sqrt(1+0+0)=1, sqrt(0+1+1)=1.414,
+    # sqrt(1+1+1)=1.732, sqrt(.25+.25+0)=0.707, the attacker's ~1732: median 1.414, bound 4.24.
+    # The attacker is excluded (its 2^53 samples with it); the honest four are within the bound
+    # and averaged with equal shares.
+    mean = np.mean(HONEST, axis=0)
+    assert out["w"] == pytest.approx((CURRENT["w"] + mean[:2]).astype(np.float32))
+    assert out["b"] == pytest.approx(mean[2:])
+    assert [s.last_report[f"site{i}"]["action"] for i in range(1, 6)] == ["kept"] * 4 + ["excluded"]
+
+
+def test_filtered_fedavg_is_fedavg_when_nobody_is_far() -> None:
+    ups = updates(HONEST, samples=[10, 20, 30, 40])
+    out = FilteredFedAvg().aggregate(CURRENT, ups)
+    plain = FedAvg().aggregate(CURRENT, ups)
+    assert out["w"] == pytest.approx(plain["w"]) and out["b"] == pytest.approx(plain["b"])
+
+
+def test_filtered_fedavg_never_excludes_half_the_sites() -> None:
+    """Four sites, two far in opposite directions: distances to the centre [0, 0, 0] are
+    0, 0, 10, 10 (median 5, bound 1.5 x 5 = 7.5). Only a minority, (4 - 1) // 2 = 1 site,
+    may be excluded; the other far one is clipped back to distance 7.5."""
+    s = FilteredFedAvg(radius=1.5)
+    out = s.aggregate(CURRENT, updates([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [-10.0, 0.0, 0.0]]))
+    assert [s.last_report[f"site{i}"]["action"] for i in range(1, 5)] == ["kept", "kept", "excluded", "clipped"]
+    assert out["w"] == pytest.approx([1 - 7.5 / 3, 1.0])  # mean of 0, 0, -7.5 added to w0
 
 
 def test_clipped_fedavg_bounds_norms_and_shares() -> None:

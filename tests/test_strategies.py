@@ -173,7 +173,7 @@ def test_entry_point_names_a_strategy(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(ConfigError, match=r"^w name: entry point 'gone' \(tests.plugins.nope:Median\) cannot be "
                                           r"loaded: ModuleNotFoundError: "):
         make_strategy("gone", None, "w")
-    with pytest.raises(ConfigError, match=r"choose one of fedavg, fedavgm, fedadam, median, trimmed-mean, multi-krum, clipped-fedavg, gone, robust-median, wrong, or give"):
+    with pytest.raises(ConfigError, match=r"choose one of fedavg, fedavgm, fedadam, median, trimmed-mean, multi-krum, filtered-fedavg, clipped-fedavg, gone, robust-median, wrong, or give"):
         make_strategy("fedsgd")
     other = tmp_path / "other"
     _distribution(other, {"robust-median": "tests.plugins.median:not_a_strategy"}, "tfplugin2")

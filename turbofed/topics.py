@@ -25,7 +25,7 @@ DEFAULT_ROOT: Final = "tfl/v1"
 DEFAULT_PLANT_ROOT: Final = "plant"
 MAX_ID_LEN: Final = 128
 
-SiteKind = Literal["update", "metrics", "predictions", "status", "stats", "telemetry"]
+SiteKind = Literal["update", "metrics", "predictions", "status", "stats", "telemetry", "evaluation"]
 PlantKind = Literal["sensors", "events"]
 SITE_KINDS: Final[tuple[str, ...]] = get_args(SiteKind)
 PLANT_KINDS: Final[tuple[str, ...]] = get_args(PlantKind)

@@ -17,6 +17,7 @@ a `Refusal`, for anything else. Nothing from another process is used before it p
                                    "model_version", "samples", "profile", "at"}
     tfl/v1/sites/<site>/metrics    Metrics            {"site", "model_version", "engines",
                                    "local": {"rmse", "score", "engines"}, "federated": {...}, "counters"}
+    tfl/v1/sites/<site>/evaluation ModelEvaluation    {"site", "model_version", "rmse", "rows"}
     tfl/v1/sites/<site>/predictions Predictions       {"site", "rows": [[engine, cycle, local, federated]],
                                    "truth": [[engine, cycle, rul]]}
     tfl/v1/sites/<site>/telemetry  Telemetry          {"site", "rows": [[engine, cycle, [3 settings], [21 sensors]]]}
@@ -44,10 +45,10 @@ from turbofed.messages._check import (
 )
 from turbofed.messages.fleet import RoundAnnouncement, StatsReply, StatsRequest
 from turbofed.messages.plant import EngineEvent, SensorReading
-from turbofed.messages.site import Metrics, ModelScore, Predictions, Status, Telemetry
+from turbofed.messages.site import Metrics, ModelEvaluation, ModelScore, Predictions, Status, Telemetry
 
 __all__ = [
     "MAX_COUNTERS", "MAX_PLANT_BYTES", "MAX_PREDICTION_ROWS", "MAX_STATS_VALUES", "MAX_TELEMETRY_ROWS", "MAX_TEXT",
-    "N_SENSORS", "N_SETTINGS", "EngineEvent", "MessageError", "Metrics", "ModelScore", "Predictions",
+    "N_SENSORS", "N_SETTINGS", "EngineEvent", "MessageError", "Metrics", "ModelEvaluation", "ModelScore", "Predictions",
     "RoundAnnouncement", "SensorReading", "StatsReply", "StatsRequest", "Status", "Telemetry",
 ]

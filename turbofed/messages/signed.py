@@ -53,6 +53,7 @@ STATS_REQUEST: Final = "stats_request"
 STATS: Final = "stats"
 STATUS: Final = "status"
 METRICS: Final = "metrics"
+EVALUATION: Final = "evaluation"
 PREDICTIONS: Final = "predictions"
 TELEMETRY: Final = "telemetry"
 

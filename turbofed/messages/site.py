@@ -125,6 +125,33 @@ class Metrics:
         )
 
 
+@dataclass(frozen=True)
+class ModelEvaluation:
+    """A site's RMSE of one global model version on its own labelled rows, sent when the
+    version arrives: the aggregator's rollback check compares versions by it
+    (turbofed.aggregator.rollback)."""
+
+    site: str
+    model_version: int
+    rmse: float
+    rows: int
+
+    def to_payload(self) -> bytes:
+        return encode_json({"site": self.site, "model_version": self.model_version, "rmse": self.rmse, "rows": self.rows})
+
+    @classmethod
+    def from_payload(cls, payload: bytes, *, site: str) -> "ModelEvaluation":
+        what = f"evaluation from {site}"
+        body = json_body(payload, what)
+        site_of(body, site, what)
+        return cls(
+            site,
+            whole(required(body, "model_version", what), f"{what} model_version"),
+            finite(required(body, "rmse", what), f"{what} rmse", lo=0.0),
+            whole(required(body, "rows", what), f"{what} rows", lo=1),
+        )
+
+
 PredictionRow = tuple[str, int, float | None, float | None]  # engine, cycle, local RUL, federated RUL
 TruthRow = tuple[str, int, float]  # engine, cycle, true RUL (0 at failure)
 
