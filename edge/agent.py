@@ -55,6 +55,7 @@ from turbofed.edge.state import (
     retire_legacy_learners,
     save_learners,
 )
+from turbofed.edge.storage import StorageWatch
 from turbofed.errors import Refused
 from turbofed.files import write_atomic
 from turbofed.messages import (
@@ -167,6 +168,8 @@ class EdgeAgent:
         self.metrics_dirty = False
         self.dirty = False
         self._last_save = 0.0
+        self._saved_global = -1  # the version in global.onnx
+        self.storage = StorageWatch(self.site, self.state_dir, log)
         self._reported_rows = -1
         self.client = None
         identity = config.identity
@@ -403,9 +406,9 @@ class EdgeAgent:
         except Exception as exc:  # onnxruntime raises its own types for what it cannot run
             raise MessageError(f"global model v{env.model_version}: onnxruntime cannot load it: {exc}", Refusal.NOT_ONNX) from None
         self.global_model, self.global_version, self.fed_predictor = env.body, env.model_version, predictor
-        write_atomic(self.state_dir / GLOBAL_ONNX, env.body)
         log.info("site %s: global model v%d received (round %d)", self.site, env.model_version, env.round)
         self.dirty = True
+        self.save()  # global.onnx before state.json names its version
         self.publish_status(online=True)
         if self.pending_round and self.global_version >= self.pending_round.model_version:
             announcement, self.pending_round = self.pending_round, None
@@ -512,6 +515,7 @@ class EdgeAgent:
             samples=self.buffer.rows,
             profile="training" if self.training else "inference",
             at=time.time(),
+            storage=self.storage.state,
         )
         self._reported_rows = self.buffer.rows
         if self.client is not None:
@@ -565,7 +569,25 @@ class EdgeAgent:
     # --- persistence -----------------------------------------------------------------
 
     def save(self) -> None:
-        """Everything needed to resume, each file replaced atomically (docs/agent-state.md)."""
+        """Everything needed to resume, each file replaced atomically (docs/agent-state.md).
+        A folder that is full or read-only fails the save, never the agent: the previous files
+        stay whole, the agent goes on from memory and the next save tries again."""
+        try:
+            self._write_state()
+        except OSError as exc:
+            self._last_save = time.monotonic()  # dirty stays set: tried again in SAVE_EVERY_S
+            if self.storage.failed(exc, self.buffer.rows):
+                self.publish_status(online=True)
+            return
+        self.dirty = False
+        self._last_save = time.monotonic()
+        if self.storage.saved(self.buffer.rows):
+            self.publish_status(online=True)
+
+    def _write_state(self) -> None:
+        if self.global_model is not None and self._saved_global != self.global_version:
+            write_atomic(self.state_dir / GLOBAL_ONNX, self.global_model)
+            self._saved_global = self.global_version
         self.buffer.save(self.state_dir / BUFFER_NPZ)
         in_service = [(e, *t.history(), np.zeros(t.n)) for e, t in self.engines.items()]
         save_histories(self.state_dir / ENGINES_NPZ, in_service)
@@ -574,8 +596,6 @@ class EdgeAgent:
         write_atomic(self.state_dir / STATE_JSON, state.to_json())
         if self.training and (self.fed_learner or self.local_learner):
             save_learners(self.state_dir / LEARNERS_NPZ, {"federated": self.fed_learner, "local": self.local_learner})
-        self.dirty = False
-        self._last_save = time.monotonic()
 
     def _restore(self) -> None:
         """Read the state folder; any file that cannot be used raises StateError (naming it)
@@ -601,6 +621,7 @@ class EdgeAgent:
             self.engines[engine] = EngineTrack(cycles[keep], sensors[keep])
         if saved_global is not None:
             (self.global_model, self.fed_predictor), self.global_version = saved_global, state.global_version
+            self._saved_global = state.global_version
         self.fed_learner, self.local_learner = saved_learners.get("federated"), saved_learners.get("local")
         if self.local_learner is not None:
             self.local_spec = self.local_learner.spec
