@@ -55,6 +55,7 @@ from turbofed.edge.state import (
     retire_legacy_learners,
     save_learners,
 )
+from turbofed.edge.outbox import OUTBOX_DB, Outbox
 from turbofed.edge.storage import StorageWatch
 from turbofed.errors import Refused
 from turbofed.files import write_atomic
@@ -75,7 +76,7 @@ from turbofed.messages import (
     signed,
 )
 from turbofed.metrics import phm08_score, rmse
-from turbofed.mqtt import Subscriptions, client_id, connect, make_client
+from turbofed.mqtt import ConnectionWatch, Subscriptions, client_id, connect, make_client
 from turbofed.ratelog import RateLimitedLog, RefusalLog
 from turbofed.refusals import Refusal
 from turbofed.spec import FeatureSpec
@@ -84,6 +85,7 @@ from turbofed.topics import Topics
 log = logging.getLogger("turbofed.edge")
 
 SAVE_EVERY_S = 2.0
+STOP_WAIT_S = 3.0  # at shutdown, how long the outbox may take to reach the broker
 SWEEP_EVERY_S = 60.0  # how often engines that went quiet are looked for
 MAX_WINDOWS_PER_ENGINE = 4  # feature windows kept per engine (one per spec: local, fleet, and a spare)
 
@@ -170,8 +172,9 @@ class EdgeAgent:
         self._last_save = 0.0
         self._saved_global = -1  # the version in global.onnx
         self.storage = StorageWatch(self.site, self.state_dir, log)
+        self.watch = ConnectionWatch(f"site {self.site}", log)
         self._reported_rows = -1
-        self.client = None
+        self._client: Any = None
         identity = config.identity
         self.sealer, self.verifier = signed.site_keys(
             self.site, *((identity.fleet_id, identity.signing_key, identity.aggregator_key) if identity else (None, None, None)))
@@ -187,9 +190,25 @@ class EdgeAgent:
         }
         self._plant_routes: dict[str, Callable[[str, bytes], None]] = {"sensors": self.on_reading, "events": self.on_event}
         self._restore()
+        # Reports wait on disk until the broker has them (after _restore: a bad state file stops us first).
+        reports = {"update": self.topics.update(self.site), "metrics": self.topics.metrics(self.site), "stats": self.topics.stats(self.site),
+                   "predictions": self.topics.predictions(self.site), "telemetry": self.topics.site(self.site, "telemetry")}
+        self.outbox = Outbox(self.state_dir / OUTBOX_DB, config.outbox_max_bytes, reports, self.site, log, self.counters)
         signed.warn_if_unsigned(self.sealer, f"site {self.site}")
 
     # --- lifecycle -------------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        """The MQTT client (paho, or a stand-in with publish/is_connected/on_publish)."""
+        return self._client
+
+    @client.setter
+    def client(self, client: Any) -> None:
+        """Whatever client is used, its acknowledgements empty the outbox."""
+        self._client = client
+        if client is not None:
+            client.on_publish = self.outbox.acknowledged
 
     def start(self) -> None:
         """Connect (reconnects are automatic) and subscribe."""
@@ -199,6 +218,7 @@ class EdgeAgent:
         self.client = make_client(client_id(f"edge-{self.site}", self.config.broker), self.config.broker, will=(self.topics.status(self.site), offline), persistent_session=True)
         self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
         self.client.on_connect = self._on_connect
+        self.watch.attach(self.client)
         self.subscriptions = Subscriptions(
             self.client,
             [
@@ -230,15 +250,21 @@ class EdgeAgent:
                 pass
             else:
                 self.handle(topic, payload)
+            self.outbox.pump(self.client)
             if time.monotonic() >= next_flush:
                 self.flush()
                 next_flush = time.monotonic() + self.config.predictions_every_s
         self.drain()
         self.flush()
         self.save()
+        deadline = time.monotonic() + STOP_WAIT_S  # what the broker does not take by then is sent at the next start
+        while self.outbox.pending and self.client.is_connected() and time.monotonic() < deadline:
+            self.outbox.pump(self.client)
+            time.sleep(0.02)
         self.publish_status(online=False)
         self.client.disconnect()
         self.client.loop_stop()
+        self.outbox.close()
 
     def drain(self) -> None:
         """Handle whatever is already queued (used at shutdown and by tests)."""
@@ -376,7 +402,7 @@ class EdgeAgent:
         if self.buffer.rows < request.min_samples:
             raise MessageError(f"{what}: {self.buffer.rows} labelled rows, the request needs {request.min_samples}", Refusal.STATS_TOO_FEW_SAMPLES)
         reply = StatsReply(request.request_id, self.site, self.buffer.rows, len(engines), self.buffer.stats(request.window))
-        self.client.publish(self.topics.stats(self.site), self.sealer.seal(signed.STATS, reply.to_payload()), qos=1)
+        self._report("stats", self.sealer.seal(signed.STATS, reply.to_payload()))
         self.stats_answer = {"request_id": request.request_id, "spec": spec_key, "engines": sorted(engines)}
         self.counters["sent.stats"] += 1
         self.dirty = True
@@ -495,7 +521,7 @@ class EdgeAgent:
 
     def _send(self, ann: RoundAnnouncement, kind: str, body: bytes, samples: int) -> None:
         payload = self.sealer.envelope(kind=kind, round=ann.round, model_version=ann.model_version, samples=samples, body=body, epoch=self.epoch)
-        self.client.publish(self.topics.update(self.site), payload, qos=1)
+        self._report("update", payload, ann.round)
         self.counters[f"sent.{kind}"] += 1
         self._answered(ann)
 
@@ -518,7 +544,8 @@ class EdgeAgent:
             storage=self.storage.state,
         )
         self._reported_rows = self.buffer.rows
-        if self.client is not None:
+        # Retained and sent again at every connect: not queued while the broker is away.
+        if self.client is not None and (self.client.is_connected() or not online):
             self.client.publish(self.topics.status(self.site), self.sealer.seal(signed.STATUS, status.to_payload()), qos=1, retain=True)
 
     def flush(self) -> None:
@@ -539,18 +566,22 @@ class EdgeAgent:
             rows, self.pending_rows = self.pending_rows[:MAX_PREDICTION_ROWS], self.pending_rows[MAX_PREDICTION_ROWS:]
             truth, self.pending_truth = self.pending_truth[:MAX_PREDICTION_ROWS], self.pending_truth[MAX_PREDICTION_ROWS:]
             body = Predictions(self.site, tuple(rows), tuple(truth))
-            self.client.publish(self.topics.predictions(self.site), self.sealer.seal(signed.PREDICTIONS, body.to_payload()), qos=1)
+            self._report("predictions", self.sealer.seal(signed.PREDICTIONS, body.to_payload()))
         while self.pending_sensors:
             rows, self.pending_sensors = self.pending_sensors[:MAX_TELEMETRY_ROWS], self.pending_sensors[MAX_TELEMETRY_ROWS:]
-            payload = self.sealer.seal(signed.TELEMETRY, Telemetry(self.site, tuple(rows)).to_payload())
-            self.client.publish(self.topics.site(self.site, "telemetry"), payload, qos=1)
+            self._report("telemetry", self.sealer.seal(signed.TELEMETRY, Telemetry(self.site, tuple(rows)).to_payload()))
         if self.metrics_dirty:
-            self.client.publish(self.topics.metrics(self.site), self.sealer.seal(signed.METRICS, self.metrics().to_payload()), qos=1)
+            self._report("metrics", self.sealer.seal(signed.METRICS, self.metrics().to_payload()))
             self.metrics_dirty = False
         if self.buffer.rows != self._reported_rows:  # the dashboard shows training samples per site
             self.publish_status(online=True)
         if self.dirty and time.monotonic() - self._last_save > SAVE_EVERY_S:
             self.save()
+
+    def _report(self, kind: str, payload: bytes, round_no: int | None = None) -> None:
+        """Queue a report in the outbox (sent in order, kept until the broker has it)."""
+        self.outbox.put(kind, payload, self.client, round_no)
+        self.outbox.pump(self.client)
 
     def metrics(self) -> Metrics:
         """Local vs federated on engines whose true RUL is known (prediction at the truth cycle)."""
@@ -564,7 +595,8 @@ class EdgeAgent:
                 scores.append(ModelScore(round(rmse(p, truth[ok]), 4), round(phm08_score(p, truth[ok]), 2), int(ok.sum())))
             else:
                 scores.append(ModelScore())
-        return Metrics(self.site, self.global_version, len(self.scored), scores[0], scores[1], dict(self.counters))
+        counters = {**self.counters, **self.watch.counters(), "outbox.pending": self.outbox.pending}
+        return Metrics(self.site, self.global_version, len(self.scored), scores[0], scores[1], counters)
 
     # --- persistence -----------------------------------------------------------------
 
