@@ -43,6 +43,7 @@ from turbofed.config import ModelSettings, SiteConfig, load_site_config, require
 from turbofed.edge.buffer import TrainingBuffer, load_histories, save_histories
 from turbofed.edge.features import EngineWindow
 from turbofed.edge.inference import OnnxPredictor
+from turbofed.edge.outbox import OUTBOX_DB, Outbox
 from turbofed.edge.state import (
     BUFFER_NPZ,
     ENGINES_NPZ,
@@ -55,7 +56,6 @@ from turbofed.edge.state import (
     retire_legacy_learners,
     save_learners,
 )
-from turbofed.edge.outbox import OUTBOX_DB, Outbox
 from turbofed.edge.storage import StorageWatch
 from turbofed.errors import Refused
 from turbofed.files import write_atomic
@@ -88,14 +88,19 @@ SAVE_EVERY_S = 2.0
 STOP_WAIT_S = 3.0  # at shutdown, how long the outbox may take to reach the broker
 SWEEP_EVERY_S = 60.0  # how often engines that went quiet are looked for
 MAX_WINDOWS_PER_ENGINE = 4  # feature windows kept per engine (one per spec: local, fleet, and a spare)
+FIRST_ROWS = 8  # history rows an engine starts with (grown by doubling as readings come)
 
 
 class EngineTrack:
-    """One engine in service: its history since install (bounded) and its feature windows."""
+    """One engine in service: its history since install (bounded) and its feature windows.
+
+    Memory follows the readings held: the history starts at FIRST_ROWS rows and doubles as
+    it fills (up to `history_cycles`), so an engine heard from once costs ~2 KB, not a
+    preallocated block; each feature window is (2 x window, sensors) floats, whatever the history."""
 
     def __init__(self, cycles: np.ndarray | None = None, sensors: np.ndarray | None = None) -> None:
-        self.cycles = np.zeros(64, dtype=np.int64) if cycles is None else np.array(cycles, dtype=np.int64)
-        self.sensors = np.zeros((64, 21)) if sensors is None else np.array(sensors, dtype=float)
+        self.cycles = np.zeros(FIRST_ROWS, dtype=np.int64) if cycles is None else np.array(cycles, dtype=np.int64)
+        self.sensors = np.zeros((FIRST_ROWS, 21)) if sensors is None else np.array(sensors, dtype=float)
         self.n = 0 if cycles is None else len(cycles)
         self.windows: dict[FeatureSpec, EngineWindow] = {}
         self.last: tuple[int, float | None, float | None] | None = None  # cycle, local, federated
@@ -114,7 +119,7 @@ class EngineTrack:
             self.cycles[:-1], self.sensors[:-1] = self.cycles[1:].copy(), self.sensors[1:].copy()
             self.n -= 1
         elif self.n == len(self.cycles):
-            grow = min(2 * self.n, limit) - self.n
+            grow = max(min(2 * self.n, limit) - self.n, 1)
             self.cycles = np.concatenate([self.cycles, np.zeros(grow, dtype=np.int64)])
             self.sensors = np.vstack([self.sensors, np.zeros((grow, 21))])
         self.cycles[self.n], self.sensors[self.n] = cycle, sensors

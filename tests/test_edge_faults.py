@@ -1,6 +1,7 @@
 """Issue #12, edge side: an agent on a full or read-only disk keeps predicting and serving,
 says so once (and in its Status), leaves no temporary file and no damaged state, saves
-again by itself when space returns, and after a restart has every labelled row."""
+again by itself when space returns, and after a restart has every labelled row; new engine
+ids cannot grow an agent beyond max_engines, nor its memory beyond a bound per engine."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import logging
 import os
 import subprocess
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 
 from tests.fakeclient import FakeClient
+from turbofed.benchmarks.edge_memory import feed_new_engines, serving_agent
 from turbofed.config import ModelSettings, SiteConfig
 from turbofed.data.cmapss import EngineRun, load_subset
 from turbofed.edge.agent import EdgeAgent
@@ -154,3 +157,53 @@ def test_full_then_read_only_disk_loses_no_labelled_row(small_disk: Path, cmapss
     assert list(restarted.engines) == ["e4"] and restarted.engines["e4"].n == 40
     np.testing.assert_array_equal(restarted.engines["e4"].history()[0], runs[3].cycles[:40])
     assert os.path.exists(state / "global.onnx")
+
+
+# --- bounded memory: new engine ids cannot grow an agent without limit ----------------------
+
+PER_ENGINE_BYTES = 12 * 1024  # an engine heard from once: ~1.4 KB of history, one 30-cycle window (6.7 KB), bookkeeping
+
+
+def test_new_engine_ids_are_bounded_in_number_and_memory(tmp_path: Path) -> None:
+    agent = serving_agent(tmp_path / "state")
+    cap = agent.config.max_engines
+    assert cap == 1_000  # the default: a site has tens to hundreds of engines
+    feed_new_engines(agent, 10, prefix="warm")  # onnxruntime's first-call buffers are not the engines'
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        feed_new_engines(agent, cap + 500)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(agent.engines) == cap
+    assert agent.counters["rejected.too_many_engines"] == 510  # none idle: refused and counted
+    assert held - before < cap * PER_ENGINE_BYTES, (held - before) / cap
+    track = next(iter(agent.engines.values()))
+    assert track.cycles.nbytes + track.sensors.nbytes <= 8 * 22 * 8  # no preallocated history
+
+    # Engines gone quiet make room: the idle are forgotten, the new taken, the count stays at the cap.
+    idle = list(agent.engines)[:300]
+    for engine in idle:
+        agent.engines[engine].last_seen -= agent.config.engine_idle_s + 1
+    refused = agent.counters["rejected.too_many_engines"]
+    feed_new_engines(agent, 300, prefix="later")
+    assert len(agent.engines) == cap and not set(idle) & set(agent.engines)
+    assert agent.counters["engines_evicted"] == 300 and agent.counters["rejected.too_many_engines"] == refused
+
+    # A history grows with its readings (doubling), up to history_cycles.
+    topics = Topics()
+    engine = next(iter(agent.engines))
+    sensors = tuple(float(x) for x in range(21))
+    for cycle in range(2, 101):
+        agent.handle(topics.sensors("s1", engine), SensorReading(cycle, (0.0, 0.0, 100.0), sensors).to_payload())
+    assert agent.engines[engine].n == 100 and len(agent.engines[engine].cycles) == 128
+
+    # Everything else keyed by engine id stays within the cap too: truths revealed for many engines.
+    for i in range(cap + 200):
+        e = f"scored-{i}"
+        if len(agent.engines) == cap:  # room for it (truth then forgets it)
+            agent.engines.pop(next(iter(agent.engines)))
+        agent.handle(topics.sensors("s1", e), SensorReading(1, (0.0, 0.0, 100.0), sensors).to_payload())
+        agent.handle(topics.events("s1", e), EngineEvent("truth", 1, 50.0).to_payload())
+    assert len(agent.scored) == cap and len(agent.engines) <= cap
