@@ -56,14 +56,24 @@ class Outbox:
         self._warn = RateLimitedLog(logger)
         self._lock = threading.Lock()
         try:
-            self.db = sqlite3.connect(path, check_same_thread=False)  # `with self.db`: one transaction
-            with self.db:
-                self.db.execute(_SCHEMA)
-            self.bytes, self.count = self.db.execute("SELECT COALESCE(SUM(LENGTH(payload)), 0), COUNT(*) FROM outbox").fetchone()
+            self.db = self._open(str(path))
+        except sqlite3.OperationalError as exc:  # cannot be created or written (disk full, read-only): bounded, in memory
+            logger.warning("site %s: outbox %s cannot be used (%s): reports wait in memory (still at most outbox_max_bytes) "
+                           "until the agent restarts", site, path, one_line(exc))
+            self.db = self._open(":memory:")
         except sqlite3.DatabaseError as exc:
             raise StateError(f"{path}: not a usable outbox ({one_line(exc)})") from None
+        self.bytes, self.count = self.db.execute("SELECT COALESCE(SUM(LENGTH(payload)), 0), COUNT(*) FROM outbox").fetchone()
         if self.count:
             logger.info("site %s: outbox holds %d message(s), %d bytes, not yet acknowledged: sending them first", site, self.count, self.bytes)
+
+    @staticmethod
+    def _open(where: str) -> sqlite3.Connection:
+        db = sqlite3.connect(where, check_same_thread=False)  # `with db`: one transaction
+        with db:
+            db.execute(_SCHEMA)
+        db.execute("SELECT COUNT(*) FROM outbox").fetchone()  # a file that is not a database fails here
+        return db
 
     # --- queueing ------------------------------------------------------------------
 

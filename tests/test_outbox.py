@@ -112,6 +112,14 @@ def test_rows_read_back_are_not_trusted(tmp_path: Path) -> None:
         _outbox(tmp_path / "bad")
 
 
+def test_an_outbox_that_cannot_be_created_waits_in_memory(tmp_path: Path) -> None:
+    folder = tmp_path / "no-such-folder"  # stands for a folder that takes no new file (full, read-only)
+    box = _outbox(folder, max_bytes=100)
+    for i in range(5):
+        box.put("predictions", b"x" * 40, None)
+    assert box.pending == 2 and box.bytes == 80 and not folder.exists()  # still bounded
+
+
 def test_connection_watch_logs_outage_with_its_duration(caplog: pytest.LogCaptureFixture) -> None:
     now = [100.0]
     watch = ConnectionWatch("site s1", log, clock=lambda: now[0])
