@@ -40,6 +40,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from turbofed.benchmarks import emit, machine_info
@@ -105,15 +106,23 @@ def environment() -> dict[str, Any]:
 
 
 class NullClient:
-    """Stands in for the agent's paho client: publishes go nowhere (but are counted)."""
+    """Stands in for the agent's paho client: publishes go nowhere (but are counted) and are
+    acknowledged at once, so the agent's outbox empties as with a broker."""
 
     def __init__(self) -> None:
         self.messages = 0
         self.bytes = 0
+        self.on_publish: Any = None
 
-    def publish(self, topic: str, payload: bytes = b"", qos: int = 0, retain: bool = False) -> None:
+    def is_connected(self) -> bool:
+        return True
+
+    def publish(self, topic: str, payload: bytes = b"", qos: int = 0, retain: bool = False) -> SimpleNamespace:
         self.messages += 1
         self.bytes += len(payload)
+        if qos and self.on_publish is not None:
+            self.on_publish(self, None, self.messages, None, None)
+        return SimpleNamespace(mid=self.messages, rc=0)
 
     def disconnect(self) -> None:
         pass

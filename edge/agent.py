@@ -43,6 +43,7 @@ from turbofed.config import ModelSettings, SiteConfig, load_site_config, require
 from turbofed.edge.buffer import TrainingBuffer, load_histories, save_histories
 from turbofed.edge.features import EngineWindow
 from turbofed.edge.inference import OnnxPredictor
+from turbofed.edge.outbox import OUTBOX_DB, Outbox
 from turbofed.edge.state import (
     BUFFER_NPZ,
     ENGINES_NPZ,
@@ -55,6 +56,7 @@ from turbofed.edge.state import (
     retire_legacy_learners,
     save_learners,
 )
+from turbofed.edge.storage import StorageWatch
 from turbofed.errors import Refused
 from turbofed.files import write_atomic
 from turbofed.messages import (
@@ -75,7 +77,7 @@ from turbofed.messages import (
     signed,
 )
 from turbofed.metrics import phm08_score, rmse
-from turbofed.mqtt import Subscriptions, client_id, connect, make_client
+from turbofed.mqtt import ConnectionWatch, Subscriptions, client_id, connect, make_client
 from turbofed.ratelog import RateLimitedLog, RefusalLog
 from turbofed.refusals import Refusal
 from turbofed.spec import FeatureSpec
@@ -86,16 +88,22 @@ log = logging.getLogger("turbofed.edge")
 SAVE_EVERY_S = 2.0
 SCORE_ROWS = 5_000  # labelled cycles (the first failed engines) a new global model is scored on
 MAX_EVALUATION_RMSE = 1e9  # what a global model that predicts nothing finite scores (score_global)
+STOP_WAIT_S = 3.0  # at shutdown, how long the outbox may take to reach the broker
 SWEEP_EVERY_S = 60.0  # how often engines that went quiet are looked for
 MAX_WINDOWS_PER_ENGINE = 4  # feature windows kept per engine (one per spec: local, fleet, and a spare)
+FIRST_ROWS = 8  # history rows an engine starts with (grown by doubling as readings come)
 
 
 class EngineTrack:
-    """One engine in service: its history since install (bounded) and its feature windows."""
+    """One engine in service: its history since install (bounded) and its feature windows.
+
+    Memory follows the readings held: the history starts at FIRST_ROWS rows and doubles as
+    it fills (up to `history_cycles`), so an engine heard from once costs ~2 KB, not a
+    preallocated block; each feature window is (2 x window, sensors) floats, whatever the history."""
 
     def __init__(self, cycles: np.ndarray | None = None, sensors: np.ndarray | None = None) -> None:
-        self.cycles = np.zeros(64, dtype=np.int64) if cycles is None else np.array(cycles, dtype=np.int64)
-        self.sensors = np.zeros((64, 21)) if sensors is None else np.array(sensors, dtype=float)
+        self.cycles = np.zeros(FIRST_ROWS, dtype=np.int64) if cycles is None else np.array(cycles, dtype=np.int64)
+        self.sensors = np.zeros((FIRST_ROWS, 21)) if sensors is None else np.array(sensors, dtype=float)
         self.n = 0 if cycles is None else len(cycles)
         self.windows: dict[FeatureSpec, EngineWindow] = {}
         self.last: tuple[int, float | None, float | None] | None = None  # cycle, local, federated
@@ -114,7 +122,7 @@ class EngineTrack:
             self.cycles[:-1], self.sensors[:-1] = self.cycles[1:].copy(), self.sensors[1:].copy()
             self.n -= 1
         elif self.n == len(self.cycles):
-            grow = min(2 * self.n, limit) - self.n
+            grow = max(min(2 * self.n, limit) - self.n, 1)
             self.cycles = np.concatenate([self.cycles, np.zeros(grow, dtype=np.int64)])
             self.sensors = np.vstack([self.sensors, np.zeros((grow, 21))])
         self.cycles[self.n], self.sensors[self.n] = cycle, sensors
@@ -170,8 +178,11 @@ class EdgeAgent:
         self.metrics_dirty = False
         self.dirty = False
         self._last_save = 0.0
+        self._saved_global = -1  # the version in global.onnx
+        self.storage = StorageWatch(self.site, self.state_dir, log)
+        self.watch = ConnectionWatch(f"site {self.site}", log)
         self._reported_rows = -1
-        self.client = None
+        self._client: Any = None
         identity = config.identity
         self.sealer, self.verifier = signed.site_keys(
             self.site, *((identity.fleet_id, identity.signing_key, identity.aggregator_key) if identity else (None, None, None)))
@@ -187,9 +198,26 @@ class EdgeAgent:
         }
         self._plant_routes: dict[str, Callable[[str, bytes], None]] = {"sensors": self.on_reading, "events": self.on_event}
         self._restore()
+        # Reports wait on disk until the broker has them (after _restore: a bad state file stops us first).
+        reports = {"update": self.topics.update(self.site), "metrics": self.topics.metrics(self.site), "stats": self.topics.stats(self.site),
+                   "predictions": self.topics.predictions(self.site), "telemetry": self.topics.site(self.site, "telemetry"),
+                   "evaluation": self.topics.site(self.site, "evaluation")}
+        self.outbox = Outbox(self.state_dir / OUTBOX_DB, config.outbox_max_bytes, reports, self.site, log, self.counters)
         signed.warn_if_unsigned(self.sealer, f"site {self.site}")
 
     # --- lifecycle -------------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        """The MQTT client (paho, or a stand-in with publish/is_connected/on_publish)."""
+        return self._client
+
+    @client.setter
+    def client(self, client: Any) -> None:
+        """Whatever client is used, its acknowledgements empty the outbox."""
+        self._client = client
+        if client is not None:
+            client.on_publish = self.outbox.acknowledged
 
     def start(self) -> None:
         """Connect (reconnects are automatic) and subscribe."""
@@ -199,6 +227,7 @@ class EdgeAgent:
         self.client = make_client(client_id(f"edge-{self.site}", self.config.broker), self.config.broker, will=(self.topics.status(self.site), offline), persistent_session=True)
         self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
         self.client.on_connect = self._on_connect
+        self.watch.attach(self.client)
         self.subscriptions = Subscriptions(
             self.client,
             [
@@ -230,15 +259,21 @@ class EdgeAgent:
                 pass
             else:
                 self.handle(topic, payload)
+            self.outbox.pump(self.client)
             if time.monotonic() >= next_flush:
                 self.flush()
                 next_flush = time.monotonic() + self.config.predictions_every_s
         self.drain()
         self.flush()
         self.save()
+        deadline = time.monotonic() + STOP_WAIT_S  # what the broker does not take by then is sent at the next start
+        while self.outbox.pending and self.client.is_connected() and time.monotonic() < deadline:
+            self.outbox.pump(self.client)
+            time.sleep(0.02)
         self.publish_status(online=False)
         self.client.disconnect()
         self.client.loop_stop()
+        self.outbox.close()
 
     def drain(self) -> None:
         """Handle whatever is already queued (used at shutdown and by tests)."""
@@ -376,7 +411,7 @@ class EdgeAgent:
         if self.buffer.rows < request.min_samples:
             raise MessageError(f"{what}: {self.buffer.rows} labelled rows, the request needs {request.min_samples}", Refusal.STATS_TOO_FEW_SAMPLES)
         reply = StatsReply(request.request_id, self.site, self.buffer.rows, len(engines), self.buffer.stats(request.window))
-        self.client.publish(self.topics.stats(self.site), self.sealer.seal(signed.STATS, reply.to_payload()), qos=1)
+        self._report("stats", self.sealer.seal(signed.STATS, reply.to_payload()))
         self.stats_answer = {"request_id": request.request_id, "spec": spec_key, "engines": sorted(engines)}
         self.counters["sent.stats"] += 1
         self.dirty = True
@@ -406,9 +441,9 @@ class EdgeAgent:
         except Exception as exc:  # onnxruntime raises its own types for what it cannot run
             raise MessageError(f"global model v{env.model_version}: onnxruntime cannot load it: {exc}", Refusal.NOT_ONNX) from None
         self.global_model, self.global_version, self.fed_predictor = env.body, env.model_version, predictor
-        write_atomic(self.state_dir / GLOBAL_ONNX, env.body)
         log.info("site %s: global model v%d received (round %d)", self.site, env.model_version, env.round)
         self.dirty = True
+        self.save()  # global.onnx before state.json names its version
         self.publish_status(online=True)
         self.score_global()
         if self.pending_round and self.global_version >= self.pending_round.model_version:
@@ -426,8 +461,7 @@ class EdgeAgent:
             error = self.fed_predictor.predict(x) - np.minimum(y, self.settings.rul_cap)
             rmse = float(np.sqrt(np.mean(error * error)))
         body = ModelEvaluation(self.site, self.global_version, min(rmse, MAX_EVALUATION_RMSE) if math.isfinite(rmse) else MAX_EVALUATION_RMSE, len(y))
-        if self.client is not None:
-            self.client.publish(self.topics.site(self.site, "evaluation"), self.sealer.seal(signed.EVALUATION, body.to_payload()), qos=1)
+        self._report("evaluation", self.sealer.seal(signed.EVALUATION, body.to_payload()))
 
     def _on_round_payload(self, payload: bytes) -> None:
         opened = self.verifier.open(signed.ROUND, payload, signer=signed.AGGREGATOR)
@@ -510,7 +544,7 @@ class EdgeAgent:
 
     def _send(self, ann: RoundAnnouncement, kind: str, body: bytes, samples: int) -> None:
         payload = self.sealer.envelope(kind=kind, round=ann.round, model_version=ann.model_version, samples=samples, body=body, epoch=self.epoch)
-        self.client.publish(self.topics.update(self.site), payload, qos=1)
+        self._report("update", payload, ann.round)
         self.counters[f"sent.{kind}"] += 1
         self._answered(ann)
 
@@ -530,9 +564,11 @@ class EdgeAgent:
             samples=self.buffer.rows,
             profile="training" if self.training else "inference",
             at=time.time(),
+            storage=self.storage.state,
         )
         self._reported_rows = self.buffer.rows
-        if self.client is not None:
+        # Retained and sent again at every connect: not queued while the broker is away.
+        if self.client is not None and (self.client.is_connected() or not online):
             self.client.publish(self.topics.status(self.site), self.sealer.seal(signed.STATUS, status.to_payload()), qos=1, retain=True)
 
     def flush(self) -> None:
@@ -553,18 +589,22 @@ class EdgeAgent:
             rows, self.pending_rows = self.pending_rows[:MAX_PREDICTION_ROWS], self.pending_rows[MAX_PREDICTION_ROWS:]
             truth, self.pending_truth = self.pending_truth[:MAX_PREDICTION_ROWS], self.pending_truth[MAX_PREDICTION_ROWS:]
             body = Predictions(self.site, tuple(rows), tuple(truth))
-            self.client.publish(self.topics.predictions(self.site), self.sealer.seal(signed.PREDICTIONS, body.to_payload()), qos=1)
+            self._report("predictions", self.sealer.seal(signed.PREDICTIONS, body.to_payload()))
         while self.pending_sensors:
             rows, self.pending_sensors = self.pending_sensors[:MAX_TELEMETRY_ROWS], self.pending_sensors[MAX_TELEMETRY_ROWS:]
-            payload = self.sealer.seal(signed.TELEMETRY, Telemetry(self.site, tuple(rows)).to_payload())
-            self.client.publish(self.topics.site(self.site, "telemetry"), payload, qos=1)
+            self._report("telemetry", self.sealer.seal(signed.TELEMETRY, Telemetry(self.site, tuple(rows)).to_payload()))
         if self.metrics_dirty:
-            self.client.publish(self.topics.metrics(self.site), self.sealer.seal(signed.METRICS, self.metrics().to_payload()), qos=1)
+            self._report("metrics", self.sealer.seal(signed.METRICS, self.metrics().to_payload()))
             self.metrics_dirty = False
         if self.buffer.rows != self._reported_rows:  # the dashboard shows training samples per site
             self.publish_status(online=True)
         if self.dirty and time.monotonic() - self._last_save > SAVE_EVERY_S:
             self.save()
+
+    def _report(self, kind: str, payload: bytes, round_no: int | None = None) -> None:
+        """Queue a report in the outbox (sent in order, kept until the broker has it)."""
+        self.outbox.put(kind, payload, self.client, round_no)
+        self.outbox.pump(self.client)
 
     def metrics(self) -> Metrics:
         """Local vs federated on engines whose true RUL is known (prediction at the truth cycle)."""
@@ -578,12 +618,31 @@ class EdgeAgent:
                 scores.append(ModelScore(round(rmse(p, truth[ok]), 4), round(phm08_score(p, truth[ok]), 2), int(ok.sum())))
             else:
                 scores.append(ModelScore())
-        return Metrics(self.site, self.global_version, len(self.scored), scores[0], scores[1], dict(self.counters))
+        counters = {**self.counters, **self.watch.counters(), "outbox.pending": self.outbox.pending}
+        return Metrics(self.site, self.global_version, len(self.scored), scores[0], scores[1], counters)
 
     # --- persistence -----------------------------------------------------------------
 
     def save(self) -> None:
-        """Everything needed to resume, each file replaced atomically (docs/agent-state.md)."""
+        """Everything needed to resume, each file replaced atomically (docs/agent-state.md).
+        A folder that is full or read-only fails the save, never the agent: the previous files
+        stay whole, the agent goes on from memory and the next save tries again."""
+        try:
+            self._write_state()
+        except OSError as exc:
+            self._last_save = time.monotonic()  # dirty stays set: tried again in SAVE_EVERY_S
+            if self.storage.failed(exc, self.buffer.rows):
+                self.publish_status(online=True)
+            return
+        self.dirty = False
+        self._last_save = time.monotonic()
+        if self.storage.saved(self.buffer.rows):
+            self.publish_status(online=True)
+
+    def _write_state(self) -> None:
+        if self.global_model is not None and self._saved_global != self.global_version:
+            write_atomic(self.state_dir / GLOBAL_ONNX, self.global_model)
+            self._saved_global = self.global_version
         self.buffer.save(self.state_dir / BUFFER_NPZ)
         in_service = [(e, *t.history(), np.zeros(t.n)) for e, t in self.engines.items()]
         save_histories(self.state_dir / ENGINES_NPZ, in_service)
@@ -592,8 +651,6 @@ class EdgeAgent:
         write_atomic(self.state_dir / STATE_JSON, state.to_json())
         if self.training and (self.fed_learner or self.local_learner):
             save_learners(self.state_dir / LEARNERS_NPZ, {"federated": self.fed_learner, "local": self.local_learner})
-        self.dirty = False
-        self._last_save = time.monotonic()
 
     def _restore(self) -> None:
         """Read the state folder; any file that cannot be used raises StateError (naming it)
@@ -619,6 +676,7 @@ class EdgeAgent:
             self.engines[engine] = EngineTrack(cycles[keep], sensors[keep])
         if saved_global is not None:
             (self.global_model, self.fed_predictor), self.global_version = saved_global, state.global_version
+            self._saved_global = state.global_version
         self.fed_learner, self.local_learner = saved_learners.get("federated"), saved_learners.get("local")
         if self.local_learner is not None:
             self.local_spec = self.local_learner.spec

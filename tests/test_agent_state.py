@@ -119,7 +119,7 @@ def saved_state(runs, data, tmp_path_factory: pytest.TempPathFactory) -> Path:
     agent.fed_learner.train(*agent.buffer.training_rows(spec), epochs=1)
     agent._train_local()
     agent.save()
-    assert sorted(p.name for p in state_dir.iterdir()) == ["buffer.npz", "engines.npz", "global.onnx", "learners.npz", "state.json"]
+    assert sorted(p.name for p in state_dir.iterdir()) == ["buffer.npz", "engines.npz", "global.onnx", "learners.npz", "outbox.sqlite", "state.json"]
     return state_dir
 
 

@@ -169,6 +169,7 @@ SITE_CASES = [
     ("SiteConfig", "max_engines", SITE_BASE + "max_engines = 0\n", r"max_engines must be an integer in 1..10000000, got 0"),
     ("SiteConfig", "engine_idle_s", SITE_BASE + "engine_idle_s = -1.5\n", r"engine_idle_s must be a number > 0 and <= 1000000000, got -1.5"),
     ("SiteConfig", "sensor_abs_max", SITE_BASE + "sensor_abs_max = inf\n", r"sensor_abs_max must be a number > 0 and <= 1e\+300, got inf"),
+    ("SiteConfig", "outbox_max_bytes", SITE_BASE + "outbox_max_bytes = 1000\n", r"outbox_max_bytes must be an integer in 65536\.\.549755813888, got 1000"),
     ("BrokerSettings", "host", SITE_BASE + '[broker]\nhost = ""\n', r"\[broker\] host must be a non-empty string, got ''"),
     ("BrokerSettings", "port", SITE_BASE + "[broker]\nport = -1\n", r"\[broker\] port must be an integer in 1..65535, got -1"),
     ("BrokerSettings", "topic_root", SITE_BASE + '[broker]\ntopic_root = "tfl/#"\n', r"\[broker\] topic_root: invalid topic root level '#'"),

@@ -174,7 +174,7 @@ def test_inference_agent_predicts_follows_the_global_model_and_never_imports_skl
 
 CHILD = textwrap.dedent(
     """
-    import json, sys, time, uuid
+    import json, sys, time, types, uuid
     from pathlib import Path
     from turbofed.edge.agent import EdgeAgent
     from turbofed.config import ModelSettings, SiteConfig
@@ -186,9 +186,17 @@ CHILD = textwrap.dedent(
     spec, settings = json.loads((work / "spec.json").read_text()), json.loads((work / "settings.json").read_text())
     published = []
 
-    class Client:
+    class Client:  # connected; acknowledges every message at once (so the outbox empties)
+        on_publish = None
+
+        def is_connected(self):
+            return True
+
         def publish(self, topic, payload=b"", qos=0, retain=False):
             published.append(topic)
+            if qos and self.on_publish:
+                self.on_publish(self, None, len(published), None, None)
+            return types.SimpleNamespace(mid=len(published), rc=0)
 
     t = Topics()
     agent = EdgeAgent(SiteConfig(site="s1", state_dir=str(work / "state"), insecure_unsigned=True), training=False)
@@ -237,18 +245,12 @@ def test_inference_agent_in_process_never_imports_sklearn(trained: dict, tmp_pat
 
 
 def _inference_agent(tmp_path: Path):
+    from tests.fakeclient import FakeClient
     from turbofed.config import SiteConfig
     from turbofed.edge.agent import EdgeAgent
 
-    class Capture:
-        def __init__(self) -> None:
-            self.sent: list[tuple[str, bytes]] = []
-
-        def publish(self, topic: str, payload: bytes = b"", qos: int = 0, retain: bool = False) -> None:
-            self.sent.append((topic, payload))
-
     agent = EdgeAgent(SiteConfig(site="s1", state_dir=str(tmp_path / "state"), insecure_unsigned=True), training=False)
-    agent.client = Capture()
+    agent.client = FakeClient()
     return agent
 
 

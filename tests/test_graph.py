@@ -14,6 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from tests.fakeclient import FakeClient
 from turbofed import envelope
 from turbofed.aggregator.rounds import Rejected, Round
 from turbofed.aggregator.strategies import FedAvg, SiteUpdate, merge
@@ -270,14 +271,7 @@ def test_a_round_has_no_site_proposed_model() -> None:
 # --- the site's side ----------------------------------------------------------------------
 
 
-class Capture:
-    """Stands in for the MQTT client: records what the agent publishes."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes]] = []
-
-    def publish(self, topic: str, payload: bytes = b"", qos: int = 0, retain: bool = False) -> None:
-        self.sent.append((topic, payload))
+Capture = FakeClient  # stands in for the MQTT client: records what the agent publishes
 
 
 def test_site_update_is_the_global_model_with_its_weights(cmapss_dir: Path, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from turbofed.messages import (
     Status,
     Telemetry,
 )
+from turbofed.messages.site import STORAGE_STATES
 from turbofed.refusals import Refusal
 from turbofed.spec import FeatureSpec, FleetStats
 from turbofed.topics import Topics
@@ -72,6 +73,7 @@ SITE_MESSAGES = [
     Metrics(SITE, -1, 0),
     Predictions(SITE, (("e1", 4, 101.5, None), ("e2", 9, None, 88.0)), (("e3", 31, 112.0), ("e1", 4, 0.0))),
     Telemetry(SITE, (("e1", 4, (0.0, 0.1, 100.0), tuple(float(i) for i in range(N_SENSORS))),)),
+    Status(SITE, True, samples=4880, storage="full"),
 ]
 FLEET_MESSAGES = [_open_round(), RoundAnnouncement(5, _spec(), done=True), StatsRequest("r1", 50, 30), _reading(),
                   EngineEvent("failure", 192), EngineEvent("truth", 31, 112.0)]
@@ -117,15 +119,17 @@ cycles = st.integers(0, 2**53 - 1)
     cycle=cycles,
     online=st.booleans(),
     at=st.none() | st.floats(0, 1e10),
+    storage=st.none() | st.sampled_from(STORAGE_STATES),
 )
-def test_property_round_trips(rows: list, truth: list, sensors: list, setting: list, cycle: int, online: bool, at: float | None) -> None:
+def test_property_round_trips(rows: list, truth: list, sensors: list, setting: list, cycle: int, online: bool, at: float | None,
+                              storage: str | None) -> None:
     predictions = Predictions(SITE, tuple(rows), tuple(truth))
     assert Predictions.from_payload(predictions.to_payload(), site=SITE) == predictions
     reading = SensorReading(cycle, tuple(setting), tuple(sensors))
     assert SensorReading.from_payload(reading.to_payload()) == reading
     telemetry = Telemetry(SITE, tuple((e, c, tuple(setting), tuple(sensors)) for e, c, _, _ in rows))
     assert Telemetry.from_payload(telemetry.to_payload(), site=SITE) == telemetry
-    status = Status(SITE, online, samples=cycle, at=at)
+    status = Status(SITE, online, samples=cycle, at=at, storage=storage)
     assert Status.from_payload(status.to_payload(), site=SITE) == status
 
 
@@ -174,7 +178,7 @@ def test_arbitrary_json_objects_raise_only_message_error(body: dict, own_site: b
 # --- hostile payloads, each refused for its reason ---------------------------------------------
 
 
-def _refusal(parse, payload: bytes | dict, **kw: object) -> Refusal:  # noqa: ANN001
+def _refusal(parse, payload: bytes | dict, **kw: object) -> Refusal:
     raw = json.dumps(payload).encode() if isinstance(payload, dict) else payload
     with pytest.raises(MessageError) as info:
         parse(raw, **kw)
@@ -241,6 +245,8 @@ SENSOR_ROW = ["e1", 4, [0.0, 0.0, 100.0], [1.0] * N_SENSORS]
     (Status, {"site": SITE, "online": True, "samples": -5}, Refusal.OUT_OF_RANGE),
     (Status, {"site": SITE, "online": True, "samples": 2**60}, Refusal.OUT_OF_RANGE),
     (Status, {"site": SITE, "online": True, "at": "now"}, Refusal.NOT_A_NUMBER),
+    (Status, {"site": SITE, "online": True, "storage": "melted"}, Refusal.WRONG_FIELDS),
+    (Status, {"site": SITE, "online": True, "storage": 3}, Refusal.WRONG_FIELDS),
     (Status, {"site": SITE, "online": True, "agent_version": "x" * 1000}, Refusal.WRONG_FIELDS),
     (Metrics, _site_body(SITE_MESSAGES[4], model_version=-2), Refusal.OUT_OF_RANGE),
     (Metrics, _site_body(SITE_MESSAGES[4], local={"rmse": -1.0, "score": 0, "engines": 1}), Refusal.OUT_OF_RANGE),

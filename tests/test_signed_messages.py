@@ -16,6 +16,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from tests.fakeclient import FakeClient
 from tests.livefleet import LiveFleet, site_identity, wait_for
 from turbofed import envelope
 from turbofed.config import FleetConfig, ModelSettings, SiteConfig, load_fleet_config, load_site_config
@@ -144,14 +145,12 @@ def test_a_revoked_site_is_an_unknown_signer(pki_dir: Path, keys: Keys, tmp_path
 # --- what an agent receives ---------------------------------------------------------------
 
 
-class Recorder:
+class Recorder(FakeClient):
     """Stands in for the MQTT client of an agent under test: keeps what it publishes."""
 
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes]] = []
-
-    def publish(self, topic: str, payload: bytes = b"", qos: int = 0, retain: bool = False):  # noqa: ANN201, ARG002
-        self.published.append((topic, payload))
+    @property
+    def published(self) -> list[tuple[str, bytes]]:
+        return self.sent
 
 
 def _agent(pki_dir: Path, tmp_path: Path):  # noqa: ANN202

@@ -125,6 +125,7 @@ RANGES: dict[str, dict[str, Limit]] = {
         "max_engines": Limit(1, 10_000_000),
         "engine_idle_s": Limit(0, 1e9, above=True),
         "sensor_abs_max": Limit(0, 1e300, above=True),
+        "outbox_max_bytes": Limit(64 * 1024, 2**39),
     },
     "FleetConfig": {
         "sites": Limit(items=(1, 100_000), check=_site_ids),
@@ -389,9 +390,15 @@ class SiteConfig:
     share_sensors: bool = False  # raw sensor rows never leave the site unless this is set
     min_stats_engines: int = 5  # statistics are shared only over at least this many labelled engines
     max_stats_window: int = 250  # a statistics request for a longer window is unaffordable: refused
-    max_engines: int = 10_000  # engines tracked at once; a new engine beyond this is refused
+    # Engines tracked at once; a new engine beyond this is refused (TOO_MANY_ENGINES) unless an idle one
+    # can be forgotten. A turbofan site has tens to hundreds of engines: 1,000 leaves room for renumbering
+    # and spares while bounding memory (~0.4 MB per engine at the default history_cycles: ~0.4 GB worst case).
+    max_engines: int = 1_000
     engine_idle_s: float = 7 * 24 * 3600.0  # an engine not heard from for this long is forgotten
     sensor_abs_max: float = 1e6  # plausibility bound on every sensor and setting value (absolute)
+    # Reports waiting for the broker (edge/outbox.py), payload bytes. 16 MiB holds a day of predictions
+    # for 100 engines reporting every minute (~6 MB) plus a few updates; beyond it the oldest predictions go.
+    outbox_max_bytes: int = 16 * 1024 * 1024
     identity: IdentitySettings | None = None
     insecure_unsigned: bool = False
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
+from collections.abc import Callable
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -141,3 +144,64 @@ class Subscriptions:
     def wait(self, timeout: float = 10.0) -> None:
         if not self.ready.wait(timeout):
             raise ConnectError(f"the broker did not acknowledge our subscriptions within {timeout:.0f} s")
+
+
+class ConnectionWatch:
+    """Says when the broker goes away and when it is back, with how long it was gone, and
+    counts outages: paho reconnects silently, so without this an outage leaves no trace.
+
+    `attach` wraps the client's on_connect/on_disconnect set so far (call it after setting
+    yours); the agent's Status/metrics and the aggregator read `outages` and `counters()`."""
+
+    def __init__(self, name: str, logger: logging.Logger = log, clock: Callable[[], float] = time.monotonic) -> None:
+        self.name, self.log, self.clock = name, logger, clock
+        self.outages = 0  # connections lost (not counting our own disconnects)
+        self.down_s = 0.0  # time without the broker, summed over ended outages
+        self.last_outage_s: float | None = None
+        self._lost_at: float | None = None  # clock() when the current outage began
+        self._lock = threading.Lock()
+
+    @property
+    def connected(self) -> bool:
+        return self._lost_at is None
+
+    def attach(self, client: mqtt.Client) -> ConnectionWatch:
+        on_connect, on_disconnect = client.on_connect, client.on_disconnect
+
+        def connected(c: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+            if not getattr(reason_code, "is_failure", False):
+                self.back()
+            if on_connect:
+                on_connect(c, userdata, flags, reason_code, properties)
+
+        def disconnected(c: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+            if getattr(reason_code, "is_failure", True):  # a normal disconnection is ours: not an outage
+                self.lost(str(reason_code))
+            if on_disconnect:
+                on_disconnect(c, userdata, flags, reason_code, properties)
+
+        client.on_connect, client.on_disconnect = connected, disconnected
+        return self
+
+    def lost(self, why: str) -> None:
+        with self._lock:
+            if self._lost_at is not None:
+                return  # a failed reconnect attempt during the same outage
+            self._lost_at = self.clock()
+            self.outages += 1
+        self.log.warning("%s: broker lost at %s UTC (%s); reconnecting", self.name, time.strftime("%H:%M:%S", time.gmtime()), why)
+
+    def back(self) -> None:
+        with self._lock:
+            if self._lost_at is None:
+                return  # the first connection
+            took, self._lost_at = self.clock() - self._lost_at, None
+            self.down_s += took
+            self.last_outage_s = took
+        self.log.warning("%s: broker back after %.1f s (outage %d)", self.name, took, self.outages)
+
+    def counters(self) -> dict[str, int]:
+        """For a metrics message: outages so far and whole seconds without the broker."""
+        with self._lock:
+            ongoing = self.clock() - self._lost_at if self._lost_at is not None else 0.0
+            return {"broker.outages": self.outages, "broker.down_s": int(self.down_s + ongoing)}

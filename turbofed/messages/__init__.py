@@ -14,7 +14,7 @@ a `Refusal`, for anything else. Nothing from another process is used before it p
     tfl/v1/stats/request           StatsRequest       {"request_id", "min_samples", "window"}
     tfl/v1/sites/<site>/stats      StatsReply         {"request_id", "site", "samples", "engines", "stats"}
     tfl/v1/sites/<site>/status     Status             {"site", "online", "agent_version",
-                                   "model_version", "samples", "profile", "at"}
+                                   "model_version", "samples", "profile", "at", "storage"}
     tfl/v1/sites/<site>/metrics    Metrics            {"site", "model_version", "engines",
                                    "local": {"rmse", "score", "engines"}, "federated": {...}, "counters"}
     tfl/v1/sites/<site>/evaluation ModelEvaluation    {"site", "model_version", "rmse", "rows"}

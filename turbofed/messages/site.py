@@ -29,10 +29,20 @@ from turbofed.messages._check import (
 )
 from turbofed.refusals import Refusal
 
+STORAGE_STATES = ("ok", "full", "read-only", "error")  # Status.storage: can the agent save its state?
+
+
+def storage_state(value: object, where: str) -> str:
+    if value not in STORAGE_STATES:
+        raise MessageError(f"{where} must be one of {', '.join(STORAGE_STATES)}, got {value!r:.40}", Refusal.WRONG_FIELDS)
+    return str(value)
+
 
 @dataclass(frozen=True)
 class Status:
-    """A site is online or offline (its last will carries only site and online)."""
+    """A site is online or offline (its last will carries only site and online). `storage`
+    (optional; absent from older agents) says whether its state folder still takes saves:
+    "full" or "read-only" means it serves from memory and keeps its last saved state."""
 
     site: str
     online: bool
@@ -41,15 +51,19 @@ class Status:
     samples: int | None = None
     profile: str | None = None
     at: float | None = None
+    storage: str | None = None
 
     def to_payload(self) -> bytes:
-        return encode_json({
+        body = {
             "site": self.site, "online": self.online, "agent_version": self.agent_version, "model_version": self.model_version,
             "samples": self.samples, "profile": self.profile, "at": self.at,
-        })
+        }
+        if self.storage is not None:  # absent, not null: the payload of an agent that does not say stays as it was
+            body["storage"] = self.storage
+        return encode_json(body)
 
     @classmethod
-    def from_payload(cls, payload: bytes, *, site: str) -> "Status":
+    def from_payload(cls, payload: bytes, *, site: str) -> Status:
         what = f"status from {site}"
         body = json_body(payload, what)
         site_of(body, site, what)
@@ -61,6 +75,7 @@ class Status:
             optional(body.get("samples"), whole, f"{what} samples"),
             optional(body.get("profile"), text, f"{what} profile"),
             optional(body.get("at"), finite, f"{what} at", lo=0.0),
+            optional(body.get("storage"), storage_state, f"{what} storage"),
         )
 
 
@@ -76,7 +91,7 @@ class ModelScore:
         return {"rmse": self.rmse, "score": self.score, "engines": self.engines}
 
     @classmethod
-    def from_dict(cls, value: Any, where: str) -> "ModelScore":
+    def from_dict(cls, value: Any, where: str) -> ModelScore:
         if not isinstance(value, dict):
             raise MessageError(f"{where} must be an object, got {type(value).__name__}", Refusal.WRONG_FIELDS)
         return cls(
@@ -108,7 +123,7 @@ class Metrics:
         return encode_json(self.to_dict())
 
     @classmethod
-    def from_payload(cls, payload: bytes, *, site: str) -> "Metrics":
+    def from_payload(cls, payload: bytes, *, site: str) -> Metrics:
         what = f"metrics from {site}"
         body = json_body(payload, what)
         site_of(body, site, what)
@@ -168,7 +183,7 @@ class Predictions:
         return encode_json({"site": self.site, "rows": [list(r) for r in self.rows], "truth": [list(t) for t in self.truth]})
 
     @classmethod
-    def from_payload(cls, payload: bytes, *, site: str) -> "Predictions":
+    def from_payload(cls, payload: bytes, *, site: str) -> Predictions:
         what = f"predictions from {site}"
         body = json_body(payload, what)
         site_of(body, site, what)
@@ -199,7 +214,7 @@ class Telemetry:
         return encode_json({"site": self.site, "rows": [[e, c, list(st), list(se)] for e, c, st, se in self.rows]})
 
     @classmethod
-    def from_payload(cls, payload: bytes, *, site: str) -> "Telemetry":
+    def from_payload(cls, payload: bytes, *, site: str) -> Telemetry:
         what = f"telemetry from {site}"
         body = json_body(payload, what)
         site_of(body, site, what)

@@ -135,8 +135,9 @@ class BrokerHandle:
             return ""
         return self.log_path.read_text(errors="replace")[-limit:]
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Terminate the broker (SIGTERM: Mosquitto saves its database), then kill if stuck."""
+    def halt(self, timeout: float = 10.0) -> None:
+        """Terminate the broker process but keep its folder (config, persistence, log), so
+        `start_again` can bring the same broker back: what an outage looks like to clients."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -145,6 +146,25 @@ class BrokerHandle:
                 log.warning("%s broker on %s did not stop in %.0fs; killing it", self.kind, self.address, timeout)
                 self.process.kill()
                 self.process.wait(5)
+
+    def start_again(self, timeout: float = 20.0) -> None:
+        """Start a halted broker again on the same port with the same config and persistence
+        (Mosquitto saved its database at SIGTERM: retained messages and persistent sessions
+        are back). Returns once it accepts MQTT connections."""
+        if self.running():
+            raise BrokerError(f"the {self.kind} broker on {self.address} is still running")
+        self.process, self.log_path = _spawn(self.kind, self.host, self.port, self.workdir, self.log_path is None, self.pki)
+        _live.add(self)
+        probe = probe_tls_context(self.pki) if self.pki is not None else None
+        deadline = time.monotonic() + timeout
+        while not mqtt_ping(self.host, self.port, tls=probe):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise BrokerError(f"{self.kind} broker on {self.address} did not come back. Its output:\n{self.log_text().strip()}")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Terminate the broker (SIGTERM: Mosquitto saves its database), then kill if stuck."""
+        self.halt(timeout)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
