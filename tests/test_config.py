@@ -200,6 +200,7 @@ FLEET_CASES = [
     ("FleetConfig", "pki", 'sites = ["a"]\nstore = "r"\nregistry = "g"\npki = 7\n', r"pki must be the path of the fleet's identity folder"),
     ("FleetConfig", "insecure_unsigned", 'sites = ["a"]\nstore = "r"\nregistry = "g"\ninsecure_unsigned = 1\n', r"insecure_unsigned must be true or false, got 1"),
     ("FleetConfig", "epoch", FLEET_BASE + "epoch = -1\n", r"epoch must be an integer in 0..1000000000, got -1"),
+    ("FleetConfig", "rollback_margin", FLEET_BASE + "rollback_margin = -0.1\n", r"rollback_margin must be a number in 0..100, got -0.1"),
     ("ModelSettings", "kind", FLEET_BASE + '[model]\nkind = ""\n', r"\[model\] kind must be a non-empty string, got ''"),
     ("ModelSettings", "hidden", FLEET_BASE + "[model]\nhidden = [64, 0]\n", r"\[model\] hidden must be a list of 0..16 integers \(in 1..4096\), got \[64, 0\]"),
     ("ModelSettings", "learning_rate", FLEET_BASE + "[model]\nlearning_rate = 0\n", r"\[model\] learning_rate must be a number > 0 and <= 10, got 0"),
