@@ -5,6 +5,10 @@ the global model. The weight used is the claim capped by (a) the most samples th
 aggregator has observed for that site (its fleet-statistics reply or its status, the
 larger), where it has observed any, and (b) `max_site_share` of the round's total, so no
 single site outweighs the rest beyond that share. Each cap is reported per site.
+
+The share cap needs more than 1 / max_site_share updates to be met without making every
+weight equal (two updates and a share of 0.5 would), so with fewer it is not applied and
+only the observed-samples cap holds.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ def capped_weights(claims: dict[str, int], known: dict[str, int], max_share: flo
     """Per site: its claim capped by what is known of it, then by `max_share` of the total.
 
     The share cap is the water-filling fixed point: the largest weights are lowered to one
-    level c with c = max_share * (sum of the others + k * c); if no level works (too few
-    sites for the share), every weight becomes the smallest one (equal weights)."""
+    level c with c = max_share * (sum of the others + k * c); with too few updates for the
+    share it is not applied."""
     used = {s: max(1, min(int(c), MAX_SAMPLES, known[s] if known.get(s, 0) > 0 else MAX_SAMPLES)) for s, c in claims.items()}
     notes = {s: f"weight capped at {used[s]} observed samples (claimed {c})" for s, c in claims.items() if used[s] < c}
     level = _share_level(list(used.values()), max_share)
@@ -42,7 +46,7 @@ def capped_weights(claims: dict[str, int], known: dict[str, int], max_share: flo
 
 def _share_level(weights: list[int], share: float) -> int | None:
     """The level the largest weights are lowered to so none exceeds `share` of the total, or None if none does."""
-    if len(weights) < 2 or max(weights) <= share * sum(weights):
+    if len(weights) * share <= 1 or max(weights) <= share * sum(weights):
         return None
     ordered = sorted(weights, reverse=True)
     for k in range(1, len(ordered)):

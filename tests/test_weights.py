@@ -26,6 +26,66 @@ def test_share_cap_is_a_fixed_point(share: float) -> None:
     assert w["b"].used == 300 and w["c"].used == 200 and "share" in w["a"].note
 
 
-def test_too_few_sites_for_the_share_gives_equal_weights() -> None:
-    w = capped_weights({"a": MAX_SAMPLES, "b": 100}, {}, 0.3)
-    assert w["a"].used == w["b"].used == 100
+def test_share_cap_needs_enough_sites() -> None:
+    """Two updates and a share of 0.5 could only be met by equal weights: not applied."""
+    w = capped_weights({"a": 600, "b": 400}, {}, 0.5)
+    assert (w["a"].used, w["a"].note, w["b"].used) == (600, None, 400)
+
+
+def test_a_round_with_a_huge_sample_claim(tmp_path) -> None:  # noqa: ANN001
+    """In process, the aggregator's own round code: one update claims 2**53-1 samples. No crash,
+    the global is the mean the capped weights make, the record shows the cap, and the global's
+    header is valid (its samples within the envelope's limit)."""
+    import numpy as np
+    import onnx
+
+    from tests.test_registry import _checkpoint_fleet
+    from turbofed import envelope
+    from turbofed.aggregator.registry import ModelRegistry
+    from turbofed.aggregator.rounds import Round
+    from turbofed.aggregator.service import Aggregator
+    from turbofed.codec import read_weights, replace_weights
+    from turbofed.config import FleetConfig, ModelSettings
+    from turbofed.graph import reference_model
+    from turbofed.spec import FeatureSpec
+
+    spec, settings = FeatureSpec((0, 1), 30, (0.5,) * 9, (2.0,) * 9), ModelSettings(seed=3)
+    v1 = reference_model(spec, settings)
+    with ModelRegistry(tmp_path / "registry") as reg:
+        reg.save(1, 1, v1.SerializeToString(), {}, _checkpoint_fleet(spec))
+    config = FleetConfig(sites=("site1", "site2"), store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry"),
+                         model=settings, insecure_unsigned=True)
+
+    class Client:  # what the aggregator publishes, decoded
+        published: list[envelope.Envelope] = []
+
+        def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> object:
+            if topic.endswith("/global"):
+                self.published.append(envelope.decode(payload))
+            return type("Info", (), {"wait_for_publish": lambda self, t=None: None})()
+
+    aggregator = Aggregator(config)
+    try:
+        aggregator.client = Client()
+        aggregator.known_samples = {"site1": 400, "site2": 600}  # what their statistics replies said
+        base = read_weights(aggregator.model)
+        trained = {"site1": {n: w + 1.0 for n, w in base.items()}, "site2": {n: w - 1.0 for n, w in base.items()}}
+        aggregator.round = Round(2, 1, "id", 0.0, 1e12, config.sites)
+        for site, claim in (("site1", MAX_SAMPLES), ("site2", 600)):
+            body = replace_weights(aggregator.model, trained[site]).SerializeToString()
+            aggregator._on_update(site, envelope.encode(kind="update", site=site, round=2, model_version=1, samples=claim, body=body))
+        aggregator._close_round("quorum")
+        assert aggregator.version == 2
+        merged = read_weights(aggregator.model)
+        for n, w in base.items():  # 400 and 600: 0.4 * (w + 1) + 0.6 * (w - 1) = w - 0.2
+            np.testing.assert_allclose(merged[n], w - 0.2, rtol=1e-5, atol=1e-5)
+        (last,) = Client.published
+        assert (last.model_version, last.samples) == (2, 1000)
+        onnx.checker.check_model(onnx.load_model_from_string(last.body))
+        (row,) = [r for r in aggregator.store.rounds() if r["round"] == 2]
+        parts = {p["site"]: p for p in row["participants"]}
+        assert parts["site1"]["samples"] == 400 and "weight capped at 400" in parts["site1"]["action"]
+        assert parts["site2"]["samples"] == 600 and parts["site2"]["action"] == "kept"
+    finally:
+        aggregator.store.close()
+        aggregator.registry.close()
