@@ -55,10 +55,13 @@ def test_killed_at_every_commit_step_loses_and_repeats_no_round(broker, pki_dir:
     try:
         fleet.buffer_training(8, cmapss_dir)
         store = open_store(fleet.fleet.store)
-        stored = lambda: [r["round"] for r in store.rounds()]  # noqa: E731
+
+        def stored() -> list[int]:
+            return [r["round"] for r in store.rounds()]
+
         for number, step in enumerate(STEPS, start=2):
             process = fleet.start_aggregator_process(env={**os.environ, ENV: f"{step}:{number}"})
-            wait_for(f"the aggregator to kill itself {step} of round {number}", lambda: process.poll() is not None, 90)
+            wait_for(f"the aggregator to kill itself {step} of round {number}", lambda p=process: p.poll() is not None, 90)
             assert process.returncode == -signal.SIGKILL, _log(fleet)[-3000:]
             registry, rounds = _registry_versions(fleet), stored()
             agents = {a.global_version for a in fleet.agents.values()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from turbofed.aggregator.weights import MAX_SAMPLES, capped_weights
@@ -32,7 +34,7 @@ def test_share_cap_needs_enough_sites() -> None:
     assert (w["a"].used, w["a"].note, w["b"].used) == (600, None, 400)
 
 
-def test_a_round_with_a_huge_sample_claim(tmp_path) -> None:  # noqa: ANN001
+def test_a_round_with_a_huge_sample_claim(tmp_path: Path) -> None:
     """In process, the aggregator's own round code: one update claims 2**53-1 samples. No crash,
     the global is the mean the capped weights make, the record shows the cap, and the global's
     header is valid (its samples within the envelope's limit)."""
@@ -57,16 +59,17 @@ def test_a_round_with_a_huge_sample_claim(tmp_path) -> None:  # noqa: ANN001
                          model=settings, insecure_unsigned=True)
 
     class Client:  # what the aggregator publishes, decoded
-        published: list[envelope.Envelope] = []
+        def __init__(self) -> None:
+            self.published: list[envelope.Envelope] = []
 
         def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> object:
             if topic.endswith("/global"):
                 self.published.append(envelope.decode(payload))
             return type("Info", (), {"wait_for_publish": lambda self, t=None: None})()
 
-    aggregator = Aggregator(config)
+    aggregator, client = Aggregator(config), Client()
     try:
-        aggregator.client = Client()
+        aggregator.client = client
         aggregator.known_samples = {"site1": 400, "site2": 600}  # what their statistics replies said
         base = read_weights(aggregator.model)
         trained = {"site1": {n: w + 1.0 for n, w in base.items()}, "site2": {n: w - 1.0 for n, w in base.items()}}
@@ -79,7 +82,7 @@ def test_a_round_with_a_huge_sample_claim(tmp_path) -> None:  # noqa: ANN001
         merged = read_weights(aggregator.model)
         for n, w in base.items():  # 400 and 600: 0.4 * (w + 1) + 0.6 * (w - 1) = w - 0.2
             np.testing.assert_allclose(merged[n], w - 0.2, rtol=1e-5, atol=1e-5)
-        (last,) = Client.published
+        (last,) = client.published
         assert (last.model_version, last.samples) == (2, 1000)
         onnx.checker.check_model(onnx.load_model_from_string(last.body))
         (row,) = [r for r in aggregator.store.rounds() if r["round"] == 2]
