@@ -142,7 +142,7 @@ class Aggregator:
             "telemetry": self._on_telemetry,
         }
         try:
-            self._resume(checkpoint)
+            self._resume(checkpoint, reset)
         except BaseException:
             self.store.close()
             self.registry.close()
@@ -151,9 +151,11 @@ class Aggregator:
 
     # --- start, resume ---------------------------------------------------------------
 
-    def _resume(self, ckpt: Checkpoint | None) -> None:
+    def _resume(self, ckpt: Checkpoint | None, reset: bool = False) -> None:
         if ckpt is None:
             self.store.record_event("started", dict(self.strategy_record), time.time())
+            if reset:
+                self._reuse_stats()
             return
         self.version = ckpt.version
         try:
@@ -183,6 +185,24 @@ class Aggregator:
         self.global_samples = _header_samples(p.get("samples", 0) for p in record.get("participants", []))
         self._reconcile(ckpt)
         self.store.record_event("resumed", {"version": ckpt.version, "round": ckpt.round, **self.strategy_record}, time.time())
+
+    def _reuse_stats(self) -> None:
+        """After a reset: the fleet statistics the store recorded last (same window), so the
+        new epoch has the same feature spec without asking sites again."""
+        for event in self.store.events(10_000):
+            if event["kind"] != "fleet_statistics" or not isinstance(event["detail"], dict) or "stats" not in event["detail"]:
+                continue
+            try:
+                stats = FleetStats.from_dict(event["detail"]["stats"])
+                if stats.window == self.config.model.window:
+                    self.stats, self.spec = stats, FeatureSpec.from_stats(stats, self.config.model.window)
+                    log.info("fleet reset: reusing the fleet statistics recorded in the results store (%d labelled cycles)", stats.count)
+                    return
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("fleet statistics in the results store cannot be used (%s); asking the sites again", exc)
+            return
+        log.warning("fleet reset: no fleet statistics in the results store; asking the sites again (they answer "
+                    "only over engines they have not answered for)")
 
     def _reconcile(self, ckpt: Checkpoint) -> None:
         """The checkpoint is the commit point: a round checkpointed but missing from the store
@@ -318,7 +338,10 @@ class Aggregator:
         self.stats = sum((r.stats for r in ready.values()), FleetStats())
         self.spec = FeatureSpec.from_stats(self.stats, self.config.model.window)
         self.client.publish(self.topics.stats_request, b"", qos=1, retain=True)  # clear the request
-        detail = {"sites": sorted(ready), "rows": int(self.stats.count), "sensors": [i + 1 for i in self.spec.sensors]}
+        # The sums themselves too: after a `--reset` they fix the same spec again, since sites
+        # share statistics only over engines they have not answered for (edge/agent.py).
+        detail = {"sites": sorted(ready), "rows": int(self.stats.count), "sensors": [i + 1 for i in self.spec.sensors],
+                  "stats": self.stats.to_dict()}
         log.info("fleet statistics from %d sites, %d labelled cycles; informative sensors %s", len(ready), self.stats.count, detail["sensors"])
         self.store.record_event("fleet_statistics", detail, time.time())
 
@@ -548,8 +571,9 @@ def _check_registry_folder(folder: str) -> None:
     path = Path(folder)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        with tempfile.TemporaryFile(dir=path) as probe:
+            probe.write(b"x")  # a byte, not just a name: a full disk still has inodes
+            probe.flush()
     except OSError as exc:
         problem = disk_problem(exc)
         if problem is None or exc.errno == errno.EROFS and not path.is_dir():
