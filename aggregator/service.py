@@ -75,6 +75,7 @@ log = logging.getLogger("turbofed.aggregator")
 
 AGGREGATOR_SITE = signed.AGGREGATOR  # the `site` field of envelopes the aggregator sends
 REJECTION_ROW_INTERVAL_S = LOG_INTERVAL_S  # the store gets one rejection row per (site, reason) per interval
+STORE_FLUSH_S = 10.0  # at most this long for a batching store to confirm a round before its model is published
 DISK_RETRY_S = 2.0  # a commit held back by a full disk is retried this often (logged once per LOG_INTERVAL_S)
 
 
@@ -486,12 +487,21 @@ class Aggregator:
                 number, number, started, closed, participants, record["aggregate_ms"], self.strategy_record["strategy"],
                 closed_by, self.strategy_record["strategy_params"])):
             return False
+        self._flush_store(number)
         kill_point("after_store", number)
         self.model, self.version = model, number
         self.global_samples = _header_samples(p["samples"] for p in participants)
         info = self._publish_global()
         kill_point("after_publish", number, settle=lambda: info.wait_for_publish(5.0))
         return True
+
+    def _flush_store(self, number: int) -> None:
+        """A store that batches (InfluxDB) sends the round now, before the model is published;
+        bounded, since the checkpoint holds the round's record if this process dies."""
+        flush = getattr(self.store, "flush", None)
+        if flush is not None and not flush(STORE_FLUSH_S):
+            log.warning("results store %s has not confirmed round %d after %.0f s; publishing (the checkpoint holds "
+                        "the round's record)", self.config.store, number, STORE_FLUSH_S)
 
     def _until_written(self, what: str, number: int, write: Callable[[], object]) -> bool:
         """Run `write` until it works; while the disk refuses it, keep serving and recording,

@@ -16,6 +16,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from turbofed.aggregator.diskspace import disk_problem
 from turbofed.aggregator.registry import REGISTRY_DB, Checkpoint, ModelRegistry, RegistryError
 from turbofed.config import FleetConfig
 from turbofed.store import ResultsStore
@@ -58,7 +59,12 @@ def open_registry(config: FleetConfig, store: ResultsStore, config_path: str, re
     recorded = registry.epoch()
     epoch = max(config_epoch, recorded or 0)
     if recorded != epoch and not registry.read_only:
-        registry.set_epoch(epoch)
+        try:
+            registry.set_epoch(epoch)
+        except sqlite3.DatabaseError as exc:  # a full disk: the epoch is in force all the same; a later start records it
+            if disk_problem(exc) is None:
+                raise
+            log.warning("model registry %s: cannot record epoch %d now: %s", registry.db_path, epoch, disk_problem(exc))
     return registry, epoch, checkpoint
 
 
