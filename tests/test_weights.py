@@ -41,43 +41,18 @@ def test_a_round_with_a_huge_sample_claim(tmp_path: Path) -> None:
     import numpy as np
     import onnx
 
-    from tests.test_registry import _checkpoint_fleet
-    from turbofed import envelope
-    from turbofed.aggregator.registry import ModelRegistry
-    from turbofed.aggregator.rounds import Round
+    from tests.inprocess import RecordingClient, config, run_round, save_versions
     from turbofed.aggregator.service import Aggregator
-    from turbofed.codec import read_weights, replace_weights
-    from turbofed.config import FleetConfig, ModelSettings
-    from turbofed.graph import reference_model
-    from turbofed.spec import FeatureSpec
+    from turbofed.codec import read_weights
 
-    spec, settings = FeatureSpec((0, 1), 30, (0.5,) * 9, (2.0,) * 9), ModelSettings(seed=3)
-    v1 = reference_model(spec, settings)
-    with ModelRegistry(tmp_path / "registry") as reg:
-        reg.save(1, 1, v1.SerializeToString(), {}, _checkpoint_fleet(spec))
-    config = FleetConfig(sites=("site1", "site2"), store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry"),
-                         model=settings, insecure_unsigned=True)
-
-    class Client:  # what the aggregator publishes, decoded
-        def __init__(self) -> None:
-            self.published: list[envelope.Envelope] = []
-
-        def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> object:
-            if topic.endswith("/global"):
-                self.published.append(envelope.decode(payload))
-            return type("Info", (), {"wait_for_publish": lambda self, t=None: None})()
-
-    aggregator, client = Aggregator(config), Client()
+    save_versions(tmp_path / "registry", range(1, 2))
+    aggregator, client = Aggregator(config(tmp_path)), RecordingClient()
     try:
         aggregator.client = client
         aggregator.known_samples = {"site1": 400, "site2": 600}  # what their statistics replies said
         base = read_weights(aggregator.model)
-        trained = {"site1": {n: w + 1.0 for n, w in base.items()}, "site2": {n: w - 1.0 for n, w in base.items()}}
-        aggregator.round = Round(2, 1, "id", 0.0, 1e12, config.sites)
-        for site, claim in (("site1", MAX_SAMPLES), ("site2", 600)):
-            body = replace_weights(aggregator.model, trained[site]).SerializeToString()
-            aggregator._on_update(site, envelope.encode(kind="update", site=site, round=2, model_version=1, samples=claim, body=body))
-        aggregator._close_round("quorum")
+        run_round(aggregator, {"site1": ({n: w + 1.0 for n, w in base.items()}, MAX_SAMPLES),
+                               "site2": ({n: w - 1.0 for n, w in base.items()}, 600)})
         assert aggregator.version == 2
         merged = read_weights(aggregator.model)
         for n, w in base.items():  # 400 and 600: 0.4 * (w + 1) + 0.6 * (w - 1) = w - 0.2
