@@ -41,7 +41,7 @@ class RecordingClient:
     def __init__(self) -> None:
         self.published: list[envelope.Envelope] = []
 
-    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> object:  # noqa: ARG002
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> object:
         if topic.endswith("/global"):
             self.published.append(envelope.decode(payload))
         return type("Info", (), {"wait_for_publish": lambda self, t=None: None})()

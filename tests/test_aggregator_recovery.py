@@ -22,7 +22,7 @@ def _close(aggregator: Aggregator) -> None:
 
 
 def test_corrupt_newest_checkpoint_resumes_from_previous_and_redoes_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    save_versions(tmp_path / "registry", range(0, 3))
+    save_versions(tmp_path / "registry", range(3))
     newest = tmp_path / "registry" / "models" / "v00002.onnx"
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0x01  # one byte flipped
@@ -45,7 +45,7 @@ def test_corrupt_newest_checkpoint_resumes_from_previous_and_redoes_it(tmp_path:
 
 @pytest.mark.parametrize("damage", ["missing", "empty", "truncated"])
 def test_lost_registry_with_rounds_in_the_store_is_refused(tmp_path: Path, damage: str) -> None:
-    save_versions(tmp_path / "registry", range(0, 2))
+    save_versions(tmp_path / "registry", range(2))
     first = Aggregator(config(tmp_path))
     first.client = RecordingClient()
     try:
