@@ -27,32 +27,29 @@ identity folder (docs/protocol.md, "Signed messages").
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import queue
 import signal
-import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Callable
 
 import onnx
 from paho.mqtt import client as mqtt_client
 
-from turbofed.aggregator.diskspace import disk_problem
+from turbofed.aggregator.diskspace import DiskWatch, check_registry_folder, disk_problem
 from turbofed.aggregator.faults import kill_point
 from turbofed.aggregator.registry import Checkpoint, RegistryError
 from turbofed.aggregator.rounds import Rejected, Round
 from turbofed.aggregator.startup import open_registry
 from turbofed.aggregator.strategies import SiteUpdate, make_strategy, merge, round_report
-from turbofed.aggregator.weights import MAX_SAMPLES, capped_weights
+from turbofed.aggregator.weights import MAX_SAMPLES, capped_weights, header_samples, participant_action
 from turbofed.codec import check_graph, read_weights
 from turbofed.config import FleetConfig, load_fleet_config
-from turbofed.errors import ConfigError, Refused, WeightsError
+from turbofed.errors import Refused, WeightsError
 from turbofed.graph import reference_model
 from turbofed.messages import (
     Metrics,
@@ -90,7 +87,7 @@ class Aggregator:
         # What every record of this run says it ran with: the configured name, all parameters.
         self.strategy_record = {"strategy": config.strategy.name, "strategy_params": self.strategy.parameters()}
         self.topics = Topics(config.broker.topic_root, config.broker.plant_root)
-        _check_registry_folder(config.registry)  # at start, with the path, not at the first checkpoint
+        check_registry_folder(config.registry)  # at start, with the path, not at the first checkpoint
         # Points wait here while InfluxDB is away (unused with SQLite).
         spool = Path(config.registry).parent / "influx-spool"
         self.store = open_store(config.store, spool_dir=spool, influx=config.influx)
@@ -128,10 +125,9 @@ class Aggregator:
         self.site_online: dict[str, bool] = {}
         self.empty_rounds = 0  # rounds in a row closed without a usable update
         self.stalled: str | None = None  # why, while stalled
-        self.disk_full: str | None = None  # what, while a commit waits for disk space
+        self.disk = DiskWatch(self._event, LOG_INTERVAL_S)  # a commit the disk refuses waits, said once per interval
         self._wake = False  # a site came back online: a stalled round is re-announced at once
         self._republish = True  # send the retained global again after the next announcement
-        self._disk_log = Throttle(LOG_INTERVAL_S)
         self._stop = threading.Event()
         # Who handles each kind of site topic; a kind missing here is refused, not looked up by name.
         self._handlers: dict[str, Callable[[str, bytes], None]] = {
@@ -183,7 +179,7 @@ class Aggregator:
         if previous and previous != self.strategy_record:
             log.warning("checkpoint v%d was made with %s; continuing with %s", ckpt.version, previous, self.strategy_record)
         record = ckpt.fleet.get("round_record") or {}
-        self.global_samples = _header_samples(p.get("samples", 0) for p in record.get("participants", []))
+        self.global_samples = header_samples(p.get("samples", 0) for p in record.get("participants", []))
         self._reconcile(ckpt)
         self.store.record_event("resumed", {"version": ckpt.version, "round": ckpt.round, **self.strategy_record}, time.time())
 
@@ -458,7 +454,7 @@ class Aggregator:
         kill_point("after_merge", r.number)
         report = round_report(self.strategy, read_weights(self.model), updates, read_weights(model))
         participants = [{"site": a.site, "samples": weights[a.site].used, "claimed": a.samples, "update_bytes": a.wire_bytes,
-                         **report[a.site], "action": _action(report[a.site].get("action"), weights[a.site].note)}
+                         **report[a.site], "action": participant_action(report[a.site].get("action"), weights[a.site].note)}
                         for a in r.accepted.values()]
         if not self._commit(r.number, model, r.started, participants, last_update, closed_by):
             return
@@ -490,10 +486,20 @@ class Aggregator:
         self._flush_store(number)
         kill_point("after_store", number)
         self.model, self.version = model, number
-        self.global_samples = _header_samples(p["samples"] for p in participants)
+        self.global_samples = header_samples(p["samples"] for p in participants)
         info = self._publish_global()
         kill_point("after_publish", number, settle=lambda: info.wait_for_publish(5.0))
         return True
+
+    def _until_written(self, what: str, number: int, write: Callable[[], object]) -> bool:
+        """`write` (part of committing round `number`) until the disk takes it; meanwhile keep
+        serving and recording. False if stopped first."""
+        def wait() -> bool:
+            self._wait(DISK_RETRY_S, self._stop)
+            return not self._stop.is_set()
+
+        held = f"round {number} not closed, keeping global v{self.version}"
+        return self.disk.until_written(what, write, wait, held, {"round": number, "version": self.version})
 
     def _flush_store(self, number: int) -> None:
         """A store that batches (InfluxDB) sends the round now, before the model is published;
@@ -502,34 +508,6 @@ class Aggregator:
         if flush is not None and not flush(STORE_FLUSH_S):
             log.warning("results store %s has not confirmed round %d after %.0f s; publishing (the checkpoint holds "
                         "the round's record)", self.config.store, number, STORE_FLUSH_S)
-
-    def _until_written(self, what: str, number: int, write: Callable[[], object]) -> bool:
-        """Run `write` until it works; while the disk refuses it, keep serving and recording,
-        say so once per interval and in the store. False if stopped before it worked."""
-        while True:
-            try:
-                write()
-            except Exception as exc:
-                problem = disk_problem(exc)
-                if problem is None:
-                    raise
-                self._disk_refused(what, problem, number)
-                self._wait(DISK_RETRY_S, self._stop)
-                if self._stop.is_set():
-                    return False
-                continue
-            if self.disk_full is not None:
-                log.info("%s is writable again: round %d committed", self.disk_full, number)
-                self._event("disk_ok", {"what": self.disk_full, "round": number})
-                self.disk_full = None
-            return True
-
-    def _disk_refused(self, what: str, problem: str, number: int) -> None:
-        if self._disk_log.allow(what) is not None:
-            log.error("%s: %s; round %d not closed, keeping global v%d", what, problem, number, self.version)
-        if self.disk_full != what:
-            self.disk_full = what
-            self._event("disk_full", {"what": what, "problem": problem, "round": number, "version": self.version})
 
     def _event(self, kind: str, detail: dict) -> None:
         """A store event that must not itself stop us when the store's disk is the full one."""
@@ -573,34 +551,6 @@ class Aggregator:
         t = Telemetry.from_payload(self.verifier.open(signed.TELEMETRY, payload, signer=site).body, site=site)
         if t.rows:
             self.store.record_sensors(site, [(e, c, list(st), list(se)) for e, c, st, se in t.rows], time.time())
-
-
-def _check_registry_folder(folder: str) -> None:
-    """The registry folder must exist and be ours to write; a full disk is not a reason to
-    stop (reading is enough to resume; commits wait for room), so it is only said."""
-    path = Path(folder)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path) as probe:
-            probe.write(b"x")  # a byte, not just a name: a full disk still has inodes
-            probe.flush()
-    except OSError as exc:
-        problem = disk_problem(exc)
-        if problem is None or exc.errno == errno.EROFS and not path.is_dir():
-            raise ConfigError(f"registry {str(path)!r} is not a writable folder: {exc.strerror or exc}") from None
-        log.warning("registry folder %s: %s; starting anyway (reading is enough to resume), rounds wait for room", path, problem)
-
-
-def _header_samples(samples: Iterable[int]) -> int:
-    """A global's `samples` header: the sum of the weights used, within the envelope's limit."""
-    return min(sum(int(s) for s in samples), MAX_SAMPLES)
-
-
-def _action(strategy_action: str | None, note: str | None) -> str | None:
-    """What happened to an update: the strategy's action, and a weight cap if there was one."""
-    if note is None:
-        return strategy_action
-    return f"{strategy_action or 'kept'}; {note}"
 
 
 def run_cli(args: argparse.Namespace) -> int:

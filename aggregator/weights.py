@@ -13,6 +13,7 @@ only the observed-samples cap holds.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 MAX_SAMPLES = 2**53 - 1  # the envelope's integer limit (exact in every JSON implementation)
@@ -57,3 +58,15 @@ def _share_level(weights: list[int], share: float) -> int | None:
         if ordered[k] <= level <= ordered[k - 1]:
             return max(1, int(level))
     return min(weights)
+
+
+def header_samples(samples: Iterable[int]) -> int:
+    """A global's `samples` header: the sum of the weights used, within the envelope's limit."""
+    return min(sum(int(s) for s in samples), MAX_SAMPLES)
+
+
+def participant_action(strategy_action: str | None, note: str | None) -> str | None:
+    """What happened to an update: the strategy's action, and a weight cap if there was one."""
+    if note is None:
+        return strategy_action
+    return f"{strategy_action or 'kept'}; {note}"
