@@ -6,10 +6,18 @@
    spec and the model settings (turbofed.graph) with seeded initial weights, and publishes
    it; sites propose nothing. Every later update must be that graph with other weights.
 3. Rounds 1..R: announce (retained), collect updates until quorum or deadline, validate
-   each, aggregate with the strategy, checkpoint, then publish global v_r (retained).
+   each, weigh each by what is known of the site (aggregator/weights.py), aggregate with
+   the strategy, then in this order: checkpoint, record the round in the store, publish
+   global v_r (retained). A model is never out before its round is on disk.
 It keeps recording site status, metrics and predictions in the results store until
-stopped. A restarted aggregator resumes from its last checkpoint: no round is repeated
-or skipped, and the retained global model is published again.
+stopped. A restarted aggregator resumes from its last checkpoint (recording the round in
+the store from the checkpoint if it died in between): no round is repeated or skipped,
+and the retained global model is published again.
+
+Faults (docs/operations.md): a full or read-only disk holds the round's commit back, with
+one clear log line per interval and a "disk_full" event, until there is room; rounds that
+get no usable update `max_empty_rounds` times in a row report "stalled" and are
+re-announced every `stall_retry_s` (or at once when a site comes back online).
 
 It signs every round announcement, statistics request and global model with the fleet's
 aggregator key, and checks every site message against that site's key from the fleet's
@@ -30,13 +38,18 @@ from pathlib import Path
 from typing import Callable
 
 import onnx
+from paho.mqtt import client as mqtt_client
 
-from turbofed.aggregator.registry import ModelRegistry, RegistryError
+from turbofed.aggregator.diskspace import DiskWatch, check_registry_folder, disk_problem
+from turbofed.aggregator.faults import kill_point
+from turbofed.aggregator.registry import Checkpoint, RegistryError
 from turbofed.aggregator.rollback import ModelGuard, Verdict
 from turbofed.aggregator.rounds import Rejected, Round
+from turbofed.aggregator.startup import open_registry
 from turbofed.aggregator.strategies import SiteUpdate, make_strategy, merge, round_report
+from turbofed.aggregator.weights import MAX_SAMPLES, capped_weights, header_samples, participant_action
 from turbofed.codec import check_graph, read_weights
-from turbofed.config import FleetConfig, load_fleet_config, require_writable_dir
+from turbofed.config import FleetConfig, load_fleet_config
 from turbofed.errors import Refused, WeightsError
 from turbofed.graph import reference_model
 from turbofed.messages import (
@@ -61,23 +74,30 @@ log = logging.getLogger("turbofed.aggregator")
 
 AGGREGATOR_SITE = signed.AGGREGATOR  # the `site` field of envelopes the aggregator sends
 REJECTION_ROW_INTERVAL_S = LOG_INTERVAL_S  # the store gets one rejection row per (site, reason) per interval
+STORE_FLUSH_S = 10.0  # at most this long for a batching store to confirm a round before its model is published
+DISK_RETRY_S = 2.0  # a commit held back by a full disk is retried this often (logged once per LOG_INTERVAL_S)
 
 
 class Aggregator:
     """Runs the fleet's rounds over MQTT and records what the sites report."""
 
-    def __init__(self, config: FleetConfig) -> None:
+    def __init__(self, config: FleetConfig, *, reset: bool = False, config_path: str = "fleet.toml") -> None:
+        """`reset`: archive the registry and start a new fleet epoch (`turbofed aggregator --reset`)."""
         self.config = config
         # First, so a bad [strategy] stops us before anything is opened (ConfigError names file and key).
         self.strategy = make_strategy(config.strategy.name, config.strategy.params, config.strategy.where)
         # What every record of this run says it ran with: the configured name, all parameters.
         self.strategy_record = {"strategy": config.strategy.name, "strategy_params": self.strategy.parameters()}
         self.topics = Topics(config.broker.topic_root, config.broker.plant_root)
-        require_writable_dir(config.registry, "registry")  # at start, with the path, not at the first checkpoint
+        check_registry_folder(config.registry)  # at start, with the path, not at the first checkpoint
         # Points wait here while InfluxDB is away (unused with SQLite).
         spool = Path(config.registry).parent / "influx-spool"
         self.store = open_store(config.store, spool_dir=spool, influx=config.influx)
-        self.registry = ModelRegistry(config.registry)
+        try:
+            self.registry, self.epoch, checkpoint = open_registry(config, self.store, config_path, reset)
+        except BaseException:
+            self.store.close()
+            raise
         try:
             self.sealer, self.verifier = signed.aggregator_keys(config.pki)
         except BaseException:
@@ -103,6 +123,15 @@ class Aggregator:
         self.stats_replies: dict[str, StatsReply] = {}
         self.stats_request_id = ""
         self.client = None
+        self.global_samples = 0  # the `samples` header of the published global: its clamped weights' sum
+        self.known_samples: dict[str, int] = {}  # the most samples each site has said it holds (stats, status)
+        self.site_online: dict[str, bool] = {}
+        self.empty_rounds = 0  # rounds in a row closed without a usable update
+        self.stalled: str | None = None  # why, while stalled
+        self.disk = DiskWatch(self._event, LOG_INTERVAL_S)  # a commit the disk refuses waits, said once per interval
+        self._wake = False  # a site came back online: a stalled round is re-announced at once
+        self._republish = True  # send the retained global again after the next announcement
+        self._stop = threading.Event()
         # Who handles each kind of site topic; a kind missing here is refused, not looked up by name.
         self._handlers: dict[str, Callable[[str, bytes], None]] = {
             "update": self._on_update,
@@ -114,7 +143,7 @@ class Aggregator:
             "evaluation": self._on_evaluation,
         }
         try:
-            self._resume()
+            self._resume(checkpoint, reset)
         except BaseException:
             self.store.close()
             self.registry.close()
@@ -123,10 +152,11 @@ class Aggregator:
 
     # --- start, resume ---------------------------------------------------------------
 
-    def _resume(self) -> None:
-        ckpt = self.registry.latest()
+    def _resume(self, ckpt: Checkpoint | None, reset: bool = False) -> None:
         if ckpt is None:
             self.store.record_event("started", dict(self.strategy_record), time.time())
+            if reset:
+                self._reuse_stats()
             return
         self.version = ckpt.version
         try:
@@ -153,7 +183,47 @@ class Aggregator:
         previous = {k: ckpt.fleet[k] for k in self.strategy_record if k in ckpt.fleet}
         if previous and previous != self.strategy_record:
             log.warning("checkpoint v%d was made with %s; continuing with %s", ckpt.version, previous, self.strategy_record)
+        record = ckpt.fleet.get("round_record") or {}
+        self.global_samples = header_samples(p.get("samples", 0) for p in record.get("participants", []))
+        self._reconcile(ckpt)
         self.store.record_event("resumed", {"version": ckpt.version, "round": ckpt.round, **self.strategy_record}, time.time())
+
+    def _reuse_stats(self) -> None:
+        """After a reset: the fleet statistics the store recorded last (same window), so the
+        new epoch has the same feature spec without asking sites again."""
+        for event in self.store.events(10_000):
+            if event["kind"] != "fleet_statistics" or not isinstance(event["detail"], dict) or "stats" not in event["detail"]:
+                continue
+            try:
+                stats = FleetStats.from_dict(event["detail"]["stats"])
+                if stats.window == self.config.model.window:
+                    self.stats, self.spec = stats, FeatureSpec.from_stats(stats, self.config.model.window)
+                    log.info("fleet reset: reusing the fleet statistics recorded in the results store (%d labelled cycles)", stats.count)
+                    return
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("fleet statistics in the results store cannot be used (%s); asking the sites again", exc)
+            return
+        log.warning("fleet reset: no fleet statistics in the results store; asking the sites again (they answer "
+                    "only over engines they have not answered for)")
+
+    def _reconcile(self, ckpt: Checkpoint) -> None:
+        """The checkpoint is the commit point: a round checkpointed but missing from the store
+        (a crash in between) is recorded now from what the checkpoint holds; never twice
+        (record_round replaces a round's row)."""
+        record = ckpt.fleet.get("round_record")
+        rows = [r for r in self.store.rounds() if r["round"] == ckpt.round]
+        if rows and (not isinstance(record, dict) or rows[0]["started"] == record["started"]):
+            return  # recorded (a row of the same round from before a fleet reset has another start)
+        if not isinstance(record, dict):
+            log.warning("round %d is checkpointed (v%d) but not in the results store, and the checkpoint holds no "
+                        "round record (an older turbofed wrote it)", ckpt.round, ckpt.version)
+            return
+        strategy = ckpt.fleet.get("strategy", self.strategy_record["strategy"])
+        self.store.record_round(ckpt.round, ckpt.version, record["started"], record["closed"], record["participants"],
+                                record["aggregate_ms"], strategy, record["closed_by"], ckpt.fleet.get("strategy_params", {}))
+        log.warning("round %d was checkpointed (v%d) but not in the results store: recorded it from the checkpoint",
+                    ckpt.round, ckpt.version)
+        self.store.record_event("round_recovered", {"round": ckpt.round, "version": ckpt.version}, time.time())
 
     def start(self) -> None:
         self.client = make_client(client_id("aggregator", self.config.broker), self.config.broker, persistent_session=True)
@@ -176,6 +246,7 @@ class Aggregator:
         """Statistics, then rounds until the configured number is done, then keep recording."""
         if self.client is None:
             self.start()
+        self._stop = stop
         if self.spec is None:
             self._collect_stats(stop)
         if self.model is None and not stop.is_set():
@@ -183,7 +254,7 @@ class Aggregator:
         while not stop.is_set() and self.version < self.config.model.rounds:
             self._run_round(self.version + 1, stop)
         if not stop.is_set():
-            self._announce(RoundAnnouncement(self.version, self.spec, done=True, epoch=self.config.epoch))
+            self._announce(RoundAnnouncement(self.version, self.spec, done=True, epoch=self.epoch))
             log.info("all %d rounds done; recording site reports until stopped", self.config.model.rounds)
         while not stop.is_set():
             self.pump(0.2)
@@ -269,7 +340,10 @@ class Aggregator:
         self.stats = sum((r.stats for r in ready.values()), FleetStats())
         self.spec = FeatureSpec.from_stats(self.stats, self.config.model.window)
         self.client.publish(self.topics.stats_request, b"", qos=1, retain=True)  # clear the request
-        detail = {"sites": sorted(ready), "rows": int(self.stats.count), "sensors": [i + 1 for i in self.spec.sensors]}
+        # The sums themselves too: after a `--reset` they fix the same spec again, since sites
+        # share statistics only over engines they have not answered for (edge/agent.py).
+        detail = {"sites": sorted(ready), "rows": int(self.stats.count), "sensors": [i + 1 for i in self.spec.sensors],
+                  "stats": self.stats.to_dict()}
         log.info("fleet statistics from %d sites, %d labelled cycles; informative sensors %s", len(ready), self.stats.count, detail["sensors"])
         self.store.record_event("fleet_statistics", detail, time.time())
 
@@ -280,6 +354,12 @@ class Aggregator:
         if reply.stats is not None and reply.stats.window != self.config.model.window:
             raise Rejected(Refusal.BAD_STATS, f"stats from {site} are for a {reply.stats.window}-cycle window, not {self.config.model.window}")
         self.stats_replies[site] = reply
+        self._observed(site, reply.samples)
+
+    def _observed(self, site: str, samples: int | None) -> None:
+        """Remember the most samples `site` has said it holds: the bound on its update's weight."""
+        if isinstance(samples, int) and samples > 0:
+            self.known_samples[site] = max(self.known_samples.get(site, 0), min(samples, MAX_SAMPLES))
 
     # --- phase 2: rounds -------------------------------------------------------------
 
@@ -288,12 +368,17 @@ class Aggregator:
         seeded initial weights, built here (no site proposes it), checkpointed and published."""
         started = time.time()
         model = reference_model(self.spec, self.config.model)
-        self._commit(0, model, started, [], 0.0, "initial")
-        log.info("round 0: built and published global v0 (%s, seed %d)", self.config.model.kind, self.config.model.seed)
+        if self._commit(0, model, started, [], 0.0, "initial"):
+            log.info("round 0: built and published global v0 (%s, seed %d)", self.config.model.kind, self.config.model.seed)
 
     def _announce(self, announcement: RoundAnnouncement) -> None:
         payload = self.sealer.seal(signed.ROUND, announcement.to_payload(), round=announcement.round, version=announcement.version)
         self.client.publish(self.topics.round, payload, qos=1, retain=True)
+        if self._republish and self.model is not None and not announcement.done:
+            # The retained global again, after an announcement that vouches for it: a site that
+            # refused it before this announcement (a fleet reset raised the epoch) takes it now.
+            self._republish = False
+            self._publish_global()
 
     def _run_round(self, number: int, stop: threading.Event) -> None:
         now = time.time()
@@ -308,7 +393,7 @@ class Aggregator:
                 settings=self.config.model,
                 min_samples=self.config.min_samples,
                 strategy=self.strategy.name,
-                epoch=self.config.epoch,
+                epoch=self.epoch,
             )
         )
         log.info("round %d announced (from global v%d, deadline %.0f s)", number, self.round.model_version, self.config.round_deadline_s)
@@ -322,65 +407,144 @@ class Aggregator:
         if stop.is_set():
             return
         if not self.round.accepted:
-            log.warning("round %d closed by %s with no usable update; announcing it again", number, closed_by)
-            self.store.record_event("round_empty", {"round": number, "closed_by": closed_by, "skipped": sorted(self.round.skipped)}, time.time())
-            stop.wait(self.config.stats_retry_s)
+            self._empty_round(number, closed_by, stop)
             return
         self._close_round(closed_by)
+
+    def _empty_round(self, number: int, closed_by: str, stop: threading.Event) -> None:
+        """No usable update: announce the round again; after `max_empty_rounds` in a row,
+        report `stalled` and re-announce only every `stall_retry_s` or when a site is back."""
+        r, self.round = self.round, None
+        self.empty_rounds += 1
+        silent = sorted(set(r.sites) - r.responded())
+        self.store.record_event("round_empty", {"round": number, "closed_by": closed_by, "skipped": sorted(r.skipped), "silent": silent}, time.time())
+        self._republish = True
+        if self.empty_rounds < self.config.max_empty_rounds:
+            log.warning("round %d closed by %s with no usable update (%d of %d before stalling); announcing it again",
+                        number, closed_by, self.empty_rounds, self.config.max_empty_rounds)
+            self._wait(self.config.stats_retry_s, stop)
+            return
+        if self.stalled is None:
+            self.stalled = (f"round {number} closed {self.empty_rounds} times in a row with no usable update "
+                            f"(skipped: {', '.join(sorted(r.skipped)) or 'none'}; silent: {', '.join(silent) or 'none'})")
+            log.warning("stalled: %s; keeping global v%d, re-announcing every %.0f s or when a site comes back online",
+                        self.stalled, self.version, self.config.stall_retry_s)
+            self.store.record_event("stalled", {"round": number, "reason": self.stalled, "version": self.version,
+                                                "retry_s": self.config.stall_retry_s}, time.time())
+        self._wake = False
+        self._wait(self.config.stall_retry_s, stop, wake=True)
+
+    def _wait(self, seconds: float, stop: threading.Event, wake: bool = False) -> None:
+        """Keep recording what sites report for `seconds` (or until a site comes back, with `wake`)."""
+        until = time.monotonic() + seconds
+        while not stop.is_set() and time.monotonic() < until and not (wake and self._wake):
+            self.pump(min(0.2, until - time.monotonic()))
 
     def _on_update(self, site: str, payload: bytes) -> None:
         if self.round is None:
             raise Rejected(Refusal.STALE_ROUND, "no round is open")
-        accepted = self.round.check(site, payload, self.model, self.config.max_update_bytes, self.verifier, self.config.epoch)
+        accepted = self.round.check(site, payload, self.model, self.config.max_update_bytes, self.verifier, self.epoch)
         if accepted:
             log.info("round %d: update from %s (%d samples, %d bytes)", self.round.number, site, accepted.samples, accepted.wire_bytes)
 
     def _close_round(self, closed_by: str) -> None:
-        r = self.round
+        r, self.round = self.round, None  # closed: a late update is refused, not merged
         last_update = max(a.received for a in r.accepted.values())
         verdict = self.guard.judge(self.version)  # the model this round started from, by the sites' scores
         if verdict.bad:
-            self._roll_back(verdict, last_update)
+            self._roll_back(r, verdict, last_update)
             return
-        updates = [SiteUpdate(a.site, a.weights, a.samples) for a in r.accepted.values()]
+        weights = capped_weights({a.site: a.samples for a in r.accepted.values()}, self.known_samples, self.config.max_site_share)
+        for site, w in weights.items():
+            if w.note:
+                log.warning("round %d: %s: %s", r.number, site, w.note)
+        updates = [SiteUpdate(a.site, a.weights, weights[a.site].used) for a in r.accepted.values()]
         model = merge(self.strategy, self.model, updates)  # updates were checked on arrival; only their weights are used
+        kill_point("after_merge", r.number)
         report = round_report(self.strategy, read_weights(self.model), updates, read_weights(model))
-        participants = [{"site": a.site, "samples": a.samples, "update_bytes": a.wire_bytes, **report[a.site]} for a in r.accepted.values()]
-        self._commit(r.number, model, r.started, participants, last_update, closed_by)
+        participants = [{"site": a.site, "samples": weights[a.site].used, "claimed": a.samples, "update_bytes": a.wire_bytes,
+                         **report[a.site], "action": participant_action(report[a.site].get("action"), weights[a.site].note)}
+                        for a in r.accepted.values()]
+        if not self._commit(r.number, model, r.started, participants, last_update, closed_by):
+            return
         log.info("round %d closed by %s: %d updates, global v%d published", r.number, closed_by, len(participants), self.version)
-        self.round = None
+        if self.stalled is not None:
+            log.info("no longer stalled: round %d closed with %d updates", r.number, len(participants))
+            self.store.record_event("stall_over", {"round": r.number, "updates": len(participants)}, time.time())
+        self.stalled, self.empty_rounds = None, 0
 
-    def _roll_back(self, verdict: Verdict, last_update: float) -> None:
+    def _roll_back(self, r: Round, verdict: Verdict, last_update: float) -> None:
         """Global v`verdict.version` scored clearly worse at the sites than v`verdict.against`:
         this round's updates (trained from the bad model) are set aside and the last good
         weights are published again as the next version, the round flagged `rollback`."""
-        r = self.round
         weights = check_graph(onnx.load_model_from_string(self.registry.get(verdict.against)), self.model)
         model = reference_model(self.spec, self.config.model, weights)
-        participants = [{"site": a.site, "samples": a.samples, "update_bytes": a.wire_bytes, "norm": None, "cosine": None,
-                         "action": "excluded"} for a in r.accepted.values()]
+        participants = [{"site": a.site, "samples": 0, "claimed": a.samples, "update_bytes": a.wire_bytes, "norm": None,
+                         "cosine": None, "action": "excluded"} for a in r.accepted.values()]
         log.warning("round %d: global v%d scored %.2fx the RMSE of v%d at %d site(s) (margin %.0f%%): publishing v%d's "
                     "weights again as v%d; this round's updates set aside", r.number, verdict.version, verdict.ratio,
                     verdict.against, verdict.sites, 100 * self.config.rollback_margin, verdict.against, r.number)
         self.store.record_event("rollback", {"round": r.number, **verdict.detail()}, time.time())
         self._commit(r.number, model, r.started, participants, last_update, "rollback")
-        self.round = None
 
-    def _commit(self, number: int, model: onnx.ModelProto, started: float, participants: list[dict], last_update: float, closed_by: str) -> None:
-        """Global v`number`: checkpoint it (before publishing), publish it retained, record the round."""
-        fleet = {"stats": self.stats.to_dict(), "spec": self.spec.to_dict(), "last_good": self.guard.last_good, **self.strategy_record}
-        self.registry.save(number, number, model.SerializeToString(), self.strategy.state(), fleet)
-        self.model, self.version = model, number
-        self._publish_global()
+    def _commit(self, number: int, model: onnx.ModelProto, started: float, participants: list[dict], last_update: float, closed_by: str) -> bool:
+        """Global v`number`, in this order: checkpoint, record the round in the store, publish
+        it retained. Nothing is published before it is on disk; the checkpoint also holds the
+        round's record, so a crash before the store write is mended at the next start.
+        A full disk holds the commit back (retried) instead of crashing; False if stopped meanwhile."""
         closed = time.time()
-        aggregate_ms = (closed - last_update) * 1000.0 if last_update else 0.0
-        self.store.record_round(number, self.version, started, closed, participants, aggregate_ms, self.strategy_record["strategy"], closed_by, self.strategy_record["strategy_params"])
+        record = {"participants": participants, "started": started, "closed": closed, "closed_by": closed_by,
+                  "aggregate_ms": (closed - last_update) * 1000.0 if last_update else 0.0}
+        fleet = {"stats": self.stats.to_dict(), "spec": self.spec.to_dict(), **self.strategy_record, "round_record": record,
+                 "last_good": self.guard.last_good}
+        data, state = model.SerializeToString(), self.strategy.state()
+        what = f"registry folder {self.registry.folder}"
+        if not self._until_written(what, number, lambda: self.registry.save(number, number, data, state, fleet)):
+            return False
+        kill_point("after_checkpoint", number)
+        what = f"results store {self.config.store}"
+        if not self._until_written(what, number, lambda: self.store.record_round(
+                number, number, started, closed, participants, record["aggregate_ms"], self.strategy_record["strategy"],
+                closed_by, self.strategy_record["strategy_params"])):
+            return False
+        self._flush_store(number)
+        kill_point("after_store", number)
+        self.model, self.version = model, number
+        self.global_samples = header_samples(p["samples"] for p in participants)
+        info = self._publish_global()
+        kill_point("after_publish", number, settle=lambda: info.wait_for_publish(5.0))
+        return True
 
-    def _publish_global(self) -> None:
-        data = self.model.SerializeToString()
-        total = sum(a.samples for a in self.round.accepted.values()) if self.round else 0
-        payload = self.sealer.envelope(kind="global", round=self.version, model_version=self.version, samples=total, body=data, epoch=self.config.epoch)
-        self.client.publish(self.topics.global_model, payload, qos=1, retain=True)
+    def _until_written(self, what: str, number: int, write: Callable[[], object]) -> bool:
+        """`write` (part of committing round `number`) until the disk takes it; meanwhile keep
+        serving and recording. False if stopped first."""
+        def wait() -> bool:
+            self._wait(DISK_RETRY_S, self._stop)
+            return not self._stop.is_set()
+
+        held = f"round {number} not closed, keeping global v{self.version}"
+        return self.disk.until_written(what, write, wait, held, {"round": number, "version": self.version})
+
+    def _flush_store(self, number: int) -> None:
+        """A store that batches (InfluxDB) sends the round now, before the model is published;
+        bounded, since the checkpoint holds the round's record if this process dies."""
+        flush = getattr(self.store, "flush", None)
+        if flush is not None and not flush(STORE_FLUSH_S):
+            log.warning("results store %s has not confirmed round %d after %.0f s; publishing (the checkpoint holds "
+                        "the round's record)", self.config.store, number, STORE_FLUSH_S)
+
+    def _event(self, kind: str, detail: dict) -> None:
+        """A store event that must not itself stop us when the store's disk is the full one."""
+        try:
+            self.store.record_event(kind, detail, time.time())
+        except Exception as exc:
+            if disk_problem(exc) is None:
+                raise
+
+    def _publish_global(self) -> mqtt_client.MQTTMessageInfo:
+        payload = self.sealer.envelope(kind="global", round=self.version, model_version=self.version,
+                                       samples=self.global_samples, body=self.model.SerializeToString(), epoch=self.epoch)
+        return self.client.publish(self.topics.global_model, payload, qos=1, retain=True)
 
     # --- what sites report -----------------------------------------------------------
 
@@ -388,6 +552,10 @@ class Aggregator:
         if not payload:
             return  # a retained status being cleared
         s = Status.from_payload(self.verifier.open(signed.STATUS, payload, signer=site).body, site=site)
+        self._observed(site, s.samples)
+        if s.online and not self.site_online.get(site, False) and self.stalled:
+            self._wake = True  # a site is back: a stalled round need not wait for its back-off
+        self.site_online[site] = bool(s.online)
         self.store.record_status(site, s.online, s.at or time.time(), s.agent_version, s.model_version, s.samples)
 
     def _on_metrics(self, site: str, payload: bytes) -> None:
@@ -417,7 +585,7 @@ class Aggregator:
 
 def run_cli(args: argparse.Namespace) -> int:
     config = load_fleet_config(args.config)
-    aggregator = Aggregator(config)
+    aggregator = Aggregator(config, reset=getattr(args, "reset", False), config_path=args.config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -278,6 +278,28 @@ def events_table(events: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["at", "kind", "detail"])
 
 
+# What each open condition's event is closed by (aggregator/service.py records both).
+CONDITIONS = {"stalled": "stall_over", "disk_full": "disk_ok"}
+
+
+def aggregator_conditions(events: Sequence[dict[str, Any]]) -> list[str]:
+    """The aggregator's open faults, newest first, one line each: a "stalled" or "disk_full"
+    event not followed by its "stall_over" / "disk_ok" (nor by a restart or reset of the aggregator)."""
+    closed: set[str] = set()
+    lines = []
+    for e in events:  # newest first
+        kind, detail = e["kind"], e["detail"] if isinstance(e["detail"], dict) else {}
+        if kind in CONDITIONS.values():
+            closed.add(kind)
+        elif kind in CONDITIONS and CONDITIONS[kind] not in closed:
+            closed.add(CONDITIONS[kind])  # only the newest of its kind counts
+            what = detail.get("reason") if kind == "stalled" else f"{detail.get('what')}: {detail.get('problem')}"
+            lines.append(f"{kind.replace('_', ' ')}: {what}")
+        elif kind in ("fleet_reset", "started", "resumed"):
+            break  # what came before was the previous run's
+    return lines
+
+
 # --- the store reads each page makes --------------------------------------------------------
 
 def read_fleet(store: ResultsStore) -> dict[str, Any]:

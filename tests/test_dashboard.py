@@ -509,3 +509,17 @@ def test_local_file() -> None:
     assert common.local_file("influxdb://host:8086") is None and common.local_file("influxdb") is None
     assert common.local_file("influxdb+http://host:8086/?org=o&bucket=b") is None
     assert common.local_file("rel/a.sqlite") == Path("rel/a.sqlite")
+
+
+def test_aggregator_conditions_show_open_faults_only() -> None:
+    from turbofed.dashboard.views import aggregator_conditions
+
+    def ev(kind: str, **detail: object) -> dict:
+        return {"kind": kind, "detail": detail, "at": 0.0}
+
+    newest_first = [ev("disk_full", what="registry folder /r", problem="disk full (No space left on device)"),
+                    ev("stall_over", round=3), ev("stalled", reason="round 3 closed 3 times"), ev("disk_ok", round=2),
+                    ev("disk_full", what="old", problem="old")]
+    assert aggregator_conditions(newest_first) == ["disk full: registry folder /r: disk full (No space left on device)"]
+    assert aggregator_conditions([ev("stalled", reason="round 7 closed 3 times")]) == ["stalled: round 7 closed 3 times"]
+    assert aggregator_conditions([ev("fleet_reset"), ev("stalled", reason="old")]) == []

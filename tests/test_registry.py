@@ -162,3 +162,42 @@ def test_aggregator_refuses_a_checkpoint_of_other_model_settings(tmp_path: Path)
     config = FleetConfig(sites=("site1",), store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry"), insecure_unsigned=True)
     with pytest.raises(RegistryError, match=r"checkpoint v1 in .*registry is not the model this fleet config's \[model\] settings make \(.*initializer names differ"):
         Aggregator(config)
+
+
+def test_corrupt_newest_falls_back_to_newest_intact(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One byte flipped in the newest .onnx: latest() warns (file and version) and returns the
+    previous checkpoint; saving that version again quarantines the corrupt files as *.corrupt."""
+    with ModelRegistry(tmp_path) as reg:
+        reg.save(1, 1, b"one", {"m": np.ones(1)}, {"n": 1})
+        path = reg.save(2, 2, b"two", {"m": np.ones(1)}, {"n": 2})
+        data = bytearray(path.read_bytes())
+        data[0] ^= 0xFF
+        path.write_bytes(bytes(data))
+        with caplog.at_level("WARNING", logger="turbofed.aggregator.registry"):
+            cp = reg.latest()
+        assert (cp.version, cp.model) == (1, b"one")
+        assert any("v2" in r.getMessage() and "v00002.onnx" in r.getMessage() for r in caplog.records), caplog.text
+        with pytest.raises(RegistryError, match="not newer"):
+            reg.save(1, 1, b"again", {}, {})  # an intact version still blocks
+        reg.save(2, 2, b"two again", {}, {"n": 22})
+        cp = reg.latest()
+        assert (cp.version, cp.model, cp.fleet) == (2, b"two again", {"n": 22})
+        assert [v["version"] for v in reg.versions()] == [1, 2]
+    assert (tmp_path / "models" / "v00002.onnx.corrupt").read_bytes() == bytes(data)
+    assert (tmp_path / "models" / "v00002.npz.corrupt").is_file()
+
+
+def test_no_intact_checkpoint_is_an_error(tmp_path: Path) -> None:
+    with ModelRegistry(tmp_path) as reg:
+        reg.save(1, 1, b"one", {}, {})
+        (tmp_path / "models" / "v00001.npz").write_bytes(b"junk")
+        with pytest.raises(RegistryError, match="no intact checkpoint.*v00001.npz is corrupted"):
+            reg.latest()
+
+
+def test_epoch_is_remembered(tmp_path: Path) -> None:
+    with ModelRegistry(tmp_path) as reg:
+        assert reg.epoch() is None
+        reg.set_epoch(4)
+    with ModelRegistry(tmp_path) as reg:
+        assert reg.epoch() == 4

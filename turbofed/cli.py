@@ -121,6 +121,9 @@ def _services(sub: argparse._SubParsersAction) -> None:
     edge.set_defaults(handler="turbofed.edge.agent:run_cli")
     agg = sub.add_parser("aggregator", help="run the aggregator")
     agg.add_argument("--config", required=True, help="fleet TOML file")
+    agg.add_argument("--reset", action="store_true",
+                     help="archive the model registry (kept in <registry>/epoch-N/) and start a new fleet epoch: "
+                          "after a lost or unreadable registry (docs/operations.md)")
     agg.set_defaults(handler="turbofed.aggregator.service:run_cli")
     replay = sub.add_parser("replay", help="publish C-MAPSS rows as live sensor traffic")
     _add_data_dir(replay)

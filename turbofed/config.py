@@ -136,6 +136,9 @@ RANGES: dict[str, dict[str, Limit]] = {
         "max_update_bytes": Limit(1, 4 * 1024 * 1024),  # envelope.MAX_PAYLOAD_BYTES: nothing larger arrives
         "epoch": Limit(0, 1_000_000_000),
         "rollback_margin": Limit(0, 100),
+        "max_site_share": Limit(0, 1, above=True),
+        "max_empty_rounds": Limit(1, 1_000_000),
+        "stall_retry_s": Limit(0, 1e7, above=True),
     },
 }
 
@@ -447,7 +450,10 @@ class FleetConfig:
 
     pki: str | None = None  # the fleet's identity folder (`turbofed fleet init`): fleet id, signing keys
     insecure_unsigned: bool = False  # without pki: sign and verify nothing (development only)
-    epoch: int = 0  # fleet reset counter, sent in signed round announcements (docs/protocol.md)
+    epoch: int = 0  # fleet reset counter, sent in signed round announcements (docs/protocol.md); a floor: `--reset` raises it
+    max_site_share: float = 0.5  # no update weighs more than this share of a round's total (docs/operations.md)
+    max_empty_rounds: int = 3  # rounds in a row without a usable update before the aggregator reports `stalled`
+    stall_retry_s: float = 300.0  # while stalled: re-announce the round this often (and when a site comes back online)
     # A new global model whose median RMSE on the sites' own labelled rows is more than this
     # much worse than the last good model's (0.25 = 25%) is rolled back (aggregator/rollback.py); 0: never.
     rollback_margin: float = 0.25

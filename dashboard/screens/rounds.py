@@ -18,6 +18,8 @@ def body() -> None:
         return
     store, _ = ready
     data = views.read_rounds(store)
+    for condition in views.aggregator_conditions(data["events"]):
+        st.warning(f"Aggregator {condition}", icon=":material/warning:")
     rounds = views.rounds_table(data["rounds"], data["rejections"])
     rejections = views.rejections_table(data["rejections"])
     if rounds.empty and rejections.empty:

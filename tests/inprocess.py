@@ -1,0 +1,58 @@
+"""The aggregator's own round code in the test process, without a broker: a registry with a
+checkpoint, a client that only records what would be published, and updates handed to
+`_on_update` as if they had arrived (unsigned fleet)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from turbofed import envelope
+from turbofed.aggregator.registry import ModelRegistry
+from turbofed.aggregator.rounds import Round
+from turbofed.aggregator.service import Aggregator
+from turbofed.codec import Weights, replace_weights
+from turbofed.config import FleetConfig, ModelSettings
+from turbofed.graph import reference_model
+from turbofed.spec import FeatureSpec, FleetStats
+
+SPEC, SETTINGS = FeatureSpec((0, 1), 30, (0.5,) * 9, (2.0,) * 9), ModelSettings(seed=3)
+SITES = ("site1", "site2")
+
+
+def checkpoint_fleet() -> dict:
+    return {"spec": SPEC.to_dict(), "stats": FleetStats(count=10.0).to_dict(), "strategy": "fedavg", "strategy_params": {}}
+
+
+def save_versions(folder: Path, versions: range) -> None:
+    """Checkpoints of the reference model, one per version (round = version)."""
+    with ModelRegistry(folder) as reg:
+        for v in versions:
+            reg.save(v, v, reference_model(SPEC, SETTINGS).SerializeToString(), {}, checkpoint_fleet())
+
+
+def config(tmp_path: Path) -> FleetConfig:
+    return FleetConfig(sites=SITES, store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry"),
+                       model=SETTINGS, insecure_unsigned=True)
+
+
+class RecordingClient:
+    """Stands in for the MQTT client: keeps each global model the aggregator publishes, decoded."""
+
+    def __init__(self) -> None:
+        self.published: list[envelope.Envelope] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> object:
+        if topic.endswith("/global"):
+            self.published.append(envelope.decode(payload))
+        return type("Info", (), {"wait_for_publish": lambda self, t=None: None})()
+
+
+def run_round(aggregator: Aggregator, updates: dict[str, tuple[Weights, int]]) -> None:
+    """Round version+1: each site's (weights, claimed samples) arrives, then the round closes by quorum."""
+    number = aggregator.version + 1
+    aggregator.round = Round(number, aggregator.version, "id", 0.0, 1e12, aggregator.config.sites)
+    for site, (weights, claim) in updates.items():
+        body = replace_weights(aggregator.model, weights).SerializeToString()
+        aggregator._on_update(site, envelope.encode(kind="update", site=site, round=number, model_version=aggregator.version,
+                                                    samples=claim, body=body))
+    aggregator._close_round("quorum")
