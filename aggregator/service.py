@@ -63,7 +63,7 @@ from turbofed.messages import (
     Telemetry,
     signed,
 )
-from turbofed.mqtt import Subscriptions, client_id, connect, make_client
+from turbofed.mqtt import ConnectionWatch, Subscriptions, client_id, connect, make_client
 from turbofed.ratelog import LOG_INTERVAL_S, RateLimitedLog, RefusalLog, Throttle
 from turbofed.refusals import Refusal
 from turbofed.spec import FeatureSpec, FleetStats
@@ -229,6 +229,8 @@ class Aggregator:
         self.client = make_client(client_id("aggregator", self.config.broker), self.config.broker, persistent_session=True)
         self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
         self.client.on_connect = self._on_connect
+        self.watch = ConnectionWatch("aggregator", log).attach(self.client)  # outages logged with their duration
+        self._outages_recorded = 0
         self.subscriptions = Subscriptions(self.client, [self.topics.all_sites(k) for k in self._handlers])
         connect(self.client, self.config.broker)  # runs _on_connect: subscribe, say we are online
         self.subscriptions.wait()
@@ -269,6 +271,7 @@ class Aggregator:
         if time.monotonic() >= self._next_rows_check:
             self._next_rows_check = time.monotonic() + 1.0
             self._record_held_rejections()
+            self._record_outage()
         try:
             topic, payload = self.inbox.get(timeout=max(timeout, 0.0))
         except queue.Empty:
@@ -295,6 +298,14 @@ class Aggregator:
         except Exception:
             self.counters[Refusal.INTERNAL_ERROR.value] += 1
             self._errors.warning(Refusal.INTERNAL_ERROR, "failed to handle a message on %s", topic[:300], exc_info=True)
+
+    def _record_outage(self) -> None:
+        """An ended broker outage becomes a `broker_outage` event (how long, how many so far)."""
+        watch = getattr(self, "watch", None)
+        if watch is None or not watch.connected or watch.outages == self._outages_recorded:
+            return
+        self._outages_recorded = watch.outages
+        self.store.record_event("broker_outage", {"outages": watch.outages, "seconds": round(watch.last_outage_s or 0.0, 1)}, time.time())
 
     def _reject(self, site: str, reason: Refusal, detail: str) -> None:
         self.refusals.refused(self.counters, reason.value, site, reason.value, detail)
@@ -589,7 +600,12 @@ def run_cli(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    aggregator.start()
+    try:
+        aggregator.start()
+    except BaseException:  # no broker, or stopped while connecting: the store and registry close cleanly
+        aggregator.store.close()
+        aggregator.registry.close()
+        raise
     log.info("aggregator running: %d sites, quorum %d, %d rounds, strategy %s", len(config.sites), config.effective_quorum, config.model.rounds, config.strategy.name)
     aggregator.run(stop)
     return 0

@@ -83,6 +83,8 @@ def test_broker_outage_loses_no_report(fleet_pki: FleetIdentities, cmapss_dir: P
             scored = {s: sum(1 for e in engines if e.site == s) for s in sites}
             store = open_store(fleet.fleet.store)
             wait_for("every site's final metrics", lambda: {(m["site"], m["engines"]) for m in store.latest_metrics()} == set(scored.items()), 10)
+            wait_for("the aggregator's outage in the store", lambda: any(e["kind"] == "broker_outage" for e in store.events()), 15)
+            outages = [e["detail"] for e in store.events() if e["kind"] == "broker_outage"]
         finally:
             fleet.close()
     assert _count(store_path, "SELECT COUNT(*) FROM predictions") == expected_predictions  # nothing more either
@@ -91,5 +93,6 @@ def test_broker_outage_loses_no_report(fleet_pki: FleetIdentities, cmapss_dir: P
     lines = [r.getMessage() for r in caplog.records]
     back = [float(m.group(1)) for line in lines if (m := re.search(r"site site1: broker back after ([\d.]+) s", line))]
     assert len(back) == 1 and OUTAGE_S - 1 <= back[0] <= OUTAGE_S + 35, back
-    assert sum("broker lost at" in line for line in lines) == 2
+    assert sum("broker lost at" in line for line in lines) == 3  # site1, site2 and the aggregator
+    assert len(outages) == 1 and outages[0]["outages"] == 1 and OUTAGE_S - 1 <= outages[0]["seconds"] <= OUTAGE_S + 35, outages
     assert f"site site2: outbox holds {queued} message(s)" in "\n".join(lines)
