@@ -4,7 +4,9 @@ and the C-MAPSS folder."""
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,3 +62,31 @@ def cmapss_dir() -> Path:
 def pki_dir(fleet_pki: FleetIdentities) -> Path:
     """The session's identity folder as a path (what `pki = ...` in a fleet config names)."""
     return fleet_pki.root
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 256 KiB filesystem (tmpfs) that fills up, unmounted afterwards. Mounting needs
+    root, which CI has (and under CI=true a skip fails the run)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill_disk(folder: Path) -> Path:
+    """Take every free byte of the filesystem holding `folder`; the filler file (delete it to free them)."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as out:
+        try:
+            while True:
+                out.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+

@@ -1,8 +1,9 @@
-"""Issue #12, edge side: a broker outage loses nothing an agent sends. Mosquitto (TLS, ACL)
-is stopped for 30 s while the sites keep getting readings from their plant: predictions,
-truth and metrics wait in each agent's outbox and reach the store once the broker is back,
-as many as without the outage, even from an agent restarted during the outage (paho's
-in-memory queue would have lost those); the agents log the outage with its duration."""
+"""Issue #12: a broker outage loses nothing. Mosquitto (TLS, ACL) is stopped for 30 s while
+rounds are running and the sites keep getting readings from their plant: predictions,
+truth, metrics and updates wait in each agent's outbox and reach the store once the broker
+is back, as many as without the outage, even from an agent restarted during the outage
+(paho's in-memory queue would have lost those); every round completes with every site, none
+closes empty; agents and aggregator log the outage with its duration."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from turbofed.store import open_store
 pytestmark = pytest.mark.slow
 
 OUTAGE_S = 30.0
+ROUNDS = 12  # enough that rounds are still running when the broker stops (after round 1)
 # Truths of the test engines (the training engines' failures were reported before the aggregator listened).
 TEST_TRUTH = "SELECT COUNT(*) FROM truth WHERE engine LIKE 'FD001-test-%'"
 
@@ -39,7 +41,8 @@ def test_broker_outage_loses_no_report(fleet_pki: FleetIdentities, cmapss_dir: P
     caplog.set_level(logging.INFO, logger="turbofed.edge")
     sites = ["site1", "site2"]
     with start_broker(embedded=False, workdir=tmp_path / "broker", pki=fleet_pki) as broker:  # our own: this test stops it
-        fleet = LiveFleet(broker, tmp_path, sites, ModelSettings(rounds=1, local_epochs=1), pki=fleet_pki.root)
+        # The deadline outlasts the outage: the round in flight waits for its updates, it does not close empty.
+        fleet = LiveFleet(broker, tmp_path, sites, ModelSettings(rounds=ROUNDS, local_epochs=1), pki=fleet_pki.root, round_deadline_s=120.0)
         try:
             fleet.buffer_training(6, cmapss_dir)
             aggregator = fleet.start_aggregator()
@@ -60,7 +63,7 @@ def test_broker_outage_loses_no_report(fleet_pki: FleetIdentities, cmapss_dir: P
             half = len(schedule) // 2
             feed(schedule[:half])
             broker.halt()
-            down = time.monotonic()
+            down, down_at = time.monotonic(), time.time()
             wait_for("the agents to notice", lambda: all(not a.watch.connected for a in agents), 10)
             feed(schedule[half:])
             wait_for("reports queued in the outboxes", lambda: all(a.outbox.pending > 0 for a in agents), 10)
@@ -70,6 +73,7 @@ def test_broker_outage_loses_no_report(fleet_pki: FleetIdentities, cmapss_dir: P
             queued = agents[1].outbox.pending  # what it had not got to the broker when it stopped
             time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down)))
             broker.start_again()
+            up_at = time.time()
             restarted = fleet.start_agent("site2")  # same state folder: its outbox is sent first
             agents = [agents[0], restarted]
 
@@ -84,6 +88,7 @@ def test_broker_outage_loses_no_report(fleet_pki: FleetIdentities, cmapss_dir: P
             store = open_store(fleet.fleet.store)
             wait_for("every site's final metrics", lambda: {(m["site"], m["engines"]) for m in store.latest_metrics()} == set(scored.items()), 10)
             wait_for("the aggregator's outage in the store", lambda: any(e["kind"] == "broker_outage" for e in store.events()), 15)
+            wait_for(f"all {ROUNDS} rounds in the store", lambda: len(store.rounds()) == ROUNDS + 1, 120)
             outages = [e["detail"] for e in store.events() if e["kind"] == "broker_outage"]
         finally:
             fleet.close()
@@ -94,5 +99,10 @@ def test_broker_outage_loses_no_report(fleet_pki: FleetIdentities, cmapss_dir: P
     back = [float(m.group(1)) for line in lines if (m := re.search(r"site site1: broker back after ([\d.]+) s", line))]
     assert len(back) == 1 and OUTAGE_S - 1 <= back[0] <= OUTAGE_S + 35, back
     assert sum("broker lost at" in line for line in lines) == 3  # site1, site2 and the aggregator
+    rounds = store.rounds()
+    assert [r["round"] for r in rounds] == list(range(ROUNDS + 1))
+    assert all(r["closed_by"] == "quorum" and sorted(p["site"] for p in r["participants"]) == sites for r in rounds[1:]), rounds
+    assert any(r["started"] < down_at and r["closed"] > up_at for r in rounds[1:])  # a round ran through the outage
+    assert not [e for e in store.events() if e["kind"] in ("round_empty", "stalled")]
     assert len(outages) == 1 and outages[0]["outages"] == 1 and OUTAGE_S - 1 <= outages[0]["seconds"] <= OUTAGE_S + 35, outages
     assert f"site site2: outbox holds {queued} message(s)" in "\n".join(lines)

@@ -5,18 +5,17 @@ ids cannot grow an agent beyond max_engines, nor its memory beyond a bound per e
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import subprocess
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.conftest import fill_disk
 from tests.fakeclient import FakeClient
 from turbofed.benchmarks.edge_memory import feed_new_engines, serving_agent
 from turbofed.config import ModelSettings, SiteConfig
@@ -33,33 +32,6 @@ from turbofed.topics import Topics
 
 SITE = "site1"
 TOPICS = Topics()
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 256 KiB filesystem (tmpfs), unmounted afterwards."""
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def _fill(folder: Path) -> Path:
-    """Take every free byte of the filesystem holding `folder`."""
-    filler = folder / "filler"
-    chunk = b"\0" * 4096
-    with open(filler, "wb", buffering=0) as out:
-        try:
-            while True:
-                out.write(chunk)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-    return filler
 
 
 def _agent(state_dir: Path) -> EdgeAgent:
@@ -100,7 +72,7 @@ def test_full_then_read_only_disk_loses_no_labelled_row(small_disk: Path, cmapss
     assert agent.storage.state == "ok" and agent.buffer.rows == saved_rows
     before = {p.name: p.read_bytes() for p in state.iterdir() if p.suffix in (".npz", ".json", ".onnx")}
 
-    filler = _fill(small_disk)
+    filler = fill_disk(small_disk)
     sent_before = _predictions(agent)
     with caplog.at_level(logging.INFO, logger="turbofed.edge"):
         _serve(agent, "e3", runs[2], fail=True)  # fails here while the disk is full

@@ -7,17 +7,16 @@ with a reason instead of looping. docs/operations.md says what each looks like."
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import fill_disk
 from tests.livefleet import LiveFleet, wait_for
 from turbofed.aggregator.faults import ENV, STEPS
 from turbofed.aggregator.registry import ModelRegistry
@@ -146,34 +145,6 @@ def test_lost_registry_is_refused_until_reset_and_agents_follow_the_new_epoch(br
         again.registry.close()
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs: a real file system that fills up."""
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], check=False, capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"mounting a small tmpfs is not permitted here ({mounted.stderr.strip()}); run as root")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def _fill(folder: Path) -> Path:
-    filler = folder / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-    return filler
-
-
 def test_full_registry_disk_holds_the_round_until_there_is_room(broker, pki_dir: Path, cmapss_dir: Path, tmp_path: Path,
                                                                 small_disk: Path) -> None:
     fleet = LiveFleet(broker, tmp_path, ["site1", "site2"], ModelSettings(rounds=1, local_epochs=1), pki=pki_dir)
@@ -185,7 +156,7 @@ def test_full_registry_disk_holds_the_round_until_there_is_room(broker, pki_dir:
         process = fleet.start_aggregator_process()
         wait_for("round 1 in the store", lambda: _alive(process, fleet) or 1 in [r["round"] for r in store.rounds()], 90)
         _stop(process)
-        filler = _fill(small_disk)
+        filler = fill_disk(small_disk)
 
         # Three rounds now, on a full disk: it starts, says so, and holds round 2 back.
         fleet.fleet = dataclasses.replace(fleet.fleet, model=ModelSettings(rounds=3, local_epochs=1))
