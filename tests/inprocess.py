@@ -30,9 +30,9 @@ def save_versions(folder: Path, versions: range) -> None:
             reg.save(v, v, reference_model(SPEC, SETTINGS).SerializeToString(), {}, checkpoint_fleet())
 
 
-def config(tmp_path: Path) -> FleetConfig:
+def config(tmp_path: Path, **fields: object) -> FleetConfig:
     return FleetConfig(sites=SITES, store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry"),
-                       model=SETTINGS, insecure_unsigned=True)
+                       model=SETTINGS, insecure_unsigned=True, **fields)
 
 
 class RecordingClient:

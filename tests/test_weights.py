@@ -44,9 +44,11 @@ def test_a_round_with_a_huge_sample_claim(tmp_path: Path) -> None:
     from tests.inprocess import RecordingClient, config, run_round, save_versions
     from turbofed.aggregator.service import Aggregator
     from turbofed.codec import read_weights
+    from turbofed.config import StrategySettings
 
     save_versions(tmp_path / "registry", range(1, 2))
-    aggregator, client = Aggregator(config(tmp_path)), RecordingClient()
+    # Plain FedAvg: the cap is the aggregator's, whatever the strategy (the default would also cap the share at half).
+    aggregator, client = Aggregator(config(tmp_path, strategy=StrategySettings("fedavg"))), RecordingClient()
     try:
         aggregator.client = client
         aggregator.known_samples = {"site1": 400, "site2": 600}  # what their statistics replies said
