@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from turbofed.aggregator.strategies import POSITIVE, Range, SiteUpdate, Strategy, flatten, site_report
+from turbofed.aggregator.strategies import POSITIVE, Range, SiteUpdate, Strategy, clip_scales, flatten, site_report
 from turbofed.codec import Weights
 
 
@@ -177,9 +177,7 @@ class ClippedFedAvg(DeltaStrategy):
         self.clip, self.max_share = clip, max_share
 
     def combine(self, deltas: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, list[str]]:
-        norms = np.linalg.norm(deltas, axis=1)
-        bound = self.clip * float(np.median(norms))
-        scale = np.where(norms > bound, bound / np.maximum(norms, 1e-300), 1.0)
+        scale = clip_scales(np.linalg.norm(deltas, axis=1), self.clip)
         clipped = deltas * scale[:, None]
         weights = capped_shares(samples, self.max_share)
         actions = ["clipped" if s < 1.0 else "kept" for s in scale]

@@ -167,6 +167,37 @@ def weighted_mean(updates: list[SiteUpdate]) -> Weights:
     return {n: sum(u.weights[n].astype(np.float64) * (u.samples / total) for u in updates) for n in names}
 
 
+def clip_scales(norms: np.ndarray, clip: float) -> np.ndarray:
+    """Per update, the factor that brings its delta norm down to `clip` x the round's median
+    delta norm (norm bounding, Sun et al., "Can You Really Backdoor Federated Learning?",
+    2019); 1 for those within it, and for all when `clip` is 0 (off)."""
+    if clip <= 0 or len(norms) == 0:
+        return np.ones(len(norms))
+    bound = clip * float(np.median(norms))
+    return np.where(norms > bound, bound / np.maximum(norms, 1e-300), 1.0)
+
+
+class ServerOptimizer(Strategy):
+    """Base of FedAvgM and FedAdam: the round's mean update, after optional norm clipping of
+    each site's delta (`clip`), feeds a server-side optimiser step."""
+
+    clip: float = 0.0
+
+    def mean_delta(self, current: Weights, updates: list[SiteUpdate]) -> Weights:
+        """Sample-weighted mean of the (clipped) updates minus the current weights, per tensor;
+        what was clipped is reported per site (`last_report`)."""
+        names = list(current)
+        base = flatten(current, names)
+        deltas = np.stack([flatten(u.weights, names) - base for u in updates])
+        scales = clip_scales(np.linalg.norm(deltas, axis=1), self.clip)
+        clipped = [SiteUpdate(u.site, {n: current[n].astype(np.float64) + s * (u.weights[n].astype(np.float64) - current[n])
+                                       for n in names}, u.samples) for u, s in zip(updates, scales)]
+        mean = weighted_mean(clipped)
+        delta = {n: mean[n] - current[n].astype(np.float64) for n in names}
+        self.last_report = site_report(updates, deltas, flatten(delta, names), ["clipped" if s < 1.0 else "kept" for s in scales])
+        return delta
+
+
 class FedAvg(Strategy):
     """Federated averaging: the sample-weighted mean of the sites' weights.
 
@@ -181,7 +212,7 @@ class FedAvg(Strategy):
         return {n: mean[n].astype(current[n].dtype) for n in current}
 
 
-class FedAvgM(Strategy):
+class FedAvgM(ServerOptimizer):
     """FedAvg with server momentum: steadier on non-IID fleets.
 
     Hsu, Qi and Brown, "Measuring the Effects of Non-Identical Data Distribution for
@@ -191,20 +222,22 @@ class FedAvgM(Strategy):
         server_lr: step size applied to the velocity, > 0 (default 1.0; 1.0 with momentum 0
             is FedAvg).
         momentum: how much of the previous velocity each round keeps, in [0, 1) (default 0.5).
+        clip: bound each site's delta to this multiple of the round's median delta norm before
+            averaging, >= 0 (default 0: off; 2.0 is a common choice).
     """
 
     name = "fedavgm"
-    ranges = {"server_lr": POSITIVE, "momentum": FRACTION}
+    ranges = {"server_lr": POSITIVE, "momentum": FRACTION, "clip": Range(0.0, math.inf)}
 
-    def __init__(self, server_lr: float = 1.0, momentum: float = 0.5) -> None:
-        self.server_lr, self.momentum = server_lr, momentum
+    def __init__(self, server_lr: float = 1.0, momentum: float = 0.5, clip: float = 0.0) -> None:
+        self.server_lr, self.momentum, self.clip = server_lr, momentum, clip
         self.velocity: Weights = {}
 
     def aggregate(self, current: Weights, updates: list[SiteUpdate]) -> Weights:
-        mean = weighted_mean(updates)
+        mean_delta = self.mean_delta(current, updates)
         out = {}
         for n, w in current.items():
-            delta = mean[n] - w.astype(np.float64)
+            delta = mean_delta[n]
             v = self.momentum * self.velocity.get(n, np.zeros_like(delta)) + delta
             self.velocity[n] = v
             out[n] = (w + self.server_lr * v).astype(w.dtype)
@@ -217,7 +250,7 @@ class FedAvgM(Strategy):
         self.velocity = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith("velocity/")}
 
 
-class FedAdam(Strategy):
+class FedAdam(ServerOptimizer):
     """Server-side Adam on the pseudo-gradient (mean of the updates minus the global model).
 
     Reddi et al., "Adaptive Federated Optimization", ICLR 2021 (Algorithm 2, FedAdam).
@@ -227,21 +260,23 @@ class FedAdam(Strategy):
         beta1: decay of the first moment, in [0, 1) (default 0.9).
         beta2: decay of the second moment, in [0, 1) (default 0.99).
         tau: adaptivity (the epsilon under the square root's sum), > 0 (default 1e-3).
+        clip: bound each site's delta to this multiple of the round's median delta norm before
+            averaging, >= 0 (default 0: off).
     """
 
     name = "fedadam"
-    ranges = {"server_lr": POSITIVE, "beta1": FRACTION, "beta2": FRACTION, "tau": POSITIVE}
+    ranges = {"server_lr": POSITIVE, "beta1": FRACTION, "beta2": FRACTION, "tau": POSITIVE, "clip": Range(0.0, math.inf)}
 
-    def __init__(self, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
-        self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
+    def __init__(self, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, clip: float = 0.0) -> None:
+        self.server_lr, self.beta1, self.beta2, self.tau, self.clip = server_lr, beta1, beta2, tau, clip
         self.m: Weights = {}
         self.v: Weights = {}
 
     def aggregate(self, current: Weights, updates: list[SiteUpdate]) -> Weights:
-        mean = weighted_mean(updates)
+        mean_delta = self.mean_delta(current, updates)
         out = {}
         for n, w in current.items():
-            delta = mean[n] - w.astype(np.float64)
+            delta = mean_delta[n]
             self.m[n] = self.beta1 * self.m.get(n, np.zeros_like(delta)) + (1 - self.beta1) * delta
             self.v[n] = self.beta2 * self.v.get(n, np.zeros_like(delta)) + (1 - self.beta2) * delta * delta
             out[n] = (w + self.server_lr * self.m[n] / (np.sqrt(self.v[n]) + self.tau)).astype(w.dtype)

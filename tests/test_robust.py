@@ -154,3 +154,22 @@ def test_attack_bench_shows_fedavg_collapse_and_median_holding() -> None:
     assert result["attacked_over_clean"]["fedavg"]["scale"] > 100
     assert result["attacked_over_clean"]["median"]["scale"] < 1.25
     assert "| median |" in format_table(result)
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam"])
+def test_norm_clipping_in_front_of_the_server_optimisers(name: str) -> None:
+    """Deltas of norm 1, 1 and 100 (median 1), clip 2: the long one is cut to norm 2 before
+    the mean, so the mean delta is (1 + 1 + 2) / 3 along w0; momentum 0 / lr 1 makes FedAvgM
+    plain averaging, and FedAdam's first step moves every weight by about server_lr in the
+    mean delta's direction."""
+    params = {"fedavgm": {"server_lr": 1.0, "momentum": 0.0, "clip": 2.0}, "fedadam": {"server_lr": 0.1, "clip": 2.0}}[name]
+    s = make_strategy(name, params)
+    out = s.aggregate(CURRENT, updates([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [100.0, 0.0, 0.0]]))
+    assert [s.last_report[f"site{i}"]["action"] for i in (1, 2, 3)] == ["kept", "kept", "clipped"]
+    if name == "fedavgm":
+        assert out["w"] == pytest.approx([1 + 4 / 3, 1.0])
+    else:
+        assert out["w"][0] == pytest.approx(1 + 0.1, rel=1e-3) and out["w"][1] == pytest.approx(1.0)
+    unclipped = make_strategy(name, {**params, "clip": 0.0}).aggregate(CURRENT, updates([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [100.0, 0.0, 0.0]]))
+    if name == "fedavgm":
+        assert unclipped["w"] == pytest.approx([1 + 102 / 3, 1.0])

@@ -80,9 +80,9 @@ def test_new_algorithm_is_one_class() -> None:
 def test_parameters_reach_the_constructor() -> None:
     s = make_strategy("fedadam", {"server_lr": 0.1, "beta1": 0, "tau": 1e-6})
     assert isinstance(s, FedAdam)
-    assert s.parameters() == {"server_lr": 0.1, "beta1": 0.0, "beta2": 0.99, "tau": 1e-6}
+    assert s.parameters() == {"server_lr": 0.1, "beta1": 0.0, "beta2": 0.99, "tau": 1e-6, "clip": 0.0}
     assert isinstance(s.beta1, float)  # an integer in TOML is a float parameter's number
-    assert make_strategy("fedavgm", {"momentum": 0.9}).parameters() == {"server_lr": 1.0, "momentum": 0.9}
+    assert make_strategy("fedavgm", {"momentum": 0.9}).parameters() == {"server_lr": 1.0, "momentum": 0.9, "clip": 0.0}
     assert make_strategy("fedavg").parameters() == {}
 
 
@@ -104,7 +104,7 @@ def test_every_builtin_documents_its_parameters_and_paper() -> None:
         ("fedavgm", {"momentum": "0.9"}, r"^f.toml: \[strategy\] momentum must be a number, got '0.9'$"),
         ("fedavgm", {"momentum": True}, r"^f.toml: \[strategy\] momentum must be a number, got True$"),
         ("fedavgm", {"momentom": 0.9}, r"^f.toml: \[strategy\] momentom: unknown parameter for strategy 'fedavgm'; "
-                                        r"known: momentum, server_lr$"),
+                                        r"known: clip, momentum, server_lr$"),
         ("fedavg", {"server_lr": 1.0}, r"^f.toml: \[strategy\] server_lr: unknown parameter for strategy 'fedavg'; "
                                        r"it takes no parameters$"),
         ("fedsgd", {}, r"^f.toml: \[strategy\] name: unknown strategy 'fedsgd'; choose one of fedavg, fedavgm, fedadam"),
