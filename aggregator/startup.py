@@ -75,6 +75,7 @@ def _reset(folder: Path, store: ResultsStore, config_epoch: int, keep: str) -> t
     new = old + 1
     archive = _archive(folder, old, keep)
     rounds = [r["round"] for r in store.rounds()]
+    store.archive_rounds(old)  # the new epoch's round n must not replace the old round n
     registry = ModelRegistry(folder)
     registry.set_epoch(new)
     detail = {"old_epoch": old, "epoch": new, "rounds_before": len(rounds),

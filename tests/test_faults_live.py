@@ -130,6 +130,9 @@ def test_lost_registry_is_refused_until_reset_and_agents_follow_the_new_epoch(br
         fleet.close()
     resets = [e["detail"] for e in store.events(1000) if e["kind"] == "fleet_reset"]
     assert [(r["old_epoch"], r["epoch"], r["rounds_before"]) for r in resets] == [(0, 1, 3)]
+    old_rounds, new_rounds = store.archived_rounds(0), store.rounds()  # the old epoch's rounds are kept, apart
+    assert [r["round"] for r in old_rounds] == [0, 1, 2] and all(r["participants"] for r in old_rounds[1:])
+    assert [r["round"] for r in new_rounds] == [0, 1, 2] and old_rounds[-1]["closed"] < new_rounds[0]["started"]
     archive = Path(fleet.fleet.registry) / "epoch-0"
     assert (archive / "registry.sqlite").stat().st_size == 0 and (archive / "models" / "v00002.onnx").is_file()
     with ModelRegistry(fleet.fleet.registry) as reg:

@@ -471,3 +471,27 @@ def test_query_error_from_stand_in_for_influxdb2_is_a_store_error(fake: tuple[Fa
     with _store(url, tmp_path) as store:
         with pytest.raises(StoreError, match="query events failed.*undefined identifier"):
             store.events()
+
+
+def test_archived_rounds_are_kept_and_a_new_epoch_starts_clean_on_both_stores(fake: tuple[FakeInflux, str], tmp_path: Path) -> None:
+    """A fleet reset (`turbofed aggregator --reset`) archives the old epoch's rounds: on SQLite
+    into archived_rounds, on the stand-in for InfluxDB 2 behind a `rounds_archived` mark; the
+    new epoch's round 0 then replaces nothing and both stores show only the new rounds."""
+    _, url = fake
+    t0 = time.time() - 1000
+    with SqliteStore(tmp_path / "r.sqlite") as sqlite, _store(url, tmp_path) as store:
+        for s in (sqlite, store):
+            _record_fleet(s, t0)
+        assert store.flush(timeout=20)
+        old = sqlite.rounds()
+        assert store.rounds() == old and len(old) == 2
+        assert sqlite.archive_rounds(0) == 2 and store.archive_rounds(0) == 2
+        assert store.flush(timeout=20)
+        assert sqlite.rounds() == [] and store.rounds() == []
+        assert sqlite.archived_rounds(0) == old  # nothing recorded is lost
+        time.sleep(0.01)
+        for s in (sqlite, store):
+            s.record_round(0, 0, time.time(), time.time(), [], 0.0, "fedavg", "initial")
+        assert store.flush(timeout=20)
+        assert [r["round"] for r in store.rounds()] == [r["round"] for r in sqlite.rounds()] == [0]
+        assert sqlite.archived_rounds(0) == old

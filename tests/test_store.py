@@ -29,7 +29,7 @@ def test_open_store_path_and_schema(tmp_path: Path) -> None:
         assert s.counts()["rounds"] == 0
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(4,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(5,)]
     db.execute("UPDATE schema_version SET version = 99")
     db.commit()
     db.close()
@@ -67,14 +67,14 @@ def test_schema_2_store_gains_strategy_params(tmp_path: Path) -> None:
     with open_store(path) as s:
         s.record_round(1, 1, 10.0, 12.0, [], 1.0, "fedavg", "quorum")
     db = sqlite3.connect(path)
-    db.executescript("ALTER TABLE rounds DROP COLUMN strategy_params; ALTER TABLE round_participants DROP COLUMN norm; ALTER TABLE round_participants DROP COLUMN cosine; ALTER TABLE round_participants DROP COLUMN action; UPDATE schema_version SET version = 2;")
+    db.executescript("ALTER TABLE rounds DROP COLUMN strategy_params; ALTER TABLE round_participants DROP COLUMN norm; ALTER TABLE round_participants DROP COLUMN cosine; ALTER TABLE round_participants DROP COLUMN action; DROP TABLE archived_rounds; UPDATE schema_version SET version = 2;")
     db.close()
     with open_store(path) as s:
         assert [(r["strategy"], r["strategy_params"]) for r in s.rounds()] == [("fedavg", {})]
         s.record_round(2, 2, 20.0, 22.0, [], 1.0, "fedadam", "quorum", {"tau": 0.001})
         assert s.rounds()[1]["strategy_params"] == {"tau": 0.001}
     db = sqlite3.connect(path)
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(4,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(5,)]
     db.close()
 
 
@@ -85,7 +85,7 @@ def test_schema_3_store_gains_what_the_strategy_did_with_each_update(tmp_path: P
     with open_store(path) as s:
         s.record_round(1, 1, 10.0, 12.0, [{"site": "s1", "samples": 5, "update_bytes": 50}], 1.0, "fedavg", "quorum")
     db = sqlite3.connect(path)
-    db.executescript("ALTER TABLE round_participants DROP COLUMN norm; ALTER TABLE round_participants DROP COLUMN cosine; ALTER TABLE round_participants DROP COLUMN action; UPDATE schema_version SET version = 3;")
+    db.executescript("ALTER TABLE round_participants DROP COLUMN norm; ALTER TABLE round_participants DROP COLUMN cosine; ALTER TABLE round_participants DROP COLUMN action; DROP TABLE archived_rounds; UPDATE schema_version SET version = 3;")
     db.close()
     with open_store(path) as s:
         assert s.rounds()[0]["participants"] == [{"site": "s1", "samples": 5, "update_bytes": 50}]
@@ -95,6 +95,20 @@ def test_schema_3_store_gains_what_the_strategy_did_with_each_update(tmp_path: P
         assert s.rounds()[1]["participants"] == [
             {"site": "s1", "samples": 5, "update_bytes": 50, "norm": 2.5, "cosine": -0.25, "action": "trimmed"},
             {"site": "s2", "samples": 6, "update_bytes": 60, "norm": 0.5, "cosine": None, "action": "kept"}]
+
+
+def test_schema_4_store_gains_the_round_archive(tmp_path: Path) -> None:
+    """Rounds of an earlier fleet epoch are archived (fleet reset); a store written before the
+    archive table existed opens, upgraded, and archives its rounds without losing one."""
+    path = tmp_path / "results.sqlite"
+    with open_store(path) as s:
+        s.record_round(1, 1, 10.0, 12.0, [{"site": "s1", "samples": 5, "update_bytes": 50}], 1.0, "fedavg", "quorum")
+    db = sqlite3.connect(path)
+    db.executescript("DROP TABLE archived_rounds; UPDATE schema_version SET version = 4;")
+    db.close()
+    with open_store(path) as s:
+        before = s.rounds()
+        assert s.archive_rounds(7) == 1 and s.rounds() == [] and s.archived_rounds(7) == before
 
 
 def test_rejections(store: SqliteStore) -> None:

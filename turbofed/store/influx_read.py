@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from turbofed.store.interface import MODELS, StoreError
+from turbofed.store.interface import ARCHIVE_EVENT, MODELS, StoreError
 from turbofed.topics import natural_key
 
 
@@ -47,8 +47,11 @@ class FluxReads:
   {_PIVOT}""")
         latest: dict[int, dict[str, Any]] = {}
         parts: dict[tuple[int, datetime], list[dict[str, Any]]] = {}
+        # Rounds recorded before the newest fleet reset belong to an earlier epoch (archive_rounds).
+        archived = [e["at"] for e in self.events(1000) if e["kind"] == ARCHIVE_EVENT and e["at"] is not None]
+        since = max(archived, default=None)
         for r in recs:
-            if r.get("round") is None:
+            if r.get("round") is None or (since is not None and r["_time"].timestamp() <= since):
                 continue
             if r["_measurement"] == "rounds":
                 if r["round"] not in latest or r["_time"] >= latest[r["round"]]["_time"]:

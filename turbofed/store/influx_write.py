@@ -41,7 +41,7 @@ from typing import Any
 from turbofed.envelope import json_default
 from turbofed.layout import SENSOR_NAMES, SETTING_NAMES
 from turbofed.store.influx_read import FluxReads, http_status
-from turbofed.store.interface import MODELS, ResultsStore, StoreError
+from turbofed.store.interface import ARCHIVE_EVENT, MODELS, ResultsStore, StoreError
 from turbofed.store.spool import PROTECTED, TELEMETRY, Spool, SpoolError
 
 log = logging.getLogger("turbofed.influx")
@@ -330,6 +330,14 @@ class InfluxStore(FluxReads, ResultsStore):
 
     def record_event(self, kind: str, detail: dict[str, Any], at: float) -> None:
         self._emit(PROTECTED, [_event_line(kind, detail, at, self._stamp(f"events\0{kind}", at))])
+
+    def archive_rounds(self, epoch: int) -> int:
+        """InfluxDB keeps every round as a point at its own time, so nothing is overwritten:
+        a `rounds_archived` event marks the reset, and `rounds()` shows only rounds recorded
+        after the newest such mark (the older points stay in the bucket, queryable by time)."""
+        kept = len(self.rounds())
+        self.record_event(ARCHIVE_EVENT, {"epoch": int(epoch), "rounds": kept}, time.time())
+        return kept
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything recorded so far is in the server (True) or `timeout` passes."""

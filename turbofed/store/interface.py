@@ -23,6 +23,9 @@ from turbofed.errors import TurbofedError
 MODELS = ("local", "federated")
 
 
+ARCHIVE_EVENT = "rounds_archived"  # the event a store without an archive table marks a fleet reset with
+
+
 class StoreError(TurbofedError):
     """The results store cannot be opened or is from a newer turbofed."""
 
@@ -70,6 +73,12 @@ class ResultsStore(ABC):
     @abstractmethod
     def record_event(self, kind: str, detail: dict[str, Any], at: float) -> None:
         """An aggregator event (started, resumed, round announced...)."""
+
+    @abstractmethod
+    def archive_rounds(self, epoch: int) -> int:
+        """A fleet reset (`--reset`) starts round numbers again: keep fleet epoch `epoch`'s
+        rounds, set aside from the current ones (`rounds()`), so the new epoch's round n does
+        not replace the old round n. How many rounds were kept."""
 
     # --- read side (dashboard, demo) ---
     @abstractmethod

@@ -15,7 +15,7 @@ from turbofed.envelope import json_default
 from turbofed.store.interface import MODELS, ResultsStore, StoreError
 from turbofed.topics import natural_key
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 # Raw sensor rows a site chose to share (record_sensors), added in schema v2: settings and
@@ -32,6 +32,13 @@ _ROUND_PARAMS = "ALTER TABLE rounds ADD COLUMN strategy_params TEXT NOT NULL DEF
 _PARTICIPANT_REPORT = ("ALTER TABLE round_participants ADD COLUMN norm REAL; "
                        "ALTER TABLE round_participants ADD COLUMN cosine REAL; "
                        "ALTER TABLE round_participants ADD COLUMN action TEXT;")
+# Rounds of earlier fleet epochs (archive_rounds, at a fleet reset), added in v5: each round
+# with its participants as the JSON object rounds() returns.
+_ARCHIVED_ROUNDS = """
+CREATE TABLE archived_rounds (
+    epoch INTEGER NOT NULL, round INTEGER NOT NULL, record TEXT NOT NULL,
+    PRIMARY KEY (epoch, round));
+"""
 _SCHEMA = """
 CREATE TABLE rounds (
     round INTEGER PRIMARY KEY, model_version INTEGER NOT NULL, started REAL NOT NULL,
@@ -61,11 +68,11 @@ CREATE TABLE truth (
     at REAL NOT NULL, PRIMARY KEY (site, engine));
 CREATE TABLE events (
     id INTEGER PRIMARY KEY, kind TEXT NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL);
-""" + _SENSORS_TABLE
+""" + _SENSORS_TABLE + _ARCHIVED_ROUNDS
 # Schema changes: _MIGRATIONS[v] is the SQL that upgrades a version-v store to v + 1.
-_MIGRATIONS: dict[int, str] = {1: _SENSORS_TABLE, 2: _ROUND_PARAMS, 3: _PARTICIPANT_REPORT}
+_MIGRATIONS: dict[int, str] = {1: _SENSORS_TABLE, 2: _ROUND_PARAMS, 3: _PARTICIPANT_REPORT, 4: _ARCHIVED_ROUNDS}
 _TABLES = ("rounds", "round_participants", "rejections", "site_status", "metrics",
-           "predictions", "truth", "events", "sensors")
+           "predictions", "truth", "events", "sensors")  # what counts() reports (not archived_rounds)
 
 # Pivot the two models of one cycle into one row, with the truth at that cycle.
 _TRAJECTORY = """
@@ -240,6 +247,22 @@ class SqliteStore(ResultsStore):
             r["participants"] = sorted(parts.get(r["round"], []), key=lambda p: natural_key(p["site"]))
             r["samples"] = sum(p["samples"] for p in r["participants"])
         return rounds
+
+    def archive_rounds(self, epoch: int) -> int:
+        """Move every current round (and its participants) to archived_rounds under `epoch`, in one transaction."""
+        current = self.rounds()
+        with self._tx() as db:
+            db.executemany("INSERT OR REPLACE INTO archived_rounds (epoch, round, record) VALUES (?, ?, ?)",
+                           [(int(epoch), r["round"], json.dumps(r, default=json_default)) for r in current])
+            db.execute("DELETE FROM round_participants")
+            db.execute("DELETE FROM rounds")
+        return len(current)
+
+    def archived_rounds(self, epoch: int) -> list[dict[str, Any]]:
+        """The rounds `archive_rounds(epoch)` kept, in order."""
+        with self._tx(write=False) as db:
+            rows = db.execute("SELECT record FROM archived_rounds WHERE epoch = ? ORDER BY round", (int(epoch),)).fetchall()
+        return [json.loads(r["record"]) for r in rows]
 
     def rejections(self, round: int | None = None) -> list[dict[str, Any]]:
         """Rejections in the order they happened (optionally of one round)."""
