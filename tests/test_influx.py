@@ -379,6 +379,7 @@ def test_sqlite_record_sensors_and_migration(tmp_path: Path) -> None:
     db.execute("ALTER TABLE rounds DROP COLUMN strategy_params")  # added in version 3
     for column in ("norm", "cosine", "action"):  # added in version 4
         db.execute(f"ALTER TABLE round_participants DROP COLUMN {column}")
+    db.execute("DROP TABLE archived_rounds")  # added in version 5
     db.execute("UPDATE schema_version SET version = 1")
     db.commit()
     db.close()

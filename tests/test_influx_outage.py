@@ -106,7 +106,8 @@ def test_outage_of_10s_loses_no_round_result_or_prediction(tmp_path: Path) -> No
         store.close()
 
         assert stats["spooled"] > 0 and stats["dropped"] == 0 and stats["rejected"] == 0 and stats["lost"] == 0
-        assert replay.slowest_call < 0.25, f"a recorder call took {replay.slowest_call:.3f}s"
+        # No recorder call waited for the server to come back (how fast calls are is the benchmark's business).
+        assert replay.slowest_call < OUTAGE_S / 4, f"a recorder call took {replay.slowest_call:.3f}s"
         during = [k for k, d in replay.predictions.items() if d]
         assert len(during) >= 3 * 20 * 2 * 50  # ~10 s of reports while the server was down
         assert sum(replay.rounds.values()) >= 8
