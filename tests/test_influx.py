@@ -386,4 +386,4 @@ def test_sqlite_record_sensors_and_migration(tmp_path: Path) -> None:
     with SqliteStore(path) as store:
         store.record_sensors("site-1", [("e1", 3, [0.0] * 3, [1.0] * 21)], 7.0)
         assert store.counts()["sensors"] == 1
-    assert sqlite3.connect(path).execute("SELECT version FROM schema_version").fetchone() == (SCHEMA_VERSION,) == (4,)
+    assert sqlite3.connect(path).execute("SELECT version FROM schema_version").fetchone() == (SCHEMA_VERSION,) == (5,)
