@@ -13,9 +13,13 @@ Only the FedAvg family is allowed: median, Krum, trimmed mean and the filtered s
 look at individual updates, so their output's sensitivity to one site is not bounded by C
 and the Gaussian mechanism's guarantee would not hold (`private_strategy` refuses them).
 
-Modes: "central" (the aggregator adds all the noise; it sees every clipped delta) and
-"distributed" (each site adds N(0, sigma^2 C^2 / n) to its own clipped delta, for secure
-aggregation; the site side is not built yet, so the aggregator refuses that mode).
+Modes: "central" (the aggregator clips and adds all the noise; it sees every delta) and
+"distributed" (the round announcement asks each site to clip its own delta and add
+N(0, sigma^2 C^2 / n) to it, `site_noise`, so that the n expected sites' noises sum to
+N(0, sigma^2 C^2); the aggregator adds the share of the sites that did not answer, so the
+sum always carries the full noise, and clips nothing: the guarantee then rests on the sites
+following the announcement. It is meant for secure aggregation, which is not wired yet:
+until it is, the aggregator still sees each site's noised delta).
 
 Accounting (Google's dp-accounting): every noised round is one Gaussian mechanism with
 noise multiplier sigma, every site taking part (sampling q = 1); rounds compose. RDP
@@ -40,6 +44,7 @@ from turbofed.aggregator.strategies import STRATEGIES, ServerOptimizer, SiteUpda
 from turbofed.codec import Weights
 from turbofed.config import PrivacySettings
 from turbofed.errors import ConfigError
+from turbofed.messages.fleet import SiteNoise
 
 ROUNDS_KEY = "privacy/dp_rounds"  # in the strategy state of every checkpoint
 
@@ -73,11 +78,25 @@ def calibrate_noise(target_epsilon: float, rounds: int, delta: float, accountant
                                            tol=1e-4))
 
 
+def unseeded_rng() -> np.random.Generator:
+    """numpy's Generator seeded with 16 bytes from os.urandom: noise nobody can replay."""
+    return np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+
+
 def clip(delta: np.ndarray, clip_norm: float) -> tuple[np.ndarray, float]:
     """`delta` scaled down to L2 norm `clip_norm` if longer; with the factor used (<= 1)."""
     norm = float(np.linalg.norm(delta))
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return delta * scale, scale
+
+
+def noised_delta(current: Weights, weights: Weights, clip_norm: float, noise_std: float, rng: np.random.Generator) -> Weights:
+    """A site's side of distributed DP: `weights - current` clipped to `clip_norm` plus
+    N(0, noise_std^2) per coordinate, returned as weights (current + that)."""
+    names = list(current)
+    base = flatten(current, names)
+    delta, _ = clip(flatten(weights, names) - base, clip_norm)
+    return unflatten(base + delta + rng.normal(0.0, noise_std, delta.shape), current)
 
 
 def noised_mean(clipped: np.ndarray, noise_std: float, denominator: int, rng: np.random.Generator) -> np.ndarray:
@@ -94,8 +113,7 @@ class DPFedAvg(Strategy):
         self.inner, self.settings = inner, settings
         self.name = inner.name  # what rounds are announced and recorded as
         self.noise_multiplier, self.expected_sites = noise_multiplier, expected_sites
-        seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(16), "little")
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(settings.seed) if settings.seed is not None else unseeded_rng()
         self.dp_rounds = 0
         self.last_report: dict[str, dict[str, Any]] = {}
 
@@ -105,17 +123,29 @@ class DPFedAvg(Strategy):
         names = list(current)
         base = flatten(current, names)
         deltas = np.stack([flatten(u.weights, names) - base for u in updates])
-        pairs = [clip(d, self.settings.clip_norm) for d in deltas]
-        clipped = np.stack([c for c, _ in pairs])
         denominator = max(self.expected_sites, len(updates))  # more sites than expected: never amplify one
-        mean = noised_mean(clipped, self.noise_multiplier * self.settings.clip_norm, denominator, self.rng)
+        noise_std = self.noise_multiplier * self.settings.clip_norm
+        if self.settings.mode == "distributed":  # sites clipped and noised: add the missing sites' share only
+            pairs = [(d, 1.0) for d in deltas]
+            noise_std *= math.sqrt((denominator - len(updates)) / denominator)
+        else:
+            pairs = [clip(d, self.settings.clip_norm) for d in deltas]
+        clipped = np.stack([c for c, _ in pairs])
+        mean = noised_mean(clipped, noise_std, denominator, self.rng)
         self.dp_rounds += 1
-        merged_input = _unflatten(base + mean, current)
+        merged_input = unflatten(base + mean, current)
         self.last_report = site_report(updates, deltas, mean, ["clipped" if s < 1.0 else "kept" for _, s in pairs])
         return self.inner.aggregate(current, [SiteUpdate("dp-mean", merged_input, 1)])
 
     def parameters(self) -> dict[str, Any]:
         return self.inner.parameters()
+
+    def site_noise(self) -> SiteNoise | None:
+        """What a round announcement asks of each site in distributed mode (None: central)."""
+        if self.settings.mode != "distributed":
+            return None
+        s = self.settings
+        return SiteNoise(s.clip_norm, self.noise_multiplier * s.clip_norm / math.sqrt(self.expected_sites))
 
     def privacy_record(self) -> dict[str, Any]:
         """What this run's DP is, for the "started" event and the round events."""
@@ -152,7 +182,8 @@ class DPFedAvg(Strategy):
         self.inner.load_state({k: v for k, v in state.items() if k != ROUNDS_KEY})
 
 
-def _unflatten(vector: np.ndarray, like: Weights) -> Weights:
+def unflatten(vector: np.ndarray, like: Weights) -> Weights:
+    """`vector` cut back into tensors shaped and typed like `like` (the inverse of `flatten`)."""
     out, at = {}, 0
     for n, w in like.items():
         out[n] = vector[at:at + w.size].reshape(w.shape).astype(w.dtype)
@@ -168,8 +199,6 @@ def private_strategy(inner: Strategy, settings: PrivacySettings, rounds: int, n_
                           f"FedAvg family ({', '.join(STRATEGIES)}), not strategy {inner.name!r}")
     if isinstance(inner, ServerOptimizer) and inner.clip:
         raise ConfigError(f"{where}: strategy {inner.name!r} clip = {inner.clip:g} must be 0 with [privacy] (clip_norm bounds every site)")
-    if settings.mode != "central":
-        raise ConfigError(f"{where} mode = {settings.mode!r}: distributed noise (added by each site) is not built yet; use \"central\"")
     sigma = settings.noise_multiplier
     if sigma is None:
         sigma = calibrate_noise(settings.target_epsilon, rounds, settings.delta, settings.accountant)

@@ -422,6 +422,7 @@ class Aggregator:
                 min_samples=self.config.min_samples,
                 strategy=self.strategy.name,
                 epoch=self.epoch,
+                dp=None if self.dp is None else self.dp.site_noise(),
             )
         )
         log.info("round %d announced (from global v%d, deadline %.0f s)", number, self.round.model_version, self.config.round_deadline_s)

@@ -15,9 +15,16 @@ pytest.importorskip("dp_accounting")
 
 import dp_accounting  # noqa: E402
 
-from turbofed.aggregator.privacy import DPFedAvg, calibrate_noise, gaussian_epsilon, noised_mean, private_strategy  # noqa: E402
+from turbofed.aggregator.privacy import (  # noqa: E402
+    DPFedAvg,
+    calibrate_noise,
+    gaussian_epsilon,
+    noised_delta,
+    noised_mean,
+    private_strategy,
+)
 from turbofed.aggregator.strategies import FedAvg, SiteUpdate, make_strategy  # noqa: E402
-from turbofed.config import PrivacySettings, load_fleet_config  # noqa: E402
+from turbofed.config import ModelSettings, PrivacySettings, load_fleet_config  # noqa: E402
 from turbofed.errors import ConfigError  # noqa: E402
 
 
@@ -112,6 +119,30 @@ def test_noise_is_unseeded_by_default() -> None:
     assert a.rng.normal() != b.rng.normal()
 
 
+def test_distributed_mode_sites_clip_and_noise_the_aggregator_tops_up() -> None:
+    """Each site: clip to C, add N(0, sigma^2 C^2 / n). The aggregator adds the missing sites'
+    share, so the sum always carries N(0, sigma^2 C^2): with 2 of 4 sites, sigma C sqrt(2/4)."""
+    from turbofed.messages import RoundAnnouncement
+
+    sigma, clip_norm, n, d = 2.0, 0.5, 4, 200_000
+    settings = PrivacySettings(clip_norm=clip_norm, noise_multiplier=sigma, mode="distributed", seed=3)
+    strategy = private_strategy(FedAvg(), settings, 10, n)
+    ask = strategy.site_noise()
+    assert (ask.clip_norm, ask.noise_std) == (clip_norm, pytest.approx(sigma * clip_norm / 2))
+    announced = RoundAnnouncement(1, announce_id="a", model_version=0, deadline=1.0, settings=ModelSettings(), dp=ask)
+    assert RoundAnnouncement.from_payload(announced.to_payload()).dp == ask
+    current = {"w": np.zeros(2, np.float32)}
+    site = noised_delta(current, {"w": np.array([3.0, 4.0], np.float32)}, 1.0, 0.0, np.random.default_rng(0))
+    np.testing.assert_allclose(site["w"], [0.6, 0.8], atol=1e-6)  # clipped by hand, no noise
+    noisy = noised_delta({"w": np.zeros(d, np.float32)}, {"w": np.zeros(d, np.float32)}, 1.0, ask.noise_std, np.random.default_rng(1))
+    assert float(np.std(noisy["w"])) == pytest.approx(ask.noise_std, rel=0.01)
+    zero = {"w": np.zeros(d, np.float32)}
+    out = strategy.aggregate(zero, [SiteUpdate(s, {"w": np.zeros(d, np.float32)}, 1) for s in "ab"])["w"]
+    assert float(np.std(out)) == pytest.approx(sigma * clip_norm * math.sqrt(2 / 4) / n, rel=0.01)
+    big = strategy.aggregate(zero, [SiteUpdate(s, {"w": np.full(d, 5.0, np.float32)}, 1) for s in "abcd"])["w"]
+    assert float(np.mean(big)) == pytest.approx(5.0) and float(np.std(big)) < 1e-6  # all answered: nothing added, nothing clipped
+
+
 def test_only_the_fedavg_family_and_central_mode() -> None:
     settings = PrivacySettings(clip_norm=1.0, noise_multiplier=1.0)
     for name in ("median", "multi-krum", "trimmed-mean", "filtered-fedavg", "clipped-fedavg"):
@@ -119,8 +150,6 @@ def test_only_the_fedavg_family_and_central_mode() -> None:
             private_strategy(make_strategy(name), settings, 10, 4, "f.toml: [privacy]")
     with pytest.raises(ConfigError, match="clip = 2 must be 0 with"):
         private_strategy(make_strategy("fedavgm", {"clip": 2.0}), settings, 10, 4)
-    with pytest.raises(ConfigError, match="distributed noise .* is not built yet"):
-        private_strategy(FedAvg(), PrivacySettings(clip_norm=1.0, noise_multiplier=1.0, mode="distributed"), 10, 4)
     fedadam = private_strategy(make_strategy("fedadam"), PrivacySettings(clip_norm=1.0, target_epsilon=8.0), 20, 4)
     assert fedadam.epsilon(20) <= 8.0 and fedadam.name == "fedadam" and "beta1" in fedadam.parameters()
 

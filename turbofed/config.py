@@ -448,7 +448,8 @@ class PrivacySettings:
     `[privacy]` table; docs/privacy.md. Exactly one of `noise_multiplier` (sigma) and
     `target_epsilon` (sigma calibrated for `[model] rounds`); `epsilon_budget` defaults to
     `target_epsilon` (or unlimited). `expected_sites` is the fixed denominator of the noised
-    sum (default: every site). `seed` fixes the noise: benchmarks and tests only."""
+    sum (default: every site). `mode = "distributed"`: each site clips and noises its own
+    delta as the round announcement asks. `seed` fixes the noise: benchmarks and tests only."""
 
     clip_norm: float
     noise_multiplier: float | None = None
