@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -98,9 +99,10 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def default_data_dir(given: str | None) -> str | None:
-    """--data-dir, else ../shared/data/cmapss when present (as the tests' TURBOFED_TEST_CMAPSS)."""
-    if given:
-        return given
+    """--data-dir, else $TURBOFED_DATA_DIR, else ../shared/data/cmapss when present (where the
+    tests find C-MAPSS), else None (data/cmapss)."""
+    if given or os.environ.get("TURBOFED_DATA_DIR"):
+        return given or os.environ["TURBOFED_DATA_DIR"]
     shared = Path.cwd().parent / "shared" / "data" / "cmapss"
     return str(shared) if shared.is_dir() else None
 
