@@ -35,14 +35,14 @@ given; a seed is for benchmarks and tests only: whoever knows it can subtract th
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import numpy as np
 
-from turbofed.aggregator.strategies import STRATEGIES, ServerOptimizer, SiteUpdate, Strategy, flatten, site_report
-from turbofed.codec import Weights
+from turbofed.aggregator.strategies import STRATEGIES, ServerOptimizer, SiteUpdate, Strategy, site_report
+from turbofed.codec import Weights, flatten, unflatten
 from turbofed.config import PrivacySettings
+from turbofed.dpnoise import clip, unseeded_rng
 from turbofed.errors import ConfigError
 from turbofed.messages.fleet import SiteNoise
 
@@ -76,27 +76,6 @@ def calibrate_noise(target_epsilon: float, rounds: int, delta: float, accountant
     return float(dp.calibrate_dp_mechanism(fresh, lambda s: dp.SelfComposedDpEvent(dp.GaussianDpEvent(s), rounds),
                                            target_epsilon, delta, bracket_interval=dp.LowerEndpointAndGuess(0.05, 1.0),
                                            tol=1e-4))
-
-
-def unseeded_rng() -> np.random.Generator:
-    """numpy's Generator seeded with 16 bytes from os.urandom: noise nobody can replay."""
-    return np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
-
-
-def clip(delta: np.ndarray, clip_norm: float) -> tuple[np.ndarray, float]:
-    """`delta` scaled down to L2 norm `clip_norm` if longer; with the factor used (<= 1)."""
-    norm = float(np.linalg.norm(delta))
-    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
-    return delta * scale, scale
-
-
-def noised_delta(current: Weights, weights: Weights, clip_norm: float, noise_std: float, rng: np.random.Generator) -> Weights:
-    """A site's side of distributed DP: `weights - current` clipped to `clip_norm` plus
-    N(0, noise_std^2) per coordinate, returned as weights (current + that)."""
-    names = list(current)
-    base = flatten(current, names)
-    delta, _ = clip(flatten(weights, names) - base, clip_norm)
-    return unflatten(base + delta + rng.normal(0.0, noise_std, delta.shape), current)
 
 
 def noised_mean(clipped: np.ndarray, noise_std: float, denominator: int, rng: np.random.Generator) -> np.ndarray:
@@ -180,15 +159,6 @@ class DPFedAvg(Strategy):
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         self.dp_rounds = int(state[ROUNDS_KEY]) if ROUNDS_KEY in state else 0
         self.inner.load_state({k: v for k, v in state.items() if k != ROUNDS_KEY})
-
-
-def unflatten(vector: np.ndarray, like: Weights) -> Weights:
-    """`vector` cut back into tensors shaped and typed like `like` (the inverse of `flatten`)."""
-    out, at = {}, 0
-    for n, w in like.items():
-        out[n] = vector[at:at + w.size].reshape(w.shape).astype(w.dtype)
-        at += w.size
-    return out
 
 
 def private_strategy(inner: Strategy, settings: PrivacySettings, rounds: int, n_sites: int, where: str = "[privacy]") -> DPFedAvg:

@@ -527,7 +527,7 @@ class EdgeAgent:
         self.fed_learner.train(x, y, epochs=self.settings.local_epochs)
         weights = self.fed_learner.weights()
         if ann.dp is not None:  # distributed DP (docs/privacy.md): our delta clipped and noised before it leaves
-            from turbofed.aggregator.privacy import noised_delta, unseeded_rng
+            from turbofed.dpnoise import noised_delta, unseeded_rng
 
             weights = noised_delta(read_weights(global_model), weights, ann.dp.clip_norm, ann.dp.noise_std, unseeded_rng())
         # The update is the global model with our weights in it: the aggregator's graph, by construction.

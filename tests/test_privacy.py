@@ -19,12 +19,12 @@ from turbofed.aggregator.privacy import (  # noqa: E402
     DPFedAvg,
     calibrate_noise,
     gaussian_epsilon,
-    noised_delta,
     noised_mean,
     private_strategy,
 )
 from turbofed.aggregator.strategies import FedAvg, SiteUpdate, make_strategy  # noqa: E402
 from turbofed.config import ModelSettings, PrivacySettings, load_fleet_config  # noqa: E402
+from turbofed.dpnoise import noised_delta  # noqa: E402
 from turbofed.errors import ConfigError  # noqa: E402
 
 
