@@ -86,6 +86,12 @@ class Aggregator:
         self.config = config
         # First, so a bad [strategy] stops us before anything is opened (ConfigError names file and key).
         self.strategy = make_strategy(config.strategy.name, config.strategy.params, config.strategy.where)
+        self.dp = None  # [privacy]: DP-FedAvg around the strategy, with its accountant (aggregator/privacy.py)
+        if config.privacy is not None:
+            from turbofed.aggregator.privacy import private_strategy
+
+            self.dp = self.strategy = private_strategy(self.strategy, config.privacy, config.model.rounds, len(config.sites),
+                                                       f"{config_path}: [privacy]")
         # What every record of this run says it ran with: the configured name, all parameters.
         self.strategy_record = {"strategy": config.strategy.name, "strategy_params": self.strategy.parameters()}
         self.topics = Topics(config.broker.topic_root, config.broker.plant_root)
@@ -154,7 +160,7 @@ class Aggregator:
 
     def _resume(self, ckpt: Checkpoint | None, reset: bool = False) -> None:
         if ckpt is None:
-            self.store.record_event("started", dict(self.strategy_record), time.time())
+            self.store.record_event("started", {**self.strategy_record, **self._privacy_record()}, time.time())
             if reset:
                 self._reuse_stats()
             return
@@ -186,7 +192,14 @@ class Aggregator:
         record = ckpt.fleet.get("round_record") or {}
         self.global_samples = header_samples(p.get("samples", 0) for p in record.get("participants", []))
         self._reconcile(ckpt)
-        self.store.record_event("resumed", {"version": ckpt.version, "round": ckpt.round, **self.strategy_record}, time.time())
+        self.store.record_event("resumed", {"version": ckpt.version, "round": ckpt.round, **self.strategy_record,
+                                            **self._privacy_record()}, time.time())
+        if self.dp is not None:
+            log.info("privacy: %d noised rounds in checkpoint v%d, epsilon %.3g at delta %g (recomputed)",
+                     self.dp.dp_rounds, ckpt.version, self.dp.epsilon(), self.dp.settings.delta)
+
+    def _privacy_record(self) -> dict:
+        return {} if self.dp is None else {"privacy": self.dp.privacy_record()}
 
     def _reuse_stats(self) -> None:
         """After a reset: the fleet statistics the store recorded last (same window), so the
@@ -253,11 +266,15 @@ class Aggregator:
             self._collect_stats(stop)
         if self.model is None and not stop.is_set():
             self._initial_model()
+        spent = False
         while not stop.is_set() and self.version < self.config.model.rounds:
+            if spent := self._budget_spent():
+                break
             self._run_round(self.version + 1, stop)
         if not stop.is_set():
             self._announce(RoundAnnouncement(self.version, self.spec, done=True, epoch=self.epoch))
-            log.info("all %d rounds done; recording site reports until stopped", self.config.model.rounds)
+            if not spent:
+                log.info("all %d rounds done; recording site reports until stopped", self.config.model.rounds)
         while not stop.is_set():
             self.pump(0.2)
         self.client.disconnect()
@@ -405,6 +422,7 @@ class Aggregator:
                 min_samples=self.config.min_samples,
                 strategy=self.strategy.name,
                 epoch=self.epoch,
+                dp=None if self.dp is None else self.dp.site_noise(),
             )
         )
         log.info("round %d announced (from global v%d, deadline %.0f s)", number, self.round.model_version, self.config.round_deadline_s)
@@ -479,10 +497,36 @@ class Aggregator:
         if not self._commit(r.number, model, r.started, participants, last_update, closed_by):
             return
         log.info("round %d closed by %s: %d updates, global v%d published", r.number, closed_by, len(participants), self.version)
+        if self.dp is not None:
+            self._record_privacy(r.number)
         if self.stalled is not None:
             log.info("no longer stalled: round %d closed with %d updates", r.number, len(participants))
             self.store.record_event("stall_over", {"round": r.number, "updates": len(participants)}, time.time())
         self.stalled, self.empty_rounds = None, 0
+
+    def _record_privacy(self, number: int) -> None:
+        """After a noised round: epsilon so far at the configured delta, logged and stored."""
+        eps = self.dp.epsilon()
+        detail = {"round": number, "version": self.version, "epsilon": eps, "delta": self.dp.settings.delta,
+                  "epsilon_budget": self.dp.budget_or_none, "dp_rounds": self.dp.dp_rounds,
+                  "noise_multiplier": self.dp.noise_multiplier, "clip_norm": self.dp.settings.clip_norm}
+        log.info("round %d: privacy spent so far epsilon %.3g at delta %g (budget %.3g, %d noised rounds)",
+                 number, eps, self.dp.settings.delta, self.dp.budget, self.dp.dp_rounds)
+        self._event("privacy", detail)
+
+    def _budget_spent(self) -> bool:
+        """True (logged, stored as "privacy_budget_spent") when one more noised round would
+        take epsilon past the budget: the fleet stops training as when all rounds are done."""
+        if self.dp is None or self.dp.budget_allows_another():
+            return False
+        eps, next_eps = self.dp.epsilon(), self.dp.epsilon(self.dp.dp_rounds + 1)
+        log.warning("privacy budget spent: epsilon %.3g at delta %g after %d noised rounds, another would reach %.3g "
+                    "(budget %.3g); training stops at global v%d, recording site reports until stopped",
+                    eps, self.dp.settings.delta, self.dp.dp_rounds, next_eps, self.dp.budget, self.version)
+        self._event("privacy_budget_spent", {"version": self.version, "epsilon": eps, "next_epsilon": next_eps,
+                                             "epsilon_budget": self.dp.budget_or_none, "delta": self.dp.settings.delta,
+                                             "dp_rounds": self.dp.dp_rounds})
+        return True
 
     def _roll_back(self, r: Round, verdict: Verdict, last_update: float) -> None:
         """Global v`verdict.version` scored clearly worse at the sites than v`verdict.against`:

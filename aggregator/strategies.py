@@ -57,7 +57,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from turbofed.codec import Weights, load_compatible, read_weights, replace_weights
+from turbofed.codec import Weights, flatten, load_compatible, read_weights, replace_weights
 from turbofed.errors import ConfigError
 
 ENTRY_POINT_GROUP = "turbofed.strategies"
@@ -126,10 +126,6 @@ class Strategy:
 
 
 ACTIONS = ("kept", "clipped", "trimmed", "excluded")  # what a strategy did with a site's update
-
-
-def flatten(weights: Weights, names: list[str]) -> np.ndarray:
-    return np.concatenate([np.asarray(weights[n], dtype=np.float64).ravel() for n in names])
 
 
 def site_report(updates: list[SiteUpdate], deltas: np.ndarray, combined: np.ndarray, actions: list[str]) -> dict[str, dict[str, Any]]:

@@ -300,6 +300,21 @@ def aggregator_conditions(events: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def privacy_status(events: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The newest "privacy" event of this run (epsilon so far, delta, budget), with `spent`
+    True if the aggregator has since said "privacy_budget_spent"; None without DP."""
+    spent = False
+    for e in events:  # newest first
+        detail = e["detail"] if isinstance(e["detail"], dict) else {}
+        if e["kind"] == "privacy_budget_spent":
+            spent = True
+        elif e["kind"] == "privacy":
+            return {**detail, "spent": spent}
+        elif e["kind"] in ("fleet_reset", "started"):
+            return None
+    return None
+
+
 # --- the store reads each page makes --------------------------------------------------------
 
 def read_fleet(store: ResultsStore) -> dict[str, Any]:

@@ -525,8 +525,13 @@ class EdgeAgent:
         self.fed_learner.load_weights(read_weights(global_model))
         x, y = self.buffer.training_rows(self.fleet_spec)
         self.fed_learner.train(x, y, epochs=self.settings.local_epochs)
+        weights = self.fed_learner.weights()
+        if ann.dp is not None:  # distributed DP (docs/privacy.md): our delta clipped and noised before it leaves
+            from turbofed.dpnoise import noised_delta, unseeded_rng
+
+            weights = noised_delta(read_weights(global_model), weights, ann.dp.clip_norm, ann.dp.noise_std, unseeded_rng())
         # The update is the global model with our weights in it: the aggregator's graph, by construction.
-        update = replace_weights(global_model, self.fed_learner.weights()).SerializeToString()
+        update = replace_weights(global_model, weights).SerializeToString()
         self._send(ann, "update", update, len(x))
         self._train_local()
         log.info("site %s: round %d trained on %d rows in %.1f s", self.site, r, len(x), time.perf_counter() - started)

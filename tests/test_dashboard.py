@@ -523,3 +523,17 @@ def test_aggregator_conditions_show_open_faults_only() -> None:
     assert aggregator_conditions(newest_first) == ["disk full: registry folder /r: disk full (No space left on device)"]
     assert aggregator_conditions([ev("stalled", reason="round 7 closed 3 times")]) == ["stalled: round 7 closed 3 times"]
     assert aggregator_conditions([ev("fleet_reset"), ev("stalled", reason="old")]) == []
+
+
+def test_rounds_page_shows_privacy_spent_and_budget(tmp_path: Path) -> None:
+    """With [privacy]: the newest "privacy" event's epsilon, the budget and delta; a spent budget is said."""
+    path = tmp_path / "dp.sqlite"
+    with SqliteStore(path) as store:
+        store.record_event("started", {"strategy": "fedavg"}, 1.0)
+        for r, eps in ((1, 2.5), (2, 3.75)):
+            store.record_event("privacy", {"round": r, "epsilon": eps, "delta": 1e-5, "epsilon_budget": 4.0}, 1.0 + r)
+        store.record_event("privacy_budget_spent", {"epsilon": 3.75, "epsilon_budget": 4.0, "dp_rounds": 2}, 4.0)
+    at = render(path, "Rounds")
+    no_exception(at)
+    assert (metric(at, "Privacy spent (ε)"), metric(at, "Privacy budget (ε)"), metric(at, "δ")) == ("3.75", "4.00", "1e-05")
+    assert "Privacy budget spent" in texts(at)

@@ -229,6 +229,20 @@ def load_compatible(data: bytes, reference: onnx.ModelProto, max_bytes: int = MA
     return check_graph(parse_model(data, max_bytes), reference)
 
 
+def flatten(weights: Weights, names: list[str]) -> np.ndarray:
+    """The tensors `names` of `weights`, in that order, as one float64 vector."""
+    return np.concatenate([np.asarray(weights[n], dtype=np.float64).ravel() for n in names])
+
+
+def unflatten(vector: np.ndarray, like: Weights) -> Weights:
+    """`vector` cut back into tensors shaped and typed like `like` (the inverse of `flatten`)."""
+    out, at = {}, 0
+    for n, w in like.items():
+        out[n] = vector[at:at + w.size].reshape(w.shape).astype(w.dtype)
+        at += w.size
+    return out
+
+
 def raw_weight_bytes(weights: Weights) -> int:
     """Size of the weights as raw float32, the yardstick for update size on the wire."""
     return sum(int(np.size(w)) * 4 for w in weights.values())

@@ -140,6 +140,17 @@ RANGES: dict[str, dict[str, Limit]] = {
         "max_empty_rounds": Limit(1, 1_000_000),
         "stall_retry_s": Limit(0, 1e7, above=True),
     },
+    "PrivacySettings": {
+        "clip_norm": Limit(0, 1e6, above=True),
+        "noise_multiplier": Limit(0, 1e4, above=True),
+        "target_epsilon": Limit(0, 1e4, above=True),
+        "delta": Limit(0, 0.1, above=True),
+        "mode": Limit(choices=("central", "distributed")),
+        "epsilon_budget": Limit(0, 1e6, above=True),
+        "expected_sites": Limit(1, 100_000),
+        "accountant": Limit(choices=("rdp", "pld")),
+        "seed": Limit(0, 2**63 - 1),
+    },
 }
 
 
@@ -432,6 +443,26 @@ class StrategySettings:
 
 
 @dataclass(frozen=True)
+class PrivacySettings:
+    """Client-level differential privacy (DP-FedAvg, McMahan et al., ICLR 2018): fleet.toml's
+    `[privacy]` table; docs/privacy.md. Exactly one of `noise_multiplier` (sigma) and
+    `target_epsilon` (sigma calibrated for `[model] rounds`); `epsilon_budget` defaults to
+    `target_epsilon` (or unlimited). `expected_sites` is the fixed denominator of the noised
+    sum (default: every site). `mode = "distributed"`: each site clips and noises its own
+    delta as the round announcement asks. `seed` fixes the noise: benchmarks and tests only."""
+
+    clip_norm: float
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    mode: str = "central"
+    epsilon_budget: float | None = None
+    expected_sites: int | None = None
+    accountant: str = "rdp"
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
 class FleetConfig:
     """The aggregator: the sites it expects, the schedule, the strategy and where results go."""
 
@@ -440,6 +471,7 @@ class FleetConfig:
     registry: str
     model: ModelSettings = ModelSettings()
     strategy: StrategySettings = StrategySettings()
+    privacy: PrivacySettings | None = None  # [privacy]: client-level differential privacy (docs/privacy.md)
     quorum: int | None = None  # updates that close a round early; default: every site
     round_deadline_s: float = 120.0
     stats_retry_s: float = 5.0
@@ -590,7 +622,11 @@ def load_fleet_config(path: str | Path, keys: bool = True) -> FleetConfig:
     broker = _load_broker(path, _table(raw, "broker", path))
     model = ModelSettings.from_dict(_table(raw, "model", path), f"{path}: [model]")
     strategy = _strategy_settings(raw.pop("strategy", DEFAULT_STRATEGY), path)
-    config = _build(FleetConfig, {**raw, "broker": broker, "model": model, "strategy": strategy}, f"{path}:")
+    privacy = _privacy_settings(raw.pop("privacy", None), path)
+    config = _build(FleetConfig, {**raw, "broker": broker, "model": model, "strategy": strategy, "privacy": privacy}, f"{path}:")
+    if privacy is not None and (privacy.expected_sites or 0) > len(config.sites):
+        raise ConfigError(f"{path}: [privacy] expected_sites must be at most the number of sites ({len(config.sites)}), "
+                          f"got {privacy.expected_sites}")
     if not 1 <= config.effective_quorum <= len(config.sites):
         raise ConfigError(f"{path}: quorum must be between 1 and the number of sites ({len(config.sites)}), got {config.quorum}")
     is_url = config.store == "influxdb" or "://" in config.store
@@ -616,3 +652,17 @@ def _strategy_settings(value: Any, path: Path) -> StrategySettings:
         if not isinstance(v, (bool, int, float, str)):
             raise ConfigError(f"{where} {key} must be a number, string or boolean, got {v!r}")
     return StrategySettings(name, params, where)
+
+
+def _privacy_settings(value: Any, path: Path) -> PrivacySettings | None:
+    """The `[privacy]` table: checked key by key, then sigma and the target/budget together."""
+    if value is None:
+        return None
+    where = f"{path}: [privacy]"
+    settings = _build(PrivacySettings, value, where)
+    if (settings.noise_multiplier is None) == (settings.target_epsilon is None):
+        raise ConfigError(f"{where} give exactly one of noise_multiplier (sigma) and target_epsilon")
+    if settings.target_epsilon is not None and settings.epsilon_budget is not None and settings.epsilon_budget < settings.target_epsilon:
+        raise ConfigError(f"{where} epsilon_budget ({settings.epsilon_budget:g}) is below target_epsilon "
+                          f"({settings.target_epsilon:g}): the calibrated rounds could never run")
+    return settings

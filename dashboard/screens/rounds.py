@@ -20,6 +20,16 @@ def body() -> None:
     data = views.read_rounds(store)
     for condition in views.aggregator_conditions(data["events"]):
         st.warning(f"Aggregator {condition}", icon=":material/warning:")
+    privacy = views.privacy_status(data["events"])
+    if privacy is not None:
+        budget = privacy.get("epsilon_budget")
+        c = st.columns(3)
+        c[0].metric("Privacy spent (ε)", f"{privacy.get('epsilon', 0):.2f}",
+                    help="client-level differential privacy so far, at the δ shown (docs/privacy.md)")
+        c[1].metric("Privacy budget (ε)", "∞" if budget is None or budget == float("inf") else f"{budget:.2f}")
+        c[2].metric("δ", f"{privacy.get('delta', 0):g}")
+        if privacy["spent"]:
+            st.info("Privacy budget spent: the fleet has stopped training.", icon=":material/lock:")
     rounds = views.rounds_table(data["rounds"], data["rejections"])
     rejections = views.rejections_table(data["rejections"])
     if rounds.empty and rejections.empty:

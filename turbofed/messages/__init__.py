@@ -9,7 +9,7 @@ a `Refusal`, for anything else. Nothing from another process is used before it p
 `from_payload`. Wire shapes (docs/protocol.md):
 
     tfl/v1/round                   RoundAnnouncement  {"round", "announce_id", "model_version",
-                                   "deadline", "settings", "spec", "min_samples", "strategy"}
+                                   "deadline", "settings", "spec", "min_samples", "strategy", "dp"}
                                    or, when all rounds are done, {"round", "done": true, "spec"}
     tfl/v1/stats/request           StatsRequest       {"request_id", "min_samples", "window"}
     tfl/v1/sites/<site>/stats      StatsReply         {"request_id", "site", "samples", "engines", "stats"}

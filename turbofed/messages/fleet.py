@@ -33,6 +33,28 @@ from turbofed.spec import FeatureSpec, FleetStats
 
 
 @dataclass(frozen=True)
+class SiteNoise:
+    """Distributed DP (docs/privacy.md): clip your delta to L2 norm `clip_norm`, then add
+    N(0, noise_std^2) to every coordinate before sending it."""
+
+    clip_norm: float
+    noise_std: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"clip_norm": self.clip_norm, "noise_std": self.noise_std}
+
+    @classmethod
+    def from_dict(cls, value: Any, what: str) -> "SiteNoise":
+        with refused_as(Refusal.BAD_ROUND, what):
+            if not isinstance(value, dict):
+                raise MessageError(f"{what} must be an object", Refusal.BAD_ROUND)
+            clip_norm = finite(required(value, "clip_norm", what), f"{what} clip_norm")
+            if clip_norm <= 0:
+                raise MessageError(f"{what} clip_norm must be > 0, got {clip_norm}", Refusal.BAD_ROUND)
+            return cls(clip_norm, finite(required(value, "noise_std", what), f"{what} noise_std", 0.0))
+
+
+@dataclass(frozen=True)
 class RoundAnnouncement:
     """Round `round` is open (train from global `model_version` before `deadline`), or, with
     `done`, all rounds are over; `spec` lets a site that joins late predict."""
@@ -47,6 +69,7 @@ class RoundAnnouncement:
     strategy: str | None = None
     done: bool = False
     epoch: int = 0  # fleet reset counter: a higher signed epoch lets sites start again from v0
+    dp: SiteNoise | None = None  # distributed DP: each site clips and noises its own delta
 
     @property
     def version(self) -> int:
@@ -78,6 +101,8 @@ class RoundAnnouncement:
         for key in ("min_samples", "strategy"):
             if getattr(self, key) is not None:
                 body[key] = getattr(self, key)
+        if self.dp is not None:
+            body["dp"] = self.dp.to_dict()
         return encode_json({**body, **epoch})
 
     @classmethod
@@ -111,6 +136,7 @@ class RoundAnnouncement:
             min_samples=optional(body.get("min_samples"), whole, f"{what} min_samples"),
             strategy=optional(body.get("strategy"), text, f"{what} strategy"),
             epoch=epoch,
+            dp=optional(body.get("dp"), SiteNoise.from_dict, f"{what} dp"),
         )
 
 
