@@ -1,0 +1,40 @@
+"""What every party of one secure-aggregation round agrees on before it starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from turbofed.secagg.errors import SecaggError
+from turbofed.secagg.messages import MAX_DIM, MAX_SITES
+from turbofed.secagg.quant import Quantizer
+
+
+@dataclass(frozen=True)
+class Params:
+    """One round: its number, the vector length, the Shamir threshold t (the fewest sites
+    that must be left, and shares needed, to unmask), fixed-point settings and the largest
+    weight a site may give its input."""
+
+    round: int
+    dim: int
+    threshold: int
+    quantizer: Quantizer = field(default_factory=Quantizer)
+    max_weight: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.dim < MAX_DIM:
+            raise SecaggError(f"dim must be in [1, {MAX_DIM - 1}] (one word carries the weight)")
+        if not 2 <= self.threshold <= MAX_SITES:
+            raise SecaggError(f"threshold must be in [2, {MAX_SITES}], got {self.threshold}")
+        if not 0 <= self.round < 2**63 or self.max_weight < 1:
+            raise SecaggError("round must be in [0, 2^63) and max_weight at least 1")
+
+    @property
+    def length(self) -> int:
+        """Ring words per input: the vector and its weight."""
+        return self.dim + 1
+
+    @staticmethod
+    def majority(n_sites: int) -> int:
+        """t = ⌊n/2⌋ + 1, the smallest threshold for which Bonawitz et al.'s privacy bound holds (§6)."""
+        return n_sites // 2 + 1
