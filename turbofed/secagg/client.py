@@ -50,6 +50,14 @@ class SiteClient:
         self.u2: frozenset[int] = frozenset()
         self._b: bytes | None = None
         self._answered = False
+        self._pair_keys: dict[int, bytes] = {}
+
+    def _pair_key(self, peer: int) -> bytes:
+        """The AE key shared with `peer`: HKDF(KA(c_u, c_v^PK)), derived once per round."""
+        if peer not in self._pair_keys:
+            self._pair_keys[peer] = crypto.agree(self.c_key, self.roster[peer].c_public, label=crypto.ENCRYPT_LABEL,
+                                                 round_=self.params.round)
+        return self._pair_keys[peer]
 
     def _check_round(self, msg: object, what: str) -> None:
         if getattr(msg, "round", None) != self.params.round:
@@ -81,10 +89,10 @@ class SiteClient:
         b_shares = shamir.split(self._b, self.params.threshold, entries)
         self.held[self.site] = (s_shares[self.site], b_shares[self.site])
         out = []
-        for v, entry in entries.items():
+        for v in entries:
             if v == self.site:
                 continue
-            key = crypto.agree(self.c_key, entry.c_public, label=crypto.ENCRYPT_LABEL, round_=self.params.round)
+            key = self._pair_key(v)
             plaintext = pack_shares(self.site, v, s_shares[v], b_shares[v])
             out.append((v, crypto.seal(key, plaintext, crypto.associated_data(self.params.round, self.site, v))))
         return Shares(self.params.round, self.site, tuple(out))
@@ -94,10 +102,9 @@ class SiteClient:
         if inbox.site != self.site:
             raise refuse(f"shares addressed to site {inbox.site}, not {self.site}", Refusal.WRONG_SENDER)
         for sender, sealed in inbox.entries:
-            entry = self.roster.get(sender)
-            if entry is None:
+            if sender not in self.roster:
                 raise refuse(f"shares from site {sender}, not in the roster", Refusal.UNKNOWN_SITE)
-            key = crypto.agree(self.c_key, entry.c_public, label=crypto.ENCRYPT_LABEL, round_=self.params.round)
+            key = self._pair_key(sender)
             try:
                 plain = crypto.open_sealed(key, sealed, crypto.associated_data(self.params.round, sender, self.site))
             except crypto.DecryptError as exc:

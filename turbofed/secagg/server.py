@@ -53,6 +53,7 @@ class AggregatorState:
         self.replies: dict[int, UnmaskReply] = {}  # U5
         self._phase = 0
         self._request: UnmaskRequest | None = None
+        self._weights: dict[int, int] | None = None  # Lagrange weights of the responders used
 
     def _accept(self, msg: AdvertiseKeys | Shares | MaskedInput | UnmaskReply, phase: int, site: int,
                 seen: dict, allowed: object) -> None:
@@ -127,9 +128,12 @@ class AggregatorState:
 
     def _secret(self, field: str, owner: int) -> bytes:
         """Reconstruct owner's b (field 'b_shares') or s^SK ('s_shares') from t of the replies."""
-        shares = {site: shamir.share_from_bytes(dict(getattr(reply, field))[owner]) for site, reply in self.replies.items()}
+        responders = sorted(self.replies)[:self.params.threshold]
+        if self._weights is None:
+            self._weights = shamir.lagrange_weights(responders)
+        shares = {site: shamir.share_from_bytes(dict(getattr(self.replies[site], field))[owner]) for site in responders}
         try:
-            return shamir.combine(shares, self.params.threshold)
+            return shamir.combine(shares, self.params.threshold, self._weights)
         except shamir.ShamirError as exc:
             raise SecaggError(f"cannot reconstruct site {owner}'s secret: {exc}") from None
 

@@ -42,31 +42,39 @@ def _evaluate(coeffs: list[int], x: int) -> int:
     return acc
 
 
-def interpolate(shares: Mapping[int, int], at: int = 0) -> int:
-    """The value at `at` of the polynomial through `shares` (Lagrange; every share is used)."""
-    if len(shares) == 0:
+def lagrange_weights(xs: Iterable[int], at: int = 0) -> dict[int, int]:
+    """λ_i with f(at) = Σ λ_i·f(x_i) for any polynomial of degree < len(xs); one set serves
+    every secret shared over the same points."""
+    xs = list(xs)
+    if not xs:
         raise ShamirError("no shares")
-    total = 0
-    items = list(shares.items())
-    for i, (xi, yi) in enumerate(items):
+    if len(set(x % PRIME for x in xs)) != len(xs):
+        raise ShamirError("duplicate share points")
+    weights = {}
+    for xi in xs:
         num, den = 1, 1
-        for j, (xj, _) in enumerate(items):
-            if i != j:
+        for xj in xs:
+            if xj != xi:
                 num = num * (at - xj) % PRIME
                 den = den * (xi - xj) % PRIME
-        if den == 0:
-            raise ShamirError("duplicate share points")
-        total = (total + yi * num * pow(den, -1, PRIME)) % PRIME
-    return total
+        weights[xi] = num * pow(den, -1, PRIME) % PRIME
+    return weights
 
 
-def combine(shares: Mapping[int, int], threshold: int) -> bytes:
-    """The 32-byte secret from at least `threshold` shares (§3.1 SS.recon); fewer raise ShamirError."""
+def interpolate(shares: Mapping[int, int], at: int = 0, weights: Mapping[int, int] | None = None) -> int:
+    """The value at `at` of the polynomial through `shares` (Lagrange; every share is used)."""
+    weights = weights or lagrange_weights(shares, at)
+    return sum(weights[x] * y for x, y in shares.items()) % PRIME
+
+
+def combine(shares: Mapping[int, int], threshold: int, weights: Mapping[int, int] | None = None) -> bytes:
+    """The 32-byte secret from at least `threshold` shares (§3.1 SS.recon); fewer raise ShamirError.
+    The first `threshold` shares are used; `weights` are their `lagrange_weights` when known."""
     if len(shares) < threshold:
         raise ShamirError(f"{len(shares)} shares, the threshold is {threshold}: the secret stays hidden")
     if any(not 0 <= y < PRIME for y in shares.values()) or any(not 0 < x < PRIME for x in shares):
         raise ShamirError("a share is outside the field")
-    value = interpolate(dict(list(shares.items())[:threshold]))
+    value = interpolate(dict(list(shares.items())[:threshold]), 0, weights)
     if value >= 2 ** (8 * SECRET_BYTES):
         raise ShamirError("the shares do not encode a 32-byte secret (inconsistent shares)")
     return value.to_bytes(SECRET_BYTES, "big")
