@@ -37,6 +37,7 @@ from turbofed.secagg import (
 )
 from turbofed.secagg.crypto import prg
 from turbofed.secagg.messages import KINDS, MAX_SITES, SHARE_CIPHERTEXT
+from turbofed.secagg.neighbours import neighbourhoods
 from turbofed.secagg.quant import QuantError
 from turbofed.secagg.wire import open_frame, seal_frame
 from turbofed.signing import SignatureError, SigningKey, TrustedKeys
@@ -46,9 +47,9 @@ class Round:
     """n sites and the aggregator through one round, in process; drops on request."""
 
     def __init__(self, n: int, dim: int, *, round_: int = 1, threshold: int | None = None, max_weight: int = 1,
-                 quantizer: Quantizer | None = None) -> None:
+                 quantizer: Quantizer | None = None, neighbours: int = 0) -> None:
         self.params = Params(round=round_, dim=dim, threshold=threshold or Params.majority(n), max_weight=max_weight,
-                             quantizer=quantizer or Quantizer())
+                             quantizer=quantizer or Quantizer(), neighbours=neighbours)
         self.clients = {i: SiteClient(i, self.params) for i in range(1, n + 1)}
         self.server = AggregatorState(self.params)
 
@@ -121,6 +122,37 @@ def test_ten_percent_dropouts_after_masking_are_recovered() -> None:
     assert result.survivors == tuple(survivors) and result.dropped == tuple(sorted(gone))
     np.testing.assert_array_equal(result.weighted_sum, _quantised_sum(rnd.params.quantizer, inputs, survivors))
     assert result.total_weight == len(survivors)
+
+
+@pytest.mark.parametrize("k", [4, 7])
+def test_secagg_plus_neighbourhoods_sum_exactly_with_dropouts(k: int) -> None:
+    n, dim = 30, 64
+    rnd = Round(n, dim, threshold=3, neighbours=k)
+    inputs = _inputs(n, dim, 3)
+    gone = frozenset({4, 11, 25})
+    result = rnd.run(inputs, drop_before_mask=gone, drop_after_mask=frozenset({9}))
+    survivors = [i for i in inputs if i not in gone]
+    np.testing.assert_array_equal(result.weighted_sum, _quantised_sum(rnd.params.quantizer, inputs, survivors))
+    graph = rnd.server.graph
+    assert all(len(graph[u]) == k + k % 2 for u in graph) and all(u in graph[v] for u in graph for v in graph[u])
+    assert all(len(rnd.clients[i].held) <= k + k % 2 + 1 for i in survivors)  # shares held only for neighbours
+
+
+def test_neighbourhoods_are_the_full_graph_for_k_0_or_large_k() -> None:
+    full = {u: frozenset(range(1, 6)) - {u} for u in range(1, 6)}
+    assert neighbourhoods(range(1, 6), 0, b"s") == full == neighbourhoods(range(1, 6), 4, b"s")
+    assert neighbourhoods(range(1, 30), 4, b"a") != neighbourhoods(range(1, 30), 4, b"b")  # the seed orders the ring
+
+
+def test_a_site_refuses_a_roster_with_other_round_settings() -> None:
+    rnd = Round(6, 4, threshold=3, neighbours=2)
+    for c in rnd.clients.values():
+        rnd.server.receive_keys(c.advertise())
+    roster = rnd.server.roster()
+    with pytest.raises(RoundRefused, match="k = 2"):
+        rnd.clients[1].share_keys(Roster(roster.round, roster.threshold, roster.entries, 0))
+    with pytest.raises(RoundRefused, match="t = 4"):
+        rnd.clients[1].share_keys(Roster(roster.round, 4, roster.entries, 2))
 
 
 def test_fewer_shares_than_the_threshold_unmask_nothing() -> None:
@@ -293,7 +325,7 @@ def _samples() -> list:  # noqa: ANN202
     entry = KeyEntry(3, b"\x01" * 32, b"\x02" * 32)
     return [
         AdvertiseKeys(5, entry),
-        Roster(5, 2, (entry, KeyEntry(4, b"\x03" * 32, b"\x04" * 32))),
+        Roster(5, 2, (entry, KeyEntry(4, b"\x03" * 32, b"\x04" * 32)), 1),
         Shares(5, 3, ((1, b"\x05" * SHARE_CIPHERTEXT), (2, b"\x06" * SHARE_CIPHERTEXT))),
         MaskedInput(5, 3, np.arange(10, dtype=np.uint32)),
         UnmaskRequest(5, (1, 2, 3), (4,)),

@@ -31,6 +31,7 @@ from turbofed.secagg.messages import (
     UnmaskReply,
     UnmaskRequest,
 )
+from turbofed.secagg.neighbours import roster_graph
 from turbofed.secagg.params import Params
 
 
@@ -46,6 +47,7 @@ class SiteClient:
         self.site, self.params = site, params
         self.c_key, self.s_key = crypto.new_private(), crypto.new_private()
         self.roster: dict[int, KeyEntry] = {}
+        self.group: frozenset[int] = frozenset()  # this site and its neighbours (SecAgg+), or all of U1
         self.held: dict[int, tuple[int, int]] = {}  # v -> (share of s_v^SK, share of b_v) this site holds
         self.u2: frozenset[int] = frozenset()
         self._b: bytes | None = None
@@ -79,17 +81,19 @@ class SiteClient:
         own = entries.get(self.site)
         if own is None or own != self.advertise().keys:
             raise refuse(f"roster does not carry site {self.site}'s own keys", Refusal.WRONG_FIELDS)
-        if roster.threshold < self.params.threshold:
-            raise refuse(f"roster threshold {roster.threshold} is below this site's {self.params.threshold}", Refusal.OUT_OF_RANGE)
-        if len(entries) < self.params.threshold:
-            raise NotEnoughShares(f"{len(entries)} sites in the roster, fewer than t = {self.params.threshold}")
+        if (roster.threshold, roster.neighbours) != (self.params.threshold, self.params.neighbours):
+            raise refuse(f"roster has t = {roster.threshold}, k = {roster.neighbours}; this site's round has "
+                         f"t = {self.params.threshold}, k = {self.params.neighbours}", Refusal.OUT_OF_RANGE)
+        self.group = roster_graph(roster)[self.site] | {self.site}
+        if len(self.group) < self.params.threshold:
+            raise NotEnoughShares(f"{len(self.group)} sites to share with, fewer than t = {self.params.threshold}")
         self.roster = entries
         self._b = os.urandom(shamir.SECRET_BYTES)
-        s_shares = shamir.split(crypto.private_bytes(self.s_key), self.params.threshold, entries)
-        b_shares = shamir.split(self._b, self.params.threshold, entries)
+        s_shares = shamir.split(crypto.private_bytes(self.s_key), self.params.threshold, sorted(self.group))
+        b_shares = shamir.split(self._b, self.params.threshold, sorted(self.group))
         self.held[self.site] = (s_shares[self.site], b_shares[self.site])
         out = []
-        for v in entries:
+        for v in sorted(self.group):
             if v == self.site:
                 continue
             key = self._pair_key(v)
@@ -102,8 +106,8 @@ class SiteClient:
         if inbox.site != self.site:
             raise refuse(f"shares addressed to site {inbox.site}, not {self.site}", Refusal.WRONG_SENDER)
         for sender, sealed in inbox.entries:
-            if sender not in self.roster:
-                raise refuse(f"shares from site {sender}, not in the roster", Refusal.UNKNOWN_SITE)
+            if sender not in self.group:
+                raise refuse(f"shares from site {sender}, not a neighbour in the roster", Refusal.UNKNOWN_SITE)
             key = self._pair_key(sender)
             try:
                 plain = crypto.open_sealed(key, sealed, crypto.associated_data(self.params.round, sender, self.site))
@@ -138,13 +142,17 @@ class SiteClient:
         return MaskedInput(self.params.round, self.site, y)
 
     def unmask(self, request: UnmaskRequest) -> UnmaskReply:
-        """Round 4 (Unmasking): shares of b_v for each survivor v and of s_v^SK for each dropped v.
-        Refused unless survivors ∪ dropped = U2, survivors ⊇ {u}, |survivors| ≥ t, and only once:
-        a site never reveals both shares of one peer (that would unmask its input)."""
+        """Round 4 (Unmasking): shares of b_v for each survivor v and of s_v^SK for each dropped v
+        among the sites it holds shares of (its U2: all of U2, or its SecAgg+ neighbours in U2).
+        Refused unless the request splits its U2 into survivors (itself among them, at least t)
+        and dropped sites; answered only once: a site never reveals both shares of one peer
+        (that would unmask its input)."""
         self._check_round(request, "unmask request")
         if not self.u2 or self._answered:
             raise SecaggError("unmask needs mask first, and answers once")
-        survivors, dropped = frozenset(request.survivors), frozenset(request.dropped)
+        if not set(request.survivors + request.dropped) <= set(self.roster):
+            raise refuse("unmask request names sites outside the roster: it does not split U2", Refusal.UNKNOWN_SITE)
+        survivors, dropped = frozenset(request.survivors) & self.group, frozenset(request.dropped) & self.group
         if self.site not in survivors or survivors | dropped != self.u2:
             raise refuse("unmask request does not split U2 into survivors and dropped sites", Refusal.WRONG_FIELDS)
         if len(survivors) < self.params.threshold:

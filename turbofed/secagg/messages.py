@@ -168,17 +168,20 @@ class AdvertiseKeys(_Message):
 
 @dataclass(frozen=True)
 class Roster(_Message):
-    """Aggregator -> sites, end of §4 round 0: the keys of U1, with the threshold t.
-    Kind `secagg_roster`; 18 + 66·|U1| bytes."""
+    """Aggregator -> sites, end of §4 round 0: the keys of U1, the threshold t and the SecAgg+
+    neighbourhood size k (0: the full graph). Kind `secagg_roster`; 20 + 66·|U1| bytes."""
 
     KIND: ClassVar[str] = "secagg_roster"
     CODE: ClassVar[int] = 2
     round: int
     threshold: int
     entries: tuple[KeyEntry, ...]
+    neighbours: int = 0
 
     def to_payload(self) -> bytes:
         _check_unique([e.site for e in self.entries], self.KIND)
+        if isinstance(self.neighbours, bool) or not isinstance(self.neighbours, int) or not 0 <= self.neighbours <= MAX_SITES:
+            raise SecaggMessageError(f"{self.KIND}: neighbours {self.neighbours!r} not in [0, {MAX_SITES}]", Refusal.OUT_OF_RANGE)
         if not 1 <= self.threshold <= len(self.entries):
             raise SecaggMessageError(f"{self.KIND}: threshold {self.threshold} not in [1, {len(self.entries)}]",
                                      Refusal.OUT_OF_RANGE)
@@ -186,15 +189,15 @@ class Roster(_Message):
         if len(set(keys)) != len(keys):
             raise SecaggMessageError(f"{self.KIND}: public keys are not distinct", Refusal.DUPLICATE)
         body = b"".join(e.pack(self.KIND) for e in self.entries)
-        return self._header() + struct.pack(">HH", self.threshold, len(self.entries)) + body
+        return self._header() + struct.pack(">HHH", self.threshold, self.neighbours, len(self.entries)) + body
 
     @classmethod
     def from_payload(cls, payload: bytes) -> "Roster":
-        reader, round_ = cls._open(payload, HEADER.size + 4 + MAX_SITES * KeyEntry.SIZE)
-        threshold = reader.uint(">H")
+        reader, round_ = cls._open(payload, HEADER.size + 6 + MAX_SITES * KeyEntry.SIZE)
+        threshold, neighbours = reader.uint(">H"), reader.uint(">H")
         entries = tuple(KeyEntry.unpack(reader) for _ in range(reader.count()))
         reader.end()
-        msg = cls(round_, threshold, entries)
+        msg = cls(round_, threshold, entries, neighbours)
         msg.to_payload()  # distinct sites and keys, threshold in range
         return msg
 

@@ -13,13 +13,16 @@ from turbofed.secagg.quant import Quantizer
 class Params:
     """One round: its number, the vector length, the Shamir threshold t (the fewest sites
     that must be left, and shares needed, to unmask), fixed-point settings and the largest
-    weight a site may give its input."""
+    weight a site may give its input. `neighbours` is SecAgg+'s k (0: every site is every
+    site's neighbour, Bonawitz et al.); with k > 0, t counts within a site's neighbourhood
+    of k + 1 and must not exceed it."""
 
     round: int
     dim: int
     threshold: int
     quantizer: Quantizer = field(default_factory=Quantizer)
     max_weight: int = 1
+    neighbours: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.dim < MAX_DIM:
@@ -28,6 +31,8 @@ class Params:
             raise SecaggError(f"threshold must be in [2, {MAX_SITES}], got {self.threshold}")
         if not 0 <= self.round < 2**63 or self.max_weight < 1:
             raise SecaggError("round must be in [0, 2^63) and max_weight at least 1")
+        if not 0 <= self.neighbours <= MAX_SITES or (self.neighbours and self.threshold > self.neighbours + 1):
+            raise SecaggError(f"neighbours must be in [0, {MAX_SITES}] and at least t - 1 = {self.threshold - 1}")
 
     @property
     def length(self) -> int:

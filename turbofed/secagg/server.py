@@ -24,6 +24,7 @@ from turbofed.secagg import crypto, shamir
 from turbofed.secagg.errors import NotEnoughShares, SecaggError, refuse
 from turbofed.secagg.masking import pairwise_mask, self_mask
 from turbofed.secagg.messages import AdvertiseKeys, KeyEntry, MaskedInput, Roster, Shares, UnmaskReply, UnmaskRequest
+from turbofed.secagg.neighbours import roster_graph
 from turbofed.secagg.params import Params
 
 
@@ -53,7 +54,8 @@ class AggregatorState:
         self.replies: dict[int, UnmaskReply] = {}  # U5
         self._phase = 0
         self._request: UnmaskRequest | None = None
-        self._weights: dict[int, int] | None = None  # Lagrange weights of the responders used
+        self._weights: dict[tuple[int, ...], dict[int, int]] = {}  # Lagrange weights per set of responders
+        self.graph: dict[int, frozenset[int]] = {}  # each site's neighbours (SecAgg+), or the rest of U1
 
     def _accept(self, msg: AdvertiseKeys | Shares | MaskedInput | UnmaskReply, phase: int, site: int,
                 seen: dict, allowed: object) -> None:
@@ -82,13 +84,16 @@ class AggregatorState:
     def roster(self) -> Roster:
         """End of round 0: broadcast U1's keys (needs |U1| ≥ t)."""
         self._close(len(self.keys), "sites advertised keys")
-        return Roster(self.params.round, self.params.threshold, tuple(self.keys[s] for s in sorted(self.keys)))
+        roster = Roster(self.params.round, self.params.threshold, tuple(self.keys[s] for s in sorted(self.keys)), self.params.neighbours)
+        self.graph = roster_graph(roster)
+        return roster
 
     def receive_shares(self, msg: Shares) -> None:
-        """Round 1: one ciphertext from u to every other v in U1, opaque to the aggregator (U2)."""
+        """Round 1: one ciphertext from u to each of its neighbours (every other site of U1
+        without SecAgg+), opaque to the aggregator (U2)."""
         self._accept(msg, 1, msg.site, self.shares, self.keys)
-        if {peer for peer, _ in msg.entries} != set(self.keys) - {msg.site}:
-            raise refuse(f"shares from site {msg.site} are not addressed to exactly the other sites of U1", Refusal.WRONG_FIELDS)
+        if {peer for peer, _ in msg.entries} != self.graph[msg.site]:
+            raise refuse(f"shares from site {msg.site} are not addressed to exactly its neighbours", Refusal.WRONG_FIELDS)
         self.shares[msg.site] = msg
 
     def inboxes(self) -> dict[int, Shares]:
@@ -121,19 +126,24 @@ class AggregatorState:
         """Round 4: one site's b-shares of every survivor and s-shares of every dropped site (U5)."""
         self._accept(msg, 3, msg.site, self.replies, self.masked)
         assert self._request is not None
-        if (tuple(v for v, _ in msg.b_shares) != self._request.survivors
-                or tuple(v for v, _ in msg.s_shares) != self._request.dropped):
+        group = self.graph[msg.site] | {msg.site}
+        if (tuple(v for v, _ in msg.b_shares) != tuple(v for v in self._request.survivors if v in group)
+                or tuple(v for v, _ in msg.s_shares) != tuple(v for v in self._request.dropped if v in group)):
             raise refuse(f"unmask reply from site {msg.site} does not answer the request", Refusal.WRONG_FIELDS)
         self.replies[msg.site] = msg
 
     def _secret(self, field: str, owner: int) -> bytes:
-        """Reconstruct owner's b (field 'b_shares') or s^SK ('s_shares') from t of the replies."""
-        responders = sorted(self.replies)[:self.params.threshold]
-        if self._weights is None:
-            self._weights = shamir.lagrange_weights(responders)
+        """Reconstruct owner's b (field 'b_shares') or s^SK ('s_shares') from t replies of its neighbourhood."""
+        t = self.params.threshold
+        responders = tuple(sorted(site for site in self.replies if site == owner or site in self.graph[owner])[:t])
+        if len(responders) < t:
+            raise NotEnoughShares(f"{len(responders)} shares of site {owner}'s secret arrived, fewer than t = {t}: refusing to unmask")
+        if responders not in self._weights:
+            self._weights[responders] = shamir.lagrange_weights(responders)
+        weights = self._weights[responders]
         shares = {site: shamir.share_from_bytes(dict(getattr(self.replies[site], field))[owner]) for site in responders}
         try:
-            return shamir.combine(shares, self.params.threshold, self._weights)
+            return shamir.combine(shares, t, weights)
         except shamir.ShamirError as exc:
             raise SecaggError(f"cannot reconstruct site {owner}'s secret: {exc}") from None
 
@@ -149,8 +159,8 @@ class AggregatorState:
         for u in survivors:
             total += self.masked[u]
             total -= self_mask(self._secret("b_shares", u), length=length, bits=q.bits)
-        peers = {u: self.keys[u].s_public for u in survivors}
         for v in dropped:
+            peers = {u: self.keys[u].s_public for u in survivors if u in self.graph[v]}
             s_private = crypto.private_from_bytes(self._secret("s_shares", v))
             if crypto.public_bytes(s_private) != self.keys[v].s_public:
                 raise SecaggError(f"the s-shares of dropped site {v} do not match its advertised key (a bad share)")
