@@ -4,7 +4,7 @@ from `cryptography` primitives (X25519, HKDF-SHA256, ChaCha20-Poly1305, the ChaC
 keystream as PRG); Shamir sharing over GF(2^256 + 297) is protocol logic written here.
 
 Modules: `shamir` (t-of-n sharing), `crypto` (KA, AE, PRG), `quant` (fixed point in
-Z_{2^bits}, secret integer weights), `masking` (self and pairwise masks), `messages` (the
+Z_{2^bits}, secret integer weights), `masking` (self and pairwise masks), `neighbours` (SecAgg+ graphs), `messages` (the
 wire dataclasses), `params` (what a round agrees on), `client` (a site), `server` (the
 aggregator), `wire` (Ed25519-signed frames), `bench` (bytes and time against plain
 summation). Not wired into the live system yet: docs/protocol.md, "Secure aggregation".
