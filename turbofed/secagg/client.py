@@ -1,4 +1,4 @@
-"""One site's side of a secure-aggregation round (Bonawitz et al. 2017, §4, the semi-honest
+"""One site's side of a secure-aggregation round (Bonawitz et al. 2017, §5, the semi-honest
 protocol of Figure 4 with the keys signed through the fleet's Ed25519 messages).
 
     client = SiteClient(site_id, params)
@@ -36,7 +36,7 @@ from turbofed.secagg.params import Params
 
 
 def pack_shares(sender: int, receiver: int, s_share: int, b_share: int) -> bytes:
-    """The plaintext of one encrypted share: u || v || share of s_u^SK || share of b_u (§4 round 1)."""
+    """The plaintext of one encrypted share: u || v || share of s_u^SK || share of b_u (§5 round 1)."""
     return struct.pack(">HH", sender, receiver) + shamir.share_to_bytes(s_share) + shamir.share_to_bytes(b_share)
 
 

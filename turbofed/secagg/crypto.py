@@ -4,7 +4,7 @@
   (mask seed or share encryption) and the round, so one agreement never keys two things;
 - authenticated encryption AE (§3.3): ChaCha20-Poly1305, random 96-bit nonce, the sender,
   receiver and round bound as associated data;
-- the PRG (§3.2): the ChaCha20 keystream under a 32-byte seed, read as little-endian words
+- the PRG (§3.4): the ChaCha20 keystream under a 32-byte seed, read as little-endian words
   of the ring Z_{2^bits}.
 """
 
@@ -63,7 +63,7 @@ def agree(own: X25519PrivateKey, peer_public: bytes, *, label: bytes, round_: in
 
 
 def associated_data(round_: int, sender: int, receiver: int) -> bytes:
-    """What binds a share ciphertext to its round, sender and receiver (§4, round 1)."""
+    """What binds a share ciphertext to its round, sender and receiver (§5, round 1)."""
     return DOMAIN + struct.pack(">QHH", round_, sender, receiver)
 
 
@@ -82,7 +82,7 @@ def open_sealed(key: bytes, sealed: bytes, ad: bytes) -> bytes:
 
 
 def prg(seed: bytes, length: int, bits: int) -> np.ndarray:
-    """PRG(seed): `length` words of Z_{2^bits} from the ChaCha20 keystream (§3.2)."""
+    """PRG(seed): `length` words of Z_{2^bits} from the ChaCha20 keystream (§3.4)."""
     dtype = DTYPES[bits]
     stream = Cipher(algorithms.ChaCha20(seed, _ZERO_NONCE), mode=None).encryptor().update(bytes(length * dtype.itemsize))
     return np.frombuffer(stream, dtype=dtype).astype(dtype.newbyteorder("="))

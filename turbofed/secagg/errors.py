@@ -7,7 +7,7 @@ from turbofed.refusals import Refusal
 
 
 class SecaggError(TurbofedError):
-    """The protocol cannot go on (Bonawitz et al. 2017, §4: "abort"); the message says why."""
+    """The protocol cannot go on (Bonawitz et al. 2017, §5: "abort"); the message says why."""
 
 
 class NotEnoughShares(SecaggError):

@@ -1,4 +1,4 @@
-"""The masks of Bonawitz et al. 2017, §4 round 2: y_u = x_u + PRG(b_u) + Σ_{v>u} PRG(s_{u,v}) − Σ_{v<u} PRG(s_{u,v}).
+"""The masks of Bonawitz et al. 2017, §5 round 2: y_u = x_u + PRG(b_u) + Σ_{v>u} PRG(s_{u,v}) − Σ_{v<u} PRG(s_{u,v}).
 
 One function computes a site's pairwise mask; the site adds it to its input, and the
 aggregator adds a dropped site's (from its reconstructed s_v^SK) to cancel what that site's
@@ -31,5 +31,5 @@ def pairwise_mask(site: int, s_private: X25519PrivateKey, peers: Mapping[int, by
 
 
 def self_mask(seed: bytes, *, length: int, bits: int) -> np.ndarray:
-    """PRG(b_u), the self mask that hides y_u even once s_u is revealed (§4 round 2)."""
+    """PRG(b_u), the self mask that hides y_u even once s_u is revealed (§5 round 2)."""
     return prg(seed, length, bits)

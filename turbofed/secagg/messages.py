@@ -123,7 +123,7 @@ class _Message:
 
 @dataclass(frozen=True)
 class KeyEntry:
-    """One site's two X25519 public keys (§4 round 0: c_u^PK for shares, s_u^PK for masks)."""
+    """One site's two X25519 public keys (§5 round 0: c_u^PK for shares, s_u^PK for masks)."""
 
     site: int
     c_public: bytes
@@ -148,7 +148,7 @@ class KeyEntry:
 
 @dataclass(frozen=True)
 class AdvertiseKeys(_Message):
-    """Site -> aggregator, §4 round 0 (AdvertiseKeys). Kind `secagg_keys`; 80 bytes."""
+    """Site -> aggregator, §5 round 0 (AdvertiseKeys). Kind `secagg_keys`; 80 bytes."""
 
     KIND: ClassVar[str] = "secagg_keys"
     CODE: ClassVar[int] = 1
@@ -168,7 +168,7 @@ class AdvertiseKeys(_Message):
 
 @dataclass(frozen=True)
 class Roster(_Message):
-    """Aggregator -> sites, end of §4 round 0: the keys of U1, the threshold t and the SecAgg+
+    """Aggregator -> sites, end of §5 round 0: the keys of U1, the threshold t and the SecAgg+
     neighbourhood size k (0: the full graph). Kind `secagg_roster`; 20 + 66·|U1| bytes."""
 
     KIND: ClassVar[str] = "secagg_roster"
@@ -204,7 +204,7 @@ class Roster(_Message):
 
 @dataclass(frozen=True)
 class Shares(_Message):
-    """§4 round 1 (ShareKeys): encrypted shares. Site -> aggregator: `site` is the sender and
+    """§5 round 1 (ShareKeys): encrypted shares. Site -> aggregator: `site` is the sender and
     each entry's `peer` the receiver; aggregator -> site, the same shape: `site` is the
     receiver and `peer` the sender. Kind `secagg_shares`; 18 + 168·entries bytes."""
 
@@ -237,7 +237,7 @@ class Shares(_Message):
 
 @dataclass(frozen=True)
 class MaskedInput(_Message):
-    """Site -> aggregator, §4 round 2 (MaskedInputCollection): y_u in Z_{2^bits}^dim.
+    """Site -> aggregator, §5 round 2 (MaskedInputCollection): y_u in Z_{2^bits}^dim.
     Kind `secagg_masked`; 21 + dim·bits/8 bytes."""
 
     KIND: ClassVar[str] = "secagg_masked"
@@ -268,7 +268,7 @@ class MaskedInput(_Message):
 
 @dataclass(frozen=True)
 class UnmaskRequest(_Message):
-    """Aggregator -> sites, §4 round 4 (Unmasking): U3 (sites whose masked input arrived)
+    """Aggregator -> sites, §5 round 4 (Unmasking): U3 (sites whose masked input arrived)
     and the dropped sites of U2 \\ U3. Kind `secagg_unmask_request`; 18 + 2·(|U3| + |dropped|) bytes."""
 
     KIND: ClassVar[str] = "secagg_unmask_request"
@@ -294,7 +294,7 @@ class UnmaskRequest(_Message):
 
 @dataclass(frozen=True)
 class UnmaskReply(_Message):
-    """Site -> aggregator, §4 round 4: its shares of b_v for v in U3 and of s_v^SK for the
+    """Site -> aggregator, §5 round 4: its shares of b_v for v in U3 and of s_v^SK for the
     dropped v. Kind `secagg_unmask`; 20 + 35·(|U3| + |dropped|) bytes."""
 
     KIND: ClassVar[str] = "secagg_unmask"

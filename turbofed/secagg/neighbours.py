@@ -1,5 +1,5 @@
 """SecAgg+ neighbourhoods (Bell et al., "Secure Single-Server Aggregation with
-(Poly)Logarithmic Overhead", CCS 2020, §3): each site shares keys and masks with k
+(Poly)Logarithmic Overhead", CCS 2020): each site shares keys and masks with k
 neighbours instead of every site, so its shares and keys cost O(k), not O(n).
 
 The graph is a Harary graph H(k, n) over a pseudo-random order of the sites: the order is

@@ -41,5 +41,7 @@ class Params:
 
     @staticmethod
     def majority(n_sites: int) -> int:
-        """t = ⌊n/2⌋ + 1, the smallest threshold for which Bonawitz et al.'s privacy bound holds (§6)."""
+        """t = ⌊n/2⌋ + 1 of the n sites a site shares with. The aggregator colluding with fewer
+        than t sites learns only the sum (Bonawitz et al. 2017, §6, honest-but-curious); the
+        paper's actively secure variant needs t > 2n/3."""
         return n_sites // 2 + 1

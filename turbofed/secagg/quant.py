@@ -1,4 +1,4 @@
-"""Fixed-point quantisation into the ring Z_{2^bits} (Bonawitz et al. 2017, §3: inputs are
+"""Fixed-point quantisation into the ring Z_{2^bits} (Bonawitz et al. 2017 sum inputs that are
 vectors over Z_R).
 
 Weighting (our choice): weights are integers in [1, max_weight] and secret. A site clips its

@@ -1,4 +1,4 @@
-"""The aggregator's side of a secure-aggregation round (Bonawitz et al. 2017, §4, Figure 4).
+"""The aggregator's side of a secure-aggregation round (Bonawitz et al. 2017, §5, Figure 4).
 
     server = AggregatorState(params)
     server.receive_keys(msg) ...; roster = server.roster()          # end of round 0
