@@ -129,12 +129,30 @@ def test_secagg_plus_neighbourhoods_sum_exactly_with_dropouts(k: int) -> None:
     n, dim = 30, 64
     rnd = Round(n, dim, threshold=3, neighbours=k)
     inputs = _inputs(n, dim, 3)
-    gone = frozenset({4, 11, 25})
-    result = rnd.run(inputs, drop_before_mask=gone, drop_after_mask=frozenset({9}))
-    survivors = [i for i in inputs if i not in gone]
-    np.testing.assert_array_equal(result.weighted_sum, _quantised_sum(rnd.params.quantizer, inputs, survivors))
+    inboxes = rnd.setup()
     graph = rnd.server.graph
     assert all(len(graph[u]) == k + k % 2 for u in graph) and all(u in graph[v] for u in graph for v in graph[u])
+    # The graph is random, so pick dropouts that leave every neighbourhood (a site and its
+    # neighbours) at least t sites; small k with clustered dropouts aborts (NotEnoughShares).
+    spare = {v: len(graph[v]) + 1 - rnd.params.threshold for v in graph}
+    apart: list[int] = []
+    for u in sorted(graph):
+        hit = graph[u] | {u}
+        if len(apart) < 4 and all(spare[v] > 0 for v in hit):
+            apart.append(u)
+            for v in hit:
+                spare[v] -= 1
+    gone, silent = frozenset(apart[:3]), apart[3]
+    for i, c in rnd.clients.items():
+        if i not in gone:
+            rnd.server.receive_masked(c.mask(inboxes[i], inputs[i]))
+    request = rnd.server.unmask_request()
+    for i in request.survivors:
+        if i != silent:
+            rnd.server.receive_unmask(rnd.clients[i].unmask(request))
+    result = rnd.server.result()
+    survivors = [i for i in inputs if i not in gone]
+    np.testing.assert_array_equal(result.weighted_sum, _quantised_sum(rnd.params.quantizer, inputs, survivors))
     assert all(len(rnd.clients[i].held) <= k + k % 2 + 1 for i in survivors)  # shares held only for neighbours
 
 
