@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from turbofed.aggregator.strategies import STRATEGIES, ServerOptimizer, SiteUpdate, Strategy, site_report
-from turbofed.codec import Weights, flatten, unflatten
+from turbofed.aggregator.strategies import STRATEGIES, ServerOptimizer, SiteUpdate, Strategy, site_report, stacked_deltas
+from turbofed.codec import Weights, unflatten
 from turbofed.config import PrivacySettings
 from turbofed.dpnoise import clip, unseeded_rng
 from turbofed.errors import ConfigError
@@ -99,9 +99,7 @@ class DPFedAvg(Strategy):
     def aggregate(self, current: Weights, updates: list[SiteUpdate]) -> Weights:
         if not updates:
             raise ValueError("no updates to aggregate")
-        names = list(current)
-        base = flatten(current, names)
-        deltas = np.stack([flatten(u.weights, names) - base for u in updates])
+        names, base, deltas = stacked_deltas(current, updates)
         denominator = max(self.expected_sites, len(updates))  # more sites than expected: never amplify one
         noise_std = self.noise_multiplier * self.settings.clip_norm
         if self.settings.mode == "distributed":  # sites clipped and noised: add the missing sites' share only

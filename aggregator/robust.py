@@ -31,17 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from turbofed.aggregator.strategies import POSITIVE, Range, SiteUpdate, Strategy, clip_scales, flatten, site_report
-from turbofed.codec import Weights
-
-
-def unflatten(vector: np.ndarray, like: Weights, names: list[str]) -> Weights:
-    out, at = {}, 0
-    for n in names:
-        size = like[n].size
-        out[n] = vector[at:at + size].reshape(like[n].shape)
-        at += size
-    return out
+from turbofed.aggregator.strategies import POSITIVE, Range, SiteUpdate, Strategy, clip_scales, site_report, stacked_deltas
+from turbofed.codec import Weights, unflatten
 
 
 class DeltaStrategy(Strategy):
@@ -60,14 +51,11 @@ class DeltaStrategy(Strategy):
     def aggregate(self, current: Weights, updates: list[SiteUpdate]) -> Weights:
         if not updates:
             raise ValueError("no updates to aggregate")
-        names = list(current)
-        base = flatten(current, names)
-        deltas = np.stack([flatten(u.weights, names) - base for u in updates])
+        names, base, deltas = stacked_deltas(current, updates)
         samples = np.array([max(int(u.samples), 0) for u in updates], dtype=np.float64)
         combined, actions = self.combine(deltas, samples)
         self.last_report = site_report(updates, deltas, combined, actions)
-        new = unflatten(base + self.server_lr * combined, current, names)
-        return {n: new[n].astype(current[n].dtype) for n in names}
+        return unflatten(base + self.server_lr * combined, current)
 
 
 class Median(DeltaStrategy):

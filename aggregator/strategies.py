@@ -128,6 +128,14 @@ class Strategy:
 ACTIONS = ("kept", "clipped", "trimmed", "excluded")  # what a strategy did with a site's update
 
 
+def stacked_deltas(current: Weights, updates: list[SiteUpdate]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The tensor names, the current weights as one vector, and one row per update of its
+    delta (update minus current): what every strategy over deltas starts from."""
+    names = list(current)
+    base = flatten(current, names)
+    return names, base, np.stack([flatten(u.weights, names) - base for u in updates])
+
+
 def site_report(updates: list[SiteUpdate], deltas: np.ndarray, combined: np.ndarray, actions: list[str]) -> dict[str, dict[str, Any]]:
     """Per site: delta norm, cosine to the aggregate delta (None when either is zero), action."""
     total = float(np.linalg.norm(combined))
@@ -146,9 +154,7 @@ def round_report(strategy: "Strategy", current: Weights, updates: list[SiteUpdat
     measured = getattr(strategy, "last_report", None)
     if measured and set(measured) == {u.site for u in updates}:
         return measured
-    names = list(current)
-    base = flatten(current, names)
-    deltas = np.stack([flatten(u.weights, names) - base for u in updates])
+    names, base, deltas = stacked_deltas(current, updates)
     return site_report(updates, deltas, flatten(merged, names) - base, ["kept"] * len(updates))
 
 
@@ -182,9 +188,7 @@ class ServerOptimizer(Strategy):
     def mean_delta(self, current: Weights, updates: list[SiteUpdate]) -> Weights:
         """Sample-weighted mean of the (clipped) updates minus the current weights, per tensor;
         what was clipped is reported per site (`last_report`)."""
-        names = list(current)
-        base = flatten(current, names)
-        deltas = np.stack([flatten(u.weights, names) - base for u in updates])
+        names, base, deltas = stacked_deltas(current, updates)
         scales = clip_scales(np.linalg.norm(deltas, axis=1), self.clip)
         clipped = [SiteUpdate(u.site, {n: current[n].astype(np.float64) + s * (u.weights[n].astype(np.float64) - current[n])
                                        for n in names}, u.samples) for u, s in zip(updates, scales)]
