@@ -1,9 +1,10 @@
-"""A compromised site, for the live attack test only (never installed): a real agent process
-that trains honestly and then sends its weights multiplied by 1000, the scale attack of
-`turbofed bench attack`. Its messages are signed with the site's real key, as a stolen
-device's would be: signatures stop outsiders, the aggregation strategy has to stop this.
+"""Compromised sites, for the live attack tests only (never installed): real agent processes
+that train honestly and then lie. `ScalingAttacker` sends its weights multiplied by 1000 (the
+scale attack of `turbofed bench attack`); `InflatingAttacker` claims 2^53 - 1 training
+samples. Their messages are signed with the site's real key, as a stolen device's would be:
+signatures stop outsiders; the aggregator's strategy and weight caps have to stop these.
 
-Run as `python -m tests.plugins.scaling_attacker SITE.toml` with the repository on PYTHONPATH.
+Run as `python -m tests.plugins.scaling_attacker SITE.toml [inflate]` with the repository on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -33,8 +34,19 @@ class ScalingAttacker(EdgeAgent):
         super()._send(ann, kind, body, samples)
 
 
+class InflatingAttacker(EdgeAgent):
+    """An EdgeAgent whose every update claims the largest sample count an envelope carries."""
+
+    def _send(self, ann: RoundAnnouncement, kind: str, body: bytes, samples: int) -> None:
+        super()._send(ann, kind, body, INFLATED if kind == "update" else samples)
+
+
+INFLATED = 2**53 - 1
+
+
 def main(argv: list[str]) -> int:
-    agent = ScalingAttacker(load_site_config(argv[0]))
+    attacker = InflatingAttacker if argv[1:] == ["inflate"] else ScalingAttacker
+    agent = attacker(load_site_config(argv[0]))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
