@@ -26,11 +26,11 @@ def test_four_agents_five_rounds(broker, pki_dir: Path, cmapss_dir: Path, tmp_pa
     try:
         train = fleet.buffer_training(24, cmapss_dir)
         aggregator = fleet.start_aggregator()
-        wait_for("5 rounds", lambda: aggregator.version == 5, 120)
+        store = open_store(fleet.fleet.store)
+        wait_for("round 5 in the store", lambda: len(store.rounds()) == 6, 120)
         wait_for("sites to load global v5", lambda: all(a.global_version == 5 for a in fleet.agents.values()))
         test = fleet.replay("test", 12, cmapss_dir)
         wait_for("metrics from every site", lambda: all(a.metrics().engines == 3 for a in fleet.agents.values()))
-        store = open_store(fleet.fleet.store)
         wait_for("the store to hold every site's final metrics", lambda: [m["engines"] for m in store.latest_metrics()] == [3] * 8)
     finally:
         fleet.close()
@@ -73,13 +73,13 @@ def test_agent_killed_mid_round_catches_up(broker, pki_dir: Path, cmapss_dir: Pa
         wait_for("round 1 to open", lambda: aggregator.version == 0 and aggregator.round is not None, 60)
         victim.send_signal(signal.SIGKILL)  # killed in the middle of round 1
         victim.wait(10)
-        wait_for("round 1 to close at its deadline", lambda: aggregator.version >= 1, 30)
+        wait_for("round 1 in the store, closed at its deadline", lambda: len(store.rounds()) >= 2, 30)
         first = store.rounds()[1]
         assert first["closed_by"] == "deadline"
         assert sorted(p["site"] for p in first["participants"]) == ["site1", "site2"]
 
         victim = fleet.start_agent_process("site3")  # same state folder: resumes from disk
-        wait_for("round 3 to close", lambda: aggregator.version >= 3, 90)
+        wait_for("round 3 in the store", lambda: len(store.rounds()) >= 4, 90)
     finally:
         if victim and victim.poll() is None:
             victim.send_signal(signal.SIGKILL)
@@ -103,10 +103,11 @@ def test_aggregator_restart_resumes_from_checkpoint(broker, pki_dir: Path, cmaps
         stopped_at = first.version
         second = fleet.start_aggregator()
         assert second.version == stopped_at  # resumed from the checkpoint, not from scratch
-        wait_for("round 4", lambda: second.version == 4, 60)
+        store = open_store(fleet.fleet.store)
+        wait_for("round 4 in the store", lambda: len(store.rounds()) == 5, 60)
     finally:
         fleet.close()
-    rounds = [r["round"] for r in open_store(fleet.fleet.store).rounds()]
+    rounds = [r["round"] for r in store.rounds()]
     assert rounds == [0, 1, 2, 3, 4]
     assert [v["version"] for v in ModelRegistry(fleet.fleet.registry).versions()] == [0, 1, 2, 3, 4]
 
