@@ -25,7 +25,7 @@ from turbofed.store import open_store
 pytestmark = pytest.mark.slow
 
 OUTAGE_S = 30.0
-ROUNDS = 12  # enough that rounds are still running when the broker stops (after round 1)
+ROUNDS = 100_000  # more than the test lasts: a round is always open, before, during and after the outage
 # Truths of the test engines (the training engines' failures were reported before the aggregator listened).
 TEST_TRUTH = "SELECT COUNT(*) FROM truth WHERE engine LIKE 'FD001-test-%'"
 
@@ -63,7 +63,7 @@ def test_broker_outage_loses_no_report(fleet_pki: FleetIdentities, cmapss_dir: P
             half = len(schedule) // 2
             feed(schedule[:half])
             broker.halt()
-            down, down_at = time.monotonic(), time.time()
+            down = time.monotonic()
             wait_for("the agents to notice", lambda: all(not a.watch.connected for a in agents), 10)
             feed(schedule[half:])
             wait_for("reports queued in the outboxes", lambda: all(a.outbox.pending > 0 for a in agents), 10)
@@ -88,7 +88,7 @@ def test_broker_outage_loses_no_report(fleet_pki: FleetIdentities, cmapss_dir: P
             store = open_store(fleet.fleet.store)
             wait_for("every site's final metrics", lambda: {(m["site"], m["engines"]) for m in store.latest_metrics()} == set(scored.items()), 10)
             wait_for("the aggregator's outage in the store", lambda: any(e["kind"] == "broker_outage" for e in store.events()), 15)
-            wait_for(f"all {ROUNDS} rounds in the store", lambda: len(store.rounds()) == ROUNDS + 1, 120)
+            wait_for("two rounds closed after the outage", lambda: sum(r["closed"] > up_at for r in store.rounds()) >= 2, 120)
             outages = [e["detail"] for e in store.events() if e["kind"] == "broker_outage"]
         finally:
             fleet.close()
@@ -100,9 +100,9 @@ def test_broker_outage_loses_no_report(fleet_pki: FleetIdentities, cmapss_dir: P
     assert len(back) == 1 and OUTAGE_S - 1 <= back[0] <= OUTAGE_S + 35, back
     assert sum("broker lost at" in line for line in lines) == 3  # site1, site2 and the aggregator
     rounds = store.rounds()
-    assert [r["round"] for r in rounds] == list(range(ROUNDS + 1))
+    assert [r["round"] for r in rounds] == list(range(len(rounds)))
     assert all(r["closed_by"] == "quorum" and sorted(p["site"] for p in r["participants"]) == sites for r in rounds[1:]), rounds
-    assert any(r["started"] < down_at and r["closed"] > up_at for r in rounds[1:])  # a round ran through the outage
+    assert any(r["started"] < up_at < r["closed"] for r in rounds[1:])  # the round open when the broker came back completed
     assert not [e for e in store.events() if e["kind"] in ("round_empty", "stalled")]
     assert len(outages) == 1 and outages[0]["outages"] == 1 and OUTAGE_S - 1 <= outages[0]["seconds"] <= OUTAGE_S + 35, outages
     assert f"site site2: outbox holds {queued} message(s)" in "\n".join(lines)
