@@ -173,7 +173,7 @@ def run_accuracy(
 def run_cli(args: argparse.Namespace) -> int:
     settings = ModelSettings(seed=args.seed).replace(rounds=args.rounds, local_epochs=args.local_epochs)
     params = dict(parse_param(text) for text in args.strategy_param)
-    result = run_accuracy(args.dataset, args.data_dir, args.sites, settings, args.strategy, params)
+    result = run_accuracy(args.dataset, args.data_dir, args.sites, settings, args.strategy or DEFAULT_STRATEGY, params)
     emit(result, args.json_out)
     return 0
 

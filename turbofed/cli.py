@@ -13,8 +13,6 @@ import logging
 import sys
 from typing import Callable
 
-from turbofed.config import DEFAULT_STRATEGY
-
 Handler = str  # "package.module:function", the function takes the parsed Namespace
 
 
@@ -52,8 +50,8 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     acc.add_argument("--rounds", type=int, default=None, help="default: from the model settings")
     acc.add_argument("--local-epochs", type=int, default=None, help="epochs per round")
     acc.add_argument("--seed", type=int, default=0)
-    acc.add_argument("--strategy", default=DEFAULT_STRATEGY,
-                     help=f'default {DEFAULT_STRATEGY}; also fedavg, fedavgm, fedadam, median, trimmed-mean, multi-krum, '
+    acc.add_argument("--strategy", default=None,
+                     help='default: the fleet default (filtered-fedavg); also fedavg, fedavgm, fedadam, median, trimmed-mean, multi-krum, '
                           'clipped-fedavg, "package.module:ClassName" or an installed entry point')
     acc.add_argument("--strategy-param", action="append", default=[], metavar="KEY=VALUE",
                      help="a strategy parameter, as in fleet.toml's [strategy] (repeat: --strategy-param momentum=0.9)")
