@@ -126,6 +126,8 @@ class Aggregator:
         self.stats: FleetStats | None = None
         self.round: Round | None = None
         self.guard = ModelGuard(config.rollback_margin)  # the last good model, by the sites' own scores
+        self.watch = ConnectionWatch("aggregator", log)  # broker outages, attached to the client at start
+        self._outages_recorded = 0  # outages already recorded as broker_outage events
         self.stats_replies: dict[str, StatsReply] = {}
         self.stats_request_id = ""
         self.client = None
@@ -242,8 +244,7 @@ class Aggregator:
         self.client = make_client(client_id("aggregator", self.config.broker), self.config.broker, persistent_session=True)
         self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
         self.client.on_connect = self._on_connect
-        self.watch = ConnectionWatch("aggregator", log).attach(self.client)  # outages logged with their duration
-        self._outages_recorded = 0
+        self.watch.attach(self.client)  # outages logged with their duration
         self.subscriptions = Subscriptions(self.client, [self.topics.all_sites(k) for k in self._handlers])
         connect(self.client, self.config.broker)  # runs _on_connect: subscribe, say we are online
         self.subscriptions.wait()
@@ -318,11 +319,10 @@ class Aggregator:
 
     def _record_outage(self) -> None:
         """An ended broker outage becomes a `broker_outage` event (how long, how many so far)."""
-        watch = getattr(self, "watch", None)
-        if watch is None or not watch.connected or watch.outages == self._outages_recorded:
+        if not self.watch.connected or self.watch.outages == self._outages_recorded:
             return
-        self._outages_recorded = watch.outages
-        self.store.record_event("broker_outage", {"outages": watch.outages, "seconds": round(watch.last_outage_s or 0.0, 1)}, time.time())
+        self._outages_recorded = self.watch.outages
+        self.store.record_event("broker_outage", {"outages": self.watch.outages, "seconds": round(self.watch.last_outage_s or 0.0, 1)}, time.time())
 
     def _reject(self, site: str, reason: Refusal, detail: str) -> None:
         self.refusals.refused(self.counters, reason.value, site, reason.value, detail)
