@@ -99,7 +99,7 @@ class DPFedAvg(Strategy):
     def aggregate(self, current: Weights, updates: list[SiteUpdate]) -> Weights:
         if not updates:
             raise ValueError("no updates to aggregate")
-        names, base, deltas = stacked_deltas(current, updates)
+        _, base, deltas = stacked_deltas(current, updates)
         denominator = max(self.expected_sites, len(updates))  # more sites than expected: never amplify one
         noise_std = self.noise_multiplier * self.settings.clip_norm
         if self.settings.mode == "distributed":  # sites clipped and noised: add the missing sites' share only
