@@ -18,8 +18,9 @@ Modes: "central" (the aggregator clips and adds all the noise; it sees every del
 N(0, sigma^2 C^2 / n) to it, `site_noise`, so that the n expected sites' noises sum to
 N(0, sigma^2 C^2); the aggregator adds the share of the sites that did not answer, so the
 sum always carries the full noise, and clips nothing: the guarantee then rests on the sites
-following the announcement. It is meant for secure aggregation, which is not wired yet:
-until it is, the aggregator still sees each site's noised delta).
+following the announcement. It is meant for secure aggregation (`aggregate_sum`: the
+aggregator gets only the sum of the noised deltas); without it, the aggregator still sees
+each site's noised delta).
 
 Accounting (Google's dp-accounting): every noised round is one Gaussian mechanism with
 noise multiplier sigma, every site taking part (sampling q = 1); rounds compose. RDP
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from turbofed.aggregator.strategies import STRATEGIES, ServerOptimizer, SiteUpdate, Strategy, site_report, stacked_deltas
-from turbofed.codec import Weights, unflatten
+from turbofed.codec import Weights, flatten, unflatten
 from turbofed.config import PrivacySettings
 from turbofed.dpnoise import clip, unseeded_rng
 from turbofed.errors import ConfigError
@@ -95,24 +96,40 @@ class DPFedAvg(Strategy):
         self.rng = np.random.default_rng(settings.seed) if settings.seed is not None else unseeded_rng()
         self.dp_rounds = 0
         self.last_report: dict[str, dict[str, Any]] = {}
+        self.last_mean = np.zeros(0)  # the noised mean delta of the last round
 
     def aggregate(self, current: Weights, updates: list[SiteUpdate]) -> Weights:
         if not updates:
             raise ValueError("no updates to aggregate")
         _, base, deltas = stacked_deltas(current, updates)
-        denominator = max(self.expected_sites, len(updates))  # more sites than expected: never amplify one
-        noise_std = self.noise_multiplier * self.settings.clip_norm
-        if self.settings.mode == "distributed":  # sites clipped and noised: add the missing sites' share only
+        if self.settings.mode == "distributed":  # sites clipped and noised: nothing to clip here
             pairs = [(d, 1.0) for d in deltas]
-            noise_std *= math.sqrt((denominator - len(updates)) / denominator)
         else:
             pairs = [clip(d, self.settings.clip_norm) for d in deltas]
         clipped = np.stack([c for c, _ in pairs])
-        mean = noised_mean(clipped, noise_std, denominator, self.rng)
+        merged = self._noised_step(current, base, clipped.sum(axis=0), len(updates))
+        self.last_report = site_report(updates, deltas, self.last_mean, ["clipped" if s < 1.0 else "kept" for _, s in pairs])
+        return merged
+
+    def aggregate_sum(self, current: Weights, delta_sum: np.ndarray, count: int) -> Weights:
+        """Secure aggregation (distributed mode only): the sum of `count` sites' deltas, each
+        clipped and noised at its site, is all the aggregator has."""
+        if self.settings.mode != "distributed":
+            raise ValueError("a sum of deltas can only be noised in distributed mode (the sites clipped them)")
+        self.last_report = {}
+        return self._noised_step(current, flatten(current, list(current)), np.asarray(delta_sum, dtype=np.float64), count)
+
+    def _noised_step(self, current: Weights, base: np.ndarray, total: np.ndarray, count: int) -> Weights:
+        """The wrapped strategy's step on base + (total + noise) / n: the noise is the full
+        N(0, (sigma C)^2) centrally, and in distributed mode the share of the n - count
+        expected sites that sent nothing; n is never below `count` (never amplify one site)."""
+        denominator = max(self.expected_sites, count)
+        noise_std = self.noise_multiplier * self.settings.clip_norm
+        if self.settings.mode == "distributed":
+            noise_std *= math.sqrt((denominator - count) / denominator)
+        self.last_mean = noised_mean(total[None, :], noise_std, denominator, self.rng)
         self.dp_rounds += 1
-        merged_input = unflatten(base + mean, current)
-        self.last_report = site_report(updates, deltas, mean, ["clipped" if s < 1.0 else "kept" for _, s in pairs])
-        return self.inner.aggregate(current, [SiteUpdate("dp-mean", merged_input, 1)])
+        return self.inner.aggregate(current, [SiteUpdate("dp-mean", unflatten(base + self.last_mean, current), 1)])
 
     def parameters(self) -> dict[str, Any]:
         return self.inner.parameters()

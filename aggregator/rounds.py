@@ -55,6 +55,7 @@ class Round:
     sites: tuple[str, ...]
     accepted: dict[str, Accepted] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
+    plain: bool = True  # False under secure aggregation: updates travel masked, only 'skip' comes here
 
     def responded(self) -> set[str]:
         return set(self.accepted) | set(self.skipped)
@@ -75,6 +76,9 @@ class Round:
         if env.kind not in ("update", "skip"):
             raise Rejected(Refusal.BAD_KIND, f"a site may send 'update' or 'skip', not {env.kind!r}")
         verifier.check_envelope(env, signer=topic_site, epoch=epoch)
+        if env.kind == "update" and not self.plain:
+            raise Rejected(Refusal.BAD_KIND, f"secure aggregation is on: {topic_site}'s update must travel masked "
+                                             "(secagg_masked), not in the clear")
         if env.round != self.number:
             raise Rejected(Refusal.STALE_ROUND, f"update for round {env.round}, the open round is {self.number}")
         if topic_site in self.responded():

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
 import signal
 import threading
@@ -45,12 +46,14 @@ from turbofed.aggregator.faults import kill_point
 from turbofed.aggregator.registry import Checkpoint, RegistryError
 from turbofed.aggregator.rollback import ModelGuard, Verdict
 from turbofed.aggregator.rounds import Rejected, Round
+from turbofed.aggregator.secure import SITE_KINDS as SECURE_KINDS
+from turbofed.aggregator.secure import SecureCollection
 from turbofed.aggregator.startup import open_registry
-from turbofed.aggregator.strategies import SiteUpdate, make_strategy, merge, round_report
+from turbofed.aggregator.strategies import STRATEGIES, ServerOptimizer, SiteUpdate, make_strategy, merge, round_report
 from turbofed.aggregator.weights import MAX_SAMPLES, capped_weights, header_samples, participant_action
-from turbofed.codec import check_graph, read_weights
+from turbofed.codec import check_graph, flatten, read_weights, replace_weights, unflatten
 from turbofed.config import FleetConfig, load_fleet_config
-from turbofed.errors import Refused, WeightsError
+from turbofed.errors import ConfigError, Refused, WeightsError
 from turbofed.graph import reference_model
 from turbofed.messages import (
     Metrics,
@@ -63,12 +66,15 @@ from turbofed.messages import (
     Telemetry,
     signed,
 )
+from turbofed.messages.secure import SecureSum, fixed_point
 from turbofed.mqtt import ConnectionWatch, Subscriptions, client_id, connect, make_client
 from turbofed.ratelog import LOG_INTERVAL_S, RateLimitedLog, RefusalLog, Throttle
 from turbofed.refusals import Refusal
+from turbofed.secagg.errors import SecaggError
+from turbofed.secagg.server import Result
 from turbofed.spec import FeatureSpec, FleetStats
 from turbofed.store import open_store
-from turbofed.topics import Topics
+from turbofed.topics import Topics, natural_key
 
 log = logging.getLogger("turbofed.aggregator")
 
@@ -76,6 +82,7 @@ AGGREGATOR_SITE = signed.AGGREGATOR  # the `site` field of envelopes the aggrega
 REJECTION_ROW_INTERVAL_S = LOG_INTERVAL_S  # the store gets one rejection row per (site, reason) per interval
 STORE_FLUSH_S = 10.0  # at most this long for a batching store to confirm a round before its model is published
 DISK_RETRY_S = 2.0  # a commit held back by a full disk is retried this often (logged once per LOG_INTERVAL_S)
+STATS_SECURE_CLIP = 2.0**46  # a secure statistics sum takes per-site values up to this (64-bit words)
 
 
 class Aggregator:
@@ -92,6 +99,13 @@ class Aggregator:
 
             self.dp = self.strategy = private_strategy(self.strategy, config.privacy, config.model.rounds, len(config.sites),
                                                        f"{config_path}: [privacy]")
+        self.secure_settings = config.secure_aggregation
+        self.secure: SecureCollection | None = None  # the open secure-sum session (docs/privacy.md)
+        self.last_secure: SecureCollection | None = None  # the latest session, open or not (its byte counts)
+        if self.secure_settings is not None:
+            _check_secure_strategy(self.strategy if self.dp is None else self.dp.inner, f"{config_path}: [secure_aggregation]")
+        # Shamir x-coordinates: 1-based positions in the natural order of the fleet's sites.
+        self.site_ids = {site: i + 1 for i, site in enumerate(sorted(config.sites, key=natural_key))}
         # What every record of this run says it ran with: the configured name, all parameters.
         self.strategy_record = {"strategy": config.strategy.name, "strategy_params": self.strategy.parameters()}
         self.topics = Topics(config.broker.topic_root, config.broker.plant_root)
@@ -150,6 +164,8 @@ class Aggregator:
             "telemetry": self._on_telemetry,
             "evaluation": self._on_evaluation,
         }
+        if self.secure_settings is not None:
+            self._handlers.update({kind: (lambda site, payload, kind=kind: self._on_secure(site, payload, kind)) for kind in SECURE_KINDS})
         try:
             self._resume(checkpoint, reset)
         except BaseException:
@@ -346,6 +362,9 @@ class Aggregator:
     def _collect_stats(self, stop: threading.Event) -> None:
         """Until a quorum of sites has enough labelled data, or the round deadline has
         passed with at least one: a site that is down must not hold the fleet back."""
+        if self.secure_settings is not None:
+            self._collect_secure_stats(stop)
+            return
         needed = self.config.effective_quorum
         next_request = 0.0
         give_up = time.monotonic() + self.config.round_deadline_s
@@ -365,17 +384,52 @@ class Aggregator:
             self.pump(0.2)
         if stop.is_set():
             return
-        self.stats = sum((r.stats for r in ready.values()), FleetStats())
-        self.spec = FeatureSpec.from_stats(self.stats, self.config.model.window)
+        self._fleet_stats(sum((r.stats for r in ready.values()), FleetStats()), sorted(ready))
+
+    def _fleet_stats(self, stats: FleetStats, sites: list[str], secure: bool = False) -> None:
+        """The fleet's statistics fix the feature spec; the request is cleared and the sums
+        recorded (after a `--reset` they fix the same spec again, since sites share statistics
+        only over engines they have not answered for: edge/agent.py)."""
+        self.stats, self.spec = stats, FeatureSpec.from_stats(stats, self.config.model.window)
         self.client.publish(self.topics.stats_request, b"", qos=1, retain=True)  # clear the request
-        # The sums themselves too: after a `--reset` they fix the same spec again, since sites
-        # share statistics only over engines they have not answered for (edge/agent.py).
-        detail = {"sites": sorted(ready), "rows": int(self.stats.count), "sensors": [i + 1 for i in self.spec.sensors],
-                  "stats": self.stats.to_dict()}
-        log.info("fleet statistics from %d sites, %d labelled cycles; informative sensors %s", len(ready), self.stats.count, detail["sensors"])
+        detail = {"sites": sites, "rows": int(stats.count), "sensors": [i + 1 for i in self.spec.sensors],
+                  "stats": stats.to_dict(), "secure": secure}
+        log.info("fleet statistics from %d sites%s, %d labelled cycles; informative sensors %s", len(sites),
+                 " (secure sum)" if secure else "", stats.count, detail["sensors"])
         self.store.record_event("fleet_statistics", detail, time.time())
 
+    def _collect_secure_stats(self, stop: threading.Event) -> None:
+        """The statistics through a secure sum: sites ready to answer advertise keys; phase 0
+        closes at a quorum of them, or at the round deadline once at least t have; the
+        aggregator learns only the total. A session that aborts is started again, fresh."""
+        template = FleetStats(window=self.config.model.window)
+        while not stop.is_set():
+            spec = self._new_session(template.to_vector().size, STATS_SECURE_CLIP, 64, 1)
+            self.secure = SecureCollection(spec, self.secure_settings.phase_timeout_s, self.sealer, self.verifier, self.topics,
+                                           self._publish_secure)
+            self.stats_request_id = uuid.uuid4().hex
+            request = StatsRequest(self.stats_request_id, self.config.min_samples, self.config.model.window, secagg=spec)
+            self.client.publish(self.topics.stats_request, self.sealer.seal(signed.STATS_REQUEST, request.to_payload()), qos=1, retain=True)
+            log.info("asked sites for fleet statistics through a secure sum (session %d, t = %d)", spec.session, spec.threshold)
+            give_up = time.time() + self.config.round_deadline_s
+
+            def keys_closed() -> str | None:
+                keyed = len(self.secure.keyed())
+                if keyed >= self.config.effective_quorum:
+                    return "quorum"
+                return "deadline" if time.time() >= give_up and keyed >= spec.threshold else None
+
+            result, _ = self._secure_result(stop, keys_closed)
+            if result is not None:
+                stats = FleetStats.from_vector(result.weighted_sum, template)
+                self._fleet_stats(stats, sorted(self.last_secure.names[n] for n in result.survivors), secure=True)
+                return
+            self._wait(self.config.stats_retry_s, stop)
+
     def _on_stats(self, site: str, payload: bytes) -> None:
+        if self.secure_settings is not None:
+            raise Rejected(Refusal.BAD_KIND, f"statistics from {site} in the clear: with secure aggregation they go "
+                                             "through the secure sum (secagg_keys first)")
         reply = StatsReply.from_payload(self.verifier.open(signed.STATS, payload, signer=site).body, site=site)  # statistics validated now, not when summing
         if reply.request_id != self.stats_request_id:
             return  # an answer to an older request
@@ -410,7 +464,9 @@ class Aggregator:
 
     def _run_round(self, number: int, stop: threading.Event) -> None:
         now = time.time()
-        self.round = Round(number, self.version, uuid.uuid4().hex, now, now + self.config.round_deadline_s, self.config.sites)
+        self.round = Round(number, self.version, uuid.uuid4().hex, now, now + self.config.round_deadline_s, self.config.sites,
+                           plain=self.secure_settings is None)
+        secure = None if self.secure_settings is None else self._round_sum()
         self._announce(
             RoundAnnouncement(
                 number,
@@ -423,9 +479,13 @@ class Aggregator:
                 strategy=self.strategy.name,
                 epoch=self.epoch,
                 dp=None if self.dp is None else self.dp.site_noise(),
+                secagg=secure,
             )
         )
         log.info("round %d announced (from global v%d, deadline %.0f s)", number, self.round.model_version, self.config.round_deadline_s)
+        if secure is not None:
+            self._run_secure_round(number, stop)
+            return
         closed_by = None
         while not stop.is_set():
             closed_by = self.round.complete(self.config.effective_quorum)
@@ -439,6 +499,103 @@ class Aggregator:
             self._empty_round(number, closed_by, stop)
             return
         self._close_round(closed_by)
+
+    # --- secure aggregation (aggregator/secure.py) ------------------------------------
+
+    def _new_session(self, dim: int, quantizer_clip: float, bits: int, max_weight: int, weight_unit: int = 1) -> SecureSum:
+        """A fresh session over every site of the fleet (fresh random id: frames of an earlier
+        attempt cannot be replayed into it)."""
+        cfg, n = self.secure_settings, len(self.site_ids)
+        q = fixed_point(bits, quantizer_clip, n, max_weight)
+        group = min(cfg.neighbours + 1, n) if cfg.neighbours else n  # who a site shares with, itself included
+        return SecureSum(int.from_bytes(os.urandom(8), "big") >> 1, cfg.threshold or group // 2 + 1, dim,
+                         tuple(self.site_ids.items()), q.bits, q.scale, q.clip, max_weight, cfg.neighbours, weight_unit)
+
+    def _round_sum(self) -> SecureSum:
+        """A round's session: sites add their deltas, weighted (weight 1 under DP, each delta
+        clipped to C and noised at its site, so the quantiser's range is C plus 10 noise sigmas)."""
+        cfg = self.secure_settings
+        dim = flatten(read_weights(self.model), list(read_weights(self.model))).size
+        if self.dp is not None:
+            noise = self.dp.site_noise()
+            spec = self._new_session(dim, noise.clip_norm + 10 * noise.noise_std, cfg.bits, 1)
+        else:
+            spec = self._new_session(dim, cfg.clip, cfg.bits, cfg.max_weight, cfg.weight_unit)
+        self.secure = SecureCollection(spec, cfg.phase_timeout_s, self.sealer, self.verifier, self.topics, self._publish_secure)
+        return spec
+
+    def _publish_secure(self, topic: str, frame: bytes) -> None:
+        self.client.publish(topic, frame, qos=1)
+
+    def _on_secure(self, site: str, payload: bytes, kind: str) -> None:
+        if self.secure is None:
+            raise Rejected(Refusal.STALE_ROUND, f"{kind} from {site}: no secure sum is open")
+        self.secure.receive(site, kind, payload)
+
+    def _secure_result(self, stop: threading.Event, keys_closed: Callable[[], str | None]) -> tuple[Result | None, str]:
+        """Drive the open session to its sum: (result, what closed phase 0), or (None, why)
+        when stopped or aborted (too few sites left: nothing is unmasked)."""
+        closed_by = None
+        s = self.last_secure = self.secure
+        while not stop.is_set():
+            if closed_by is None:
+                closed_by = keys_closed()
+            try:
+                result = s.advance(closed_by is not None)
+            except SecaggError as exc:
+                log.warning("secure sum %d aborted in phase %s: %s", s.spec.session, s.phase_name, exc)
+                self._event("secure_sum_aborted", {"session": s.spec.session, "phase": s.phase_name, "reason": str(exc)[:500]})
+                self.secure = None
+                return None, f"secure sum aborted in phase {s.phase_name}"
+            if result is not None:
+                self.secure = None
+                return result, closed_by
+            self.pump(0.05 if s.phase else 0.2)
+        self.secure = None
+        return None, "stopped"
+
+    def _run_secure_round(self, number: int, stop: threading.Event) -> None:
+        """Phase 0 closes like a plain round (quorum of keys, every site answered, deadline);
+        the sum of the survivors' weighted deltas then goes through the strategy."""
+        r, quorum = self.round, self.config.effective_quorum
+
+        def keys_closed() -> str | None:
+            keyed = self.secure.keyed()
+            if len(keyed) >= quorum:
+                return "quorum"
+            if keyed | set(r.skipped) >= set(r.sites):
+                return "all answered"
+            return "deadline" if time.time() >= r.deadline else None
+
+        result, closed_by = self._secure_result(stop, keys_closed)
+        if stop.is_set():
+            return
+        if result is None:
+            self._empty_round(number, closed_by, stop)
+            return
+        self._close_secure_round(result, closed_by)
+
+    def _close_secure_round(self, result: Result, closed_by: str) -> None:
+        r, self.round = self.round, None
+        last_update = time.time()
+        participants = self.last_secure.participants(result)
+        verdict = self.guard.judge(self.version)
+        if verdict.bad:
+            self._roll_back(r, verdict, last_update)
+            return
+        current = read_weights(self.model)
+        if self.dp is not None:
+            weights = self.dp.aggregate_sum(current, result.weighted_sum, result.total_weight)
+        else:
+            mean = flatten(current, list(current)) + result.weighted_sum / result.total_weight
+            weights = self.strategy.aggregate(current, [SiteUpdate("secure-sum", unflatten(mean, current), result.total_weight)])
+        model = replace_weights(self.model, weights)
+        kill_point("after_merge", r.number)
+        if not self._commit(r.number, model, r.started, participants, last_update, closed_by):
+            return
+        log.info("round %d closed by %s: secure sum of %d sites (%d dropped after sharing, masks removed), global v%d "
+                 "published", r.number, closed_by, len(result.survivors), len(result.dropped), self.version)
+        self._round_closed(r.number, len(result.survivors))
 
     def _empty_round(self, number: int, closed_by: str, stop: threading.Event) -> None:
         """No usable update: announce the round again; after `max_empty_rounds` in a row,
@@ -497,11 +654,15 @@ class Aggregator:
         if not self._commit(r.number, model, r.started, participants, last_update, closed_by):
             return
         log.info("round %d closed by %s: %d updates, global v%d published", r.number, closed_by, len(participants), self.version)
+        self._round_closed(r.number, len(participants))
+
+    def _round_closed(self, number: int, updates: int) -> None:
+        """After a round's model is out: privacy spent, and the end of a stall."""
         if self.dp is not None:
-            self._record_privacy(r.number)
+            self._record_privacy(number)
         if self.stalled is not None:
-            log.info("no longer stalled: round %d closed with %d updates", r.number, len(participants))
-            self.store.record_event("stall_over", {"round": r.number, "updates": len(participants)}, time.time())
+            log.info("no longer stalled: round %d closed with %d updates", number, updates)
+            self.store.record_event("stall_over", {"round": number, "updates": updates}, time.time())
         self.stalled, self.empty_rounds = None, 0
 
     def _record_privacy(self, number: int) -> None:
@@ -636,6 +797,17 @@ class Aggregator:
         t = Telemetry.from_payload(self.verifier.open(signed.TELEMETRY, payload, signer=site).body, site=site)
         if t.rows:
             self.store.record_sensors(site, [(e, c, list(st), list(se)) for e, c, st, se in t.rows], time.time())
+
+
+def _check_secure_strategy(strategy: object, where: str) -> None:
+    """Secure aggregation gives the aggregator only a weighted sum: strategies that look at
+    each update (median, Krum, trimmed mean, the filtered and clipped FedAvg) cannot run."""
+    if type(strategy) not in STRATEGIES.values():
+        raise ConfigError(f"{where}: strategy {strategy.name!r} needs every site's own update, and secure aggregation "
+                          f"gives the aggregator only their sum: use one of {', '.join(STRATEGIES)}")
+    if isinstance(strategy, ServerOptimizer) and strategy.clip:
+        raise ConfigError(f"{where}: strategy {strategy.name!r} clip = {strategy.clip:g} needs every site's own update; "
+                          "set it to 0 with secure aggregation ([privacy] clip_norm clips at the sites)")
 
 
 def run_cli(args: argparse.Namespace) -> int:

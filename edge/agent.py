@@ -44,6 +44,7 @@ from turbofed.edge.buffer import TrainingBuffer, load_histories, save_histories
 from turbofed.edge.features import EngineWindow
 from turbofed.edge.inference import OnnxPredictor
 from turbofed.edge.outbox import OUTBOX_DB, Outbox
+from turbofed.edge.secure import SecureSessions
 from turbofed.edge.state import (
     BUFFER_NPZ,
     ENGINES_NPZ,
@@ -196,6 +197,13 @@ class EdgeAgent:
             self.topics.stats_request: lambda payload: self.on_stats_request(
                 StatsRequest.from_payload(self.verifier.open(signed.STATS_REQUEST, payload, signer=signed.AGGREGATOR).body)),
         }
+        # Secure aggregation (edge/secure.py): the aggregator's roster, this site's inbox, the unmask request.
+        self.secure = SecureSessions(self.site, self.sealer, self.verifier, self._send_secure)
+        self._routes.update({
+            self.topics.secagg_roster: lambda payload: self.secure.on_frame("secagg_roster", payload),
+            self.topics.secagg_inbox(self.site): lambda payload: self.secure.on_frame("secagg_shares", payload),
+            self.topics.secagg_unmask: lambda payload: self.secure.on_frame("secagg_unmask_request", payload),
+        })
         self._plant_routes: dict[str, Callable[[str, bytes], None]] = {"sensors": self.on_reading, "events": self.on_event}
         self._restore()
         # Reports wait on disk until the broker has them (after _restore: a bad state file stops us first).
@@ -236,6 +244,9 @@ class EdgeAgent:
                 self.topics.round,
                 self.topics.global_model,
                 self.topics.stats_request,
+                self.topics.secagg_roster,
+                self.topics.secagg_inbox(self.site),
+                self.topics.secagg_unmask,
             ],
         )
         connect(self.client, self.config.broker)  # runs _on_connect: subscribe, say we are online
@@ -393,7 +404,12 @@ class EdgeAgent:
         rows, and only what cannot be taken apart: one answer per feature spec (before any spec,
         the first request), for the spec's window, over at least min_stats_engines engines, and
         differing from the previous answer by at least that many engines. Anything else is
-        refused and counted and nothing is published (a window sweep recovers nothing)."""
+        refused and counted and nothing is published (a window sweep recovers nothing).
+
+        With a secure sum in the request (docs/privacy.md) the statistics go in masked, and the
+        aggregator learns only the fleet total. A session that aborted may be joined again for
+        the same spec, but this site unmasks a spec's statistics for one set of sites only: two
+        sums over different sets would give away the difference."""
         k, what = self.config.min_stats_engines, f"stats request {request.request_id!r}"
         if request.window > self.config.max_stats_window:
             raise MessageError(f"{what}: a {request.window}-cycle window is over this site's max_stats_window ({self.config.max_stats_window})", Refusal.STATS_UNAFFORDABLE)
@@ -401,18 +417,44 @@ class EdgeAgent:
             raise MessageError(f"{what}: window {request.window} is not the current spec's {self.fleet_spec.window}", Refusal.STATS_WRONG_WINDOW)
         spec_key = self._stats_spec_key()
         last = self.stats_answer
-        if last is not None and (last["spec"] == spec_key or last["request_id"] == request.request_id):
+        secure_again = request.secagg is not None and last is not None and last["spec"] == spec_key and "survivors" in last
+        if last is not None and not secure_again and (last["spec"] == spec_key or last["request_id"] == request.request_id):
             raise MessageError(f"{what}: this site already answered {last['request_id']!r} for the current spec", Refusal.STATS_REPEATED)
         engines = {e for e, *_ in self.buffer.engines}
-        changed = len(engines.symmetric_difference(last["engines"])) if last is not None else len(engines)
+        changed = len(engines.symmetric_difference(last["engines"])) if last is not None and not secure_again else len(engines)
         if len(engines) < k or changed < k:
             raise MessageError(f"{what}: {len(engines)} labelled engines, {changed} changed since the last answer; "
                                f"statistics are shared over at least {k} (min_stats_engines)", Refusal.STATS_TOO_FEW_ENGINES)
         if self.buffer.rows < request.min_samples:
             raise MessageError(f"{what}: {self.buffer.rows} labelled rows, the request needs {request.min_samples}", Refusal.STATS_TOO_FEW_SAMPLES)
-        reply = StatsReply(request.request_id, self.site, self.buffer.rows, len(engines), self.buffer.stats(request.window))
+        stats = self.buffer.stats(request.window)
+        if request.secagg is not None:
+            self._secure_stats(request, stats.to_vector(), spec_key, sorted(engines))
+            return
+        reply = StatsReply(request.request_id, self.site, self.buffer.rows, len(engines), stats)
         self._report("stats", self.sealer.seal(signed.STATS, reply.to_payload()))
-        self.stats_answer = {"request_id": request.request_id, "spec": spec_key, "engines": sorted(engines)}
+        self._stats_answered({"request_id": request.request_id, "spec": spec_key, "engines": sorted(engines)})
+
+    def _secure_stats(self, request: StatsRequest, vector: np.ndarray, spec_key: str, engines: list[str]) -> None:
+        """Join the request's secure sum with our statistics (weight 1: the fleet gets the total)."""
+        what = f"stats request {request.request_id!r}"
+        if not np.all(np.abs(vector) <= request.secagg.clip):
+            raise MessageError(f"{what}: this site's statistics exceed the secure sum's range (+-{request.secagg.clip:g})",
+                               Refusal.STATS_UNAFFORDABLE)
+        answer = {"request_id": request.request_id, "spec": spec_key, "engines": engines}
+
+        def before_unmask(survivors: tuple[int, ...]) -> None:
+            last = self.stats_answer
+            if last is not None and last["spec"] == spec_key and last.get("survivors") not in (None, list(survivors)):
+                raise MessageError(f"{what}: this site already unmasked the statistics of this spec with sites "
+                                   f"{last['survivors']}; a sum over {list(survivors)} would give away the difference",
+                                   Refusal.STATS_REPEATED)
+
+        self.secure.join(request.secagg, vector, 1, "statistics", before_unmask=before_unmask,
+                         after_unmask=lambda survivors: self._stats_answered({**answer, "survivors": list(survivors)}))
+
+    def _stats_answered(self, answer: dict[str, Any]) -> None:
+        self.stats_answer = answer
         self.counters["sent.stats"] += 1
         self.dirty = True
         self.save()  # the answer is spent even if the agent stops now
@@ -509,7 +551,7 @@ class EdgeAgent:
         self._take_part(ann)
 
     def _take_part(self, ann: RoundAnnouncement) -> None:
-        from turbofed.codec import parse_model, read_weights, replace_weights  # training profile only (onnx)
+        from turbofed.codec import flatten, parse_model, read_weights, replace_weights  # training profile only (onnx)
         from turbofed.edge.learner import RulModel
 
         r = ann.round
@@ -530,9 +572,18 @@ class EdgeAgent:
             from turbofed.dpnoise import noised_delta, unseeded_rng
 
             weights = noised_delta(read_weights(global_model), weights, ann.dp.clip_norm, ann.dp.noise_std, unseeded_rng())
-        # The update is the global model with our weights in it: the aggregator's graph, by construction.
-        update = replace_weights(global_model, weights).SerializeToString()
-        self._send(ann, "update", update, len(x))
+        if ann.secagg is not None:  # secure aggregation: only our masked delta leaves (edge/secure.py)
+            start = read_weights(global_model)
+            names = list(start)
+            delta = flatten(weights, names) - flatten(start, names)
+            weight = 1 if ann.dp is not None else ann.secagg.weight(len(x))
+            self.secure.join(ann.secagg, delta, weight, f"round {r}")
+            self.counters["sent.secure_update"] += 1
+            self._answered(ann)
+        else:
+            # The update is the global model with our weights in it: the aggregator's graph, by construction.
+            update = replace_weights(global_model, weights).SerializeToString()
+            self._send(ann, "update", update, len(x))
         self._train_local()
         log.info("site %s: round %d trained on %d rows in %.1f s", self.site, r, len(x), time.perf_counter() - started)
 
@@ -546,6 +597,11 @@ class EdgeAgent:
         x, y = self.buffer.training_rows(self.local_spec)
         self.local_learner.train(x, y, epochs=self.settings.local_epochs)
         self.local_predictor = OnnxPredictor(self.local_learner.to_onnx())
+
+    def _send_secure(self, kind: str, frame: bytes) -> None:
+        """A secure-sum frame, straight to the broker (worthless once its phase has closed)."""
+        self.client.publish(self.topics.site(self.site, kind), frame, qos=1)
+        self.counters[f"sent.{kind}"] += 1
 
     def _send(self, ann: RoundAnnouncement, kind: str, body: bytes, samples: int) -> None:
         payload = self.sealer.envelope(kind=kind, round=ann.round, model_version=ann.model_version, samples=samples, body=body, epoch=self.epoch)

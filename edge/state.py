@@ -270,6 +270,10 @@ class AgentState:
             engines = take(stats_answer, "engines", "list", f"{path}: stats_answer")
             if not all(isinstance(e, str) for e in engines):
                 raise StateError(f"{path}: stats_answer key 'engines' must be a list of engine ids, got {short(engines)}")
+            if "survivors" in stats_answer:  # a secure sum's: the site ids it was unmasked with (edge/secure.py)
+                survivors = take(stats_answer, "survivors", "list", f"{path}: stats_answer")
+                if not all(isinstance(v, int) and not isinstance(v, bool) for v in survivors):
+                    raise StateError(f"{path}: stats_answer key 'survivors' must be a list of site ids, got {short(survivors)}")
         return cls(
             answered=answered,
             global_version=take(raw, "global_version", "int", where, minimum=-1),

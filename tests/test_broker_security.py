@@ -183,6 +183,19 @@ def test_site_cannot_read_other_sites_or_everything(peers, topics: Topics) -> No
 
 
 @needs_mosquitto
+def test_a_site_reads_the_secure_sum_roster_and_its_own_shares_only(peers, topics: Topics) -> None:
+    site1, aggregator = peers("site1"), peers(AGGREGATOR)
+    site1.subscribe(topics.secagg_roster, topics.secagg_unmask, topics.secagg_inbox("site1"), topics.secagg_inbox("site2"))
+    aggregator.publish(topics.secagg_inbox("site2"), b"site2's shares")
+    aggregator.publish(topics.secagg_inbox("site1"), b"site1's shares")
+    aggregator.publish(topics.secagg_roster, b"roster")
+    aggregator.publish(topics.secagg_unmask, b"unmask request")
+    seen = site1.until(topics.secagg_unmask, b"unmask request")
+    assert seen == [(topics.secagg_inbox("site1"), b"site1's shares"), (topics.secagg_roster, b"roster"),
+                    (topics.secagg_unmask, b"unmask request")]
+
+
+@needs_mosquitto
 def test_gateway_publishes_only_its_sites_plant_topics(peers, topics: Topics) -> None:
     site1, site2, aggregator, gateway1 = peers("site1"), peers("site2"), peers(AGGREGATOR), peers("gateway-site1")
     site1.subscribe(f"{topics.plant_root}/site1/#")

@@ -80,6 +80,17 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     priv.add_argument("--seed", type=int, default=0, help="seed of weights, hold-out and noise")
     priv.add_argument("--json", dest="json_out", help="write the result JSON here too")
     priv.set_defaults(handler="turbofed.benchmarks.privacy:run_cli")
+    sec = bsub.add_parser("secure", help="secure aggregation vs plain FedAvg on a live fleet: round time, bytes, RMSE")
+    _add_data_dir(sec)
+    sec.add_argument("--synthetic-sites", type=int, action="append", default=None,
+                     help="synthetic fleet sizes (repeat; default 20 and 100); FD001 always runs with 4 sites")
+    sec.add_argument("--engines-per-site", type=int, default=2, help="training engines per synthetic site (default 2)")
+    sec.add_argument("--rounds", type=int, default=3, help="rounds per run (default 3)")
+    sec.add_argument("--phase-timeout", type=float, default=2.0,
+                     help="seconds each secure phase waits for sites that dropped out (default 2)")
+    sec.add_argument("--seed", type=int, default=0, help="seed of weights, data split and hold-out")
+    sec.add_argument("--json", dest="json_out", help="write the result JSON here too")
+    sec.set_defaults(handler="turbofed.benchmarks.secure:run_cli")
     system = bsub.add_parser("system", help="aggregation time, update size, replay rate")
     system.add_argument("--sites", type=int, default=50)
     system.add_argument("--rounds", type=int, default=3)

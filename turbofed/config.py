@@ -85,6 +85,11 @@ def _engine_ids(values: tuple[str, ...]) -> None:
         validate_engine(v)
 
 
+def _word_bits(value: int) -> None:
+    if value not in (32, 64):
+        raise ValueError(f"must be 32 or 64 (bits per fixed-point word), got {value}")
+
+
 def _site_id(value: str) -> None:
     from turbofed.topics import validate_site
 
@@ -150,6 +155,15 @@ RANGES: dict[str, dict[str, Limit]] = {
         "expected_sites": Limit(1, 100_000),
         "accountant": Limit(choices=("rdp", "pld")),
         "seed": Limit(0, 2**63 - 1),
+    },
+    "SecureAggregationSettings": {
+        "threshold": Limit(0, 1024),
+        "neighbours": Limit(0, 1024),
+        "bits": Limit(32, 64, check=_word_bits),
+        "clip": Limit(0, 1e6, above=True),
+        "weight_unit": Limit(1, 1_000_000_000),
+        "max_weight": Limit(1, 65_536),
+        "phase_timeout_s": Limit(0, 3600, above=True),
     },
 }
 
@@ -463,6 +477,28 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True)
+class SecureAggregationSettings:
+    """Secure aggregation (Bonawitz et al., CCS 2017): fleet.toml's `[secure_aggregation]`
+    table; docs/privacy.md. The aggregator learns only the weighted sum of the sites' deltas
+    (and the fleet totals of the statistics), as long as fewer than `threshold` sites collude
+    with it. `threshold` 0: a majority of the sites in the round. `neighbours` > 0: SecAgg+
+    (Bell et al., CCS 2020), each site masks with k neighbours only. A delta is cut to
+    +-`clip` per coordinate and sent in `bits`-bit fixed point (the scale is the finest the
+    fleet's size leaves room for); a site weighs ceil(samples / weight_unit), at most
+    `max_weight` (1 under differential privacy). Each phase after the first ends
+    `phase_timeout_s` after it opened or after its latest answer, if not every site still in
+    has answered by then."""
+
+    threshold: int = 0
+    neighbours: int = 0
+    bits: int = 32
+    clip: float = 4.0
+    weight_unit: int = 256
+    max_weight: int = 64
+    phase_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class FleetConfig:
     """The aggregator: the sites it expects, the schedule, the strategy and where results go."""
 
@@ -472,6 +508,7 @@ class FleetConfig:
     model: ModelSettings = ModelSettings()
     strategy: StrategySettings = StrategySettings()
     privacy: PrivacySettings | None = None  # [privacy]: client-level differential privacy (docs/privacy.md)
+    secure_aggregation: SecureAggregationSettings | None = None  # [secure_aggregation] (docs/privacy.md)
     quorum: int | None = None  # updates that close a round early; default: every site
     round_deadline_s: float = 120.0
     stats_retry_s: float = 5.0
@@ -621,12 +658,18 @@ def load_fleet_config(path: str | Path, keys: bool = True) -> FleetConfig:
             raise ConfigError(f"{path}: pki: {exc}") from None
     broker = _load_broker(path, _table(raw, "broker", path))
     model = ModelSettings.from_dict(_table(raw, "model", path), f"{path}: [model]")
-    strategy = _strategy_settings(raw.pop("strategy", DEFAULT_STRATEGY), path)
+    secure = raw.pop("secure_aggregation", None)
+    secure = None if secure is None else _build(SecureAggregationSettings, secure, f"{path}: [secure_aggregation]")
+    # With secure aggregation the aggregator sees only a sum: the default strategy is FedAvg.
+    strategy = _strategy_settings(raw.pop("strategy", "fedavg" if secure else DEFAULT_STRATEGY), path)
     privacy = _privacy_settings(raw.pop("privacy", None), path)
-    config = _build(FleetConfig, {**raw, "broker": broker, "model": model, "strategy": strategy, "privacy": privacy}, f"{path}:")
+    config = _build(FleetConfig, {**raw, "broker": broker, "model": model, "strategy": strategy, "privacy": privacy,
+                                  "secure_aggregation": secure}, f"{path}:")
     if privacy is not None and (privacy.expected_sites or 0) > len(config.sites):
         raise ConfigError(f"{path}: [privacy] expected_sites must be at most the number of sites ({len(config.sites)}), "
                           f"got {privacy.expected_sites}")
+    if secure is not None:
+        _check_secure(config, secure, path)
     if not 1 <= config.effective_quorum <= len(config.sites):
         raise ConfigError(f"{path}: quorum must be between 1 and the number of sites ({len(config.sites)}), got {config.quorum}")
     is_url = config.store == "influxdb" or "://" in config.store
@@ -652,6 +695,25 @@ def _strategy_settings(value: Any, path: Path) -> StrategySettings:
         if not isinstance(v, (bool, int, float, str)):
             raise ConfigError(f"{where} {key} must be a number, string or boolean, got {v!r}")
     return StrategySettings(name, params, where)
+
+
+def _check_secure(config: FleetConfig, secure: SecureAggregationSettings, path: Path) -> None:
+    """What secure aggregation needs of the rest of fleet.toml (the strategy is checked by
+    the aggregator, which knows which strategies need individual updates)."""
+    where = f"{path}: [secure_aggregation]"
+    if config.pki is None:
+        raise ConfigError(f"{where} needs the fleet's identity folder (pki): its messages are signed like every other")
+    if len(config.sites) > 1024 or len(config.sites) < 2:
+        raise ConfigError(f"{where} works with 2 to 1024 sites (Shamir shares are indexed by site), this fleet has {len(config.sites)}")
+    if secure.threshold > len(config.sites) or secure.threshold == 1:
+        raise ConfigError(f"{where} threshold must be 0 (a majority) or between 2 and the number of sites "
+                          f"({len(config.sites)}), got {secure.threshold}")
+    if secure.neighbours and secure.threshold > secure.neighbours + 1:
+        raise ConfigError(f"{where} threshold ({secure.threshold}) counts within a neighbourhood of neighbours + 1 "
+                          f"({secure.neighbours + 1}) sites: lower it or raise neighbours")
+    if config.privacy is not None and config.privacy.mode != "distributed":
+        raise ConfigError(f"{where} needs [privacy] mode = \"distributed\": with secure aggregation the aggregator "
+                          "cannot clip one site's delta, so each site clips and noises its own")
 
 
 def _privacy_settings(value: Any, path: Path) -> PrivacySettings | None:

@@ -93,6 +93,21 @@ class FleetStats:
     def to_dict(self) -> dict:
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
 
+    def to_vector(self) -> np.ndarray:
+        """Every additive number as one float64 vector: what a secure sum adds (docs/privacy.md)."""
+        return np.concatenate([[self.count], self.sum, self.sumsq, [self.sum_y, self.sumsq_y], self.sum_xy,
+                               self.feature_sum, self.feature_sumsq]).astype(np.float64)
+
+    @classmethod
+    def from_vector(cls, vector: np.ndarray, like: "FleetStats") -> "FleetStats":
+        """The inverse of `to_vector`, shaped like `like` (whose window it takes)."""
+        v = np.asarray(vector, dtype=np.float64)
+        if v.shape != like.to_vector().shape:
+            raise ValueError(f"fleet statistics vector has {v.size} values, expected {like.to_vector().size}")
+        parts = np.split(v, np.cumsum([1, N_SENSORS + 1, N_SENSORS + 1, 2, N_SENSORS + 1, N_ALL_FEATURES]))
+        count, total, sumsq, y, xy, fsum, fsumsq = parts
+        return cls(float(count[0]), total, sumsq, float(y[0]), float(y[1]), xy, like.window, fsum, fsumsq)
+
     @classmethod
     def from_dict(cls, d: dict) -> "FleetStats":
         sizes = {"sum": N_SENSORS + 1, "sumsq": N_SENSORS + 1, "sum_xy": N_SENSORS + 1, "feature_sum": N_ALL_FEATURES, "feature_sumsq": N_ALL_FEATURES}

@@ -8,7 +8,11 @@ Layout (root defaults to ``tfl/v1``, plant root to ``plant``)::
     <root>/round                      aggregator, retained: round announcement
     <root>/global                     aggregator, retained: global model (envelope)
     <root>/stats/request              aggregator, retained: federated statistics request
-    <root>/sites/<site>/<kind>        site: update | metrics | predictions | status | stats | telemetry
+    <root>/sites/<site>/<kind>        site: update | metrics | predictions | status | stats | telemetry |
+                                      evaluation | secagg_keys | secagg_shares | secagg_masked | secagg_unmask
+    <root>/secagg/roster              aggregator: a secure sum's roster of keys (docs/privacy.md)
+    <root>/secagg/unmask              aggregator: a secure sum's unmask request
+    <root>/secagg/<site>/shares       aggregator: the encrypted shares addressed to one site
     <plant>/<site>/<engine>/<kind>    sensor gateway or replay: sensors | events
 """
 
@@ -25,7 +29,8 @@ DEFAULT_ROOT: Final = "tfl/v1"
 DEFAULT_PLANT_ROOT: Final = "plant"
 MAX_ID_LEN: Final = 128
 
-SiteKind = Literal["update", "metrics", "predictions", "status", "stats", "telemetry", "evaluation"]
+SiteKind = Literal["update", "metrics", "predictions", "status", "stats", "telemetry", "evaluation",
+                   "secagg_keys", "secagg_shares", "secagg_masked", "secagg_unmask"]
 PlantKind = Literal["sensors", "events"]
 SITE_KINDS: Final[tuple[str, ...]] = get_args(SiteKind)
 PLANT_KINDS: Final[tuple[str, ...]] = get_args(PlantKind)
@@ -126,6 +131,18 @@ class Topics:
         return f"{self.root}/stats/request"
 
     # --- site -> aggregator ---
+    @property
+    def secagg_roster(self) -> str:
+        return f"{self.root}/secagg/roster"
+
+    @property
+    def secagg_unmask(self) -> str:
+        return f"{self.root}/secagg/unmask"
+
+    def secagg_inbox(self, site: str) -> str:
+        """The shares the aggregator forwards to `site` (only that site may read them)."""
+        return f"{self.root}/secagg/{validate_site(site)}/shares"
+
     def site(self, site: str, kind: SiteKind | str) -> str:
         """``<root>/sites/<site>/<kind>`` after validating both."""
         if kind not in SITE_KINDS:

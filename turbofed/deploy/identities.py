@@ -259,7 +259,8 @@ def revoke_identity(ids: FleetIdentities, name: str) -> None:
 
 def acl_text(ids: FleetIdentities, sites: list[str], topics: Topics | Sequence[Topics]) -> str:
     """The Mosquitto ACL: a site publishes only under its own sites/<site>/ and reads only the
-    round, the global model, the stats request and its own plant topics; a site's gateway
+    round, the global model, the stats request, the secure-sum roster and unmask request, the
+    shares addressed to it, and its own plant topics; a site's gateway
     publishes only plant/<site>/...; only the aggregator publishes round, global and stats
     request and reads the sites' topics; the monitor only reads. Revoked identities are
     absent (no access at all). Several topic roots (fleets sharing one broker) each get
@@ -281,6 +282,7 @@ def acl_text(ids: FleetIdentities, sites: list[str], topics: Topics | Sequence[T
             user(site, [rule for t in roots for rule in (
                 f"topic write {t.root}/sites/{site}/#",
                 f"topic read {t.round}", f"topic read {t.global_model}", f"topic read {t.stats_request}",
+                f"topic read {t.secagg_roster}", f"topic read {t.secagg_unmask}", f"topic read {t.secagg_inbox(site)}",
                 f"topic read {t.plant_root}/{site}/#")])
         gateway = gateway_name(site)
         if active.get(gateway) == "gateway":

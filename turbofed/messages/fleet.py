@@ -26,6 +26,7 @@ from turbofed.messages._check import (
     text,
     whole,
 )
+from turbofed.messages.secure import SecureSum
 from turbofed.refusals import Refusal
 from turbofed.spec import FeatureSpec, FleetStats
 
@@ -70,6 +71,7 @@ class RoundAnnouncement:
     done: bool = False
     epoch: int = 0  # fleet reset counter: a higher signed epoch lets sites start again from v0
     dp: SiteNoise | None = None  # distributed DP: each site clips and noises its own delta
+    secagg: SecureSum | None = None  # secure aggregation: deltas travel masked (turbofed/messages/secure.py)
 
     @property
     def version(self) -> int:
@@ -103,6 +105,8 @@ class RoundAnnouncement:
                 body[key] = getattr(self, key)
         if self.dp is not None:
             body["dp"] = self.dp.to_dict()
+        if self.secagg is not None:
+            body["secagg"] = self.secagg.to_dict()
         return encode_json({**body, **epoch})
 
     @classmethod
@@ -137,6 +141,7 @@ class RoundAnnouncement:
             strategy=optional(body.get("strategy"), text, f"{what} strategy"),
             epoch=epoch,
             dp=optional(body.get("dp"), SiteNoise.from_dict, f"{what} dp"),
+            secagg=optional(body.get("secagg"), SecureSum.from_dict, f"{what} secagg"),
         )
 
 
@@ -161,9 +166,11 @@ class StatsRequest:
     request_id: str
     min_samples: int
     window: int
+    secagg: SecureSum | None = None  # answer through a secure sum, not a StatsReply (docs/privacy.md)
 
     def to_payload(self) -> bytes:
-        return encode_json({"request_id": self.request_id, "min_samples": self.min_samples, "window": self.window})
+        secagg = {} if self.secagg is None else {"secagg": self.secagg.to_dict()}
+        return encode_json({"request_id": self.request_id, "min_samples": self.min_samples, "window": self.window, **secagg})
 
     @classmethod
     def from_payload(cls, payload: bytes) -> "StatsRequest":
@@ -172,7 +179,9 @@ class StatsRequest:
         with refused_as(Refusal.BAD_STATS_REQUEST, what):
             request_id = text(required(body, "request_id", what), f"{what} request_id")
             where = f"{what} {request_id!r}"
-            return cls(request_id, whole(required(body, "min_samples", where), f"{where} min_samples"), whole(required(body, "window", where), f"{where} window", 1, MAX_WINDOW))
+            return cls(request_id, whole(required(body, "min_samples", where), f"{where} min_samples"),
+                       whole(required(body, "window", where), f"{where} window", 1, MAX_WINDOW),
+                       optional(body.get("secagg"), SecureSum.from_dict, f"{where} secagg"))
 
 
 # --- sites -> aggregator -------------------------------------------------------------------

@@ -7,7 +7,7 @@ Modules: `shamir` (t-of-n sharing), `crypto` (KA, AE, PRG), `quant` (fixed point
 Z_{2^bits}, secret integer weights), `masking` (self and pairwise masks), `neighbours` (SecAgg+ graphs), `messages` (the
 wire dataclasses), `params` (what a round agrees on), `client` (a site), `server` (the
 aggregator), `wire` (Ed25519-signed frames), `bench` (bytes and time against plain
-summation). Not wired into the live system yet: docs/protocol.md, "Secure aggregation".
+summation). Wired into the live system by aggregator/secure.py and edge/secure.py: docs/protocol.md, "Secure aggregation".
 """
 
 from turbofed.secagg.client import SiteClient

@@ -5,7 +5,7 @@ round (u64 big-endian); then the body, all integers big-endian, all lists length
 and bounded (MAX_SITES entries, MAX_DIM words). `from_payload` is the only way in: every
 payload is hostile until it returns, and it raises `SecaggMessageError` (a `Refused` with
 a `Refusal` reason) for anything else, trailing bytes included. Wire layouts and sizes:
-docs/protocol.md, "Secure aggregation (not wired yet)". Site ids are Shamir x-coordinates
+docs/protocol.md, "Secure aggregation". Site ids are Shamir x-coordinates
 in [1, MAX_SITES].
 """
 
