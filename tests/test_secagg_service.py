@@ -16,12 +16,13 @@ from hypothesis import strategies as st
 from tests.inprocess import SETTINGS, SITES, save_versions
 from tests.livefleet import site_identity
 from turbofed.aggregator.rounds import Round
+from turbofed.aggregator.secure import SecureCollection
 from turbofed.aggregator.service import Aggregator
 from turbofed.codec import flatten, read_weights
 from turbofed.config import FleetConfig, PrivacySettings, SecureAggregationSettings, StrategySettings, load_fleet_config
 from turbofed.edge.secure import SecureSessions
 from turbofed.errors import ConfigError
-from turbofed.messages import MessageError, RoundAnnouncement, signed
+from turbofed.messages import MessageError, RoundAnnouncement, StatsRequest, signed
 from turbofed.messages.secure import SecureSum
 from turbofed.refusals import Refusal
 from turbofed.topics import Topics
@@ -225,3 +226,68 @@ def test_any_secagg_field_parses_or_is_refused_with_a_reason(fields: dict, base:
         assert exc.reason is Refusal.BAD_ROUND and "\n" not in str(exc)
     else:
         assert SecureSum.from_dict(parsed.to_dict(), "secagg") == parsed
+
+
+class Bus:
+    """Stands in for the broker between an aggregator and in-process agents: site topics go
+    to the aggregator's inbox, everything else to the agents that route it; `deaf` agents
+    receive nothing (they have dropped out)."""
+
+    def __init__(self, aggregator: Aggregator, agents: list) -> None:
+        self.aggregator, self.agents, self.deaf = aggregator, agents, set()
+        self.on_publish = None
+
+    def is_connected(self) -> bool:
+        return True
+
+    def publish(self, topic: str, payload: bytes = b"", qos: int = 0, retain: bool = False) -> object:
+        if topic.startswith(self.aggregator.topics.root + "/sites/"):
+            self.aggregator.inbox.put((topic, payload))
+        else:
+            for agent in self.agents:
+                if agent.site not in self.deaf and payload:
+                    agent.handle(topic, payload)
+        return type("Info", (), {"mid": 1, "rc": 0, "wait_for_publish": lambda self, t=None: None})()
+
+
+def test_statistics_through_the_secure_sum_are_unmasked_for_one_set_of_sites_only(tmp_path: Path, pki_dir: Path) -> None:
+    from turbofed.config import SiteConfig  # noqa: PLC0415
+    from turbofed.data.synthetic import generate_fleet  # noqa: PLC0415
+    from turbofed.edge.agent import EdgeAgent  # noqa: PLC0415
+    from turbofed.spec import FleetStats  # noqa: PLC0415
+
+    sites = ("site1", "site2", "site3")
+    cfg = FleetConfig(sites=sites, store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry"), model=SETTINGS,
+                      pki=str(pki_dir), strategy=StrategySettings("fedavg"), min_samples=50, stats_retry_s=0.01,
+                      secure_aggregation=SecureAggregationSettings(threshold=2, phase_timeout_s=0.3))
+    aggregator = Aggregator(cfg)
+    runs = generate_fleet(n_train=6, n_test=0, seed=4, name="SYN001").train
+    agents = []
+    for i, site in enumerate(sites):
+        agent = EdgeAgent(SiteConfig(site=site, state_dir=str(tmp_path / site), identity=site_identity(pki_dir, site),
+                                     min_samples=50, min_stats_engines=2))
+        for j, run in enumerate(runs[2 * i:2 * i + 2]):
+            agent.buffer.add(f"e{j}", run.cycles.copy(), run.sensors.copy(), run.rul().astype(float))
+        agents.append(agent)
+    aggregator.client = bus = Bus(aggregator, agents)
+    for agent in agents:
+        agent.client = bus
+    expected = sum((a.buffer.stats(SETTINGS.window) for a in agents), FleetStats())
+
+    aggregator._collect_secure_stats(threading.Event())
+    assert aggregator.stats.count == expected.count
+    np.testing.assert_allclose(aggregator.stats.to_vector(), expected.to_vector(), rtol=1e-12, atol=1e-3)
+    assert aggregator.stats_replies == {} and all(a.stats_answer["survivors"] == [1, 2, 3] for a in agents)
+
+    # A second session for the same spec over fewer sites would give site3's statistics away
+    # (the difference of the two sums): the others join it, but refuse to unmask it.
+    bus.deaf.add("site3")
+    aggregator.stats = None
+    spec = aggregator._new_session(FleetStats(window=SETTINGS.window).to_vector().size, 2.0**46, 64, 1)
+    aggregator.secure = SecureCollection(spec, 0.3, aggregator.sealer, aggregator.verifier, aggregator.topics,
+                                         aggregator._publish_secure)
+    request = StatsRequest("again", 50, SETTINGS.window, secagg=spec)
+    bus.publish(aggregator.topics.stats_request, aggregator.sealer.seal(signed.STATS_REQUEST, request.to_payload()))
+    result, why = aggregator._secure_result(threading.Event(), lambda: "quorum" if len(aggregator.secure.keyed()) == 2 else None)
+    assert result is None and why == "secure sum aborted in phase unmask"
+    assert [a.counters["rejected.stats_repeated"] for a in agents] == [1, 1, 0]
