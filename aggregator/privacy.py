@@ -112,10 +112,9 @@ class DPFedAvg(Strategy):
         return merged
 
     def aggregate_sum(self, current: Weights, delta_sum: np.ndarray, count: int) -> Weights:
-        """Secure aggregation (distributed mode only): the sum of `count` sites' deltas, each
-        clipped and noised at its site, is all the aggregator has."""
-        if self.settings.mode != "distributed":
-            raise ValueError("a sum of deltas can only be noised in distributed mode (the sites clipped them)")
+        """The sum of `count` sites' deltas, each already clipped to C: at the sites, and noised
+        there, in distributed mode (all a secure sum gives the aggregator); as they arrived in
+        central mode (streaming aggregation, aggregator/streaming.py)."""
         self.last_report = {}
         return self._noised_step(current, flatten(current, list(current)), np.asarray(delta_sum, dtype=np.float64), count)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import onnx
 
@@ -38,7 +39,7 @@ class Accepted:
 
     site: str
     samples: int
-    weights: Weights
+    weights: Weights | None  # None once folded into the round's running sums (aggregator/streaming.py)
     wire_bytes: int
     received: float
 
@@ -56,6 +57,7 @@ class Round:
     accepted: dict[str, Accepted] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     plain: bool = True  # False under secure aggregation: updates travel masked, only 'skip' comes here
+    fold: Callable[[Accepted], None] | None = field(default=None, compare=False)  # streaming: sums, not updates, are kept
 
     def responded(self) -> set[str]:
         return set(self.accepted) | set(self.skipped)
@@ -93,6 +95,9 @@ class Round:
         except WeightsError as exc:
             raise Rejected(exc.reason, str(exc)) from None
         accepted = Accepted(topic_site, env.samples, weights, len(payload), time.time())
+        if self.fold is not None:
+            self.fold(accepted)
+            accepted.weights = None
         self.accepted[topic_site] = accepted
         return accepted
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import queue
 import signal
@@ -45,12 +46,13 @@ from turbofed.aggregator.diskspace import DiskWatch, check_registry_folder, disk
 from turbofed.aggregator.faults import kill_point
 from turbofed.aggregator.registry import Checkpoint, RegistryError
 from turbofed.aggregator.rollback import ModelGuard, Verdict
-from turbofed.aggregator.rounds import Rejected, Round
+from turbofed.aggregator.rounds import Accepted, Rejected, Round
 from turbofed.aggregator.secure import SITE_KINDS as SECURE_KINDS
 from turbofed.aggregator.secure import SecureCollection
 from turbofed.aggregator.startup import open_registry
 from turbofed.aggregator.strategies import STRATEGIES, ServerOptimizer, SiteUpdate, make_strategy, merge, round_report
-from turbofed.aggregator.weights import MAX_SAMPLES, capped_weights, header_samples, participant_action
+from turbofed.aggregator.streaming import RunningSum
+from turbofed.aggregator.weights import MAX_SAMPLES, Weight, capped_weights, header_samples, participant_action
 from turbofed.codec import check_graph, flatten, read_weights, replace_weights, unflatten
 from turbofed.config import FleetConfig, load_fleet_config
 from turbofed.errors import ConfigError, Refused, WeightsError
@@ -104,6 +106,11 @@ class Aggregator:
         self.last_secure: SecureCollection | None = None  # the latest session, open or not (its byte counts)
         if self.secure_settings is not None:
             _check_secure_strategy(self.strategy if self.dp is None else self.dp.inner, f"{config_path}: [secure_aggregation]")
+        # Streaming aggregation (aggregator/streaming.py): the FedAvg family folds updates into
+        # running sums as they arrive; strategies that need every update keep them.
+        self.streaming = self.secure_settings is None and _needs_only_the_sum(self.strategy if self.dp is None else self.dp.inner)
+        self.running: RunningSum | None = None
+        self.arrival_weights: dict[str, Weight] = {}  # this round's weights as folded in (observed-samples cap)
         # Shamir x-coordinates: 1-based positions in the natural order of the fleet's sites.
         self.site_ids = {site: i + 1 for i, site in enumerate(sorted(config.sites, key=natural_key))}
         # What every record of this run says it ran with: the configured name, all parameters.
@@ -462,10 +469,17 @@ class Aggregator:
             self._republish = False
             self._publish_global()
 
-    def _run_round(self, number: int, stop: threading.Event) -> None:
-        now = time.time()
+    def open_round(self, number: int, now: float) -> Round:
+        """Round `number`, from the current global, collecting until the deadline: plain,
+        streamed into running sums (FedAvg family), or through a secure sum."""
         self.round = Round(number, self.version, uuid.uuid4().hex, now, now + self.config.round_deadline_s, self.config.sites,
-                           plain=self.secure_settings is None)
+                           plain=self.secure_settings is None, fold=self._fold if self.streaming else None)
+        if self.streaming:
+            self.running, self.arrival_weights = RunningSum(read_weights(self.model), self.config.max_site_share), {}
+        return self.round
+
+    def _run_round(self, number: int, stop: threading.Event) -> None:
+        self.open_round(number, time.time())
         secure = None if self.secure_settings is None else self._round_sum()
         self._announce(
             RoundAnnouncement(
@@ -633,6 +647,48 @@ class Aggregator:
         if accepted:
             log.info("round %d: update from %s (%d samples, %d bytes)", self.round.number, site, accepted.samples, accepted.wire_bytes)
 
+    def _fold(self, accepted: Accepted) -> None:
+        """Streaming: an accepted update goes into the round's running sums, weighted by its
+        claim capped by what is known of the site now (the share cap waits for the close);
+        under DP weight 1, and in central mode its delta clipped to C first."""
+        w = capped_weights({accepted.site: accepted.samples}, self.known_samples, 1.0)[accepted.site]
+        self.arrival_weights[accepted.site] = w
+        central = self.dp is not None and self.dp.settings.mode == "central"
+        self.running.add(accepted.site, accepted.weights, 1 if self.dp is not None else w.used,
+                         self.dp.settings.clip_norm if central else None)
+
+    def _merge_streamed(self, r: Round) -> tuple[onnx.ModelProto, list[dict]]:
+        """The round's model from its running sums, and its participants' records."""
+        running, current = self.running, read_weights(self.model)
+        self.running = None
+        arrival = self.arrival_weights
+        if self.dp is not None:
+            final = {s: Weight(arrival[s].claimed, 1, arrival[s].note) for s in running.weights}
+            weights = self.dp.aggregate_sum(current, running.delta_sum(), running.weight)
+            clip = self.dp.settings.clip_norm if self.dp.settings.mode == "central" else math.inf
+            actions = {s: "clipped" if running.norms[s] > clip else "kept" for s in running.weights}
+        else:
+            shares = capped_weights(dict(running.weights), {}, self.config.max_site_share)
+            final = {s: Weight(arrival[s].claimed, shares[s].used, shares[s].note or arrival[s].note) for s in running.weights}
+            mean = running.mean({s: w.used for s, w in final.items()})
+            weights = self.strategy.aggregate(current, [SiteUpdate("streamed-mean", mean, sum(w.used for w in final.values()))])
+            actions = dict.fromkeys(running.weights, "kept")
+        participants = [{"site": a.site, "samples": final[a.site].used, "claimed": a.samples, "update_bytes": a.wire_bytes,
+                         "norm": running.norms[a.site], "cosine": None, "action": participant_action(actions[a.site], final[a.site].note)}
+                        for a in r.accepted.values()]
+        return replace_weights(self.model, weights), participants
+
+    def _merge_kept(self, r: Round) -> tuple[onnx.ModelProto, list[dict]]:
+        """The round's model from every update it kept (strategies that look at each one)."""
+        weights = capped_weights({a.site: a.samples for a in r.accepted.values()}, self.known_samples, self.config.max_site_share)
+        updates = [SiteUpdate(a.site, a.weights, weights[a.site].used) for a in r.accepted.values()]
+        model = merge(self.strategy, self.model, updates)  # updates were checked on arrival; only their weights are used
+        report = round_report(self.strategy, read_weights(self.model), updates, read_weights(model))
+        participants = [{"site": a.site, "samples": weights[a.site].used, "claimed": a.samples, "update_bytes": a.wire_bytes,
+                         **report[a.site], "action": participant_action(report[a.site].get("action"), weights[a.site].note)}
+                        for a in r.accepted.values()]
+        return model, participants
+
     def _close_round(self, closed_by: str) -> None:
         r, self.round = self.round, None  # closed: a late update is refused, not merged
         last_update = max(a.received for a in r.accepted.values())
@@ -640,17 +696,11 @@ class Aggregator:
         if verdict.bad:
             self._roll_back(r, verdict, last_update)
             return
-        weights = capped_weights({a.site: a.samples for a in r.accepted.values()}, self.known_samples, self.config.max_site_share)
-        for site, w in weights.items():
-            if w.note:
-                log.warning("round %d: %s: %s", r.number, site, w.note)
-        updates = [SiteUpdate(a.site, a.weights, weights[a.site].used) for a in r.accepted.values()]
-        model = merge(self.strategy, self.model, updates)  # updates were checked on arrival; only their weights are used
+        model, participants = self._merge_streamed(r) if r.fold is not None else self._merge_kept(r)
+        for p in participants:
+            if p["action"] and ";" in p["action"]:
+                log.warning("round %d: %s: %s", r.number, p["site"], p["action"].split("; ", 1)[1])
         kill_point("after_merge", r.number)
-        report = round_report(self.strategy, read_weights(self.model), updates, read_weights(model))
-        participants = [{"site": a.site, "samples": weights[a.site].used, "claimed": a.samples, "update_bytes": a.wire_bytes,
-                         **report[a.site], "action": participant_action(report[a.site].get("action"), weights[a.site].note)}
-                        for a in r.accepted.values()]
         if not self._commit(r.number, model, r.started, participants, last_update, closed_by):
             return
         log.info("round %d closed by %s: %d updates, global v%d published", r.number, closed_by, len(participants), self.version)
@@ -797,6 +847,11 @@ class Aggregator:
         t = Telemetry.from_payload(self.verifier.open(signed.TELEMETRY, payload, signer=site).body, site=site)
         if t.rows:
             self.store.record_sensors(site, [(e, c, list(st), list(se)) for e, c, st, se in t.rows], time.time())
+
+
+def _needs_only_the_sum(strategy: object) -> bool:
+    """The FedAvg family without a norm clip merges from a weighted sum of the updates."""
+    return type(strategy) in STRATEGIES.values() and not (isinstance(strategy, ServerOptimizer) and strategy.clip)
 
 
 def _check_secure_strategy(strategy: object, where: str) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from turbofed import envelope
 from turbofed.aggregator.registry import ModelRegistry
-from turbofed.aggregator.rounds import Round
 from turbofed.aggregator.service import Aggregator
 from turbofed.codec import Weights, replace_weights
 from turbofed.config import FleetConfig, ModelSettings
@@ -48,9 +47,10 @@ class RecordingClient:
 
 
 def run_round(aggregator: Aggregator, updates: dict[str, tuple[Weights, int]]) -> None:
-    """Round version+1: each site's (weights, claimed samples) arrives, then the round closes by quorum."""
+    """Round version+1, opened as the service opens it (streamed for the FedAvg family): each
+    site's (weights, claimed samples) arrives, then the round closes by quorum."""
     number = aggregator.version + 1
-    aggregator.round = Round(number, aggregator.version, "id", 0.0, 1e12, aggregator.config.sites)
+    aggregator.open_round(number, 0.0).deadline = 1e12
     for site, (weights, claim) in updates.items():
         body = replace_weights(aggregator.model, weights).SerializeToString()
         aggregator._on_update(site, envelope.encode(kind="update", site=site, round=number, model_version=aggregator.version,
