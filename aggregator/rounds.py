@@ -42,6 +42,7 @@ class Accepted:
     weights: Weights | None  # None once folded into the round's running sums (aggregator/streaming.py)
     wire_bytes: int
     received: float
+    staleness: int = 0  # buffered rounds: how many global versions older its starting model is
 
 
 @dataclass
@@ -57,7 +58,11 @@ class Round:
     accepted: dict[str, Accepted] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     plain: bool = True  # False under secure aggregation: updates travel masked, only 'skip' comes here
-    fold: Callable[[Accepted], None] | None = field(default=None, compare=False)  # streaming: sums, not updates, are kept
+    # Called with each accepted update (the aggregator rebases stale ones, and folds them into running sums).
+    on_accept: Callable[[Accepted], None] | None = field(default=None, compare=False)
+    streamed: bool = False  # its updates are folded into running sums, not kept (aggregator/streaming.py)
+    max_staleness: int = 0  # buffered rounds: updates for up to this many earlier rounds are taken
+    buffer_size: int = 0  # buffered rounds: close once this many updates are in (0: by quorum)
 
     def responded(self) -> set[str]:
         return set(self.accepted) | set(self.skipped)
@@ -81,8 +86,14 @@ class Round:
         if env.kind == "update" and not self.plain:
             raise Rejected(Refusal.BAD_KIND, f"secure aggregation is on: {topic_site}'s update must travel masked "
                                              "(secagg_masked), not in the clear")
-        if env.round != self.number:
-            raise Rejected(Refusal.STALE_ROUND, f"update for round {env.round}, the open round is {self.number}")
+        staleness = self.model_version - env.model_version
+        late = env.round < self.number and self.number - env.round <= self.max_staleness and 0 <= staleness <= self.max_staleness
+        if env.round != self.number and not late:
+            raise Rejected(Refusal.STALE_ROUND, f"update for round {env.round}, the open round is {self.number}"
+                                                f"{f' (updates up to {self.max_staleness} rounds late are taken)' if self.max_staleness else ''}")
+        if staleness < 0 or (not late and staleness):
+            raise Rejected(Refusal.STALE_ROUND, f"update trained from global v{env.model_version}, round {self.number} "
+                                                f"started from v{self.model_version}")
         if topic_site in self.responded():
             raise Rejected(Refusal.DUPLICATE, f"site {topic_site!r} already answered round {self.number}")
         if env.kind == "skip":
@@ -94,15 +105,16 @@ class Round:
             weights = load_compatible(env.body, reference, max_bytes)
         except WeightsError as exc:
             raise Rejected(exc.reason, str(exc)) from None
-        accepted = Accepted(topic_site, env.samples, weights, len(payload), time.time())
-        if self.fold is not None:
-            self.fold(accepted)
-            accepted.weights = None
+        accepted = Accepted(topic_site, env.samples, weights, len(payload), time.time(), staleness)
+        if self.on_accept is not None:
+            self.on_accept(accepted)
         self.accepted[topic_site] = accepted
         return accepted
 
     def complete(self, quorum: int) -> str | None:
-        """Why the round may close now ('quorum', 'all answered'), or None."""
+        """Why the round may close now ('buffer full', 'quorum', 'all answered'), or None."""
+        if self.buffer_size and len(self.accepted) >= self.buffer_size:
+            return "buffer full"
         if len(self.accepted) >= quorum:
             return "quorum"
         if self.responded() >= set(self.sites):

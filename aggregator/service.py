@@ -38,6 +38,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 from paho.mqtt import client as mqtt_client
 
@@ -108,6 +109,7 @@ class Aggregator(SecureRounds):
         self.streaming = self.secure_settings is None and _needs_only_the_sum(self.strategy if self.dp is None else self.dp.inner)
         self.running: RunningSum | None = None
         self.arrival_weights: dict[str, Weight] = {}  # this round's weights as folded in (observed-samples cap)
+        self._starts: dict = {}  # buffered rounds: the older globals stale updates started from, this round
         # Shamir x-coordinates: 1-based positions in the natural order of the fleet's sites.
         self.site_ids = {site: i + 1 for i, site in enumerate(sorted(config.sites, key=natural_key))}
         # What every record of this run says it ran with: the configured name, all parameters.
@@ -441,8 +443,11 @@ class Aggregator(SecureRounds):
     def open_round(self, number: int, now: float) -> Round:
         """Round `number`, from the current global, collecting until the deadline: plain,
         streamed into running sums (FedAvg family), or through a secure sum."""
+        buffered = self.config.buffered_rounds
         self.round = Round(number, self.version, uuid.uuid4().hex, now, now + self.config.round_deadline_s, self.config.sites,
-                           plain=self.secure_settings is None, fold=self._fold if self.streaming else None)
+                           plain=self.secure_settings is None, on_accept=self._accept_update, streamed=self.streaming,
+                           max_staleness=buffered.max_staleness if buffered else 0, buffer_size=buffered.size if buffered else 0)
+        self._starts = {}
         if self.streaming:
             self.running, self.arrival_weights = RunningSum(read_weights(self.model), self.config.max_site_share), {}
         return self.round
@@ -519,6 +524,26 @@ class Aggregator(SecureRounds):
         if accepted:
             log.info("round %d: update from %s (%d samples, %d bytes)", self.round.number, site, accepted.samples, accepted.wire_bytes)
 
+    def _accept_update(self, accepted: Accepted) -> None:
+        """A stale update (buffered rounds) is rebased onto the current global; then, when
+        streaming, folded into the running sums and let go."""
+        if accepted.staleness:
+            self._rebase(accepted)
+        if self.streaming:
+            self._fold(accepted)
+            accepted.weights = None
+
+    def _rebase(self, accepted: Accepted) -> None:
+        """FedBuff (Nguyen et al., AISTATS 2022): the delta from the global the site started
+        from, scaled by 1 / (1 + staleness) ** exponent, on top of the current global."""
+        start_version = self.version - accepted.staleness
+        if start_version not in self._starts:
+            self._starts[start_version] = read_weights(onnx.load_model_from_string(self.registry.get(start_version)))
+        start, current = self._starts[start_version], read_weights(self.model)
+        scale = (1.0 + accepted.staleness) ** -self.config.buffered_rounds.staleness_exponent
+        accepted.weights = {n: (current[n] + scale * (accepted.weights[n].astype(np.float64) - start[n])).astype(current[n].dtype)
+                            for n in current}
+
     def _fold(self, accepted: Accepted) -> None:
         """Streaming: an accepted update goes into the round's running sums, weighted by its
         claim capped by what is known of the site now (the share cap waits for the close);
@@ -546,7 +571,8 @@ class Aggregator(SecureRounds):
             weights = self.strategy.aggregate(current, [SiteUpdate("streamed-mean", mean, sum(w.used for w in final.values()))])
             actions = dict.fromkeys(running.weights, "kept")
         participants = [{"site": a.site, "samples": final[a.site].used, "claimed": a.samples, "update_bytes": a.wire_bytes,
-                         "norm": running.norms[a.site], "cosine": None, "action": participant_action(actions[a.site], final[a.site].note)}
+                         "norm": running.norms[a.site], "cosine": None,
+                         "action": participant_action(actions[a.site], self._stale_note(a, final[a.site].note))}
                         for a in r.accepted.values()]
         return replace_weights(self.model, weights), participants
 
@@ -557,9 +583,17 @@ class Aggregator(SecureRounds):
         model = merge(self.strategy, self.model, updates)  # updates were checked on arrival; only their weights are used
         report = round_report(self.strategy, read_weights(self.model), updates, read_weights(model))
         participants = [{"site": a.site, "samples": weights[a.site].used, "claimed": a.samples, "update_bytes": a.wire_bytes,
-                         **report[a.site], "action": participant_action(report[a.site].get("action"), weights[a.site].note)}
+                         **report[a.site], "action": participant_action(report[a.site].get("action"), self._stale_note(a, weights[a.site].note))}
                         for a in r.accepted.values()]
         return model, participants
+
+    def _stale_note(self, accepted: Accepted, note: str | None) -> str | None:
+        """A weight cap's note, and for a stale update (buffered rounds) by how much its delta was scaled."""
+        if not accepted.staleness:
+            return note
+        scale = (1.0 + accepted.staleness) ** -self.config.buffered_rounds.staleness_exponent
+        stale = f"{accepted.staleness} version(s) stale, delta scaled by {scale:.2f}"
+        return stale if note is None else f"{note}; {stale}"
 
     def _close_round(self, closed_by: str) -> None:
         r, self.round = self.round, None  # closed: a late update is refused, not merged
@@ -568,7 +602,7 @@ class Aggregator(SecureRounds):
         if verdict.bad:
             self._roll_back(r, verdict, last_update)
             return
-        model, participants = self._merge_streamed(r) if r.fold is not None else self._merge_kept(r)
+        model, participants = self._merge_streamed(r) if r.streamed else self._merge_kept(r)
         for p in participants:
             if p["action"] and ";" in p["action"]:
                 log.warning("round %d: %s: %s", r.number, p["site"], p["action"].split("; ", 1)[1])

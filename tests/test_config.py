@@ -192,6 +192,8 @@ FLEET_CASES = [
     ("FleetConfig", "strategy", FLEET_BASE + "strategy = 3\n", r"strategy must be a name or a \[strategy\] table, got 3"),
     ("FleetConfig", "privacy", FLEET_BASE + "privacy = 3\n", r"\[privacy\] must be a table, got 3"),
     ("FleetConfig", "secure_aggregation", FLEET_BASE + "secure_aggregation = 3\n", r"\[secure_aggregation\] must be a table, got 3"),
+    ("FleetConfig", "buffered_rounds", FLEET_BASE + "[buffered_rounds]\nmax_staleness = -1\n",
+     r"\[buffered_rounds\] max_staleness must be an integer in 0..1000, got -1"),
     ("FleetConfig", "quorum", FLEET_BASE + "quorum = 0\n", r"quorum must be an integer in 1..100000, got 0"),
     ("FleetConfig", "round_deadline_s", FLEET_BASE + 'round_deadline_s = "2m"\n', r"round_deadline_s must be a number > 0 and <= 10000000, got '2m'"),
     ("FleetConfig", "stats_retry_s", FLEET_BASE + "stats_retry_s = 0.0\n", r"stats_retry_s must be a number > 0 and <= 86400, got 0.0"),

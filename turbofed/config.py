@@ -156,6 +156,11 @@ RANGES: dict[str, dict[str, Limit]] = {
         "accountant": Limit(choices=("rdp", "pld")),
         "seed": Limit(0, 2**63 - 1),
     },
+    "BufferedRounds": {
+        "size": Limit(0, 100_000),
+        "max_staleness": Limit(0, 1_000),
+        "staleness_exponent": Limit(0, 10),
+    },
     "SecureAggregationSettings": {
         "threshold": Limit(0, 1024),
         "neighbours": Limit(0, 1024),
@@ -477,6 +482,19 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True)
+class BufferedRounds:
+    """Buffered asynchronous rounds (FedBuff: Nguyen et al., "Federated Learning with Buffered
+    Asynchronous Aggregation", AISTATS 2022): fleet.toml's `[buffered_rounds]` table;
+    docs/scaling.md. A round closes once `size` updates are in (0: the quorum) or at its
+    deadline; an update trained from a global model up to `max_staleness` versions old is
+    still taken, its delta scaled by 1 / (1 + staleness) ** `staleness_exponent`."""
+
+    size: int = 0
+    max_staleness: int = 4
+    staleness_exponent: float = 0.5
+
+
+@dataclass(frozen=True)
 class SecureAggregationSettings:
     """Secure aggregation (Bonawitz et al., CCS 2017): fleet.toml's `[secure_aggregation]`
     table; docs/privacy.md. The aggregator learns only the weighted sum of the sites' deltas
@@ -509,6 +527,7 @@ class FleetConfig:
     strategy: StrategySettings = StrategySettings()
     privacy: PrivacySettings | None = None  # [privacy]: client-level differential privacy (docs/privacy.md)
     secure_aggregation: SecureAggregationSettings | None = None  # [secure_aggregation] (docs/privacy.md)
+    buffered_rounds: BufferedRounds | None = None  # [buffered_rounds]: FedBuff (docs/scaling.md); synchronous without
     quorum: int | None = None  # updates that close a round early; default: every site
     round_deadline_s: float = 120.0
     stats_retry_s: float = 5.0
@@ -663,8 +682,13 @@ def load_fleet_config(path: str | Path, keys: bool = True) -> FleetConfig:
     # With secure aggregation the aggregator sees only a sum: the default strategy is FedAvg.
     strategy = _strategy_settings(raw.pop("strategy", "fedavg" if secure else DEFAULT_STRATEGY), path)
     privacy = _privacy_settings(raw.pop("privacy", None), path)
+    buffered = raw.pop("buffered_rounds", None)
+    buffered = None if buffered is None else _build(BufferedRounds, buffered, f"{path}: [buffered_rounds]")
     config = _build(FleetConfig, {**raw, "broker": broker, "model": model, "strategy": strategy, "privacy": privacy,
-                                  "secure_aggregation": secure}, f"{path}:")
+                                  "secure_aggregation": secure, "buffered_rounds": buffered}, f"{path}:")
+    if buffered is not None and secure is not None:
+        raise ConfigError(f"{path}: [buffered_rounds] cannot run with [secure_aggregation]: a secure sum takes every "
+                          "site's update from the same global model, in one session")
     if privacy is not None and (privacy.expected_sites or 0) > len(config.sites):
         raise ConfigError(f"{path}: [privacy] expected_sites must be at most the number of sites ({len(config.sites)}), "
                           f"got {privacy.expected_sites}")
