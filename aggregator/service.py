@@ -555,25 +555,29 @@ class Aggregator(SecureRounds):
                          self.dp.settings.clip_norm if central else None)
 
     def _merge_streamed(self, r: Round) -> tuple[onnx.ModelProto, list[dict]]:
-        """The round's model from its running sums, and its participants' records."""
+        """The round's model from its running sums, and its participants' records (one pass:
+        this is O(sites) work between the last update and the model going out)."""
         running, current = self.running, read_weights(self.model)
         self.running = None
         arrival = self.arrival_weights
         if self.dp is not None:
-            final = {s: Weight(arrival[s].claimed, 1, arrival[s].note) for s in running.weights}
+            used = dict.fromkeys(running.weights, 1)
+            notes = {s: w.note for s, w in arrival.items() if w.note}
             weights = self.dp.aggregate_sum(current, running.delta_sum(), running.weight)
             clip = self.dp.settings.clip_norm if self.dp.settings.mode == "central" else math.inf
-            actions = {s: "clipped" if running.norms[s] > clip else "kept" for s in running.weights}
         else:
             shares = capped_weights(dict(running.weights), {}, self.config.max_site_share)
-            final = {s: Weight(arrival[s].claimed, shares[s].used, shares[s].note or arrival[s].note) for s in running.weights}
-            mean = running.mean({s: w.used for s, w in final.items()})
-            weights = self.strategy.aggregate(current, [SiteUpdate("streamed-mean", mean, sum(w.used for w in final.values()))])
-            actions = dict.fromkeys(running.weights, "kept")
-        participants = [{"site": a.site, "samples": final[a.site].used, "claimed": a.samples, "update_bytes": a.wire_bytes,
-                         "norm": running.norms[a.site], "cosine": None,
-                         "action": participant_action(actions[a.site], self._stale_note(a, final[a.site].note))}
-                        for a in r.accepted.values()]
+            used = {s: w.used for s, w in shares.items()}
+            notes = {s: w.note for s, w in arrival.items() if w.note} | {s: w.note for s, w in shares.items() if w.note}
+            weights = self.strategy.aggregate(current, [SiteUpdate("streamed-mean", running.mean(used), sum(used.values()))])
+            clip = math.inf
+        norms, participants = running.norms, []
+        for a in r.accepted.values():
+            note = notes.get(a.site)
+            action = "clipped" if norms[a.site] > clip else "kept"
+            participants.append({"site": a.site, "samples": used[a.site], "claimed": a.samples, "update_bytes": a.wire_bytes,
+                                 "norm": norms[a.site], "cosine": None,
+                                 "action": participant_action(action, self._stale_note(a, note) if a.staleness else note)})
         return replace_weights(self.model, weights), participants
 
     def _merge_kept(self, r: Round) -> tuple[onnx.ModelProto, list[dict]]:

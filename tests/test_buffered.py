@@ -124,7 +124,8 @@ def test_a_slow_site_never_stalls_a_buffered_fleet(broker, pki_dir: Path, cmapss
         rounds = stored()[1:]
     finally:
         fleet.close()
-    assert {r["closed_by"] for r in rounds} == {"buffer full"}  # never the 600 s deadline
+    # Never the 600 s deadline (a round may be rolled back: the sites' scores judge every model).
+    assert {r["closed_by"] for r in rounds} <= {"buffer full", "rollback"} and "buffer full" in {r["closed_by"] for r in rounds}
     late = [p for r in rounds for p in r["participants"] if "stale" in (p["action"] or "")]
     # site3's updates arrive rounds late and are still taken (rebased); the others may be a round late too.
     assert "site3" in {p["site"] for p in late}, rounds
