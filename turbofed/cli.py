@@ -151,6 +151,9 @@ def _services(sub: argparse._SubParsersAction) -> None:
     replay.add_argument("--max-engines", type=int, help="only the first N engines of each part")
     replay.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     replay.add_argument("--pki", help="fleet identity folder: connect over TLS as each site's gateway (gateway-<site>)")
+    replay.add_argument("--gateway", action="append", metavar="FILE",
+                        help="a gateway TOML (examples/gateway.toml): publish as that site's gateway, on its broker "
+                             "(repeat: one per site of --sites; overrides --broker)")
     replay.set_defaults(handler="turbofed.simulation.replay:run_cli")
     demo = sub.add_parser("demo", help="broker, aggregator, 4 agents and a replay, in one command")
     _add_data_dir(demo)

@@ -127,6 +127,9 @@ RANGES: dict[str, dict[str, Limit]] = {
         "sensor_abs_max": Limit(0, 1e300, above=True),
         "outbox_max_bytes": Limit(64 * 1024, 2**39),
     },
+    "GatewayConfig": {
+        "site": Limit(check=_site_id),
+    },
     "FleetConfig": {
         "sites": Limit(items=(1, 100_000), check=_site_ids),
         "quorum": Limit(1, 100_000),
@@ -597,6 +600,23 @@ def load_site_config(path: str | Path) -> SiteConfig:
         raise ConfigError(f"{path}: engines must be \"*\" or a list of engine ids, got {raw['engines']!r:.60}")
     config = _build(SiteConfig, {**raw, "broker": broker}, f"{path}:")
     return replace(config, state_dir=_relative(path.parent, config.state_dir))
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """A site's sensor gateway: the site whose readings it publishes (plant/<site>/<engine>/...)
+    and how it reaches the broker (on a secure broker, as identity gateway-<site>)."""
+
+    site: str
+    broker: BrokerSettings = BrokerSettings()
+
+
+def load_gateway_config(path: str | Path) -> GatewayConfig:
+    """Read a gateway TOML file (`turbofed replay --gateway FILE`); errors name the file and the key."""
+    path = Path(path)
+    raw = _read_toml(path)
+    broker = _load_broker(path, _table(raw, "broker", path))
+    return _build(GatewayConfig, {**raw, "broker": broker}, f"{path}:")
 
 
 def load_fleet_config(path: str | Path, keys: bool = True) -> FleetConfig:

@@ -1,0 +1,120 @@
+"""examples/ (issue #17): the fleet, site and gateway configs load with turbofed's own
+loaders as they are, their commented secure lines load once `turbofed fleet init` has run,
+and as they are they run a site against `turbofed broker --insecure-dev`: the gateway's
+readings reach the agent, whose labelled rows the aggregator records."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from turbofed.config import load_fleet_config, load_gateway_config, load_site_config
+from turbofed.deploy.identities import init_from_fleet
+from turbofed.errors import ConfigError
+from turbofed.simulation.broker import find_mosquitto, start_broker
+from turbofed.store import open_store
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+FILES = ("fleet.toml", "site.toml", "gateway.toml")
+
+
+@pytest.fixture
+def examples(tmp_path: Path) -> Path:
+    """A copy of examples/ (running them writes run/ and pki/ beside the files)."""
+    folder = tmp_path / "examples"
+    folder.mkdir()
+    for name in FILES:
+        shutil.copy(EXAMPLES / name, folder / name)
+    return folder
+
+
+def test_the_examples_load_as_they_are_and_agree() -> None:
+    fleet = load_fleet_config(EXAMPLES / "fleet.toml")
+    site = load_site_config(EXAMPLES / "site.toml")
+    gateway = load_gateway_config(EXAMPLES / "gateway.toml")
+    assert site.site in fleet.sites and gateway.site == site.site
+    brokers = {(c.broker.host, c.broker.port, c.broker.topic_root, c.broker.plant_root) for c in (fleet, site, gateway)}
+    assert brokers == {("127.0.0.1", 1883, "tfl/v1", "plant")}  # `turbofed broker --insecure-dev`
+    assert Path(site.state_dir).parent.parent == EXAMPLES / "run" and fleet.store == str(EXAMPLES / "run" / "results.sqlite")
+    for name in FILES:  # every setting is explained
+        lines = (EXAMPLES / name).read_text().splitlines()
+        assert sum(line.lstrip().startswith("#") for line in lines) >= 5, name
+
+
+def _secure(text: str, fleet_id: str) -> str:
+    """The file with its development line removed and its commented secure lines taken."""
+    text = re.sub(r"^insecure_unsigned = true\n", "", text, flags=re.M)
+    text = re.sub(r"^port = 1883 .*\n", "", text, flags=re.M)  # TLS: 8883 by default
+    text = re.sub(r"^# ((pki|ca|cert|key|signing_key|aggregator_key) = .*|\[identity\].*)$", r"\1", text, flags=re.M)
+    return re.sub(r'^# fleet_id = "\.\.\."(.*)$', f'fleet_id = "{fleet_id}"\\1', text, flags=re.M)
+
+
+def test_the_commented_secure_lines_load_after_fleet_init(examples: Path) -> None:
+    ids = init_from_fleet(examples / "fleet.toml")
+    for name in FILES:
+        (examples / name).write_text(_secure((examples / name).read_text(), ids.fleet_id))
+    fleet = load_fleet_config(examples / "fleet.toml")
+    site = load_site_config(examples / "site.toml")
+    gateway = load_gateway_config(examples / "gateway.toml")
+    assert fleet.pki == str(examples / "pki") and not fleet.insecure_unsigned
+    assert site.identity is not None and site.identity.fleet_id == ids.fleet_id
+    for config, identity in ((fleet, "aggregator"), (site, "site1"), (gateway, "gateway-site1")):
+        assert config.broker.tls and config.broker.port == 8883
+        assert Path(config.broker.cert) == ids.client_cert(identity)
+
+
+def test_a_gateway_file_is_checked(tmp_path: Path) -> None:
+    bad = tmp_path / "gateway.toml"
+    bad.write_text('site = "a/b"\n')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: site"):
+        load_gateway_config(bad)
+    bad.write_text('site = "site1"\nsites = ["site1"]\n')
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_gateway_config(bad)
+
+
+def _run(*args: str, cwd: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "turbofed.cli", *args], cwd=cwd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_examples_run_against_the_development_broker(examples: Path, tmp_path: Path) -> None:
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed: `turbofed broker --insecure-dev` runs it")
+    with start_broker(embedded=False, workdir=tmp_path / "broker") as broker:
+        for name in FILES:  # the one change: the free port this test's broker got, instead of 1883
+            path = examples / name
+            path.write_text(path.read_text().replace("port = 1883", f"port = {broker.port}"))
+        procs = [_run("aggregator", "--config", "fleet.toml", cwd=examples, log=tmp_path / "aggregator.log"),
+                 _run("edge", "--config", "site.toml", cwd=examples, log=tmp_path / "edge.log")]
+        try:
+            replay = subprocess.run(
+                [sys.executable, "-m", "turbofed.cli", "replay", "--gateway", str(examples / "gateway.toml"), "--sites", "1",
+                 "--dataset", "SYN", "--part", "train", "--max-engines", "6", "--rate", "max", "--no-progress"],
+                capture_output=True, text=True, timeout=120, cwd=tmp_path,
+            )
+            assert replay.returncode == 0, replay.stderr[-2000:]
+            deadline = time.monotonic() + 90
+            status: list[dict] = []
+            while time.monotonic() < deadline:
+                assert all(p.poll() is None for p in procs), (tmp_path / "aggregator.log").read_text()[-2000:] + (tmp_path / "edge.log").read_text()[-2000:]
+                if (examples / "run" / "results.sqlite").exists():
+                    with open_store(examples / "run" / "results.sqlite") as store:
+                        status = store.site_status()
+                    if status and status[0]["online"] and (status[0]["samples"] or 0) > 0:
+                        break
+                time.sleep(0.5)
+            assert status and status[0]["site"] == "site1" and status[0]["samples"] > 0, status
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(timeout=30)
