@@ -163,6 +163,9 @@ def _services(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--seed", type=int, default=0, help="seed of weights, hold-out and synthetic data (default 0)")
     demo.add_argument("--workdir", help="where the store and state go (default: .turbofed/demo)")
     demo.add_argument("--embedded-broker", action="store_true", help="use amqtt even if Mosquitto is installed")
+    demo.add_argument("--store", choices=("sqlite", "influxdb"), default="sqlite",
+                      help="where the aggregator records results: sqlite (in the workdir, default) or influxdb "
+                           "(TURBOFED_INFLUX_URL, _TOKEN, _ORG, _BUCKET)")
     demo.add_argument("--json", dest="json_out", help="write the result JSON here too")
     demo.set_defaults(handler="turbofed.simulation.demo:run_cli")
     dash = sub.add_parser("dashboard", help="open the Streamlit dashboard")
