@@ -111,6 +111,7 @@ class Aggregator:
             self.registry.close()
             raise
         self.counters: Counter[str] = Counter()  # refusals, by reason
+        self.metrics = None  # turbofed.observability.AggregatorMetrics when fleet.toml sets metrics_port
         # Refusals: counted, the last 100 kept as samples (self.refusals.recent), logged once a
         # minute per reason; the store gets one row per (site, reason) per interval, then a
         # row saying how many more there were (bounded whatever a site sends).
@@ -566,6 +567,8 @@ class Aggregator:
         kill_point("after_store", number)
         self.model, self.version = model, number
         self.global_samples = header_samples(p["samples"] for p in participants)
+        if self.metrics is not None:
+            self.metrics.round_closed(participants, record["aggregate_ms"])
         info = self._publish_global()
         kill_point("after_publish", number, settle=lambda: info.wait_for_publish(5.0))
         return True
@@ -650,6 +653,9 @@ def run_cli(args: argparse.Namespace) -> int:
         aggregator.store.close()
         aggregator.registry.close()
         raise
+    from turbofed.observability import serve_aggregator_metrics  # Prometheus: only with metrics_port in fleet.toml
+
+    aggregator.metrics = serve_aggregator_metrics(aggregator, config.metrics_address, config.metrics_port)
     log.info("aggregator running: %d sites, quorum %d, %d rounds, strategy %s", len(config.sites), config.effective_quorum, config.model.rounds, config.strategy.name)
     aggregator.run(stop)
     return 0

@@ -5,15 +5,19 @@ readings reach the agent, whose labelled rows the aggregator records."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from turbofed.benchmarks.influx import free_port
 from turbofed.config import load_fleet_config, load_gateway_config, load_site_config
 from turbofed.deploy.identities import init_from_fleet
 from turbofed.errors import ConfigError
@@ -79,6 +83,15 @@ def test_a_gateway_file_is_checked(tmp_path: Path) -> None:
         load_gateway_config(bad)
 
 
+def _metrics(port: int) -> dict[str, float]:
+    """One scrape of 127.0.0.1:port/metrics: unlabelled samples by name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+
+
 def _run(*args: str, cwd: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "turbofed.cli", *args], cwd=cwd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
@@ -93,6 +106,13 @@ def test_the_examples_run_against_the_development_broker(examples: Path, tmp_pat
         for name in FILES:  # the one change: the free port this test's broker got, instead of 1883
             path = examples / name
             path.write_text(path.read_text().replace("port = 1883", f"port = {broker.port}"))
+        scrape = {}  # and, if prometheus-client is here, their commented metrics_port taken (on free ports)
+        if importlib.util.find_spec("prometheus_client") is not None:
+            for name, example_port in (("fleet.toml", 9464), ("site.toml", 9465)):
+                scrape[name] = free_port()
+                text = (examples / name).read_text()
+                assert f"# metrics_port = {example_port}" in text
+                (examples / name).write_text(text.replace(f"# metrics_port = {example_port}", f"metrics_port = {scrape[name]}"))
         procs = [_run("aggregator", "--config", "fleet.toml", cwd=examples, log=tmp_path / "aggregator.log"),
                  _run("edge", "--config", "site.toml", cwd=examples, log=tmp_path / "edge.log")]
         try:
@@ -102,6 +122,7 @@ def test_the_examples_run_against_the_development_broker(examples: Path, tmp_pat
                 capture_output=True, text=True, timeout=120, cwd=tmp_path,
             )
             assert replay.returncode == 0, replay.stderr[-2000:]
+            replay_summary = json.loads(replay.stdout.strip().splitlines()[-1])
             deadline = time.monotonic() + 90
             status: list[dict] = []
             while time.monotonic() < deadline:
@@ -113,6 +134,14 @@ def test_the_examples_run_against_the_development_broker(examples: Path, tmp_pat
                         break
                 time.sleep(0.5)
             assert status and status[0]["site"] == "site1" and status[0]["samples"] > 0, status
+            if scrape:  # the real processes serve Prometheus metrics
+                aggregator = _metrics(scrape["fleet.toml"])
+                assert aggregator["turbofed_sites_online"] == 1 and aggregator["process_resident_memory_bytes"] > 10e6
+                deadline = time.monotonic() + 30  # the agent may still be working through its inbox
+                while (agent := _metrics(scrape["site.toml"]))["turbofed_readings_total"] < replay_summary["rows"] and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert agent["turbofed_readings_total"] == replay_summary["rows"]
+                assert agent["turbofed_labelled_rows"] >= status[0]["samples"] > 0
         finally:
             for p in procs:
                 p.terminate()
