@@ -168,6 +168,12 @@ def _services(sub: argparse._SubParsersAction) -> None:
                            "(TURBOFED_INFLUX_URL, _TOKEN, _ORG, _BUCKET)")
     demo.add_argument("--json", dest="json_out", help="write the result JSON here too")
     demo.set_defaults(handler="turbofed.simulation.demo:run_cli")
+    status = sub.add_parser("status", help="the fleet in the terminal: rounds, sites online, last updates, refusals by reason")
+    status.add_argument("--store", help="results store: a SQLite file, or influxdb (TURBOFED_INFLUX_* settings) "
+                        "(default: fleet.toml's with --config, else the demo's .turbofed/demo/results.sqlite)")
+    status.add_argument("--config", help="fleet TOML: its store, and its sites (those never heard from are listed too)")
+    status.add_argument("--json", dest="json_out", action="store_true", help="print JSON instead of tables")
+    status.set_defaults(handler="turbofed.store.status:run_cli")
     dash = sub.add_parser("dashboard", help="open the Streamlit dashboard")
     dash.add_argument("--store", default=".turbofed/demo/results.sqlite",
                       help="results store: a SQLite file, or influxdb (TURBOFED_INFLUX_* settings) (default: the demo's)")
