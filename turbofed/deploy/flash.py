@@ -219,6 +219,8 @@ def _source_copy(root: Path, dest: Path) -> Path:
 
     meta = tomllib.loads((root / "pyproject.toml").read_text())
     folders = sorted(set(meta["tool"]["setuptools"]["package-dir"].values()))  # turbofed.edge -> edge, ...
+    # Sub-folders package-data names ("templates/*", "grafana/*.json"): data, not packages, but kept.
+    data_dirs = {p.split("/")[0] for patterns in meta["tool"]["setuptools"].get("package-data", {}).values() for p in patterns if "/" in p}
     dest.mkdir(parents=True)
 
     def ignore(folder: str, names: list[str]) -> set[str]:
@@ -226,7 +228,7 @@ def _source_copy(root: Path, dest: Path) -> Path:
         package data (data/cmapss/ holds downloaded datasets)."""
         here = Path(folder)
         return {n for n in names if n in ("__pycache__", ".pytest_cache") or n.endswith((".pyc", ".egg-info"))
-                or ((here / n).is_dir() and not (here / n / "__init__.py").is_file() and n != "templates")}
+                or ((here / n).is_dir() and not (here / n / "__init__.py").is_file() and n not in data_dirs)}
 
     for entry in sorted(root.iterdir()):
         if entry.is_file() and (entry.name == "pyproject.toml" or entry.name.upper().startswith(("README", "LICENSE", "LICENCE", "NOTICE", "MANIFEST.IN"))):
