@@ -647,15 +647,15 @@ def run_cli(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    from turbofed.observability import serve_aggregator_metrics  # Prometheus: only with metrics_port in fleet.toml
+
     try:
+        aggregator.metrics = serve_aggregator_metrics(aggregator, config.metrics_address, config.metrics_port)
         aggregator.start()
     except BaseException:  # no broker, or stopped while connecting: the store and registry close cleanly
         aggregator.store.close()
         aggregator.registry.close()
         raise
-    from turbofed.observability import serve_aggregator_metrics  # Prometheus: only with metrics_port in fleet.toml
-
-    aggregator.metrics = serve_aggregator_metrics(aggregator, config.metrics_address, config.metrics_port)
     log.info("aggregator running: %d sites, quorum %d, %d rounds, strategy %s", len(config.sites), config.effective_quorum, config.model.rounds, config.strategy.name)
     aggregator.run(stop)
     return 0
