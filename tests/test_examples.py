@@ -92,6 +92,21 @@ def _metrics(port: int) -> dict[str, float]:
     return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
 
 
+def _wait_for_status(store_path: Path, procs: list[subprocess.Popen], logs: Path, done, timeout: float = 90.0) -> dict:  # noqa: ANN001
+    """site1's status as the aggregator recorded it, once `done(status)` holds; fails early if a process died."""
+    deadline = time.monotonic() + timeout
+    status: dict = {}
+    while time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), (logs / "aggregator.log").read_text()[-2000:] + (logs / "edge.log").read_text()[-2000:]
+        if store_path.exists():
+            with open_store(store_path) as store:
+                status = next(iter(store.site_status()), {})
+            if status and done(status):
+                return status
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f} s; site1's status: {status}")
+
+
 def _run(*args: str, cwd: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "turbofed.cli", *args], cwd=cwd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
@@ -116,6 +131,7 @@ def test_the_examples_run_against_the_development_broker(examples: Path, tmp_pat
         procs = [_run("aggregator", "--config", "fleet.toml", cwd=examples, log=tmp_path / "aggregator.log"),
                  _run("edge", "--config", "site.toml", cwd=examples, log=tmp_path / "edge.log")]
         try:
+            _wait_for_status(examples / "run" / "results.sqlite", procs, tmp_path, lambda s: s["online"])  # subscribed: readings reach it
             replay = subprocess.run(
                 [sys.executable, "-m", "turbofed.cli", "replay", "--gateway", str(examples / "gateway.toml"), "--sites", "1",
                  "--dataset", "SYN", "--part", "train", "--max-engines", "6", "--rate", "max", "--no-progress"],
@@ -123,17 +139,8 @@ def test_the_examples_run_against_the_development_broker(examples: Path, tmp_pat
             )
             assert replay.returncode == 0, replay.stderr[-2000:]
             replay_summary = json.loads(replay.stdout.strip().splitlines()[-1])
-            deadline = time.monotonic() + 90
-            status: list[dict] = []
-            while time.monotonic() < deadline:
-                assert all(p.poll() is None for p in procs), (tmp_path / "aggregator.log").read_text()[-2000:] + (tmp_path / "edge.log").read_text()[-2000:]
-                if (examples / "run" / "results.sqlite").exists():
-                    with open_store(examples / "run" / "results.sqlite") as store:
-                        status = store.site_status()
-                    if status and status[0]["online"] and (status[0]["samples"] or 0) > 0:
-                        break
-                time.sleep(0.5)
-            assert status and status[0]["site"] == "site1" and status[0]["samples"] > 0, status
+            status = _wait_for_status(examples / "run" / "results.sqlite", procs, tmp_path, lambda s: s["online"] and (s["samples"] or 0) > 0)
+            assert status["site"] == "site1" and status["samples"] > 0, status
             if scrape:  # the real processes serve Prometheus metrics
                 aggregator = _metrics(scrape["fleet.toml"])
                 assert aggregator["turbofed_sites_online"] == 1 and aggregator["process_resident_memory_bytes"] > 10e6
@@ -141,7 +148,7 @@ def test_the_examples_run_against_the_development_broker(examples: Path, tmp_pat
                 while (agent := _metrics(scrape["site.toml"]))["turbofed_readings_total"] < replay_summary["rows"] and time.monotonic() < deadline:
                     time.sleep(0.2)
                 assert agent["turbofed_readings_total"] == replay_summary["rows"]
-                assert agent["turbofed_labelled_rows"] >= status[0]["samples"] > 0
+                assert agent["turbofed_labelled_rows"] >= status["samples"] > 0
         finally:
             for p in procs:
                 p.terminate()
