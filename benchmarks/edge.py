@@ -447,10 +447,11 @@ def run_cli(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`python -m turbofed.benchmarks.edge --child PROFILE --work DIR` (used by run_bench)."""
     parser = argparse.ArgumentParser(prog="python -m turbofed.benchmarks.edge")
-    parser.add_argument("--child", choices=("training", "inference"))
-    parser.add_argument("--work")
-    parser.add_argument("--engines", type=int, default=100)
-    parser.add_argument("--json", dest="json_out")
+    parser.add_argument("--child", choices=("training", "inference"),
+                        help="internal: measure this profile in this process (run_bench starts one child per profile)")
+    parser.add_argument("--work", help="internal: the folder run_bench prepared (schedule, model, identities)")
+    parser.add_argument("--engines", type=int, default=100, help="engines replayed through each profile (default 100)")
+    parser.add_argument("--json", dest="json_out", help="write the result JSON here too")
     args = parser.parse_args(argv)
     if args.child:
         import logging
