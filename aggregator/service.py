@@ -131,6 +131,7 @@ class Aggregator(SecureRounds):
             self.registry.close()
             raise
         self.counters: Counter[str] = Counter()  # refusals, by reason
+        self.metrics = None  # turbofed.observability.AggregatorMetrics when fleet.toml sets metrics_port
         # Refusals: counted, the last 100 kept as samples (self.refusals.recent), logged once a
         # minute per reason; the store gets one row per (site, reason) per interval, then a
         # row saying how many more there were (bounded whatever a site sends).
@@ -687,6 +688,8 @@ class Aggregator(SecureRounds):
         kill_point("after_store", number)
         self.model, self.version = model, number
         self.global_samples = header_samples(p["samples"] for p in participants)
+        if self.metrics is not None:
+            self.metrics.round_closed(participants, record["aggregate_ms"])
         info = self._publish_global()
         kill_point("after_publish", number, settle=lambda: info.wait_for_publish(5.0))
         return True
@@ -781,7 +784,10 @@ def run_cli(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    from turbofed.observability import serve_aggregator_metrics  # Prometheus: only with metrics_port in fleet.toml
+
     try:
+        aggregator.metrics = serve_aggregator_metrics(aggregator, config.metrics_address, config.metrics_port)
         aggregator.start()
     except BaseException:  # no broker, or stopped while connecting: the store and registry close cleanly
         aggregator.store.close()

@@ -49,7 +49,8 @@ from turbofed.benchmarks import emit, machine_info
 # whatever it imports counts against the agent's measured memory.
 
 SITE = "bench"
-GOALS = {"rss_inference_mb": 80.0, "rss_training_mb": 250.0, "predict_p50_us": 50.0}
+# Inference RSS goal: issue #17 (was 80 MB).
+GOALS = {"rss_inference_mb": 60.0, "rss_training_mb": 250.0, "predict_p50_us": 50.0}
 # Packages worth knowing about when they are in the agent's process (top-level names).
 HEAVY = ("sklearn", "skl2onnx", "scipy", "onnx", "pandas", "pyarrow", "matplotlib", "torch")
 WARMUP = 200  # predictions whose timings are dropped (first calls allocate)
@@ -421,7 +422,7 @@ def format_table(result: dict[str, Any]) -> str:
     g = result["goals"]
     lines = [
         f"{'':<34}{'measured':>12}{'goal':>10}",
-        f"{'RSS, inference-only profile':<34}{r['inference']:>9.1f} MB{'<= 80 MB':>10}",
+        f"{'RSS, inference-only profile':<34}{r['inference']:>9.1f} MB{'<= ' + format(g['rss_inference_mb'], '.0f') + ' MB':>10}",
         f"{'RSS, training profile':<34}{r['training']:>9.1f} MB{'<= 250 MB':>10}",
         f"{'predict p50/p99, onnxruntime':<34}{p['onnxruntime']['p50']:>6.1f}/{p['onnxruntime']['p99']:.0f} us{'<= 50 us':>9}",
         f"{'predict p50/p99, scikit-learn':<34}{p['sklearn']['p50']:>6.0f}/{p['sklearn']['p99']:.0f} us",
@@ -446,10 +447,11 @@ def run_cli(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`python -m turbofed.benchmarks.edge --child PROFILE --work DIR` (used by run_bench)."""
     parser = argparse.ArgumentParser(prog="python -m turbofed.benchmarks.edge")
-    parser.add_argument("--child", choices=("training", "inference"))
-    parser.add_argument("--work")
-    parser.add_argument("--engines", type=int, default=100)
-    parser.add_argument("--json", dest="json_out")
+    parser.add_argument("--child", choices=("training", "inference"),
+                        help="internal: measure this profile in this process (run_bench starts one child per profile)")
+    parser.add_argument("--work", help="internal: the folder run_bench prepared (schedule, model, identities)")
+    parser.add_argument("--engines", type=int, default=100, help="engines replayed through each profile (default 100)")
+    parser.add_argument("--json", dest="json_out", help="write the result JSON here too")
     args = parser.parse_args(argv)
     if args.child:
         import logging

@@ -17,13 +17,23 @@ HERE = Path(__file__).resolve().parent
 
 st.set_page_config(page_title="turbofed", page_icon=":material/flight:", layout="wide")
 
+# The default page is served at / whatever its url_path ("overview" keeps the name free for the alias).
+FLEET = st.Page(HERE / "screens" / "fleet.py", title="Fleet", icon=":material/flight:", url_path="overview", default=True)
+
+
+def _fleet_alias() -> None:
+    """/fleet: Streamlit serves the default page at / only, so its own name would say "Page not found"."""
+    st.switch_page(FLEET)
+
+
 PAGES = [
-    st.Page(HERE / "screens" / "fleet.py", title="Fleet", icon=":material/flight:", url_path="fleet", default=True),
+    FLEET,
     st.Page(HERE / "screens" / "federated.py", title="Federated vs local", icon=":material/compare_arrows:",
             url_path="federated"),
     st.Page(HERE / "screens" / "rounds.py", title="Rounds", icon=":material/sync:", url_path="rounds"),
     st.Page(HERE / "screens" / "economics.py", title="Maintenance economics", icon=":material/payments:",
             url_path="economics"),
+    st.Page(_fleet_alias, title="Fleet", url_path="fleet", visibility="hidden"),
 ]
 page = st.navigation(PAGES)
 

@@ -119,6 +119,18 @@ def ready_store() -> tuple[ResultsStore, dict[str, int]] | None:
     return store, counts
 
 
+def note_synthetic(engines: Sequence[str]) -> None:
+    """Say so when the engines shown come from the synthetic fleet, not C-MAPSS or a plant."""
+    from turbofed.dashboard.views import synthetic_share
+
+    n, total = synthetic_share(engines)
+    if n:
+        share = "All" if n == total else f"{n} of {total}"
+        st.info(f"Synthetic data: {share} engines here come from turbofed's synthetic fleet (engine ids SYN…), "
+                "not from NASA's C-MAPSS or a real plant: their RUL figures show the system works, not how well "
+                "it predicts real engines.", icon=":material/science:")
+
+
 def waiting(what: str) -> None:
     """A page whose own data has not arrived yet (the store has other data)."""
     st.info(f"{what} The demo (`turbofed demo`) produces it as it runs; this page refreshes itself.",

@@ -95,6 +95,21 @@ def fleet_table(latest: Sequence[dict[str, Any]], critical: float, warning: floa
     return table
 
 
+def failed_engines(engines_with_truth: Sequence[dict[str, Any]]) -> int:
+    """Engines whose failure reached the store (truth RUL 0), predicted or not: a training
+    engine that ran to failure before any model existed has no prediction, but it failed."""
+    return sum(1 for e in engines_with_truth if e.get("failed"))
+
+
+SYNTHETIC_PREFIX = "SYN"  # `turbofed replay` names synthetic engines SYN001-train-1, ... (turbofed.simulation.fleet)
+
+
+def synthetic_share(engines: Iterable[str]) -> tuple[int, int]:
+    """(synthetic engines, engines): how much of what the store shows is the synthetic fleet."""
+    names = list(engines)
+    return sum(1 for e in names if str(e).upper().startswith(SYNTHETIC_PREFIX)), len(names)
+
+
 def urgency_counts(table: pd.DataFrame) -> dict[str, int]:
     """Engines per urgency level (every level present, zeros included)."""
     counts = Counter(table["urgency"]) if len(table) else Counter()
@@ -318,7 +333,8 @@ def privacy_status(events: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 # --- the store reads each page makes --------------------------------------------------------
 
 def read_fleet(store: ResultsStore) -> dict[str, Any]:
-    return {"latest_predictions": store.latest_predictions(), "site_status": store.site_status()}
+    return {"latest_predictions": store.latest_predictions(), "site_status": store.site_status(),
+            "engines_with_truth": store.engines_with_truth()}
 
 
 def read_federated(store: ResultsStore) -> dict[str, Any]:

@@ -344,6 +344,8 @@ class EdgeAgent:
         self.counters["readings"] += 1
         local = self._predict(self.local_predictor, self.local_spec, track)
         fed = self._predict(self.fed_predictor, self.fleet_spec, track)
+        self.counters["predictions.local"] += local is not None  # counted for Prometheus (turbofed.observability)
+        self.counters["predictions.federated"] += fed is not None
         track.last = (reading.cycle, local, fed)
         if local is not None or fed is not None:
             self.pending_rows.append((engine, reading.cycle, local, fed))
@@ -752,6 +754,9 @@ def run_cli(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    from turbofed.observability import serve_agent_metrics  # Prometheus: only with metrics_port in site.toml
+
+    serve_agent_metrics(agent, config.metrics_address, config.metrics_port)
     agent.start()
     log.info("site %s: agent running (broker %s:%d, state %s)", config.site, config.broker.host, config.broker.port, config.state_dir)
     agent.run(stop)

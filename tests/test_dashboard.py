@@ -283,6 +283,26 @@ def test_auto_refresh_can_be_turned_off(small_store: Path) -> None:
     assert "auto-refresh off" in texts(at)
 
 
+def test_failures_without_predictions_count_and_synthetic_data_is_named(small_store: Path) -> None:
+    """Issue #17: a training engine that ran to failure before any model predicted it counts as
+    failed; engines of the synthetic fleet are said to be synthetic (C-MAPSS ones are not)."""
+    at = render(small_store)
+    assert "Synthetic data" not in texts(at)
+    with SqliteStore(small_store) as store:
+        store.record_truth("s2", "SYN001-train-7", 190, 0.0, T0 + 200)  # failed, never predicted
+        store.record_predictions("s2", [("SYN001-test-1", 3, 80.0, 75.0)], T0 + 201)
+    at = render(small_store)
+    no_exception(at)
+    assert metric(at, "Failed (ran to failure)") == "3"  # s1/e1, s1/e2 and the never-predicted one
+    assert "Synthetic data: 2 of 8 engines" in texts(at)
+
+
+def test_failed_engines_and_synthetic_share() -> None:
+    assert views.failed_engines([{"failed": True}, {"failed": False}, {"failed": True, "predictions": []}]) == 2
+    assert views.synthetic_share(["SYN001-train-1", "syn-2", "FD001-test-1"]) == (2, 3)
+    assert views.synthetic_share([]) == (0, 0)
+
+
 # --- pure functions: views ----------------------------------------------------------------------
 
 def test_urgency_boundaries() -> None:

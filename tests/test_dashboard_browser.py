@@ -72,6 +72,15 @@ def test_page_renders_in_chromium(title: str, dashboard_url: str, browser: Chrom
 
 
 @pytest.mark.timeout(180)
+def test_fleet_has_its_own_address(dashboard_url: str, browser: Chromium) -> None:
+    """/fleet opens the Fleet page (it used to say "Page not found" and fall back to it)."""
+    browser.navigate(f"{dashboard_url}/fleet")
+    state = browser.wait_rendered("Fleet", timeout=RENDER_TIMEOUT_S)
+    assert "Fleet" in state["h1"] and state["exceptions"] == []
+    assert "not found" not in browser.evaluate("document.body.innerText")
+
+
+@pytest.mark.timeout(180)
 def test_missing_store_page_in_chromium(tmp_path: Path, browser: Chromium) -> None:
     missing = tmp_path / "not-yet" / "results.sqlite"
     with serve(missing, timeout=60, log=tmp_path / "dashboard.log") as url:

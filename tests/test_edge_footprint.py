@@ -1,5 +1,6 @@
 """The inference-only profile: predicts with onnxruntime, follows the global model, and never
-imports scikit-learn or skl2onnx (asserted on sys.modules in the agent's own process).
+imports scikit-learn, skl2onnx or onnx (asserted on sys.modules in the agent's own process:
+onnxruntime and numpy are all a device needs to predict).
 Also a smoke run of `turbofed bench edge`."""
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from turbofed.topics import Topics
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 30.0
-SKLEARN = ("sklearn", "skl2onnx")
-# Printed by the agent process on its way out: the scikit-learn modules it ever imported.
+# What an inference-only agent never imports (top-level package names; onnxruntime is not onnx).
+TRAINING_ONLY = ("sklearn", "skl2onnx", "onnx")
+# Printed by the agent process on its way out: the training-only modules it ever imported.
 MODULES_HOOK = (
     "import atexit, json, sys\n"
-    "atexit.register(lambda: print('MODULES ' + json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'skl2onnx'))), flush=True))\n"
+    f"atexit.register(lambda: print('MODULES ' + json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {TRAINING_ONLY!r})), flush=True))\n"
 )
 
 
@@ -112,7 +114,7 @@ def _readings(topics: Topics, site: str, runs, cycles: int) -> list[tuple[str, b
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_inference_agent_predicts_follows_the_global_model_and_never_imports_sklearn(broker: BrokerHandle, trained: dict, tmp_path: Path) -> None:
+def test_inference_agent_predicts_follows_the_global_model_and_never_imports_sklearn_or_onnx(broker: BrokerHandle, trained: dict, tmp_path: Path) -> None:
     """`turbofed edge --profile inference` against a real broker: retained global model and
     round announcement caught up on connect, federated predictions published, a new global
     model followed, and no scikit-learn module in its sys.modules when it exits."""
@@ -183,6 +185,7 @@ CHILD = textwrap.dedent(
     from turbofed.topics import Topics
 
     work = Path(sys.argv[1])
+    training_only = tuple(sys.argv[2].split(","))
     spec, settings = json.loads((work / "spec.json").read_text()), json.loads((work / "settings.json").read_text())
     published = []
 
@@ -215,7 +218,8 @@ CHILD = textwrap.dedent(
     agent.flush()
     agent.save()
     print(json.dumps({
-        "sklearn": sorted(m for m in sys.modules if m.split(".")[0] in ("sklearn", "skl2onnx")),
+        "training_only": sorted(m for m in sys.modules if m.split(".")[0] in training_only),
+        "onnxruntime": "onnxruntime" in sys.modules,
         "readings": agent.counters["readings"], "failures": agent.counters["failures"],
         "predictions": published.count(t.predictions("s1")),
         "federated": agent.fed_predictor is not None, "labelled_rows": agent.buffer.rows,
@@ -226,19 +230,23 @@ CHILD = textwrap.dedent(
 
 
 @pytest.mark.timeout(120)
-def test_inference_agent_in_process_never_imports_sklearn(trained: dict, tmp_path: Path) -> None:
+def test_inference_agent_in_process_never_imports_sklearn_or_onnx(trained: dict, tmp_path: Path) -> None:
     """No broker: a fresh process feeds an inference agent a global model, a round and
-    readings through EdgeAgent.handle, then reports its sklearn modules."""
+    readings through EdgeAgent.handle (predicting every cycle), then reports which
+    scikit-learn, skl2onnx and onnx modules it imported: none (issue #17: importing `onnx` costs
+    ~17 MB of RSS and it is never needed to predict)."""
     runs = trained["runs"][:3]
     (tmp_path / "spec.json").write_text(json.dumps(trained["spec"].to_dict()))
     (tmp_path / "settings.json").write_text(json.dumps(trained["settings"].to_dict()))
     (tmp_path / "global.env").write_bytes(_global(trained, 0))
     readings = [[f"e{k}", int(r.cycles[t]), r.settings[t].tolist(), r.sensors[t].tolist()] for k, r in enumerate(runs) for t in range(len(r))]
     (tmp_path / "readings.json").write_text(json.dumps(readings))
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True, timeout=100, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), ",".join(TRAINING_ONLY)],
+                          capture_output=True, text=True, timeout=100, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["sklearn"] == []
+    assert report["training_only"] == []
+    assert report["onnxruntime"]  # the check looked at a process that did predict
     assert report["federated"] and report["predictions"] >= 1
     assert report["readings"] == len(readings) and report["failures"] == len(runs)
     assert report["labelled_rows"] == 0 and report["rejected"] == {}  # no training data kept without training
@@ -297,4 +305,5 @@ def test_bench_edge_smoke(tmp_path: Path) -> None:
     assert {"machine", "settings", "seed"} <= set(result)
     assert result["detail"]["sklearn_modules_loaded"]["inference"] == []
     assert result["detail"]["sklearn_modules_loaded"]["training"] != []
+    assert "onnx" not in result["detail"]["heavy_packages_loaded"]["inference"]
     assert result["detail"]["passes"]["training"]["round"]["updates_sent"] == 1

@@ -47,7 +47,8 @@ def test_wheel_carries_its_data_files(wheel: Path) -> None:
     """What code finds next to itself at run time: bundle templates, dataset manifest, broker config."""
     names = set(zipfile.ZipFile(wheel).namelist())
     for data in ("turbofed/deploy/templates/install.sh", "turbofed/deploy/templates/turbofed.service",
-                 "turbofed/data/manifest.toml", "turbofed/broker_config/mosquitto.conf", "turbofed/py.typed"):
+                 "turbofed/data/manifest.toml", "turbofed/broker_config/mosquitto.conf", "turbofed/py.typed",
+                 "turbofed/dashboard/grafana/turbofed-fleet.json"):
         assert data in names, data
     assert not any(n.startswith("turbofed/benchmarks/results") for n in names)
 

@@ -13,6 +13,8 @@ import logging
 import sys
 from typing import Callable
 
+from turbofed import __version__
+
 Handler = str  # "package.module:function", the function takes the parsed Namespace
 
 
@@ -33,9 +35,10 @@ def _data(sub: argparse._SubParsersAction) -> None:
     fetch.set_defaults(handler="turbofed.data.fetch:run_cli")
     synth = dsub.add_parser("synth", help="write a synthetic fleet in C-MAPSS format")
     synth.add_argument("--out", default="data/synthetic", help="folder to write into")
-    synth.add_argument("--engines", type=int, default=100, help="train (and test) engines")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--fault-modes", type=int, choices=(1, 2), default=1)
+    synth.add_argument("--engines", type=int, default=100, help="train (and test) engines (default 100)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed of the fleet (default 0)")
+    synth.add_argument("--fault-modes", type=int, choices=(1, 2), default=1,
+                       help="1: HPC degradation only (like FD001); 2: HPC or fan degradation (like FD003)")
     synth.add_argument("--name", default="SYN001", help="subset name used in file names")
     synth.set_defaults(handler="turbofed.data.synthetic:run_cli")
 
@@ -46,10 +49,10 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     acc = bsub.add_parser("accuracy", help="federated vs local vs central, in process")
     _add_data_dir(acc)
     acc.add_argument("--dataset", default="FD001", help="FD001, FD003, FD001+FD003, or SYN")
-    acc.add_argument("--sites", type=int, default=4)
+    acc.add_argument("--sites", type=int, default=4, help="sites the training engines are split over (default 4)")
     acc.add_argument("--rounds", type=int, default=None, help="default: from the model settings")
     acc.add_argument("--local-epochs", type=int, default=None, help="epochs per round")
-    acc.add_argument("--seed", type=int, default=0)
+    acc.add_argument("--seed", type=int, default=0, help="seed of weights, shuffles and the site split (default 0)")
     acc.add_argument("--strategy", default=None,
                      help='default: the fleet default (filtered-fedavg); also fedavg, fedavgm, fedadam, median, trimmed-mean, multi-krum, '
                           'clipped-fedavg, "package.module:ClassName" or an installed entry point')
@@ -98,34 +101,35 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     scale.add_argument("--json", dest="json_out", help="write the result JSON here too")
     scale.set_defaults(handler="turbofed.benchmarks.scale:run_cli")
     system = bsub.add_parser("system", help="aggregation time, update size, replay rate")
-    system.add_argument("--sites", type=int, default=50)
-    system.add_argument("--rounds", type=int, default=3)
-    system.add_argument("--json", dest="json_out")
+    system.add_argument("--sites", type=int, default=50, help="edge agents on the real broker (default 50)")
+    system.add_argument("--rounds", type=int, default=3, help="federated rounds to time (default 3)")
+    system.add_argument("--json", dest="json_out", help="write the result JSON here too")
     system.set_defaults(handler="turbofed.benchmarks.system:run_cli")
     soak = bsub.add_parser("soak", help="memory growth and messages lost under sustained load, rounds running")
     _add_data_dir(soak)
     soak.add_argument("--minutes", type=float, default=10.0, help="how long to replay at full rate (the first 20%% is warm-up)")
     soak.add_argument("--dataset", default="SYN001", help="SYN001 (synthetic fleet, default) or a C-MAPSS subset such as FD001")
-    soak.add_argument("--sites", type=int, default=4)
+    soak.add_argument("--sites", type=int, default=4, help="edge agents (default 4)")
     soak.add_argument("--max-engines", type=int, default=None, help="only the first N engines of each part (a small fleet)")
-    soak.add_argument("--seed", type=int, default=0)
-    soak.add_argument("--json", dest="json_out")
+    soak.add_argument("--seed", type=int, default=0, help="seed of the synthetic fleet and hold-out (default 0)")
+    soak.add_argument("--json", dest="json_out", help="write the result JSON here too")
     soak.set_defaults(handler="turbofed.benchmarks.soak:run_cli")
     influx = bsub.add_parser("influx", help="points per second written to an InfluxDB-API server")
-    influx.add_argument("--points", type=int, default=1_000_000)
-    influx.add_argument("--seed", type=int, default=0)
+    influx.add_argument("--points", type=int, default=1_000_000, help="points to write (default 1,000,000)")
+    influx.add_argument("--seed", type=int, default=0, help="seed of the generated values (default 0)")
     influx.add_argument("--url", help="server to write to (default: start victoria-metrics)")
-    influx.add_argument("--json", dest="json_out")
+    influx.add_argument("--json", dest="json_out", help="write the result JSON here too")
     influx.set_defaults(handler="turbofed.benchmarks.influx:run_cli")
     edge_bench = bsub.add_parser("edge", help="agent memory, prediction latency, CPU per cycle")
-    edge_bench.add_argument("--engines", type=int, default=100)
-    edge_bench.add_argument("--json", dest="json_out")
+    edge_bench.add_argument("--engines", type=int, default=100,
+                            help="engines replayed through each profile (default 100: the FD001 training engines when present)")
+    edge_bench.add_argument("--json", dest="json_out", help="write the result JSON here too")
     edge_bench.set_defaults(handler="turbofed.benchmarks.edge:run_cli")
 
 
 def _services(sub: argparse._SubParsersAction) -> None:
     broker = sub.add_parser("broker", help="run Mosquitto (or the embedded broker)")
-    broker.add_argument("--host", default="127.0.0.1")
+    broker.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     broker.add_argument("--port", type=int, default=None, help="default: 8883 (TLS), 1883 with --insecure-dev")
     broker.add_argument("--pki", help="fleet identity folder (turbofed fleet init): TLS, client certificates, ACL, CRL "
                         "(default: pki/ beside --fleet, else ./pki)")
@@ -152,39 +156,56 @@ def _services(sub: argparse._SubParsersAction) -> None:
     agg.set_defaults(handler="turbofed.aggregator.service:run_cli")
     replay = sub.add_parser("replay", help="publish C-MAPSS rows as live sensor traffic")
     _add_data_dir(replay)
-    replay.add_argument("--dataset", default="FD001")
-    replay.add_argument("--sites", type=int, default=4)
-    replay.add_argument("--rate", default="2000", help="rows per second, or 'max'")
-    replay.add_argument("--assign", choices=("contiguous", "round-robin", "subset"), default="round-robin")
+    replay.add_argument("--dataset", default="FD001", help="C-MAPSS subset FD001..FD004 (several: FD001+FD003), or SYN for the synthetic fleet (default FD001)")
+    replay.add_argument("--sites", type=int, default=4, help="sites the engines are spread over, site1..siteN (default 4)")
+    replay.add_argument("--rate", default="2000", help="rows per second, or 'max' (default 2000)")
+    replay.add_argument("--assign", choices=("contiguous", "round-robin", "subset"), default="round-robin",
+                        help="how engines are given to sites (default round-robin)")
     replay.add_argument("--broker", default="127.0.0.1:1883", help="host:port")
-    replay.add_argument("--part", choices=("train", "test", "both"), default="both")
+    replay.add_argument("--part", choices=("train", "test", "both"), default="both",
+                        help="training engines (run to failure), test engines (truth revealed at the end) or both (default)")
     replay.add_argument("--seed", type=int, default=0, help="seed of hold-out and synthetic data")
     replay.add_argument("--max-engines", type=int, help="only the first N engines of each part")
-    replay.add_argument("--no-progress", dest="progress", action="store_false")
+    replay.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     replay.add_argument("--pki", help="fleet identity folder: connect over TLS as each site's gateway (gateway-<site>)")
+    replay.add_argument("--gateway", action="append", metavar="FILE",
+                        help="a gateway TOML (examples/gateway.toml): publish as that site's gateway, on its broker "
+                             "(repeat: one per site of --sites; overrides --broker)")
     replay.set_defaults(handler="turbofed.simulation.replay:run_cli")
     demo = sub.add_parser("demo", help="broker, aggregator, 4 agents and a replay, in one command")
     _add_data_dir(demo)
-    demo.add_argument("--dataset", default="FD001")
-    demo.add_argument("--sites", type=int, default=4)
-    demo.add_argument("--rounds", type=int, default=None)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--dataset", default="FD001", help="C-MAPSS subset FD001..FD004 (several: FD001+FD003), or SYN for the synthetic fleet (default FD001)")
+    demo.add_argument("--sites", type=int, default=4, help="edge agents, one per site (default 4)")
+    demo.add_argument("--rounds", type=int, default=None, help="federated rounds (default: from the model settings)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of weights, hold-out and synthetic data (default 0)")
     demo.add_argument("--workdir", help="where the store and state go (default: .turbofed/demo)")
-    demo.add_argument("--embedded-broker", action="store_true")
-    demo.add_argument("--json", dest="json_out")
+    demo.add_argument("--embedded-broker", action="store_true", help="use amqtt even if Mosquitto is installed")
+    demo.add_argument("--store", choices=("sqlite", "influxdb"), default="sqlite",
+                      help="where the aggregator records results: sqlite (in the workdir, default) or influxdb "
+                           "(TURBOFED_INFLUX_URL, _TOKEN, _ORG, _BUCKET)")
+    demo.add_argument("--json", dest="json_out", help="write the result JSON here too")
     demo.set_defaults(handler="turbofed.simulation.demo:run_cli")
+    status = sub.add_parser("status", help="the fleet in the terminal: rounds, sites online, last updates, refusals by reason")
+    status.add_argument("--store", help="results store: a SQLite file, or influxdb (TURBOFED_INFLUX_* settings) "
+                        "(default: fleet.toml's with --config, else the demo's .turbofed/demo/results.sqlite)")
+    status.add_argument("--config", help="fleet TOML: its store, and its sites (those never heard from are listed too)")
+    status.add_argument("--json", dest="json_out", action="store_true", help="print JSON instead of tables")
+    status.set_defaults(handler="turbofed.store.status:run_cli")
     dash = sub.add_parser("dashboard", help="open the Streamlit dashboard")
-    dash.add_argument("--store", default=".turbofed/demo/results.sqlite")
-    dash.add_argument("--port", type=int, default=8501)
+    dash.add_argument("--store", default=".turbofed/demo/results.sqlite",
+                      help="results store: a SQLite file, or influxdb (TURBOFED_INFLUX_* settings) (default: the demo's)")
+    dash.add_argument("--port", type=int, default=8501, help="HTTP port on 127.0.0.1 (default 8501)")
     dash.set_defaults(handler="turbofed.dashboard.launch:run_cli")
     flash = sub.add_parser("flash", help="build an offline install bundle for one edge device")
-    flash.add_argument("--site", required=True)
+    flash.add_argument("--site", required=True, help="site id, as listed in the fleet TOML")
     flash.add_argument("--fleet", required=True, help="fleet TOML (broker address, sites)")
     flash.add_argument("--pki", help="fleet identity folder holding the site's identity (default: pki/ beside --fleet)")
     flash.add_argument("--out", required=True, help="bundle folder")
-    flash.add_argument("--platform", default=None, help="e.g. linux_aarch64 (default: this machine)")
+    flash.add_argument("--platform", default=None,
+                       help="Linux target: linux_aarch64, linux_x86_64 or manylinux_2_N_<arch> (default: this machine)")
     flash.add_argument("--python-version", default=None, help="target Python, e.g. 3.11 (default: this one)")
-    flash.add_argument("--profile", choices=("training", "inference"), default="training")
+    flash.add_argument("--profile", choices=("training", "inference"), default="training",
+                       help="inference: predict only, no scikit-learn in the bundle (default training)")
     flash.add_argument("--engines", default="*", help="comma-separated engine ids, or * for all")
     flash.add_argument("--host", help="user@address: copy the bundle over ssh and install it there")
     flash.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
@@ -217,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated predictive maintenance for turbofan fleets.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_data, _bench, _services, _fleet):
         add(sub)

@@ -131,6 +131,10 @@ RANGES: dict[str, dict[str, Limit]] = {
         "engine_idle_s": Limit(0, 1e9, above=True),
         "sensor_abs_max": Limit(0, 1e300, above=True),
         "outbox_max_bytes": Limit(64 * 1024, 2**39),
+        "metrics_port": Limit(1, 65535),
+    },
+    "GatewayConfig": {
+        "site": Limit(check=_site_id),
     },
     "FleetConfig": {
         "sites": Limit(items=(1, 100_000), check=_site_ids),
@@ -144,6 +148,7 @@ RANGES: dict[str, dict[str, Limit]] = {
         "max_site_share": Limit(0, 1, above=True),
         "max_empty_rounds": Limit(1, 1_000_000),
         "stall_retry_s": Limit(0, 1e7, above=True),
+        "metrics_port": Limit(1, 65535),
     },
     "PrivacySettings": {
         "clip_norm": Limit(0, 1e6, above=True),
@@ -434,6 +439,9 @@ class SiteConfig:
     outbox_max_bytes: int = 16 * 1024 * 1024
     identity: IdentitySettings | None = None
     insecure_unsigned: bool = False
+    # Prometheus /metrics (turbofed.observability; needs the [metrics] extra): off unless a port is given.
+    metrics_port: int | None = None
+    metrics_address: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         _secure_or_explicit(self.identity is not None, self.insecure_unsigned, f"site {self.site}", "[identity] table")
@@ -545,6 +553,9 @@ class FleetConfig:
     # A new global model whose median RMSE on the sites' own labelled rows is more than this
     # much worse than the last good model's (0.25 = 25%) is rolled back (aggregator/rollback.py); 0: never.
     rollback_margin: float = 0.25
+    # Prometheus /metrics (turbofed.observability; needs the [metrics] extra): off unless a port is given.
+    metrics_port: int | None = None
+    metrics_address: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         _secure_or_explicit(self.pki is not None, self.insecure_unsigned, "fleet", "pki folder")
@@ -653,6 +664,23 @@ def load_site_config(path: str | Path) -> SiteConfig:
         raise ConfigError(f"{path}: engines must be \"*\" or a list of engine ids, got {raw['engines']!r:.60}")
     config = _build(SiteConfig, {**raw, "broker": broker}, f"{path}:")
     return replace(config, state_dir=_relative(path.parent, config.state_dir))
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """A site's sensor gateway: the site whose readings it publishes (plant/<site>/<engine>/...)
+    and how it reaches the broker (on a secure broker, as identity gateway-<site>)."""
+
+    site: str
+    broker: BrokerSettings = BrokerSettings()
+
+
+def load_gateway_config(path: str | Path) -> GatewayConfig:
+    """Read a gateway TOML file (`turbofed replay --gateway FILE`); errors name the file and the key."""
+    path = Path(path)
+    raw = _read_toml(path)
+    broker = _load_broker(path, _table(raw, "broker", path))
+    return _build(GatewayConfig, {**raw, "broker": broker}, f"{path}:")
 
 
 def load_fleet_config(path: str | Path, keys: bool = True) -> FleetConfig:

@@ -41,6 +41,7 @@ def body() -> None:
     if per_round.empty and not latest:
         common.waiting("No metrics or predictions yet: sites score their models once true RULs are known.")
         return
+    common.note_synthetic([r["engine"] for r in latest])
 
     st.subheader("Latest, per site")
     if final.empty:

@@ -39,13 +39,19 @@ def body() -> None:
         common.waiting("No site has reported its status or predictions yet.")
         return
 
+    known = {(e["site"], e["engine"]) for e in [*data["latest_predictions"], *data["engines_with_truth"]]}
+    common.note_synthetic([engine for _, engine in known])
     n = views.urgency_counts(fleet)
     online = int((sites["status"] == "online").sum())
     c = st.columns(5)
     c[0].metric("Engines in service", len(fleet) - n["failed"])
     c[1].metric("Critical", n["critical"], help=f"RUL ≤ {critical} cycles")
     c[2].metric("Warning", n["warning"], help=f"{critical} < RUL ≤ {warning} cycles")
-    c[3].metric("Failed (ran to failure)", n["failed"])
+    c[3].metric("Failed (ran to failure)", views.failed_engines(data["engines_with_truth"]),
+                help="Engines whose failure reached the results store, training engines included (they are not "
+                     "in the table below when no model predicted them). A failure reported while no aggregator "
+                     "was recording is not in the store: `turbofed demo` starts its aggregator after the "
+                     "training engines have failed.")
     c[4].metric("Sites online", f"{online} / {len(sites)}")
 
     st.subheader("Engines, most urgent first")
@@ -67,10 +73,15 @@ def body() -> None:
         st.altair_chart(charts.fleet_scatter(fleet, critical, warning), width="stretch")
 
     st.subheader("Sites")
-    st.dataframe(sites, hide_index=True, width="stretch", column_config={
+    st.dataframe(sites, hide_index=True, width="stretch", height=38 + 35 * len(sites), column_config={  # every site, no scrolling
         "last_seen": common.datetime_column("last seen"),
-        "training_samples": st.column_config.NumberColumn("training samples", format="%d"),
+        "seen": st.column_config.TextColumn("seen"),
+        "agent_version": st.column_config.TextColumn("agent version"),
+        "model_version": st.column_config.NumberColumn("global model", format="v%d", help="the global model version the site follows"),
+        "training_samples": st.column_config.NumberColumn("training samples", format="%d", help="labelled cycles in its training buffer"),
         "engines": st.column_config.NumberColumn("engines", format="%d"),
+        "critical": st.column_config.NumberColumn("critical", format="%d"),
+        "warning": st.column_config.NumberColumn("warning", format="%d"),
     })
 
 

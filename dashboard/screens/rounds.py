@@ -44,6 +44,9 @@ def body() -> None:
 
         if len(rounds):
             st.dataframe(rounds, hide_index=True, width="stretch", column_config={
+                "model_version": st.column_config.NumberColumn("global model", format="v%d"),
+                "closed_by": st.column_config.TextColumn("closed by", help="quorum (every expected update in), deadline, "
+                                                         "rollback, ..."),
                 "started": common.datetime_column("started"),
                 "duration_s": common.number_column("duration (s)", help="announcement to close"),
                 "aggregate_ms": common.number_column("aggregate (ms)", help="last accepted update to the "
@@ -59,7 +62,9 @@ def body() -> None:
             right.markdown("**Time to aggregate**")
             right.altair_chart(charts.round_timing(rounds), width="stretch")
             with st.expander("Participants per round"):
-                st.dataframe(participants, hide_index=True, width="stretch")
+                st.dataframe(participants, hide_index=True, width="stretch", column_config={
+                    "update_bytes": st.column_config.NumberColumn("update bytes", format="%d"),
+                    "samples": st.column_config.NumberColumn("samples", format="%d")})
 
         st.subheader("Rejected updates")
         if rejections.empty:

@@ -137,6 +137,9 @@ def _manylinux(arch: str, newest_minor: int) -> tuple[str, ...]:
     return tuple(tags)
 
 
+# What a bundle can serve: install.sh is bash, the agent a systemd service, the wheels manylinux (glibc).
+LINUX_ONLY = "a bundle installs on glibc Linux only (bash, systemd, manylinux wheels)"
+
 _ARCH_ALIASES = {"arm64": "aarch64", "aarch64": "aarch64", "amd64": "x86_64", "x86_64": "x86_64", "armv7l": "armv7l", "armhf": "armv7l"}
 
 
@@ -150,6 +153,8 @@ def resolve_target(platform: str | None, python_version: str | None) -> Target:
     if tuple(int(p) for p in version.split(".")) < (3, 11):
         raise FlashError(f"turbofed needs Python 3.11 or newer; --python-version {version} cannot run it")
     if platform is None or platform.strip().lower() == "native":
+        if not sys.platform.startswith("linux"):
+            raise FlashError(f"this machine is {sysconfig.get_platform()}: {LINUX_ONLY}; name the device's with --platform")
         machine = os.uname().machine if hasattr(os, "uname") else "any"
         arch = _ARCH_ALIASES.get(machine, machine)
         return Target(version, (), arch, f"native ({sysconfig.get_platform()})")
@@ -164,10 +169,12 @@ def resolve_target(platform: str | None, python_version: str | None) -> Target:
     if bare in _ARCH_ALIASES:
         arch = _ARCH_ALIASES[bare]
         return Target(version, _manylinux(arch, DEFAULT_GLIBC_MINOR), arch, f"linux_{arch} (manylinux_2_{OLDEST_MANYLINUX_MINOR}..2_{DEFAULT_GLIBC_MINOR})")
-    if re.fullmatch(r"[a-z0-9_.]+", name):  # some other pip platform tag: passed as is
-        arch = next((a for a in _ARCH_ALIASES if name.endswith(a)), "any")
-        return Target(version, (name,), _ARCH_ALIASES.get(arch, "any"), name)
-    raise FlashError(f"--platform: {platform!r} is not a platform tag (try linux_aarch64 or linux_x86_64)")
+    if not re.fullmatch(r"[a-z0-9_.]+", name):
+        raise FlashError(f"--platform: {platform!r} is not a platform tag (try linux_aarch64 or linux_x86_64)")
+    if not name.startswith(("linux_", "manylinux")):  # win_amd64, macosx_14_0_arm64, musllinux_1_2_x86_64, any, ...
+        raise FlashError(f"--platform {platform}: {LINUX_ONLY} (try linux_aarch64 or linux_x86_64)")
+    arch = next((a for a in _ARCH_ALIASES if name.endswith(a)), "any")  # another glibc Linux tag: passed as is
+    return Target(version, (name,), _ARCH_ALIASES.get(arch, "any"), name)
 
 
 # --------------------------------------------------------------------------- wheels
@@ -212,6 +219,8 @@ def _source_copy(root: Path, dest: Path) -> Path:
 
     meta = tomllib.loads((root / "pyproject.toml").read_text())
     folders = sorted(set(meta["tool"]["setuptools"]["package-dir"].values()))  # turbofed.edge -> edge, ...
+    # Sub-folders package-data names ("templates/*", "grafana/*.json"): data, not packages, but kept.
+    data_dirs = {p.split("/")[0] for patterns in meta["tool"]["setuptools"].get("package-data", {}).values() for p in patterns if "/" in p}
     dest.mkdir(parents=True)
 
     def ignore(folder: str, names: list[str]) -> set[str]:
@@ -219,7 +228,7 @@ def _source_copy(root: Path, dest: Path) -> Path:
         package data (data/cmapss/ holds downloaded datasets)."""
         here = Path(folder)
         return {n for n in names if n in ("__pycache__", ".pytest_cache") or n.endswith((".pyc", ".egg-info"))
-                or ((here / n).is_dir() and not (here / n / "__init__.py").is_file() and n != "templates")}
+                or ((here / n).is_dir() and not (here / n / "__init__.py").is_file() and n not in data_dirs)}
 
     for entry in sorted(root.iterdir()):
         if entry.is_file() and (entry.name == "pyproject.toml" or entry.name.upper().startswith(("README", "LICENSE", "LICENCE", "NOTICE", "MANIFEST.IN"))):
@@ -606,6 +615,10 @@ def deploy(bundle: Path, host: str, site: str, progress: Progress = _stderr) -> 
             raise FlashError(f"{label} {host} failed (exit {code}): {shlex.join(cmd)}")
 
 
+# The broker login install.sh takes (or asks for on a terminal); templates/install.sh --help.
+CREDENTIALS_HINT = "--credentials FILE (lines username=... and password=...) or --no-credentials"
+
+
 def dry_run_lines(plan: Plan, host: str | None) -> list[str]:
     """The commands (and files) a real run would run (and write), as shell lines."""
     cmds = pip_commands(plan, str(find_source_tree()))
@@ -623,8 +636,9 @@ def dry_run_lines(plan: Plan, host: str | None) -> list[str]:
     ]
     if host:
         lines += [shlex.join(c) for c in deploy_commands(out, host, plan.site)]
+        lines.append(f"# install.sh asks for the broker login on {host}'s terminal; to install unattended, run it there with {CREDENTIALS_HINT}")
     else:
-        lines.append(f"# then on the device: sudo bash {remote_dir(plan.site)}/install.sh  (or use --host user@address)")
+        lines.append(f"# then on the device: sudo bash {remote_dir(plan.site)}/install.sh {CREDENTIALS_HINT}  (or use --host user@address)")
     return lines
 
 
@@ -645,7 +659,7 @@ def run_cli(args: argparse.Namespace) -> int:
         _stderr(
             "next: copy the folder to the device and run its installer, e.g.\n"
             f"  scp -r {shlex.quote(str(plan.out))} pi@raspberrypi.local:{remote_dir(plan.site)}\n"
-            f"  ssh -t pi@raspberrypi.local sudo bash {remote_dir(plan.site)}/install.sh\n"
+            f"  ssh -t pi@raspberrypi.local sudo bash {remote_dir(plan.site)}/install.sh {CREDENTIALS_HINT}\n"
             f"(or run flash again with --host pi@raspberrypi.local)"
         )
     print(json.dumps({"bundle": str(plan.out), "site": plan.site, "profile": plan.profile, "platform": plan.target.label,

@@ -75,12 +75,13 @@ def aggregator_unit(config: str = FLEET_CONFIG, user: str = SERVICE_USER, venv: 
 def main(argv: list[str] | None = None) -> int:
     """Print a unit: `python -m turbofed.deploy.units aggregator|edge [options]`."""
     p = argparse.ArgumentParser(prog="python -m turbofed.deploy.units", description="print a turbofed systemd unit")
-    p.add_argument("service", choices=("aggregator", "edge"))
+    p.add_argument("service", choices=("aggregator", "edge"), help="which service the unit runs")
     p.add_argument("--config", help=f"config file (default {FLEET_CONFIG} or {EDGE_CONFIG})")
     p.add_argument("--venv", default=VENV, help="virtual environment holding turbofed")
-    p.add_argument("--user", default=SERVICE_USER)
+    p.add_argument("--user", default=SERVICE_USER, help=f"system user the service runs as (default {SERVICE_USER})")
     p.add_argument("--site", help="edge: the site id")
-    p.add_argument("--profile", choices=("training", "inference"), default="training")
+    p.add_argument("--profile", choices=("training", "inference"), default="training",
+                   help="edge: inference predicts only, no scikit-learn (default training)")
     a = p.parse_args(argv)
     if a.service == "aggregator":
         print(aggregator_unit(a.config or FLEET_CONFIG, a.user, a.venv), end="")

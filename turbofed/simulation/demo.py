@@ -29,15 +29,44 @@ from typing import Any
 
 from turbofed.config import BrokerSettings, ModelSettings, resolve_data_dir
 from turbofed.deploy.identities import MONITOR, init_for_sites
+from turbofed.errors import TurbofedError
 from turbofed.messages import Metrics
 from turbofed.simulation.broker import BrokerHandle, find_mosquitto, start_broker
 from turbofed.simulation.children import Stopped, stop_on_signals
 from turbofed.simulation.localfleet import FleetError, FleetWatch, Processes, write_configs
+from turbofed.simulation.progress import RoundProgress
+from turbofed.simulation.replay import check_dataset
 from turbofed.topics import DEFAULT_TOPICS
 
 log = logging.getLogger("turbofed.simulation.demo")
 
 SYNTHETIC = "SYN001"
+MAX_SITES = 32  # each site is an agent process (~100-250 MB): more does not fit a demo machine
+STORES = ("sqlite", "influxdb")
+SCORE_NOTE = ("RMSE and score over each site's test engines at their last cycle, in cycles; score = PHM08 score "
+              "(sum of e^(-d/13) - 1 for early, e^(d/10) - 1 for late predictions, d = predicted - true RUL): lower is better for both")
+
+
+def check_options(dataset: str, n_sites: Any, rounds: Any = None, seed: Any = 0, store: str = "sqlite") -> None:
+    """Refuse what the demo cannot run before anything starts (no download, no broker, no
+    folder removed): an unknown dataset, a site count or round count out of range, a store
+    it cannot write to. TurbofedError names the option."""
+    check_dataset(dataset)
+    for name, value, lo, hi in (("--sites", n_sites, 1, MAX_SITES), ("--rounds", rounds, 1, 1_000_000), ("--seed", seed, 0, 2**32 - 1)):
+        if value is None and name == "--rounds":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise TurbofedError(f"{name} must be a whole number in {lo}..{hi}, got {value!r}")
+    if store not in STORES:
+        raise TurbofedError(f"--store must be one of {', '.join(STORES)}, got {store!r}")
+    if store == "influxdb":
+        import importlib.util
+
+        from turbofed.store.influx_write import influx_settings  # reads TURBOFED_INFLUX_*: what the aggregator will read
+
+        if importlib.util.find_spec("influxdb_client") is None:
+            raise TurbofedError("--store influxdb needs influxdb-client: pip install 'turbofed[influx]'")
+        influx_settings("influxdb")
 
 
 def find_data(dataset: str, data_dir: str | None) -> tuple[str, str | None, str]:
@@ -69,14 +98,20 @@ def run_demo(
     settings: ModelSettings | None = None,
     workdir: str | None = None,
     embedded_broker: bool | None = None,
+    store: str = "sqlite",
+    progress: RoundProgress | None = None,
 ) -> dict[str, Any]:
-    """Run the demo end to end and return its table (see `turbofed demo --json`)."""
+    """Run the demo end to end and return its table (see `turbofed demo --json`). `store`:
+    the aggregator's results store, "sqlite" (in the workdir) or "influxdb" (the
+    TURBOFED_INFLUX_* settings); `progress` shows the rounds (default: on stderr)."""
     settings = settings or ModelSettings()
+    check_options(dataset, n_sites, settings.rounds, settings.seed, store)
     started = time.perf_counter()
     work = Path(workdir or ".turbofed/demo").resolve()
     if work.exists():
         shutil.rmtree(work)  # a demo starts from nothing: no old rounds, models or agent state
     (work / "logs").mkdir(parents=True)
+    print(f"logs: {work / 'logs'} (one file per process: broker, aggregator, each site, the replays)", file=sys.stderr)
     dataset, data_dir, data_note = find_data(dataset, data_dir)
     print(f"data: {data_note}", file=sys.stderr)
     sites = [f"site{i + 1}" for i in range(n_sites)]
@@ -91,7 +126,8 @@ def run_demo(
         how = f"TLS, one identity per process ({pki.root})" if secure else "INSECURE: anonymous, no TLS, loopback only"
         print(f"broker: {broker_handle.kind} on {broker_handle.host}:{broker_handle.port} ({how})", file=sys.stderr)
         broker = BrokerSettings(host=broker_handle.host, port=broker_handle.port)
-        fleet_toml = write_configs(work, sites, broker, settings, pki, tls=secure)
+        fleet_toml = write_configs(work, sites, broker, settings, pki, tls=secure,
+                                   store="influxdb" if store == "influxdb" else "results.sqlite")
         watch = FleetWatch(broker_handle.settings(MONITOR), pki.root)
         for site in sites:
             processes.start(site, "edge", "--config", str(work / f"{site}.toml"))
@@ -110,7 +146,12 @@ def run_demo(
             processes,
         )
         processes.start("aggregator", "aggregator", "--config", str(fleet_toml))
-        watch.wait(f"{settings.rounds} federated rounds", lambda: watch.round is not None and watch.round.done and watch.round.round == settings.rounds, 120 + 60 * settings.rounds, processes)
+        progress = progress or RoundProgress(settings.rounds)
+        try:
+            watch.wait(f"{settings.rounds} federated rounds", lambda: _rounds_done(watch, settings.rounds, progress),
+                       120 + 60 * settings.rounds, processes)
+        finally:
+            progress.close()
         watch.wait("every site to load the final global model", lambda: all(watch.site_status(s).model_version == settings.rounds for s in sites), 60, processes)
 
         test = _replay(processes, work, replay_args + ["--part", "test"])
@@ -125,7 +166,8 @@ def run_demo(
             broker_handle.stop()
     return {
         "seconds": round(time.perf_counter() - started, 1),
-        "store": str(work / "results.sqlite"),
+        "store": str(work / "results.sqlite") if store == "sqlite" else "influxdb",
+        "logs": str(work / "logs"),
         "broker": broker_handle.kind if broker_handle else None,
         "secure": bool(broker_handle and broker_handle.secure),
         "data": data_note,
@@ -134,6 +176,16 @@ def run_demo(
         "sites": table,
         "fleet": _pooled(table),
     }
+
+
+def _rounds_done(watch: FleetWatch, rounds: int, progress: RoundProgress) -> bool:
+    """Show the rounds closed so far and the newest fleet RMSE; True once the last round is done."""
+    announced = watch.round
+    done = 0 if announced is None else (announced.round if announced.done else max(announced.round - 1, 0))
+    evaluation = watch.fleet_evaluation()
+    version, rmse, n = evaluation if evaluation else (None, None, 0)
+    progress.update(min(done, rounds), version, rmse, n)
+    return announced is not None and announced.done and announced.round == rounds
 
 
 def _replay(processes: Processes, work: Path, args: list[str]) -> dict[str, Any]:
@@ -182,18 +234,23 @@ def run_cli(args: argparse.Namespace) -> int:
     """Exit 0 when done; on SIGTERM or SIGINT every child is stopped (agents and replays, then
     the aggregator, then the broker; each has GRACE_S to save its state before SIGKILL) and
     the demo exits with 128 + the signal number (143, 130), as a shell reports it."""
+    store = getattr(args, "store", "sqlite")
+    check_options(args.dataset, args.sites, args.rounds, args.seed, store)  # before anything starts
     settings = ModelSettings(seed=args.seed).replace(rounds=args.rounds)
     with stop_on_signals():
         try:
-            result = run_demo(args.dataset, args.data_dir, args.sites, settings, args.workdir, True if args.embedded_broker else None)
+            result = run_demo(args.dataset, args.data_dir, args.sites, settings, args.workdir, True if args.embedded_broker else None,
+                              store=store)
         except Stopped as stopped:
             print(f"turbofed demo: stopped by {stopped.name}; the broker, aggregator, agents and replay it started "
                   f"have stopped (exit {stopped.exit_code})", file=sys.stderr)
             return stopped.exit_code
     print(format_table(result))
+    print(SCORE_NOTE)
     security = "TLS with per-process identities" if result["secure"] else "INSECURE development broker"
     print(f"\n{result['data']}; broker {result['broker']} ({security}); {result['seconds']:.0f} s")
-    print(f"results store: {result['store']}")
+    store_note = result["store"] if result["store"] != "influxdb" else "InfluxDB (TURBOFED_INFLUX_URL, _ORG, _BUCKET)"
+    print(f"results store: {store_note}; logs: {result['logs']}")
     print(f"open the dashboard: turbofed dashboard --store {result['store']}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")

@@ -16,7 +16,7 @@ from pathlib import Path
 from turbofed.config import BrokerSettings, ModelSettings
 from turbofed.deploy.identities import AGGREGATOR, FleetIdentities
 from turbofed.errors import Refused, TurbofedError
-from turbofed.messages import Metrics, RoundAnnouncement, Status, signed
+from turbofed.messages import Metrics, ModelEvaluation, RoundAnnouncement, Status, signed
 from turbofed.mqtt import Subscriptions, connect, make_client
 from turbofed.pki import IdentityFolder
 from turbofed.signing import load_public_key
@@ -32,7 +32,8 @@ class FleetError(TurbofedError):
 
 
 class FleetWatch:
-    """What the fleet says over MQTT: site status, the round announcement, site metrics."""
+    """What the fleet says over MQTT: site status, the round announcement, site metrics, and
+    each site's RMSE of each global model on its labelled engines (its evaluation)."""
 
     def __init__(self, broker: BrokerSettings, pki: Path | None = None) -> None:
         """`pki`: the fleet's identity folder; what the fleet says is then checked against its
@@ -47,11 +48,12 @@ class FleetWatch:
             self.verifier = signed.Verifier(manifest["fleet_id"], signed.TrustedKeys(everyone))
         self.status: dict[str, Status] = {}
         self.metrics: dict[str, Metrics] = {}
+        self.evaluations: dict[int, dict[str, tuple[float, int]]] = {}  # version -> site -> (RMSE, rows)
         self.round: RoundAnnouncement | None = None
         self.changed = threading.Condition()
         self.client = make_client(f"turbofed-demo-{os.getpid()}", broker)
         self.client.on_message = self._on_message
-        topics = [self.topics.all_sites("status"), self.topics.all_sites("metrics"), self.topics.round]
+        topics = [self.topics.all_sites("status"), self.topics.all_sites("metrics"), self.topics.all_sites("evaluation"), self.topics.round]
         self.subscriptions = Subscriptions(self.client, topics)
         self.client.on_connect = lambda *_: self.subscriptions.subscribe()
         connect(self.client, broker)
@@ -66,8 +68,8 @@ class FleetWatch:
                 site, body = "", RoundAnnouncement.from_payload(opened.body)
             else:
                 site, kind = self.topics.parse_site(msg.topic)
-                opened = self.verifier.open(signed.STATUS if kind == "status" else signed.METRICS, msg.payload, signer=site)
-                body = (Status if kind == "status" else Metrics).from_payload(opened.body, site=site)
+                what, cls = {"status": (signed.STATUS, Status), "evaluation": (signed.EVALUATION, ModelEvaluation)}.get(kind, (signed.METRICS, Metrics))
+                body = cls.from_payload(self.verifier.open(what, msg.payload, signer=site).body, site=site)
         except Refused as exc:
             log.warning("ignored a message on %s (%s): %s", msg.topic, exc.reason.value, exc)
             return
@@ -76,9 +78,27 @@ class FleetWatch:
                 self.round = body
             elif isinstance(body, Status):
                 self.status[site] = body
+            elif isinstance(body, ModelEvaluation):
+                self.evaluations.setdefault(body.model_version, {})[site] = (body.rmse, body.rows)
+                for old in [v for v in self.evaluations if v < max(self.evaluations) - 4]:  # bounded: the newest few
+                    del self.evaluations[old]
             else:
                 self.metrics[site] = body
             self.changed.notify_all()
+
+    def fleet_evaluation(self) -> tuple[int, float, int] | None:
+        """(version, RMSE over every reporting site's labelled rows, sites) of the newest
+        global model evaluated by as many sites as any (so the figure does not jump while the
+        newest version's evaluations arrive one by one); None before the first evaluation."""
+        from turbofed.simulation.progress import pooled_rmse
+
+        if not self.evaluations:
+            return None
+        most = max(len(scores) for scores in self.evaluations.values())
+        version = max(v for v, scores in self.evaluations.items() if len(scores) == most)
+        scores = self.evaluations[version]
+        rmse = pooled_rmse(scores)
+        return None if rmse is None else (version, rmse, len(scores))
 
     def site_status(self, site: str) -> Status:
         """The site's latest status; offline and empty until it has said anything."""
@@ -165,11 +185,12 @@ class Processes:
 
 
 def write_configs(work: Path, sites: list[str], broker: BrokerSettings, settings: ModelSettings,
-                  pki: FleetIdentities | None, tls: bool, site_extra: str = "") -> Path:
+                  pki: FleetIdentities | None, tls: bool, site_extra: str = "", store: str = "results.sqlite") -> Path:
     """One TOML per site and one for the fleet, as a user would write them. Every process signs
     with its key from `pki` (inside `work`, `turbofed fleet init`'s folder; None: nothing is
     signed, the insecure development setup); with `tls` each also names its own certificate
-    and key, relative to the file. `site_extra` is more TOML for every site config."""
+    and key, relative to the file. `site_extra` is more TOML for every site config; `store`
+    the fleet's results store (a file beside fleet.toml, or "influxdb")."""
     rel = lambda p: p.resolve().relative_to(work.resolve()).as_posix()  # noqa: E731
 
     def broker_toml(identity: str) -> str:
@@ -188,7 +209,7 @@ def write_configs(work: Path, sites: list[str], broker: BrokerSettings, settings
     model = "\n".join(f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in settings.to_dict().items())
     fleet = work / "fleet.toml"
     fleet.write_text(
-        f"sites = {json.dumps(sites)}\nstore = \"results.sqlite\"\nregistry = \"registry\"\n"
+        f"sites = {json.dumps(sites)}\nstore = {json.dumps(store)}\nregistry = \"registry\"\n"
         + (f"pki = \"{rel(pki.root)}\"\n" if pki else "insecure_unsigned = true\n") +
         f"strategy = \"fedavg\"\nround_deadline_s = 120\n\n{broker_toml(AGGREGATOR)}\n[model]\n{model}\n"
     )

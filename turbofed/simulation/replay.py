@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from turbofed.config import BrokerSettings
+from turbofed.config import BrokerSettings, load_gateway_config
 from turbofed.data.cmapss import SUBSETS, EngineRun
 from turbofed.errors import TurbofedError
 from turbofed.messages import EngineEvent, SensorReading
@@ -572,12 +572,14 @@ def replay(
     connect_timeout: float = CONNECT_TIMEOUT,
     ack_timeout: float = ACK_TIMEOUT,
     pki: str | Path | None = None,
+    gateways: Mapping[str, BrokerSettings] | None = None,
 ) -> dict:
     """Replay a fleet to the broker at host:port; returns once the broker acknowledged all.
 
     `rate` is rows per second (None = as fast as the broker acknowledges). The summary
     holds rows, events, engines, sites, seconds and rows/s. With `pki` (the fleet's
-    identity folder) it connects over TLS as each site's gateway (`GatewayReplay`).
+    identity folder) it connects over TLS as each site's gateway (`GatewayReplay`); with
+    `gateways` (site -> settings, from gateway TOML files) as exactly those gateways.
     """
     rate = parse_rate(rate)
     parts = fleet_parts(dataset, data_dir, n_sites, assign_mode, part, seed, max_engines)
@@ -590,7 +592,9 @@ def replay(
     )
     options: dict[str, Any] = dict(inflight=inflight, connect_timeout=connect_timeout, ack_timeout=ack_timeout)
     publisher: Replay | GatewayReplay
-    if pki is not None:
+    if gateways:
+        publisher = GatewayReplay(host, port, gateways, **options)
+    elif pki is not None:
         sites = sorted({engine.site for _, engines in parts for engine in engines})
         publisher = GatewayReplay(host, port, gateway_settings(pki, sites, host, port, topics), **options)
     else:
@@ -609,11 +613,31 @@ def replay(
     }
 
 
+def _gateways(files: list[str], n_sites: int) -> dict[str, BrokerSettings]:
+    """`--gateway FILE` (repeated): one gateway TOML per site replayed (site1..siteN), all on one broker."""
+    configs = [load_gateway_config(f) for f in files]
+    gateways = {c.site: c.broker for c in configs}
+    if not configs:
+        return gateways
+    wanted = {f"site{i + 1}" for i in range(n_sites)}
+    if len(gateways) != len(configs) or set(gateways) != wanted:
+        raise ReplayError(f"--gateway: the files name sites {', '.join(c.site for c in configs)}; "
+                          f"--sites {n_sites} replays {', '.join(sorted(wanted))}: give one gateway file for each")
+    if len({(b.host, b.port, b.plant_root) for b in gateways.values()}) > 1:
+        raise ReplayError("--gateway: the files name different brokers or plant roots; the replay publishes to one")
+    return gateways
+
+
 def run_cli(args: argparse.Namespace) -> int:
     """`turbofed replay`: print the summary as JSON on stdout."""
     rate = parse_rate(args.rate)  # check settings before loading any data
     host, port = parse_broker(args.broker)
     check_dataset(args.dataset)
+    gateways = _gateways(getattr(args, "gateway", None) or [], args.sites)
+    topics = None
+    if gateways:
+        first = next(iter(gateways.values()))
+        host, port, topics = first.host, first.port, Topics(first.topic_root, first.plant_root)
     summary = replay(
         dataset=args.dataset,
         data_dir=args.data_dir,
@@ -627,6 +651,8 @@ def run_cli(args: argparse.Namespace) -> int:
         progress=getattr(args, "progress", True),
         max_engines=getattr(args, "max_engines", None),
         pki=getattr(args, "pki", None),
+        gateways=gateways,
+        topics=topics,
     )
     print(json.dumps(summary))
     print(

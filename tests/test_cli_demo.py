@@ -1,0 +1,127 @@
+"""`turbofed demo` as an operator meets it (issue #17): bad options refused before anything
+starts, round progress with the fleet's RMSE (a bar on a terminal, plain lines elsewhere),
+and the fleet watcher's RMSE of the newest global model from the sites' evaluations."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from turbofed.config import BrokerSettings
+from turbofed.messages import ModelEvaluation, RoundAnnouncement
+from turbofed.mqtt import connect, make_client
+from turbofed.simulation.broker import find_mosquitto, start_broker
+from turbofed.simulation.localfleet import FleetWatch
+from turbofed.simulation.progress import RoundProgress, pooled_rmse
+from turbofed.topics import Topics
+
+
+def _demo(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "turbofed.cli", "demo", "--workdir", str(tmp_path / "work"), *args],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "FD999"], "unknown dataset 'FD999'"),
+    (["--sites", "0"], "--sites must be a whole number in 1..32, got 0"),
+    (["--sites", "1000"], "--sites must be a whole number in 1..32, got 1000"),
+    (["--rounds", "-3"], "--rounds must be a whole number in 1..1000000, got -3"),
+    (["--rounds", "0"], "--rounds must be a whole number in 1..1000000, got 0"),
+    (["--seed", "-1"], "--seed must be a whole number"),
+])
+def test_bad_options_are_refused_before_anything_starts(tmp_path: Path, args: list[str], message: str) -> None:
+    """One line, exit 2, in well under the time a broker takes to start: no download tried,
+    no broker started, no workdir made."""
+    started = time.monotonic()
+    proc = _demo(tmp_path, *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("turbofed: error: ") and message in lines[0], proc.stderr
+    assert not (tmp_path / "work").exists() and not (tmp_path / "data").exists()
+    assert time.monotonic() - started < 30
+
+
+def test_influxdb_store_without_its_settings_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    pytest.importorskip("influxdb_client", reason="influxdb-client is not installed: pip install 'turbofed[influx]'")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TURBOFED_INFLUX_")}
+    proc = _demo(tmp_path, "--store", "influxdb", env=env)
+    assert proc.returncode == 2
+    assert "InfluxDB settings missing: url (TURBOFED_INFLUX_URL)" in proc.stderr
+    assert not (tmp_path / "work").exists()
+
+
+def test_pooled_rmse_weighs_sites_by_rows() -> None:
+    assert pooled_rmse({"a": (10.0, 100), "b": (20.0, 300)}) == pytest.approx(math.sqrt((100 * 100 + 300 * 400) / 400))
+    assert pooled_rmse({}) is None
+
+
+def test_progress_is_plain_lines_off_a_terminal() -> None:
+    out = io.StringIO()
+    progress = RoundProgress(5, stream=out)
+    assert not progress.fancy
+    progress.update(0)
+    progress.update(2, 2, 21.4, 4)
+    progress.update(2, 3, 19.0, 1)  # a newer evaluation within the round: no line
+    progress.update(5, 5, 18.25, 1)
+    progress.close()
+    lines = out.getvalue().splitlines()
+    assert lines == ["round 0/5 done; fleet RMSE: waiting for the sites' first evaluation",
+                     "round 2/5 done; fleet RMSE 21.40 (global v2 on 4 sites' labelled engines)",
+                     "round 5/5 done; fleet RMSE 18.25 (global v5 on 1 site's labelled engines)"]
+    assert "\r" not in out.getvalue()
+
+
+class Terminal(io.StringIO):
+    """A text stream that says it is a terminal (what rich draws its bar on)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal() -> None:
+    pytest.importorskip("rich")
+    out = Terminal()
+    progress = RoundProgress(5, stream=out)
+    assert progress.fancy
+    progress.update(3, 3, 19.5, 2)
+    progress.close()
+    text = out.getvalue()
+    assert "3/5" in text and "fleet RMSE 19.50 (global v3 on 2 sites' labelled engines)" in text
+    assert "━" in text  # the bar
+
+
+@pytest.mark.timeout(60)
+def test_the_watcher_reports_the_newest_versions_fleet_rmse(tmp_path: Path) -> None:
+    """Sites' evaluations over MQTT (a real development broker, unsigned like the amqtt demo)."""
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed")
+    topics = Topics()
+    with start_broker(embedded=False, workdir=tmp_path / "broker") as broker:
+        settings = BrokerSettings(host=broker.host, port=broker.port)
+        watch = FleetWatch(settings)
+        sender = make_client("t-eval", settings)
+        connect(sender, settings)
+        try:
+            assert watch.fleet_evaluation() is None
+            # v3 from both sites, then v4 from one: the newest version every site has evaluated counts
+            for site, version, rmse, rows in (("site1", 2, 30.0, 50), ("site1", 3, 10.0, 100), ("site2", 3, 20.0, 300), ("site1", 4, 1.0, 10)):
+                sender.publish(topics.site(site, "evaluation"),
+                               ModelEvaluation(site, version, rmse, rows).to_payload(), qos=1).wait_for_publish(10)
+            sender.publish(topics.round, RoundAnnouncement(3, done=True).to_payload(), qos=1).wait_for_publish(10)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not (4 in watch.evaluations and watch.round):
+                time.sleep(0.1)
+            version, rmse, sites = watch.fleet_evaluation()
+            assert (version, sites) == (3, 2) and rmse == pytest.approx(pooled_rmse({"a": (10.0, 100), "b": (20.0, 300)}))
+            assert watch.round is not None and watch.round.done
+        finally:
+            sender.disconnect()
+            sender.loop_stop()
+            watch.close()
