@@ -47,7 +47,7 @@ def test_result_has_every_figure(cmapss_dir: Path) -> None:
     result = run_accuracy("FD001", str(cmapss_dir), 2, QUICK)
     assert result["eval"] == "official-test" and result["test_engines"] == {"FD001": 100}
     for model in ("central", "federated"):
-        assert set(result[model]["FD001"]) == {"rmse", "rmse_capped", "score"}
+        assert set(result[model]["FD001"]) == {"rmse", "rmse_capped", "score", "out_of_range"}
         assert 5 < result[model]["FD001"]["rmse"] < 60
     assert [site["site"] for site in result["local"]] == ["site1", "site2"]
     assert all(site["subset"] == "FD001" and site["engines"] == 50 for site in result["local"])
