@@ -38,7 +38,7 @@ from turbofed.codec import read_weights, replace_weights
 from turbofed.config import DEFAULT_STRATEGY, ModelSettings
 from turbofed.data.cmapss import EngineRun
 from turbofed.data.datasets import EvalSet, load_dataset, split_engines
-from turbofed.edge.features import run_features, runs_regime_stats, runs_stats
+from turbofed.edge.features import run_features, runs_regime_stats, runs_stats, two_phase_spec
 from turbofed.edge.inference import OnnxPredictor
 from turbofed.edge.learner import RulModel
 from turbofed.errors import ConfigError
@@ -64,15 +64,13 @@ class Site:
 
     def spec(self, window: int) -> FeatureSpec:
         """What a lone site fixes from its own two phases of statistics."""
-        regimes = Regimes.from_stats(self.regime_stats())
-        return FeatureSpec.from_stats(self.stats(window, regimes), regimes=regimes)
+        return fleet_spec([self], window)
 
 
 def fleet_spec(sites: list[Site], window: int) -> FeatureSpec:
     """The fleet's spec from summed per-site statistics (federated analytics), phase by phase."""
-    regimes = Regimes.from_stats(sum((s.regime_stats() for s in sites), RegimeStats()))
-    stats = sum((s.stats(window, regimes) for s in sites), FleetStats(window=window))
-    return FeatureSpec.from_stats(stats, regimes=regimes)
+    return two_phase_spec(sum((s.regime_stats() for s in sites), RegimeStats()),
+                          lambda regimes: sum((s.stats(window, regimes) for s in sites), FleetStats(window=window)))
 
 
 def split_sites(train: dict[str, list[EngineRun]], n_sites: int) -> list[Site]:

@@ -27,7 +27,7 @@ statistics (turbofed/spec.py), which add up exactly across sites; `regime_stats`
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import numpy as np
@@ -112,6 +112,13 @@ def histories_stats(histories: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray
     for regimes): each one's `history_stats`, summed."""
     parts = zip(histories, settings) if settings is not None else ((h, None) for h in histories)
     return sum((history_stats(c, s, r, window, g, regimes) for (c, s, r), g in parts), FleetStats(window=window))
+
+
+def two_phase_spec(regime_stats: RegimeStats, stats_for: Callable[[Regimes], FleetStats]) -> FeatureSpec:
+    """The spec fixed by the two phases of statistics: regimes from the first, then the
+    feature statistics `stats_for(regimes)` computes over sensors normalised with them."""
+    regimes = Regimes.from_stats(regime_stats)
+    return FeatureSpec.from_stats(stats_for(regimes), regimes=regimes)
 
 
 class LabelledRun(Protocol):

@@ -270,6 +270,9 @@ class AgentState:
             engines = take(stats_answer, "engines", "list", f"{path}: stats_answer")
             if not all(isinstance(e, str) for e in engines):
                 raise StateError(f"{path}: stats_answer key 'engines' must be a list of engine ids, got {short(engines)}")
+            phases = stats_answer.get("phases", ["regimes", "features"])  # older files: one answer, both phases spent
+            if not isinstance(phases, list) or not all(p in ("regimes", "features") for p in phases):
+                raise StateError(f"{path}: stats_answer key 'phases' must list 'regimes' and/or 'features', got {short(phases)}")
         return cls(
             answered=answered,
             global_version=take(raw, "global_version", "int", where, minimum=-1),

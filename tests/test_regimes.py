@@ -164,3 +164,28 @@ def test_predictions_clipped_to_zero_and_cap(fd001) -> None:
         weights = {"coef": np.zeros(shapes["coef"], np.float32), "intercept": np.full(shapes["intercept"], bias, np.float32)}
         model = reference_model(spec, settings, weights).SerializeToString()
         assert OnnxPredictor(model, cap=125.0).predict(np.zeros(spec.n_features)).tolist() == [expected]
+
+
+def test_stats_messages_carry_phase_regimes_and_regime_stats(fd002) -> None:
+    import json
+
+    from turbofed.messages import StatsReply, StatsRequest
+    from turbofed.messages._check import MessageError
+
+    stats = runs_regime_stats(fd002.train[:3])
+    regimes = Regimes.from_stats(stats)
+    request = StatsRequest.from_payload(StatsRequest("r", 10, 30, "features", regimes).to_payload())
+    assert request.phase == "features" and request.regimes == regimes
+    assert StatsRequest.from_payload(StatsRequest("r", 10, 30).to_payload()) == StatsRequest("r", 10, 30)  # the old form
+    reply = StatsReply.from_payload(StatsReply("r", "site1", 5, 3, regime_stats=stats).to_payload(), site="site1")
+    assert sorted(reply.regime_stats.cells) == sorted(stats.cells)
+    for body, reason in (
+        ({"request_id": "r", "min_samples": 1, "window": 30, "phase": "everything"}, "phase must be"),
+        ({"request_id": "r", "min_samples": 1, "window": 30, "phase": "regimes", "regimes": regimes.to_dict()}, "without regimes"),
+        ({"request_id": "r", "min_samples": 1, "window": 30, "regimes": {**regimes.to_dict(), "std": [[-1.0] * 21] * 6}}, "std not negative"),
+    ):
+        with pytest.raises(MessageError, match=reason):
+            StatsRequest.from_payload(json.dumps(body).encode())
+    bad = {"request_id": "r", "site": "site1", "samples": 5, "engines": 3, "stats": None, "regime_stats": {"cells": [[0, 0, 100, -5.0] + [0.0] * 42]}}
+    with pytest.raises(MessageError, match="negative"):
+        StatsReply.from_payload(json.dumps(bad).encode(), site="site1")
