@@ -157,13 +157,19 @@ class EngineWindow:
         self._next = 0  # rows written so far
         self._baseline_sum = np.zeros(len(spec.sensors))
         self.cycle = 0
+        if spec.regimes is not None:  # the chosen sensors' per-regime mean and 1/spread, picked once
+            mean, inv = spec.regimes.affine()
+            self._regime_mean, self._regime_inv = mean[:, self._columns], inv[:, self._columns]
 
     def push(self, cycle: int, sensors: np.ndarray, settings: np.ndarray | None = None) -> None:
         """Add one reading (all 21 raw sensors, and the 3 settings where the spec has regimes)."""
-        raw = np.asarray(sensors, dtype=float)
-        if self.spec.regimes is not None:
-            raw = normalised(self.spec.regimes, None if settings is None else np.atleast_2d(settings), raw[None])[0]
-        row = raw[self._columns]
+        row = np.asarray(sensors, dtype=float)[self._columns]
+        regimes = self.spec.regimes
+        if regimes is not None:  # the same arithmetic as `normalised`, on the chosen columns only
+            if settings is None and len(regimes.cells) > 1:
+                raise ValueError(f"the feature spec has {len(regimes.cells)} operating regimes: readings need their settings")
+            r = 0 if len(regimes.cells) == 1 else int(regimes.assign(np.asarray(settings, dtype=float)[None])[0])
+            row = (row - self._regime_mean[r]) * self._regime_inv[r]
         w = self.spec.window
         if self._next == 0:
             self._buffer[:] = row  # pad with the first reading

@@ -43,6 +43,34 @@ def test_sites_are_disjoint_and_split_by_subset(cmapss_dir: Path) -> None:
         assert len(units) == len(set(units)) == len(train[name])
 
 
+def test_validation_holds_out_engines_of_every_site_and_never_the_test(cmapss_dir: Path) -> None:
+    from turbofed.benchmarks.accuracy import validation_split
+
+    train, evals = load_dataset("FD001+FD003", str(cmapss_dir), seed=0)
+    sites = split_sites(train, 4)
+    before = {s.name: {r.unit for r in s.runs} for s in sites}
+    held = validation_split(sites, seed=0)
+    assert [(e.subset, e.kind) for e in held] == [("FD001", "validation-from-train"), ("FD003", "validation-from-train")]
+    test_units = {ev.subset: {r.unit for r in ev.runs} for ev in evals if ev.kind == "holdout-from-train"}
+    for site in sites:
+        kept = {r.unit for r in site.runs}
+        assert kept < before[site.name] and len(before[site.name] - kept) == round(0.2 * len(before[site.name]))  # a fifth, per site
+    for ev in held:
+        units = {r.unit for r in ev.runs}
+        assert not units & {r.unit for s in sites if s.subset == ev.subset for r in s.runs}  # never trained on
+        assert not units & test_units.get(ev.subset, set())  # never the test engines
+        assert all(5 <= r.rul_at_end <= 150 for r in ev.runs)  # cut like NASA's
+
+
+def test_all_four_subsets_run_with_per_regime_normalisation(cmapss_dir: Path) -> None:
+    result = run_accuracy("FD001+FD002+FD003+FD004", str(cmapss_dir), 8, QUICK)
+    assert result["test_engines"] == {"FD001": 100, "FD002": 259, "FD003": 20, "FD004": 50}
+    assert len(result["features"]["regimes"]) == 6
+    assert [site["subset"] for site in result["local"]] == ["FD001", "FD001", "FD002", "FD002", "FD003", "FD003", "FD004", "FD004"]
+    for model in [result["central"], result["federated"]] + [site["metrics"] for site in result["local"]]:
+        assert set(model) == {"FD001", "FD002", "FD003", "FD004"}
+
+
 def test_result_has_every_figure(cmapss_dir: Path) -> None:
     result = run_accuracy("FD001", str(cmapss_dir), 2, QUICK)
     assert result["eval"] == "official-test" and result["test_engines"] == {"FD001": 100}

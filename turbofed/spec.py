@@ -177,6 +177,11 @@ class Regimes:
             stds.append(tuple(sd.tolist()))
         return cls(tuple(keep), tuple(means), tuple(stds))
 
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """(K, 21) per-regime means and reciprocal spreads (0 where a sensor is constant):
+        normalised = (raw - mean[r]) * inverse[r]."""
+        return self._arrays[1], self._arrays[2]
+
     def assign(self, settings: np.ndarray) -> np.ndarray:
         """(n, 3) settings -> (n,) regime index (the nearest regime's cell, in grid units)."""
         g = grid_cells(settings).astype(float)
@@ -187,7 +192,7 @@ class Regimes:
 
     def normalise(self, settings: np.ndarray, sensors: np.ndarray) -> np.ndarray:
         """(n, 3) settings and (n, 21) raw sensors -> (n, 21) sensors normalised per regime."""
-        _, mean, inv = self._arrays
+        mean, inv = self.affine()
         r = self.assign(settings)
         return (np.atleast_2d(np.asarray(sensors, dtype=float)) - mean[r]) * inv[r]
 
