@@ -209,7 +209,8 @@ def run_accuracy(
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    settings = ModelSettings(seed=args.seed).replace(rounds=args.rounds, local_epochs=args.local_epochs)
+    model = dict(parse_param(text, "--model") for text in getattr(args, "model", []))
+    settings = ModelSettings(seed=args.seed).replace(rounds=args.rounds, local_epochs=args.local_epochs, **model)
     params = dict(parse_param(text) for text in args.strategy_param)
     result = run_accuracy(args.dataset, args.data_dir, args.sites, settings, args.strategy or DEFAULT_STRATEGY, params,
                           validation=getattr(args, "validation", False))
@@ -217,13 +218,13 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_param(text: str) -> tuple[str, Any]:
-    """`--strategy-param KEY=VALUE`: VALUE as a TOML value (0.7, 3, true, "x"), else the bare text."""
+def parse_param(text: str, option: str = "--strategy-param") -> tuple[str, Any]:
+    """`--strategy-param KEY=VALUE` (or `--model`): VALUE as a TOML value (0.7, 3, true, "x", [64, 32]), else the bare text."""
     import tomllib
 
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--strategy-param {text!r}: give KEY=VALUE, e.g. momentum=0.7")
+        raise ConfigError(f"{option} {text!r}: give KEY=VALUE, e.g. {'batch_size=128' if option == '--model' else 'momentum=0.7'}")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:

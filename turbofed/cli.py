@@ -55,6 +55,8 @@ def _bench(sub: argparse._SubParsersAction) -> None:
                           'clipped-fedavg, "package.module:ClassName" or an installed entry point')
     acc.add_argument("--strategy-param", action="append", default=[], metavar="KEY=VALUE",
                      help="a strategy parameter, as in fleet.toml's [strategy] (repeat: --strategy-param momentum=0.9)")
+    acc.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                     help="a model setting, as in fleet.toml's [model] (repeat: --model batch_size=128 --model hidden=[128,64])")
     acc.add_argument("--validation", action="store_true",
                      help="score on a fifth of each site's training engines held out (for tuning), not on the official test")
     acc.add_argument("--json", dest="json_out", help="write the result JSON here too")
