@@ -170,7 +170,7 @@ class EngineWindow:
         if regimes is not None:  # the same arithmetic as `normalised`, on the chosen columns only
             if settings is None and len(regimes.cells) > 1:
                 raise ValueError(f"the feature spec has {len(regimes.cells)} operating regimes: readings need their settings")
-            r = 0 if len(regimes.cells) == 1 else int(regimes.assign(np.asarray(settings, dtype=float)[None])[0])
+            r = regimes.assign_one(settings) if settings is not None else 0
             row = (row - self._regime_mean[r]) * self._regime_inv[r]
         w = self.spec.window
         if self._next == 0:

@@ -189,3 +189,9 @@ def test_stats_messages_carry_phase_regimes_and_regime_stats(fd002) -> None:
     bad = {"request_id": "r", "site": "site1", "samples": 5, "engines": 3, "stats": None, "regime_stats": {"cells": [[0, 0, 100, -5.0] + [0.0] * 42]}}
     with pytest.raises(MessageError, match="negative"):
         StatsReply.from_payload(json.dumps(bad).encode(), site="site1")
+
+
+def test_assign_one_agrees_with_assign(fd002) -> None:
+    regimes = Regimes.from_stats(runs_regime_stats(fd002.train[:20]))
+    settings = np.vstack([r.settings for r in fd002.train[:20]] + [np.array([[19.4, 0.7, 100.0], [30.0, 0.73, 80.0], [-0.004, 0.005, 100.0]])])
+    assert [regimes.assign_one(g) for g in settings] == regimes.assign(settings).tolist()

@@ -150,7 +150,8 @@ class Regimes:
         if mean.shape != (k, N_SENSORS) or std.shape != (k, N_SENSORS) or not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))) or np.any(std < 0):
             raise ValueError(f"regimes: mean and std must be {k} x {N_SENSORS} finite numbers, std not negative")
         inv = np.divide(1.0, std, out=np.zeros_like(std), where=std > 0)
-        object.__setattr__(self, "_arrays", (cells, mean, inv))
+        index = {tuple(c): k for k, c in enumerate(self.cells)}
+        object.__setattr__(self, "_arrays", (cells, mean, inv, index))
 
     @classmethod
     def from_stats(cls, stats: RegimeStats, min_share: float = MIN_REGIME_SHARE) -> "Regimes":
@@ -181,6 +182,15 @@ class Regimes:
         """(K, 21) per-regime means and reciprocal spreads (0 where a sensor is constant):
         normalised = (raw - mean[r]) * inverse[r]."""
         return self._arrays[1], self._arrays[2]
+
+    def assign_one(self, settings: np.ndarray) -> int:
+        """One reading's regime, as `assign` gives it, without array overhead when its cell is
+        a regime's own (the agent calls this for every reading)."""
+        if len(self.cells) == 1:
+            return 0
+        key = tuple(round(float(v) / g) for v, g in zip(settings, SETTINGS_GRID))  # round() is half-even, as np.rint
+        k = self._arrays[3].get(key)
+        return int(self.assign(np.asarray(settings, dtype=float)[None])[0]) if k is None else k
 
     def assign(self, settings: np.ndarray) -> np.ndarray:
         """(n, 3) settings -> (n,) regime index (the nearest regime's cell, in grid units)."""
