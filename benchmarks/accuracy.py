@@ -95,9 +95,10 @@ def training_rows(spec: FeatureSpec, runs: list[EngineRun]) -> tuple[np.ndarray,
     return x.astype(np.float32), np.concatenate([r.rul() for r in runs])
 
 
-def evaluate(model: bytes, spec: FeatureSpec, ev: EvalSet, cap: float = RUL_CAP) -> dict[str, float]:
+def evaluate(model: bytes, spec: FeatureSpec, ev: EvalSet, cap: float | None = RUL_CAP) -> dict[str, float]:
     """The standard protocol: one prediction at the last observed cycle of each test engine,
-    clipped to [0, cap]; `out_of_range` is the share of engines the spec flags."""
+    clipped to [0, cap] (None: only at 0, to see how far a wrecked model goes); `out_of_range`
+    is the share of engines the spec flags."""
     features = np.vstack([run_features(spec, r.cycles, r.sensors, r.settings)[-1] for r in ev.runs])
     metrics = rul_metrics(OnnxPredictor(model, cap=cap).predict(features), np.array([r.rul_at_end for r in ev.runs]))
     return {**metrics, "out_of_range": round(float(spec.out_of_range(features).mean()), 4)}
