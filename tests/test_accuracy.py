@@ -148,3 +148,32 @@ def test_fd001_figures_the_readme_claims(cmapss_dir: Path) -> None:
     assert federated <= 12.5, result["federated"]
     assert federated <= 1.06 * central, (federated, central)
     assert sum(local) / len(local) >= 1.3 * federated, (local, federated)
+
+
+@pytest.mark.slow
+def test_fd002_figures_the_readme_claims(cmapss_dir: Path) -> None:
+    """FD002 (six operating conditions; default settings, seed 0, 4 sites, NASA's 259 test
+    engines), against the truth capped at 125 as the literature scores it: federated at most
+    12.5 (measured 12.01; the best published figures are 13.3-14.8) and within 6% of central
+    (0.93 x). Before regimes this stopped with "no sensor varies with RUL across the fleet"."""
+    result = run_accuracy("FD002", str(cmapss_dir), 4, ModelSettings())
+    assert result["eval"] == "official-test" and result["test_engines"] == {"FD002": 259}
+    assert len(result["features"]["regimes"]) == 6
+    federated = result["federated"]["FD002"]["rmse_capped"]
+    assert federated <= 12.5, result["federated"]
+    assert federated <= 1.06 * result["central"]["FD002"]["rmse_capped"], (result["federated"], result["central"])
+    assert all(site["metrics"]["FD002"]["rmse_capped"] > federated for site in result["local"])
+
+
+@pytest.mark.slow
+def test_four_subsets_eight_sites_figures_the_readme_claims(cmapss_dir: Path) -> None:
+    """FD001+FD002+FD003+FD004, two sites per subset (seed 0): the federated model beats every
+    site's local model on every subset and stays within 10% of central on each (FD001 and
+    FD003 against the raw truth, FD002 and FD004 capped, as the issue scores them). The
+    FD003 margins are thin (1.06 x central; 21.33 vs the best local 21.66) and other seeds
+    miss them (README)."""
+    result = run_accuracy("FD001+FD002+FD003+FD004", str(cmapss_dir), 8, ModelSettings())
+    for subset, key in (("FD001", "rmse"), ("FD002", "rmse_capped"), ("FD003", "rmse"), ("FD004", "rmse_capped")):
+        federated = result["federated"][subset][key]
+        assert federated <= 1.10 * result["central"][subset][key], (subset, result["federated"][subset], result["central"][subset])
+        assert all(site["metrics"][subset][key] > federated for site in result["local"]), subset
