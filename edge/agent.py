@@ -80,7 +80,7 @@ from turbofed.metrics import phm08_score, rmse
 from turbofed.mqtt import ConnectionWatch, Subscriptions, client_id, connect, make_client
 from turbofed.ratelog import RateLimitedLog, RefusalLog
 from turbofed.refusals import Refusal
-from turbofed.spec import FeatureSpec
+from turbofed.spec import MAX_CELLS, FeatureSpec
 from turbofed.topics import Topics
 
 log = logging.getLogger("turbofed.edge")
@@ -421,7 +421,11 @@ class EdgeAgent:
         if self.buffer.rows < request.min_samples:
             raise MessageError(f"{what}: {self.buffer.rows} labelled rows, the request needs {request.min_samples}", Refusal.STATS_TOO_FEW_SAMPLES)
         if request.phase == "regimes":
-            reply = StatsReply(request.request_id, self.site, self.buffer.rows, len(engines), regime_stats=self.buffer.regime_stats())
+            cells = self.buffer.regime_stats()
+            if len(cells.cells) > MAX_CELLS:  # settings that vary continuously: no grid regimes to offer
+                raise MessageError(f"{what}: labelled readings fall in {len(cells.cells)} settings-grid cells, over the {MAX_CELLS} "
+                                   "a reply may carry", Refusal.STATS_UNAFFORDABLE)
+            reply = StatsReply(request.request_id, self.site, self.buffer.rows, len(engines), regime_stats=cells)
         else:
             reply = StatsReply(request.request_id, self.site, self.buffer.rows, len(engines), self.buffer.stats(request.window, request.regimes))
         self._report("stats", self.sealer.seal(signed.STATS, reply.to_payload()))

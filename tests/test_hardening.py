@@ -254,3 +254,18 @@ def test_readings_keep_their_settings_for_the_regime_windows(agent) -> None:
     for cycle, (g, s) in enumerate(zip(settings, sensors), start=1):
         agent.handle(TOPICS.sensors(SITE, "e1"), SensorReading(cycle, tuple(g), tuple(s)).to_payload())
     np.testing.assert_array_equal(agent.engines["e1"].window(spec).features(), run_features(spec, np.arange(1, 41), sensors, settings)[-1])
+
+
+def test_a_regimes_answer_too_large_to_send_is_refused_not_sent(agent) -> None:
+    from tests.fakeclient import FakeClient
+    from turbofed.spec import MAX_CELLS
+
+    agent.client = FakeClient()
+    rng = np.random.default_rng(2)
+    for i in range(5):
+        cycles = np.arange(1, 41)
+        settings = np.column_stack([rng.uniform(0, 40, 40), rng.uniform(0, 0.8, 40), np.full(40, 100.0)])  # continuous conditions
+        agent.buffer.add(f"e{i}", cycles, 500 + rng.normal(size=(40, N_SENSORS)), (40 - cycles).astype(float), settings)
+    assert len(agent.buffer.regime_stats().cells) > MAX_CELLS
+    agent.handle(TOPICS.stats_request, StatsRequest("r1", 10, 30, "regimes").to_payload())
+    assert agent.counters["rejected.stats_unaffordable"] == 1 and agent.client.sent == [] and agent.stats_answer is None
