@@ -72,7 +72,7 @@ from turbofed.messages import (
 from turbofed.mqtt import ConnectionWatch, Subscriptions, client_id, connect, make_client
 from turbofed.ratelog import LOG_INTERVAL_S, RateLimitedLog, RefusalLog, Throttle
 from turbofed.refusals import Refusal
-from turbofed.spec import FeatureSpec, FleetStats
+from turbofed.spec import FeatureSpec, FleetStats, Regimes, RegimeStats
 from turbofed.store import open_store
 from turbofed.topics import Topics, natural_key
 
@@ -234,8 +234,9 @@ class Aggregator(SecureRounds):
                 continue
             try:
                 stats = FleetStats.from_dict(event["detail"]["stats"])
+                regimes = Regimes.from_dict(event["detail"]["regimes"]) if event["detail"].get("regimes") is not None else None
                 if stats.window == self.config.model.window:
-                    self.stats, self.spec = stats, FeatureSpec.from_stats(stats, self.config.model.window)
+                    self.stats, self.spec = stats, FeatureSpec.from_stats(stats, self.config.model.window, regimes=regimes)
                     log.info("fleet reset: reusing the fleet statistics recorded in the results store (%d labelled cycles)", stats.count)
                     return
             except (KeyError, TypeError, ValueError) as exc:
@@ -367,43 +368,59 @@ class Aggregator(SecureRounds):
     # --- phase 1: federated statistics ------------------------------------------------
 
     def _collect_stats(self, stop: threading.Event) -> None:
-        """Until a quorum of sites has enough labelled data, or the round deadline has
-        passed with at least one: a site that is down must not hold the fleet back."""
+        """Two phases of federated statistics: the operating regimes (per settings-grid cell
+        counts and sensor sums), then the feature statistics over sensors normalised per
+        regime; the spec carries both. Each phase waits for a quorum of sites with enough
+        labelled data, or the round deadline with at least one: a site that is down must not
+        hold the fleet back. With secure aggregation only the feature statistics are asked,
+        through the secure sum, and the fleet is one regime (docs/privacy.md)."""
         if self.secure_settings is not None:
             self._collect_secure_stats(stop)
             return
-        needed = self.config.effective_quorum
-        next_request = 0.0
-        give_up = time.monotonic() + self.config.round_deadline_s
-        # One request, re-sent until enough sites have answered: a site answers a spec's
-        # statistics once (edge/agent.py on_stats_request), so a new id would not get a new answer.
-        self.stats_request_id = uuid.uuid4().hex
-        while not stop.is_set():
-            ready = {s: r for s, r in self.stats_replies.items() if r.samples >= self.config.min_samples and r.stats is not None}
-            if len(ready) >= needed or (ready and time.monotonic() >= give_up):
-                break
-            if time.monotonic() >= next_request:
-                request = StatsRequest(self.stats_request_id, self.config.min_samples, self.config.model.window)
-                payload = self.sealer.seal(signed.STATS_REQUEST, request.to_payload())
-                self.client.publish(self.topics.stats_request, payload, qos=1, retain=True)
-                next_request = time.monotonic() + self.config.stats_retry_s
-                log.info("asked sites for fleet statistics (%d of %d ready)", len(ready), needed)
-            self.pump(0.2)
-        if stop.is_set():
+        regime_replies = self._gather_stats(stop, "regimes")
+        if regime_replies is None:
             return
-        self._fleet_stats(sum((r.stats for r in ready.values()), FleetStats()), sorted(ready))
+        regimes = Regimes.from_stats(sum((r.regime_stats for r in regime_replies.values()), RegimeStats()))
+        ready = self._gather_stats(stop, "features", regimes)
+        if ready is None:
+            return
+        self._fleet_stats(sum((r.stats for r in ready.values()), FleetStats()), sorted(ready), regimes)
 
-    def _fleet_stats(self, stats: FleetStats, sites: list[str], secure: bool = False) -> None:
+    def _fleet_stats(self, stats: FleetStats, sites: list[str], regimes: Regimes | None = None, secure: bool = False) -> None:
         """The fleet's statistics fix the feature spec; the request is cleared and the sums
         recorded (after a `--reset` they fix the same spec again, since sites share statistics
         only over engines they have not answered for: edge/agent.py)."""
-        self.stats, self.spec = stats, FeatureSpec.from_stats(stats, self.config.model.window)
+        self.stats, self.spec = stats, FeatureSpec.from_stats(stats, self.config.model.window, regimes=regimes)
         self.client.publish(self.topics.stats_request, b"", qos=1, retain=True)  # clear the request
         detail = {"sites": sites, "rows": int(stats.count), "sensors": [i + 1 for i in self.spec.sensors],
-                  "stats": stats.to_dict(), "secure": secure}
-        log.info("fleet statistics from %d sites%s, %d labelled cycles; informative sensors %s", len(sites),
-                 " (secure sum)" if secure else "", stats.count, detail["sensors"])
+                  "stats": stats.to_dict(), "secure": secure, **({"regimes": regimes.to_dict()} if regimes is not None else {})}
+        log.info("fleet statistics from %d sites%s, %d labelled cycles; %d operating regime(s); informative sensors %s",
+                 len(sites), " (secure sum)" if secure else "", stats.count, len(regimes.cells) if regimes is not None else 1,
+                 detail["sensors"])
         self.store.record_event("fleet_statistics", detail, time.time())
+
+    def _gather_stats(self, stop: threading.Event, phase: str, regimes: Regimes | None = None) -> dict[str, StatsReply] | None:
+        """The replies of one statistics phase from the sites ready to give it (None: stopped)."""
+        needed = self.config.effective_quorum
+        next_request = 0.0
+        give_up = time.monotonic() + self.config.round_deadline_s
+        # One request per phase, re-sent until enough sites have answered: a site answers a
+        # spec's statistics once per phase (edge/agent.py on_stats_request), so a new id would not get a new answer.
+        self.stats_request_id = uuid.uuid4().hex
+        self.stats_replies = {}
+        field = "regime_stats" if phase == "regimes" else "stats"
+        while not stop.is_set():
+            ready = {s: r for s, r in self.stats_replies.items() if r.samples >= self.config.min_samples and getattr(r, field) is not None}
+            if len(ready) >= needed or (ready and time.monotonic() >= give_up):
+                return ready
+            if time.monotonic() >= next_request:
+                request = StatsRequest(self.stats_request_id, self.config.min_samples, self.config.model.window, phase, regimes)
+                payload = self.sealer.seal(signed.STATS_REQUEST, request.to_payload())
+                self.client.publish(self.topics.stats_request, payload, qos=1, retain=True)
+                next_request = time.monotonic() + self.config.stats_retry_s
+                log.info("asked sites for fleet statistics, %s phase (%d of %d ready)", phase, len(ready), needed)
+            self.pump(0.2)
+        return None
 
     def _on_stats(self, site: str, payload: bytes) -> None:
         if self.secure_settings is not None:

@@ -5,7 +5,16 @@ R x E epochs on the pooled engines, each local model R x E epochs on its own sit
 engines, and the federation R rounds of E local epochs from the global model, merged by
 a strategy. Everything crosses the site boundary as ONNX, exactly as on the wire.
 Fleet statistics for normalisation are summed from per-site statistics (federated
-analytics); nobody pools raw rows except the central baseline, which exists to be beaten.
+analytics), in two phases as in the fleet: the operating regimes and their per-regime
+sensor statistics, then the feature statistics over the regime-normalised sensors; nobody
+pools raw rows except the central baseline, which exists to be beaten. Predictions are
+clipped to [0, RUL cap]; each evaluation also says what share of the test engines the
+model flags as outside its training range (`FeatureSpec.out_of_range`).
+
+`--dataset` takes subsets joined by `+` (FD001+FD002+FD003+FD004): the sites are split
+among the subsets (non-IID) and every model is scored on every subset. `--validation`
+scores on engines held out of each site's training engines instead of the official test
+(the tuning protocol, docs/accuracy.md): choices are made there, never on a test set.
 
 `turbofed bench accuracy ... --json OUT` prints (and writes) the result as JSON.
 """
@@ -28,15 +37,15 @@ from turbofed.benchmarks import emit, machine_info
 from turbofed.codec import read_weights, replace_weights
 from turbofed.config import DEFAULT_STRATEGY, ModelSettings
 from turbofed.data.cmapss import EngineRun
-from turbofed.data.datasets import EvalSet, load_dataset
-from turbofed.edge.features import run_features, runs_stats
+from turbofed.data.datasets import EvalSet, load_dataset, split_engines
+from turbofed.edge.features import run_features, runs_regime_stats, runs_stats, two_phase_spec
 from turbofed.edge.inference import OnnxPredictor
 from turbofed.edge.learner import RulModel
 from turbofed.errors import ConfigError
 from turbofed.graph import reference_model
-from turbofed.metrics import rul_metrics
+from turbofed.metrics import RUL_CAP, rul_metrics
 from turbofed.simulation.fleet import assign, site_names
-from turbofed.spec import FeatureSpec, FleetStats
+from turbofed.spec import FeatureSpec, FleetStats, Regimes, RegimeStats
 
 
 @dataclass
@@ -47,8 +56,21 @@ class Site:
     subset: str
     runs: list[EngineRun]
 
-    def stats(self, window: int) -> FleetStats:
-        return runs_stats(self.runs, window)
+    def regime_stats(self) -> RegimeStats:
+        return runs_regime_stats(self.runs)
+
+    def stats(self, window: int, regimes: Regimes | None = None) -> FleetStats:
+        return runs_stats(self.runs, window, regimes)
+
+    def spec(self, window: int) -> FeatureSpec:
+        """What a lone site fixes from its own two phases of statistics."""
+        return fleet_spec([self], window)
+
+
+def fleet_spec(sites: list[Site], window: int) -> FeatureSpec:
+    """The fleet's spec from summed per-site statistics (federated analytics), phase by phase."""
+    return two_phase_spec(sum((s.regime_stats() for s in sites), RegimeStats()),
+                          lambda regimes: sum((s.stats(window, regimes) for s in sites), FleetStats(window=window)))
 
 
 def split_sites(train: dict[str, list[EngineRun]], n_sites: int) -> list[Site]:
@@ -58,15 +80,28 @@ def split_sites(train: dict[str, list[EngineRun]], n_sites: int) -> list[Site]:
     return [Site(name, subset_of[name], [e.run for e in engines if e.site == name]) for name in site_names(n_sites)]
 
 
+def validation_split(sites: list[Site], seed: int) -> list[EvalSet]:
+    """Hold a seeded fifth of every site's engines out of its training (by engine, per site),
+    cut like NASA's test engines; one validation set per subset. The sites keep the rest."""
+    held: dict[str, list[EngineRun]] = {}
+    for k, site in enumerate(sites):
+        site.runs, cut = split_engines(site.runs, seed * 1000 + k)
+        held.setdefault(site.subset, []).extend(cut)
+    return [EvalSet(subset, runs, "validation-from-train") for subset, runs in held.items()]
+
+
 def training_rows(spec: FeatureSpec, runs: list[EngineRun]) -> tuple[np.ndarray, np.ndarray]:
-    x = np.vstack([run_features(spec, r.cycles, r.sensors) for r in runs])
+    x = np.vstack([run_features(spec, r.cycles, r.sensors, r.settings) for r in runs])
     return x.astype(np.float32), np.concatenate([r.rul() for r in runs])
 
 
-def evaluate(model: bytes, spec: FeatureSpec, ev: EvalSet) -> dict[str, float]:
-    """The standard protocol: one prediction at the last observed cycle of each test engine."""
-    features = np.vstack([run_features(spec, r.cycles, r.sensors)[-1] for r in ev.runs])
-    return rul_metrics(OnnxPredictor(model).predict(features), np.array([r.rul_at_end for r in ev.runs]))
+def evaluate(model: bytes, spec: FeatureSpec, ev: EvalSet, cap: float | None = RUL_CAP) -> dict[str, float]:
+    """The standard protocol: one prediction at the last observed cycle of each test engine,
+    clipped to [0, cap] (None: only at 0, to see how far a wrecked model goes); `out_of_range`
+    is the share of engines the spec flags."""
+    features = np.vstack([run_features(spec, r.cycles, r.sensors, r.settings)[-1] for r in ev.runs])
+    metrics = rul_metrics(OnnxPredictor(model, cap=cap).predict(features), np.array([r.rul_at_end for r in ev.runs]))
+    return {**metrics, "out_of_range": round(float(spec.out_of_range(features).mean()), 4)}
 
 
 def train_alone(settings: ModelSettings, spec: FeatureSpec, runs: list[EngineRun], epochs: int) -> bytes:
@@ -113,6 +148,7 @@ def run_accuracy(
     settings: ModelSettings | None = None,
     strategy: str = DEFAULT_STRATEGY,
     strategy_params: dict[str, Any] | None = None,
+    validation: bool = False,
 ) -> dict:
     """Train central, local and federated models and score them on every evaluation set.
 
@@ -124,8 +160,10 @@ def run_accuracy(
     started = time.perf_counter()
     train, evals = load_dataset(dataset, data_dir, settings.seed)
     sites = split_sites(train, n_sites)
-    fleet_stats = sum((s.stats(settings.window) for s in sites), FleetStats(window=settings.window))  # federated analytics
-    spec = FeatureSpec.from_stats(fleet_stats)
+    if validation:  # the official test (or subset hold-out) stays unseen: score on engines cut from the sites' own
+        evals = validation_split(sites, settings.seed)
+    spec = fleet_spec(sites, settings.window)
+    cap = settings.rul_cap
     budget = settings.rounds * settings.local_epochs
     progress = tqdm(total=settings.rounds + len(sites) + 1, desc=f"bench {dataset}", file=sys.stderr, unit="step")
 
@@ -135,14 +173,14 @@ def run_accuracy(
     local = []
     for site in sites:
         progress.set_postfix_str(f"local {site.name}")
-        site_spec = FeatureSpec.from_stats(site.stats(settings.window))  # a lone site knows only itself
+        site_spec = site.spec(settings.window)  # a lone site knows only itself
         model = train_alone(settings, site_spec, site.runs, budget)
         local.append(
             {
                 "site": site.name,
                 "subset": site.subset,
                 "engines": len(site.runs),
-                "metrics": {ev.subset: evaluate(model, site_spec, ev) for ev in evals},
+                "metrics": {ev.subset: evaluate(model, site_spec, ev, cap) for ev in evals},
             }
         )
         progress.update(1)
@@ -161,30 +199,33 @@ def run_accuracy(
         "eval": evals[0].kind if len(evals) == 1 else {ev.subset: ev.kind for ev in evals},
         "test_engines": {ev.subset: len(ev.runs) for ev in evals},
         "seconds": round(time.perf_counter() - started, 2),
-        "central": {ev.subset: evaluate(central, spec, ev) for ev in evals},
-        "federated": {ev.subset: evaluate(federated, spec, ev) for ev in evals},
+        "central": {ev.subset: evaluate(central, spec, ev, cap) for ev in evals},
+        "federated": {ev.subset: evaluate(federated, spec, ev, cap) for ev in evals},
         "local": local,
         "settings": settings.to_dict(),
-        "features": {"sensors": [i + 1 for i in spec.sensors], "count": spec.n_features},
+        "features": {"sensors": [i + 1 for i in spec.sensors], "count": spec.n_features,
+                     "regimes": [list(c) for c in spec.regimes.cells] if spec.regimes else []},
         "machine": machine_info("scikit-learn", "onnxruntime"),
     }
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    settings = ModelSettings(seed=args.seed).replace(rounds=args.rounds, local_epochs=args.local_epochs)
+    model = dict(parse_param(text, "--model") for text in getattr(args, "model", []))
+    settings = ModelSettings(seed=args.seed).replace(rounds=args.rounds, local_epochs=args.local_epochs, **model)
     params = dict(parse_param(text) for text in args.strategy_param)
-    result = run_accuracy(args.dataset, args.data_dir, args.sites, settings, args.strategy or DEFAULT_STRATEGY, params)
+    result = run_accuracy(args.dataset, args.data_dir, args.sites, settings, args.strategy or DEFAULT_STRATEGY, params,
+                          validation=getattr(args, "validation", False))
     emit(result, args.json_out)
     return 0
 
 
-def parse_param(text: str) -> tuple[str, Any]:
-    """`--strategy-param KEY=VALUE`: VALUE as a TOML value (0.7, 3, true, "x"), else the bare text."""
+def parse_param(text: str, option: str = "--strategy-param") -> tuple[str, Any]:
+    """`--strategy-param KEY=VALUE` (or `--model`): VALUE as a TOML value (0.7, 3, true, "x", [64, 32]), else the bare text."""
     import tomllib
 
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--strategy-param {text!r}: give KEY=VALUE, e.g. momentum=0.7")
+        raise ConfigError(f"{option} {text!r}: give KEY=VALUE, e.g. {'batch_size=128' if option == '--model' else 'momentum=0.7'}")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:

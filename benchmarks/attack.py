@@ -35,12 +35,11 @@ from tqdm import tqdm
 
 from turbofed.aggregator.strategies import make_strategy
 from turbofed.benchmarks import emit, machine_info
-from turbofed.benchmarks.accuracy import Update, evaluate, federate, split_sites, training_rows
+from turbofed.benchmarks.accuracy import Update, evaluate, federate, fleet_spec, split_sites, training_rows
 from turbofed.codec import read_weights, replace_weights
 from turbofed.config import ModelSettings
 from turbofed.data.datasets import holdout
 from turbofed.data.synthetic import generate_fleet
-from turbofed.spec import FeatureSpec, FleetStats
 
 ATTACKS = ("none", "scale", "sign-flip", "noise", "inflated-samples", "label-flip", "little-is-enough")
 LABEL_ATTACKS = {"label-flip", "inflated-samples"}
@@ -103,7 +102,7 @@ def run_attack(dataset: str, data_dir: str | None, n_sites: int, n_malicious: in
         subset = load_subset(dataset.upper(), data_dir)
     train, validation = holdout(subset, settings.seed)  # validation engines: never the official test set
     sites = split_sites({subset.name: train}, n_sites)
-    spec = FeatureSpec.from_stats(sum((s.stats(settings.window) for s in sites), FleetStats(window=settings.window)))
+    spec = fleet_spec(sites, settings.window)  # both statistics phases, as the fleet fixes it
     malicious = {s.name for s in sites[-n_malicious:]} if n_malicious else set()
     honest_rows = [training_rows(spec, s.runs) for s in sites]
     flipped = [(x, np.maximum(settings.rul_cap - np.minimum(y, settings.rul_cap), 0.0)) if s.name in malicious else (x, y)
@@ -119,7 +118,7 @@ def run_attack(dataset: str, data_dir: str | None, n_sites: int, n_malicious: in
             warnings.simplefilter("ignore", RuntimeWarning)  # a wrecked model overflows: that is the finding
             model = federate(settings, spec, sites, merger, progress,
                              data=flipped if attack in LABEL_ATTACKS else honest_rows, tamper=tamper)
-            table.setdefault(name, {})[attack] = evaluate(model, spec, validation)["rmse"]
+            table.setdefault(name, {})[attack] = evaluate(model, spec, validation, cap=None)["rmse"]  # unclipped: how far an attack throws the model
     progress.close()
     ratios = {n: {a: (r / row["none"] if "none" in row and row["none"] > 0 else None) for a, r in row.items()}
               for n, row in table.items()}

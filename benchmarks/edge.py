@@ -243,17 +243,15 @@ def prepare(work: Path, n_engines: int, seed: int) -> dict[str, Any]:
     import numpy as np
 
     from turbofed.config import ModelSettings
-    from turbofed.edge.features import run_features, runs_stats
+    from turbofed.edge.features import run_features, runs_regime_stats, runs_stats, two_phase_spec
     from turbofed.edge.learner import RulModel
     from turbofed.simulation.fleet import FleetEngine, engine_id
     from turbofed.simulation.replay import publish_schedule
-    from turbofed.spec import FeatureSpec
 
     runs, data = load_runs(n_engines, seed)
     settings = ModelSettings(seed=seed)
-    stats = runs_stats(runs, settings.window)
-    spec = FeatureSpec.from_stats(stats, settings.window)
-    x = np.vstack([run_features(spec, r.cycles, r.sensors) for r in runs])
+    spec = two_phase_spec(runs_regime_stats(runs), lambda regimes: runs_stats(runs, settings.window, regimes))  # as the fleet fixes it
+    x = np.vstack([run_features(spec, r.cycles, r.sensors, r.settings) for r in runs])
     y = np.concatenate([r.rul() for r in runs])
     model = RulModel(settings, spec)
     with warnings.catch_warnings():
@@ -291,6 +289,7 @@ def latency(runs: list[Any], spec: Any, model: Any, onnx_model: bytes) -> dict[s
     predictor = OnnxPredictor(onnx_model)
     order = sorted(((t, k) for k, r in enumerate(runs) for t in range(len(r))), key=lambda tk: (tk[0], tk[1]))[: MAX_TIMED + WARMUP]
     rows = [(k, int(runs[k].cycles[t]), np.asarray(runs[k].sensors[t], dtype=float)) for t, k in order]
+    settings_of = {(k, int(runs[k].cycles[t])): np.asarray(runs[k].settings[t], dtype=float) for t, k in order}  # regimes need them
 
     cpu_ns: dict[str, list[int]] = {}
 
@@ -308,7 +307,7 @@ def latency(runs: list[Any], spec: Any, model: Any, onnx_model: bytes) -> dict[s
 
     tracks = {k: EngineTrack() for k in range(len(runs))}
     def with_ort(k: int, c: int, s: np.ndarray) -> None:
-        tracks[k].append(c, s, 10_000)  # the agent's own window update
+        tracks[k].append(c, s, 10_000, settings_of[k, c])  # the agent's own window update
         float(predictor.predict(tracks[k].window(spec).features())[0])  # what EdgeAgent._predict does per model
 
     ort_ns = timed(with_ort, "onnxruntime")
@@ -316,7 +315,7 @@ def latency(runs: list[Any], spec: Any, model: Any, onnx_model: bytes) -> dict[s
 
     def sk(k: int, c: int, s: np.ndarray) -> None:
         w = windows[k]
-        w.push(c, s)
+        w.push(c, s, settings_of[k, c])
         model.predict(w.features())
 
     sk_ns = timed(sk, "sklearn")
@@ -324,12 +323,12 @@ def latency(runs: list[Any], spec: Any, model: Any, onnx_model: bytes) -> dict[s
 
     def window_only(k: int, c: int, s: np.ndarray) -> None:
         w = windows[k]
-        w.push(c, s)
+        w.push(c, s, settings_of[k, c])
         w.features()
 
     win_ns = timed(window_only)
     windows = {k: EngineWindow(spec) for k in range(len(runs))}
-    push_ns = timed(lambda k, c, s: windows[k].push(c, s))  # push alone
+    push_ns = timed(lambda k, c, s: windows[k].push(c, s, settings_of[k, c]))  # push alone
     feats = [windows[k].features() for k in range(len(runs))]
     x = np.asarray(feats[0])
     ort_run = timed(lambda k, c, s: predictor.predict(x))

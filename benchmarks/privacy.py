@@ -30,11 +30,10 @@ from tqdm import tqdm
 from turbofed.aggregator.privacy import calibrate_noise, gaussian_epsilon, private_strategy
 from turbofed.aggregator.strategies import FedAvg
 from turbofed.benchmarks import emit, machine_info
-from turbofed.benchmarks.accuracy import evaluate, federate, split_sites
+from turbofed.benchmarks.accuracy import evaluate, federate, fleet_spec, split_sites
 from turbofed.config import ModelSettings, PrivacySettings
 from turbofed.data.datasets import holdout
 from turbofed.data.synthetic import generate_fleet
-from turbofed.spec import FeatureSpec, FleetStats
 
 EPSILONS = (math.inf, 8.0, 4.0, 1.0)
 DELTA = 1e-5
@@ -61,7 +60,7 @@ def run_privacy(fleets: list[tuple[str, int]], settings: ModelSettings, clip_nor
     for kind, n_sites in fleets:
         t0 = time.perf_counter()
         sites, validation = fleet(kind, n_sites, engines_per_site, data_dir, settings.seed)
-        spec = FeatureSpec.from_stats(sum((s.stats(settings.window) for s in sites), FleetStats(window=settings.window)))
+        spec = fleet_spec(sites, settings.window)  # both statistics phases, as the fleet fixes it
         progress = tqdm(total=settings.rounds * len(EPSILONS), desc=f"bench privacy {kind} x{n_sites}", file=sys.stderr, unit="round")
         rows = {}
         for eps, sigma in sigmas.items():

@@ -28,19 +28,29 @@ class EvalSet:
     kind: str  # "official-test" | "holdout-from-train"
 
 
-def holdout(subset: Subset, seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[list[EngineRun], EvalSet]:
-    """Hold out a seeded fraction of training engines, each cut before failure like NASA's test set."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(subset.train))
-    n_out = max(1, int(round(fraction * len(subset.train))))
-    held, kept = order[:n_out], order[n_out:]
+def cut_like_nasa(runs: list[EngineRun], rng: np.random.Generator) -> list[EngineRun]:
+    """Each run-to-failure cut before failure the way NASA cut its test engines."""
     cut = []
-    for i in sorted(held):
-        run = subset.train[i]
+    for run in runs:
         longest = max(MIN_TRUE_RUL, min(MAX_TRUE_RUL, len(run) - MIN_OBSERVED_CYCLES))
         rul = int(rng.integers(MIN_TRUE_RUL, longest + 1))
         cut.append(run.cut(max(1, len(run) - rul)))
-    return [subset.train[i] for i in sorted(kept)], EvalSet(subset.name, cut, "holdout-from-train")
+    return cut
+
+
+def split_engines(runs: list[EngineRun], seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[list[EngineRun], list[EngineRun]]:
+    """(kept, held-out cut like NASA's test): a seeded `fraction` of whole engines held out."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(runs))
+    n_out = max(1, int(round(fraction * len(runs))))
+    held, kept = order[:n_out], order[n_out:]
+    return [runs[i] for i in sorted(kept)], cut_like_nasa([runs[i] for i in sorted(held)], rng)
+
+
+def holdout(subset: Subset, seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[list[EngineRun], EvalSet]:
+    """Hold out a seeded fraction of training engines, each cut before failure like NASA's test set."""
+    kept, cut = split_engines(subset.train, seed, fraction)
+    return kept, EvalSet(subset.name, cut, "holdout-from-train")
 
 
 def load_dataset(dataset: str, data_dir: str | None, seed: int) -> tuple[dict[str, list[EngineRun]], list[EvalSet]]:

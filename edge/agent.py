@@ -40,7 +40,7 @@ import numpy as np
 import turbofed
 from turbofed import envelope
 from turbofed.config import ModelSettings, SiteConfig, load_site_config, require_writable_dir
-from turbofed.edge.buffer import TrainingBuffer, load_histories, save_histories
+from turbofed.edge.buffer import TrainingBuffer, load_histories, load_history_settings, save_histories
 from turbofed.edge.features import EngineWindow
 from turbofed.edge.inference import OnnxPredictor
 from turbofed.edge.outbox import OUTBOX_DB, Outbox
@@ -81,7 +81,7 @@ from turbofed.metrics import phm08_score, rmse
 from turbofed.mqtt import ConnectionWatch, Subscriptions, client_id, connect, make_client
 from turbofed.ratelog import RateLimitedLog, RefusalLog
 from turbofed.refusals import Refusal
-from turbofed.spec import FeatureSpec
+from turbofed.spec import MAX_CELLS, FeatureSpec
 from turbofed.topics import Topics
 
 log = logging.getLogger("turbofed.edge")
@@ -102,9 +102,10 @@ class EngineTrack:
     it fills (up to `history_cycles`), so an engine heard from once costs ~2 KB, not a
     preallocated block; each feature window is (2 x window, sensors) floats, whatever the history."""
 
-    def __init__(self, cycles: np.ndarray | None = None, sensors: np.ndarray | None = None) -> None:
+    def __init__(self, cycles: np.ndarray | None = None, sensors: np.ndarray | None = None, settings: np.ndarray | None = None) -> None:
         self.cycles = np.zeros(FIRST_ROWS, dtype=np.int64) if cycles is None else np.array(cycles, dtype=np.int64)
         self.sensors = np.zeros((FIRST_ROWS, 21)) if sensors is None else np.array(sensors, dtype=float)
+        self.settings = np.zeros((len(self.cycles), 3)) if settings is None else np.array(settings, dtype=float)  # regimes need them
         self.n = 0 if cycles is None else len(cycles)
         self.windows: dict[FeatureSpec, EngineWindow] = {}
         self.last: tuple[int, float | None, float | None] | None = None  # cycle, local, federated
@@ -117,19 +118,21 @@ class EngineTrack:
     def history(self) -> tuple[np.ndarray, np.ndarray]:
         return self.cycles[: self.n], self.sensors[: self.n]
 
-    def append(self, cycle: int, sensors: np.ndarray, limit: int) -> None:
+    def append(self, cycle: int, sensors: np.ndarray, limit: int, settings: np.ndarray | None = None) -> None:
         """Add a reading; beyond `limit` cycles the oldest is dropped (RUL labels stay exact)."""
         if self.n == limit:
-            self.cycles[:-1], self.sensors[:-1] = self.cycles[1:].copy(), self.sensors[1:].copy()
+            self.cycles[:-1], self.sensors[:-1], self.settings[:-1] = self.cycles[1:].copy(), self.sensors[1:].copy(), self.settings[1:].copy()
             self.n -= 1
         elif self.n == len(self.cycles):
             grow = max(min(2 * self.n, limit) - self.n, 1)
             self.cycles = np.concatenate([self.cycles, np.zeros(grow, dtype=np.int64)])
             self.sensors = np.vstack([self.sensors, np.zeros((grow, 21))])
+            self.settings = np.vstack([self.settings, np.zeros((grow, 3))])
         self.cycles[self.n], self.sensors[self.n] = cycle, sensors
+        self.settings[self.n] = 0.0 if settings is None else settings
         self.n += 1
         for window in self.windows.values():
-            window.push(cycle, sensors)
+            window.push(cycle, sensors, self.settings[self.n - 1])
 
     def window(self, spec: FeatureSpec) -> EngineWindow:
         """The window for `spec`, built from the history the first time a spec is seen."""
@@ -139,8 +142,8 @@ class EngineTrack:
                 del self.windows[next(iter(self.windows))]
             w = self.windows[spec] = EngineWindow(spec)
             # From the first kept reading: the window needs the last W, its baseline the first ones.
-            for c, s in zip(self.cycles[: self.n], self.sensors[: self.n]):
-                w.push(c, s)
+            for c, s, g in zip(self.cycles[: self.n], self.sensors[: self.n], self.settings[: self.n]):
+                w.push(c, s, g)
         return w
 
 
@@ -339,7 +342,7 @@ class EdgeAgent:
             track = self.engines[engine] = EngineTrack()
         if track.n and reading.cycle <= track.last_cycle:
             raise MessageError(f"engine {engine}: cycle {reading.cycle} does not follow {track.last_cycle}", Refusal.CYCLE_BACKWARDS)
-        track.append(reading.cycle, np.asarray(reading.sensors, dtype=float), self.config.history_cycles)
+        track.append(reading.cycle, np.asarray(reading.sensors, dtype=float), self.config.history_cycles, np.asarray(reading.settings, dtype=float))
         track.last_seen = time.time()
         self.counters["readings"] += 1
         local = self._predict(self.local_predictor, self.local_spec, track)
@@ -361,6 +364,8 @@ class EdgeAgent:
         if not math.isfinite(value):
             self._reject(Refusal.NON_FINITE_OUTPUT, f"engine at cycle {track.last_cycle}: features or prediction not finite; not published")
             return None
+        if self.settings is not None:  # trained on RUL capped there: beyond it is extrapolation
+            value = min(value, self.settings.rul_cap)
         return round(value, 3)
 
     def evict_idle(self) -> int:
@@ -385,7 +390,7 @@ class EdgeAgent:
         if event.event == "failure":
             if self.training:  # labelled history is training data; an inference-only site keeps none
                 cycles, sensors = track.history()
-                self.buffer.add(engine, cycles.copy(), sensors.copy(), (event.cycle - cycles).astype(float))
+                self.buffer.add(engine, cycles.copy(), sensors.copy(), (event.cycle - cycles).astype(float), track.settings[: track.n].copy())
             self.pending_truth.append((engine, event.cycle, 0.0))
             self.counters["failures"] += 1
         else:
@@ -403,15 +408,17 @@ class EdgeAgent:
 
     def on_stats_request(self, request: StatsRequest) -> None:
         """Federated analytics: count, sums and sums of squares over all labelled engines, never
-        rows, and only what cannot be taken apart: one answer per feature spec (before any spec,
-        the first request), for the spec's window, over at least min_stats_engines engines, and
-        differing from the previous answer by at least that many engines. Anything else is
-        refused and counted and nothing is published (a window sweep recovers nothing).
+        rows, and only what cannot be taken apart: one answer per feature spec and phase (before
+        any spec, the first request), for the spec's window, over at least min_stats_engines
+        engines, and differing from the previous answer by at least that many engines, except
+        the features phase following the regimes phase over exactly the same engines (two views
+        of one engine set). Anything else is refused and counted and nothing is published (a
+        window sweep recovers nothing).
 
-        With a secure sum in the request (docs/privacy.md) the statistics go in masked, and the
-        aggregator learns only the fleet total. A session that aborted may be joined again for
-        the same spec, but this site unmasks a spec's statistics for one set of sites only: two
-        sums over different sets would give away the difference."""
+        With a secure sum in the request (docs/privacy.md) the feature statistics go in masked,
+        and the aggregator learns only the fleet total. A session that aborted may be joined
+        again for the same spec, but this site unmasks a spec's statistics for one set of sites
+        only: two sums over different sets would give away the difference."""
         k, what = self.config.min_stats_engines, f"stats request {request.request_id!r}"
         if request.window > self.config.max_stats_window:
             raise MessageError(f"{what}: a {request.window}-cycle window is over this site's max_stats_window ({self.config.max_stats_window})", Refusal.STATS_UNAFFORDABLE)
@@ -420,30 +427,44 @@ class EdgeAgent:
         spec_key = self._stats_spec_key()
         last = self.stats_answer
         secure_again = request.secagg is not None and last is not None and last["spec"] == spec_key and "survivors" in last
-        if last is not None and not secure_again and (last["spec"] == spec_key or last["request_id"] == request.request_id):
+        answered = last.get("phases", ["regimes", "features"]) if last is not None and last["spec"] == spec_key else []
+        if secure_again:
+            answered = [p for p in answered if p != "features"]
+        if request.phase in answered or (last is not None and last["request_id"] == request.request_id):
             raise MessageError(f"{what}: this site already answered {last['request_id']!r} for the current spec", Refusal.STATS_REPEATED)
         engines = {e for e, *_ in self.buffer.engines}
         changed = len(engines.symmetric_difference(last["engines"])) if last is not None and not secure_again else len(engines)
+        if answered == ["regimes"] and changed == 0:
+            changed = k  # the features phase over the very engines the regimes phase covered
         if len(engines) < k or changed < k:
             raise MessageError(f"{what}: {len(engines)} labelled engines, {changed} changed since the last answer; "
                                f"statistics are shared over at least {k} (min_stats_engines)", Refusal.STATS_TOO_FEW_ENGINES)
         if self.buffer.rows < request.min_samples:
             raise MessageError(f"{what}: {self.buffer.rows} labelled rows, the request needs {request.min_samples}", Refusal.STATS_TOO_FEW_SAMPLES)
-        stats = self.buffer.stats(request.window)
-        if request.secagg is not None:
-            self._secure_stats(request, stats.to_vector(), spec_key, sorted(engines))
-            return
-        reply = StatsReply(request.request_id, self.site, self.buffer.rows, len(engines), stats)
+        if request.phase == "regimes":
+            cells = self.buffer.regime_stats()
+            if len(cells.cells) > MAX_CELLS:  # settings that vary continuously: no grid regimes to offer
+                raise MessageError(f"{what}: labelled readings fall in {len(cells.cells)} settings-grid cells, over the {MAX_CELLS} "
+                                   "a reply may carry", Refusal.STATS_UNAFFORDABLE)
+            reply = StatsReply(request.request_id, self.site, self.buffer.rows, len(engines), regime_stats=cells)
+        else:
+            stats = self.buffer.stats(request.window, request.regimes)
+            if request.secagg is not None:
+                self._secure_stats(request, stats.to_vector(), spec_key, sorted(engines), answered)
+                return
+            reply = StatsReply(request.request_id, self.site, self.buffer.rows, len(engines), stats)
         self._report("stats", self.sealer.seal(signed.STATS, reply.to_payload()))
-        self._stats_answered({"request_id": request.request_id, "spec": spec_key, "engines": sorted(engines)})
+        self._stats_answered({"request_id": request.request_id, "spec": spec_key, "engines": sorted(engines),
+                              "phases": [*answered, request.phase]})
 
-    def _secure_stats(self, request: StatsRequest, vector: np.ndarray, spec_key: str, engines: list[str]) -> None:
+    def _secure_stats(self, request: StatsRequest, vector: np.ndarray, spec_key: str, engines: list[str],
+                      answered: list[str]) -> None:
         """Join the request's secure sum with our statistics (weight 1: the fleet gets the total)."""
         what = f"stats request {request.request_id!r}"
         if not np.all(np.abs(vector) <= request.secagg.clip):
             raise MessageError(f"{what}: this site's statistics exceed the secure sum's range (+-{request.secagg.clip:g})",
                                Refusal.STATS_UNAFFORDABLE)
-        answer = {"request_id": request.request_id, "spec": spec_key, "engines": engines}
+        answer = {"request_id": request.request_id, "spec": spec_key, "engines": engines, "phases": [*answered, "features"]}
 
         def before_unmask(survivors: tuple[int, ...]) -> None:
             last = self.stats_answer
@@ -594,7 +615,7 @@ class EdgeAgent:
         from turbofed.edge.learner import RulModel
 
         if self.local_learner is None:
-            self.local_spec = FeatureSpec.from_stats(self.buffer.stats(self.settings.window))
+            self.local_spec = self.buffer.spec(self.settings.window)
             self.local_learner = RulModel(self.settings, self.local_spec)
         x, y = self.buffer.training_rows(self.local_spec)
         self.local_learner.train(x, y, epochs=self.settings.local_epochs)
@@ -708,7 +729,7 @@ class EdgeAgent:
             self._saved_global = self.global_version
         self.buffer.save(self.state_dir / BUFFER_NPZ)
         in_service = [(e, *t.history(), np.zeros(t.n)) for e, t in self.engines.items()]
-        save_histories(self.state_dir / ENGINES_NPZ, in_service)
+        save_histories(self.state_dir / ENGINES_NPZ, in_service, settings=[t.settings[: t.n] for t in self.engines.values()])
         state = AgentState(self.answered, self.global_version, self.settings, self.fleet_spec, self.scored, dict(self.counters),
                            epoch=self.epoch, stats_answer=self.stats_answer)
         write_atomic(self.state_dir / STATE_JSON, state.to_json())
@@ -725,6 +746,7 @@ class EdgeAgent:
             return
         state = AgentState.read(path)
         in_service = load_histories(self.state_dir / ENGINES_NPZ)[0]
+        in_service_settings = load_history_settings(self.state_dir / ENGINES_NPZ, [len(c) for _, c, _, _ in in_service])
         global_onnx = self.state_dir / GLOBAL_ONNX
         saved_global = load_global(global_onnx) if global_onnx.exists() and state.global_version >= 0 else None
         learners = self.state_dir / LEARNERS_NPZ
@@ -734,9 +756,9 @@ class EdgeAgent:
         self.scored, self.epoch = state.scored, state.epoch
         self.counters.update(state.counters)
         self.stats_answer = state.stats_answer
-        for engine, cycles, sensors, _ in in_service:
+        for (engine, cycles, sensors, _), settings in zip(in_service, in_service_settings):
             keep = slice(-self.config.history_cycles, None)  # a smaller limit than when saved: the newest
-            self.engines[engine] = EngineTrack(cycles[keep], sensors[keep])
+            self.engines[engine] = EngineTrack(cycles[keep], sensors[keep], settings[keep])
         if saved_global is not None:
             (self.global_model, self.fed_predictor), self.global_version = saved_global, state.global_version
             self._saved_global = state.global_version

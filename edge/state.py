@@ -274,6 +274,9 @@ class AgentState:
                 survivors = take(stats_answer, "survivors", "list", f"{path}: stats_answer")
                 if not all(isinstance(v, int) and not isinstance(v, bool) for v in survivors):
                     raise StateError(f"{path}: stats_answer key 'survivors' must be a list of site ids, got {short(survivors)}")
+            phases = stats_answer.get("phases", ["regimes", "features"])  # older files: one answer, both phases spent
+            if not isinstance(phases, list) or not all(p in ("regimes", "features") for p in phases):
+                raise StateError(f"{path}: stats_answer key 'phases' must list 'regimes' and/or 'features', got {short(phases)}")
         return cls(
             answered=answered,
             global_version=take(raw, "global_version", "int", where, minimum=-1),

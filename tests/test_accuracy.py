@@ -43,11 +43,39 @@ def test_sites_are_disjoint_and_split_by_subset(cmapss_dir: Path) -> None:
         assert len(units) == len(set(units)) == len(train[name])
 
 
+def test_validation_holds_out_engines_of_every_site_and_never_the_test(cmapss_dir: Path) -> None:
+    from turbofed.benchmarks.accuracy import validation_split
+
+    train, evals = load_dataset("FD001+FD003", str(cmapss_dir), seed=0)
+    sites = split_sites(train, 4)
+    before = {s.name: {r.unit for r in s.runs} for s in sites}
+    held = validation_split(sites, seed=0)
+    assert [(e.subset, e.kind) for e in held] == [("FD001", "validation-from-train"), ("FD003", "validation-from-train")]
+    test_units = {ev.subset: {r.unit for r in ev.runs} for ev in evals if ev.kind == "holdout-from-train"}
+    for site in sites:
+        kept = {r.unit for r in site.runs}
+        assert kept < before[site.name] and len(before[site.name] - kept) == round(0.2 * len(before[site.name]))  # a fifth, per site
+    for ev in held:
+        units = {r.unit for r in ev.runs}
+        assert not units & {r.unit for s in sites if s.subset == ev.subset for r in s.runs}  # never trained on
+        assert not units & test_units.get(ev.subset, set())  # never the test engines
+        assert all(5 <= r.rul_at_end <= 150 for r in ev.runs)  # cut like NASA's
+
+
+def test_all_four_subsets_run_with_per_regime_normalisation(cmapss_dir: Path) -> None:
+    result = run_accuracy("FD001+FD002+FD003+FD004", str(cmapss_dir), 8, QUICK)
+    assert result["test_engines"] == {"FD001": 100, "FD002": 259, "FD003": 20, "FD004": 50}
+    assert len(result["features"]["regimes"]) == 6
+    assert [site["subset"] for site in result["local"]] == ["FD001", "FD001", "FD002", "FD002", "FD003", "FD003", "FD004", "FD004"]
+    for model in [result["central"], result["federated"]] + [site["metrics"] for site in result["local"]]:
+        assert set(model) == {"FD001", "FD002", "FD003", "FD004"}
+
+
 def test_result_has_every_figure(cmapss_dir: Path) -> None:
     result = run_accuracy("FD001", str(cmapss_dir), 2, QUICK)
     assert result["eval"] == "official-test" and result["test_engines"] == {"FD001": 100}
     for model in ("central", "federated"):
-        assert set(result[model]["FD001"]) == {"rmse", "rmse_capped", "score"}
+        assert set(result[model]["FD001"]) == {"rmse", "rmse_capped", "score", "out_of_range"}
         assert 5 < result[model]["FD001"]["rmse"] < 60
     assert [site["site"] for site in result["local"]] == ["site1", "site2"]
     assert all(site["subset"] == "FD001" and site["engines"] == 50 for site in result["local"])
@@ -120,3 +148,32 @@ def test_fd001_figures_the_readme_claims(cmapss_dir: Path) -> None:
     assert federated <= 12.5, result["federated"]
     assert federated <= 1.06 * central, (federated, central)
     assert sum(local) / len(local) >= 1.3 * federated, (local, federated)
+
+
+@pytest.mark.slow
+def test_fd002_figures_the_readme_claims(cmapss_dir: Path) -> None:
+    """FD002 (six operating conditions; default settings, seed 0, 4 sites, NASA's 259 test
+    engines), against the truth capped at 125 as the literature scores it: federated at most
+    12.5 (measured 12.01; the best published figures are 13.3-14.8) and within 6% of central
+    (0.93 x). Before regimes this stopped with "no sensor varies with RUL across the fleet"."""
+    result = run_accuracy("FD002", str(cmapss_dir), 4, ModelSettings())
+    assert result["eval"] == "official-test" and result["test_engines"] == {"FD002": 259}
+    assert len(result["features"]["regimes"]) == 6
+    federated = result["federated"]["FD002"]["rmse_capped"]
+    assert federated <= 12.5, result["federated"]
+    assert federated <= 1.06 * result["central"]["FD002"]["rmse_capped"], (result["federated"], result["central"])
+    assert all(site["metrics"]["FD002"]["rmse_capped"] > federated for site in result["local"])
+
+
+@pytest.mark.slow
+def test_four_subsets_eight_sites_figures_the_readme_claims(cmapss_dir: Path) -> None:
+    """FD001+FD002+FD003+FD004, two sites per subset (seed 0): the federated model beats every
+    site's local model on every subset and stays within 10% of central on each (FD001 and
+    FD003 against the raw truth, FD002 and FD004 capped, as the issue scores them). The
+    FD003 margins are thin (1.06 x central; 21.33 vs the best local 21.66) and other seeds
+    miss them (README)."""
+    result = run_accuracy("FD001+FD002+FD003+FD004", str(cmapss_dir), 8, ModelSettings())
+    for subset, key in (("FD001", "rmse"), ("FD002", "rmse_capped"), ("FD003", "rmse"), ("FD004", "rmse_capped")):
+        federated = result["federated"][subset][key]
+        assert federated <= 1.10 * result["central"][subset][key], (subset, result["federated"][subset], result["central"][subset])
+        assert all(site["metrics"][subset][key] > federated for site in result["local"]), subset

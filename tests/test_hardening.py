@@ -212,3 +212,60 @@ def test_aggregator_refusals_are_bounded_counters_samples_and_store_rows(tmp_pat
     finally:
         aggregator.store.close()
         aggregator.registry.close()
+
+
+def test_statistics_come_in_two_phases_over_the_same_engines(agent) -> None:
+    """Regimes phase, then the features phase with the fleet's regimes, over the very same
+    engines: both answered; a phase asked again for the same spec is refused."""
+    from tests.fakeclient import FakeClient
+    from turbofed.messages import StatsReply
+    from turbofed.spec import Regimes
+
+    agent.client = FakeClient()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        cycles = np.arange(1, 41)
+        settings = np.where((cycles % 2 == 0)[:, None], [[0.0, 0.0, 100.0]], [[42.0, 0.84, 100.0]])
+        sensors = 500 + rng.normal(size=(40, N_SENSORS)) + 50 * settings[:, :1]
+        agent.buffer.add(f"e{i}", cycles, sensors, (40 - cycles).astype(float), settings)
+    agent.handle(TOPICS.stats_request, StatsRequest("r1", 10, 30, "regimes").to_payload())
+    replies = [StatsReply.from_payload(p, site=SITE) for _, p in agent.client.sent]
+    assert len(replies) == 1 and replies[0].stats is None and sorted(replies[0].regime_stats.cells) == [(0, 0, 100), (42, 84, 100)]
+    regimes = Regimes.from_stats(replies[0].regime_stats)
+    agent.handle(TOPICS.stats_request, StatsRequest("r2", 10, 30, "features", regimes).to_payload())
+    second = StatsReply.from_payload(agent.client.sent[-1][1], site=SITE)
+    assert second.stats is not None and second.stats.count == 200
+    assert abs(second.stats.mean()[1]) < 1e-9  # sensors normalised per regime: the 2100-unit gap is gone
+    for request_id, phase in (("r3", "regimes"), ("r4", "features")):
+        agent.handle(TOPICS.stats_request, StatsRequest(request_id, 10, 30, phase).to_payload())
+    assert agent.counters["rejected.stats_repeated"] == 2 and len(agent.client.sent) == 2
+
+
+def test_readings_keep_their_settings_for_the_regime_windows(agent) -> None:
+    from turbofed.edge.features import run_features
+    from turbofed.spec import Regimes, RegimeStats
+
+    rng = np.random.default_rng(1)
+    settings = np.array([[0.0, 0.0, 100.0], [42.0, 0.84, 100.0]] * 20)
+    sensors = 500 + rng.normal(size=(40, N_SENSORS)) + 10 * settings[:, :1]
+    regimes = Regimes.from_stats(RegimeStats.from_rows(settings, sensors))
+    base = _spec()
+    spec = FeatureSpec(base.sensors, base.window, base.offset, base.scale, regimes)
+    for cycle, (g, s) in enumerate(zip(settings, sensors), start=1):
+        agent.handle(TOPICS.sensors(SITE, "e1"), SensorReading(cycle, tuple(g), tuple(s)).to_payload())
+    np.testing.assert_array_equal(agent.engines["e1"].window(spec).features(), run_features(spec, np.arange(1, 41), sensors, settings)[-1])
+
+
+def test_a_regimes_answer_too_large_to_send_is_refused_not_sent(agent) -> None:
+    from tests.fakeclient import FakeClient
+    from turbofed.spec import MAX_CELLS
+
+    agent.client = FakeClient()
+    rng = np.random.default_rng(2)
+    for i in range(5):
+        cycles = np.arange(1, 41)
+        settings = np.column_stack([rng.uniform(0, 40, 40), rng.uniform(0, 0.8, 40), np.full(40, 100.0)])  # continuous conditions
+        agent.buffer.add(f"e{i}", cycles, 500 + rng.normal(size=(40, N_SENSORS)), (40 - cycles).astype(float), settings)
+    assert len(agent.buffer.regime_stats().cells) > MAX_CELLS
+    agent.handle(TOPICS.stats_request, StatsRequest("r1", 10, 30, "regimes").to_payload())
+    assert agent.counters["rejected.stats_unaffordable"] == 1 and agent.client.sent == [] and agent.stats_answer is None

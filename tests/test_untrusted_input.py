@@ -17,7 +17,7 @@ from tests.livefleet import LiveFleet, site_identity, wait_for
 from turbofed import envelope
 from turbofed.config import ModelSettings
 from turbofed.data.cmapss import load_subset
-from turbofed.edge.features import runs_stats
+from turbofed.edge.features import runs_regime_stats, runs_stats
 from turbofed.edge.learner import RulModel
 from turbofed.messages import RoundAnnouncement, SensorReading, StatsReply, StatsRequest, signed
 from turbofed.mqtt import connect, make_client
@@ -117,13 +117,19 @@ def test_aggregator_refuses_bad_updates_and_keeps_going(broker, pki_dir: Path, c
         aggregator = fleet.start_aggregator()
         sites = FakeSites(fleet)
         wait_for("a stats request", lambda: hasattr(sites, "stats_request"))
-        assert sites.stats_request.window == settings.window
-        wrong_window = runs_stats(runs[:5], settings.window + 10)
+        assert sites.stats_request.window == settings.window and sites.stats_request.phase == "regimes"
+        for site, part in (("site1", runs[:5]), ("site2", runs[5:])):  # phase one: the operating regimes
+            cells = runs_regime_stats(part)
+            sites.stats(StatsReply(sites.stats_request.request_id, site, int(cells.count), len(part), regime_stats=cells))
+        wait_for("the features phase", lambda: sites.stats_request.phase == "features")
+        regimes = sites.stats_request.regimes
+        assert regimes is not None and regimes.cells == ((0, 0, 100),)  # FD001: one operating condition
+        wrong_window = runs_stats(runs[:5], settings.window + 10, regimes)
         reply = StatsReply(sites.stats_request.request_id, "site1", int(wrong_window.count), 5, wrong_window)
         sites.stats(reply)
         wait_for("the wrong-window statistics to be refused", lambda: aggregator.counters["bad_stats"] == 1)
         for site, part in (("site1", runs[:5]), ("site2", runs[5:])):
-            stats = runs_stats(part, settings.window)
+            stats = runs_stats(part, settings.window, regimes)
             reply = StatsReply(sites.stats_request.request_id, site, int(stats.count), len(part), stats)
             sites.stats(reply)
         # Round 0: the aggregator builds and publishes v0 itself; nobody sends anything.

@@ -48,7 +48,7 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     acc = bsub.add_parser("accuracy", help="federated vs local vs central, in process")
     _add_data_dir(acc)
-    acc.add_argument("--dataset", default="FD001", help="FD001, FD003, FD001+FD003, or SYN")
+    acc.add_argument("--dataset", default="FD001", help="FD001..FD004, subsets joined by + (FD001+FD002+FD003+FD004), or SYN")
     acc.add_argument("--sites", type=int, default=4, help="sites the training engines are split over (default 4)")
     acc.add_argument("--rounds", type=int, default=None, help="default: from the model settings")
     acc.add_argument("--local-epochs", type=int, default=None, help="epochs per round")
@@ -58,6 +58,10 @@ def _bench(sub: argparse._SubParsersAction) -> None:
                           'clipped-fedavg, "package.module:ClassName" or an installed entry point')
     acc.add_argument("--strategy-param", action="append", default=[], metavar="KEY=VALUE",
                      help="a strategy parameter, as in fleet.toml's [strategy] (repeat: --strategy-param momentum=0.9)")
+    acc.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                     help="a model setting, as in fleet.toml's [model] (repeat: --model batch_size=128 --model hidden=[128,64])")
+    acc.add_argument("--validation", action="store_true",
+                     help="score on a fifth of each site's training engines held out (for tuning), not on the official test")
     acc.add_argument("--json", dest="json_out", help="write the result JSON here too")
     acc.set_defaults(handler="turbofed.benchmarks.accuracy:run_cli")
     attack = bsub.add_parser("attack", help="compromised sites vs aggregation strategies, in process")

@@ -28,7 +28,7 @@ from turbofed.messages._check import (
 )
 from turbofed.messages.secure import SecureSum
 from turbofed.refusals import Refusal
-from turbofed.spec import FeatureSpec, FleetStats
+from turbofed.spec import FeatureSpec, FleetStats, Regimes, RegimeStats
 
 # --- aggregator -> sites -----------------------------------------------------------------
 
@@ -156,21 +156,45 @@ def _spec(value: Any, what: str) -> FeatureSpec:
         scale = [finite(v, f"{what} scale[]") for v in bounded_list(required(value, "scale", what), f"{what} scale", MAX_STATS_VALUES)]
         if any(v <= 0 for v in scale):
             raise MessageError(f"{what} scale must be positive (features are divided by it)", Refusal.BAD_ROUND)
-        return FeatureSpec.from_dict({"sensors": sensors, "window": window, "offset": offset, "scale": scale})
+        regimes = optional(value.get("regimes"), _regimes, f"{what} regimes")
+        return FeatureSpec.from_dict({"sensors": sensors, "window": window, "offset": offset, "scale": scale,
+                                      "regimes": regimes.to_dict() if regimes else None})
+
+
+def _regimes(value: Any, what: str) -> Regimes:
+    """Operating regimes: at most MAX_REGIMES grid cells, finite means, spreads not negative."""
+    try:
+        return Regimes.from_dict(value)
+    except ValueError as exc:
+        raise MessageError(f"{what}: {exc}", Refusal.BAD_ROUND) from None
+
+
+STATS_PHASES = ("regimes", "features")
 
 
 @dataclass(frozen=True)
 class StatsRequest:
-    """Asks every site for its feature statistics over `window`-cycle windows."""
+    """Asks every site for statistics, in two phases: `regimes` (per settings-grid cell,
+    counts and raw sensor sums: where the fleet flies) and `features` (feature statistics
+    over `window`-cycle windows of the sensors normalised with `regimes`; None: raw sensors,
+    the single phase of a fleet that predates regimes)."""
 
     request_id: str
     min_samples: int
     window: int
+    phase: str = "features"
+    regimes: Regimes | None = None
     secagg: SecureSum | None = None  # answer through a secure sum, not a StatsReply (docs/privacy.md)
 
     def to_payload(self) -> bytes:
-        secagg = {} if self.secagg is None else {"secagg": self.secagg.to_dict()}
-        return encode_json({"request_id": self.request_id, "min_samples": self.min_samples, "window": self.window, **secagg})
+        body: dict[str, Any] = {"request_id": self.request_id, "min_samples": self.min_samples, "window": self.window}
+        if self.phase != "features":
+            body["phase"] = self.phase
+        if self.regimes is not None:
+            body["regimes"] = self.regimes.to_dict()
+        if self.secagg is not None:
+            body["secagg"] = self.secagg.to_dict()
+        return encode_json(body)
 
     @classmethod
     def from_payload(cls, payload: bytes) -> "StatsRequest":
@@ -179,9 +203,22 @@ class StatsRequest:
         with refused_as(Refusal.BAD_STATS_REQUEST, what):
             request_id = text(required(body, "request_id", what), f"{what} request_id")
             where = f"{what} {request_id!r}"
+            phase = body.get("phase", "features")
+            if phase not in STATS_PHASES:
+                raise MessageError(f"{where} phase must be one of {', '.join(STATS_PHASES)}, got {str(phase)[:40]!r}", Refusal.BAD_STATS_REQUEST)
+            regimes = None
+            if body.get("regimes") is not None:
+                try:
+                    regimes = Regimes.from_dict(body["regimes"])
+                except ValueError as exc:
+                    raise MessageError(f"{where} regimes: {exc}", Refusal.BAD_STATS_REQUEST) from None
+            if phase == "regimes" and regimes is not None:
+                raise MessageError(f"{where}: the regimes phase is asked without regimes", Refusal.BAD_STATS_REQUEST)
+            secagg = optional(body.get("secagg"), SecureSum.from_dict, f"{where} secagg")
+            if secagg is not None and phase != "features":
+                raise MessageError(f"{where}: only the features phase goes through a secure sum", Refusal.BAD_STATS_REQUEST)
             return cls(request_id, whole(required(body, "min_samples", where), f"{where} min_samples"),
-                       whole(required(body, "window", where), f"{where} window", 1, MAX_WINDOW),
-                       optional(body.get("secagg"), SecureSum.from_dict, f"{where} secagg"))
+                       whole(required(body, "window", where), f"{where} window", 1, MAX_WINDOW), phase, regimes, secagg)
 
 
 # --- sites -> aggregator -------------------------------------------------------------------
@@ -189,17 +226,22 @@ class StatsRequest:
 
 @dataclass(frozen=True)
 class StatsReply:
-    """A site's count, sums and sums of squares for a request (`stats` None: no labelled data yet)."""
+    """A site's count, sums and sums of squares for a request (`stats` None: no labelled
+    data yet); for the regimes phase, `regime_stats` instead."""
 
     request_id: str
     site: str
     samples: int
     engines: int
     stats: FleetStats | None = None
+    regime_stats: RegimeStats | None = None
 
     def to_payload(self) -> bytes:
         stats = self.stats.to_dict() if self.stats is not None else None
-        return encode_json({"request_id": self.request_id, "site": self.site, "samples": self.samples, "engines": self.engines, "stats": stats})
+        body = {"request_id": self.request_id, "site": self.site, "samples": self.samples, "engines": self.engines, "stats": stats}
+        if self.regime_stats is not None:
+            body["regime_stats"] = self.regime_stats.to_dict()
+        return encode_json(body)
 
     @classmethod
     def from_payload(cls, payload: bytes, *, site: str) -> "StatsReply":
@@ -209,9 +251,16 @@ class StatsReply:
         stats = body.get("stats")
         if stats is not None:
             stats = _fleet_stats(stats, f"{what}: stats")
+        regime_stats = None
+        if body.get("regime_stats") is not None:
+            try:
+                regime_stats = RegimeStats.from_dict(body["regime_stats"])
+            except ValueError as exc:
+                raise MessageError(f"{what}: regime_stats: {exc}", Refusal.BAD_STATS) from None
         return cls(
             text(required(body, "request_id", what), f"{what} request_id"), site,
             whole(required(body, "samples", what), f"{what} samples"), whole(body.get("engines", 0), f"{what} engines"), stats,
+            regime_stats,
         )
 
 
