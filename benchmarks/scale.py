@@ -41,7 +41,7 @@ from turbofed.codec import read_weights, replace_weights
 from turbofed.config import BrokerSettings, ModelSettings
 from turbofed.data.synthetic import generate_fleet
 from turbofed.deploy.identities import AGGREGATOR, add_identity, init_fleet
-from turbofed.edge.features import history_stats
+from turbofed.edge.features import history_stats, regime_stats
 from turbofed.envelope import decode
 from turbofed.messages import RoundAnnouncement, StatsReply, StatsRequest, signed
 from turbofed.messages.signed import Sealer
@@ -49,7 +49,7 @@ from turbofed.signing import SigningKey
 from turbofed.simulation.broker import start_broker
 from turbofed.simulation.children import spawn
 from turbofed.simulation.localfleet import write_configs
-from turbofed.spec import FleetStats
+from turbofed.spec import FleetStats, RegimeStats
 from turbofed.store import open_store
 from turbofed.topics import DEFAULT_TOPICS
 
@@ -60,8 +60,8 @@ BODIES = 16  # distinct update bodies (weights) sent round-robin
 class SimSites:
     """N simulated sites: keys, a few connections, and what they have seen."""
 
-    def __init__(self, sites: list[str], pki: Path, fleet_id: str, broker: BrokerSettings, stats: FleetStats, rate: float) -> None:
-        self.sites, self.rate, self.stats = sites, rate, stats
+    def __init__(self, sites: list[str], pki: Path, fleet_id: str, broker: BrokerSettings, runs: list, rate: float) -> None:
+        self.sites, self.rate, self.runs = sites, rate, runs
         self.sealers = [Sealer(fleet_id, SigningKey.load(s, pki / "identities" / s / "signing.key")) for s in sites]
         self.topics = DEFAULT_TOPICS
         self.events: queue.Queue[tuple[str, bytes, float]] = queue.Queue()
@@ -85,8 +85,16 @@ class SimSites:
         self.clients[i % CONNECTIONS].publish(topic, payload, qos=1)
 
     def answer_stats(self, request: StatsRequest) -> None:
+        """Both phases of the fleet statistics (docs/protocol.md): every site answers with the
+        same statistics, of a few synthetic engines."""
+        if request.phase == "regimes":
+            answer = {"regime_stats": sum((regime_stats(r.settings, r.sensors) for r in self.runs), RegimeStats())}
+        else:
+            answer = {"stats": sum((history_stats(r.cycles, r.sensors, r.rul(), request.window, r.settings, request.regimes)
+                                    for r in self.runs), FleetStats())}
+        rows = sum(len(r.cycles) for r in self.runs)
         for i, (site, sealer) in enumerate(zip(self.sites, self.sealers)):
-            reply = StatsReply(request.request_id, site, int(self.stats.count), 4, self.stats)
+            reply = StatsReply(request.request_id, site, rows, len(self.runs), **answer)
             self._send(i, self.topics.stats(site), sealer.seal(signed.STATS, reply.to_payload()))
 
     def send_updates(self, ann: RoundAnnouncement) -> None:
@@ -157,7 +165,7 @@ def make_identities(root: Path, sites: list[str]) -> Path:
     return ids
 
 
-def run_n(n: int, rounds: int, rate: float, work: Path, stats: FleetStats) -> dict[str, Any]:
+def run_n(n: int, rounds: int, rate: float, work: Path, runs: list) -> dict[str, Any]:
     sites = [f"site{i + 1}" for i in range(n)]
     t0 = time.perf_counter()
     pki = make_identities(work / "pki", sites)
@@ -168,7 +176,7 @@ def run_n(n: int, rounds: int, rate: float, work: Path, stats: FleetStats) -> di
         fleet_toml = write_configs(work, [], broker, settings, pki, tls=False)
         text = fleet_toml.read_text().replace("sites = []", f"sites = {json.dumps(sites)}")
         fleet_toml.write_text(text.replace("round_deadline_s = 120", "round_deadline_s = 600\nmin_samples = 1"))
-        sims = SimSites(sites, pki.root, pki.fleet_id, broker, stats, rate)
+        sims = SimSites(sites, pki.root, pki.fleet_id, broker, runs, rate)
         log = open(work / "aggregator.log", "ab")
         proc = spawn([sys.executable, "-m", "turbofed.cli", "aggregator", "--config", str(fleet_toml)], stdout=log,
                      stderr=log, cwd=work)
@@ -191,6 +199,8 @@ def run_n(n: int, rounds: int, rate: float, work: Path, stats: FleetStats) -> di
             cpu = _cpu_s(proc.pid) - cpu0
         finally:
             stop.set()
+            if proc.poll() is None:
+                samples.append((time.time(), rss_mb(proc.pid)))  # the last, after the last round
             proc.terminate()
             proc.wait(30)
             sims.close()
@@ -212,12 +222,11 @@ def run_n(n: int, rounds: int, rate: float, work: Path, stats: FleetStats) -> di
 
 def run_scale(counts: list[int], rounds: int, rate: float) -> dict[str, Any]:
     started = time.perf_counter()
-    run = generate_fleet(n_train=4, n_test=0, seed=0, name="SYN001").train
-    stats = sum((history_stats(r.cycles, r.sensors, r.rul(), 30) for r in run), FleetStats())
+    runs = generate_fleet(n_train=4, n_test=0, seed=0, name="SYN001").train
     results = []
     for n in counts:
         print(f"bench scale: {n} sites ...", file=sys.stderr, flush=True)
-        results.append(run_n(n, rounds, rate, Path(tempfile.mkdtemp(prefix=f"turbofed-bench-scale-{n}-")), stats))
+        results.append(run_n(n, rounds, rate, Path(tempfile.mkdtemp(prefix=f"turbofed-bench-scale-{n}-")), runs))
     base = results[0]["aggregator_rss_mb"]["max_after_round_1"]
     for r in results:
         r["rss_over_smallest"] = round(r["aggregator_rss_mb"]["max_after_round_1"] / base, 3)

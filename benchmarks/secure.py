@@ -119,7 +119,7 @@ def run_fleet(handle: BrokerHandle, pki: FleetIdentities, roots: list[Topics], w
     try:
         for agent, site in zip(f.agents, site_data):
             for i, run in enumerate(site.runs):
-                agent.buffer.add(f"e{i}", run.cycles.copy(), run.sensors.copy(), run.rul().astype(float))
+                agent.buffer.add(f"e{i}", run.cycles.copy(), run.sensors.copy(), run.rul().astype(float), run.settings.copy())
             agent.start()
             f.spawn(agent.run)
         for agent in f.agents[:dropouts]:
