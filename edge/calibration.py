@@ -9,7 +9,9 @@ benchmark and the agent both call `runs_histogram`: one implementation.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,3 +45,26 @@ def runs_histogram(predict: Callable[[np.ndarray], np.ndarray], spec: FeatureSpe
         return ResidualHistogram(layout)
     predicted = np.clip(np.asarray(predict(x), dtype=float).ravel(), 0.0, cap)
     return ResidualHistogram.from_residuals(layout, predicted, np.minimum(y, cap))
+
+
+@dataclass(frozen=True)
+class CalibrationRun:
+    """A calibration engine's history as the agent keeps it (a `LabelledRun`)."""
+
+    cycles: np.ndarray
+    settings: np.ndarray
+    sensors: np.ndarray
+    rul_values: np.ndarray
+
+    def rul(self) -> np.ndarray:
+        return self.rul_values
+
+
+def is_calibration_engine(site: str, engine: str, share: float) -> bool:
+    """Whether a site holds `engine` back from training for calibration: a fixed hash of site
+    and engine below `share`, so the choice is the same after every restart and the engine
+    never trains a model it later calibrates."""
+    if share <= 0:
+        return False
+    digest = hashlib.sha256(f"{site}/{engine}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
