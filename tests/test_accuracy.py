@@ -78,7 +78,7 @@ def test_result_has_every_figure(cmapss_dir: Path) -> None:
         assert set(result[model]["FD001"]) == {"rmse", "rmse_capped", "score", "out_of_range"}
         assert 5 < result[model]["FD001"]["rmse"] < 60
     assert [site["site"] for site in result["local"]] == ["site1", "site2"]
-    assert all(site["subset"] == "FD001" and site["engines"] == 50 for site in result["local"])
+    assert all(site["subset"] == "FD001" and site["engines"] == 40 for site in result["local"])  # 10 each calibrate
     assert result["federated"]["FD001"]["rmse"] >= result["federated"]["FD001"]["rmse_capped"]
 
 
