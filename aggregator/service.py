@@ -56,6 +56,7 @@ from turbofed.aggregator.streaming import RunningSum
 from turbofed.aggregator.weights import MAX_SAMPLES, Weight, capped_weights, header_samples, participant_action
 from turbofed.codec import check_graph, read_weights, replace_weights
 from turbofed.config import FleetConfig, load_fleet_config
+from turbofed.conformal import IntervalTable, Layout, ResidualHistogram
 from turbofed.errors import ConfigError, Refused, WeightsError
 from turbofed.graph import reference_model
 from turbofed.messages import (
@@ -151,6 +152,7 @@ class Aggregator(SecureRounds):
         self._outages_recorded = 0  # outages already recorded as broker_outage events
         self.stats_replies: dict[str, StatsReply] = {}
         self.stats_request_id = ""
+        self.stats_layout: Layout | None = None  # the residuals phase's bins (conformal calibration)
         self.client = None
         self.global_samples = 0  # the `samples` header of the published global: its clamped weights' sum
         self.known_samples: dict[str, int] = {}  # the most samples each site has said it holds (stats, status)
@@ -297,7 +299,8 @@ class Aggregator(SecureRounds):
                 break
             self._run_round(self.version + 1, stop)
         if not stop.is_set():
-            self._announce(RoundAnnouncement(self.version, self.spec, done=True, epoch=self.epoch))
+            intervals = self._calibrate(stop) if self.config.intervals is not None and self.model is not None else None
+            self._announce(RoundAnnouncement(self.version, self.spec, done=True, epoch=self.epoch, intervals=intervals))
             if not spent:
                 log.info("all %d rounds done; recording site reports until stopped", self.config.model.rounds)
         while not stop.is_set():
@@ -399,8 +402,29 @@ class Aggregator(SecureRounds):
                  detail["sensors"])
         self.store.record_event("fleet_statistics", detail, time.time())
 
-    def _gather_stats(self, stop: threading.Event, phase: str, regimes: Regimes | None = None) -> dict[str, StatsReply] | None:
-        """The replies of one statistics phase from the sites ready to give it (None: stopped)."""
+    def _calibrate(self, stop: threading.Event) -> IntervalTable | None:
+        """Federated conformal calibration (turbofed/conformal.py): the sites' residual
+        histograms of the final model on their calibration engines, summed; the interval
+        table at the configured coverage. None when no site answered by the round deadline."""
+        settings = self.config.intervals
+        layout = Layout.for_cap(self.config.model.rul_cap)
+        replies = self._gather_stats(stop, "residuals", layout=layout, settle=True)
+        if not replies:
+            log.warning("conformal intervals: no site sent residuals of v%d by the deadline (do sites hold calibration "
+                        "engines back? calibration_share); predictions go without intervals", self.version)
+            return None
+        hist = sum((r.residuals for r in replies.values()), ResidualHistogram(layout))
+        table = IntervalTable.from_histogram(hist, settings.coverage, settings.min_group_residuals, self.version)
+        log.info("conformal intervals for v%d at %.0f%% from %d residuals of %d sites: %s", self.version,
+                 100 * settings.coverage, hist.total, len(replies), table.to_dict())
+        self.store.record_event("intervals", {"sites": sorted(replies), "engines": sum(r.engines for r in replies.values()),
+                                              "table": table.to_dict()}, time.time())
+        return table
+
+    def _gather_stats(self, stop: threading.Event, phase: str, regimes: Regimes | None = None, layout: Layout | None = None,
+                      settle: bool = False) -> dict[str, StatsReply] | None:
+        """The replies of one statistics phase from the sites ready to give it (None: stopped;
+        with `settle`, whatever came by the deadline, even nothing)."""
         needed = self.config.effective_quorum
         next_request = 0.0
         give_up = time.monotonic() + self.config.round_deadline_s
@@ -408,13 +432,16 @@ class Aggregator(SecureRounds):
         # spec's statistics once per phase (edge/agent.py on_stats_request), so a new id would not get a new answer.
         self.stats_request_id = uuid.uuid4().hex
         self.stats_replies = {}
-        field = "regime_stats" if phase == "regimes" else "stats"
+        field = {"regimes": "regime_stats", "residuals": "residuals"}.get(phase, "stats")
+        self.stats_layout = layout
+        min_samples = 1 if phase == "residuals" else self.config.min_samples  # residuals: the site's min_stats_engines bounds them
         while not stop.is_set():
-            ready = {s: r for s, r in self.stats_replies.items() if r.samples >= self.config.min_samples and getattr(r, field) is not None}
-            if len(ready) >= needed or (ready and time.monotonic() >= give_up):
+            ready = {s: r for s, r in self.stats_replies.items() if r.samples >= min_samples and getattr(r, field) is not None}
+            if len(ready) >= needed or ((ready or settle) and time.monotonic() >= give_up):
                 return ready
             if time.monotonic() >= next_request:
-                request = StatsRequest(self.stats_request_id, self.config.min_samples, self.config.model.window, phase, regimes)
+                request = StatsRequest(self.stats_request_id, min_samples, self.config.model.window, phase, regimes,
+                                       layout=layout, model_version=self.version if phase == "residuals" else None)
                 payload = self.sealer.seal(signed.STATS_REQUEST, request.to_payload())
                 self.client.publish(self.topics.stats_request, payload, qos=1, retain=True)
                 next_request = time.monotonic() + self.config.stats_retry_s
@@ -431,6 +458,8 @@ class Aggregator(SecureRounds):
             return  # an answer to an older request
         if reply.stats is not None and reply.stats.window != self.config.model.window:
             raise Rejected(Refusal.BAD_STATS, f"stats from {site} are for a {reply.stats.window}-cycle window, not {self.config.model.window}")
+        if reply.residuals is not None and reply.residuals.layout != self.stats_layout:
+            raise Rejected(Refusal.BAD_STATS, f"residual histogram from {site} is not in the bins asked for")
         self.stats_replies[site] = reply
         self._observed(site, reply.samples)
 

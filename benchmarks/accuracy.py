@@ -16,6 +16,12 @@ among the subsets (non-IID) and every model is scored on every subset. `--valida
 scores on engines held out of each site's training engines instead of the official test
 (the tuning protocol, docs/accuracy.md): choices are made there, never on a test set.
 
+Every federated prediction also gets a conformal interval (turbofed/conformal.py): each site
+holds a seeded share of its training engines back (`--calibration`, by engine, apart from any
+validation engines), sends the residual histogram of the final federated model on them
+(edge/calibration.py, the agent's code), and the summed histogram fixes the interval table;
+the result reports the intervals' empirical coverage and mean width on every evaluation set.
+
 `turbofed bench accuracy ... --json OUT` prints (and writes) the result as JSON.
 """
 
@@ -36,8 +42,10 @@ from turbofed.aggregator.strategies import Strategy, aggregate_onnx, make_strate
 from turbofed.benchmarks import emit, machine_info
 from turbofed.codec import read_weights, replace_weights
 from turbofed.config import DEFAULT_STRATEGY, ModelSettings
+from turbofed.conformal import DEFAULT_COVERAGE, IntervalTable, Layout, ResidualHistogram, coverage_and_width
 from turbofed.data.cmapss import EngineRun
 from turbofed.data.datasets import EvalSet, load_dataset, split_engines
+from turbofed.edge.calibration import CUTS_PER_ENGINE, runs_histogram
 from turbofed.edge.features import run_features, runs_regime_stats, runs_stats, two_phase_spec
 from turbofed.edge.inference import OnnxPredictor
 from turbofed.edge.learner import RulModel
@@ -88,6 +96,52 @@ def validation_split(sites: list[Site], seed: int) -> list[EvalSet]:
         site.runs, cut = split_engines(site.runs, seed * 1000 + k)
         held.setdefault(site.subset, []).extend(cut)
     return [EvalSet(subset, runs, "validation-from-train") for subset, runs in held.items()]
+
+
+CALIBRATION_FRACTION = 0.2  # of each site's training engines, held out of training for conformal calibration
+
+
+def calibration_split(sites: list[Site], seed: int, fraction: float = CALIBRATION_FRACTION) -> list[list[EngineRun]]:
+    """Hold a seeded `fraction` of every site's engines out of its training as its calibration
+    engines (whole runs to failure, by engine, per site; a seed stream apart from the
+    validation split's). The sites keep the rest; at least one engine stays for training."""
+    held = []
+    for k, site in enumerate(sites):
+        n_out = min(int(round(fraction * len(site.runs))), len(site.runs) - 1) if fraction > 0 else 0
+        order = np.random.default_rng([seed, k, 0xCA1]).permutation(len(site.runs))
+        out = set(order[:n_out].tolist())
+        held.append([r for i, r in enumerate(site.runs) if i in out])
+        site.runs = [r for i, r in enumerate(site.runs) if i not in out]
+    return held
+
+
+def fleet_intervals(model: bytes, spec: FeatureSpec, calibration: list[list[EngineRun]], cap: float, coverage: float,
+                    seed: int) -> IntervalTable:
+    """What the fleet does: every site sends the residual histogram of `model` on its own
+    calibration engines; the aggregator sums them and reads the interval table off the sum."""
+    layout, predictor = Layout.for_cap(cap), OnnxPredictor(model, cap=cap)
+    hist = ResidualHistogram(layout)
+    for k, runs in enumerate(calibration):
+        hist = hist + runs_histogram(predictor.predict, spec, runs, layout, cap, np.random.default_rng([seed, k, 0xC07]))
+    return IntervalTable.from_histogram(hist, coverage)
+
+
+def interval_metrics(model: bytes, spec: FeatureSpec, ev: EvalSet, table: IntervalTable, cap: float) -> dict[str, Any]:
+    """Coverage and mean width of the intervals at the last observed cycle of each test engine:
+    against the capped truth (what the intervals are for: an upper bound at the cap reads "cap
+    or more"), against the raw truth, and per Mondrian group against the capped truth."""
+    features = np.vstack([run_features(spec, r.cycles, r.sensors, r.settings)[-1] for r in ev.runs])
+    predicted = OnnxPredictor(model, cap=cap).predict(features)
+    truth = np.array([r.rul_at_end for r in ev.runs], dtype=float)
+    lower, upper = table.interval(predicted, cap)
+    capped = coverage_and_width(lower, upper, np.minimum(truth, cap))
+    groups = np.searchsorted(np.asarray(table.edges), predicted, side="right")
+    per_group = []
+    for g in range(len(table.edges) + 1):
+        mask = groups == g
+        per_group.append({"engines": int(mask.sum()),
+                          **(coverage_and_width(lower[mask], upper[mask], np.minimum(truth[mask], cap)) if mask.any() else {})})
+    return {**capped, "coverage_raw_truth": coverage_and_width(lower, upper, truth)["coverage"], "groups": per_group}
 
 
 def training_rows(spec: FeatureSpec, runs: list[EngineRun]) -> tuple[np.ndarray, np.ndarray]:
@@ -149,19 +203,28 @@ def run_accuracy(
     strategy: str = DEFAULT_STRATEGY,
     strategy_params: dict[str, Any] | None = None,
     validation: bool = False,
+    calibration: float = CALIBRATION_FRACTION,
+    coverage: float = DEFAULT_COVERAGE,
 ) -> dict:
-    """Train central, local and federated models and score them on every evaluation set.
+    """Train central, local and federated models and score them on every evaluation set;
+    calibrate the federated model's conformal intervals on held-back engines (`calibration`
+    share of each site's; 0: no intervals, every engine trains) and score those too.
 
     `strategy` takes what fleet.toml's [strategy] name does (built in, "module:Class" or an
     entry point); it is checked with `strategy_params` before any data is read.
     """
     merger = make_strategy(strategy, strategy_params, "turbofed bench accuracy --strategy")
+    if not 0 <= calibration < 1:
+        raise ConfigError(f"turbofed bench accuracy --calibration must be a share in [0, 1), got {calibration}")
+    if not 0 < coverage < 1:
+        raise ConfigError(f"turbofed bench accuracy --coverage must be in (0, 1), got {coverage}")
     settings = settings or ModelSettings()
     started = time.perf_counter()
     train, evals = load_dataset(dataset, data_dir, settings.seed)
     sites = split_sites(train, n_sites)
     if validation:  # the official test (or subset hold-out) stays unseen: score on engines cut from the sites' own
         evals = validation_split(sites, settings.seed)
+    held = calibration_split(sites, settings.seed, calibration)  # never trained on, by any model
     spec = fleet_spec(sites, settings.window)
     cap = settings.rul_cap
     budget = settings.rounds * settings.local_epochs
@@ -187,6 +250,12 @@ def run_accuracy(
     progress.set_postfix_str(f"federated ({strategy})")
     federated = federate(settings, spec, sites, merger, progress)
     progress.close()
+    intervals = None
+    if calibration > 0:
+        table = fleet_intervals(federated, spec, held, cap, coverage, settings.seed)
+        intervals = {"coverage_nominal": coverage, "calibration_engines": sum(len(h) for h in held),
+                     "cuts_per_engine": CUTS_PER_ENGINE, "table": table.to_dict(),
+                     "federated": {ev.subset: interval_metrics(federated, spec, ev, table, cap) for ev in evals}}
 
     return {
         "dataset": dataset,
@@ -202,6 +271,8 @@ def run_accuracy(
         "central": {ev.subset: evaluate(central, spec, ev, cap) for ev in evals},
         "federated": {ev.subset: evaluate(federated, spec, ev, cap) for ev in evals},
         "local": local,
+        "intervals": intervals,
+        "calibration_fraction": calibration,
         "settings": settings.to_dict(),
         "features": {"sensors": [i + 1 for i in spec.sensors], "count": spec.n_features,
                      "regimes": [list(c) for c in spec.regimes.cells] if spec.regimes else []},
@@ -214,7 +285,8 @@ def run_cli(args: argparse.Namespace) -> int:
     settings = ModelSettings(seed=args.seed).replace(rounds=args.rounds, local_epochs=args.local_epochs, **model)
     params = dict(parse_param(text) for text in args.strategy_param)
     result = run_accuracy(args.dataset, args.data_dir, args.sites, settings, args.strategy or DEFAULT_STRATEGY, params,
-                          validation=getattr(args, "validation", False))
+                          validation=getattr(args, "validation", False), calibration=getattr(args, "calibration", CALIBRATION_FRACTION),
+                          coverage=getattr(args, "coverage", DEFAULT_COVERAGE))
     emit(result, args.json_out)
     return 0
 

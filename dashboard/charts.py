@@ -14,7 +14,8 @@ import pandas as pd
 from turbofed.dashboard.views import MODEL_COLORS, URGENCY_COLORS, URGENCY_LEVELS
 from turbofed.topics import natural_key
 
-MODEL_SCALE = alt.Scale(domain=["local", "federated"], range=[MODEL_COLORS["local"], MODEL_COLORS["federated"]])
+MODEL_SCALE = alt.Scale(domain=["local", "federated", "lower"],
+                        range=[MODEL_COLORS["local"], MODEL_COLORS["federated"], MODEL_COLORS["lower"]])
 SERIES_SCALE = alt.Scale(domain=["true RUL", "local", "federated"],
                          range=[MODEL_COLORS["true RUL"], MODEL_COLORS["local"], MODEL_COLORS["federated"]])
 URGENCY_SCALE = alt.Scale(domain=list(URGENCY_LEVELS), range=[URGENCY_COLORS[u] for u in URGENCY_LEVELS])
@@ -75,8 +76,9 @@ def final_bars(final: pd.DataFrame, metric: str = "rmse") -> alt.Chart:
     ).properties(height=280)
 
 
-def trajectory_chart(long: pd.DataFrame, thresholds: Sequence[float] = ()) -> alt.LayerChart:
-    """One engine: true, local and federated RUL over cycles (plus maintenance thresholds)."""
+def trajectory_chart(long: pd.DataFrame, thresholds: Sequence[float] = (), band: pd.DataFrame | None = None) -> alt.LayerChart:
+    """One engine: true, local and federated RUL over cycles (plus maintenance thresholds),
+    and the federated prediction's conformal interval as a band where `band` has one."""
     lines = alt.Chart(long).mark_line().encode(
         x=alt.X("cycle:Q", title="cycle"),
         y=alt.Y("rul:Q", title="RUL (cycles)"),
@@ -88,6 +90,11 @@ def trajectory_chart(long: pd.DataFrame, thresholds: Sequence[float] = ()) -> al
         tooltip=["cycle:Q", "series:N", alt.Tooltip("rul:Q", format=".1f")],
     )
     layers: list[alt.Chart] = [lines]
+    if band is not None and not band.empty:
+        layers.insert(0, alt.Chart(band).mark_area(color=MODEL_COLORS["federated"], opacity=0.18).encode(
+            x="cycle:Q", y=alt.Y("lower:Q", title="RUL (cycles)"), y2="upper:Q",
+            tooltip=["cycle:Q", alt.Tooltip("lower:Q", format=".1f", title="lower bound"),
+                     alt.Tooltip("upper:Q", format=".1f", title="upper bound")]))
     if thresholds:
         layers.append(alt.Chart(pd.DataFrame({"rul": list(thresholds)})).mark_rule(
             color="#999", strokeDash=[2, 2]).encode(y="rul:Q"))
@@ -128,7 +135,8 @@ def policy_cost_bars(results: pd.DataFrame) -> alt.Chart:
         x=alt.X("cost:Q", title="total cost"),
         y=alt.Y("policy:N", sort=list(results["policy"]), title=None),
         color=alt.Color("policy:N", legend=None, scale=alt.Scale(
-            domain=list(results["policy"]), range=["#6b6b6b", "#9467bd", MODEL_COLORS["local"], MODEL_COLORS["federated"]])),
+            domain=list(results["policy"]),
+            range=["#6b6b6b", "#9467bd", MODEL_COLORS["local"], MODEL_COLORS["federated"], MODEL_COLORS["lower"]])),
         tooltip=["policy:N", "maintenances:Q", "failures:Q", "open:Q", alt.Tooltip("wasted_cycles:Q", format=".0f"),
                  alt.Tooltip("cost:Q", format=",.0f")],
     ).properties(height=200)

@@ -15,6 +15,9 @@ Conventions (kept simple and stated once, so the numbers can be checked by hand)
 - **fixed interval T**: maintain at cycle ``T`` (counted from the engine's first cycle).
 - **model RUL <= k**: maintain at the first recorded cycle whose prediction is ``<= k``.
   Cycles without a prediction cannot trigger anything.
+- **federated lower bound <= k**: the same on the lower end of the federated prediction's
+  conformal interval (turbofed/conformal.py): act once the engine *may* be within k cycles of
+  failure at the interval's coverage. Cycles without an interval cannot trigger anything.
 - When an engine's data end before its end of life (a test engine whose RUL was revealed
   at its last cycle ``c``) and the model has not triggered by then, the maintenance is
   *scheduled* from its last prediction ``p`` (at cycle ``c_p``): at ``c_p + ceil(p - k)``,
@@ -28,21 +31,21 @@ Pure functions over numpy arrays: no Streamlit, unit-tested with hand-computed v
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-Model = Literal["local", "federated"]
+Model = Literal["local", "federated", "lower"]  # "lower": the federated RUL's conformal lower bound
 Action = Literal["maintained", "failed", "open"]
-MODELS: tuple[Model, ...] = ("local", "federated")
+MODELS: tuple[Model, ...] = ("local", "federated", "lower")
 RUN_TO_FAILURE = "run to failure"
 FIXED_INTERVAL = "fixed interval"
 
 
 def threshold_policy_name(model: str) -> str:
     """Display name of "maintain when <model>'s RUL <= k"."""
-    return f"{model} RUL ≤ k"
+    return "federated lower bound ≤ k" if model == "lower" else f"{model} RUL ≤ k"
 
 
 POLICIES = (RUN_TO_FAILURE, FIXED_INTERVAL, *(threshold_policy_name(m) for m in MODELS))
@@ -72,9 +75,12 @@ class EngineLife:
     cycles: np.ndarray  # ascending cycles whose truth is known
     local: np.ndarray  # predicted RUL per cycle; NaN = not predicted
     federated: np.ndarray
+    lower: np.ndarray = field(default_factory=lambda: np.zeros(0))  # the federated RUL's lower bound; NaN/empty = none
 
     def predicted(self, model: Model) -> np.ndarray:
-        """The model's predictions aligned with `cycles`."""
+        """The model's predictions (or the lower bound) aligned with `cycles`."""
+        if model == "lower":
+            return self.lower if self.lower.size == self.cycles.size else np.full(self.cycles.size, np.nan)
         return self.local if model == "local" else self.federated
 
 
@@ -129,7 +135,8 @@ def engine_lives(rows: Iterable[dict[str, Any]], include_revealed: bool = True) 
             end_of_life=float(e["truth_cycle"]) + float(e["truth_rul"]), observed_to_failure=failed,
             cycles=np.array([p["cycle"] for p in preds], dtype=float),
             local=np.array([np.nan if p["local"] is None else p["local"] for p in preds], dtype=float),
-            federated=np.array([np.nan if p["federated"] is None else p["federated"] for p in preds], dtype=float)))
+            federated=np.array([np.nan if p["federated"] is None else p["federated"] for p in preds], dtype=float),
+            lower=np.array([np.nan if p.get("lower") is None else p["lower"] for p in preds], dtype=float)))
     return lives
 
 
@@ -214,7 +221,7 @@ def policy_outcomes(lives: Sequence[EngineLife], k: float, interval: float) -> d
 
 
 def compare_policies(lives: Sequence[EngineLife], k: float, interval: float, costs: Costs) -> list[PolicyResult]:
-    """The four policies side by side: the economics page's main table."""
+    """The five policies side by side: the economics page's main table."""
     return [summarize(name, outcomes, costs) for name, outcomes in policy_outcomes(lives, k, interval).items()]
 
 

@@ -20,14 +20,14 @@ import pandas as pd
 from turbofed.store import ResultsStore
 from turbofed.topics import natural_key
 
-Basis = Literal["either", "local", "federated"]
+Basis = Literal["either", "local", "federated", "lower"]
 URGENCY_LEVELS = ("critical", "warning", "ok", "unknown", "failed")
 URGENCY_COLORS = {"critical": "#d62728", "warning": "#ff9f1c", "ok": "#2ca02c",
                   "unknown": "#b0b0b0", "failed": "#6b6b6b"}
-MODEL_COLORS = {"local": "#1f77b4", "federated": "#e45756", "true RUL": "#333333"}
+MODEL_COLORS = {"local": "#1f77b4", "federated": "#e45756", "true RUL": "#333333", "lower": "#f58518"}
 EVENTS_SHOWN = 50
 BASIS_LABELS: dict[str, Basis] = {"the lower of the two": "either", "federated model": "federated",
-                                  "local model": "local"}
+                                  "local model": "local", "federated lower bound": "lower"}
 
 
 def _num(value: Any) -> float:
@@ -53,8 +53,11 @@ def ago(seconds: float | None) -> str:
 
 # --- fleet -----------------------------------------------------------------------------
 
-def basis_rul(local: float | None, federated: float | None, basis: Basis) -> float | None:
-    """The RUL urgency is judged on: one model's, or the lower of the two (the cautious choice)."""
+def basis_rul(local: float | None, federated: float | None, basis: Basis, lower: float | None = None) -> float | None:
+    """The RUL urgency is judged on: one model's, the lower of the two (the cautious choice),
+    or the lower end of the federated prediction's conformal interval (None without one)."""
+    if basis == "lower":
+        return lower
     if basis == "local":
         return local
     if basis == "federated":
@@ -81,15 +84,15 @@ def fleet_table(latest: Sequence[dict[str, Any]], critical: float, warning: floa
     """
     rows = []
     for r in latest:
-        rul = basis_rul(r.get("local"), r.get("federated"), basis)
+        rul = basis_rul(r.get("local"), r.get("federated"), basis, r.get("lower"))
         failed = r.get("true_rul") is not None and r["true_rul"] <= 0
         rows.append({"site": r["site"], "engine": r["engine"], "cycle": r["cycle"],
                      "urgency": "failed" if failed else urgency(rul, critical, warning),
                      "rul": _num(rul), "local": _num(r.get("local")), "federated": _num(r.get("federated")),
-                     "true_rul": _num(r.get("true_rul"))})
+                     "lower": _num(r.get("lower")), "upper": _num(r.get("upper")), "true_rul": _num(r.get("true_rul"))})
     rows.sort(key=lambda x: (URGENCY_LEVELS.index(x["urgency"]), math.inf if math.isnan(x["rul"]) else x["rul"],
                              natural_key(x["site"]), natural_key(x["engine"])))
-    columns = ["site", "engine", "cycle", "urgency", "rul", "local", "federated", "true_rul"]
+    columns = ["site", "engine", "cycle", "urgency", "rul", "local", "federated", "lower", "upper", "true_rul"]
     table = pd.DataFrame(rows, columns=columns)
     table["gap"] = table["federated"] - table["local"]
     return table
@@ -239,6 +242,13 @@ def trajectory_long(trajectory: Sequence[dict[str, Any]], cap: float | None = No
             if p.get(model) is not None:
                 rows.append({"cycle": p["cycle"], "series": model, "rul": float(p[model])})
     return pd.DataFrame(rows, columns=["cycle", "series", "rul"])
+
+
+def trajectory_band(trajectory: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """The federated prediction's conformal interval per cycle (cycles without one left out)."""
+    rows = [{"cycle": p["cycle"], "lower": float(p["lower"]), "upper": float(p["upper"])} for p in trajectory
+            if p.get("lower") is not None and p.get("upper") is not None]
+    return pd.DataFrame(rows, columns=["cycle", "lower", "upper"])
 
 
 def trajectory_errors(trajectory: Sequence[dict[str, Any]], cap: float | None = None) -> dict[str, float]:

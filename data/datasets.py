@@ -10,13 +10,9 @@ import numpy as np
 
 from turbofed.data.cmapss import EngineRun, Subset, load_subset
 from turbofed.data.synthetic import generate_fleet
+from turbofed.metrics import MAX_TRUE_RUL, MIN_OBSERVED_CYCLES, MIN_TRUE_RUL, nasa_cut_rul  # noqa: F401 - the cut rule's home
 
 HOLDOUT_FRACTION = 0.2
-# NASA cut its test engines some time before failure: on FD001 the shortest observed
-# history is 31 cycles and the true RUL runs from 7 to 145. Held-out engines are cut the
-# same way: a true RUL drawn uniformly from [5, 150], at least 31 cycles observed.
-MIN_OBSERVED_CYCLES = 31
-MIN_TRUE_RUL, MAX_TRUE_RUL = 5, 150
 
 
 @dataclass
@@ -32,9 +28,7 @@ def cut_like_nasa(runs: list[EngineRun], rng: np.random.Generator) -> list[Engin
     """Each run-to-failure cut before failure the way NASA cut its test engines."""
     cut = []
     for run in runs:
-        longest = max(MIN_TRUE_RUL, min(MAX_TRUE_RUL, len(run) - MIN_OBSERVED_CYCLES))
-        rul = int(rng.integers(MIN_TRUE_RUL, longest + 1))
-        cut.append(run.cut(max(1, len(run) - rul)))
+        cut.append(run.cut(max(1, len(run) - int(nasa_cut_rul(len(run), rng)))))
     return cut
 
 

@@ -40,13 +40,16 @@ import numpy as np
 import turbofed
 from turbofed import envelope
 from turbofed.config import ModelSettings, SiteConfig, load_site_config, require_writable_dir
+from turbofed.conformal import IntervalTable
 from turbofed.edge.buffer import TrainingBuffer, load_histories, load_history_settings, save_histories
+from turbofed.edge.calibration import CalibrationRun, is_calibration_engine, runs_histogram
 from turbofed.edge.features import EngineWindow
 from turbofed.edge.inference import OnnxPredictor
 from turbofed.edge.outbox import OUTBOX_DB, Outbox
 from turbofed.edge.secure import SecureSessions
 from turbofed.edge.state import (
     BUFFER_NPZ,
+    CALIBRATION_NPZ,
     ENGINES_NPZ,
     GLOBAL_ONNX,
     LEARNERS_NPZ,
@@ -164,6 +167,9 @@ class EdgeAgent:
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.engines: dict[str, EngineTrack] = {}
         self.buffer = TrainingBuffer(config.buffer_rows)
+        self.calibration = TrainingBuffer(config.buffer_rows)  # engines held back from training (calibration_share)
+        self.intervals: IntervalTable | None = None  # the conformal interval table of the global model (signed announcement)
+        self.calibrated_version = -1  # the global version whose residual histogram this site sent
         self.settings: ModelSettings | None = None
         self.fleet_spec: FeatureSpec | None = None
         self.local_spec: FeatureSpec | None = None
@@ -351,7 +357,7 @@ class EdgeAgent:
         self.counters["predictions.federated"] += fed is not None
         track.last = (reading.cycle, local, fed)
         if local is not None or fed is not None:
-            self.pending_rows.append((engine, reading.cycle, local, fed))
+            self.pending_rows.append((engine, reading.cycle, local, fed, *self._interval(fed)))
         if self.config.share_sensors:  # raw rows leave the site only when its config says so
             self.pending_sensors.append((engine, reading.cycle, reading.settings, reading.sensors))
 
@@ -367,6 +373,15 @@ class EdgeAgent:
         if self.settings is not None:  # trained on RUL capped there: beyond it is extrapolation
             value = min(value, self.settings.rul_cap)
         return round(value, 3)
+
+    def _interval(self, fed: float | None) -> tuple[float, float] | tuple[()]:
+        """The federated RUL's conformal interval (lower, upper), or nothing: without a table for
+        the global model this site predicts with, there is no interval to claim."""
+        table = self.intervals
+        if fed is None or table is None or table.model_version != self.global_version or self.settings is None:
+            return ()
+        lower, upper = table.interval(np.array([fed]), self.settings.rul_cap)
+        return round(float(lower[0]), 3), round(float(upper[0]), 3)
 
     def evict_idle(self) -> int:
         """Forget engines not heard from for engine_idle_s (memory stays bounded); how many went."""
@@ -390,7 +405,9 @@ class EdgeAgent:
         if event.event == "failure":
             if self.training:  # labelled history is training data; an inference-only site keeps none
                 cycles, sensors = track.history()
-                self.buffer.add(engine, cycles.copy(), sensors.copy(), (event.cycle - cycles).astype(float), track.settings[: track.n].copy())
+                held = is_calibration_engine(self.site, engine, self.config.calibration_share)  # never trained on
+                (self.calibration if held else self.buffer).add(
+                    engine, cycles.copy(), sensors.copy(), (event.cycle - cycles).astype(float), track.settings[: track.n].copy())
             self.pending_truth.append((engine, event.cycle, 0.0))
             self.counters["failures"] += 1
         else:
@@ -419,6 +436,9 @@ class EdgeAgent:
         and the aggregator learns only the fleet total. A session that aborted may be joined
         again for the same spec, but this site unmasks a spec's statistics for one set of sites
         only: two sums over different sets would give away the difference."""
+        if request.phase == "residuals":
+            self._send_residuals(request)
+            return
         k, what = self.config.min_stats_engines, f"stats request {request.request_id!r}"
         if request.window > self.config.max_stats_window:
             raise MessageError(f"{what}: a {request.window}-cycle window is over this site's max_stats_window ({self.config.max_stats_window})", Refusal.STATS_UNAFFORDABLE)
@@ -456,6 +476,27 @@ class EdgeAgent:
         self._report("stats", self.sealer.seal(signed.STATS, reply.to_payload()))
         self._stats_answered({"request_id": request.request_id, "spec": spec_key, "engines": sorted(engines),
                               "phases": [*answered, request.phase]})
+
+    def _send_residuals(self, request: StatsRequest) -> None:
+        """Conformal calibration (turbofed/conformal.py): the residual histogram of the global
+        model the request names on this site's calibration engines — counts in the request's
+        bins, never a residual — once per model version, over at least min_stats_engines engines."""
+        what, k = f"stats request {request.request_id!r} (residuals of v{request.model_version})", self.config.min_stats_engines
+        if self.fed_predictor is None or self.fleet_spec is None or self.settings is None or request.model_version != self.global_version:
+            raise MessageError(f"{what}: this site predicts with global v{self.global_version}", Refusal.STALE_ROUND)
+        if request.model_version == self.calibrated_version:
+            raise MessageError(f"{what}: already answered for this version", Refusal.STATS_REPEATED)
+        engines = self.calibration.engines
+        if len(engines) < k:
+            raise MessageError(f"{what}: {len(engines)} calibration engines; residuals are shared over at least {k} "
+                               "(min_stats_engines; calibration_share holds engines back)", Refusal.STATS_TOO_FEW_ENGINES)
+        runs = [CalibrationRun(c, g, s, r) for (_, c, s, r), g in zip(engines, self.calibration.settings)]
+        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(f"{self.site}/{request.model_version}".encode()).digest()[:8], "big"))
+        hist = runs_histogram(self.fed_predictor.predict, self.fleet_spec, runs, request.layout, self.settings.rul_cap, rng)
+        reply = StatsReply(request.request_id, self.site, self.calibration.rows, len(runs), residuals=hist)
+        self._report("stats", self.sealer.seal(signed.STATS, reply.to_payload()))
+        self.calibrated_version = request.model_version
+        self.counters["sent.residuals"] += 1
 
     def _secure_stats(self, request: StatsRequest, vector: np.ndarray, spec_key: str, engines: list[str],
                       answered: list[str]) -> None:
@@ -558,6 +599,8 @@ class EdgeAgent:
         self._follow(ann)
         if ann.spec is not None:  # also on the final 'done' announcement, for sites that join later
             self.fleet_spec = ann.spec
+        if ann.intervals is not None:  # signed with the announcement; used while its model version is ours
+            self.intervals = ann.intervals
         if ann.done or ann.announce_id in self.answered:
             return
         self.settings = ann.settings
@@ -728,6 +771,8 @@ class EdgeAgent:
             write_atomic(self.state_dir / GLOBAL_ONNX, self.global_model)
             self._saved_global = self.global_version
         self.buffer.save(self.state_dir / BUFFER_NPZ)
+        if self.calibration.engines or (self.state_dir / CALIBRATION_NPZ).exists():
+            self.calibration.save(self.state_dir / CALIBRATION_NPZ)
         in_service = [(e, *t.history(), np.zeros(t.n)) for e, t in self.engines.items()]
         save_histories(self.state_dir / ENGINES_NPZ, in_service, settings=[t.settings[: t.n] for t in self.engines.values()])
         state = AgentState(self.answered, self.global_version, self.settings, self.fleet_spec, self.scored, dict(self.counters),
@@ -740,6 +785,7 @@ class EdgeAgent:
         """Read the state folder; any file that cannot be used raises StateError (naming it)
         before anything is changed, so the agent stops and the files stay as they are."""
         self.buffer = TrainingBuffer.load(self.state_dir / BUFFER_NPZ, self.config.buffer_rows)
+        self.calibration = TrainingBuffer.load(self.state_dir / CALIBRATION_NPZ, self.config.buffer_rows)
         path = self.state_dir / STATE_JSON
         if not path.exists():
             retire_legacy_learners(self.state_dir)

@@ -258,6 +258,7 @@ def test_economics_page_matches_hand_computed_costs(small_store: Path) -> None:
         "fixed interval": (3, 2, 1, 0, 6.0, 1212.0),
         "local RUL ≤ k": (3, 2, 1, 0, 9.0, 1218.0),
         "federated RUL ≤ k": (3, 3, 0, 0, 9.0, 318.0),  # s2/e1 scheduled from its last prediction
+        "federated lower bound ≤ k": (3, 0, 2, 1, 0.0, 2000.0),  # the sample store has no intervals
     }
     assert metric(at, "Federation saves vs local") == "900"
     assert metric(at, "Lowest total cost") == "318"
@@ -467,7 +468,9 @@ def test_compare_policies_hand_computed() -> None:
     results = economics.compare_policies(hand_fleet(), k=3, interval=8, costs=economics.Costs(100, 1000, 2))
     got = {r.policy: (r.maintenances, r.failures, r.open, r.wasted_cycles, r.cost) for r in results}
     assert got == {"run to failure": (0, 3, 0, 0.0, 3000.0), "fixed interval": (2, 1, 0, 6.0, 1212.0),
-                   "local RUL ≤ k": (2, 1, 0, 9.0, 1218.0), "federated RUL ≤ k": (3, 0, 0, 9.0, 318.0)}
+                   "local RUL ≤ k": (2, 1, 0, 9.0, 1218.0), "federated RUL ≤ k": (3, 0, 0, 9.0, 318.0),
+                   # no intervals recorded: nothing triggers; the failed engines fail, the revealed one stays open
+                   "federated lower bound ≤ k": (0, 2, 1, 0.0, 2000.0)}
     assert [r.policy for r in results] == list(economics.POLICIES)
     fed = results[3]
     assert fed.cost_per_engine == 106.0 and fed.as_row()["cost_per_engine"] == 106.0
@@ -476,6 +479,45 @@ def test_compare_policies_hand_computed() -> None:
     assert (with_open.open, with_open.cost, with_open.cost_per_engine) == (1, 104.0, 104.0)
     cheap = economics.compare_policies(hand_fleet(), 3, 8, economics.Costs(maintenance=10, failure=500, wasted_cycle=1))
     assert cheap[2].cost == 2 * 10 + 500 + 9
+
+
+def test_lower_bound_policy_acts_on_the_interval_and_prices_it(tmp_path: Path) -> None:
+    """Maintain when the federated prediction's conformal lower bound drops to k: earlier than
+    the point prediction (more wasted life), never later. By hand, k = 3, costs (100, 1000, 2):
+    engine 1 (F = 10, federated 10 - c, lower bound 7 - c) is maintained at cycle 4 (6 cycles
+    wasted) instead of 7 (3 wasted); engine 2 (F = 12, data end at cycle 3 with lower bound 9.5)
+    is scheduled at 3 + ceil(9.5 - 3) = 10, 2 cycles early. Total 2 x 100 + 8 x 2 = 216."""
+    store = SqliteStore(tmp_path / "r.sqlite")
+    store.record_predictions("s", [("e1", c, None, 10.0 - c, max(0.0, 7.0 - c), 13.0 - c) for c in range(1, 11)], 1.0)
+    store.record_predictions("s", [("e2", c, None, 20.0, lo, 30.0) for c, lo in ((1, 20.0), (2, 15.0), (3, 9.5))], 1.0)
+    store.record_truth("s", "e1", 10, 0.0, 2.0)
+    store.record_truth("s", "e2", 3, 9.0, 2.0)
+    lives = economics.engine_lives(store.engines_with_truth())
+    store.close()
+    assert lives[0].predicted("lower").tolist() == [6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert economics.threshold_policy(lives[0], "lower", 3) == economics.Outcome("maintained", 4, 6)
+    assert economics.threshold_policy(lives[0], "federated", 3) == economics.Outcome("maintained", 7, 3)
+    assert economics.threshold_policy(lives[1], "lower", 3) == economics.Outcome("maintained", 10, 2)
+    result = {r.policy: r for r in economics.compare_policies(lives, 3, 8, economics.Costs(100, 1000, 2))}
+    lower = result["federated lower bound ≤ k"]
+    assert (lower.maintenances, lower.failures, lower.open, lower.wasted_cycles, lower.cost) == (2, 0, 0, 8.0, 216.0)
+    sweep = economics.cost_sweep(lives, [3], economics.Costs(100, 1000, 2))
+    assert next(r for r in sweep if r["model"] == "lower")["cost"] == 216.0
+
+
+def test_fleet_ranks_by_the_lower_bound_and_the_band_follows_the_trajectory() -> None:
+    latest = [{"site": "s1", "engine": "e1", "cycle": 5, "local": 30.0, "federated": 40.0, "lower": 25.0, "upper": 55.0},
+              {"site": "s1", "engine": "e2", "cycle": 5, "local": 30.0, "federated": 35.0, "lower": 31.0, "upper": 40.0},
+              {"site": "s1", "engine": "e3", "cycle": 5, "local": 30.0, "federated": 20.0}]
+    table = views.fleet_table(latest, critical=10, warning=30, basis="lower")
+    assert list(table["engine"]) == ["e1", "e2", "e3"]  # by lower bound; no interval: unknown, last
+    assert list(table["urgency"]) == ["warning", "ok", "unknown"] and list(table["rul"][:2]) == [25.0, 31.0]
+    assert list(views.fleet_table(latest, 10, 30, basis="federated")["engine"]) == ["e3", "e2", "e1"]
+    traj = [{"cycle": 1, "federated": 50.0, "lower": 40.0, "upper": 60.0}, {"cycle": 2, "federated": 49.0}]
+    band = views.trajectory_band(traj)
+    assert band.to_dict("records") == [{"cycle": 1, "lower": 40.0, "upper": 60.0}]
+    spec = charts.trajectory_chart(views.trajectory_long(traj), band=band).to_dict()
+    assert any(layer.get("mark", {}).get("type") == "area" for layer in spec["layer"])
 
 
 def test_engines_from_the_store_give_the_same_answer(small_store: Path) -> None:

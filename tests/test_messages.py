@@ -8,11 +8,13 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from turbofed.config import FleetConfig, ModelSettings, SiteConfig
+from turbofed.conformal import IntervalTable, Layout, ResidualHistogram
 from turbofed.messages import (
     MAX_COUNTERS,
     MAX_PLANT_BYTES,
@@ -74,8 +76,14 @@ SITE_MESSAGES = [
     Predictions(SITE, (("e1", 4, 101.5, None), ("e2", 9, None, 88.0)), (("e3", 31, 112.0), ("e1", 4, 0.0))),
     Telemetry(SITE, (("e1", 4, (0.0, 0.1, 100.0), tuple(float(i) for i in range(N_SENSORS))),)),
     Status(SITE, True, samples=4880, storage="full"),
+    Predictions(SITE, (("e1", 4, 101.5, 90.0, 72.0, 104.5), ("e2", 9, None, 88.0))),
+    StatsReply("r2", SITE, 900, 5, residuals=ResidualHistogram.from_residuals(
+        Layout.for_cap(), np.array([10.0, 50.0, 90.0]), np.array([12.0, 41.0, 125.0]))),
 ]
+_TABLE = IntervalTable(0.9, (30.0, 70.0), (-6.0, -15.0, -math.inf), (5.0, 17.0, 30.0), (400, 900, 60), (False, False, True), 5)
 FLEET_MESSAGES = [_open_round(), RoundAnnouncement(5, _spec(), done=True), StatsRequest("r1", 50, 30), _reading(),
+                  RoundAnnouncement(5, _spec(), done=True, intervals=_TABLE),
+                  StatsRequest("r3", 50, 30, "residuals", layout=Layout.for_cap(), model_version=5),
                   EngineEvent("failure", 192), EngineEvent("truth", 31, 112.0)]
 
 
@@ -273,6 +281,15 @@ SENSOR_ROW = ["e1", 4, [0.0, 0.0, 100.0], [1.0] * N_SENSORS]
     (StatsReply, _site_body(SITE_MESSAGES[0], stats={**json.loads(SITE_MESSAGES[0].to_payload())["stats"], "count": -1}), Refusal.BAD_STATS),
     (StatsReply, _site_body(SITE_MESSAGES[0], stats=[1, 2]), Refusal.BAD_STATS),
     (StatsReply, _site_body(SITE_MESSAGES[0], samples=1.5), Refusal.WRONG_FIELDS),
+    # residual histograms: whole positive counts in bins of the layout (tests/test_conformal.py has every case)
+    (StatsReply, _site_body(SITE_MESSAGES[0], residuals={"layout": Layout.for_cap().to_dict(), "counts": [[[3, -2]], [], []]}), Refusal.BAD_STATS),
+    (StatsReply, _site_body(SITE_MESSAGES[0], residuals={"layout": Layout.for_cap().to_dict(), "counts": [[[9999, 1]], [], []]}), Refusal.BAD_STATS),
+    (StatsReply, _site_body(SITE_MESSAGES[0], residuals=[1, 2]), Refusal.BAD_STATS),
+    # interval bounds: lower <= upper, the other way round is refused
+    (Predictions, {"site": SITE, "rows": [[*ROW, 95.0, 80.0]]}, Refusal.OUT_OF_RANGE),
+    (Predictions, {"site": SITE, "rows": [[*ROW, None, 80.0]]}, Refusal.OUT_OF_RANGE),
+    (Predictions, {"site": SITE, "rows": [[*ROW, -5.0, 80.0]]}, Refusal.OUT_OF_RANGE),
+    (Predictions, {"site": SITE, "rows": [[*ROW, "low", 80.0]]}, Refusal.NOT_A_NUMBER),
     # not JSON at all, or too big: the envelope's reasons
     (Status, b"online", Refusal.BAD_JSON),
     (Metrics, b"[]", Refusal.BAD_JSON),
@@ -305,6 +322,13 @@ def _round_body(**change: object) -> dict:
     (StatsRequest, {"request_id": "r1", "min_samples": 5, "window": 10**7}, Refusal.BAD_STATS_REQUEST),
     (StatsRequest, {"min_samples": 5, "window": 30}, Refusal.BAD_STATS_REQUEST),
     (StatsRequest, b"\x00", Refusal.BAD_JSON),
+    (StatsRequest, {"request_id": "r1", "min_samples": 5, "window": 30, "phase": "residuals", "model_version": 3}, Refusal.BAD_STATS_REQUEST),
+    (StatsRequest, {"request_id": "r1", "min_samples": 5, "window": 30, "phase": "residuals", "model_version": 3,
+                    "layout": {**Layout.for_cap().to_dict(), "bins": 10**7}}, Refusal.BAD_STATS_REQUEST),
+    (RoundAnnouncement, _round_body(intervals={**_TABLE.to_dict(), "coverage": 1.5}), Refusal.BAD_ROUND),
+    (RoundAnnouncement, _round_body(intervals={**_TABLE.to_dict(), "lower": [1.0, 2.0, 3.0], "upper": [0.0, 0.0, 0.0]}), Refusal.BAD_ROUND),
+    (RoundAnnouncement, _round_body(intervals={**_TABLE.to_dict(), "lower": [0.0] * 100}), Refusal.BAD_ROUND),
+    (RoundAnnouncement, _round_body(intervals="wide"), Refusal.BAD_ROUND),
 ], ids=lambda v: v.__name__ if isinstance(v, type) else None)
 def test_hostile_aggregator_messages(cls: type, payload: bytes | dict, reason: Refusal) -> None:
     assert _refusal(cls.from_payload, payload) == reason

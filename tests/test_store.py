@@ -29,7 +29,7 @@ def test_open_store_path_and_schema(tmp_path: Path) -> None:
         assert s.counts()["rounds"] == 0
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(5,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(6,)]
     db.execute("UPDATE schema_version SET version = 99")
     db.commit()
     db.close()
@@ -67,14 +67,14 @@ def test_schema_2_store_gains_strategy_params(tmp_path: Path) -> None:
     with open_store(path) as s:
         s.record_round(1, 1, 10.0, 12.0, [], 1.0, "fedavg", "quorum")
     db = sqlite3.connect(path)
-    db.executescript("ALTER TABLE rounds DROP COLUMN strategy_params; ALTER TABLE round_participants DROP COLUMN norm; ALTER TABLE round_participants DROP COLUMN cosine; ALTER TABLE round_participants DROP COLUMN action; DROP TABLE archived_rounds; UPDATE schema_version SET version = 2;")
+    db.executescript("ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; ALTER TABLE rounds DROP COLUMN strategy_params; ALTER TABLE round_participants DROP COLUMN norm; ALTER TABLE round_participants DROP COLUMN cosine; ALTER TABLE round_participants DROP COLUMN action; DROP TABLE archived_rounds; UPDATE schema_version SET version = 2;")
     db.close()
     with open_store(path) as s:
         assert [(r["strategy"], r["strategy_params"]) for r in s.rounds()] == [("fedavg", {})]
         s.record_round(2, 2, 20.0, 22.0, [], 1.0, "fedadam", "quorum", {"tau": 0.001})
         assert s.rounds()[1]["strategy_params"] == {"tau": 0.001}
     db = sqlite3.connect(path)
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(5,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(6,)]
     db.close()
 
 
@@ -85,7 +85,7 @@ def test_schema_3_store_gains_what_the_strategy_did_with_each_update(tmp_path: P
     with open_store(path) as s:
         s.record_round(1, 1, 10.0, 12.0, [{"site": "s1", "samples": 5, "update_bytes": 50}], 1.0, "fedavg", "quorum")
     db = sqlite3.connect(path)
-    db.executescript("ALTER TABLE round_participants DROP COLUMN norm; ALTER TABLE round_participants DROP COLUMN cosine; ALTER TABLE round_participants DROP COLUMN action; DROP TABLE archived_rounds; UPDATE schema_version SET version = 3;")
+    db.executescript("ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; ALTER TABLE round_participants DROP COLUMN norm; ALTER TABLE round_participants DROP COLUMN cosine; ALTER TABLE round_participants DROP COLUMN action; DROP TABLE archived_rounds; UPDATE schema_version SET version = 3;")
     db.close()
     with open_store(path) as s:
         assert s.rounds()[0]["participants"] == [{"site": "s1", "samples": 5, "update_bytes": 50}]
@@ -104,11 +104,25 @@ def test_schema_4_store_gains_the_round_archive(tmp_path: Path) -> None:
     with open_store(path) as s:
         s.record_round(1, 1, 10.0, 12.0, [{"site": "s1", "samples": 5, "update_bytes": 50}], 1.0, "fedavg", "quorum")
     db = sqlite3.connect(path)
-    db.executescript("DROP TABLE archived_rounds; UPDATE schema_version SET version = 4;")
+    db.executescript("ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; DROP TABLE archived_rounds; UPDATE schema_version SET version = 4;")
     db.close()
     with open_store(path) as s:
         before = s.rounds()
         assert s.archive_rounds(7) == 1 and s.rounds() == [] and s.archived_rounds(7) == before
+
+
+def test_schema_5_store_gains_prediction_intervals(tmp_path: Path) -> None:
+    """Predictions carry the federated RUL's conformal interval from schema 6; a store written
+    before opens, upgraded: its old rows read with no interval, new rows keep theirs."""
+    path = tmp_path / "results.sqlite"
+    with open_store(path) as s:
+        s.record_predictions("s1", [("e1", 1, 100.0, 90.0)], 1.0)
+    db = sqlite3.connect(path)
+    db.executescript("ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; UPDATE schema_version SET version = 5;")
+    db.close()
+    with open_store(path) as s:
+        s.record_predictions("s1", [("e1", 2, 99.0, 89.0, 80.0, 100.0)], 2.0)
+        assert [(p["federated"], p["lower"], p["upper"]) for p in s.engine_trajectory("s1", "e1")] == [(90.0, None, None), (89.0, 80.0, 100.0)]
 
 
 def test_rejections(store: SqliteStore) -> None:
@@ -169,15 +183,16 @@ def test_predictions_latest_and_truth(store: SqliteStore) -> None:
     store.record_truth("s1", "e2", 5, 0.0, 3.0)
     assert store.latest_predictions()[0]["true_rul"] == 2.0
     traj = store.engine_trajectory("s1", "e2")
-    assert traj == [{"cycle": 1, "local": 100.0, "federated": 110.0, "true_rul": 4.0},
-                    {"cycle": 2, "local": 99.0, "federated": 108.0, "true_rul": 3.0},
-                    {"cycle": 3, "local": 97.0, "federated": None, "true_rul": 2.0}]
+    none = {"lower": None, "upper": None}  # no conformal interval sent
+    assert traj == [{"cycle": 1, "local": 100.0, "federated": 110.0, "true_rul": 4.0, **none},
+                    {"cycle": 2, "local": 99.0, "federated": 108.0, "true_rul": 3.0, **none},
+                    {"cycle": 3, "local": 97.0, "federated": None, "true_rul": 2.0, **none}]
     # e10 is a test engine stopped at cycle 2 whose truth (RUL 40 there) is revealed.
     store.record_truth("s1", "e10", 2, 40.0, 4.0)
     assert [p["true_rul"] for p in store.engine_trajectory("s1", "e10")] == [41.0, 40.0]
     # A prediction after the truth cycle has no known truth.
     store.record_predictions("s1", [("e10", 3, 30.0, 31.0)], 5.0)
-    assert store.engine_trajectory("s1", "e10")[-1] == {"cycle": 3, "local": 30.0, "federated": 31.0, "true_rul": None}
+    assert store.engine_trajectory("s1", "e10")[-1] == {"cycle": 3, "local": 30.0, "federated": 31.0, "true_rul": None, **none}
     # A re-sent prediction replaces the first copy.
     store.record_predictions("s1", [("e10", 3, 33.0, None)], 6.0)
     assert store.engine_trajectory("s1", "e10")[-1]["local"] == 33.0
@@ -188,6 +203,19 @@ def test_predictions_latest_and_truth(store: SqliteStore) -> None:
     assert engines[0]["predictions"] == traj
     assert [p["cycle"] for p in engines[1]["predictions"]] == [1, 2, 3]
     assert store.engine_trajectory("s1", "nope") == []
+
+
+def test_prediction_intervals_are_stored_with_the_federated_rul(store: SqliteStore) -> None:
+    store.record_predictions("s1", [("e1", 1, 100.0, 90.0, 70.0, 110.0), ("e1", 2, 99.0, 88.0, None, None),
+                                    ("e2", 1, None, 20.0, 12.5, 31.0)], 1.0)
+    traj = store.engine_trajectory("s1", "e1")
+    assert [(p["federated"], p["lower"], p["upper"]) for p in traj] == [(90.0, 70.0, 110.0), (88.0, None, None)]
+    latest = {r["engine"]: r for r in store.latest_predictions()}
+    assert (latest["e2"]["lower"], latest["e2"]["upper"]) == (12.5, 31.0) and latest["e1"]["lower"] is None
+    store.record_truth("s1", "e2", 1, 0.0, 2.0)
+    assert [(p["lower"], p["upper"]) for p in store.engines_with_truth()[0]["predictions"]] == [(12.5, 31.0)]
+    store.record_predictions("s1", [("e2", 1, None, 21.0, 13.0, 29.0)], 3.0)  # re-sent: the new interval wins
+    assert (store.engine_trajectory("s1", "e2")[0]["lower"], store.engine_trajectory("s1", "e2")[0]["upper"]) == (13.0, 29.0)
 
 
 def test_events(store: SqliteStore) -> None:

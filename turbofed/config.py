@@ -127,6 +127,7 @@ RANGES: dict[str, dict[str, Limit]] = {
         "predictions_every_s": Limit(0, 3600, above=True),
         "min_stats_engines": Limit(2, 1_000_000),
         "max_stats_window": Limit(1, MAX_WINDOW),
+        "calibration_share": Limit(0, 0.9),
         "max_engines": Limit(1, 10_000_000),
         "engine_idle_s": Limit(0, 1e9, above=True),
         "sensor_abs_max": Limit(0, 1e300, above=True),
@@ -160,6 +161,10 @@ RANGES: dict[str, dict[str, Limit]] = {
         "expected_sites": Limit(1, 100_000),
         "accountant": Limit(choices=("rdp", "pld")),
         "seed": Limit(0, 2**63 - 1),
+    },
+    "IntervalSettings": {
+        "coverage": Limit(0.5, 0.999),
+        "min_group_residuals": Limit(1, 1_000_000_000),
     },
     "BufferedRounds": {
         "size": Limit(0, 100_000),
@@ -432,6 +437,10 @@ class SiteConfig:
     share_sensors: bool = False  # raw sensor rows never leave the site unless this is set
     min_stats_engines: int = 5  # statistics are shared only over at least this many labelled engines
     max_stats_window: int = 250  # a statistics request for a longer window is unaffordable: refused
+    # Share of failed engines held back from training to calibrate the fleet's conformal
+    # intervals (edge/calibration.py; fixed per engine by a hash). 0: this site trains on every
+    # engine and sends no residual histogram; a fleet with [intervals] needs sites that hold some back.
+    calibration_share: float = 0.0
     # Engines tracked at once; a new engine beyond this is refused (TOO_MANY_ENGINES) unless an idle one
     # can be forgotten. A turbofan site has tens to hundreds of engines: 1,000 leaves room for renumbering
     # and spares while bounding memory (~0.4 MB per engine at the default history_cycles: ~0.4 GB worst case).
@@ -494,6 +503,18 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True)
+class IntervalSettings:
+    """Conformal RUL intervals (turbofed/conformal.py): fleet.toml's `[intervals]` table. After
+    the last round the aggregator asks the sites for residual histograms of the final model on
+    their calibration engines (SiteConfig.calibration_share) and ships the interval table at
+    `coverage` with the final announcement; a Mondrian group with fewer than
+    `min_group_residuals` residuals uses the pooled ones."""
+
+    coverage: float = 0.9
+    min_group_residuals: int = 100
+
+
+@dataclass(frozen=True)
 class BufferedRounds:
     """Buffered asynchronous rounds (FedBuff: Nguyen et al., "Federated Learning with Buffered
     Asynchronous Aggregation", AISTATS 2022): fleet.toml's `[buffered_rounds]` table;
@@ -540,6 +561,7 @@ class FleetConfig:
     privacy: PrivacySettings | None = None  # [privacy]: client-level differential privacy (docs/privacy.md)
     secure_aggregation: SecureAggregationSettings | None = None  # [secure_aggregation] (docs/privacy.md)
     buffered_rounds: BufferedRounds | None = None  # [buffered_rounds]: FedBuff (docs/scaling.md); synchronous without
+    intervals: IntervalSettings | None = None  # [intervals]: conformal RUL intervals (turbofed/conformal.py); none without
     quorum: int | None = None  # updates that close a round early; default: every site
     round_deadline_s: float = 120.0
     stats_retry_s: float = 5.0
@@ -716,8 +738,10 @@ def load_fleet_config(path: str | Path, keys: bool = True) -> FleetConfig:
     privacy = _privacy_settings(raw.pop("privacy", None), path)
     buffered = raw.pop("buffered_rounds", None)
     buffered = None if buffered is None else _build(BufferedRounds, buffered, f"{path}: [buffered_rounds]")
+    intervals = raw.pop("intervals", None)
+    intervals = None if intervals is None else _build(IntervalSettings, intervals, f"{path}: [intervals]")
     config = _build(FleetConfig, {**raw, "broker": broker, "model": model, "strategy": strategy, "privacy": privacy,
-                                  "secure_aggregation": secure, "buffered_rounds": buffered}, f"{path}:")
+                                  "secure_aggregation": secure, "buffered_rounds": buffered, "intervals": intervals}, f"{path}:")
     if buffered is not None and secure is not None:
         raise ConfigError(f"{path}: [buffered_rounds] cannot run with [secure_aggregation]: a secure sum takes every "
                           "site's update from the same global model, in one session")

@@ -10,8 +10,9 @@ import streamlit as st
 from turbofed.dashboard import charts, common, economics, views
 
 st.title("Maintenance economics")
-st.caption("Four policies replayed on engines whose true end of life is known: run to failure, a fixed "
-           "interval, and maintain when the local (or the federated) model's predicted RUL drops to k. "
+st.caption("Five policies replayed on engines whose true end of life is known: run to failure, a fixed "
+           "interval, maintain when the local (or the federated) model's predicted RUL drops to k, and "
+           "maintain when the lower bound of the federated prediction's conformal interval drops to k. "
            "Maintaining early wastes the life left; acting too late means a failure in service. Where an "
            "engine's data end before its end of life, the model's last prediction schedules the maintenance.")
 

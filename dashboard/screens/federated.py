@@ -101,8 +101,12 @@ def body() -> None:
     if not trajectory:
         common.waiting("No predictions for this engine yet.")
         return
-    st.altair_chart(charts.trajectory_chart(views.trajectory_long(trajectory, RUL_CAP if cap else None)),
+    band = views.trajectory_band(trajectory)
+    st.altair_chart(charts.trajectory_chart(views.trajectory_long(trajectory, RUL_CAP if cap else None), band=band),
                     width="stretch")
+    if not band.empty:
+        st.caption("Shaded: the federated prediction's conformal interval (lower and upper RUL at the fleet's "
+                   "configured coverage, calibrated on engines the model never trained on).")
     if all(p["true_rul"] is None for p in trajectory):
         st.caption("The true RUL of this engine is not known yet (it becomes known when the engine fails, "
                    "or when a test engine's RUL is revealed).")

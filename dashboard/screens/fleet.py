@@ -18,7 +18,8 @@ with st.sidebar:
                                   help="An engine is critical when its RUL is at or below the first value, "
                                        "a warning at or below the second.")
     basis_label = st.radio("Judge urgency on", list(views.BASIS_LABELS), key="fleet_basis",
-                           help="The lower of the two models is the cautious choice.")
+                           help="The lower of the two models is the cautious choice; the federated lower bound "
+                                "(its conformal interval's lower end) ranks by the life an engine may have left.")
 basis = views.BASIS_LABELS[basis_label]
 
 
@@ -65,6 +66,9 @@ def body() -> None:
                 "rul": common.number_column("RUL judged", help=f"RUL urgency is judged on ({basis_label})"),
                 "local": common.number_column("local RUL"),
                 "federated": common.number_column("federated RUL"),
+                "lower": common.number_column("lower bound", help="Lower end of the federated RUL's conformal "
+                                              "interval (blank: no interval yet); judge urgency on it in the sidebar"),
+                "upper": common.number_column("upper bound", help="Upper end of the federated RUL's conformal interval"),
                 "true_rul": common.number_column("true RUL", "%.0f", help="Known once the engine failed or "
                                                  "its RUL was revealed"),
                 "gap": common.number_column("federated − local", help="Positive: the federated model "

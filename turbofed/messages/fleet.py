@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from turbofed.config import ModelSettings
+from turbofed.conformal import HistogramError, IntervalTable, Layout, ResidualHistogram
 from turbofed.envelope import encode_json
 from turbofed.layout import N_SENSORS
 from turbofed.messages._check import (
@@ -72,6 +73,7 @@ class RoundAnnouncement:
     epoch: int = 0  # fleet reset counter: a higher signed epoch lets sites start again from v0
     dp: SiteNoise | None = None  # distributed DP: each site clips and noises its own delta
     secagg: SecureSum | None = None  # secure aggregation: deltas travel masked (turbofed/messages/secure.py)
+    intervals: IntervalTable | None = None  # conformal interval table of global v(intervals.model_version) (turbofed/conformal.py)
 
     @property
     def version(self) -> int:
@@ -92,6 +94,8 @@ class RoundAnnouncement:
     def to_payload(self) -> bytes:
         spec = self.spec.to_dict() if self.spec else None
         epoch = {"epoch": self.epoch} if self.epoch else {}
+        if self.intervals is not None:
+            epoch["intervals"] = self.intervals.to_dict()
         if self.done:
             return encode_json({"round": self.round, "done": True, **({"spec": spec} if spec else {}), **epoch})
         body: dict[str, Any] = {
@@ -118,8 +122,9 @@ class RoundAnnouncement:
         if body.get("spec") is not None:
             spec = _spec(body["spec"], f"{what} spec")
         epoch = whole(body.get("epoch", 0), f"{what} epoch")
+        intervals = optional(body.get("intervals"), _intervals, f"{what} intervals")
         if flag(body.get("done", False), f"{what} done"):
-            return cls(number, spec, done=True, epoch=epoch)
+            return cls(number, spec, done=True, epoch=epoch, intervals=intervals)
         with refused_as(Refusal.BAD_ROUND, f"{what} settings"):
             settings = body.get("settings")
             if not isinstance(settings, dict):
@@ -142,7 +147,16 @@ class RoundAnnouncement:
             epoch=epoch,
             dp=optional(body.get("dp"), SiteNoise.from_dict, f"{what} dp"),
             secagg=optional(body.get("secagg"), SecureSum.from_dict, f"{what} secagg"),
+            intervals=intervals,
         )
+
+
+def _intervals(value: Any, what: str) -> IntervalTable:
+    """A conformal interval table: bounded lists, finite or open bounds, coverage in (0, 1)."""
+    try:
+        return IntervalTable.from_dict(value, what)
+    except HistogramError as exc:
+        raise MessageError(str(exc), Refusal.BAD_ROUND) from None
 
 
 def _spec(value: Any, what: str) -> FeatureSpec:
@@ -169,7 +183,7 @@ def _regimes(value: Any, what: str) -> Regimes:
         raise MessageError(f"{what}: {exc}", Refusal.BAD_ROUND) from None
 
 
-STATS_PHASES = ("regimes", "features")
+STATS_PHASES = ("regimes", "features", "residuals")
 
 
 @dataclass(frozen=True)
@@ -177,7 +191,9 @@ class StatsRequest:
     """Asks every site for statistics, in two phases: `regimes` (per settings-grid cell,
     counts and raw sensor sums: where the fleet flies) and `features` (feature statistics
     over `window`-cycle windows of the sensors normalised with `regimes`; None: raw sensors,
-    the single phase of a fleet that predates regimes)."""
+    the single phase of a fleet that predates regimes). After the rounds, a third:
+    `residuals`, the residual histogram (in `layout`) of global `model_version` on the
+    site's calibration engines (turbofed/conformal.py)."""
 
     request_id: str
     min_samples: int
@@ -185,9 +201,15 @@ class StatsRequest:
     phase: str = "features"
     regimes: Regimes | None = None
     secagg: SecureSum | None = None  # answer through a secure sum, not a StatsReply (docs/privacy.md)
+    layout: Layout | None = None  # residuals phase: the bins to count in
+    model_version: int | None = None  # residuals phase: the global model to calibrate
 
     def to_payload(self) -> bytes:
         body: dict[str, Any] = {"request_id": self.request_id, "min_samples": self.min_samples, "window": self.window}
+        if self.layout is not None:
+            body["layout"] = self.layout.to_dict()
+        if self.model_version is not None:
+            body["model_version"] = self.model_version
         if self.phase != "features":
             body["phase"] = self.phase
         if self.regimes is not None:
@@ -217,8 +239,16 @@ class StatsRequest:
             secagg = optional(body.get("secagg"), SecureSum.from_dict, f"{where} secagg")
             if secagg is not None and phase != "features":
                 raise MessageError(f"{where}: only the features phase goes through a secure sum", Refusal.BAD_STATS_REQUEST)
+            layout = version = None
+            if phase == "residuals":
+                try:
+                    layout = Layout.from_dict(required(body, "layout", where), f"{where} layout")
+                except HistogramError as exc:
+                    raise MessageError(str(exc), Refusal.BAD_STATS_REQUEST) from None
+                version = whole(required(body, "model_version", where), f"{where} model_version")
             return cls(request_id, whole(required(body, "min_samples", where), f"{where} min_samples"),
-                       whole(required(body, "window", where), f"{where} window", 1, MAX_WINDOW), phase, regimes, secagg)
+                       whole(required(body, "window", where), f"{where} window", 1, MAX_WINDOW), phase, regimes, secagg,
+                       layout, version)
 
 
 # --- sites -> aggregator -------------------------------------------------------------------
@@ -227,7 +257,8 @@ class StatsRequest:
 @dataclass(frozen=True)
 class StatsReply:
     """A site's count, sums and sums of squares for a request (`stats` None: no labelled
-    data yet); for the regimes phase, `regime_stats` instead."""
+    data yet); for the regimes phase, `regime_stats` instead; for the residuals phase,
+    `residuals` (counts only: no residual leaves the site) over `engines` calibration engines."""
 
     request_id: str
     site: str
@@ -235,12 +266,15 @@ class StatsReply:
     engines: int
     stats: FleetStats | None = None
     regime_stats: RegimeStats | None = None
+    residuals: ResidualHistogram | None = None
 
     def to_payload(self) -> bytes:
         stats = self.stats.to_dict() if self.stats is not None else None
         body = {"request_id": self.request_id, "site": self.site, "samples": self.samples, "engines": self.engines, "stats": stats}
         if self.regime_stats is not None:
             body["regime_stats"] = self.regime_stats.to_dict()
+        if self.residuals is not None:
+            body["residuals"] = self.residuals.to_dict()
         return encode_json(body)
 
     @classmethod
@@ -257,10 +291,16 @@ class StatsReply:
                 regime_stats = RegimeStats.from_dict(body["regime_stats"])
             except ValueError as exc:
                 raise MessageError(f"{what}: regime_stats: {exc}", Refusal.BAD_STATS) from None
+        residuals = None
+        if body.get("residuals") is not None:
+            try:
+                residuals = ResidualHistogram.from_dict(body["residuals"], f"{what}: residuals")
+            except HistogramError as exc:
+                raise MessageError(str(exc), Refusal.BAD_STATS) from None
         return cls(
             text(required(body, "request_id", what), f"{what} request_id"), site,
             whole(required(body, "samples", what), f"{what} samples"), whole(body.get("engines", 0), f"{what} engines"), stats,
-            regime_stats,
+            regime_stats, residuals,
         )
 
 

@@ -167,20 +167,25 @@ class ModelEvaluation:
         )
 
 
-PredictionRow = tuple[str, int, float | None, float | None]  # engine, cycle, local RUL, federated RUL
+# engine, cycle, local RUL, federated RUL[, lower, upper]: the federated RUL's conformal
+# interval follows where the site has an interval table (turbofed.store.interface.with_interval)
+PredictionRow = tuple[Any, ...]
 TruthRow = tuple[str, int, float]  # engine, cycle, true RUL (0 at failure)
 
 
 @dataclass(frozen=True)
 class Predictions:
-    """A batch of per-engine predictions and of true RULs that became known."""
+    """A batch of per-engine predictions and of true RULs that became known. A row is
+    [engine, cycle, local, federated] or, with the federated RUL's conformal interval,
+    [engine, cycle, local, federated, lower, upper] (lower <= upper, both >= 0)."""
 
     site: str
     rows: tuple[PredictionRow, ...] = ()
     truth: tuple[TruthRow, ...] = ()
 
     def to_payload(self) -> bytes:
-        return encode_json({"site": self.site, "rows": [list(r) for r in self.rows], "truth": [list(t) for t in self.truth]})
+        rows = [list(r) if len(r) == 6 and r[4] is not None else list(r[:4]) for r in self.rows]  # no interval: the 4 values as before
+        return encode_json({"site": self.site, "rows": rows, "truth": [list(t) for t in self.truth]})
 
     @classmethod
     def from_payload(cls, payload: bytes, *, site: str) -> Predictions:
@@ -189,9 +194,14 @@ class Predictions:
         site_of(body, site, what)
         rows = []
         for i, row in enumerate(bounded_list(body.get("rows", []), f"{what} rows", MAX_PREDICTION_ROWS)):
-            engine, cycle, local, fed = row_of(row, f"{what} rows[{i}]", 4)
             where = f"{what} rows[{i}]"
-            rows.append((engine_id(engine, where), cycle_no(cycle, f"{where} cycle"), optional(local, finite, f"{where} local"), optional(fed, finite, f"{where} federated")))
+            engine, cycle, local, fed, lower, upper = row_of(row, where, 6) if isinstance(row, list) and len(row) == 6 else [*row_of(row, where, 4), None, None]
+            lower, upper = optional(lower, finite, f"{where} lower", lo=0.0), optional(upper, finite, f"{where} upper", lo=0.0)
+            if (lower is None) != (upper is None) or (lower is not None and lower > upper):
+                raise MessageError(f"{where}: lower and upper must both be given, lower <= upper, got {lower}, {upper}", Refusal.OUT_OF_RANGE)
+            row = (engine_id(engine, where), cycle_no(cycle, f"{where} cycle"), optional(local, finite, f"{where} local"),
+                   optional(fed, finite, f"{where} federated"))
+            rows.append(row if lower is None else (*row, lower, upper))
         truth = []
         for i, row in enumerate(bounded_list(body.get("truth", []), f"{what} truth", MAX_PREDICTION_ROWS)):
             engine, cycle, rul = row_of(row, f"{what} truth[{i}]", 3)

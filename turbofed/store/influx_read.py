@@ -171,6 +171,8 @@ data
             for model in MODELS:
                 m = models.get(model)
                 row[model] = m.get("rul") if m is not None and m["cycle"] == cycle else None
+            fed = models.get("federated")
+            row["lower"], row["upper"] = (fed.get("lower"), fed.get("upper")) if fed is not None and fed["cycle"] == cycle else (None, None)
             row["true_rul"] = _true_rul(truth.get((site, engine)), cycle)
             rows.append(row)
         return sorted(rows, key=lambda r: (natural_key(r["site"]), natural_key(r["engine"])))
@@ -309,16 +311,18 @@ def _true_rul(truth: Mapping[str, Any] | None, cycle: int) -> float | None:
 
 def _trajectory(recs: list[dict[str, Any]], truth: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     """Prediction records of one engine -> one row per cycle; a cycle re-sent later wins."""
-    cycles: dict[int, dict[str, tuple[datetime, float | None]]] = {}
+    cycles: dict[int, dict[str, tuple[datetime, float | None, float | None, float | None]]] = {}
     for r in recs:
         model, cycle = r.get("model"), r.get("cycle")
         if model not in MODELS or cycle is None:
             continue
         seen = cycles.setdefault(cycle, {})
         if model not in seen or r["_time"] >= seen[model][0]:
-            seen[model] = (r["_time"], r.get("rul"))
-    return [{"cycle": c, "local": cycles[c].get("local", (None, None))[1],
-             "federated": cycles[c].get("federated", (None, None))[1], "true_rul": _true_rul(truth, c)}
+            seen[model] = (r["_time"], r.get("rul"), r.get("lower"), r.get("upper"))
+    none = (None, None, None, None)
+    return [{"cycle": c, "local": cycles[c].get("local", none)[1], "federated": cycles[c].get("federated", none)[1],
+             "lower": cycles[c].get("federated", none)[2], "upper": cycles[c].get("federated", none)[3],
+             "true_rul": _true_rul(truth, c)}
             for c in sorted(cycles)]
 
 

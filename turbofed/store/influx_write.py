@@ -33,7 +33,7 @@ import re
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from typing import Any
 from turbofed.envelope import json_default
 from turbofed.layout import SENSOR_NAMES, SETTING_NAMES
 from turbofed.store.influx_read import FluxReads, http_status
-from turbofed.store.interface import ARCHIVE_EVENT, MODELS, ResultsStore, StoreError
+from turbofed.store.interface import ARCHIVE_EVENT, MODELS, PredictionRow, ResultsStore, StoreError, with_interval
 from turbofed.store.spool import PROTECTED, TELEMETRY, Spool, SpoolError
 
 log = logging.getLogger("turbofed.influx")
@@ -298,10 +298,9 @@ class InfluxStore(FluxReads, ResultsStore):
                                     "score": _f(m.get("score")), "at": float(at)}, ns))
         self._emit(PROTECTED, lines)
 
-    def record_predictions(self, site: str, rows: list[tuple[str, int, float | None, float | None]],
-                           at: float) -> None:
+    def record_predictions(self, site: str, rows: Sequence[PredictionRow], at: float) -> None:
         st, base, lines = self._t(site), int(at * 1_000) * 1_000_000, []
-        for engine, cycle, local, federated in rows:
+        for engine, cycle, local, federated, lower, upper in map(with_interval, rows):
             c = int(cycle)
             head = f"predictions,engine={self._t(engine)},model="
             tail = f",site={st} cycle={c}i,rul="
@@ -309,7 +308,9 @@ class InfluxStore(FluxReads, ResultsStore):
             if local is not None and math.isfinite(local := float(local)):
                 lines.append(f"{head}local{tail}{local!r} {t}")
             if federated is not None and math.isfinite(federated := float(federated)):
-                lines.append(f"{head}federated{tail}{federated!r} {t}")
+                bounds = "".join(f",{k}={float(v)!r}" for k, v in (("lower", lower), ("upper", upper))
+                                 if v is not None and math.isfinite(float(v)))  # the federated RUL's interval
+                lines.append(f"{head}federated{tail}{federated!r}{bounds} {t}")
         self._emit(TELEMETRY, lines)
 
     def record_sensors(self, site: str, rows: list[tuple[str, int, list[float], list[float]]], at: float) -> None:

@@ -6,7 +6,8 @@ without either side changing. Reads return lists of plain dicts (JSON- and
 DataFrame-friendly). Timestamps are float unix seconds.
 
 Predictions are stored one row per (site, engine, cycle, model) with model "local" or
-"federated". True RUL is stored once per engine, as it becomes known (RUL 0 at the
+"federated"; the federated row also holds the prediction's conformal interval (lower, upper
+RUL at the fleet's configured coverage; None without one). True RUL is stored once per engine, as it becomes known (RUL 0 at the
 failure cycle, or a test engine's revealed RUL at its last cycle); the truth at any
 earlier cycle c follows as rul + (cycle - c). It is not capped: capping is a modelling
 choice the reader makes. Raw sensor rows are stored only where a site chose to share them.
@@ -15,12 +16,21 @@ choice the reader makes. Raw sensor rows are stored only where a site chose to s
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
 from turbofed.errors import TurbofedError
 
 MODELS = ("local", "federated")
+# engine, cycle, local RUL, federated RUL[, lower, upper]: the last two (the federated RUL's
+# conformal interval) may be left off, as rows from before intervals are
+PredictionRow = tuple[Any, ...]
+
+
+def with_interval(row: Sequence[Any]) -> tuple[Any, ...]:
+    """A prediction row as six values: (engine, cycle, local, federated, lower, upper)."""
+    return (*row, None, None) if len(row) == 4 else tuple(row)
 
 
 ARCHIVE_EVENT = "rounds_archived"  # the event a store without an archive table marks a fleet reset with
@@ -58,9 +68,9 @@ class ResultsStore(ABC):
         """{"engines": n, "local": {"rmse", "score"}, "federated": {...}}: one row per model."""
 
     @abstractmethod
-    def record_predictions(self, site: str, rows: list[tuple[str, int, float | None, float | None]],
-                           at: float) -> None:
-        """Rows of (engine, cycle, local RUL, federated RUL); None means not predicted."""
+    def record_predictions(self, site: str, rows: Sequence[PredictionRow], at: float) -> None:
+        """Rows of (engine, cycle, local RUL, federated RUL[, lower, upper]); None means not
+        predicted; lower/upper bound the federated RUL (its conformal interval)."""
 
     @abstractmethod
     def record_sensors(self, site: str, rows: list[tuple[str, int, list[float], list[float]]], at: float) -> None:

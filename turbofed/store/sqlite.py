@@ -6,16 +6,16 @@ import json
 import math
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from turbofed.envelope import json_default
-from turbofed.store.interface import MODELS, ResultsStore, StoreError
+from turbofed.store.interface import MODELS, PredictionRow, ResultsStore, StoreError, with_interval
 from turbofed.topics import natural_key
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 # Raw sensor rows a site chose to share (record_sensors), added in schema v2: settings and
@@ -39,6 +39,9 @@ CREATE TABLE archived_rounds (
     epoch INTEGER NOT NULL, round INTEGER NOT NULL, record TEXT NOT NULL,
     PRIMARY KEY (epoch, round));
 """
+# The federated prediction's conformal interval (turbofed/conformal.py), added in v6: lower
+# and upper RUL on the federated row, NULL without an interval (and on the local row).
+_PREDICTION_INTERVALS = "ALTER TABLE predictions ADD COLUMN lower REAL; ALTER TABLE predictions ADD COLUMN upper REAL;"
 _SCHEMA = """
 CREATE TABLE rounds (
     round INTEGER PRIMARY KEY, model_version INTEGER NOT NULL, started REAL NOT NULL,
@@ -61,7 +64,7 @@ CREATE TABLE metrics (
 CREATE INDEX metrics_site_model ON metrics (site, model, at);
 CREATE TABLE predictions (
     site TEXT NOT NULL, engine TEXT NOT NULL, cycle INTEGER NOT NULL, model TEXT NOT NULL,
-    rul REAL NOT NULL, at REAL NOT NULL,
+    rul REAL NOT NULL, at REAL NOT NULL, lower REAL, upper REAL,
     PRIMARY KEY (site, engine, cycle, model)) WITHOUT ROWID;
 CREATE TABLE truth (
     site TEXT NOT NULL, engine TEXT NOT NULL, cycle INTEGER NOT NULL, rul REAL NOT NULL,
@@ -70,7 +73,8 @@ CREATE TABLE events (
     id INTEGER PRIMARY KEY, kind TEXT NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL);
 """ + _SENSORS_TABLE + _ARCHIVED_ROUNDS
 # Schema changes: _MIGRATIONS[v] is the SQL that upgrades a version-v store to v + 1.
-_MIGRATIONS: dict[int, str] = {1: _SENSORS_TABLE, 2: _ROUND_PARAMS, 3: _PARTICIPANT_REPORT, 4: _ARCHIVED_ROUNDS}
+_MIGRATIONS: dict[int, str] = {1: _SENSORS_TABLE, 2: _ROUND_PARAMS, 3: _PARTICIPANT_REPORT, 4: _ARCHIVED_ROUNDS,
+                               5: _PREDICTION_INTERVALS}
 _TABLES = ("rounds", "round_participants", "rejections", "site_status", "metrics",
            "predictions", "truth", "events", "sensors")  # what counts() reports (not archived_rounds)
 
@@ -79,6 +83,8 @@ _TRAJECTORY = """
 SELECT p.site, p.engine, p.cycle,
        MAX(CASE WHEN p.model = 'local' THEN p.rul END) AS local,
        MAX(CASE WHEN p.model = 'federated' THEN p.rul END) AS federated,
+       MAX(CASE WHEN p.model = 'federated' THEN p.lower END) AS lower,
+       MAX(CASE WHEN p.model = 'federated' THEN p.upper END) AS upper,
        CASE WHEN p.cycle <= t.cycle THEN t.rul + (t.cycle - p.cycle) END AS true_rul
 FROM predictions p {join} truth t ON t.site = p.site AND t.engine = p.engine
 """
@@ -201,16 +207,15 @@ class SqliteStore(ResultsStore):
                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self._touch(db, site, at)
 
-    def record_predictions(self, site: str, rows: list[tuple[str, int, float | None, float | None]],
-                           at: float) -> None:
+    def record_predictions(self, site: str, rows: Sequence[PredictionRow], at: float) -> None:
         # A prediction re-sent (the agent's outbox after a reconnect) replaces the first copy.
-        flat = [(site, str(engine), int(cycle), model, value, at)
-                for engine, cycle, local, federated in rows
+        flat = [(site, str(engine), int(cycle), model, value, at, *(bounds if model == "federated" else (None, None)))
+                for engine, cycle, local, federated, *bounds in map(with_interval, rows)
                 for model, value in (("local", _finite(local)), ("federated", _finite(federated)))
                 if value is not None]
         with self._tx() as db:
-            db.executemany("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
-                           "SET rul = excluded.rul, at = excluded.at", flat)
+            db.executemany("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
+                           "SET rul = excluded.rul, at = excluded.at, lower = excluded.lower, upper = excluded.upper", flat)
             self._touch(db, site, at)
 
     def record_sensors(self, site: str, rows: list[tuple[str, int, list[float], list[float]]], at: float) -> None:
@@ -304,7 +309,7 @@ class SqliteStore(ResultsStore):
         rows = self._rows(_TRAJECTORY.format(join="LEFT JOIN")
                           + "WHERE p.site = ? AND p.engine = ? GROUP BY p.cycle ORDER BY p.cycle",
                           (site, str(engine)))
-        return [{k: r[k] for k in ("cycle", "local", "federated", "true_rul")} for r in rows]
+        return [{k: r[k] for k in ("cycle", "local", "federated", "lower", "upper", "true_rul")} for r in rows]
 
     def engines_with_truth(self) -> list[dict[str, Any]]:
         """Per engine whose truth is known: truth cycle and RUL (failed: RUL 0 there) and its
@@ -316,7 +321,7 @@ class SqliteStore(ResultsStore):
             for r in db.execute(_TRAJECTORY.format(join="JOIN")
                                 + "GROUP BY p.site, p.engine, p.cycle ORDER BY p.site, p.engine, p.cycle"):
                 engines[(r["site"], r["engine"])]["predictions"].append(
-                    {k: r[k] for k in ("cycle", "local", "federated", "true_rul")})
+                    {k: r[k] for k in ("cycle", "local", "federated", "lower", "upper", "true_rul")})
         return sorted(engines.values(), key=lambda e: (natural_key(e["site"]), natural_key(e["engine"])))
 
     def events(self, limit: int = 100) -> list[dict[str, Any]]:
