@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from turbofed.edge.features import histories_stats, regime_stats, run_features, two_phase_spec
-from turbofed.edge.state import StateError, read_npz, take_array, write_npz_atomic
+from turbofed.edge.state import Stacked, StateError, read_npz, take_array, write_npz_atomic
 from turbofed.layout import N_SENSORS, N_SETTINGS
 from turbofed.spec import FeatureSpec, FleetStats, Regimes, RegimeStats
 from turbofed.topics import natural_key
@@ -111,10 +111,11 @@ def save_histories(path: Path, histories: list[History], extra: dict[str, int] |
     `settings`, aligned with `histories`, as one more (rows, 3) array."""
     names = np.array([h[0] for h in histories], dtype=str)
     lengths = np.array([len(h[1]) for h in histories], dtype=np.int64)
-    join = lambda k, empty: np.concatenate([h[k] for h in histories]) if histories else empty  # noqa: E731
-    arrays = dict(names=names, lengths=lengths, cycles=join(1, np.zeros(0, np.int64)), sensors=join(2, np.zeros((0, N_SENSORS))), rul=join(3, np.zeros(0)))
+    arrays: dict[str, np.ndarray | Stacked] = dict(
+        names=names, lengths=lengths, cycles=Stacked([h[1] for h in histories], "<i8"),
+        sensors=Stacked([h[2] for h in histories], "<f8", (N_SENSORS,)), rul=Stacked([h[3] for h in histories], "<f8"))
     if settings is not None:
-        arrays["settings"] = np.concatenate(settings).reshape(-1, N_SETTINGS) if settings else np.zeros((0, N_SETTINGS))
+        arrays["settings"] = Stacked(settings, "<f8", (N_SETTINGS,))
     write_npz_atomic(path, {**arrays, **{k: np.int64(v) for k, v in (extra or {}).items()}})
 
 
