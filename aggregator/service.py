@@ -785,6 +785,11 @@ class Aggregator(SecureRounds):
 
     def _on_metrics(self, site: str, payload: bytes) -> None:
         m = Metrics.from_payload(self.verifier.open(signed.METRICS, payload, signer=site).body, site=site)
+        if m.on == "validation":  # one a round, for the round the site names: none that has not closed yet
+            if m.round is None or m.round > self.version:
+                raise Rejected(Refusal.STALE_ROUND, f"validation metrics from {site} for round {m.round}: not a round that closed (newest v{self.version})")
+            self.store.record_validation(site, m.round, m.model_version, m.to_dict(), time.time())
+            return
         self.store.record_metrics(site, self.version, m.model_version, m.to_dict(), time.time())
 
     def _on_evaluation(self, site: str, payload: bytes) -> None:

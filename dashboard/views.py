@@ -168,6 +168,16 @@ def round_metrics(metrics: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+def validation_curve(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """The learning curve: per site, round and model, the RMSE on the site's validation
+    engines (held out of training) as that round's global model arrived. RMSE only: the
+    PHM08 score is defined at a test engine's last cycle."""
+    table = [{"site": r["site"], "round": r["round"], "model": r["model"], "rmse": _num(r["rmse"]), "score": math.nan,
+              "engines": r["engines"], "at": _timestamp(r["at"])} for r in rows]
+    table.sort(key=lambda r: (natural_key(r["site"]), r["round"], 0 if r["model"] == "local" else 1))
+    return pd.DataFrame(table, columns=["site", "round", "model", "rmse", "score", "engines", "at"])
+
+
 def metrics_over_time(metrics: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Every metrics report as it came in (x = time), for watching a live run converge."""
     rows = [{"site": m["site"], "round": m["round"], "model": m["model"], "rmse": _num(m["rmse"]),
@@ -349,7 +359,7 @@ def read_fleet(store: ResultsStore) -> dict[str, Any]:
 
 def read_federated(store: ResultsStore) -> dict[str, Any]:
     return {"metrics": store.metrics(), "latest_metrics": store.latest_metrics(),
-            "latest_predictions": store.latest_predictions()}
+            "latest_predictions": store.latest_predictions(), "validation": store.validation_metrics()}
 
 
 def read_rounds(store: ResultsStore) -> dict[str, Any]:

@@ -552,6 +552,7 @@ class EdgeAgent:
         self.save()  # global.onnx before state.json names its version
         self.publish_status(online=True)
         self.score_global()
+        self.score_validation(env.round)
         if self.pending_round and self.global_version >= self.pending_round.model_version:
             announcement, self.pending_round = self.pending_round, None
             self.on_round(announcement)
@@ -568,6 +569,30 @@ class EdgeAgent:
             rmse = float(np.sqrt(np.mean(error * error)))
         body = ModelEvaluation(self.site, self.global_version, min(rmse, MAX_EVALUATION_RMSE) if math.isfinite(rmse) else MAX_EVALUATION_RMSE, len(y))
         self._report("evaluation", self.sealer.seal(signed.EVALUATION, body.to_payload()))
+
+    def score_validation(self, round_no: int) -> None:
+        """The learning curve (issue #17): as each round's global model arrives, the RMSE of it
+        and of this site's local model (trained in that round) on the site's validation
+        engines (labelled, held out of training: `validation_share`), sent as "validation"
+        metrics for that round. A few thousand rows through two onnxruntime sessions, once a round."""
+        share = self.config.validation_share
+        if share <= 0 or self.fleet_spec is None or self.settings is None:
+            return
+        scores = []
+        engines = 0
+        for predictor, spec in ((self.local_predictor, self.local_spec), (self.fed_predictor, self.fleet_spec)):
+            if predictor is None or spec is None:
+                scores.append(ModelScore())
+                continue
+            x, y, engines = self.buffer.validation_rows(spec, share, SCORE_ROWS)
+            if not engines:
+                return  # no labelled engine held out yet
+            with np.errstate(all="ignore"):
+                error = rmse(predictor.predict(x), np.minimum(y, self.settings.rul_cap))
+            scores.append(ModelScore(round(error, 4) if math.isfinite(error) else None, None, engines))
+        body = Metrics(self.site, self.global_version, engines, scores[0], scores[1], on="validation", round=round_no)
+        self._report("metrics", self.sealer.seal(signed.METRICS, body.to_payload()))
+        self.counters["sent.validation"] += 1
 
     def _on_round_payload(self, payload: bytes) -> None:
         opened = self.verifier.open(signed.ROUND, payload, signer=signed.AGGREGATOR)
@@ -631,7 +656,7 @@ class EdgeAgent:
             self.fed_learner = RulModel(self.settings, self.fleet_spec)
         global_model = parse_model(self.global_model)
         self.fed_learner.load_weights(read_weights(global_model))
-        x, y = self.buffer.training_rows(self.fleet_spec)
+        x, y = self.buffer.training_rows(self.fleet_spec, self.config.validation_share)
         self.fed_learner.train(x, y, epochs=self.settings.local_epochs)
         weights = self.fed_learner.weights()
         if ann.dp is not None:  # distributed DP (docs/privacy.md): our delta clipped and noised before it leaves
@@ -660,7 +685,7 @@ class EdgeAgent:
         if self.local_learner is None:
             self.local_spec = self.buffer.spec(self.settings.window)
             self.local_learner = RulModel(self.settings, self.local_spec)
-        x, y = self.buffer.training_rows(self.local_spec)
+        x, y = self.buffer.training_rows(self.local_spec, self.config.validation_share)
         self.local_learner.train(x, y, epochs=self.settings.local_epochs)
         self.local_predictor = OnnxPredictor(self.local_learner.to_onnx())
 

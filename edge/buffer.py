@@ -9,12 +9,13 @@ is right for a one-regime fleet.
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from turbofed.edge.features import histories_stats, regime_stats, run_features, two_phase_spec
-from turbofed.edge.state import StateError, read_npz, take_array, write_npz_atomic
+from turbofed.edge.state import Stacked, StateError, read_npz, take_array, write_npz_atomic
 from turbofed.layout import N_SENSORS, N_SETTINGS
 from turbofed.spec import FeatureSpec, FleetStats, Regimes, RegimeStats
 from turbofed.topics import natural_key
@@ -64,9 +65,23 @@ class TrainingBuffer:
         """The spec this site alone would fix (its local model's), both phases over its own data."""
         return two_phase_spec(self.regime_stats(), lambda regimes: self.stats(window, regimes))
 
-    def training_rows(self, spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
-        """Features (float32) and RUL of every buffered cycle under `spec`."""
-        return _rows(spec, [(*self.engines[i], self.settings[i]) for i in self._order()])
+    def training_rows(self, spec: FeatureSpec, held_out: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """Features (float32) and RUL of every buffered cycle under `spec`, but for the
+        validation engines (`held_out`, see `is_validation`)."""
+        return _rows(spec, [(*self.engines[i], self.settings[i]) for i in self._order() if not is_validation(self.engines[i][0], held_out)])
+
+    def validation_rows(self, spec: FeatureSpec, held_out: float, max_rows: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Features, RUL and the engine count of the validation engines (whole engines, in
+        engine order, up to about `max_rows` cycles): never trained on, so the rounds' models
+        are scored on engines they have not seen."""
+        chosen, rows = [], 0
+        for i in self._order():
+            engine = self.engines[i]
+            if not is_validation(engine[0], held_out) or (chosen and rows + len(engine[1]) > max_rows):
+                continue
+            chosen.append((*engine, self.settings[i]))
+            rows += len(engine[1])
+        return (*_rows(spec, chosen), len(chosen))
 
     def scoring_rows(self, spec: FeatureSpec, max_rows: int) -> tuple[np.ndarray, np.ndarray]:
         """Features and RUL of the engines that failed first, up to about `max_rows` cycles
@@ -96,6 +111,13 @@ class TrainingBuffer:
 History = tuple[str, np.ndarray, np.ndarray, np.ndarray]  # engine, cycles, sensors (n, 21), RUL
 
 
+def is_validation(engine: str, share: float) -> bool:
+    """Whether a labelled engine is held out for validation: about `share` of engines,
+    chosen by a hash of the engine id, so the choice is the same whatever order engines
+    fail in and after a restart, and an engine never moves between training and validation."""
+    return share > 0 and zlib.crc32(engine.encode()) % 10_000 < share * 10_000
+
+
 HISTORY_ARRAYS = ("names", "lengths", "cycles", "sensors", "rul", "settings")
 
 
@@ -111,10 +133,11 @@ def save_histories(path: Path, histories: list[History], extra: dict[str, int] |
     `settings`, aligned with `histories`, as one more (rows, 3) array."""
     names = np.array([h[0] for h in histories], dtype=str)
     lengths = np.array([len(h[1]) for h in histories], dtype=np.int64)
-    join = lambda k, empty: np.concatenate([h[k] for h in histories]) if histories else empty  # noqa: E731
-    arrays = dict(names=names, lengths=lengths, cycles=join(1, np.zeros(0, np.int64)), sensors=join(2, np.zeros((0, N_SENSORS))), rul=join(3, np.zeros(0)))
+    arrays: dict[str, np.ndarray | Stacked] = dict(
+        names=names, lengths=lengths, cycles=Stacked([h[1] for h in histories], "<i8"),
+        sensors=Stacked([h[2] for h in histories], "<f8", (N_SENSORS,)), rul=Stacked([h[3] for h in histories], "<f8"))
     if settings is not None:
-        arrays["settings"] = np.concatenate(settings).reshape(-1, N_SETTINGS) if settings else np.zeros((0, N_SETTINGS))
+        arrays["settings"] = Stacked(settings, "<f8", (N_SETTINGS,))
     write_npz_atomic(path, {**arrays, **{k: np.int64(v) for k, v in (extra or {}).items()}})
 
 

@@ -18,9 +18,10 @@ import math
 import os
 import zipfile
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -57,10 +58,36 @@ class StateError(TurbofedError):
 # --- writing ------------------------------------------------------------------------
 
 
-def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """An uncompressed .npz of plain (non-object) arrays, written atomically."""
-    with atomic_file(path) as handle:
-        np.savez(handle, **arrays)
+@dataclass(frozen=True)
+class Stacked:
+    """Arrays saved as one, stacked along the first axis, but never joined in memory: saving
+    every engine's history every few seconds must not double what the histories cost
+    (the agent's peak memory, issue #17). `dtype` and `row` (the shape after the first axis)
+    say what an empty stack is."""
+
+    parts: Sequence[np.ndarray]
+    dtype: str
+    row: tuple[int, ...] = ()
+
+    def write(self, out: BinaryIO) -> None:
+        """One .npy stream: the header of the stacked array, then each part's rows."""
+        rows = sum(len(p) for p in self.parts)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(self.dtype)), "fortran_order": False, "shape": (rows, *self.row)}
+        np.lib.format.write_array_header_1_0(out, header)
+        for part in self.parts:
+            out.write(np.ascontiguousarray(part, dtype=self.dtype).reshape(len(part), *self.row).tobytes())
+
+
+def write_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray | Stacked]) -> None:
+    """An uncompressed .npz of plain (non-object) arrays, written atomically; what
+    `np.savez` writes, with `Stacked` values streamed part by part."""
+    with atomic_file(path) as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, value in arrays.items():
+            with archive.open(name + ".npy", "w", force_zip64=True) as out:
+                if isinstance(value, Stacked):
+                    value.write(out)
+                else:
+                    np.lib.format.write_array(out, np.asanyarray(value), allow_pickle=False)
 
 
 # --- checked reading ----------------------------------------------------------------

@@ -347,3 +347,59 @@ def test_old_learners_pickle_stays_when_another_file_is_corrupt(saved_state: Pat
     with pytest.raises(StateError, match="state.json: not valid JSON"):
         EdgeAgent(_config(state_dir))
     assert (state_dir / "learners.pkl").read_bytes() == b"old pickle"
+
+
+def _histories(engines: int, rows: int, seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [(f"E{k}", np.arange(1, rows + 1 + k, dtype=np.int64), rng.normal(size=(rows + k, 21)), rng.normal(size=rows + k))
+            for k in range(engines)]
+
+
+@pytest.mark.parametrize("engines", [0, 1, 7])
+def test_saved_histories_read_back_as_np_savez_would_have_written_them(tmp_path: Path, engines: int) -> None:
+    """The streamed writer (edge/state.py, Stacked) keeps the engines.npz format: every
+    array np.savez of the joined histories holds, with the same dtype and shape."""
+    from turbofed.edge.buffer import load_histories, load_history_settings, save_histories
+
+    histories = _histories(engines, 40)
+    settings = [np.full((len(c), 3), float(k)) for k, (_, c, _, _) in enumerate(histories)]
+    path = tmp_path / "engines.npz"
+    save_histories(path, histories, extra={"dropped": 3}, settings=settings)
+    reference = tmp_path / "reference.npz"
+    join = (lambda k, empty: np.concatenate([h[k] for h in histories]) if histories else empty)  # noqa: E731
+    np.savez(reference, names=np.array([h[0] for h in histories], dtype=str), lengths=np.array([len(h[1]) for h in histories], dtype=np.int64),
+             cycles=join(1, np.zeros(0, np.int64)), sensors=join(2, np.zeros((0, 21))), rul=join(3, np.zeros(0)),
+             settings=np.concatenate(settings) if settings else np.zeros((0, 3)), dropped=np.int64(3))
+    with np.load(path, allow_pickle=False) as got, np.load(reference, allow_pickle=False) as want:
+        assert sorted(got.files) == sorted(want.files)
+        for key in want.files:
+            assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    loaded, extra = load_histories(path)
+    assert extra == {"dropped": 3} and [h[0] for h in loaded] == [h[0] for h in histories]
+    for (_, c, s, r), (_, c2, s2, r2) in zip(histories, loaded):
+        np.testing.assert_array_equal(c, c2), np.testing.assert_array_equal(s, s2), np.testing.assert_array_equal(r, r2)
+    for want_settings, got_settings in zip(settings, load_history_settings(path, [len(h[1]) for h in histories])):
+        np.testing.assert_array_equal(want_settings, got_settings)
+
+
+def test_saving_histories_does_not_copy_them_in_memory(tmp_path: Path) -> None:
+    """The agent saves every in-service engine's history every few seconds: joining them
+    first (np.concatenate, then np.savez) doubled their memory at each save, the peak a
+    small device must fit (issue #17). Streamed, the extra memory is one engine's rows."""
+    import tracemalloc
+
+    from turbofed.edge.buffer import save_histories
+
+    histories = _histories(100, 300)
+    settings = [np.zeros((len(c), 3)) for _, c, _, _ in histories]
+    held = sum(c.nbytes + s.nbytes + r.nbytes for _, c, s, r in histories) + sum(g.nbytes for g in settings)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        save_histories(tmp_path / "engines.npz", histories, settings=settings)
+        extra = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert held > 5_000_000  # the histories are large enough for a copy to show
+    assert extra < held / 20, f"saving {held / 1e6:.1f} MB of histories allocated {extra / 1e6:.1f} MB more"

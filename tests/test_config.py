@@ -161,6 +161,7 @@ SITE_CASES = [
     ("SiteConfig", "broker", SITE_BASE + "broker = 3\n", r"broker must be a table \(\[broker\]\), got 3"),
     ("SiteConfig", "buffer_rows", SITE_BASE + "buffer_rows = -10\n", r"buffer_rows must be an integer in 1..100000000, got -10"),
     ("SiteConfig", "min_samples", SITE_BASE + "min_samples = 0\n", r"min_samples must be an integer in 1..1000000000, got 0"),
+    ("SiteConfig", "validation_share", SITE_BASE + "validation_share = 0.6\n", r"validation_share must be a number in 0\.\.0\.5, got 0\.6"),
     ("SiteConfig", "history_cycles", SITE_BASE + "history_cycles = 0\n", r"history_cycles must be an integer in 1..1000000, got 0"),
     ("SiteConfig", "predictions_every_s", SITE_BASE + "predictions_every_s = 0\n", r"predictions_every_s must be a number > 0 and <= 3600, got 0"),
     ("SiteConfig", "share_sensors", SITE_BASE + 'share_sensors = "false"\n', r"share_sensors must be a boolean \(true or false, without quotes\), got 'false'"),

@@ -67,7 +67,7 @@ def test_schema_2_store_gains_strategy_params(tmp_path: Path) -> None:
     with open_store(path) as s:
         s.record_round(1, 1, 10.0, 12.0, [], 1.0, "fedavg", "quorum")
     db = sqlite3.connect(path)
-    db.executescript("ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; ALTER TABLE rounds DROP COLUMN strategy_params; ALTER TABLE round_participants DROP COLUMN norm; ALTER TABLE round_participants DROP COLUMN cosine; ALTER TABLE round_participants DROP COLUMN action; DROP TABLE archived_rounds; UPDATE schema_version SET version = 2;")
+    db.executescript("ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; ALTER TABLE rounds DROP COLUMN strategy_params; ALTER TABLE round_participants DROP COLUMN norm; ALTER TABLE round_participants DROP COLUMN cosine; ALTER TABLE round_participants DROP COLUMN action; DROP TABLE archived_rounds; DROP TABLE validation_metrics; UPDATE schema_version SET version = 2;")
     db.close()
     with open_store(path) as s:
         assert [(r["strategy"], r["strategy_params"]) for r in s.rounds()] == [("fedavg", {})]
@@ -85,7 +85,7 @@ def test_schema_3_store_gains_what_the_strategy_did_with_each_update(tmp_path: P
     with open_store(path) as s:
         s.record_round(1, 1, 10.0, 12.0, [{"site": "s1", "samples": 5, "update_bytes": 50}], 1.0, "fedavg", "quorum")
     db = sqlite3.connect(path)
-    db.executescript("ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; ALTER TABLE round_participants DROP COLUMN norm; ALTER TABLE round_participants DROP COLUMN cosine; ALTER TABLE round_participants DROP COLUMN action; DROP TABLE archived_rounds; UPDATE schema_version SET version = 3;")
+    db.executescript("ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; ALTER TABLE round_participants DROP COLUMN norm; ALTER TABLE round_participants DROP COLUMN cosine; ALTER TABLE round_participants DROP COLUMN action; DROP TABLE archived_rounds; DROP TABLE validation_metrics; UPDATE schema_version SET version = 3;")
     db.close()
     with open_store(path) as s:
         assert s.rounds()[0]["participants"] == [{"site": "s1", "samples": 5, "update_bytes": 50}]
@@ -104,7 +104,7 @@ def test_schema_4_store_gains_the_round_archive(tmp_path: Path) -> None:
     with open_store(path) as s:
         s.record_round(1, 1, 10.0, 12.0, [{"site": "s1", "samples": 5, "update_bytes": 50}], 1.0, "fedavg", "quorum")
     db = sqlite3.connect(path)
-    db.executescript("ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; DROP TABLE archived_rounds; UPDATE schema_version SET version = 4;")
+    db.executescript("ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; DROP TABLE archived_rounds; DROP TABLE validation_metrics; UPDATE schema_version SET version = 4;")
     db.close()
     with open_store(path) as s:
         before = s.rounds()
@@ -118,7 +118,7 @@ def test_schema_5_store_gains_prediction_intervals(tmp_path: Path) -> None:
     with open_store(path) as s:
         s.record_predictions("s1", [("e1", 1, 100.0, 90.0)], 1.0)
     db = sqlite3.connect(path)
-    db.executescript("ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; UPDATE schema_version SET version = 5;")
+    db.executescript("ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; DROP TABLE validation_metrics; UPDATE schema_version SET version = 5;")
     db.close()
     with open_store(path) as s:
         s.record_predictions("s1", [("e1", 2, 99.0, 89.0, 80.0, 100.0)], 2.0)
@@ -264,3 +264,35 @@ def test_threads_share_one_store(store: SqliteStore) -> None:
     for t in threads:
         t.join()
     assert store.counts()["predictions"] == 4 * 50 * 2 and store.counts()["events"] == 200
+
+
+def test_validation_metrics_one_row_per_site_round_and_model(store: SqliteStore) -> None:
+    """The learning curve (issue #17): each round's validation report per site, the same
+    round sent again replaces it, test metrics stay apart, a fleet reset starts a new curve."""
+    for rnd in (1, 2, 3):
+        for site in ("s2", "s1"):
+            store.record_validation(site, rnd, rnd, {"engines": 4, "local": {"rmse": 30.0 - rnd, "score": None},
+                                                     "federated": {"rmse": 20.0 - rnd, "score": None}}, float(rnd))
+    store.record_validation("s1", 3, 3, {"engines": 5, "local": {"rmse": 1.0}, "federated": {"rmse": float("nan")}}, 9.0)
+    rows = store.validation_metrics()
+    assert [(r["round"], r["site"], r["model"]) for r in rows] == [
+        (rnd, site, model) for rnd in (1, 2, 3) for site in ("s1", "s2") for model in ("federated", "local")]
+    last = {r["model"]: r for r in rows if (r["site"], r["round"]) == ("s1", 3)}
+    assert last["local"]["rmse"] == 1.0 and last["federated"]["rmse"] is None and last["local"]["engines"] == 5
+    assert store.metrics() == [] and store.latest_metrics() == []
+    assert store.counts()["validation_metrics"] == 12
+    store.archive_rounds(1)
+    assert store.validation_metrics() == []
+
+
+def test_schema_6_store_gains_the_validation_table(tmp_path: Path) -> None:
+    """Per-round validation metrics have their own table from schema 7."""
+    path = tmp_path / "results.sqlite"
+    with open_store(path) as s:
+        s.record_metrics("s1", 1, 1, {"engines": 2, "local": {"rmse": 3.0}}, 1.0)
+    db = sqlite3.connect(path)
+    db.executescript("DROP TABLE validation_metrics; UPDATE schema_version SET version = 6;")
+    db.close()
+    with open_store(path) as s:
+        s.record_validation("s1", 1, 1, {"engines": 2, "local": {"rmse": 4.0}}, 2.0)
+        assert [r["rmse"] for r in s.validation_metrics()] == [4.0] and len(s.metrics()) == 1

@@ -123,6 +123,7 @@ RANGES: dict[str, dict[str, Limit]] = {
         "engines": Limit(items=(1, 10_000_000), check=_engine_ids),
         "buffer_rows": Limit(1, 100_000_000),
         "min_samples": Limit(1, 1_000_000_000),
+        "validation_share": Limit(0, 0.5),
         "history_cycles": Limit(1, 1_000_000),
         "predictions_every_s": Limit(0, 3600, above=True),
         "min_stats_engines": Limit(2, 1_000_000),
@@ -432,6 +433,9 @@ class SiteConfig:
     broker: BrokerSettings = BrokerSettings()
     buffer_rows: int = 100_000  # labelled rows kept for training; oldest engines go first
     min_samples: int = 200  # fewer labelled rows than this: the site sits the round out
+    # Share of labelled engines held out of training (chosen by engine id, edge/buffer.py): each round
+    # both models are scored on them and the learning curve reported. 0: every labelled engine trains.
+    validation_share: float = 0.0
     history_cycles: int = 2_000  # longest history kept per engine before failure
     predictions_every_s: float = 1.0
     share_sensors: bool = False  # raw sensor rows never leave the site unless this is set

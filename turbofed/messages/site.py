@@ -33,8 +33,12 @@ STORAGE_STATES = ("ok", "full", "read-only", "error")  # Status.storage: can the
 
 
 def storage_state(value: object, where: str) -> str:
-    if value not in STORAGE_STATES:
-        raise MessageError(f"{where} must be one of {', '.join(STORAGE_STATES)}, got {value!r:.40}", Refusal.WRONG_FIELDS)
+    return one_of(value, STORAGE_STATES, where)
+
+
+def one_of(value: object, allowed: tuple[str, ...], where: str) -> str:
+    if value not in allowed:
+        raise MessageError(f"{where} must be one of {', '.join(allowed)}, got {value!r:.40}", Refusal.WRONG_FIELDS)
     return str(value)
 
 
@@ -101,9 +105,17 @@ class ModelScore:
         )
 
 
+METRICS_ON = ("test", "validation")  # which engines a Metrics report scores
+
+
 @dataclass(frozen=True)
 class Metrics:
-    """Local vs federated error at a site; `model_version` -1 before any global model."""
+    """Local vs federated error at a site; `model_version` -1 before any global model.
+
+    `on` says which engines: "test", engines whose true RUL was revealed (scored at that
+    cycle, RMSE and PHM08 score), or "validation", the site's held-out labelled engines
+    (every cycle, RMSE only; edge/buffer.py), sent once per round for `round`'s global model
+    so the learning curve is there while training runs (issue #17)."""
 
     site: str
     model_version: int
@@ -111,13 +123,16 @@ class Metrics:
     local: ModelScore = ModelScore()
     federated: ModelScore = ModelScore()
     counters: Mapping[str, int] = field(default_factory=dict)
+    on: str = "test"
+    round: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The wire object, also what results stores record."""
-        return {
+        """The wire object, also what results stores record (test metrics as before `on` existed)."""
+        body = {
             "site": self.site, "model_version": self.model_version, "engines": self.engines,
             "local": self.local.to_dict(), "federated": self.federated.to_dict(), "counters": dict(self.counters),
         }
+        return body if self.on == "test" and self.round is None else {**body, "on": self.on, "round": self.round}
 
     def to_payload(self) -> bytes:
         return encode_json(self.to_dict())
@@ -137,6 +152,8 @@ class Metrics:
             ModelScore.from_dict(required(body, "local", what), f"{what} local"),
             ModelScore.from_dict(required(body, "federated", what), f"{what} federated"),
             {text(k, f"{what} counter name"): whole(v, f"{what} counter {k!r:.40}") for k, v in counters.items()},
+            one_of(body.get("on", "test"), METRICS_ON, f"{what} on"),
+            optional(body.get("round"), whole, f"{what} round"),
         )
 
 

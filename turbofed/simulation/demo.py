@@ -41,6 +41,9 @@ from turbofed.topics import DEFAULT_TOPICS
 log = logging.getLogger("turbofed.simulation.demo")
 
 SYNTHETIC = "SYN001"
+# Each site holds a fifth of its training engines out of training and scores both models on them
+# every round: the dashboard's learning curve ("RMSE per site, per round"), there when the demo ends.
+VALIDATION_SHARE = 0.2
 MAX_SITES = 32  # each site is an agent process (~100-250 MB): more does not fit a demo machine
 STORES = ("sqlite", "influxdb")
 SCORE_NOTE = ("RMSE and score over each site's test engines at their last cycle, in cycles; score = PHM08 score "
@@ -126,7 +129,7 @@ def run_demo(
         how = f"TLS, one identity per process ({pki.root})" if secure else "INSECURE: anonymous, no TLS, loopback only"
         print(f"broker: {broker_handle.kind} on {broker_handle.host}:{broker_handle.port} ({how})", file=sys.stderr)
         broker = BrokerSettings(host=broker_handle.host, port=broker_handle.port)
-        fleet_toml = write_configs(work, sites, broker, settings, pki, tls=secure,
+        fleet_toml = write_configs(work, sites, broker, settings, pki, tls=secure, site_extra=f"validation_share = {VALIDATION_SHARE}",
                                    store="influxdb" if store == "influxdb" else "results.sqlite")
         watch = FleetWatch(broker_handle.settings(MONITOR), pki.root)
         for site in sites:

@@ -82,7 +82,7 @@ class FleetWatch:
                 self.evaluations.setdefault(body.model_version, {})[site] = (body.rmse, body.rows)
                 for old in [v for v in self.evaluations if v < max(self.evaluations) - 4]:  # bounded: the newest few
                     del self.evaluations[old]
-            else:
+            elif body.on == "test":  # per-round validation metrics are the dashboard's learning curve, not the final table
                 self.metrics[site] = body
             self.changed.notify_all()
 

@@ -133,6 +133,18 @@ data
         recs.sort(key=lambda r: (_at(r), r["_time"]))
         return [_metrics_row(i, r) for i, r in enumerate(recs, 1)]
 
+    def validation_metrics(self) -> list[dict[str, Any]]:
+        recs = self._query("validation_metrics", f"""{self._from()}
+  |> filter(fn: (r) => r._measurement == "validation")
+  {_PIVOT}""")
+        newest: dict[tuple[Any, Any, Any], dict[str, Any]] = {}  # a round's report sent again: the newest counts
+        for r in sorted(recs, key=_at):
+            if r.get("round") is not None:
+                newest[(r.get("site"), r.get("round"), r.get("model"))] = {
+                    "site": r.get("site"), "round": r.get("round"), "model": r.get("model"), "model_version": r.get("model_version"),
+                    "engines": r.get("engines"), "rmse": r.get("rmse"), "at": _at(r)}
+        return sorted(newest.values(), key=lambda r: (r["round"], natural_key(r["site"]), r["model"]))
+
     def latest_metrics(self) -> list[dict[str, Any]]:
         """The newest metrics row per (site, model)."""
         recs = self._query("latest_metrics", f"""{self._from()}

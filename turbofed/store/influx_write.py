@@ -298,6 +298,16 @@ class InfluxStore(FluxReads, ResultsStore):
                                     "score": _f(m.get("score")), "at": float(at)}, ns))
         self._emit(PROTECTED, lines)
 
+    def record_validation(self, site: str, round: int, model_version: int | None, metrics: dict[str, Any], at: float) -> None:
+        lines = []
+        for model in MODELS:
+            m = metrics.get(model)
+            if isinstance(m, dict):
+                lines.append(_line("validation", {"site": site, "model": model},
+                                   {"round": _i(round), "model_version": _i(model_version), "engines": _i(metrics.get("engines")),
+                                    "rmse": _f(m.get("rmse")), "at": float(at)}, self._stamp(f"validation\0{site}\0{model}", at)))
+        self._emit(PROTECTED, lines)
+
     def record_predictions(self, site: str, rows: Sequence[PredictionRow], at: float) -> None:
         st, base, lines = self._t(site), int(at * 1_000) * 1_000_000, []
         for engine, cycle, local, federated, lower, upper in map(with_interval, rows):

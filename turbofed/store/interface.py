@@ -68,6 +68,11 @@ class ResultsStore(ABC):
         """{"engines": n, "local": {"rmse", "score"}, "federated": {...}}: one row per model."""
 
     @abstractmethod
+    def record_validation(self, site: str, round: int, model_version: int | None, metrics: dict[str, Any], at: float) -> None:
+        """A site's RMSE of its local and the federated model on its validation engines after
+        `round` (Metrics with on = "validation"): one row per model, the learning curve."""
+
+    @abstractmethod
     def record_predictions(self, site: str, rows: Sequence[PredictionRow], at: float) -> None:
         """Rows of (engine, cycle, local RUL, federated RUL[, lower, upper]); None means not
         predicted; lower/upper bound the federated RUL (its conformal interval)."""
@@ -102,6 +107,10 @@ class ResultsStore(ABC):
 
     @abstractmethod
     def metrics(self, site: str | None = None) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def validation_metrics(self) -> list[dict[str, Any]]:
+        """Every validation row (site, round, model_version, model, engines, rmse, at), oldest first."""
 
     @abstractmethod
     def latest_metrics(self) -> list[dict[str, Any]]: ...

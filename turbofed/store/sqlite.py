@@ -15,7 +15,7 @@ from turbofed.envelope import json_default
 from turbofed.store.interface import MODELS, PredictionRow, ResultsStore, StoreError, with_interval
 from turbofed.topics import natural_key
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 # Raw sensor rows a site chose to share (record_sensors), added in schema v2: settings and
@@ -42,6 +42,14 @@ CREATE TABLE archived_rounds (
 # The federated prediction's conformal interval (turbofed/conformal.py), added in v6: lower
 # and upper RUL on the federated row, NULL without an interval (and on the local row).
 _PREDICTION_INTERVALS = "ALTER TABLE predictions ADD COLUMN lower REAL; ALTER TABLE predictions ADD COLUMN upper REAL;"
+# Each site's RMSE of its local and the federated model on its validation engines, per round
+# (record_validation: the learning curve, issue #17), added in v7.
+_VALIDATION_TABLE = """
+CREATE TABLE validation_metrics (
+    site TEXT NOT NULL, round INTEGER NOT NULL, model TEXT NOT NULL, model_version INTEGER,
+    engines INTEGER, rmse REAL, at REAL NOT NULL,
+    PRIMARY KEY (site, round, model)) WITHOUT ROWID;
+"""
 _SCHEMA = """
 CREATE TABLE rounds (
     round INTEGER PRIMARY KEY, model_version INTEGER NOT NULL, started REAL NOT NULL,
@@ -71,12 +79,12 @@ CREATE TABLE truth (
     at REAL NOT NULL, PRIMARY KEY (site, engine));
 CREATE TABLE events (
     id INTEGER PRIMARY KEY, kind TEXT NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL);
-""" + _SENSORS_TABLE + _ARCHIVED_ROUNDS
+""" + _SENSORS_TABLE + _ARCHIVED_ROUNDS + _VALIDATION_TABLE
 # Schema changes: _MIGRATIONS[v] is the SQL that upgrades a version-v store to v + 1.
 _MIGRATIONS: dict[int, str] = {1: _SENSORS_TABLE, 2: _ROUND_PARAMS, 3: _PARTICIPANT_REPORT, 4: _ARCHIVED_ROUNDS,
-                               5: _PREDICTION_INTERVALS}
+                               5: _PREDICTION_INTERVALS, 6: _VALIDATION_TABLE}
 _TABLES = ("rounds", "round_participants", "rejections", "site_status", "metrics",
-           "predictions", "truth", "events", "sensors")  # what counts() reports (not archived_rounds)
+           "predictions", "truth", "events", "sensors", "validation_metrics")  # what counts() reports (not archived_rounds)
 
 # Pivot the two models of one cycle into one row, with the truth at that cycle.
 _TRAJECTORY = """
@@ -207,6 +215,14 @@ class SqliteStore(ResultsStore):
                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self._touch(db, site, at)
 
+    def record_validation(self, site: str, round: int, model_version: int | None, metrics: dict[str, Any], at: float) -> None:
+        rows = [(site, int(round), model, model_version, metrics.get("engines"), _finite(metrics[model].get("rmse")), at)
+                for model in MODELS if isinstance(metrics.get(model), dict)]
+        with self._tx() as db:  # a round's report sent again (the outbox after a restart) replaces the first
+            db.executemany("INSERT OR REPLACE INTO validation_metrics (site, round, model, model_version, engines, rmse, at) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            self._touch(db, site, at)
+
     def record_predictions(self, site: str, rows: Sequence[PredictionRow], at: float) -> None:
         # A prediction re-sent (the agent's outbox after a reconnect) replaces the first copy.
         flat = [(site, str(engine), int(cycle), model, value, at, *(bounds if model == "federated" else (None, None)))
@@ -261,6 +277,7 @@ class SqliteStore(ResultsStore):
                            [(int(epoch), r["round"], json.dumps(r, default=json_default)) for r in current])
             db.execute("DELETE FROM round_participants")
             db.execute("DELETE FROM rounds")
+            db.execute("DELETE FROM validation_metrics")  # the new epoch's rounds start a new learning curve
         return len(current)
 
     def archived_rounds(self, epoch: int) -> list[dict[str, Any]]:
@@ -285,6 +302,9 @@ class SqliteStore(ResultsStore):
         """Every metrics row (one per site, report and model), oldest first."""
         where, args = ("WHERE site = ?", (site,)) if site is not None else ("", ())
         return self._rows(f"SELECT * FROM metrics {where} ORDER BY at, id", args)
+
+    def validation_metrics(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM validation_metrics ORDER BY round, site, model")
 
     def latest_metrics(self) -> list[dict[str, Any]]:
         """The newest metrics row per (site, model)."""

@@ -1,0 +1,91 @@
+"""Per-round validation metrics (issue #17): a site holds a share of its labelled engines out
+of training, scores the local and the federated model on them as each round's global model
+arrives, and the aggregator stores one row per site, round and model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.inprocess import RecordingClient, config, save_versions
+from turbofed.aggregator.service import Aggregator
+from turbofed.config import SiteConfig
+from turbofed.edge.buffer import TrainingBuffer, is_validation
+from turbofed.errors import Refused
+from turbofed.messages import MessageError, Metrics, ModelScore
+from turbofed.spec import FeatureSpec
+
+
+def test_validation_engines_are_a_stable_share_by_engine_id() -> None:
+    names = [f"FD001-train-{k}" for k in range(1, 2001)]
+    held = [n for n in names if is_validation(n, 0.2)]
+    assert 0.17 * len(names) < len(held) < 0.23 * len(names)  # about the share asked for
+    assert held == [n for n in reversed(names) if is_validation(n, 0.2)][::-1]  # order does not matter
+    assert not any(is_validation(n, 0.0) for n in names)
+    assert set(held) <= {n for n in names if is_validation(n, 0.4)}  # a larger share only adds engines
+
+
+def test_training_rows_leave_the_validation_engines_out() -> None:
+    spec = FeatureSpec((0, 1), 5, (0.0,) * 5, (1.0,) * 5)
+    buffer = TrainingBuffer(100_000)
+    rng = np.random.default_rng(0)
+    names = [f"E{k}" for k in range(40)]
+    for name in names:
+        n = 20
+        buffer.add(name, np.arange(1, n + 1), rng.normal(size=(n, 21)), np.arange(n - 1, -1, -1.0))
+    held = [n for n in names if is_validation(n, 0.25)]
+    assert held and len(held) < len(names)
+    x_all, _ = buffer.training_rows(spec)
+    x_train, _ = buffer.training_rows(spec, 0.25)
+    x_val, y_val, engines = buffer.validation_rows(spec, 0.25, 10_000)
+    assert len(x_all) == 20 * len(names) and len(x_train) == 20 * (len(names) - len(held))
+    assert engines == len(held) and len(x_val) == len(y_val) == 20 * len(held)
+    assert buffer.validation_rows(spec, 0.25, 30)[2] == 1  # bounded: whole engines up to about max_rows, at least one
+
+
+def test_site_config_bounds_the_validation_share(tmp_path: Path) -> None:
+    from turbofed.config import load_site_config
+    from turbofed.errors import ConfigError
+
+    path = tmp_path / "site.toml"
+    path.write_text(f'site = "s1"\nstate_dir = "{tmp_path}"\ninsecure_unsigned = true\nvalidation_share = 0.9\n')
+    with pytest.raises(ConfigError, match="validation_share"):
+        load_site_config(path)
+    path.write_text(f'site = "s1"\nstate_dir = "{tmp_path}"\ninsecure_unsigned = true\nvalidation_share = 0.2\n')
+    assert load_site_config(path).validation_share == 0.2
+    assert SiteConfig("s1", str(tmp_path), insecure_unsigned=True).validation_share == 0.0
+
+
+def test_metrics_say_which_engines_and_refuse_anything_else() -> None:
+    m = Metrics("s1", 3, 4, ModelScore(12.5, None, 4), ModelScore(10.0, None, 4), on="validation", round=3)
+    assert Metrics.from_payload(m.to_payload(), site="s1") == m
+    old = {k: v for k, v in m.to_dict().items() if k not in ("on", "round")}  # an agent from before the field
+    assert Metrics.from_payload(json.dumps(old).encode(), site="s1").on == "test"
+    for bad in ({"on": "train"}, {"on": 1}, {"round": -1}, {"round": 1.5}):
+        with pytest.raises(MessageError):
+            Metrics.from_payload(json.dumps({**m.to_dict(), **bad}).encode(), site="s1")
+
+
+def test_aggregator_stores_each_rounds_validation_metrics_under_that_round(tmp_path: Path) -> None:
+    save_versions(tmp_path / "registry", range(3))  # the aggregator resumes at v2
+    aggregator = Aggregator(config(tmp_path))
+    aggregator.client = RecordingClient()
+    try:
+        assert aggregator.version == 2
+        for rnd in (1, 2):
+            for site in ("site1", "site2"):
+                body = Metrics(site, rnd, 3, ModelScore(20.0 - rnd, None, 3), ModelScore(15.0 - rnd, None, 3), on="validation", round=rnd)
+                aggregator._on_metrics(site, body.to_payload())
+        with pytest.raises(Refused, match="round 3"):  # a round that has not closed
+            aggregator._on_metrics("site1", Metrics("site1", 2, 3, on="validation", round=3).to_payload())
+        aggregator._on_metrics("site1", Metrics("site1", 2, 5, ModelScore(9.0, 1.0, 5)).to_payload())  # test engines: the old table
+        rows = aggregator.store.validation_metrics()
+        assert {(r["site"], r["round"]) for r in rows} == {(s, r) for s in ("site1", "site2") for r in (1, 2)}
+        assert {r["model"] for r in rows} == {"local", "federated"} and len(rows) == 8
+        assert [r["engines"] for r in aggregator.store.metrics()] == [5, 5]
+    finally:
+        aggregator.store.close()
+        aggregator.registry.close()
