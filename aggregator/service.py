@@ -411,7 +411,7 @@ class Aggregator(SecureRounds):
         replies = self._gather_stats(stop, "residuals", layout=layout, settle=True)
         if not replies:
             log.warning("conformal intervals: no site sent residuals of v%d by the deadline (do sites hold calibration "
-                        "engines back? calibration_share); predictions go without intervals", self.version)
+                        "engines out? holdout_share); predictions go without intervals", self.version)
             return None
         hist = sum((r.residuals for r in replies.values()), ResidualHistogram(layout))
         table = IntervalTable.from_histogram(hist, settings.coverage, settings.min_group_residuals, self.version)

@@ -16,9 +16,9 @@ among the subsets (non-IID) and every model is scored on every subset. `--valida
 scores on engines held out of each site's training engines instead of the official test
 (the tuning protocol, docs/accuracy.md): choices are made there, never on a test set.
 
-Every federated prediction also gets a conformal interval (turbofed/conformal.py): each site
-holds a seeded share of its training engines back (`--calibration`, by engine, apart from any
-validation engines), sends the residual histogram of the final federated model on them
+With `--holdout SHARE` every federated prediction also gets a conformal interval
+(turbofed/conformal.py): each site holds a seeded share of its training engines out of training
+(by engine, apart from any validation engines; a site's `holdout_share` in the fleet), sends the residual histogram of the final federated model on them
 (edge/calibration.py, the agent's code), and the summed histogram fixes the interval table;
 the result reports the intervals' empirical coverage and mean width on every evaluation set.
 
@@ -98,10 +98,10 @@ def validation_split(sites: list[Site], seed: int) -> list[EvalSet]:
     return [EvalSet(subset, runs, "validation-from-train") for subset, runs in held.items()]
 
 
-CALIBRATION_FRACTION = 0.2  # of each site's training engines, held out of training for conformal calibration
+HOLDOUT_FOR_INTERVALS = 0.2  # the share of each site's training engines the intervals' figures hold out (docs/accuracy.md)
 
 
-def calibration_split(sites: list[Site], seed: int, fraction: float = CALIBRATION_FRACTION) -> list[list[EngineRun]]:
+def calibration_split(sites: list[Site], seed: int, fraction: float = HOLDOUT_FOR_INTERVALS) -> list[list[EngineRun]]:
     """Hold a seeded `fraction` of every site's engines out of its training as its calibration
     engines (whole runs to failure, by engine, per site; a seed stream apart from the
     validation split's). The sites keep the rest; at least one engine stays for training."""
@@ -203,19 +203,20 @@ def run_accuracy(
     strategy: str = DEFAULT_STRATEGY,
     strategy_params: dict[str, Any] | None = None,
     validation: bool = False,
-    calibration: float = CALIBRATION_FRACTION,
+    holdout: float = 0.0,
     coverage: float = DEFAULT_COVERAGE,
 ) -> dict:
     """Train central, local and federated models and score them on every evaluation set;
-    calibrate the federated model's conformal intervals on held-back engines (`calibration`
-    share of each site's; 0: no intervals, every engine trains) and score those too.
+    with `holdout` > 0, calibrate the federated model's conformal intervals on that share of
+    each site's engines, held out of every model's training, and score those too (0, the
+    default and the literature's protocol: every engine trains, no intervals).
 
     `strategy` takes what fleet.toml's [strategy] name does (built in, "module:Class" or an
     entry point); it is checked with `strategy_params` before any data is read.
     """
     merger = make_strategy(strategy, strategy_params, "turbofed bench accuracy --strategy")
-    if not 0 <= calibration < 1:
-        raise ConfigError(f"turbofed bench accuracy --calibration must be a share in [0, 1), got {calibration}")
+    if not 0 <= holdout < 1:
+        raise ConfigError(f"turbofed bench accuracy --holdout must be a share in [0, 1), got {holdout}")
     if not 0 < coverage < 1:
         raise ConfigError(f"turbofed bench accuracy --coverage must be in (0, 1), got {coverage}")
     settings = settings or ModelSettings()
@@ -224,7 +225,7 @@ def run_accuracy(
     sites = split_sites(train, n_sites)
     if validation:  # the official test (or subset hold-out) stays unseen: score on engines cut from the sites' own
         evals = validation_split(sites, settings.seed)
-    held = calibration_split(sites, settings.seed, calibration)  # never trained on, by any model
+    held = calibration_split(sites, settings.seed, holdout)  # never trained on, by any model
     spec = fleet_spec(sites, settings.window)
     cap = settings.rul_cap
     budget = settings.rounds * settings.local_epochs
@@ -251,7 +252,7 @@ def run_accuracy(
     federated = federate(settings, spec, sites, merger, progress)
     progress.close()
     intervals = None
-    if calibration > 0:
+    if holdout > 0:
         table = fleet_intervals(federated, spec, held, cap, coverage, settings.seed)
         intervals = {"coverage_nominal": coverage, "calibration_engines": sum(len(h) for h in held),
                      "cuts_per_engine": CUTS_PER_ENGINE, "table": table.to_dict(),
@@ -272,7 +273,7 @@ def run_accuracy(
         "federated": {ev.subset: evaluate(federated, spec, ev, cap) for ev in evals},
         "local": local,
         "intervals": intervals,
-        "calibration_fraction": calibration,
+        "holdout": holdout,
         "settings": settings.to_dict(),
         "features": {"sensors": [i + 1 for i in spec.sensors], "count": spec.n_features,
                      "regimes": [list(c) for c in spec.regimes.cells] if spec.regimes else []},
@@ -285,7 +286,7 @@ def run_cli(args: argparse.Namespace) -> int:
     settings = ModelSettings(seed=args.seed).replace(rounds=args.rounds, local_epochs=args.local_epochs, **model)
     params = dict(parse_param(text) for text in args.strategy_param)
     result = run_accuracy(args.dataset, args.data_dir, args.sites, settings, args.strategy or DEFAULT_STRATEGY, params,
-                          validation=getattr(args, "validation", False), calibration=getattr(args, "calibration", CALIBRATION_FRACTION),
+                          validation=getattr(args, "validation", False), holdout=getattr(args, "holdout", 0.0),
                           coverage=getattr(args, "coverage", DEFAULT_COVERAGE))
     emit(result, args.json_out)
     return 0

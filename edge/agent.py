@@ -41,15 +41,15 @@ import turbofed
 from turbofed import envelope
 from turbofed.config import ModelSettings, SiteConfig, load_site_config, require_writable_dir
 from turbofed.conformal import IntervalTable
-from turbofed.edge.buffer import TrainingBuffer, load_histories, load_history_settings, save_histories
-from turbofed.edge.calibration import CalibrationRun, is_calibration_engine, runs_histogram
+from turbofed.edge.buffer import TrainingBuffer, is_held_out, load_histories, load_history_settings, save_histories
+from turbofed.edge.calibration import CalibrationRun, runs_histogram
 from turbofed.edge.features import EngineWindow
 from turbofed.edge.inference import OnnxPredictor
 from turbofed.edge.outbox import OUTBOX_DB, Outbox
 from turbofed.edge.secure import SecureSessions
 from turbofed.edge.state import (
     BUFFER_NPZ,
-    CALIBRATION_NPZ,
+    HOLDOUT_NPZ,
     ENGINES_NPZ,
     GLOBAL_ONNX,
     LEARNERS_NPZ,
@@ -167,7 +167,7 @@ class EdgeAgent:
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.engines: dict[str, EngineTrack] = {}
         self.buffer = TrainingBuffer(config.buffer_rows)
-        self.calibration = TrainingBuffer(config.buffer_rows)  # engines held back from training (calibration_share)
+        self.holdout = TrainingBuffer(config.buffer_rows)  # failed engines held out of training (holdout_share)
         self.intervals: IntervalTable | None = None  # the conformal interval table of the global model (signed announcement)
         self.calibrated_version = -1  # the global version whose residual histogram this site sent
         self.settings: ModelSettings | None = None
@@ -405,8 +405,8 @@ class EdgeAgent:
         if event.event == "failure":
             if self.training:  # labelled history is training data; an inference-only site keeps none
                 cycles, sensors = track.history()
-                held = is_calibration_engine(self.site, engine, self.config.calibration_share)  # never trained on
-                (self.calibration if held else self.buffer).add(
+                held = is_held_out(self.site, engine, self.config.holdout_share)  # never trained on
+                (self.holdout if held else self.buffer).add(
                     engine, cycles.copy(), sensors.copy(), (event.cycle - cycles).astype(float), track.settings[: track.n].copy())
             self.pending_truth.append((engine, event.cycle, 0.0))
             self.counters["failures"] += 1
@@ -486,14 +486,14 @@ class EdgeAgent:
             raise MessageError(f"{what}: this site predicts with global v{self.global_version}", Refusal.STALE_ROUND)
         if request.model_version == self.calibrated_version:
             raise MessageError(f"{what}: already answered for this version", Refusal.STATS_REPEATED)
-        engines = self.calibration.engines
+        engines = self.holdout.engines
         if len(engines) < k:
             raise MessageError(f"{what}: {len(engines)} calibration engines; residuals are shared over at least {k} "
-                               "(min_stats_engines; calibration_share holds engines back)", Refusal.STATS_TOO_FEW_ENGINES)
-        runs = [CalibrationRun(c, g, s, r) for (_, c, s, r), g in zip(engines, self.calibration.settings)]
+                               "(min_stats_engines; holdout_share holds engines out)", Refusal.STATS_TOO_FEW_ENGINES)
+        runs = [CalibrationRun(c, g, s, r) for (_, c, s, r), g in zip(engines, self.holdout.settings)]
         rng = np.random.default_rng(int.from_bytes(hashlib.sha256(f"{self.site}/{request.model_version}".encode()).digest()[:8], "big"))
         hist = runs_histogram(self.fed_predictor.predict, self.fleet_spec, runs, request.layout, self.settings.rul_cap, rng)
-        reply = StatsReply(request.request_id, self.site, self.calibration.rows, len(runs), residuals=hist)
+        reply = StatsReply(request.request_id, self.site, self.holdout.rows, len(runs), residuals=hist)
         self._report("stats", self.sealer.seal(signed.STATS, reply.to_payload()))
         self.calibrated_version = request.model_version
         self.counters["sent.residuals"] += 1
@@ -573,10 +573,9 @@ class EdgeAgent:
     def score_validation(self, round_no: int) -> None:
         """The learning curve (issue #17): as each round's global model arrives, the RMSE of it
         and of this site's local model (trained in that round) on the site's validation
-        engines (labelled, held out of training: `validation_share`), sent as "validation"
+        engines (failed engines held out of training: `holdout_share`), sent as "validation"
         metrics for that round. A few thousand rows through two onnxruntime sessions, once a round."""
-        share = self.config.validation_share
-        if share <= 0 or self.fleet_spec is None or self.settings is None:
+        if self.config.holdout_share <= 0 or self.fleet_spec is None or self.settings is None:
             return
         scores = []
         engines = 0
@@ -584,7 +583,7 @@ class EdgeAgent:
             if predictor is None or spec is None:
                 scores.append(ModelScore())
                 continue
-            x, y, engines = self.buffer.validation_rows(spec, share, SCORE_ROWS)
+            x, y, engines = self.holdout.validation_rows(spec, SCORE_ROWS)
             if not engines:
                 return  # no labelled engine held out yet
             with np.errstate(all="ignore"):
@@ -656,7 +655,7 @@ class EdgeAgent:
             self.fed_learner = RulModel(self.settings, self.fleet_spec)
         global_model = parse_model(self.global_model)
         self.fed_learner.load_weights(read_weights(global_model))
-        x, y = self.buffer.training_rows(self.fleet_spec, self.config.validation_share)
+        x, y = self.buffer.training_rows(self.fleet_spec)
         self.fed_learner.train(x, y, epochs=self.settings.local_epochs)
         weights = self.fed_learner.weights()
         if ann.dp is not None:  # distributed DP (docs/privacy.md): our delta clipped and noised before it leaves
@@ -685,7 +684,7 @@ class EdgeAgent:
         if self.local_learner is None:
             self.local_spec = self.buffer.spec(self.settings.window)
             self.local_learner = RulModel(self.settings, self.local_spec)
-        x, y = self.buffer.training_rows(self.local_spec, self.config.validation_share)
+        x, y = self.buffer.training_rows(self.local_spec)
         self.local_learner.train(x, y, epochs=self.settings.local_epochs)
         self.local_predictor = OnnxPredictor(self.local_learner.to_onnx())
 
@@ -717,8 +716,9 @@ class EdgeAgent:
             profile="training" if self.training else "inference",
             at=time.time(),
             storage=self.storage.state,
+            held_out=self.holdout.rows if self.config.holdout_share > 0 else None,
         )
-        self._reported_rows = self.buffer.rows
+        self._reported_rows = self.buffer.rows + self.holdout.rows
         # Retained and sent again at every connect: not queued while the broker is away.
         if self.client is not None and (self.client.is_connected() or not online):
             self.client.publish(self.topics.status(self.site), self.sealer.seal(signed.STATUS, status.to_payload()), qos=1, retain=True)
@@ -748,7 +748,7 @@ class EdgeAgent:
         if self.metrics_dirty:
             self._report("metrics", self.sealer.seal(signed.METRICS, self.metrics().to_payload()))
             self.metrics_dirty = False
-        if self.buffer.rows != self._reported_rows:  # the dashboard shows training samples per site
+        if self.buffer.rows + self.holdout.rows != self._reported_rows:  # the dashboard shows training samples per site
             self.publish_status(online=True)
         if self.dirty and time.monotonic() - self._last_save > SAVE_EVERY_S:
             self.save()
@@ -796,8 +796,8 @@ class EdgeAgent:
             write_atomic(self.state_dir / GLOBAL_ONNX, self.global_model)
             self._saved_global = self.global_version
         self.buffer.save(self.state_dir / BUFFER_NPZ)
-        if self.calibration.engines or (self.state_dir / CALIBRATION_NPZ).exists():
-            self.calibration.save(self.state_dir / CALIBRATION_NPZ)
+        if self.holdout.engines or (self.state_dir / HOLDOUT_NPZ).exists():
+            self.holdout.save(self.state_dir / HOLDOUT_NPZ)
         in_service = [(e, *t.history(), np.zeros(t.n)) for e, t in self.engines.items()]
         save_histories(self.state_dir / ENGINES_NPZ, in_service, settings=[t.settings[: t.n] for t in self.engines.values()])
         state = AgentState(self.answered, self.global_version, self.settings, self.fleet_spec, self.scored, dict(self.counters),
@@ -810,7 +810,7 @@ class EdgeAgent:
         """Read the state folder; any file that cannot be used raises StateError (naming it)
         before anything is changed, so the agent stops and the files stay as they are."""
         self.buffer = TrainingBuffer.load(self.state_dir / BUFFER_NPZ, self.config.buffer_rows)
-        self.calibration = TrainingBuffer.load(self.state_dir / CALIBRATION_NPZ, self.config.buffer_rows)
+        self.holdout = TrainingBuffer.load(self.state_dir / HOLDOUT_NPZ, self.config.buffer_rows)
         path = self.state_dir / STATE_JSON
         if not path.exists():
             retire_legacy_learners(self.state_dir)

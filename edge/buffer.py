@@ -9,7 +9,7 @@ is right for a one-regime fleet.
 
 from __future__ import annotations
 
-import zlib
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -65,20 +65,19 @@ class TrainingBuffer:
         """The spec this site alone would fix (its local model's), both phases over its own data."""
         return two_phase_spec(self.regime_stats(), lambda regimes: self.stats(window, regimes))
 
-    def training_rows(self, spec: FeatureSpec, held_out: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-        """Features (float32) and RUL of every buffered cycle under `spec`, but for the
-        validation engines (`held_out`, see `is_validation`)."""
-        return _rows(spec, [(*self.engines[i], self.settings[i]) for i in self._order() if not is_validation(self.engines[i][0], held_out)])
+    def training_rows(self, spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
+        """Features (float32) and RUL of every buffered cycle under `spec`."""
+        return _rows(spec, [(*self.engines[i], self.settings[i]) for i in self._order()])
 
-    def validation_rows(self, spec: FeatureSpec, held_out: float, max_rows: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """Features, RUL and the engine count of the validation engines (whole engines, in
-        engine order, up to about `max_rows` cycles): never trained on, so the rounds' models
-        are scored on engines they have not seen."""
+    def validation_rows(self, spec: FeatureSpec, max_rows: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Features, RUL and the engine count of this (held-out) buffer's engines: whole
+        engines, in engine order, up to about `max_rows` cycles, so the rounds' models are
+        scored on engines they have not seen and on the same ones from round to round."""
         chosen, rows = [], 0
         for i in self._order():
             engine = self.engines[i]
-            if not is_validation(engine[0], held_out) or (chosen and rows + len(engine[1]) > max_rows):
-                continue
+            if chosen and rows + len(engine[1]) > max_rows:
+                break
             chosen.append((*engine, self.settings[i]))
             rows += len(engine[1])
         return (*_rows(spec, chosen), len(chosen))
@@ -111,11 +110,15 @@ class TrainingBuffer:
 History = tuple[str, np.ndarray, np.ndarray, np.ndarray]  # engine, cycles, sensors (n, 21), RUL
 
 
-def is_validation(engine: str, share: float) -> bool:
-    """Whether a labelled engine is held out for validation: about `share` of engines,
-    chosen by a hash of the engine id, so the choice is the same whatever order engines
-    fail in and after a restart, and an engine never moves between training and validation."""
-    return share > 0 and zlib.crc32(engine.encode()) % 10_000 < share * 10_000
+def is_held_out(site: str, engine: str, share: float) -> bool:
+    """Whether a site holds a failed `engine` out of training (SiteConfig.holdout_share): a
+    fixed hash of site and engine below `share`, so the choice is the same whatever order
+    engines fail in and after every restart, and an engine never trains a model it later
+    validates or calibrates."""
+    if share <= 0:
+        return False
+    digest = hashlib.sha256(f"{site}/{engine}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
 HISTORY_ARRAYS = ("names", "lengths", "cycles", "sensors", "rul", "settings")

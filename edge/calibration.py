@@ -9,7 +9,6 @@ benchmark and the agent both call `runs_histogram`: one implementation.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -58,13 +57,3 @@ class CalibrationRun:
 
     def rul(self) -> np.ndarray:
         return self.rul_values
-
-
-def is_calibration_engine(site: str, engine: str, share: float) -> bool:
-    """Whether a site holds `engine` back from training for calibration: a fixed hash of site
-    and engine below `share`, so the choice is the same after every restart and the engine
-    never trains a model it later calibrates."""
-    if share <= 0:
-        return False
-    digest = hashlib.sha256(f"{site}/{engine}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < share

@@ -39,7 +39,7 @@ log = logging.getLogger("turbofed.edge")
 
 STATE_JSON = "state.json"
 BUFFER_NPZ = "buffer.npz"
-CALIBRATION_NPZ = "calibration.npz"  # engines held back from training to calibrate the intervals (edge/calibration.py)
+HOLDOUT_NPZ = "holdout.npz"  # failed engines held out of training: validation curve and interval calibration
 ENGINES_NPZ = "engines.npz"
 GLOBAL_ONNX = "global.onnx"
 LEARNERS_NPZ = "learners.npz"

@@ -23,11 +23,11 @@ def test_predictions_carry_the_fleets_conformal_interval(broker, pki_dir: Path, 
     fleet = LiveFleet(broker, tmp_path, ["site1", "site2"], ModelSettings(rounds=2, local_epochs=1), pki=pki_dir,
                       intervals=IntervalSettings(coverage=0.9, min_group_residuals=50))
     try:
-        agents = [fleet.start_agent(site, calibration_share=0.4) for site in fleet.sites]
+        agents = [fleet.start_agent(site, holdout_share=0.4) for site in fleet.sites]
         train = fleet.replay("train", 24, cmapss_dir)
         wait_for("sites to keep every failed engine (training or calibration)",
-                 lambda: sum(a.buffer.rows + a.calibration.rows for a in agents) == train["rows"], 60)
-        held = {a.site: len(a.calibration.engines) for a in agents}
+                 lambda: sum(a.buffer.rows + a.holdout.rows for a in agents) == train["rows"], 60)
+        held = {a.site: len(a.holdout.engines) for a in agents}
         assert all(n >= 2 for n in held.values()) and sum(a.buffer.rows for a in agents) < train["rows"], held
         aggregator = fleet.start_aggregator()
         store = open_store(fleet.fleet.store)

@@ -382,10 +382,11 @@ def test_sqlite_record_sensors_and_migration(tmp_path: Path) -> None:
     db.execute("DROP TABLE archived_rounds")  # added in version 5
     for column in ("lower", "upper"):  # added in version 6
         db.execute(f"ALTER TABLE predictions DROP COLUMN {column}")
+    db.execute("DROP TABLE validation_metrics")  # added in version 7
     db.execute("UPDATE schema_version SET version = 1")
     db.commit()
     db.close()
     with SqliteStore(path) as store:
         store.record_sensors("site-1", [("e1", 3, [0.0] * 3, [1.0] * 21)], 7.0)
         assert store.counts()["sensors"] == 1
-    assert sqlite3.connect(path).execute("SELECT version FROM schema_version").fetchone() == (SCHEMA_VERSION,) == (6,)
+    assert sqlite3.connect(path).execute("SELECT version FROM schema_version").fetchone() == (SCHEMA_VERSION,) == (7,)

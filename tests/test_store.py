@@ -29,7 +29,7 @@ def test_open_store_path_and_schema(tmp_path: Path) -> None:
         assert s.counts()["rounds"] == 0
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(6,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(7,)]
     db.execute("UPDATE schema_version SET version = 99")
     db.commit()
     db.close()
@@ -74,7 +74,7 @@ def test_schema_2_store_gains_strategy_params(tmp_path: Path) -> None:
         s.record_round(2, 2, 20.0, 22.0, [], 1.0, "fedadam", "quorum", {"tau": 0.001})
         assert s.rounds()[1]["strategy_params"] == {"tau": 0.001}
     db = sqlite3.connect(path)
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(6,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(7,)]
     db.close()
 
 

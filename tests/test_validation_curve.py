@@ -1,5 +1,5 @@
-"""Per-round validation metrics (issue #17): a site holds a share of its labelled engines out
-of training, scores the local and the federated model on them as each round's global model
+"""Per-round validation metrics (issue #17): a site holds a share of its failed engines out
+of training (`holdout_share`, the engines that also calibrate the conformal intervals), scores the local and the federated model on them as each round's global model
 arrives, and the aggregator stores one row per site, round and model."""
 
 from __future__ import annotations
@@ -13,50 +13,56 @@ import pytest
 from tests.inprocess import RecordingClient, config, save_versions
 from turbofed.aggregator.service import Aggregator
 from turbofed.config import SiteConfig
-from turbofed.edge.buffer import TrainingBuffer, is_validation
+from turbofed.edge.agent import EdgeAgent
+from turbofed.edge.buffer import is_held_out
 from turbofed.errors import Refused
 from turbofed.messages import MessageError, Metrics, ModelScore
 from turbofed.spec import FeatureSpec
 
 
-def test_validation_engines_are_a_stable_share_by_engine_id() -> None:
+def test_held_out_engines_are_a_stable_share_by_site_and_engine() -> None:
     names = [f"FD001-train-{k}" for k in range(1, 2001)]
-    held = [n for n in names if is_validation(n, 0.2)]
+    held = [n for n in names if is_held_out("site1", n, 0.2)]
     assert 0.17 * len(names) < len(held) < 0.23 * len(names)  # about the share asked for
-    assert held == [n for n in reversed(names) if is_validation(n, 0.2)][::-1]  # order does not matter
-    assert not any(is_validation(n, 0.0) for n in names)
-    assert set(held) <= {n for n in names if is_validation(n, 0.4)}  # a larger share only adds engines
+    assert held == [n for n in names if is_held_out("site1", n, 0.2)]  # the same choice every time (restarts)
+    assert not any(is_held_out("site1", n, 0.0) for n in names)
+    assert set(held) <= {n for n in names if is_held_out("site1", n, 0.4)}  # a larger share only adds engines
+    assert held != [n for n in names if is_held_out("site2", n, 0.2)]  # another site holds out other engines
 
 
-def test_training_rows_leave_the_validation_engines_out() -> None:
-    spec = FeatureSpec((0, 1), 5, (0.0,) * 5, (1.0,) * 5)
-    buffer = TrainingBuffer(100_000)
+def test_failed_engines_held_out_never_train_and_are_what_validation_scores(tmp_path: Path) -> None:
+    """A failure event files the engine's history in the hold-out buffer or the training
+    buffer, never both: training rows never include a held-out engine, and the learning
+    curve's rows are exactly the held-out engines (whole engines, bounded)."""
+    agent = EdgeAgent(SiteConfig("site1", str(tmp_path / "state"), holdout_share=0.25, insecure_unsigned=True))
     rng = np.random.default_rng(0)
     names = [f"E{k}" for k in range(40)]
     for name in names:
-        n = 20
-        buffer.add(name, np.arange(1, n + 1), rng.normal(size=(n, 21)), np.arange(n - 1, -1, -1.0))
-    held = [n for n in names if is_validation(n, 0.25)]
+        for cycle in range(1, 21):
+            agent.on_reading(name, json.dumps({"cycle": cycle, "settings": [0, 0, 100], "sensors": rng.normal(size=21).tolist()}).encode())
+        agent.on_event(name, json.dumps({"event": "failure", "cycle": 20}).encode())
+    held = {n for n in names if is_held_out("site1", n, 0.25)}
     assert held and len(held) < len(names)
-    x_all, _ = buffer.training_rows(spec)
-    x_train, _ = buffer.training_rows(spec, 0.25)
-    x_val, y_val, engines = buffer.validation_rows(spec, 0.25, 10_000)
-    assert len(x_all) == 20 * len(names) and len(x_train) == 20 * (len(names) - len(held))
+    assert {e for e, *_ in agent.holdout.engines} == held and {e for e, *_ in agent.buffer.engines} == set(names) - held
+    spec = FeatureSpec((0, 1), 5, (0.0,) * 5, (1.0,) * 5)
+    x_train, _ = agent.buffer.training_rows(spec)
+    x_val, y_val, engines = agent.holdout.validation_rows(spec, 10_000)
+    assert len(x_train) == 20 * (len(names) - len(held))
     assert engines == len(held) and len(x_val) == len(y_val) == 20 * len(held)
-    assert buffer.validation_rows(spec, 0.25, 30)[2] == 1  # bounded: whole engines up to about max_rows, at least one
+    assert agent.holdout.validation_rows(spec, 30)[2] == 1  # bounded: whole engines up to about max_rows, at least one
 
 
-def test_site_config_bounds_the_validation_share(tmp_path: Path) -> None:
+def test_site_config_bounds_the_holdout_share(tmp_path: Path) -> None:
     from turbofed.config import load_site_config
     from turbofed.errors import ConfigError
 
     path = tmp_path / "site.toml"
-    path.write_text(f'site = "s1"\nstate_dir = "{tmp_path}"\ninsecure_unsigned = true\nvalidation_share = 0.9\n')
-    with pytest.raises(ConfigError, match="validation_share"):
+    path.write_text(f'site = "s1"\nstate_dir = "{tmp_path}"\ninsecure_unsigned = true\nholdout_share = 0.9\n')
+    with pytest.raises(ConfigError, match="holdout_share"):
         load_site_config(path)
-    path.write_text(f'site = "s1"\nstate_dir = "{tmp_path}"\ninsecure_unsigned = true\nvalidation_share = 0.2\n')
-    assert load_site_config(path).validation_share == 0.2
-    assert SiteConfig("s1", str(tmp_path), insecure_unsigned=True).validation_share == 0.0
+    path.write_text(f'site = "s1"\nstate_dir = "{tmp_path}"\ninsecure_unsigned = true\nholdout_share = 0.2\n')
+    assert load_site_config(path).holdout_share == 0.2
+    assert SiteConfig("s1", str(tmp_path), insecure_unsigned=True).holdout_share == 0.0
 
 
 def test_metrics_say_which_engines_and_refuse_anything_else() -> None:

@@ -62,9 +62,10 @@ def _bench(sub: argparse._SubParsersAction) -> None:
                      help="a model setting, as in fleet.toml's [model] (repeat: --model batch_size=128 --model hidden=[128,64])")
     acc.add_argument("--validation", action="store_true",
                      help="score on a fifth of each site's training engines held out (for tuning), not on the official test")
-    acc.add_argument("--calibration", type=float, default=0.2, metavar="SHARE",
-                     help="share of each site's training engines held back to calibrate the conformal intervals "
-                          "(default 0.2; 0: no intervals, every engine trains)")
+    acc.add_argument("--holdout", type=float, default=0.0, metavar="SHARE",
+                     help="share of each site's training engines held out of training to calibrate conformal RUL "
+                          "intervals, as a site's holdout_share does (default 0: every engine trains, no intervals; "
+                          "the intervals' figures use 0.2)")
     acc.add_argument("--coverage", type=float, default=0.9, help="the intervals' nominal coverage (default 0.9)")
     acc.add_argument("--json", dest="json_out", help="write the result JSON here too")
     acc.set_defaults(handler="turbofed.benchmarks.accuracy:run_cli")

@@ -123,12 +123,11 @@ RANGES: dict[str, dict[str, Limit]] = {
         "engines": Limit(items=(1, 10_000_000), check=_engine_ids),
         "buffer_rows": Limit(1, 100_000_000),
         "min_samples": Limit(1, 1_000_000_000),
-        "validation_share": Limit(0, 0.5),
+        "holdout_share": Limit(0, 0.5),
         "history_cycles": Limit(1, 1_000_000),
         "predictions_every_s": Limit(0, 3600, above=True),
         "min_stats_engines": Limit(2, 1_000_000),
         "max_stats_window": Limit(1, MAX_WINDOW),
-        "calibration_share": Limit(0, 0.9),
         "max_engines": Limit(1, 10_000_000),
         "engine_idle_s": Limit(0, 1e9, above=True),
         "sensor_abs_max": Limit(0, 1e300, above=True),
@@ -433,18 +432,17 @@ class SiteConfig:
     broker: BrokerSettings = BrokerSettings()
     buffer_rows: int = 100_000  # labelled rows kept for training; oldest engines go first
     min_samples: int = 200  # fewer labelled rows than this: the site sits the round out
-    # Share of labelled engines held out of training (chosen by engine id, edge/buffer.py): each round
-    # both models are scored on them and the learning curve reported. 0: every labelled engine trains.
-    validation_share: float = 0.0
+    # Share of failed engines held out of training (fixed per engine by a hash of site and engine:
+    # edge/buffer.py is_held_out). They serve twice, never trained on: each round both models are
+    # scored on them (the learning curve, Metrics on "validation"), and they calibrate the fleet's
+    # conformal RUL intervals (edge/calibration.py; a fleet with [intervals] needs sites that hold
+    # some out). 0: every failed engine trains, no learning curve and no intervals from this site.
+    holdout_share: float = 0.0
     history_cycles: int = 2_000  # longest history kept per engine before failure
     predictions_every_s: float = 1.0
     share_sensors: bool = False  # raw sensor rows never leave the site unless this is set
     min_stats_engines: int = 5  # statistics are shared only over at least this many labelled engines
     max_stats_window: int = 250  # a statistics request for a longer window is unaffordable: refused
-    # Share of failed engines held back from training to calibrate the fleet's conformal
-    # intervals (edge/calibration.py; fixed per engine by a hash). 0: this site trains on every
-    # engine and sends no residual histogram; a fleet with [intervals] needs sites that hold some back.
-    calibration_share: float = 0.0
     # Engines tracked at once; a new engine beyond this is refused (TOO_MANY_ENGINES) unless an idle one
     # can be forgotten. A turbofan site has tens to hundreds of engines: 1,000 leaves room for renumbering
     # and spares while bounding memory (~0.4 MB per engine at the default history_cycles: ~0.4 GB worst case).
@@ -510,7 +508,7 @@ class PrivacySettings:
 class IntervalSettings:
     """Conformal RUL intervals (turbofed/conformal.py): fleet.toml's `[intervals]` table. After
     the last round the aggregator asks the sites for residual histograms of the final model on
-    their calibration engines (SiteConfig.calibration_share) and ships the interval table at
+    their calibration engines (SiteConfig.holdout_share) and ships the interval table at
     `coverage` with the final announcement; a Mondrian group with fewer than
     `min_group_residuals` residuals uses the pooled ones."""
 

@@ -36,7 +36,7 @@ def body() -> None:
     store, _ = ready
     data = views.read_federated(store)
     per_round = views.round_metrics(data["metrics"])
-    curve = views.validation_curve(data["validation"])  # per round, on held-out engines (sites with validation_share)
+    curve = views.validation_curve(data["validation"])  # per round, on held-out engines (sites with holdout_share)
     final = views.final_comparison(data["latest_metrics"])
     latest = data["latest_predictions"]
     if per_round.empty and not latest:
@@ -73,7 +73,7 @@ def body() -> None:
     if not curve.empty:
         st.subheader("RMSE per site, per round, on validation engines")
         st.caption("After each round: the new global model and the site's local model, on the site's labelled engines "
-                   "held out of training (validation_share), every cycle, true RUL capped at 125.")
+                   "held out of training (holdout_share), every cycle, true RUL capped at 125.")
         st.altair_chart(charts.metric_lines(curve, "rmse", "round"))
     st.subheader(f"{metric_label} per site, {'per round' if x_label == 'rounds' else 'over time'}"
                  + (", on test engines" if not curve.empty else ""))

@@ -46,7 +46,9 @@ def one_of(value: object, allowed: tuple[str, ...], where: str) -> str:
 class Status:
     """A site is online or offline (its last will carries only site and online). `storage`
     (optional; absent from older agents) says whether its state folder still takes saves:
-    "full" or "read-only" means it serves from memory and keeps its last saved state."""
+    "full" or "read-only" means it serves from memory and keeps its last saved state.
+    `held_out` (optional): labelled rows of the engines it holds out of training
+    (SiteConfig.holdout_share), not in `samples`."""
 
     site: str
     online: bool
@@ -56,6 +58,7 @@ class Status:
     profile: str | None = None
     at: float | None = None
     storage: str | None = None
+    held_out: int | None = None
 
     def to_payload(self) -> bytes:
         body = {
@@ -64,6 +67,8 @@ class Status:
         }
         if self.storage is not None:  # absent, not null: the payload of an agent that does not say stays as it was
             body["storage"] = self.storage
+        if self.held_out is not None:
+            body["held_out"] = self.held_out
         return encode_json(body)
 
     @classmethod
@@ -80,6 +85,7 @@ class Status:
             optional(body.get("profile"), text, f"{what} profile"),
             optional(body.get("at"), finite, f"{what} at", lo=0.0),
             optional(body.get("storage"), storage_state, f"{what} storage"),
+            optional(body.get("held_out"), whole, f"{what} held_out"),
         )
 
 

@@ -41,9 +41,12 @@ from turbofed.topics import DEFAULT_TOPICS
 log = logging.getLogger("turbofed.simulation.demo")
 
 SYNTHETIC = "SYN001"
-# Each site holds a fifth of its training engines out of training and scores both models on them
-# every round: the dashboard's learning curve ("RMSE per site, per round"), there when the demo ends.
-VALIDATION_SHARE = 0.2
+# Each site holds a fifth of its failed training engines out of training (holdout_share): both
+# models are scored on them every round (the dashboard's learning curve, "RMSE per site, per
+# round", there when the demo ends), and they calibrate the fleet's 90% conformal RUL intervals,
+# which every federated prediction of the test engines then carries (the dashboard's band).
+HOLDOUT_SHARE = 0.2
+INTERVALS_TOML = "[intervals]\ncoverage = 0.9\n"
 MAX_SITES = 32  # each site is an agent process (~100-250 MB): more does not fit a demo machine
 STORES = ("sqlite", "influxdb")
 SCORE_NOTE = ("RMSE and score over each site's test engines at their last cycle, in cycles; score = PHM08 score "
@@ -129,7 +132,8 @@ def run_demo(
         how = f"TLS, one identity per process ({pki.root})" if secure else "INSECURE: anonymous, no TLS, loopback only"
         print(f"broker: {broker_handle.kind} on {broker_handle.host}:{broker_handle.port} ({how})", file=sys.stderr)
         broker = BrokerSettings(host=broker_handle.host, port=broker_handle.port)
-        fleet_toml = write_configs(work, sites, broker, settings, pki, tls=secure, site_extra=f"validation_share = {VALIDATION_SHARE}",
+        fleet_toml = write_configs(work, sites, broker, settings, pki, tls=secure, site_extra=f"holdout_share = {HOLDOUT_SHARE}",
+                                   fleet_extra=INTERVALS_TOML,
                                    store="influxdb" if store == "influxdb" else "results.sqlite")
         watch = FleetWatch(broker_handle.settings(MONITOR), pki.root)
         for site in sites:
@@ -144,7 +148,7 @@ def run_demo(
         train = _replay(processes, work, replay_args + ["--part", "train"])
         watch.wait(
             "the sites to label every training engine",
-            lambda: sum(watch.site_status(s).samples or 0 for s in sites) >= train["rows"],
+            lambda: sum((watch.site_status(s).samples or 0) + (watch.site_status(s).held_out or 0) for s in sites) >= train["rows"],
             300,
             processes,
         )
@@ -156,6 +160,8 @@ def run_demo(
         finally:
             progress.close()
         watch.wait("every site to load the final global model", lambda: all(watch.site_status(s).model_version == settings.rounds for s in sites), 60, processes)
+        # The final announcement carries the interval table, calibrated on the held-out engines.
+        watch.wait("the fleet's conformal intervals", lambda: watch.round is not None and watch.round.done, 180, processes)
 
         test = _replay(processes, work, replay_args + ["--part", "test"])
         n_test = sum(test["engines"].values())

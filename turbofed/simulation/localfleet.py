@@ -185,12 +185,14 @@ class Processes:
 
 
 def write_configs(work: Path, sites: list[str], broker: BrokerSettings, settings: ModelSettings,
-                  pki: FleetIdentities | None, tls: bool, site_extra: str = "", store: str = "results.sqlite") -> Path:
+                  pki: FleetIdentities | None, tls: bool, site_extra: str = "", store: str = "results.sqlite",
+                  fleet_extra: str = "") -> Path:
     """One TOML per site and one for the fleet, as a user would write them. Every process signs
     with its key from `pki` (inside `work`, `turbofed fleet init`'s folder; None: nothing is
     signed, the insecure development setup); with `tls` each also names its own certificate
-    and key, relative to the file. `site_extra` is more TOML for every site config; `store`
-    the fleet's results store (a file beside fleet.toml, or "influxdb")."""
+    and key, relative to the file. `site_extra` is more TOML for every site config, `fleet_extra`
+    more tables for fleet.toml; `store` the fleet's results store (a file beside fleet.toml, or
+    "influxdb")."""
     rel = lambda p: p.resolve().relative_to(work.resolve()).as_posix()  # noqa: E731
 
     def broker_toml(identity: str) -> str:
@@ -212,5 +214,6 @@ def write_configs(work: Path, sites: list[str], broker: BrokerSettings, settings
         f"sites = {json.dumps(sites)}\nstore = {json.dumps(store)}\nregistry = \"registry\"\n"
         + (f"pki = \"{rel(pki.root)}\"\n" if pki else "insecure_unsigned = true\n") +
         f"strategy = \"fedavg\"\nround_deadline_s = 120\n\n{broker_toml(AGGREGATOR)}\n[model]\n{model}\n"
+        + (f"\n{fleet_extra}" if fleet_extra else "")
     )
     return fleet

@@ -249,7 +249,7 @@ data
         each; predictions and sensor rows count points (a row re-sent later counts twice)."""
         points = " or ".join(f'(r._measurement == "{m}" and r._field == "{f}")' for m, f in
                              (("rejections", "at"), ("metrics", "at"), ("predictions", "rul"),
-                              ("events", "at"), ("sensors", "cycle")))
+                              ("events", "at"), ("sensors", "cycle"), ("validation", "at")))
         recs = self._query("counts", f"""data = {self._from()}
 data
   |> filter(fn: (r) => {points})
@@ -263,10 +263,11 @@ data
   |> count()
   |> yield(name: "series")""")
         counts = dict.fromkeys(("rounds", "round_participants", "rejections", "site_status", "metrics",
-                                "predictions", "truth", "events", "sensors"), 0)
+                                "predictions", "truth", "events", "sensors", "validation_metrics"), 0)
         for r in recs:
-            if r.get("_measurement") in counts and r.get("_value") is not None:
-                counts[r["_measurement"]] += int(r["_value"])
+            table = "validation_metrics" if r.get("_measurement") == "validation" else r.get("_measurement")
+            if table in counts and r.get("_value") is not None:
+                counts[table] += int(r["_value"])
         rounds = self.rounds()
         counts["rounds"] = len(rounds)
         counts["round_participants"] = sum(len(r["participants"]) for r in rounds)
