@@ -49,9 +49,9 @@ from turbofed.edge.outbox import OUTBOX_DB, Outbox
 from turbofed.edge.secure import SecureSessions
 from turbofed.edge.state import (
     BUFFER_NPZ,
-    HOLDOUT_NPZ,
     ENGINES_NPZ,
     GLOBAL_ONNX,
+    HOLDOUT_NPZ,
     LEARNERS_NPZ,
     STATE_JSON,
     AgentState,

@@ -254,9 +254,10 @@ class ModelSettings:
     validation RMSE (seeds 0 and 1) on FD001 (13.90 vs 14.43), FD002 (15.09 vs 16.24) and on
     every subset of the 8-site FD001+FD002+FD003+FD004 fleet (FD003: 14.72 vs 17.96): fewer,
     larger local steps keep non-IID sites from drifting apart between averages. A (128, 64)
-    network and 160 rounds did no better there. The (64, 32) MLP with Adam at 3e-3, the
-    30-cycle window and 80 rounds of 1 local epoch were chosen earlier on FD001's official
-    test and have not been re-checked on validation yet.
+    network and 160 rounds did no better there. The (64, 32) MLP, Adam at 3e-3, alpha 1e-4 and
+    the 30-cycle window were re-checked on validation against windows of 20, 40 and 50, rates
+    of 1e-3 and 1e-2, a (32, 16) network and alpha 1e-3: none did better on both the 4-site
+    and the 8-site fleets (docs/accuracy.md).
     """
 
     kind: str = "mlp"  # "mlp" (MLPRegressor, Adam) or "sgd" (SGDRegressor)
