@@ -82,6 +82,9 @@ log = logging.getLogger("turbofed.aggregator")
 AGGREGATOR_SITE = signed.AGGREGATOR  # the `site` field of envelopes the aggregator sends
 REJECTION_ROW_INTERVAL_S = LOG_INTERVAL_S  # the store gets one rejection row per (site, reason) per interval
 STORE_FLUSH_S = 10.0  # at most this long for a batching store to confirm a round before its model is published
+# The residuals phase (one-shot conformal calibration) closes when every site has answered, or
+# this long after a quorum has: every held-out engine narrows the intervals' uncertainty.
+SETTLE_AFTER_QUORUM_S = 10.0
 DISK_RETRY_S = 2.0  # a commit held back by a full disk is retried this often (logged once per LOG_INTERVAL_S)
 
 
@@ -424,7 +427,8 @@ class Aggregator(SecureRounds):
     def _gather_stats(self, stop: threading.Event, phase: str, regimes: Regimes | None = None, layout: Layout | None = None,
                       settle: bool = False) -> dict[str, StatsReply] | None:
         """The replies of one statistics phase from the sites ready to give it (None: stopped;
-        with `settle`, whatever came by the deadline, even nothing)."""
+        with `settle`, whatever came by the deadline, even nothing, and once a quorum is in,
+        every site or SETTLE_AFTER_QUORUM_S more)."""
         needed = self.config.effective_quorum
         next_request = 0.0
         give_up = time.monotonic() + self.config.round_deadline_s
@@ -435,9 +439,14 @@ class Aggregator(SecureRounds):
         field = {"regimes": "regime_stats", "residuals": "residuals"}.get(phase, "stats")
         self.stats_layout = layout
         min_samples = 1 if phase == "residuals" else self.config.min_samples  # residuals: the site's min_stats_engines bounds them
+        quorum_at = None
         while not stop.is_set():
             ready = {s: r for s, r in self.stats_replies.items() if r.samples >= min_samples and getattr(r, field) is not None}
-            if len(ready) >= needed or ((ready or settle) and time.monotonic() >= give_up):
+            if len(ready) >= needed and settle:  # one-shot calibration: every residual counts, so give the rest a moment
+                quorum_at = quorum_at or time.monotonic()
+                if len(ready) >= len(self.config.sites) or time.monotonic() - quorum_at >= SETTLE_AFTER_QUORUM_S:
+                    return ready
+            elif len(ready) >= needed or ((ready or settle) and time.monotonic() >= give_up):
                 return ready
             if time.monotonic() >= next_request:
                 request = StatsRequest(self.stats_request_id, min_samples, self.config.model.window, phase, regimes,

@@ -14,13 +14,16 @@ import pytest
 from turbofed.benchmarks.accuracy import run_accuracy
 from turbofed.config import ModelSettings
 from turbofed.simulation.broker import find_mosquitto
+from turbofed.simulation.demo import HOLDOUT_SHARE
+from turbofed.store import open_store
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def bench(cmapss_dir: Path) -> dict:
-    return run_accuracy("FD001", str(cmapss_dir), 4, ModelSettings(seed=0))
+    """The benchmark with the demo's hold-out: a fifth of each site's engines out of training."""
+    return run_accuracy("FD001", str(cmapss_dir), 4, ModelSettings(seed=0), holdout=HOLDOUT_SHARE)
 
 
 @pytest.mark.parametrize("kind", ["mosquitto", "amqtt"])
@@ -44,6 +47,12 @@ def test_demo_matches_in_process_benchmark(kind: str, bench: dict, cmapss_dir: P
     assert abs(demo_rmse - bench_rmse) <= 0.05 * bench_rmse, (demo_rmse, bench_rmse)
     assert "local RMSE" in done.stdout and f"turbofed dashboard --store {result['store']}" in done.stdout
     assert Path(result["store"]).is_file()
+    with open_store(Path(result["store"])) as store:  # the learning curve and the intervals are there when it ends
+        curve = store.validation_metrics()
+        assert {(r["site"], r["round"]) for r in curve} == {(s, n) for s in ("site1", "site2", "site3", "site4")
+                                                             for n in range(1, ModelSettings().rounds + 1)}
+        latest = store.latest_predictions()
+        assert len(latest) == 100 and all(p["lower"] is not None and p["lower"] <= p["federated"] <= p["upper"] for p in latest)
     work = tmp_path / "demo"
     if kind == "mosquitto":
         assert result["secure"] is True and "TLS" in done.stderr
