@@ -19,8 +19,9 @@ The folder (default `pki/` beside fleet.toml) is laid out as:
     identities/<name>/client.crt  client.key     TLS identity (CN = name = MQTT username)
     identities/<name>/signing.key signing.pub    Ed25519 keys (aggregator and sites)
 
-Roles: aggregator, site, gateway (`gateway-<site>`: publishes that site's sensor rows) and
-monitor (read-only, for dashboards and the demo's watcher).
+Roles: aggregator, site, gateway (`gateway-<site>`: publishes that site's sensor rows),
+monitor (read-only, for dashboards and the demo's watcher) and region (a regional
+aggregator and its broker's bridge to the central broker: aggregator/regional.py).
 
 `turbofed fleet init|add|revoke|acl` (run_cli) drives it.
 """
@@ -50,7 +51,7 @@ from turbofed.topics import Topics, validate_id
 
 log = logging.getLogger("turbofed.identities")
 
-ROLES: tuple[Role, ...] = ("aggregator", "site", "gateway", "monitor")
+ROLES: tuple[Role, ...] = ("aggregator", "site", "gateway", "monitor", "region")
 AGGREGATOR = "aggregator"
 MONITOR = "monitor"  # read-only: dashboards, the demo's watcher
 CERT_DAYS = 3 * 365
@@ -228,12 +229,12 @@ def add_identity(ids: FleetIdentities, name: str, role: Role) -> Path:
     _write_private(ids.client_key(name), _pem_key(key))
     _write_public(ids.client_cert(name), cert.public_bytes(serialization.Encoding.PEM))
     _write_public(folder / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
-    if role in ("aggregator", "site"):
+    if role in ("aggregator", "site", "region"):
         signing = ed25519.Ed25519PrivateKey.generate()
         _write_private(ids.signing_key(name), _pem_key(signing))
         _write_public(ids.signing_pub(name), signing.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    if role == "site" and ids.signing_pub(AGGREGATOR).is_file():
+    if role in ("site", "region") and ids.signing_pub(AGGREGATOR).is_file():
         _write_public(folder / "aggregator.pub", ids.signing_pub(AGGREGATOR).read_bytes())
     doc["identities"][name] = role
     doc.setdefault("serials", {})[name] = cert.serial_number
