@@ -45,6 +45,7 @@ from turbofed.edge.features import history_stats, regime_stats
 from turbofed.envelope import decode
 from turbofed.messages import RoundAnnouncement, StatsReply, StatsRequest, signed
 from turbofed.messages.signed import Sealer
+from turbofed.mqtt import connect, make_client
 from turbofed.signing import SigningKey
 from turbofed.simulation.broker import start_broker
 from turbofed.simulation.children import spawn
@@ -58,14 +59,17 @@ BODIES = 16  # distinct update bodies (weights) sent round-robin
 
 
 class SimSites:
-    """N simulated sites: keys, a few connections, and what they have seen."""
+    """N simulated sites: keys, a few connections, and what they have seen. `brokers`: one
+    BrokerSettings per connection; site i sends through connection i mod len(brokers) (on a
+    broker with ACLs, give one connection per site, as that site's TLS identity)."""
 
-    def __init__(self, sites: list[str], pki: Path, fleet_id: str, broker: BrokerSettings, runs: list, rate: float) -> None:
+    def __init__(self, sites: list[str], pki: Path, fleet_id: str, brokers: list[BrokerSettings], runs: list, rate: float,
+                 name: str = "scale") -> None:
         self.sites, self.rate, self.runs = sites, rate, runs
         self.sealers = [Sealer(fleet_id, SigningKey.load(s, pki / "identities" / s / "signing.key")) for s in sites]
         self.topics = DEFAULT_TOPICS
         self.events: queue.Queue[tuple[str, bytes, float]] = queue.Queue()
-        self.clients = [self._client(f"scale-{i}", broker) for i in range(CONNECTIONS)]
+        self.clients = [self._client(f"{name}-{i}", b) for i, b in enumerate(brokers)]
         listener = self.clients[0]
         listener.on_message = lambda c, u, m: self.events.put((m.topic, m.payload, time.time()))
         listener.subscribe([(self.topics.round, 1), (self.topics.global_model, 1), (self.topics.stats_request, 1)])
@@ -75,14 +79,12 @@ class SimSites:
 
     @staticmethod
     def _client(name: str, broker: BrokerSettings) -> mqtt_client.Client:
-        c = mqtt_client.Client(mqtt_client.CallbackAPIVersion.VERSION2, client_id=name)
-        c.max_inflight_messages_set(100)
-        c.connect(broker.host, broker.port)
-        c.loop_start()
+        c = make_client(name, broker)
+        connect(c, broker)
         return c
 
     def _send(self, i: int, topic: str, payload: bytes) -> None:
-        self.clients[i % CONNECTIONS].publish(topic, payload, qos=1)
+        self.clients[i % len(self.clients)].publish(topic, payload, qos=1)
 
     def answer_stats(self, request: StatsRequest) -> None:
         """Both phases of the fleet statistics (docs/protocol.md): every site answers with the
@@ -176,7 +178,7 @@ def run_n(n: int, rounds: int, rate: float, work: Path, runs: list) -> dict[str,
         fleet_toml = write_configs(work, [], broker, settings, pki, tls=False)
         text = fleet_toml.read_text().replace("sites = []", f"sites = {json.dumps(sites)}")
         fleet_toml.write_text(text.replace("round_deadline_s = 120", "round_deadline_s = 600\nmin_samples = 1"))
-        sims = SimSites(sites, pki.root, pki.fleet_id, broker, runs, rate)
+        sims = SimSites(sites, pki.root, pki.fleet_id, [broker] * CONNECTIONS, runs, rate)
         log = open(work / "aggregator.log", "ab")
         proc = spawn([sys.executable, "-m", "turbofed.cli", "aggregator", "--config", str(fleet_toml)], stdout=log,
                      stderr=log, cwd=work)

@@ -158,6 +158,9 @@ def _services(sub: argparse._SubParsersAction) -> None:
                      help="archive the model registry (kept in <registry>/epoch-N/) and start a new fleet epoch: "
                           "after a lost or unreadable registry (docs/operations.md)")
     agg.set_defaults(handler="turbofed.aggregator.service:run_cli")
+    region = sub.add_parser("region", help="run a regional aggregator: sums its sites' updates, sends the top one partial")
+    region.add_argument("--config", required=True, help="region TOML file (docs/scaling.md)")
+    region.set_defaults(handler="turbofed.aggregator.regional:run_cli")
     replay = sub.add_parser("replay", help="publish C-MAPSS rows as live sensor traffic")
     _add_data_dir(replay)
     replay.add_argument("--dataset", default="FD001", help="C-MAPSS subset FD001..FD004 (several: FD001+FD003), or SYN for the synthetic fleet (default FD001)")
@@ -231,9 +234,18 @@ def _fleet(sub: argparse._SubParsersAction) -> None:
         else:
             p.add_argument("name", help="identity name: a site id, 'aggregator', 'monitor' or 'gateway-<site>'")
         if name == "add":
-            p.add_argument("--role", choices=("site", "gateway", "aggregator", "monitor"), default="site",
+            p.add_argument("--role", choices=("site", "gateway", "aggregator", "monitor", "region"), default="site",
                            help="what the identity may do (default: site)")
         p.set_defaults(handler="turbofed.deploy.identities:run_cli")
+    bridge = fsub.add_parser("bridge", help="print the Mosquitto bridge of a regional broker to the central one")
+    bridge.add_argument("--fleet", required=True, help="fleet TOML (its [regions] and topic root)")
+    bridge.add_argument("--pki", help="identity folder holding the region's TLS identity (default: pki/ beside the fleet TOML)")
+    bridge.add_argument("--region", required=True, help="region id, as in the fleet TOML's [regions]")
+    bridge.add_argument("--central", required=True, help="the central broker, HOST:PORT (its TLS port)")
+    bridge.add_argument("--out", help="write it to this file instead of printing it")
+    bridge.add_argument("--insecure-plain", action="store_true",
+                        help="plain MQTT to the central broker, no TLS (loopback development only)")
+    bridge.set_defaults(handler="turbofed.deploy.bridge:run_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
