@@ -98,10 +98,12 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     sec.add_argument("--seed", type=int, default=0, help="seed of weights, data split and hold-out")
     sec.add_argument("--json", dest="json_out", help="write the result JSON here too")
     sec.set_defaults(handler="turbofed.benchmarks.secure:run_cli")
-    scale = bsub.add_parser("scale", help="one aggregator and N simulated sites on Mosquitto: close latency, RSS, CPU")
+    scale = bsub.add_parser("scale", help="N simulated sites on Mosquitto, flat or two-level: close latency, RSS, CPU, bytes")
     scale.add_argument("--sites", default="100,1000,5000", help="comma-separated fleet sizes (default 100,1000,5000)")
     scale.add_argument("--rounds", type=int, default=3, help="rounds per fleet size (default 3)")
     scale.add_argument("--rate", type=float, default=500.0, help="updates sent a second, spread over the sites (default 500)")
+    scale.add_argument("--topology", default="flat", help="comma-separated: flat (one broker, one aggregator) and/or "
+                       "two-level (4 regional brokers bridged to a central one, 4 regional aggregators; default flat)")
     scale.add_argument("--json", dest="json_out", help="write the result JSON here too")
     scale.set_defaults(handler="turbofed.benchmarks.scale:run_cli")
     system = bsub.add_parser("system", help="aggregation time, update size, replay rate")
