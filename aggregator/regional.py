@@ -56,7 +56,7 @@ from turbofed import envelope
 from turbofed.aggregator.rounds import Accepted, Rejected, Round
 from turbofed.aggregator.streaming import RunningSum
 from turbofed.aggregator.weights import MAX_SAMPLES, capped_weights
-from turbofed.codec import read_weights
+from turbofed.codec import parse_model, read_weights
 from turbofed.config import RegionConfig, load_region_config
 from turbofed.errors import Refused
 from turbofed.messages import RoundAnnouncement, StatsReply, Status, signed
@@ -294,8 +294,6 @@ class RegionalAggregator:
         self.top.check_envelope(env, signer=signed.AGGREGATOR, epoch=self.epoch)
         if env.model_version <= self.version:
             return
-        from turbofed.codec import parse_model
-
         self.model, self.version = parse_model(env.body), env.model_version
         log.info("region %s: global v%d received", self.region, self.version)
         self._open_if_ready()

@@ -7,6 +7,7 @@ two-broker round is tests/test_regional_live.py)."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -243,3 +244,42 @@ def test_regions_with_a_strategy_that_needs_every_update_are_refused(tmp_path: P
                       pki=str(pki), regions=REGIONS)
     with pytest.raises(ConfigError, match=r"\[regions\] needs a FedAvg-family strategy"):
         Aggregator(replace(cfg, strategy=StrategySettings("median")))
+
+
+def test_the_example_region_config_loads_once_the_fleet_has_its_identities(tmp_path: Path) -> None:
+    from turbofed.config import load_region_config
+    from turbofed.deploy.identities import init_from_fleet
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    (tmp_path / "fleet.toml").write_text('sites = ["site1", "site2"]\nstore = "r.sqlite"\nregistry = "reg"\n'
+                                         'insecure_unsigned = true\n[regions]\neast = ["site1", "site2"]\n')
+    init_from_fleet(tmp_path / "fleet.toml")  # issues region east with the sites
+    (tmp_path / "region.toml").write_text((examples / "region.toml").read_text())
+    config = load_region_config(tmp_path / "region.toml")
+    assert config.region == "east" and config.sites == ("site1", "site2") and config.broker.tls
+    region = RegionalAggregator(config)  # its keys load: its own signing key, the aggregator's and the sites' public keys
+    assert region.sealer.signed and region.sealer.name == "east"
+    acl = (tmp_path / "pki" / "acl").read_text()
+    assert "user east\n" in acl and "topic write tfl/v1/regions/east/partial" in acl
+
+
+def test_region_config_errors_name_file_and_key(tmp_path: Path) -> None:
+    from turbofed.config import load_region_config
+
+    path = tmp_path / "region.toml"
+    path.write_text('region = "east"\nsites = ["a"]\ninsecure_unsigned = true\nclose_before_s = -1\n')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: close_before_s must be a number in 0..1000000, got -1"):
+        load_region_config(path)
+
+
+def test_the_bridge_template_renders_the_topics_each_way_with_tls(pki: Path) -> None:
+    from turbofed.deploy.bridge import BridgeTLS, render_bridge
+    from turbofed.deploy.identities import FleetIdentities
+
+    text = render_bridge("east", "central.example", 8883, T, BridgeTLS.of(FleetIdentities(pki), "east"))
+    lines = set(text.splitlines())
+    assert {"address central.example:8883", "topic tfl/v1/round in 1", "topic tfl/v1/global in 1",
+            "topic tfl/v1/regions/east/partial out 1", "topic tfl/v1/sites/+/stats out 1"} <= lines
+    assert f"bridge_certfile {(pki / 'identities' / 'east' / 'client.crt').resolve()}" in lines
+    assert not any("update" in line for line in lines if line.startswith("topic "))  # updates stay in the region
+    assert "$" not in text  # every placeholder filled
