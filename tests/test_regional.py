@@ -283,3 +283,30 @@ def test_the_bridge_template_renders_the_topics_each_way_with_tls(pki: Path) -> 
     assert f"bridge_certfile {(pki / 'identities' / 'east' / 'client.crt').resolve()}" in lines
     assert not any("update" in line for line in lines if line.startswith("topic "))  # updates stay in the region
     assert "$" not in text  # every placeholder filled
+
+
+def test_the_region_checks_updates_as_the_top_does_and_reports_its_refusals(tmp_path: Path, pki: Path) -> None:
+    top = _top(tmp_path, pki, regions=REGIONS)
+    try:
+        top.open_round(1, 0.0).deadline = 1e12
+        region = _region(pki, top, "west")
+        updates = _updates(top.model, seed=3)
+        forged = _sealer(pki, "s5", key_of="s6").envelope(kind="update", round=1, model_version=0, samples=200,
+                                                          body=top.model.SerializeToString(), epoch=top.epoch)
+        region.handle(T.update("s5"), forged)  # s6's key on s5's update
+        region.handle(T.update("s1"), _update_payload(pki, top, "s1", *updates["s1"], 1))  # not a site of west
+        region.handle(T.update("s6"), _update_payload(pki, top, "s6", *updates["s6"], 1))
+        assert region.counters == {Refusal.BAD_SIGNATURE.value: 1, Refusal.UNKNOWN_SITE.value: 1}
+        assert region.close_if_due(1e12 - 5.1) is None and not region.client.sent  # s5, s7 still due
+        assert region.close_if_due(1e12 - 5.0) is not None  # close_before_s of the deadline: s5 and s7 missing
+        (topic, payload), = region.client.sent
+        deliver(top, topic, payload)
+        assert top.counters == {} and set(top.round.accepted) == {"s6"} and set(top.round.skipped) == {"s5", "s7"}
+        from turbofed import envelope
+
+        body = envelope.decode(payload).body
+        meta = json.loads(body[4:4 + int.from_bytes(body[:4], "big")])
+        assert meta["refused"] == {"bad_signature": 1, "unknown_site": 1} and meta["missing"] == ["s5", "s7"]
+    finally:
+        top.store.close()
+        top.registry.close()
