@@ -22,6 +22,10 @@ re-announced every `stall_retry_s` (or at once when a site comes back online).
 It signs every round announcement, statistics request and global model with the fleet's
 aggregator key, and checks every site message against that site's key from the fleet's
 identity folder (docs/protocol.md, "Signed messages").
+
+With `[regions]` it is the top of a two-level fleet: the sites of a region reach it only
+through their regional aggregator's signed partial (aggregator/regional.py), which it
+checks, adds to the round's running sums and counts site by site toward the quorum.
 """
 
 from __future__ import annotations
@@ -111,6 +115,10 @@ class Aggregator(SecureRounds):
         # Streaming aggregation (aggregator/streaming.py): the FedAvg family folds updates into
         # running sums as they arrive; strategies that need every update keep them.
         self.streaming = self.secure_settings is None and _needs_only_the_sum(self.strategy if self.dp is None else self.dp.inner)
+        if config.regions and not self.streaming:
+            raise ConfigError(f"{config_path}: [regions] needs a FedAvg-family strategy ({', '.join(STRATEGIES)}, without "
+                              f"clip): a region sends the sum of its sites' updates, and strategy {config.strategy.name!r} "
+                              "needs every update")
         self.running: RunningSum | None = None
         self.arrival_weights: dict[str, Weight] = {}  # this round's weights as folded in (observed-samples cap)
         self._starts: dict = {}  # buffered rounds: the older globals stale updates started from, this round
@@ -130,6 +138,7 @@ class Aggregator(SecureRounds):
             raise
         try:
             self.sealer, self.verifier = signed.aggregator_keys(config.pki)
+            self.partials = signed.partial_verifier(config.pki, list(config.regions)) if config.regions else None
         except BaseException:
             self.store.close()
             self.registry.close()
@@ -274,7 +283,8 @@ class Aggregator(SecureRounds):
         self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
         self.client.on_connect = self._on_connect
         self.watch.attach(self.client)  # outages logged with their duration
-        self.subscriptions = Subscriptions(self.client, [self.topics.all_sites(k) for k in self._handlers])
+        topics = [self.topics.all_sites(k) for k in self._handlers]
+        self.subscriptions = Subscriptions(self.client, topics + ([self.topics.all_partials] if self.config.regions else []))
         connect(self.client, self.config.broker)  # runs _on_connect: subscribe, say we are online
         self.subscriptions.wait()
         if self.model is not None:
@@ -323,6 +333,9 @@ class Aggregator(SecureRounds):
         try:
             topic, payload = self.inbox.get(timeout=max(timeout, 0.0))
         except queue.Empty:
+            return
+        if self.config.regions and topic.startswith(self.topics.root + "/regions/"):
+            self._on_partial_topic(topic, payload)
             return
         if not topic.startswith(self.topics.root + "/sites/"):
             # Not a topic we subscribed to: the embedded broker (amqtt 0.12) can hand a
@@ -576,9 +589,51 @@ class Aggregator(SecureRounds):
     def _on_update(self, site: str, payload: bytes) -> None:
         if self.round is None:
             raise Rejected(Refusal.STALE_ROUND, "no round is open")
+        region = self.config.region_of(site)
+        if region is not None:
+            raise Rejected(Refusal.WRONG_ROUTE, f"site {site} is in region {region}: its updates count only through "
+                                                "that region's partial")
         accepted = self.round.check(site, payload, self.model, self.config.max_update_bytes, self.verifier, self.epoch)
         if accepted:
             log.info("round %d: update from %s (%d samples, %d bytes)", self.round.number, site, accepted.samples, accepted.wire_bytes)
+
+    def _on_partial_topic(self, topic: str, payload: bytes) -> None:
+        """A regional partial: refused with a reason (counted, logged, stored) or taken."""
+        region = "?"
+        try:
+            region = self.topics.parse_partial(topic)
+            if region not in self.config.regions:
+                raise Rejected(Refusal.UNKNOWN_REGION, f"region {region!r} is not in the fleet config's [regions]")
+            self._on_partial(region, payload)
+        except Refused as exc:
+            self._reject(f"region:{region}", exc.reason, f"{topic[:200]}: {exc}")
+        except Exception:
+            self.counters[Refusal.INTERNAL_ERROR.value] += 1
+            self._errors.warning(Refusal.INTERNAL_ERROR, "failed to handle a message on %s", topic[:300], exc_info=True)
+
+    def _on_partial(self, region: str, payload: bytes) -> None:
+        """Check a region's partial against the open round, add its sums, and record each of
+        its sites as accepted (or, sent nothing, as skipped) for quorum and the round's records."""
+        from turbofed.aggregator.regional import read_partial
+
+        r = self.round
+        if r is None or not r.streamed:
+            raise Rejected(Refusal.STALE_ROUND, f"partial from region {region}: no round is open")
+        members = frozenset(self.config.regions[region])
+        p = read_partial(payload, region, members, self.partials, round=r.number, model_version=r.model_version,
+                         length=int(self.running.base.size), epoch=self.epoch)
+        again = members & r.responded()
+        if again:
+            raise Rejected(Refusal.DUPLICATE, f"partial from region {region}: round {r.number} already has "
+                                              f"{len(again)} of its sites (e.g. {sorted(again)[0]})")
+        self.running.add_partial(p.total, p.weight, {s.site: (s.weight, s.norm) for s in p.sites})
+        now = time.time()
+        for s in p.sites:
+            r.accepted[s.site] = Accepted(s.site, s.claimed, None, s.update_bytes, now)
+        for site in p.missing:
+            r.skipped[site] = 0
+        log.info("round %d: partial from region %s: %d updates (Σw %d), %d missing, %d refused there, %d bytes", r.number,
+                 region, len(p.sites), p.weight, len(p.missing), sum(p.refused.values()), p.wire_bytes)
 
     def _accept_update(self, accepted: Accepted) -> None:
         """A stale update (buffered rounds) is rebased onto the current global; then, when
@@ -622,8 +677,10 @@ class Aggregator(SecureRounds):
             weights = self.dp.aggregate_sum(current, running.delta_sum(), running.weight)
             clip = self.dp.settings.clip_norm if self.dp.settings.mode == "central" else math.inf
         else:
-            shares = capped_weights(dict(running.weights), {}, self.config.max_site_share)
-            used = {s: w.used for s, w in shares.items()}
+            # A partial's sites were share-capped in their region (aggregator/regional.py).
+            direct = {s: w for s, w in running.weights.items() if s not in running.from_partials}
+            shares = capped_weights(direct, {}, self.config.max_site_share)
+            used = {s: running.weights[s] for s in running.from_partials} | {s: w.used for s, w in shares.items()}
             notes = {s: w.note for s, w in arrival.items() if w.note} | {s: w.note for s, w in shares.items() if w.note}
             weights = self.strategy.aggregate(current, [SiteUpdate("streamed-mean", running.mean(used), sum(used.values()))])
             clip = math.inf

@@ -13,6 +13,12 @@ Per site only its weight and its delta's norm are kept; the cosine of a delta to
 round's aggregate cannot be had without the delta, so it is reported as None. Robust
 strategies (median, Krum, trimmed mean, filtered and clipped FedAvg) need every update and
 keep them (Round.accepted), O(sites x model): docs/scaling.md.
+
+Two-level rounds (aggregator/regional.py): a regional aggregator folds its sites into a
+RunningSum and sends its `final_sum`; the top aggregator adds each region's pair with
+`add_partial`, so the top-level mean is Σ over regions of Σ w·θ / Σ over regions of Σ w,
+the flat FedAvg of the same updates. The share cap of a partial's sites was applied in
+their region; they are not lowered again at the top (`from_partials`).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class RunningSum:
         self._heaviest: list[tuple[int, int, str, np.ndarray]] = []  # min-heap of (weight, arrival, site, vector)
         self.weights: dict[str, int] = {}
         self.norms: dict[str, float] = {}
+        self.from_partials: set[str] = set()  # sites folded in through a region's partial (not cappable here)
 
     def add(self, site: str, weights: Weights, weight: int, clip_norm: float | None = None) -> None:
         """Fold one update in. `clip_norm`: its delta is first cut to that L2 norm (DP-FedAvg)."""
@@ -58,9 +65,23 @@ class RunningSum:
         """Σ w·(θ - current): with weights 1, the sum of the (clipped) deltas."""
         return self.total - self.weight * self.base
 
+    def add_partial(self, total: np.ndarray, weight: int, sites: dict[str, tuple[int, float]]) -> None:
+        """Fold in a region's Σ w·θ (`total`, float64, in this sum's name order) and Σ w, with
+        each of its sites' (weight, delta norm) for the round's records."""
+        self.total += total
+        self.weight += weight
+        for site, (w, norm) in sites.items():
+            self.weights[site], self.norms[site] = w, norm
+            self.from_partials.add(site)
+
     def mean(self, final: dict[str, int]) -> Weights:
         """The weighted mean with each site at its `final` weight (at most the weight it was
         folded in with; lower only for the heaviest, which are kept)."""
+        total, weight = self.final_sum(final)
+        return unflatten(total / weight, self.current)
+
+    def final_sum(self, final: dict[str, int]) -> tuple[np.ndarray, int]:
+        """Σ w·θ (float64) and Σ w with each site at its `final` weight (see `mean`)."""
         total, weight = self.total.copy(), self.weight
         kept = {site: vector for _, _, site, vector in self._heaviest}
         for site, w in final.items():
@@ -71,4 +92,4 @@ class RunningSum:
             if lost:
                 total -= lost * kept[site]
                 weight -= lost
-        return unflatten(total / weight, self.current)
+        return total, weight

@@ -14,13 +14,22 @@ Per N, over `--rounds` rounds:
 - aggregator RSS (VmRSS, sampled every 0.2 s: the largest after the first round) and CPU
   seconds per update (utime + stime over the rounds / updates);
 - the broker's message rate while updates flow (updates accepted / the time from the first
-  update sent to the last accepted).
-Two-level (regional) topologies are not built yet (docs/scaling.md).
+  update sent to the last accepted);
+- end to end: the last update sent to the global model arriving at the sites.
+
+`--topology two-level`: 4 regional Mosquittos, each bridged to a central one
+(broker_config/bridge.conf.template, plain MQTT on loopback), a regional aggregator on each
+(`turbofed region`, its own process), the top aggregator on the central broker; the sites,
+split evenly, on their region's broker. Per N the same figures for the top aggregator (its
+close latency runs from the last partial it accepted), the regional aggregators' RSS and CPU,
+and the bytes crossing to the top per round: the 4 partials, against 4 x one update's bytes
+(issue #16's goal), counted by a client subscribed to the partials at the central broker.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -40,11 +49,14 @@ from turbofed.benchmarks.system import rss_mb
 from turbofed.codec import read_weights, replace_weights
 from turbofed.config import BrokerSettings, ModelSettings
 from turbofed.data.synthetic import generate_fleet
+from turbofed.deploy.bridge import render_bridge
 from turbofed.deploy.identities import AGGREGATOR, add_identity, init_fleet
 from turbofed.edge.features import history_stats, regime_stats
 from turbofed.envelope import decode
+from turbofed.errors import ConfigError
 from turbofed.messages import RoundAnnouncement, StatsReply, StatsRequest, signed
 from turbofed.messages.signed import Sealer
+from turbofed.mqtt import connect, make_client
 from turbofed.signing import SigningKey
 from turbofed.simulation.broker import start_broker
 from turbofed.simulation.children import spawn
@@ -58,14 +70,17 @@ BODIES = 16  # distinct update bodies (weights) sent round-robin
 
 
 class SimSites:
-    """N simulated sites: keys, a few connections, and what they have seen."""
+    """N simulated sites: keys, a few connections, and what they have seen. `brokers`: one
+    BrokerSettings per connection; site i sends through connection i mod len(brokers) (on a
+    broker with ACLs, give one connection per site, as that site's TLS identity)."""
 
-    def __init__(self, sites: list[str], pki: Path, fleet_id: str, broker: BrokerSettings, runs: list, rate: float) -> None:
+    def __init__(self, sites: list[str], pki: Path, fleet_id: str, brokers: list[BrokerSettings], runs: list, rate: float,
+                 name: str = "scale") -> None:
         self.sites, self.rate, self.runs = sites, rate, runs
         self.sealers = [Sealer(fleet_id, SigningKey.load(s, pki / "identities" / s / "signing.key")) for s in sites]
         self.topics = DEFAULT_TOPICS
         self.events: queue.Queue[tuple[str, bytes, float]] = queue.Queue()
-        self.clients = [self._client(f"scale-{i}", broker) for i in range(CONNECTIONS)]
+        self.clients = [self._client(f"{name}-{i}", b) for i, b in enumerate(brokers)]
         listener = self.clients[0]
         listener.on_message = lambda c, u, m: self.events.put((m.topic, m.payload, time.time()))
         listener.subscribe([(self.topics.round, 1), (self.topics.global_model, 1), (self.topics.stats_request, 1)])
@@ -75,14 +90,12 @@ class SimSites:
 
     @staticmethod
     def _client(name: str, broker: BrokerSettings) -> mqtt_client.Client:
-        c = mqtt_client.Client(mqtt_client.CallbackAPIVersion.VERSION2, client_id=name)
-        c.max_inflight_messages_set(100)
-        c.connect(broker.host, broker.port)
-        c.loop_start()
+        c = make_client(name, broker)
+        connect(c, broker)
         return c
 
     def _send(self, i: int, topic: str, payload: bytes) -> None:
-        self.clients[i % CONNECTIONS].publish(topic, payload, qos=1)
+        self.clients[i % len(self.clients)].publish(topic, payload, qos=1)
 
     def answer_stats(self, request: StatsRequest) -> None:
         """Both phases of the fleet statistics (docs/protocol.md): every site answers with the
@@ -156,91 +169,266 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def make_identities(root: Path, sites: list[str]) -> Path:
-    """An identity folder with signing keys for the aggregator and every site (no gateways)."""
+def make_identities(root: Path, sites: list[str], regions: list[str] = ()) -> Path:
+    """An identity folder with signing keys for the aggregator, every site (no gateways) and every region."""
     ids = init_fleet(root, ["127.0.0.1"])
     add_identity(ids, AGGREGATOR, "aggregator")
     for site in sites:
         add_identity(ids, site, "site")
+    for region in regions:
+        add_identity(ids, region, "region")
     return ids
 
 
+class Watch:
+    """RSS (VmRSS, every 0.2 s) and CPU seconds of some processes."""
+
+    def __init__(self, procs: dict[str, Any]) -> None:
+        self.procs, self.samples = procs, {name: [] for name in procs}
+        self._stop = threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            for name, proc in self.procs.items():
+                try:
+                    self.samples[name].append((time.time(), rss_mb(proc.pid)))
+                except OSError:
+                    pass
+            time.sleep(0.2)
+
+    def cpu(self) -> dict[str, float]:
+        return {name: _cpu_s(proc.pid) for name, proc in self.procs.items()}
+
+    def stop(self) -> None:
+        self._stop.set()
+        for name, proc in self.procs.items():
+            if proc.poll() is None:
+                self.samples[name].append((time.time(), rss_mb(proc.pid)))
+
+    def rss(self, name: str, since: float) -> dict[str, float]:
+        samples = self.samples[name]
+        after = [m for t, m in samples if t >= since] or [m for _, m in samples]
+        return {"max_after_round_1": round(max(after), 1), "max": round(max(m for _, m in samples), 1)}
+
+
+def _fleet_toml(work: Path, sites: list[str], broker: BrokerSettings, rounds: int, pki: Path, extra: str = "") -> Path:
+    fleet_toml = write_configs(work, [], broker, ModelSettings(rounds=rounds, seed=0), pki, tls=False)
+    text = fleet_toml.read_text().replace("sites = []", f"sites = {json.dumps(sites)}")
+    fleet_toml.write_text(text.replace("round_deadline_s = 120", f"round_deadline_s = 600\nmin_samples = 1\n{extra}"))
+    return fleet_toml
+
+
+def _aggregator(args: list[str], work: Path, name: str) -> Any:
+    log = open(work / f"{name}.log", "ab")
+    return spawn([sys.executable, "-m", "turbofed.cli", *args], stdout=log, stderr=log, cwd=work)
+
+
+def _stop(procs: list) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(30)
+
+
+def _rounds(work: Path, rounds: int) -> list[dict]:
+    store = open_store(str(work / "results.sqlite"))
+    try:
+        return [r for r in store.rounds() if 1 <= r["round"] <= rounds]
+    finally:
+        store.close()
+
+
+def _last_accepted(row: dict) -> float:
+    """When the round's last update (flat) or partial (two-level) was accepted: the store's close less aggregate_ms."""
+    return row["closed"] - row["aggregate_ms"] / 1000.0
+
+
+def _p50_max(values: list[float]) -> dict[str, float]:
+    return {"p50": round(statistics.median(values), 1), "max": round(max(values), 1)}
+
+
 def run_n(n: int, rounds: int, rate: float, work: Path, runs: list) -> dict[str, Any]:
+    """Flat: one Mosquitto, one aggregator, N sites."""
     sites = [f"site{i + 1}" for i in range(n)]
     t0 = time.perf_counter()
     pki = make_identities(work / "pki", sites)
     setup_s = time.perf_counter() - t0
     with start_broker(embedded=False, workdir=work / "broker") as handle:
         broker = BrokerSettings(host=handle.host, port=handle.port)
-        settings = ModelSettings(rounds=rounds, seed=0)
-        fleet_toml = write_configs(work, [], broker, settings, pki, tls=False)
-        text = fleet_toml.read_text().replace("sites = []", f"sites = {json.dumps(sites)}")
-        fleet_toml.write_text(text.replace("round_deadline_s = 120", "round_deadline_s = 600\nmin_samples = 1"))
-        sims = SimSites(sites, pki.root, pki.fleet_id, broker, runs, rate)
-        log = open(work / "aggregator.log", "ab")
-        proc = spawn([sys.executable, "-m", "turbofed.cli", "aggregator", "--config", str(fleet_toml)], stdout=log,
-                     stderr=log, cwd=work)
-        samples: list[tuple[float, float]] = []
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                try:
-                    samples.append((time.time(), rss_mb(proc.pid)))
-                except OSError:
-                    return
-                time.sleep(0.2)
-
-        threading.Thread(target=sample, daemon=True).start()
+        fleet_toml = _fleet_toml(work, sites, broker, rounds, pki)
+        sims = SimSites(sites, pki.root, pki.fleet_id, [broker] * CONNECTIONS, runs, rate)
+        proc = _aggregator(["aggregator", "--config", str(fleet_toml)], work, "aggregator")
+        watch = Watch({"aggregator": proc})
         try:
             sims.run(0, 600)  # statistics answered, v0 out
-            cpu0 = _cpu_s(proc.pid)
+            cpu0 = watch.cpu()["aggregator"]
             sims.run(rounds, 600 + rounds * n / rate * 3)
-            cpu = _cpu_s(proc.pid) - cpu0
+            cpu = watch.cpu()["aggregator"] - cpu0
         finally:
-            stop.set()
-            if proc.poll() is None:
-                samples.append((time.time(), rss_mb(proc.pid)))  # the last, after the last round
-            proc.terminate()
-            proc.wait(30)
+            watch.stop()
+            _stop([proc])
             sims.close()
-    store = open_store(str(work / "results.sqlite"))
-    try:
-        rows = [r for r in store.rounds() if 1 <= r["round"] <= rounds]
-    finally:
-        store.close()
-    latency = [(sims.globals[r["round"]] - (r["closed"] - r["aggregate_ms"] / 1000.0)) * 1000.0 for r in rows]
-    after_first = [m for t, m in samples if t >= sims.globals.get(1, 0.0)]
-    flow = [len(r["participants"]) / (r["closed"] - r["aggregate_ms"] / 1000.0 - sims.sent[r["round"]][0]) for r in rows]
+    rows = _rounds(work, rounds)
+    latency = [(sims.globals[r["round"]] - _last_accepted(r)) * 1000.0 for r in rows]
+    end_to_end = [(sims.globals[r["round"]] - sims.sent[r["round"]][1]) * 1000.0 for r in rows]
+    flow = [len(r["participants"]) / (_last_accepted(r) - sims.sent[r["round"]][0]) for r in rows]
     return {"sites": n, "rounds": len(rows), "updates_per_round": [len(r["participants"]) for r in rows],
-            "close_latency_ms": {"p50": round(statistics.median(latency), 1), "max": round(max(latency), 1)},
-            "aggregator_rss_mb": {"max_after_round_1": round(max(after_first), 1), "max": round(max(m for _, m in samples), 1)},
+            "close_latency_ms": _p50_max(latency), "last_update_sent_to_global_ms": _p50_max(end_to_end),
+            "aggregator_rss_mb": watch.rss("aggregator", sims.globals.get(1, 0.0)),
             "aggregator_cpu_ms_per_update": round(cpu * 1000.0 / sum(len(r["participants"]) for r in rows), 3),
             "updates_per_s_into_aggregator": round(statistics.median(flow), 1),
             "update_bytes": len(sims.bodies[0]) if sims.bodies else None, "identity_setup_s": round(setup_s, 1)}
 
 
-def run_scale(counts: list[int], rounds: int, rate: float) -> dict[str, Any]:
+REGIONS = 4
+
+
+class TopBytes:
+    """Counts the partials crossing to the top level, per round, at the central broker."""
+
+    def __init__(self, broker: BrokerSettings) -> None:
+        self.bytes: dict[int, int] = {}
+        self.count: dict[int, int] = {}
+        self.client = make_client("scale-top-bytes", broker)
+        self.client.on_message = self._on_message
+        connect(self.client, broker)
+        self.client.subscribe(DEFAULT_TOPICS.all_partials, qos=1)
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        number = decode(message.payload).round
+        self.bytes[number] = self.bytes.get(number, 0) + len(message.payload)
+        self.count[number] = self.count.get(number, 0) + 1
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def run_two_level(n: int, rounds: int, rate: float, work: Path, runs: list) -> dict[str, Any]:
+    """Two-level: 4 regional Mosquittos bridged to a central one, 4 regional aggregators, the top aggregator."""
+    sites = [f"site{i + 1}" for i in range(n)]
+    names = [f"region{r + 1}" for r in range(REGIONS)]
+    members = {name: sites[r * n // REGIONS:(r + 1) * n // REGIONS] for r, name in enumerate(names)}
+    t0 = time.perf_counter()
+    pki = make_identities(work / "pki", sites, names)
+    setup_s = time.perf_counter() - t0
+    with contextlib.ExitStack() as stack:
+        central = stack.enter_context(start_broker(embedded=False, workdir=work / "central"))
+        top_broker = BrokerSettings(host=central.host, port=central.port)
+        brokers = {}
+        for name in names:
+            bridge = render_bridge(name, central.host, central.port, DEFAULT_TOPICS, None)
+            handle = stack.enter_context(start_broker(embedded=False, workdir=work / name, extra_conf=bridge))
+            brokers[name] = BrokerSettings(host=handle.host, port=handle.port)
+        regions_toml = "[regions]\n" + "".join(f"{name} = {json.dumps(members[name])}\n" for name in names)
+        fleet_toml = _fleet_toml(work, sites, top_broker, rounds, pki, regions_toml)
+        counter = TopBytes(top_broker)
+        procs = {"top": _aggregator(["aggregator", "--config", str(fleet_toml)], work, "aggregator")}
+        for name in names:
+            region_toml = work / f"{name}.toml"
+            region_toml.write_text(f'region = "{name}"\nsites = {json.dumps(members[name])}\npki = "pki"\n\n'
+                                   f'[broker]\nhost = "{brokers[name].host}"\nport = {brokers[name].port}\n')
+            procs[name] = _aggregator(["region", "--config", str(region_toml)], work, name)
+        groups = [SimSites(members[name], pki.root, pki.fleet_id, [brokers[name]] * (CONNECTIONS // REGIONS), runs,
+                           rate / REGIONS, name=f"scale-{name}") for name in names]
+        watch = Watch(procs)
+        try:
+            _run_groups(groups, 0, 600)
+            cpu0 = watch.cpu()
+            _run_groups(groups, rounds, 600 + rounds * n / rate * 3)
+            cpu = {k: v - cpu0[k] for k, v in watch.cpu().items()}
+        finally:
+            watch.stop()
+            _stop(list(procs.values()))
+            for g in groups:
+                g.close()
+            counter.close()
+    rows = _rounds(work, rounds)
+    arrived = {r["round"]: max(g.globals[r["round"]] for g in groups) for r in rows}  # the last region to get it
+    latency = [(arrived[r["round"]] - _last_accepted(r)) * 1000.0 for r in rows]
+    end_to_end = [(arrived[r["round"]] - max(g.sent[r["round"]][1] for g in groups)) * 1000.0 for r in rows]
+    flow = [len(r["participants"]) / (_last_accepted(r) - min(g.sent[r["round"]][0] for g in groups)) for r in rows]
+    updates = sum(len(r["participants"]) for r in rows)
+    update_bytes = len(groups[0].bodies[0]) if groups[0].bodies else 0
+    top_bytes = [counter.bytes.get(r["round"], 0) for r in rows]
+    return {"sites": n, "rounds": len(rows), "updates_per_round": [len(r["participants"]) for r in rows],
+            "close_latency_ms": _p50_max(latency), "last_update_sent_to_global_ms": _p50_max(end_to_end),
+            "aggregator_rss_mb": watch.rss("top", arrived.get(1, 0.0)),
+            "aggregator_cpu_ms_per_update": round(cpu["top"] * 1000.0 / updates, 3),
+            "regional_rss_mb_max": round(max(watch.rss(name, arrived.get(1, 0.0))["max_after_round_1"] for name in names), 1),
+            "regional_cpu_ms_per_update": round(sum(cpu[name] for name in names) * 1000.0 / updates, 3),
+            "updates_per_s_into_regions": round(statistics.median(flow), 1),
+            "partials_per_round": [counter.count.get(r["round"], 0) for r in rows],
+            "top_level_partial_bytes_per_round": top_bytes, "update_bytes": update_bytes,
+            "four_updates_bytes": REGIONS * update_bytes,
+            "top_level_bytes_over_four_updates": round(max(top_bytes) / (REGIONS * update_bytes), 2) if update_bytes else None,
+            "identity_setup_s": round(setup_s, 1)}
+
+
+def _run_groups(groups: list[SimSites], rounds: int, timeout: float) -> None:
+    """Each region's sites answer in their own thread until global v`rounds` reached them all."""
+    errors: list[BaseException] = []
+
+    def one(g: SimSites) -> None:
+        try:
+            g.run(rounds, timeout)
+        except BaseException as exc:  # reported below, in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(g,), daemon=True) for g in groups]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+TOPOLOGIES = {"flat": (run_n, "flat: one aggregator (FedAvg, streaming), one Mosquitto"),
+              "two-level": (run_two_level, f"two-level: {REGIONS} regional Mosquittos bridged to a central one, "
+                                           f"{REGIONS} regional aggregators, the top aggregator (FedAvg, streaming)")}
+
+
+def run_scale(counts: list[int], rounds: int, rate: float, topologies: list[str] = ("flat",)) -> dict[str, Any]:
     started = time.perf_counter()
     runs = generate_fleet(n_train=4, n_test=0, seed=0, name="SYN001").train
-    results = []
-    for n in counts:
-        print(f"bench scale: {n} sites ...", file=sys.stderr, flush=True)
-        results.append(run_n(n, rounds, rate, Path(tempfile.mkdtemp(prefix=f"turbofed-bench-scale-{n}-")), runs))
-    base = results[0]["aggregator_rss_mb"]["max_after_round_1"]
-    for r in results:
-        r["rss_over_smallest"] = round(r["aggregator_rss_mb"]["max_after_round_1"] / base, 3)
-    return {"benchmark": "scale", "topology": "flat: one aggregator (FedAvg, streaming), one Mosquitto",
-            "rounds": rounds, "rate_updates_per_s": rate, "connections_shared_by_sites": CONNECTIONS, "fleets": results,
-            "seconds": round(time.perf_counter() - started, 1), "machine": machine_info("paho-mqtt", "onnx")}
+    out: dict[str, Any] = {"benchmark": "scale", "rounds": rounds, "rate_updates_per_s": rate,
+                           "connections_shared_by_sites": CONNECTIONS}
+    for topology in topologies:
+        run, label = TOPOLOGIES[topology]
+        results = []
+        for n in counts:
+            print(f"bench scale ({topology}): {n} sites ...", file=sys.stderr, flush=True)
+            results.append(run(n, rounds, rate, Path(tempfile.mkdtemp(prefix=f"turbofed-bench-scale-{topology}-{n}-")), runs))
+        base = results[0]["aggregator_rss_mb"]["max_after_round_1"]
+        for r in results:
+            r["rss_over_smallest"] = round(r["aggregator_rss_mb"]["max_after_round_1"] / base, 3)
+        if topology == "flat":  # the flat-only output keeps its earlier shape
+            out.update({"topology": label, "fleets": results})
+        else:
+            out.setdefault("topologies", {})[topology] = {"topology": label, "fleets": results}
+    if "flat" not in topologies:
+        out["topology"] = None
+    out.update({"seconds": round(time.perf_counter() - started, 1), "machine": machine_info("paho-mqtt", "onnx")})
+    return out
 
 
 def run_cli(args: argparse.Namespace) -> int:
     counts = [int(x) for x in args.sites.split(",")]
-    result = run_scale(counts, args.rounds, args.rate)
+    topologies = [t.strip() for t in args.topology.split(",")]
+    unknown = [t for t in topologies if t not in TOPOLOGIES]
+    if unknown:
+        raise ConfigError(f"--topology: unknown {', '.join(unknown)}; known: {', '.join(TOPOLOGIES)}")
+    result = run_scale(counts, args.rounds, args.rate, topologies)
     emit(result, args.json_out)
-    for r in result["fleets"]:
-        print(f"{r['sites']:>6} sites: close p50 {r['close_latency_ms']['p50']} ms, aggregator RSS "
-              f"{r['aggregator_rss_mb']['max_after_round_1']} MB ({r['rss_over_smallest']}x), "
-              f"{r['aggregator_cpu_ms_per_update']} ms CPU an update", file=sys.stderr)
+    sets = ([("flat", result["fleets"])] if "fleets" in result else []) + \
+        [(k, v["fleets"]) for k, v in result.get("topologies", {}).items()]
+    for topology, fleets in sets:
+        for r in fleets:
+            extra = (f"; top-level {max(r['top_level_partial_bytes_per_round'])} bytes a round "
+                     f"({r['top_level_bytes_over_four_updates']}x 4 updates)" if "top_level_partial_bytes_per_round" in r else "")
+            print(f"{topology:>9} {r['sites']:>6} sites: close p50 {r['close_latency_ms']['p50']} ms, aggregator RSS "
+                  f"{r['aggregator_rss_mb']['max_after_round_1']} MB ({r['rss_over_smallest']}x), "
+                  f"{r['aggregator_cpu_ms_per_update']} ms CPU an update{extra}", file=sys.stderr)
     return 0

@@ -217,6 +217,7 @@ FLEET_CASES = [
     ("FleetConfig", "stall_retry_s", FLEET_BASE + "stall_retry_s = 0\n", r"stall_retry_s must be a number > 0 and <= 10000000, got 0"),
     ("FleetConfig", "metrics_port", FLEET_BASE + "metrics_port = 70000\n", r"metrics_port must be an integer in 1..65535, got 70000"),
     ("FleetConfig", "metrics_address", FLEET_BASE + "metrics_address = 5\n", r"metrics_address must be a non-empty string, got 5"),
+    ("FleetConfig", "regions", FLEET_BASE + '[regions]\neast = ["a", "z"]\n', r"\[regions\] east: site 'z' is not in the fleet's sites"),
     ("ModelSettings", "kind", FLEET_BASE + '[model]\nkind = ""\n', r"\[model\] kind must be a non-empty string, got ''"),
     ("ModelSettings", "hidden", FLEET_BASE + "[model]\nhidden = [64, 0]\n", r"\[model\] hidden must be a list of 0..16 integers \(in 1..4096\), got \[64, 0\]"),
     ("ModelSettings", "learning_rate", FLEET_BASE + "[model]\nlearning_rate = 0\n", r"\[model\] learning_rate must be a number > 0 and <= 10, got 0"),

@@ -103,10 +103,12 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     sec.add_argument("--seed", type=int, default=0, help="seed of weights, data split and hold-out")
     sec.add_argument("--json", dest="json_out", help="write the result JSON here too")
     sec.set_defaults(handler="turbofed.benchmarks.secure:run_cli")
-    scale = bsub.add_parser("scale", help="one aggregator and N simulated sites on Mosquitto: close latency, RSS, CPU")
+    scale = bsub.add_parser("scale", help="N simulated sites on Mosquitto, flat or two-level: close latency, RSS, CPU, bytes")
     scale.add_argument("--sites", default="100,1000,5000", help="comma-separated fleet sizes (default 100,1000,5000)")
     scale.add_argument("--rounds", type=int, default=3, help="rounds per fleet size (default 3)")
     scale.add_argument("--rate", type=float, default=500.0, help="updates sent a second, spread over the sites (default 500)")
+    scale.add_argument("--topology", default="flat", help="comma-separated: flat (one broker, one aggregator) and/or "
+                       "two-level (4 regional brokers bridged to a central one, 4 regional aggregators; default flat)")
     scale.add_argument("--json", dest="json_out", help="write the result JSON here too")
     scale.set_defaults(handler="turbofed.benchmarks.scale:run_cli")
     system = bsub.add_parser("system", help="aggregation time, update size, replay rate")
@@ -163,6 +165,9 @@ def _services(sub: argparse._SubParsersAction) -> None:
                      help="archive the model registry (kept in <registry>/epoch-N/) and start a new fleet epoch: "
                           "after a lost or unreadable registry (docs/operations.md)")
     agg.set_defaults(handler="turbofed.aggregator.service:run_cli")
+    region = sub.add_parser("region", help="run a regional aggregator: sums its sites' updates, sends the top one partial")
+    region.add_argument("--config", required=True, help="region TOML file (docs/scaling.md)")
+    region.set_defaults(handler="turbofed.aggregator.regional:run_cli")
     replay = sub.add_parser("replay", help="publish C-MAPSS rows as live sensor traffic")
     _add_data_dir(replay)
     replay.add_argument("--dataset", default="FD001", help="C-MAPSS subset FD001..FD004 (several: FD001+FD003), or SYN for the synthetic fleet (default FD001)")
@@ -236,9 +241,18 @@ def _fleet(sub: argparse._SubParsersAction) -> None:
         else:
             p.add_argument("name", help="identity name: a site id, 'aggregator', 'monitor' or 'gateway-<site>'")
         if name == "add":
-            p.add_argument("--role", choices=("site", "gateway", "aggregator", "monitor"), default="site",
+            p.add_argument("--role", choices=("site", "gateway", "aggregator", "monitor", "region"), default="site",
                            help="what the identity may do (default: site)")
         p.set_defaults(handler="turbofed.deploy.identities:run_cli")
+    bridge = fsub.add_parser("bridge", help="print the Mosquitto bridge of a regional broker to the central one")
+    bridge.add_argument("--fleet", required=True, help="fleet TOML (its [regions] and topic root)")
+    bridge.add_argument("--pki", help="identity folder holding the region's TLS identity (default: pki/ beside the fleet TOML)")
+    bridge.add_argument("--region", required=True, help="region id, as in the fleet TOML's [regions]")
+    bridge.add_argument("--central", required=True, help="the central broker, HOST:PORT (its TLS port)")
+    bridge.add_argument("--out", help="write it to this file instead of printing it")
+    bridge.add_argument("--insecure-plain", action="store_true",
+                        help="plain MQTT to the central broker, no TLS (loopback development only)")
+    bridge.set_defaults(handler="turbofed.deploy.bridge:run_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -151,6 +151,14 @@ RANGES: dict[str, dict[str, Limit]] = {
         "stall_retry_s": Limit(0, 1e7, above=True),
         "metrics_port": Limit(1, 65535),
     },
+    "RegionConfig": {
+        "region": Limit(check=_site_id),
+        "sites": Limit(items=(1, 100_000), check=_site_ids),
+        "quorum": Limit(1, 100_000),
+        "close_before_s": Limit(0, 1e6),
+        "max_update_bytes": Limit(1, 4 * 1024 * 1024),
+        "max_site_share": Limit(0, 1, above=True),
+    },
     "PrivacySettings": {
         "clip_norm": Limit(0, 1e6, above=True),
         "noise_multiplier": Limit(0, 1e4, above=True),
@@ -585,6 +593,9 @@ class FleetConfig:
     # Prometheus /metrics (turbofed.observability; needs the [metrics] extra): off unless a port is given.
     metrics_port: int | None = None
     metrics_address: str = "127.0.0.1"
+    # [regions]: region -> its sites; their updates reach this aggregator only as the region's
+    # signed partial (aggregator/regional.py, docs/scaling.md). Sites in no region send directly.
+    regions: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _secure_or_explicit(self.pki is not None, self.insecure_unsigned, "fleet", "pki folder")
@@ -592,6 +603,81 @@ class FleetConfig:
     @property
     def effective_quorum(self) -> int:
         return self.quorum or len(self.sites)
+
+    def region_of(self, site: str) -> str | None:
+        """The region whose partial carries `site`'s updates, or None (it sends directly)."""
+        return self._site_regions.get(site)
+
+    @functools.cached_property
+    def _site_regions(self) -> dict[str, str]:
+        return {site: region for region, sites in self.regions.items() for site in sites}
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    """A regional aggregator (`turbofed region --config region.toml`): its region id (an
+    identity of role region in the fleet's identity folder), the sites it serves, its
+    regional broker, and when it sends its partial: once `quorum` of its sites answered
+    (default all), or `close_before_s` before the round's deadline."""
+
+    region: str
+    sites: tuple[str, ...]
+    pki: str | None = None  # (a copy of) the fleet's identity folder: public keys and this region's own key
+    insecure_unsigned: bool = False
+    broker: BrokerSettings = BrokerSettings()
+    quorum: int | None = None
+    close_before_s: float = 5.0
+    max_update_bytes: int = 1024 * 1024
+    max_site_share: float = 0.5  # applied among the region's sites (docs/scaling.md)
+
+    def __post_init__(self) -> None:
+        _secure_or_explicit(self.pki is not None, self.insecure_unsigned, f"region {self.region}", "pki folder")
+
+    @property
+    def effective_quorum(self) -> int:
+        return self.quorum or len(self.sites)
+
+
+def load_region_config(path: str | Path) -> RegionConfig:
+    """Read a region TOML file; every value is checked, errors name the file and the key."""
+    path = Path(path)
+    raw = _read_toml(path)
+    _secure_or_explicit("pki" in raw, raw.get("insecure_unsigned", False), str(path), "pki folder (pki = \"pki\")")
+    if "pki" in raw:
+        if not isinstance(raw["pki"], str) or not raw["pki"].strip():
+            raise ConfigError(f"{path}: pki must be the path of the fleet's identity folder")
+        raw["pki"] = _relative(path.parent, raw["pki"])
+    broker = _load_broker(path, _table(raw, "broker", path))
+    config = _build(RegionConfig, {**raw, "broker": broker}, f"{path}:")
+    if config.quorum is not None and config.quorum > len(config.sites):
+        raise ConfigError(f"{path}: quorum must be between 1 and the number of sites ({len(config.sites)}), got {config.quorum}")
+    return config
+
+
+def _regions(value: Any, sites: tuple[str, ...], path: Path) -> dict[str, tuple[str, ...]]:
+    """fleet.toml's `[regions]` table: region id = [its sites], each a site of the fleet, in one region only."""
+    from turbofed.topics import TopicError, validate_id
+
+    where = f"{path}: [regions]"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a table of region = [site ids], got {value!r:.60}")
+    regions: dict[str, tuple[str, ...]] = {}
+    seen: dict[str, str] = {}
+    for region, members in value.items():
+        try:
+            validate_id(region, "region id")
+        except TopicError as exc:
+            raise ConfigError(f"{where} {exc}") from None
+        if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
+            raise ConfigError(f"{where} {region} must be a non-empty list of site ids, got {members!r:.60}")
+        for site in members:
+            if site not in sites:
+                raise ConfigError(f"{where} {region}: site {site!r} is not in the fleet's sites")
+            if site in seen:
+                raise ConfigError(f"{where} {region}: site {site!r} is already in region {seen[site]!r}")
+            seen[site] = region
+        regions[region] = tuple(members)
+    return regions
 
 
 def require_writable_dir(path: str | Path, what: str) -> Path:
@@ -743,11 +829,17 @@ def load_fleet_config(path: str | Path, keys: bool = True) -> FleetConfig:
     buffered = None if buffered is None else _build(BufferedRounds, buffered, f"{path}: [buffered_rounds]")
     intervals = raw.pop("intervals", None)
     intervals = None if intervals is None else _build(IntervalSettings, intervals, f"{path}: [intervals]")
+    regions = raw.pop("regions", None)
     config = _build(FleetConfig, {**raw, "broker": broker, "model": model, "strategy": strategy, "privacy": privacy,
                                   "secure_aggregation": secure, "buffered_rounds": buffered, "intervals": intervals}, f"{path}:")
     if buffered is not None and secure is not None:
         raise ConfigError(f"{path}: [buffered_rounds] cannot run with [secure_aggregation]: a secure sum takes every "
                           "site's update from the same global model, in one session")
+    if regions is not None:
+        config = replace(config, regions=_regions(regions, config.sites, path))
+        if secure is not None or privacy is not None or buffered is not None:
+            raise ConfigError(f"{path}: [regions] cannot run with [secure_aggregation], [privacy] or [buffered_rounds] "
+                              "(a region sends a plain weighted sum of fresh updates: docs/scaling.md)")
     if privacy is not None and (privacy.expected_sites or 0) > len(config.sites):
         raise ConfigError(f"{path}: [privacy] expected_sites must be at most the number of sites ({len(config.sites)}), "
                           f"got {privacy.expected_sites}")

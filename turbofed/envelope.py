@@ -9,7 +9,7 @@ Wire layout of a weights message (``tfl/v1/global``, ``tfl/v1/sites/<site>/updat
     8       H     header: UTF-8 JSON object (compact, sorted keys)
     8+H     N     body: the ONNX model bytes, N == header["body_len"]
 
-Header keys: kind ("update" | "global" | "skip"), site, round, model_version, samples, sha256
+Header keys: kind ("update" | "global" | "skip" | "partial"), site, round, model_version, samples, sha256
 (hex of body), body_len, sig (the sender's Ed25519 signature, base64, or null when the fleet
 runs unsigned), and optionally fleet (the fleet id the signature is for).
 
@@ -44,9 +44,10 @@ _PREFIX = struct.Struct(">3sBI")  # magic, version, header length
 PREFIX_LEN: Final = _PREFIX.size  # 8
 _MAX_INT: Final = 2**53 - 1  # exact in every JSON implementation
 
-Kind = Literal["update", "global", "skip"]
+Kind = Literal["update", "global", "skip", "partial"]
 # skip: on the update topic, a site with too few samples sits the round out (empty body).
-KINDS: Final[tuple[str, ...]] = ("update", "global", "skip")
+# partial: a regional aggregator's sum of its sites' updates (aggregator/regional.py; `site` is the region).
+KINDS: Final[tuple[str, ...]] = ("update", "global", "skip", "partial")
 _HEADER_KEYS: Final = ("kind", "site", "round", "model_version", "samples", "sha256", "body_len", "sig")
 _OPTIONAL_KEYS: Final = ("fleet",)  # written only when set, so an unsigned envelope is unchanged
 MAX_FLEET_CHARS: Final = 128

@@ -19,7 +19,7 @@ from typing import Literal
 from turbofed.errors import TurbofedError
 from turbofed.topics import validate_id
 
-Role = Literal["aggregator", "site", "gateway", "monitor"]
+Role = Literal["aggregator", "site", "gateway", "monitor", "region"]
 
 
 class IdentityError(TurbofedError):

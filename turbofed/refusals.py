@@ -39,6 +39,10 @@ class Refusal(StrEnum):
     NO_SAMPLES = "no_samples"
     BAD_TOPIC = "bad_topic"
     UNKNOWN_KIND = "unknown_kind"  # a topic kind no handler is registered for
+    # regional aggregation (aggregator/regional.py)
+    UNKNOWN_REGION = "unknown_region"  # a partial from a region the fleet config does not name
+    BAD_PARTIAL = "bad_partial"  # a partial whose content does not hold together (sites, weights, sizes)
+    WRONG_ROUTE = "wrong_route"  # a site of a region sent its update to the top aggregator directly
     # message content (turbofed/messages/)
     NOT_JSON = "not_json"  # plant traffic that is not a UTF-8 JSON object
     WRONG_FIELDS = "wrong_fields"

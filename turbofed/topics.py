@@ -13,6 +13,7 @@ Layout (root defaults to ``tfl/v1``, plant root to ``plant``)::
     <root>/secagg/roster              aggregator: a secure sum's roster of keys (docs/privacy.md)
     <root>/secagg/unmask              aggregator: a secure sum's unmask request
     <root>/secagg/<site>/shares       aggregator: the encrypted shares addressed to one site
+    <root>/regions/<region>/partial   regional aggregator: its sites' updates summed (aggregator/regional.py)
     <plant>/<site>/<engine>/<kind>    sensor gateway or replay: sensors | events
 """
 
@@ -169,6 +170,27 @@ class Topics:
         if kind not in SITE_KINDS:
             raise TopicError(f"unknown site topic kind {kind!r}; expected one of {SITE_KINDS}")
         return f"{self.root}/sites/+/{kind}"
+
+    # --- regional aggregator -> top aggregator ---
+    def partial(self, region: str) -> str:
+        """``<root>/regions/<region>/partial``: one region's sum of its sites' updates."""
+        return f"{self.root}/regions/{validate_id(region, 'region id')}/partial"
+
+    @property
+    def all_partials(self) -> str:
+        """Subscription filter for every region's partial."""
+        return f"{self.root}/regions/+/partial"
+
+    def parse_partial(self, topic: str) -> str:
+        """The region of ``<root>/regions/<region>/partial``; raises TopicError for anything else."""
+        prefix = f"{self.root}/regions/"
+        rest = topic[len(prefix):].split("/") if isinstance(topic, str) and topic.startswith(prefix) else []
+        if len(rest) != 2 or rest[1] != "partial":
+            raise TopicError(f"topic {str(topic)[:200]!r}: expected {prefix}<region>/partial")
+        try:
+            return validate_id(rest[0], "region id")
+        except TopicError as exc:
+            raise TopicError(f"topic {topic!r}: {exc}") from None
 
     # --- plant (sensor traffic) ---
     def plant(self, site: str, engine: str | int, kind: PlantKind | str) -> str:

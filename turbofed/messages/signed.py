@@ -218,6 +218,61 @@ class FleetKeys:
         return cls(doc["fleet_id"], own, TrustedKeys(sites))
 
 
+@dataclass(frozen=True)
+class RegionKeys:
+    """What a regional aggregator reads from (a copy of) the fleet's identity folder: the
+    fleet id, its own signing key, the aggregator's public key (round announcements, global
+    models) and every active site's public key (updates); no private key but its own."""
+
+    fleet_id: str
+    region: SigningKey
+    aggregator: TrustedKeys
+    sites: TrustedKeys
+
+    @classmethod
+    def load(cls, pki: str | Path, region: str) -> "RegionKeys":
+        folder = IdentityFolder(Path(pki))
+        try:
+            doc = folder.read_manifest()
+            if doc["identities"].get(region) != "region":
+                raise ConfigError(f"{folder.root}: no active identity {region!r} with role region "
+                                  f"(turbofed fleet add {region} --role region)")
+            own = SigningKey.load(region, folder.signing_key(region))
+            aggregator = TrustedKeys({AGGREGATOR: load_public_key(folder.signing_pub(AGGREGATOR))})
+            sites = {name: load_public_key(folder.signing_pub(name)) for name, role in doc["identities"].items() if role == "site"}
+        except (IdentityError, KeyFileError) as exc:
+            raise ConfigError(str(exc)) from None
+        return cls(doc["fleet_id"], own, aggregator, TrustedKeys(sites))
+
+
+def region_keys(pki: str | None, region: str) -> tuple[Sealer | Unsigned, Verifier | Unsigned, Verifier | Unsigned]:
+    """A regional aggregator's sealer (its partials), its verifier of the aggregator's
+    messages and its verifier of site updates; all `Unsigned` without `pki`."""
+    if pki is None:
+        return Unsigned(region), Unsigned(region), Unsigned(region)
+    keys = RegionKeys.load(pki, region)
+    return (Sealer(keys.fleet_id, keys.region), Verifier(keys.fleet_id, keys.aggregator),
+            Verifier(keys.fleet_id, keys.sites))
+
+
+def partial_verifier(pki: str | None, regions: list[str]) -> Verifier | Unsigned:
+    """The top aggregator's verifier of regional partials: each region's public key, from
+    identities of role region (a region the folder does not hold is a ConfigError)."""
+    if pki is None:
+        return Unsigned(AGGREGATOR)
+    folder = IdentityFolder(Path(pki))
+    try:
+        doc = folder.read_manifest()
+        missing = [r for r in regions if doc["identities"].get(r) != "region"]
+        if missing:
+            raise ConfigError(f"{folder.root}: no active identity with role region for {', '.join(missing)} "
+                              f"(turbofed fleet add NAME --role region)")
+        keys = {r: load_public_key(folder.signing_pub(r)) for r in regions}
+    except (IdentityError, KeyFileError) as exc:
+        raise ConfigError(str(exc)) from None
+    return Verifier(doc["fleet_id"], TrustedKeys(keys))
+
+
 def aggregator_keys(pki: str | None) -> tuple[Sealer | Unsigned, Verifier | Unsigned]:
     """The aggregator's sealer and its verifier of site messages; `Unsigned` without `pki`
     (insecure_unsigned, checked at load)."""
@@ -229,5 +284,5 @@ def aggregator_keys(pki: str | None) -> tuple[Sealer | Unsigned, Verifier | Unsi
 
 __all__ = [
     "AGGREGATOR", "METRICS", "PREDICTIONS", "ROUND", "STATS", "STATS_REQUEST", "STATUS", "TELEMETRY", "FleetKeys",
-    "Opened", "Sealer", "SignatureError", "TrustedKeys", "Unsigned", "Verifier", "aggregator_keys", "site_keys", "warn_if_unsigned",
+    "Opened", "RegionKeys", "Sealer", "SignatureError", "TrustedKeys", "Unsigned", "Verifier", "aggregator_keys", "partial_verifier", "region_keys", "site_keys", "warn_if_unsigned",
 ]

@@ -318,7 +318,7 @@ def mqtt_ping(host: str, port: int, timeout: float = 1.0, tls: ssl.SSLContext | 
 
 
 def _spawn(kind: BrokerKind, host: str, port: int, workdir: Path, stream_logs: bool,
-           pki: FleetIdentities | None) -> tuple[subprocess.Popen[bytes], Path | None]:
+           pki: FleetIdentities | None, extra_conf: str = "") -> tuple[subprocess.Popen[bytes], Path | None]:
     if kind == "mosquitto":
         exe = find_mosquitto()
         if exe is None:
@@ -328,7 +328,7 @@ def _spawn(kind: BrokerKind, host: str, port: int, workdir: Path, stream_logs: b
         persistence = workdir / "mosquitto"
         persistence.mkdir(parents=True, exist_ok=True)
         conf = workdir / "mosquitto.conf"
-        conf.write_text(mosquitto_config(base, host, port, persistence, pki))
+        conf.write_text(mosquitto_config(base, host, port, persistence, pki) + extra_conf)
         cmd = [exe, "-c", str(conf)]
     else:
         code = "import sys; from turbofed.simulation.broker import serve_amqtt; sys.exit(serve_amqtt(sys.argv[1:]))"
@@ -353,6 +353,7 @@ def start_broker(
     timeout: float = 20.0,
     stream_logs: bool = False,
     pki: FleetIdentities | str | Path | None = None,
+    extra_conf: str = "",
 ) -> BrokerHandle:
     """Start a broker and wait until it accepts MQTT connections.
 
@@ -363,6 +364,8 @@ def start_broker(
     ``pki``: the fleet's identity folder: Mosquitto with TLS, client certificates, ACL and
     CRL (amqtt cannot do this: asking for it is an error, not a silent downgrade). Without
     it the broker is the insecure development broker: loopback only, logged as such.
+    ``extra_conf``: Mosquitto lines appended after the listener (a regional broker's bridge,
+    turbofed/deploy/bridge.py); Mosquitto only.
     """
     if pki is not None and not isinstance(pki, FleetIdentities):
         pki = FleetIdentities(Path(pki))
@@ -372,6 +375,8 @@ def start_broker(
         kind: BrokerKind = "amqtt" if find_mosquitto() is None else "mosquitto"
     else:
         kind = "amqtt" if embedded else "mosquitto"
+    if kind == "amqtt" and extra_conf:
+        raise BrokerError("the embedded broker (amqtt) has no bridges; install mosquitto for a regional broker")
     if kind == "amqtt" and pki is not None:
         raise BrokerError("the embedded broker (amqtt) cannot enforce TLS client certificates and the fleet's ACL; "
                           "install mosquitto for the secure setup, or run the insecure development broker without --pki")
@@ -396,7 +401,7 @@ def start_broker(
     for attempt in range(attempts):
         chosen = free_port(host) if port == 0 else port
         log.info("starting %s broker on %s:%d (workdir %s)", kind, host, chosen, workdir)
-        proc, log_path = _spawn(kind, host, chosen, workdir, stream_logs, pki)
+        proc, log_path = _spawn(kind, host, chosen, workdir, stream_logs, pki, extra_conf)
         handle = BrokerHandle(host, chosen, kind, proc, workdir, log_path, tmp, pki)
         _live.add(handle)
         probe = probe_tls_context(pki) if pki is not None else None

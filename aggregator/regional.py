@@ -1,0 +1,384 @@
+"""Two-level (regional) aggregation: a regional aggregator sums its sites' updates and sends
+the top aggregator one signed `partial` per round.
+
+Why: one aggregator process validates about 1,000 updates a second (docs/scaling.md); a
+region validates its own sites' updates on its own broker and machine, and the top level
+sees one message per region. FedAvg (McMahan et al., AISTATS 2017) is Σ w·θ / Σ w, and sums
+add, so the top aggregator's Σ over regions of (Σ w·θ, Σ w) gives exactly the flat FedAvg
+of the same updates (to float64 rounding: tests/test_regional.py).
+
+The regional aggregator (`turbofed region --config region.toml`, RegionConfig):
+- follows the top aggregator's signed round announcements and global models, which reach
+  its regional broker over the Mosquitto bridge (broker_config/bridge.conf.template);
+- validates each of its sites' updates exactly as the top aggregator does (Round.check of
+  aggregator/rounds.py: envelope, site signature, round, graph, finite weights) and folds it
+  into a RunningSum at its claim capped by the samples the site reported (stats, status);
+- when `quorum` of its sites answered (default all) or `close_before_s` before the round's
+  deadline, applies the share cap among its sites and publishes ONE partial, signed with the
+  region's key, on `<root>/regions/<region>/partial`.
+
+A partial is a weights envelope (turbofed/envelope.py) of kind `partial`: `site` is the
+region, `samples` is Σ w (signed), and the body is
+
+    4 bytes  meta length M, unsigned big-endian
+    M bytes  meta: UTF-8 JSON {"sites": [[site, weight, claimed, update_bytes, norm], ...],
+             "missing": [sites that sent no update: skipped or silent],
+             "refused": {reason: count}, "length": L}
+    8·L      Σ w·θ, float64 little-endian, in the global model's initializer order
+
+The top aggregator (`read_partial`) refuses, with a reason that is counted, a partial from a
+region it does not know, not signed by that region's key, for another round or model, or
+whose content does not hold together: sites outside the region or named twice, weights out
+of range or not summing to the signed Σ w, a vector of the wrong length or not finite.
+
+Robust strategies (median, Krum, trimmed mean, filtered or clipped FedAvg) need every
+update, which a sum hides: the top aggregator refuses `[regions]` with them (ConfigError).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import queue
+import signal
+import struct
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from turbofed import envelope
+from turbofed.aggregator.rounds import Accepted, Rejected, Round
+from turbofed.aggregator.streaming import RunningSum
+from turbofed.aggregator.weights import MAX_SAMPLES, capped_weights
+from turbofed.codec import parse_model, read_weights
+from turbofed.config import RegionConfig, load_region_config
+from turbofed.errors import Refused
+from turbofed.messages import RoundAnnouncement, StatsReply, Status, signed
+from turbofed.messages.signed import Sealer, Unsigned, Verifier
+from turbofed.mqtt import ConnectionWatch, Subscriptions, client_id, connect, make_client
+from turbofed.ratelog import RateLimitedLog, RefusalLog
+from turbofed.refusals import Refusal
+from turbofed.topics import Topics
+
+log = logging.getLogger("turbofed.region")
+
+_META_LEN = struct.Struct(">I")
+MAX_META_BYTES = 3 * 1024 * 1024  # the site list of a large region; the envelope caps the whole at 4 MiB
+MAX_REFUSAL_KINDS = 64
+
+
+@dataclass(frozen=True)
+class PartialSite:
+    """One site inside a partial: the weight its update was summed with, what it claimed,
+    the bytes it came in and its delta's L2 norm (for the round's records)."""
+
+    site: str
+    weight: int
+    claimed: int
+    update_bytes: int
+    norm: float
+
+
+@dataclass(frozen=True)
+class Partial:
+    """A region's checked partial for one round."""
+
+    region: str
+    round: int
+    model_version: int
+    weight: int  # Σ w
+    total: np.ndarray  # Σ w·θ, float64
+    sites: tuple[PartialSite, ...]
+    missing: tuple[str, ...]
+    refused: dict[str, int]
+    wire_bytes: int
+
+
+def encode_partial(sealer: Sealer | Unsigned, *, round: int, model_version: int, epoch: int, total: np.ndarray,  # noqa: A002
+                   sites: list[PartialSite], missing: list[str], refused: dict[str, int]) -> bytes:
+    """The signed envelope of one partial (layout in the module docstring)."""
+    meta = json.dumps({"sites": [[s.site, s.weight, s.claimed, s.update_bytes, s.norm] for s in sites],
+                       "missing": missing, "refused": refused, "length": int(total.size)}, separators=(",", ":")).encode()
+    body = _META_LEN.pack(len(meta)) + meta + np.ascontiguousarray(total, dtype="<f8").tobytes()
+    return sealer.envelope(kind="partial", round=round, model_version=model_version,
+                           samples=sum(s.weight for s in sites), body=body, epoch=epoch)
+
+
+def _bad(detail: str) -> Rejected:
+    return Rejected(Refusal.BAD_PARTIAL, detail)
+
+
+def read_partial(payload: bytes, region: str, region_sites: frozenset[str], verifier: Verifier | Unsigned, *,
+                 round: int, model_version: int, length: int, epoch: int = 0) -> Partial:  # noqa: A002
+    """Check a partial from `region` (the topic's) for round `round` of global
+    `model_version` with `length` weights; raises Rejected (or SignatureError) with the reason."""
+    try:
+        env = envelope.decode(payload)
+    except envelope.EnvelopeError as exc:
+        raise Rejected(exc.reason, f"partial from region {region}: {exc}") from None
+    if env.kind != "partial":
+        raise Rejected(Refusal.BAD_KIND, f"region {region} may send 'partial', not {env.kind!r}")
+    if env.site != region:
+        raise Rejected(Refusal.WRONG_SENDER, f"partial names region {env.site!r} but arrived on {region!r}'s topic")
+    verifier.check_envelope(env, signer=region, epoch=epoch)
+    if (env.round, env.model_version) != (round, model_version):
+        raise Rejected(Refusal.STALE_ROUND, f"partial from region {region} for round {env.round} from v{env.model_version}; "
+                                            f"the open round is {round} from v{model_version}")
+    body = env.body
+    if len(body) < _META_LEN.size:
+        raise _bad(f"partial from region {region}: body of {len(body)} bytes has no meta length")
+    (meta_len,) = _META_LEN.unpack_from(body)
+    if meta_len > min(MAX_META_BYTES, len(body) - _META_LEN.size):
+        raise _bad(f"partial from region {region}: meta length {meta_len} exceeds the body or {MAX_META_BYTES} bytes")
+    try:
+        meta = json.loads(body[_META_LEN.size:_META_LEN.size + meta_len])
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _bad(f"partial from region {region}: meta is not JSON ({exc})") from None
+    if not isinstance(meta, dict) or not all(k in meta for k in ("sites", "missing", "refused", "length")):
+        raise _bad(f"partial from region {region}: meta must be an object with sites, missing, refused, length")
+    sites = _partial_sites(meta["sites"], region, region_sites)
+    missing = meta["missing"]
+    named = {s.site for s in sites}
+    if (not isinstance(missing, list) or len(missing) > len(region_sites) or not all(isinstance(m, str) for m in missing)
+            or len(set(missing)) != len(missing) or set(missing) != region_sites - named):
+        raise _bad(f"partial from region {region}: missing must list exactly the region's sites not among its updates")
+    refused = meta["refused"]
+    if (not isinstance(refused, dict) or len(refused) > MAX_REFUSAL_KINDS
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SAMPLES for v in refused.values())):
+        raise _bad(f"partial from region {region}: refused must map at most {MAX_REFUSAL_KINDS} reasons to counts")
+    weight = sum(s.weight for s in sites)
+    if weight != env.samples:
+        raise _bad(f"partial from region {region}: site weights sum to {weight}, the signed total is {env.samples}")
+    if meta["length"] != length or len(body) - _META_LEN.size - meta_len != 8 * length:
+        raise _bad(f"partial from region {region}: {len(body) - _META_LEN.size - meta_len} bytes of sums, "
+                   f"the model has {length} weights ({8 * length} bytes)")
+    total = np.frombuffer(body, dtype="<f8", offset=_META_LEN.size + meta_len).astype(np.float64)
+    if not np.isfinite(total).all():
+        raise Rejected(Refusal.NON_FINITE, f"partial from region {region}: its sum holds NaN or infinite values")
+    if weight == 0 and np.any(total):
+        raise _bad(f"partial from region {region}: no site weight but a non-zero sum")
+    return Partial(region, env.round, env.model_version, weight, total, sites, tuple(missing),
+                   {str(k)[:64]: v for k, v in refused.items()}, len(payload))
+
+
+def _partial_sites(rows: object, region: str, region_sites: frozenset[str]) -> tuple[PartialSite, ...]:
+    if not isinstance(rows, list) or len(rows) > len(region_sites):
+        raise _bad(f"partial from region {region}: sites must be a list of at most its {len(region_sites)} sites")
+    out, seen = [], set()
+    for row in rows:
+        ok = (isinstance(row, list) and len(row) == 5 and isinstance(row[0], str)
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in row[1:4])
+              and isinstance(row[4], (int, float)) and not isinstance(row[4], bool))
+        if not ok:
+            raise _bad(f"partial from region {region}: a site row must be [site, weight, claimed, update_bytes, norm], "
+                       f"got {str(row)[:80]}")
+        site, weight, claimed, nbytes, norm = row
+        if site not in region_sites:
+            raise _bad(f"partial from region {region}: site {site[:80]!r} is not one of its sites")
+        if site in seen:
+            raise _bad(f"partial from region {region}: site {site!r} named twice")
+        if not (1 <= weight <= claimed <= MAX_SAMPLES and 1 <= nbytes <= envelope.MAX_PAYLOAD_BYTES
+                and math.isfinite(norm) and norm >= 0):
+            raise _bad(f"partial from region {region}: site {site!r}: weight {weight}, claimed {claimed}, "
+                       f"{nbytes} bytes, norm {norm} out of range")
+        seen.add(site)
+        out.append(PartialSite(site, weight, claimed, nbytes, float(norm)))
+    return tuple(out)
+
+
+class RegionalAggregator:
+    """One region's aggregator: follows the top's rounds, checks and sums its sites' updates,
+    sends one signed partial a round."""
+
+    def __init__(self, config: RegionConfig) -> None:
+        self.config = config
+        self.region = config.region
+        self.topics = Topics(config.broker.topic_root, config.broker.plant_root)
+        self.sealer, self.top, self.verifier = signed.region_keys(config.pki, config.region)
+        self.counters: Counter[str] = Counter()  # refusals, by reason
+        self.refusals = RefusalLog(log, "region: rejected from %s (%s, #%d): %s")
+        self._errors = RateLimitedLog(log)
+        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.watch = ConnectionWatch(f"region {config.region}", log)
+        self.client = None
+        self.model: onnx.ModelProto | None = None
+        self.version = -1
+        self.epoch = 0
+        self.announced: RoundAnnouncement | None = None
+        self.round: Round | None = None
+        self.running: RunningSum | None = None
+        self.round_refused: Counter[str] = Counter()  # this round's refused updates, sent in the partial
+        self.known_samples: dict[str, int] = {}  # the most samples each site has said it holds (stats, status)
+        self.sent: dict[int, int] = {}  # round -> bytes of the partial sent for it
+        signed.warn_if_unsigned(self.sealer, f"region {config.region}")
+
+    # --- MQTT ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.client = make_client(client_id(f"region-{self.region}", self.config.broker), self.config.broker,
+                                  persistent_session=True)
+        self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
+        self.client.on_connect = lambda c, u, f, rc, p: None if rc is not None and rc.is_failure else self.subscriptions.subscribe()
+        self.watch.attach(self.client)
+        self.subscriptions = Subscriptions(self.client, [self.topics.round, self.topics.global_model,
+                                                         *(self.topics.all_sites(k) for k in ("update", "stats", "status"))])
+        connect(self.client, self.config.broker)
+        self.subscriptions.wait()
+
+    def run(self, stop: threading.Event) -> None:
+        if self.client is None:
+            self.start()
+        while not stop.is_set():
+            self.pump(0.2)
+            self.close_if_due(time.time())
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def pump(self, timeout: float) -> None:
+        """Handle one message (or wait up to `timeout`). Nothing a site or broker sends stops us."""
+        try:
+            topic, payload = self.inbox.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            return
+        self.handle(topic, payload)
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        who = "aggregator" if topic in (self.topics.round, self.topics.global_model) else "?"
+        try:
+            if topic == self.topics.round:
+                if payload:
+                    self.on_round(payload)
+            elif topic == self.topics.global_model:
+                if payload:
+                    self.on_global(payload)
+            else:
+                who, kind = self.topics.parse_site(topic)
+                if who not in self.config.sites:
+                    raise Rejected(Refusal.UNKNOWN_SITE, f"site {who!r} is not in region {self.region}")
+                if kind == "update":
+                    self.on_update(who, payload)
+                elif payload:  # stats or status: what the site says it holds bounds its weight
+                    self.on_report(who, kind, payload)
+        except Refused as exc:
+            self.refusals.refused(self.counters, exc.reason.value, who, exc.reason.value, f"{topic[:200]}: {exc}")
+            if topic not in (self.topics.round, self.topics.global_model) and self.round is not None:
+                self.round_refused[exc.reason.value] += 1
+        except Exception:
+            self.counters[Refusal.INTERNAL_ERROR.value] += 1
+            self._errors.warning(Refusal.INTERNAL_ERROR, "failed to handle a message on %s", topic[:300], exc_info=True)
+
+    # --- from the top aggregator (over the bridge) ----------------------------------
+
+    def on_round(self, payload: bytes) -> None:
+        """A signed round announcement: open the round once its starting global is here."""
+        opened = self.top.open(signed.ROUND, payload, signer=signed.AGGREGATOR)
+        ann = RoundAnnouncement.from_payload(opened.body)
+        opened.expect(round=ann.round, version=ann.version)
+        if ann.epoch < self.epoch or (self.announced is not None and ann.epoch == self.epoch and ann.round < self.announced.round):
+            raise Rejected(Refusal.STALE_ROUND, f"round {ann.round} (epoch {ann.epoch}) announced after round "
+                                                f"{self.announced.round if self.announced else '-'} (epoch {self.epoch})")
+        self.epoch, self.announced = ann.epoch, ann
+        self._open_if_ready()
+
+    def on_global(self, payload: bytes) -> None:
+        """A global model signed by the aggregator: the reference every update is checked against."""
+        env = envelope.decode(payload)
+        if env.kind != "global":
+            raise Rejected(Refusal.BAD_GLOBAL, f"global topic carried a {env.kind!r} envelope")
+        self.top.check_envelope(env, signer=signed.AGGREGATOR, epoch=self.epoch)
+        if env.model_version <= self.version:
+            return
+        self.model, self.version = parse_model(env.body), env.model_version
+        log.info("region %s: global v%d received", self.region, self.version)
+        self._open_if_ready()
+
+    def _open_if_ready(self) -> None:
+        ann = self.announced
+        if ann is None or ann.done or self.model is None or ann.model_version != self.version:
+            return
+        if self.round is not None and self.round.announce_id == ann.announce_id:
+            return
+        if ann.round in self.sent:
+            return  # this round's partial is out (an announcement re-sent after a reconnect)
+        self.round = Round(ann.round, ann.model_version, ann.announce_id, time.time(), ann.deadline, self.config.sites,
+                           on_accept=self._fold, streamed=True)
+        self.running = RunningSum(read_weights(self.model), self.config.max_site_share)
+        self.round_refused = Counter()
+        log.info("region %s: round %d open (from global v%d, %d sites)", self.region, ann.round, ann.model_version,
+                 len(self.config.sites))
+
+    # --- from the region's sites ----------------------------------------------------
+
+    def on_update(self, site: str, payload: bytes) -> None:
+        if self.round is None:
+            raise Rejected(Refusal.STALE_ROUND, f"no round is open in region {self.region}")
+        self.round.check(site, payload, self.model, self.config.max_update_bytes, self.verifier, self.epoch)
+
+    def on_report(self, site: str, kind: str, payload: bytes) -> None:
+        if kind == "stats":
+            samples = StatsReply.from_payload(self.verifier.open(signed.STATS, payload, signer=site).body, site=site).samples
+        else:
+            samples = Status.from_payload(self.verifier.open(signed.STATUS, payload, signer=site).body, site=site).samples
+        if isinstance(samples, int) and samples > 0:
+            self.known_samples[site] = max(self.known_samples.get(site, 0), min(samples, MAX_SAMPLES))
+
+    def _fold(self, accepted: Accepted) -> None:
+        """As the top aggregator folds a direct update: its claim capped by what the site reported."""
+        w = capped_weights({accepted.site: accepted.samples}, self.known_samples, 1.0)[accepted.site]
+        self.running.add(accepted.site, accepted.weights, w.used)
+        accepted.weights = None
+
+    # --- the partial -----------------------------------------------------------------
+
+    def close_if_due(self, now: float) -> bytes | None:
+        """Send the partial once `quorum` of the region's sites answered or the round's
+        deadline is `close_before_s` away; returns what was sent."""
+        r = self.round
+        if r is None:
+            return None
+        answered = len(r.accepted) >= self.config.effective_quorum or r.responded() >= set(r.sites)
+        if not answered and now < r.deadline - self.config.close_before_s:
+            return None
+        return self.send_partial()
+
+    def partial_payload(self) -> bytes:
+        """The open round's partial: the share cap applied among the region's sites, then Σ w·θ and Σ w."""
+        r, running = self.round, self.running
+        shares = capped_weights(dict(running.weights), {}, self.config.max_site_share)
+        final = {s: w.used for s, w in shares.items()}
+        total, _ = running.final_sum(final) if final else (np.zeros_like(running.base), 0)
+        sites = [PartialSite(a.site, final[a.site], a.samples, a.wire_bytes, running.norms[a.site]) for a in r.accepted.values()]
+        missing = sorted(set(r.sites) - set(r.accepted))
+        return encode_partial(self.sealer, round=r.number, model_version=r.model_version, epoch=self.epoch, total=total,
+                              sites=sites, missing=missing, refused=dict(self.round_refused))
+
+    def send_partial(self) -> bytes:
+        payload = self.partial_payload()
+        r, self.round, self.running = self.round, None, None
+        self.client.publish(self.topics.partial(self.region), payload, qos=1)
+        self.sent[r.number] = len(payload)
+        if len(self.sent) > 16:
+            self.sent.pop(min(self.sent))
+        log.info("region %s: round %d partial sent: %d updates, %d skipped or silent, %d refused, %d bytes",
+                 self.region, r.number, len(r.accepted), len(r.sites) - len(r.accepted), sum(self.round_refused.values()),
+                 len(payload))
+        return payload
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    config = load_region_config(args.config)
+    region = RegionalAggregator(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    region.start()
+    log.info("region %s running: %d sites, quorum %d, partial on %s", config.region, len(config.sites),
+             config.effective_quorum, region.topics.partial(config.region))
+    region.run(stop)
+    return 0

@@ -1,0 +1,312 @@
+"""Two-level aggregation (aggregator/regional.py): regional aggregators sum their sites'
+updates into one signed partial; the top aggregator merges partials into the flat FedAvg,
+and refuses, with a counted reason, any partial that is forged, unsigned or malformed.
+In process: the real Aggregator and RegionalAggregator code, no broker (the live
+two-broker round is tests/test_regional_live.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.inprocess import SETTINGS, SPEC, RecordingClient, checkpoint_fleet
+from turbofed.aggregator.regional import PartialSite, RegionalAggregator, encode_partial
+from turbofed.aggregator.registry import ModelRegistry
+from turbofed.aggregator.service import Aggregator
+from turbofed.codec import flatten, read_weights, replace_weights
+from turbofed.config import FleetConfig, RegionConfig, StrategySettings
+from turbofed.deploy.identities import AGGREGATOR, add_identity, init_fleet
+from turbofed.errors import ConfigError
+from turbofed.graph import reference_model
+from turbofed.messages import RoundAnnouncement
+from turbofed.messages.signed import Sealer, Unsigned
+from turbofed.refusals import Refusal
+from turbofed.signing import SigningKey
+from turbofed.topics import DEFAULT_TOPICS as T
+
+REGIONS = {"east": ("s1", "s2", "s3", "s4"), "west": ("s5", "s6", "s7")}
+DIRECT = ("s8",)  # in no region: sends to the top aggregator itself
+SITES = (*REGIONS["east"], *REGIONS["west"], *DIRECT)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ids = init_fleet(tmp_path_factory.mktemp("pki") / "pki", ["127.0.0.1"])
+    add_identity(ids, AGGREGATOR, "aggregator")
+    for site in SITES:
+        add_identity(ids, site, "site")
+    for region in REGIONS:
+        add_identity(ids, region, "region")
+    return ids.root
+
+
+def _sealer(pki: Path, name: str, key_of: str | None = None) -> Sealer:
+    fleet = json.loads((pki / "fleet.json").read_text())["fleet_id"]
+    return Sealer(fleet, SigningKey.load(name, pki / "identities" / (key_of or name) / "signing.key"))
+
+
+def _top(tmp_path: Path, pki: Path, regions: dict | None = None, **fields: object) -> Aggregator:
+    with ModelRegistry(tmp_path / "registry") as reg:
+        reg.save(0, 0, reference_model(SPEC, SETTINGS).SerializeToString(), {}, checkpoint_fleet())
+    cfg = FleetConfig(sites=SITES, store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry"),
+                      model=SETTINGS, pki=str(pki), strategy=StrategySettings("fedavg"), regions=regions or {}, **fields)
+    aggregator = Aggregator(cfg)
+    aggregator.client = RecordingClient()
+    return aggregator
+
+
+def _updates(model, seed: int) -> dict[str, tuple[dict, int]]:  # noqa: ANN001
+    base, rng = read_weights(model), np.random.default_rng(seed)
+    return {s: ({k: (v + rng.normal(0, 0.05, v.shape)).astype(v.dtype) for k, v in base.items()}, int(rng.integers(150, 260)))
+            for s in SITES}
+
+
+def _update_payload(pki: Path, top: Aggregator, site: str, weights: dict, claim: int, number: int) -> bytes:
+    body = replace_weights(top.model, weights).SerializeToString()
+    return _sealer(pki, site).envelope(kind="update", round=number, model_version=top.version, samples=claim, body=body,
+                                       epoch=top.epoch)
+
+
+class Outbox(RecordingClient):
+    """Stands in for a regional aggregator's MQTT client: keeps every (topic, payload) published."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[str, bytes]] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> object:
+        self.sent.append((topic, payload))
+        return super().publish(topic, payload, qos, retain)
+
+
+def deliver(top: Aggregator, topic: str, payload: bytes) -> None:
+    """As if the broker delivered it: through the aggregator's inbox and `pump`."""
+    top.inbox.put((topic, payload))
+    top.pump(0.0)
+
+
+def _region(pki: Path, top: Aggregator, name: str) -> RegionalAggregator:
+    """A regional aggregator following `top`'s open round, as it would over the bridge."""
+    region = RegionalAggregator(RegionConfig(name, REGIONS[name], pki=str(pki)))
+    region.client = Outbox()
+    r = top.round
+    ann = RoundAnnouncement(r.number, SPEC, announce_id=r.announce_id, model_version=r.model_version, deadline=r.deadline,
+                            settings=SETTINGS, strategy="fedavg", epoch=top.epoch)
+    region.handle(T.global_model, top.sealer.envelope(kind="global", round=top.version, model_version=top.version,
+                                                      samples=0, body=top.model.SerializeToString(), epoch=top.epoch))
+    region.handle(T.round, top.sealer.seal("round", ann.to_payload(), round=ann.round, version=ann.version))
+    assert region.round is not None and region.round.number == r.number
+    return region
+
+
+def _global(top: Aggregator) -> np.ndarray:
+    model = top.model
+    return flatten(read_weights(model), list(read_weights(model)))
+
+
+def test_two_level_fedavg_equals_flat_fedavg(tmp_path: Path, pki: Path) -> None:
+    flat = _top(tmp_path / "flat", pki)
+    two = _top(tmp_path / "two", pki, regions=REGIONS)
+    try:
+        updates = _updates(flat.model, seed=7)
+        flat.open_round(1, 0.0).deadline = 1e12
+        for site, (w, claim) in updates.items():
+            flat._on_update(site, _update_payload(pki, flat, site, w, claim, 1))
+        assert flat.round.complete(flat.config.effective_quorum) == "quorum"
+        flat._close_round("quorum")
+
+        two.open_round(1, 0.0).deadline = 1e12
+        for name in REGIONS:
+            region = _region(pki, two, name)
+            for site in REGIONS[name]:
+                w, claim = updates[site]
+                region.handle(T.update(site), _update_payload(pki, two, site, w, claim, 1))
+            assert region.close_if_due(0.0) is not None  # all its sites answered
+            (topic, payload), = region.client.sent
+            deliver(two, topic, payload)
+        deliver(two, T.update("s8"), _update_payload(pki, two, "s8", *updates["s8"], 1))
+        assert two.counters == {} and two.round.complete(two.config.effective_quorum) == "quorum"
+        two._close_round("quorum")
+
+        assert flat.version == two.version == 1
+        difference = np.abs(_global(flat) - _global(two)).max()
+        assert difference <= 1e-6, difference
+        expected = sum(claim * flatten(w, list(w)).astype(np.float64) for w, claim in updates.values()) / sum(c for _, c in updates.values())
+        assert np.abs(_global(two) - expected).max() <= 1e-6
+        rows = {p["site"]: p for p in two.store.rounds()[-1]["participants"]}
+        assert set(rows) == set(SITES) and rows["s2"]["samples"] == updates["s2"][1]
+    finally:
+        for a in (flat, two):
+            a.store.close()
+            a.registry.close()
+
+
+@pytest.fixture()
+def top(tmp_path: Path, pki: Path):  # noqa: ANN201
+    aggregator = _top(tmp_path, pki, regions=REGIONS)
+    aggregator.open_round(1, 0.0).deadline = 1e12
+    yield aggregator
+    aggregator.store.close()
+    aggregator.registry.close()
+
+
+def _partial(pki: Path, top: Aggregator, *, sealer: Sealer | Unsigned | None = None, region: str = "east",
+             total: np.ndarray | None = None, sites: list[PartialSite] | None = None, missing: list[str] | None = None,
+             number: int = 1) -> bytes:
+    length = int(top.running.base.size)
+    rows = sites if sites is not None else [PartialSite(s, 100, 100, 24_000, 0.5) for s in REGIONS[region]]
+    named = {s.site for s in rows}
+    return encode_partial(sealer or _sealer(pki, region), round=number, model_version=top.version, epoch=top.epoch,
+                          total=np.full(length, 0.01 * len(rows) * 100) if total is None else total, sites=rows,
+                          missing=[s for s in REGIONS[region] if s not in named] if missing is None else missing, refused={})
+
+
+def _refused(top: Aggregator, topic: str, payload: bytes, reason: Refusal) -> None:
+    before = dict(top.round.accepted)
+    deliver(top, topic, payload)
+    assert top.counters[reason.value] == 1, top.counters
+    assert top.round.accepted == before and top.round is not None  # nothing taken, still running
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("unsigned", Refusal.UNSIGNED),
+    ("signed with another region's key", Refusal.BAD_SIGNATURE),
+    ("signed with a site's key", Refusal.BAD_SIGNATURE),
+    ("another region's partial on this topic", Refusal.WRONG_SENDER),
+    ("unknown region", Refusal.UNKNOWN_REGION),
+    ("another round", Refusal.STALE_ROUND),
+    ("a site of another region", Refusal.BAD_PARTIAL),
+    ("a site named twice", Refusal.BAD_PARTIAL),
+    ("a sum of the wrong length", Refusal.BAD_PARTIAL),
+    ("a NaN in the sum", Refusal.NON_FINITE),
+    ("weights beyond the signed total", Refusal.BAD_PARTIAL),
+    ("a weight above the claim", Refusal.BAD_PARTIAL),
+    ("not an envelope", Refusal.BAD_MAGIC),
+])
+def test_a_bad_partial_is_refused_with_its_reason_and_counted(top: Aggregator, pki: Path, case: str, reason: Refusal) -> None:
+    length, topic = int(top.running.base.size), T.partial("east")
+    fleet = json.loads((pki / "fleet.json").read_text())["fleet_id"]
+    if case == "unsigned":
+        payload = _partial(pki, top, sealer=Unsigned("east"))
+    elif case == "signed with another region's key":
+        payload = _partial(pki, top, sealer=_sealer(pki, "east", key_of="west"))
+    elif case == "signed with a site's key":
+        payload = _partial(pki, top, sealer=Sealer(fleet, SigningKey.load("east", pki / "identities" / "s1" / "signing.key")))
+    elif case == "another region's partial on this topic":
+        payload = _partial(pki, top, region="west")
+    elif case == "unknown region":
+        topic, payload = T.partial("north"), _partial(pki, top)
+    elif case == "another round":
+        payload = _partial(pki, top, number=2)
+    elif case == "a site of another region":
+        payload = _partial(pki, top, sites=[PartialSite("s5", 100, 100, 24_000, 0.5)], missing=list(REGIONS["east"]))
+    elif case == "a site named twice":
+        payload = _partial(pki, top, sites=[PartialSite("s1", 100, 100, 24_000, 0.5)] * 2, missing=["s2", "s3", "s4"])
+    elif case == "a sum of the wrong length":
+        payload = _partial(pki, top, total=np.zeros(length - 1))
+    elif case == "a NaN in the sum":
+        payload = _partial(pki, top, total=np.r_[np.zeros(length - 1), np.nan])
+    elif case == "weights beyond the signed total":
+        good = _partial(pki, top)
+        from turbofed import envelope
+
+        env = envelope.decode(good)  # the same body, signed (by east) for a smaller Σ w
+        payload = _sealer(pki, "east").envelope(kind="partial", round=1, model_version=top.version, samples=env.samples - 1,
+                                                body=env.body, epoch=top.epoch)
+    elif case == "a weight above the claim":
+        payload = _partial(pki, top, sites=[PartialSite(s, 500, 100, 24_000, 0.5) for s in REGIONS["east"]])
+    else:
+        payload = b"not a partial at all"
+    _refused(top, topic, payload, reason)
+
+
+def test_a_good_partial_counts_its_sites_once(top: Aggregator, pki: Path) -> None:
+    payload = _partial(pki, top, sites=[PartialSite("s1", 100, 120, 24_000, 0.5)])  # s2..s4 missing
+    deliver(top, T.partial("east"), payload)
+    assert set(top.round.accepted) == {"s1"} and set(top.round.skipped) == {"s2", "s3", "s4"}
+    deliver(top, T.partial("east"), payload)  # again: every site of it has answered already
+    assert top.counters[Refusal.DUPLICATE.value] == 1 and set(top.round.accepted) == {"s1"}
+
+
+def test_a_regional_site_sending_to_the_top_directly_is_refused(top: Aggregator, pki: Path) -> None:
+    w, claim = _updates(top.model, seed=1)["s1"]
+    deliver(top, T.update("s1"), _update_payload(pki, top, "s1", w, claim, 1))
+    assert top.counters[Refusal.WRONG_ROUTE.value] == 1 and not top.round.accepted
+
+
+def test_regions_with_a_strategy_that_needs_every_update_are_refused(tmp_path: Path, pki: Path) -> None:
+    cfg = FleetConfig(sites=SITES, store=str(tmp_path / "r.sqlite"), registry=str(tmp_path / "reg"), model=SETTINGS,
+                      pki=str(pki), regions=REGIONS)
+    with pytest.raises(ConfigError, match=r"\[regions\] needs a FedAvg-family strategy"):
+        Aggregator(replace(cfg, strategy=StrategySettings("median")))
+
+
+def test_the_example_region_config_loads_once_the_fleet_has_its_identities(tmp_path: Path) -> None:
+    from turbofed.config import load_region_config
+    from turbofed.deploy.identities import init_from_fleet
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    (tmp_path / "fleet.toml").write_text('sites = ["site1", "site2"]\nstore = "r.sqlite"\nregistry = "reg"\n'
+                                         'insecure_unsigned = true\n[regions]\neast = ["site1", "site2"]\n')
+    init_from_fleet(tmp_path / "fleet.toml")  # issues region east with the sites
+    (tmp_path / "region.toml").write_text((examples / "region.toml").read_text())
+    config = load_region_config(tmp_path / "region.toml")
+    assert config.region == "east" and config.sites == ("site1", "site2") and config.broker.tls
+    region = RegionalAggregator(config)  # its keys load: its own signing key, the aggregator's and the sites' public keys
+    assert region.sealer.signed and region.sealer.name == "east"
+    acl = (tmp_path / "pki" / "acl").read_text()
+    assert "user east\n" in acl and "topic write tfl/v1/regions/east/partial" in acl
+
+
+def test_region_config_errors_name_file_and_key(tmp_path: Path) -> None:
+    from turbofed.config import load_region_config
+
+    path = tmp_path / "region.toml"
+    path.write_text('region = "east"\nsites = ["a"]\ninsecure_unsigned = true\nclose_before_s = -1\n')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: close_before_s must be a number in 0..1000000, got -1"):
+        load_region_config(path)
+
+
+def test_the_bridge_template_renders_the_topics_each_way_with_tls(pki: Path) -> None:
+    from turbofed.deploy.bridge import BridgeTLS, render_bridge
+    from turbofed.deploy.identities import FleetIdentities
+
+    text = render_bridge("east", "central.example", 8883, T, BridgeTLS.of(FleetIdentities(pki), "east"))
+    lines = set(text.splitlines())
+    assert {"address central.example:8883", "topic tfl/v1/round in 1", "topic tfl/v1/global in 1",
+            "topic tfl/v1/regions/east/partial out 1", "topic tfl/v1/sites/+/stats out 1"} <= lines
+    assert f"bridge_certfile {(pki / 'identities' / 'east' / 'client.crt').resolve()}" in lines
+    assert not any("update" in line for line in lines if line.startswith("topic "))  # updates stay in the region
+    assert "$" not in text  # every placeholder filled
+
+
+def test_the_region_checks_updates_as_the_top_does_and_reports_its_refusals(tmp_path: Path, pki: Path) -> None:
+    top = _top(tmp_path, pki, regions=REGIONS)
+    try:
+        top.open_round(1, 0.0).deadline = 1e12
+        region = _region(pki, top, "west")
+        updates = _updates(top.model, seed=3)
+        forged = _sealer(pki, "s5", key_of="s6").envelope(kind="update", round=1, model_version=0, samples=200,
+                                                          body=top.model.SerializeToString(), epoch=top.epoch)
+        region.handle(T.update("s5"), forged)  # s6's key on s5's update
+        region.handle(T.update("s1"), _update_payload(pki, top, "s1", *updates["s1"], 1))  # not a site of west
+        region.handle(T.update("s6"), _update_payload(pki, top, "s6", *updates["s6"], 1))
+        assert region.counters == {Refusal.BAD_SIGNATURE.value: 1, Refusal.UNKNOWN_SITE.value: 1}
+        assert region.close_if_due(1e12 - 5.1) is None and not region.client.sent  # s5, s7 still due
+        assert region.close_if_due(1e12 - 5.0) is not None  # close_before_s of the deadline: s5 and s7 missing
+        (topic, payload), = region.client.sent
+        deliver(top, topic, payload)
+        assert top.counters == {} and set(top.round.accepted) == {"s6"} and set(top.round.skipped) == {"s5", "s7"}
+        from turbofed import envelope
+
+        body = envelope.decode(payload).body
+        meta = json.loads(body[4:4 + int.from_bytes(body[:4], "big")])
+        assert meta["refused"] == {"bad_signature": 1, "unknown_site": 1} and meta["missing"] == ["s5", "s7"]
+    finally:
+        top.store.close()
+        top.registry.close()
