@@ -80,3 +80,40 @@ def test_a_missing_store_is_refused_not_created(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "turbofed.cli", "status", "--store", str(missing)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and f"results store {missing} does not exist" in proc.stderr
     assert not missing.exists()
+
+
+def test_live_needs_the_fleet_config(capsys: pytest.CaptureFixture) -> None:
+    from turbofed.cli import main
+
+    assert main(["status", "--live"]) == 2
+    assert "turbofed status --live needs --config fleet.toml" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broker", ["mosquitto"], indirect=True)
+def test_live_status_from_the_broker_as_the_monitor(broker, pki_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
+    """`--live` reads the retained statuses and round announcement from the secure broker (TLS,
+    the read-only monitor identity, every message checked against the fleet's keys): two
+    agents online, a third site never seen, no round announced yet."""
+    from tests.livefleet import LiveFleet, wait_for
+    from turbofed.cli import main
+
+    fleet = LiveFleet(broker, tmp_path, ["site1", "site2", "site3"], pki=pki_dir)
+    try:
+        fleet.start_agent("site1")
+        fleet.start_agent("site2")
+        toml = str(fleet.fleet_toml())
+        seen: dict = {}
+
+        def live() -> bool:
+            assert main(["status", "--live", "--config", toml, "--seconds", "2", "--json"]) == 0
+            seen.update(json.loads(capsys.readouterr().out))
+            return seen["sites_online"] == 2
+        wait_for("two sites online, as the broker has them", live, 60)
+    finally:
+        fleet.close()
+    rows = {r["site"]: r for r in seen["sites"]}
+    assert rows["site1"]["online"] is True and rows["site2"]["online"] is True and rows["site3"]["online"] is None
+    assert seen["source"] == "broker" and seen["refusals"] is None and seen["announced"] is None
+    text = render_plain(seen)
+    assert "live from the broker: no round announced; sites online: 2/3" in text and "never seen" in text and "refusals" not in text

@@ -204,6 +204,10 @@ def _services(sub: argparse._SubParsersAction) -> None:
                         "(default: fleet.toml's with --config, else the demo's .turbofed/demo/results.sqlite)")
     status.add_argument("--config", help="fleet TOML: its store, and its sites (those never heard from are listed too)")
     status.add_argument("--json", dest="json_out", action="store_true", help="print JSON instead of tables")
+    status.add_argument("--live", action="store_true", help="ask the broker, not the store: the retained round announcement and "
+                        "site statuses, as the fleet's monitor identity, checked against the fleet's keys (needs --config)")
+    status.add_argument("--pki", help="with --live: the fleet's identity folder (default: fleet.toml's pki)")
+    status.add_argument("--seconds", type=float, default=5.0, help="with --live: wait at most this long for every site's status (default 5)")
     status.set_defaults(handler="turbofed.store.status:run_cli")
     dash = sub.add_parser("dashboard", help="open the Streamlit dashboard")
     dash.add_argument("--store", default=".turbofed/demo/results.sqlite",

@@ -3,7 +3,10 @@
 status and last update, and refusals by reason.
 
 The store is what the aggregator writes, so this works wherever the store is reachable,
-with no broker credentials. On a terminal the tables are drawn with `rich` when it
+with no broker credentials. `--live` asks the broker instead (`live_status`): the retained
+round announcement and site statuses, as the read-only monitor identity, each checked
+against the fleet's keys; it works while the aggregator or its store is down, and knows
+what the messages say (no update history, no refusals). On a terminal the tables are drawn with `rich` when it
 is installed (the `[console]` extra); otherwise, and into a pipe or file, as plain aligned
 columns; `--json` prints the same facts for scripts.
 """
@@ -19,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from turbofed.errors import TurbofedError
+from turbofed.errors import ConfigError, TurbofedError
 from turbofed.store import ResultsStore, open_store
 from turbofed.topics import natural_key
 
@@ -81,6 +84,59 @@ def fleet_status(store: ResultsStore, sites: list[str] | tuple[str, ...] | None 
     }
 
 
+LIVE_SECONDS = 5.0  # --live: wait at most this long for every site's retained status
+
+
+def live_status(config_path: str, pki: str | None = None, seconds: float = LIVE_SECONDS, now: float | None = None) -> dict[str, Any]:
+    """The fleet as the broker has it, in `fleet_status`'s shape: connects with fleet.toml's
+    broker address as the `monitor` identity of the fleet's identity folder (`pki`, default
+    the config's), collects the retained round announcement and site statuses until every
+    site has spoken or `seconds` have passed, and verifies each against the fleet's keys
+    (a message that fails is ignored and logged, as the demo's watcher does)."""
+    import tomllib
+    from dataclasses import replace
+
+    from turbofed.config import load_fleet_config
+    from turbofed.deploy.identities import MONITOR, FleetIdentities, client_settings
+    from turbofed.simulation.localfleet import FleetWatch
+
+    config = load_fleet_config(config_path, keys=False)
+    if pki is None:
+        with open(config_path, "rb") as handle:
+            named = tomllib.load(handle).get("pki")
+        pki = str(Path(config_path).parent / named) if isinstance(named, str) else None
+    broker = replace(config.broker, tls=False, ca=None, cert=None, key=None)
+    if pki is not None:
+        if not Path(pki).is_dir():
+            raise ConfigError(f"{config_path}: pki folder {pki} does not exist (give --pki DIR: the fleet's identity folder)")
+        broker = client_settings(FleetIdentities(Path(pki)), MONITOR, broker)
+    elif not config.insecure_unsigned:
+        raise ConfigError(f"{config_path}: no pki folder to check the fleet's messages with (give --pki DIR)")
+    watch = FleetWatch(broker, Path(pki) if pki else None)
+    try:
+        deadline = time.monotonic() + seconds
+        with watch.changed:
+            while not (watch.round is not None and set(config.sites) <= set(watch.status)):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                watch.changed.wait(left)
+        statuses, ann = dict(watch.status), watch.round
+    finally:
+        watch.close()
+    now = time.time() if now is None else now
+    rows = [{"site": site, "online": statuses[site].online if site in statuses else None,
+             "status_at": statuses[site].at if site in statuses else None,
+             "model_version": statuses[site].model_version if site in statuses else None,
+             "samples": statuses[site].samples if site in statuses else None,
+             "agent_version": statuses[site].agent_version if site in statuses else None,
+             "last_update": None, "federated_rmse": None} for site in config.sites]
+    announced = None if ann is None else {"round": ann.round, "model_version": ann.model_version, "done": ann.done,
+                                          "deadline": ann.deadline, "strategy": ann.strategy}
+    return {"at": now, "source": "broker", "announced": announced, "sites_online": sum(1 for r in rows if r["online"]),
+            "sites": rows, "refusals": None}
+
+
 def ago(at: float | None, now: float) -> str:
     """'12 s ago', '5 min ago', '3 h ago', '2 d ago'; '-' for never."""
     if at is None:
@@ -95,12 +151,18 @@ def ago(at: float | None, now: float) -> str:
 def _tables(status: dict[str, Any]) -> tuple[str, list[tuple[str, list[str], list[list[str]]]]]:
     """The headline and (title, columns, rows) of each table, as text cells."""
     now = status["at"]
-    last = status["last_round"]
     n = len(status["sites"])
-    headline = f"rounds closed: {status['rounds']}"
-    if last:
-        headline += (f" (last: round {last['round']}, global v{last['model_version']}, {last['updates']} update(s), "
-                     f"closed by {last['closed_by']} {ago(last['closed'], now)}, {last['strategy']})")
+    if status.get("source") == "broker":
+        ann = status["announced"]
+        headline = "live from the broker: " + ("no round announced" if ann is None else
+                                               "all rounds done" if ann["done"] else
+                                               f"round {ann['round']} open (from global v{ann['model_version']}, {ann['strategy']})")
+    else:
+        last = status["last_round"]
+        headline = f"rounds closed: {status['rounds']}"
+        if last:
+            headline += (f" (last: round {last['round']}, global v{last['model_version']}, {last['updates']} update(s), "
+                         f"closed by {last['closed_by']} {ago(last['closed'], now)}, {last['strategy']})")
     headline += f"; sites online: {status['sites_online']}/{n}"
     site_rows = []
     for r in status["sites"]:
@@ -111,6 +173,8 @@ def _tables(status: dict[str, Any]) -> tuple[str, list[tuple[str, list[str], lis
         site_rows.append([r["site"], online, ago(r["status_at"], now), "-" if r["model_version"] is None else f"v{r['model_version']}",
                           "-" if r["samples"] is None else f"{r['samples']:,}", update, rmse])
     sites = ("sites", ["site", "status", "last seen", "model", "rows", "last update", "fed. RMSE"], site_rows)
+    if status["refusals"] is None:  # live: refusals are the aggregator's, kept in the store
+        return headline, [sites]
     refusal_rows = [[r["reason"], f"{r['count']:,}", ago(r["last"], now), ", ".join(r["sites"][:5]) + (" ..." if len(r["sites"]) > 5 else "")]
                     for r in status["refusals"]]
     refusals = ("refusals by reason", ["reason", "count", "last", "from"], refusal_rows)
@@ -172,10 +236,15 @@ def _open(args: argparse.Namespace) -> tuple[ResultsStore, list[str] | None, str
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    store, sites, where = _open(args)
-    with store:
-        status = fleet_status(store, sites)
-    status["store"] = where
+    if getattr(args, "live", False):
+        if not getattr(args, "config", None):
+            raise ConfigError("turbofed status --live needs --config fleet.toml (the broker and the fleet's sites)")
+        status = live_status(args.config, getattr(args, "pki", None), getattr(args, "seconds", LIVE_SECONDS))
+    else:
+        store, sites, where = _open(args)
+        with store:
+            status = fleet_status(store, sites)
+        status["store"] = where
     if getattr(args, "json_out", False):
         print(json.dumps(status, indent=2, default=str))
         return 0
