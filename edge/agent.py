@@ -96,6 +96,9 @@ STOP_WAIT_S = 3.0  # at shutdown, how long the outbox may take to reach the brok
 SWEEP_EVERY_S = 60.0  # how often engines that went quiet are looked for
 MAX_WINDOWS_PER_ENGINE = 4  # feature windows kept per engine (one per spec: local, fleet, and a spare)
 FIRST_ROWS = 8  # history rows an engine starts with (grown by doubling as readings come)
+# Predictions and truths held back until an aggregator has spoken (nothing would record them: the
+# broker drops what no one subscribes to); beyond this many rows the oldest go, counted.
+MAX_HELD_REPORT_ROWS = 50_000
 
 
 class EngineTrack:
@@ -185,6 +188,9 @@ class EdgeAgent:
         self.pending_rows: list[tuple[str, int, float | None, float | None]] = []
         self.pending_truth: list[tuple[str, int, float]] = []
         self.pending_sensors: list[tuple[str, int, tuple[float, ...], tuple[float, ...]]] = []
+        # Whether any aggregator has spoken to this fleet (a statistics request, a round, a global
+        # model): until then predictions and truths (a training engine's failure) are held, not sent.
+        self.aggregator_heard = False
         self.metrics_dirty = False
         self.dirty = False
         self._last_save = 0.0
@@ -203,8 +209,7 @@ class EdgeAgent:
         self._routes: dict[str, Callable[[bytes], None]] = {
             self.topics.round: self._on_round_payload,
             self.topics.global_model: self.on_global,
-            self.topics.stats_request: lambda payload: self.on_stats_request(
-                StatsRequest.from_payload(self.verifier.open(signed.STATS_REQUEST, payload, signer=signed.AGGREGATOR).body)),
+            self.topics.stats_request: self._on_stats_request_payload,
         }
         # Secure aggregation (edge/secure.py): the aggregator's roster, this site's inbox, the unmask request.
         self.secure = SecureSessions(self.site, self.sealer, self.verifier, self._send_secure)
@@ -536,6 +541,7 @@ class EdgeAgent:
         if env.kind != "global":
             raise MessageError(f"global topic carried a {env.kind!r} envelope", Refusal.BAD_GLOBAL)
         self.verifier.check_envelope(env, signer=signed.AGGREGATOR, epoch=self.epoch)
+        self.aggregator_heard = True
         if env.model_version <= self.global_version:
             return  # the retained copy of a model we already have (or an older one: no rollback)
         if self.verifier.signed and (self.announced is None or env.model_version not in self.announced.versions):
@@ -593,8 +599,14 @@ class EdgeAgent:
         self._report("metrics", self.sealer.seal(signed.METRICS, body.to_payload()))
         self.counters["sent.validation"] += 1
 
+    def _on_stats_request_payload(self, payload: bytes) -> None:
+        request = StatsRequest.from_payload(self.verifier.open(signed.STATS_REQUEST, payload, signer=signed.AGGREGATOR).body)
+        self.aggregator_heard = True
+        self.on_stats_request(request)
+
     def _on_round_payload(self, payload: bytes) -> None:
         opened = self.verifier.open(signed.ROUND, payload, signer=signed.AGGREGATOR)
+        self.aggregator_heard = True
         ann = RoundAnnouncement.from_payload(opened.body)
         opened.expect(round=ann.round, version=ann.version)
         self.on_round(ann)
@@ -737,7 +749,13 @@ class EdgeAgent:
             self.evict_idle()
 
     def _flush(self) -> None:
-        while self.pending_rows or self.pending_truth:
+        heard = self.aggregator_heard or self.global_version >= 0 or self.fleet_spec is not None  # a model or spec came from one
+        if not heard:  # no one records them yet: hold, bounded (the oldest go first)
+            for held in (self.pending_rows, self.pending_truth):
+                if len(held) > MAX_HELD_REPORT_ROWS:
+                    self.counters["dropped.held_reports"] += len(held) - MAX_HELD_REPORT_ROWS
+                    del held[: len(held) - MAX_HELD_REPORT_ROWS]
+        while heard and (self.pending_rows or self.pending_truth):
             rows, self.pending_rows = self.pending_rows[:MAX_PREDICTION_ROWS], self.pending_rows[MAX_PREDICTION_ROWS:]
             truth, self.pending_truth = self.pending_truth[:MAX_PREDICTION_ROWS], self.pending_truth[MAX_PREDICTION_ROWS:]
             body = Predictions(self.site, tuple(rows), tuple(truth))
@@ -827,6 +845,7 @@ class EdgeAgent:
         self.scored, self.epoch = state.scored, state.epoch
         self.counters.update(state.counters)
         self.stats_answer = state.stats_answer
+        self.aggregator_heard = state.stats_answer is not None or bool(state.answered)
         for (engine, cycles, sensors, _), settings in zip(in_service, in_service_settings):
             keep = slice(-self.config.history_cycles, None)  # a smaller limit than when saved: the newest
             self.engines[engine] = EngineTrack(cycles[keep], sensors[keep], settings[keep])

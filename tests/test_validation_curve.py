@@ -95,3 +95,22 @@ def test_aggregator_stores_each_rounds_validation_metrics_under_that_round(tmp_p
     finally:
         aggregator.store.close()
         aggregator.registry.close()
+
+
+def test_truths_wait_for_an_aggregator_to_record_them(tmp_path: Path) -> None:
+    """A training engine that fails before any aggregator has spoken (the demo replays its
+    training engines first) is reported once one has: held, not sent to a broker that would
+    drop it, so the store learns every engine that ran to failure."""
+    from turbofed.messages import StatsRequest, signed
+
+    agent = EdgeAgent(SiteConfig("site1", str(tmp_path / "state"), insecure_unsigned=True))
+    for name in ("E1", "E2"):
+        for cycle in range(1, 6):
+            agent.on_reading(name, json.dumps({"cycle": cycle, "settings": [0, 0, 100], "sensors": [1.0] * 21}).encode())
+        agent.on_event(name, json.dumps({"event": "failure", "cycle": 5}).encode())
+    agent.flush()
+    assert agent.outbox.pending == 0 and [t[0] for t in agent.pending_truth] == ["E1", "E2"]
+    with pytest.raises(MessageError, match="statistics are shared over at least 5"):  # too few engines to answer, but heard
+        agent._on_stats_request_payload(agent.sealer.seal(signed.STATS_REQUEST, StatsRequest("r1", 10, 30).to_payload()))
+    agent.flush()
+    assert agent.pending_truth == [] and agent.outbox.pending >= 1

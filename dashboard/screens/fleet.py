@@ -50,9 +50,8 @@ def body() -> None:
     c[2].metric("Warning", n["warning"], help=f"{critical} < RUL ≤ {warning} cycles")
     c[3].metric("Failed (ran to failure)", views.failed_engines(data["engines_with_truth"]),
                 help="Engines whose failure reached the results store, training engines included (they are not "
-                     "in the table below when no model predicted them). A failure reported while no aggregator "
-                     "was recording is not in the store: `turbofed demo` starts its aggregator after the "
-                     "training engines have failed.")
+                     "in the table below when no model predicted them). A site holds the failures of engines that "
+                     "fail before any aggregator has spoken and reports them once one has.")
     c[4].metric("Sites online", f"{online} / {len(sites)}")
 
     st.subheader("Engines, most urgent first")
