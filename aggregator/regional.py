@@ -4,8 +4,11 @@ the top aggregator one signed `partial` per round.
 Why: one aggregator process validates about 1,000 updates a second (docs/scaling.md); a
 region validates its own sites' updates on its own broker and machine, and the top level
 sees one message per region. FedAvg (McMahan et al., AISTATS 2017) is Σ w·θ / Σ w, and sums
-add, so the top aggregator's Σ over regions of (Σ w·θ, Σ w) gives exactly the flat FedAvg
-of the same updates (to float64 rounding: tests/test_regional.py).
+add, so the top aggregator's Σ over regions of (Σ w·θ, Σ w) gives the flat FedAvg of the same
+updates. A region sends its weighted mean Σ w·θ / Σ w as float32 (the size of one update; the
+model itself is float32) and the signed Σ w; the top takes Σ w·θ back as mean × Σ w in float64,
+equal to the flat FedAvg within float32 rounding of the mean (about 1e-7 relative:
+tests/test_regional.py).
 
 The regional aggregator (`turbofed region --config region.toml`, RegionConfig):
 - follows the top aggregator's signed round announcements and global models, which reach
@@ -21,10 +24,11 @@ A partial is a weights envelope (turbofed/envelope.py) of kind `partial`: `site`
 region, `samples` is Σ w (signed), and the body is
 
     4 bytes  meta length M, unsigned big-endian
-    M bytes  meta: UTF-8 JSON {"sites": [[site, weight, claimed, update_bytes, norm], ...],
-             "missing": [sites that sent no update: skipped or silent],
-             "refused": {reason: count}, "length": L}
-    8·L      Σ w·θ, float64 little-endian, in the global model's initializer order
+    M bytes  meta, zlib-compressed UTF-8 JSON {"sites": [[site, weight, claimed, update_bytes,
+             norm], ...], "missing": [sites that sent no update: skipped or silent],
+             "refused": {reason: count}, "length": L} (at most MAX_META_BYTES inflated)
+    4·L      Σ w·θ / Σ w, float32 little-endian, in the global model's initializer order
+             (zeros when Σ w = 0)
 
 The top aggregator (`read_partial`) refuses, with a reason that is counted, a partial from a
 region it does not know, not signed by that region's key, for another round or model, or
@@ -46,6 +50,7 @@ import signal
 import struct
 import threading
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 
@@ -93,7 +98,7 @@ class Partial:
     round: int
     model_version: int
     weight: int  # Σ w
-    total: np.ndarray  # Σ w·θ, float64
+    total: np.ndarray  # Σ w·θ, float64 (the wire's float32 mean times Σ w)
     sites: tuple[PartialSite, ...]
     missing: tuple[str, ...]
     refused: dict[str, int]
@@ -103,11 +108,13 @@ class Partial:
 def encode_partial(sealer: Sealer | Unsigned, *, round: int, model_version: int, epoch: int, total: np.ndarray,  # noqa: A002
                    sites: list[PartialSite], missing: list[str], refused: dict[str, int]) -> bytes:
     """The signed envelope of one partial (layout in the module docstring)."""
-    meta = json.dumps({"sites": [[s.site, s.weight, s.claimed, s.update_bytes, s.norm] for s in sites],
-                       "missing": missing, "refused": refused, "length": int(total.size)}, separators=(",", ":")).encode()
-    body = _META_LEN.pack(len(meta)) + meta + np.ascontiguousarray(total, dtype="<f8").tobytes()
-    return sealer.envelope(kind="partial", round=round, model_version=model_version,
-                           samples=sum(s.weight for s in sites), body=body, epoch=epoch)
+    meta = zlib.compress(json.dumps({"sites": [[s.site, s.weight, s.claimed, s.update_bytes, s.norm] for s in sites],
+                                     "missing": missing, "refused": refused, "length": int(total.size)},
+                                    separators=(",", ":")).encode(), 9)
+    weight = sum(s.weight for s in sites)
+    mean = total / weight if weight else np.zeros_like(total)
+    body = _META_LEN.pack(len(meta)) + meta + np.ascontiguousarray(mean, dtype="<f4").tobytes()
+    return sealer.envelope(kind="partial", round=round, model_version=model_version, samples=weight, body=body, epoch=epoch)
 
 
 def _bad(detail: str) -> Rejected:
@@ -137,9 +144,13 @@ def read_partial(payload: bytes, region: str, region_sites: frozenset[str], veri
     if meta_len > min(MAX_META_BYTES, len(body) - _META_LEN.size):
         raise _bad(f"partial from region {region}: meta length {meta_len} exceeds the body or {MAX_META_BYTES} bytes")
     try:
-        meta = json.loads(body[_META_LEN.size:_META_LEN.size + meta_len])
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _bad(f"partial from region {region}: meta is not JSON ({exc})") from None
+        inflate = zlib.decompressobj()
+        text = inflate.decompress(body[_META_LEN.size:_META_LEN.size + meta_len], MAX_META_BYTES)
+        if inflate.unconsumed_tail or not inflate.eof:  # bounded: a compression bomb stops here
+            raise ValueError(f"not one complete zlib stream of at most {MAX_META_BYTES} bytes")
+        meta = json.loads(text)
+    except (zlib.error, UnicodeDecodeError, ValueError) as exc:
+        raise _bad(f"partial from region {region}: meta is not compressed JSON ({str(exc)[:200]})") from None
     if not isinstance(meta, dict) or not all(k in meta for k in ("sites", "missing", "refused", "length")):
         raise _bad(f"partial from region {region}: meta must be an object with sites, missing, refused, length")
     sites = _partial_sites(meta["sites"], region, region_sites)
@@ -155,14 +166,15 @@ def read_partial(payload: bytes, region: str, region_sites: frozenset[str], veri
     weight = sum(s.weight for s in sites)
     if weight != env.samples:
         raise _bad(f"partial from region {region}: site weights sum to {weight}, the signed total is {env.samples}")
-    if meta["length"] != length or len(body) - _META_LEN.size - meta_len != 8 * length:
-        raise _bad(f"partial from region {region}: {len(body) - _META_LEN.size - meta_len} bytes of sums, "
-                   f"the model has {length} weights ({8 * length} bytes)")
-    total = np.frombuffer(body, dtype="<f8", offset=_META_LEN.size + meta_len).astype(np.float64)
-    if not np.isfinite(total).all():
-        raise Rejected(Refusal.NON_FINITE, f"partial from region {region}: its sum holds NaN or infinite values")
-    if weight == 0 and np.any(total):
-        raise _bad(f"partial from region {region}: no site weight but a non-zero sum")
+    if meta["length"] != length or len(body) - _META_LEN.size - meta_len != 4 * length:
+        raise _bad(f"partial from region {region}: {len(body) - _META_LEN.size - meta_len} bytes of weights, "
+                   f"the model has {length} weights ({4 * length} bytes)")
+    mean = np.frombuffer(body, dtype="<f4", offset=_META_LEN.size + meta_len).astype(np.float64)
+    if not np.isfinite(mean).all():
+        raise Rejected(Refusal.NON_FINITE, f"partial from region {region}: its mean holds NaN or infinite values")
+    if weight == 0 and np.any(mean):
+        raise _bad(f"partial from region {region}: no site weight but a non-zero mean")
+    total = mean * weight  # Σ w·θ, float64
     return Partial(region, env.round, env.model_version, weight, total, sites, tuple(missing),
                    {str(k)[:64]: v for k, v in refused.items()}, len(payload))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -187,6 +188,7 @@ def _refused(top: Aggregator, topic: str, payload: bytes, reason: Refusal) -> No
     ("weights beyond the signed total", Refusal.BAD_PARTIAL),
     ("a weight above the claim", Refusal.BAD_PARTIAL),
     ("not an envelope", Refusal.BAD_MAGIC),
+    ("a site list that inflates beyond its bound", Refusal.BAD_PARTIAL),
 ])
 def test_a_bad_partial_is_refused_with_its_reason_and_counted(top: Aggregator, pki: Path, case: str, reason: Refusal) -> None:
     length, topic = int(top.running.base.size), T.partial("east")
@@ -220,6 +222,12 @@ def test_a_bad_partial_is_refused_with_its_reason_and_counted(top: Aggregator, p
                                                 body=env.body, epoch=top.epoch)
     elif case == "a weight above the claim":
         payload = _partial(pki, top, sites=[PartialSite(s, 500, 100, 24_000, 0.5) for s in REGIONS["east"]])
+    elif case == "a site list that inflates beyond its bound":
+        from turbofed.aggregator.regional import MAX_META_BYTES
+
+        bomb = zlib.compress(b" " * (MAX_META_BYTES + 1), 9)  # a few KB on the wire
+        body = len(bomb).to_bytes(4, "big") + bomb + np.zeros(length, dtype="<f4").tobytes()
+        payload = _sealer(pki, "east").envelope(kind="partial", round=1, model_version=top.version, samples=0, body=body, epoch=top.epoch)
     else:
         payload = b"not a partial at all"
     _refused(top, topic, payload, reason)
@@ -305,7 +313,7 @@ def test_the_region_checks_updates_as_the_top_does_and_reports_its_refusals(tmp_
         from turbofed import envelope
 
         body = envelope.decode(payload).body
-        meta = json.loads(body[4:4 + int.from_bytes(body[:4], "big")])
+        meta = json.loads(zlib.decompress(body[4:4 + int.from_bytes(body[:4], "big")]))
         assert meta["refused"] == {"bad_signature": 1, "unknown_site": 1} and meta["missing"] == ["s5", "s7"]
     finally:
         top.store.close()
