@@ -208,7 +208,7 @@ def _services(sub: argparse._SubParsersAction) -> None:
                         "site statuses, as the fleet's monitor identity, checked against the fleet's keys (needs --config)")
     status.add_argument("--pki", help="with --live: the fleet's identity folder (default: fleet.toml's pki)")
     status.add_argument("--seconds", type=float, default=5.0, help="with --live: wait at most this long for every site's status (default 5)")
-    status.set_defaults(handler="turbofed.store.status:run_cli")
+    status.set_defaults(handler="turbofed.simulation.livestatus:run_cli")
     dash = sub.add_parser("dashboard", help="open the Streamlit dashboard")
     dash.add_argument("--store", default=".turbofed/demo/results.sqlite",
                       help="results store: a SQLite file, or influxdb (TURBOFED_INFLUX_* settings) (default: the demo's)")

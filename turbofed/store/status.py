@@ -3,10 +3,8 @@
 status and last update, and refusals by reason.
 
 The store is what the aggregator writes, so this works wherever the store is reachable,
-with no broker credentials. `--live` asks the broker instead (`live_status`): the retained
-round announcement and site statuses, as the read-only monitor identity, each checked
-against the fleet's keys; it works while the aggregator or its store is down, and knows
-what the messages say (no update history, no refusals). On a terminal the tables are drawn with `rich` when it
+with no broker credentials. `--live` asks the broker instead
+(turbofed/simulation/livestatus.py); the tables here draw both. On a terminal the tables are drawn with `rich` when it
 is installed (the `[console]` extra); otherwise, and into a pipe or file, as plain aligned
 columns; `--json` prints the same facts for scripts.
 """
@@ -22,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from turbofed.errors import ConfigError, TurbofedError
+from turbofed.errors import TurbofedError
 from turbofed.store import ResultsStore, open_store
 from turbofed.topics import natural_key
 
@@ -82,59 +80,6 @@ def fleet_status(store: ResultsStore, sites: list[str] | tuple[str, ...] | None 
         "refusals": [{"reason": reason, "count": n, "last": last_refusal[reason], "sites": sorted(refused_sites[reason], key=natural_key)}
                      for reason, n in refusals.most_common()],
     }
-
-
-LIVE_SECONDS = 5.0  # --live: wait at most this long for every site's retained status
-
-
-def live_status(config_path: str, pki: str | None = None, seconds: float = LIVE_SECONDS, now: float | None = None) -> dict[str, Any]:
-    """The fleet as the broker has it, in `fleet_status`'s shape: connects with fleet.toml's
-    broker address as the `monitor` identity of the fleet's identity folder (`pki`, default
-    the config's), collects the retained round announcement and site statuses until every
-    site has spoken or `seconds` have passed, and verifies each against the fleet's keys
-    (a message that fails is ignored and logged, as the demo's watcher does)."""
-    import tomllib
-    from dataclasses import replace
-
-    from turbofed.config import load_fleet_config
-    from turbofed.deploy.identities import MONITOR, FleetIdentities, client_settings
-    from turbofed.simulation.localfleet import FleetWatch
-
-    config = load_fleet_config(config_path, keys=False)
-    if pki is None:
-        with open(config_path, "rb") as handle:
-            named = tomllib.load(handle).get("pki")
-        pki = str(Path(config_path).parent / named) if isinstance(named, str) else None
-    broker = replace(config.broker, tls=False, ca=None, cert=None, key=None)
-    if pki is not None:
-        if not Path(pki).is_dir():
-            raise ConfigError(f"{config_path}: pki folder {pki} does not exist (give --pki DIR: the fleet's identity folder)")
-        broker = client_settings(FleetIdentities(Path(pki)), MONITOR, broker)
-    elif not config.insecure_unsigned:
-        raise ConfigError(f"{config_path}: no pki folder to check the fleet's messages with (give --pki DIR)")
-    watch = FleetWatch(broker, Path(pki) if pki else None)
-    try:
-        deadline = time.monotonic() + seconds
-        with watch.changed:
-            while not (watch.round is not None and set(config.sites) <= set(watch.status)):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                watch.changed.wait(left)
-        statuses, ann = dict(watch.status), watch.round
-    finally:
-        watch.close()
-    now = time.time() if now is None else now
-    rows = [{"site": site, "online": statuses[site].online if site in statuses else None,
-             "status_at": statuses[site].at if site in statuses else None,
-             "model_version": statuses[site].model_version if site in statuses else None,
-             "samples": statuses[site].samples if site in statuses else None,
-             "agent_version": statuses[site].agent_version if site in statuses else None,
-             "last_update": None, "federated_rmse": None} for site in config.sites]
-    announced = None if ann is None else {"round": ann.round, "model_version": ann.model_version, "done": ann.done,
-                                          "deadline": ann.deadline, "strategy": ann.strategy}
-    return {"at": now, "source": "broker", "announced": announced, "sites_online": sum(1 for r in rows if r["online"]),
-            "sites": rows, "refusals": None}
 
 
 def ago(at: float | None, now: float) -> str:
@@ -236,15 +181,15 @@ def _open(args: argparse.Namespace) -> tuple[ResultsStore, list[str] | None, str
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    if getattr(args, "live", False):
-        if not getattr(args, "config", None):
-            raise ConfigError("turbofed status --live needs --config fleet.toml (the broker and the fleet's sites)")
-        status = live_status(args.config, getattr(args, "pki", None), getattr(args, "seconds", LIVE_SECONDS))
-    else:
-        store, sites, where = _open(args)
-        with store:
-            status = fleet_status(store, sites)
-        status["store"] = where
+    store, sites, where = _open(args)
+    with store:
+        status = fleet_status(store, sites)
+    status["store"] = where
+    return show(status, args)
+
+
+def show(status: dict[str, Any], args: argparse.Namespace) -> int:
+    """Print `status` as --json asks, with rich on a terminal, else as plain columns."""
     if getattr(args, "json_out", False):
         print(json.dumps(status, indent=2, default=str))
         return 0
