@@ -217,6 +217,9 @@ class FakeInflux:
         site = re.search(r'r\.site == "([^"]*)"', flux)
         return self._tables("_result", self.pivoted(lambda m, t: m == "metrics" and (site is None or t["site"] == site.group(1))))
 
+    def q_validation_metrics(self, flux: str) -> list[Table]:
+        return self._tables("_result", self.pivoted(lambda m, t: m == "validation"))
+
     def q_latest_metrics(self, flux: str) -> list[Table]:
         return self._tables("_result", [[rows[-1]] for rows in self.pivoted(lambda m, t: m == "metrics")])
 
@@ -324,6 +327,11 @@ def _record_fleet(store: Any, t0: float) -> None:
     """The same records into any store: what an aggregator records in a short replay."""
     store.record_event("started", {"strategy": "fedavg"}, t0)
     store.record_status("site-1", True, t0 + 1, "0.1.0", 0, 500)
+    # The learning curve: round 1 of site-1 re-sent later (the newer report counts), round 2 of both.
+    store.record_validation("site-1", 1, 1, {"engines": 3, "local": {"rmse": 30.0}, "federated": {"rmse": 25.0}}, t0 + 3)
+    store.record_validation("site-1", 1, 1, {"engines": 3, "local": {"rmse": 31.0}, "federated": {"rmse": 24.0}}, t0 + 4)
+    store.record_validation("site-10", 2, 2, {"engines": 2, "local": {"rmse": 20.0}, "federated": {"rmse": None}}, t0 + 5)
+    store.record_validation("site-1", 2, 2, {"engines": 3, "local": {"rmse": 21.0}, "federated": {"rmse": 18.5}}, t0 + 6)
     store.record_status("site-10", True, t0 + 1.5, "0.1.0", 0, 300)
     store.record_status("site-2", True, t0 + 2, "0.1.0", 0, 400)
     store.record_status("site-2", False, t0 + 50, None, None, None)  # a bare last will keeps versions
@@ -384,6 +392,9 @@ def test_flux_reads_against_stand_in_for_influxdb2_match_sqlite(fake: tuple[Fake
     assert _without_ids(store.metrics()) == _without_ids(sqlite.metrics())
     assert _without_ids(store.metrics("site-2")) == _without_ids(sqlite.metrics("site-2")) != []
     assert _without_ids(store.latest_metrics()) == _without_ids(sqlite.latest_metrics())
+    assert store.validation_metrics() == sqlite.validation_metrics()
+    assert [(r["site"], r["round"], r["model"], r["rmse"]) for r in store.validation_metrics()][:2] == [
+        ("site-1", 1, "federated", 24.0), ("site-1", 1, "local", 31.0)]
     assert store.latest_predictions() == sqlite.latest_predictions()
     assert store.engine_trajectory("site-1", "engine-1") == sqlite.engine_trajectory("site-1", "engine-1")
     assert store.engine_trajectory("site-1", "engine-1")[6] == {"cycle": 7, "local": 99.0, "federated": 98.0,
@@ -395,9 +406,10 @@ def test_flux_reads_against_stand_in_for_influxdb2_match_sqlite(fake: tuple[Fake
     assert store.engines_with_truth() == sqlite.engines_with_truth()
     assert _without_ids(store.events()) == _without_ids(sqlite.events())
     assert _without_ids(store.events(2)) == _without_ids(sqlite.events(2))
-    # Counts match, except that InfluxDB counts points: the prediction re-sent a second
-    # later is two more points (reads take the later one; SQLite replaced the row).
-    assert store.counts() == {**sqlite.counts(), "predictions": sqlite.counts()["predictions"] + 2}
+    # Counts match, except that InfluxDB counts points: the prediction and the validation
+    # report re-sent later are two more points each (reads take the later; SQLite replaced the row).
+    assert store.counts() == {**sqlite.counts(), "predictions": sqlite.counts()["predictions"] + 2,
+                              "validation_metrics": sqlite.counts()["validation_metrics"] + 2}
 
     status, expected = store.site_status(), sqlite.site_status()
     for got, want in zip(status, expected, strict=True):
