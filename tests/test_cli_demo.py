@@ -125,3 +125,19 @@ def test_the_watcher_reports_the_newest_versions_fleet_rmse(tmp_path: Path) -> N
             sender.disconnect()
             sender.loop_stop()
             watch.close()
+
+
+def test_the_demo_says_whether_federation_paid_off() -> None:
+    """The last lines say the mean local / federated ratio; on the synthetic fleet, under the
+    1.2 x that FD001 shows, they say so plainly (issue #15 item 6)."""
+    from turbofed.simulation.demo import federation_note
+
+    def result(dataset: str, local: list[float], federated: float) -> dict:
+        return {"dataset": dataset, "sites": [{"local": {"rmse": v}} for v in local], "fleet": {"federated": {"rmse": federated}}}
+
+    fd001 = federation_note(result("FD001", [15.0, 16.0, 14.0, 15.0], 12.0))
+    assert fd001 == "federation: the sites' local models average RMSE 15.00, 1.25 x the federated model's 12.00"
+    low = federation_note(result("SYN001", [12.35, 11.42, 13.57, 12.46], 11.16))
+    assert low.startswith("federation: the sites' local models average RMSE 12.45, 1.12 x") and "under the 1.2 x" in low
+    assert "under" not in federation_note(result("SYN001", [14.0, 13.0, 15.0, 14.0], 11.0))
+    assert federation_note(result("FD001", [], 12.0)) is None
