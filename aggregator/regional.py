@@ -250,7 +250,8 @@ class RegionalAggregator:
         self.refusals = RefusalLog(log, "region: rejected from %s (%s, #%d): %s")
         self._errors = RateLimitedLog(log)
         self.inbox: queue.Queue[Delivery] = queue.Queue()
-        self.watch = ConnectionWatch(f"region {config.region}", log)
+        self.name = f"{'worker' if config.worker else 'region'} {config.region}"  # in logs
+        self.watch = ConnectionWatch(self.name, log)
         self.client = None
         self.model: onnx.ModelProto | None = None
         self.version = -1
@@ -270,7 +271,7 @@ class RegionalAggregator:
         self.held: list[Delivery] = []  # updates that came before the round (a restart's redeliveries)
         self._unacked: dict[int, list[int]] = {}  # partial's publish mid -> update mids to ack then
         self._published: queue.Queue[int] = queue.Queue()  # publish mids the broker acknowledged (network thread)
-        signed.warn_if_unsigned(self.sealer, f"region {config.region}")
+        signed.warn_if_unsigned(self.sealer, self.name)
 
     # --- MQTT ---------------------------------------------------------------------
 
@@ -407,7 +408,7 @@ class RegionalAggregator:
         if env.model_version <= self.version:
             return
         self.model, self.version = parse_model(env.body), env.model_version
-        log.info("region %s: global v%d received", self.region, self.version)
+        log.info("%s: global v%d received", self.name, self.version)
         self._open_if_ready()
 
     def _open_if_ready(self) -> None:
@@ -424,7 +425,7 @@ class RegionalAggregator:
                            on_accept=self._fold, streamed=True)
         self.running = self._new_sum()
         self.round_refused = Counter()
-        log.info("region %s: round %d open (from global v%d, %d sites)", self.region, ann.round, ann.model_version,
+        log.info("%s: round %d open (from global v%d, %d sites)", self.name, ann.round, ann.model_version,
                  len(self.config.sites))
 
     # --- from the region's sites ----------------------------------------------------
@@ -540,7 +541,11 @@ def run_cli(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     region.start()
-    log.info("region %s running: %d sites, quorum %d, partial on %s", config.region, len(config.sites),
-             config.effective_quorum, region.topics.partial(config.region))
+    if config.worker:
+        log.info("%s running: %d sites, shared group %s, batches of %d or %.1f s, partials on %s", region.name,
+                 len(config.sites), config.shared_group, config.batch, config.flush_s, region.topics.partial(config.region))
+    else:
+        log.info("%s running: %d sites, quorum %d, partial on %s", region.name, len(config.sites),
+                 config.effective_quorum, region.topics.partial(config.region))
     region.run(stop)
     return 0

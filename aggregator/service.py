@@ -642,8 +642,8 @@ class Aggregator(SecureRounds):
             r.accepted[s.site] = Accepted(s.site, s.claimed, None, s.update_bytes, now)
         for site in p.missing:
             r.skipped[site] = 0
-        log.info("round %d: partial from region %s: %d updates (Σw %d), %d missing, %d refused there, %d bytes", r.number,
-                 region, len(p.sites), p.weight, len(p.missing), sum(p.refused.values()), p.wire_bytes)
+        log.info("round %d: partial from %s %s: %d updates (Σw %d), %d missing, %d refused there, %d bytes", r.number,
+                 "worker" if worker else "region", region, len(p.sites), p.weight, len(p.missing), sum(p.refused.values()), p.wire_bytes)
 
     def _accept_update(self, accepted: Accepted) -> None:
         """A stale update (buffered rounds) is rebased onto the current global; then, when

@@ -261,3 +261,38 @@ def test_with_workers_a_site_sending_to_the_top_directly_is_refused(top: Aggrega
     w, claim = _updates(top.model, seed=1)["s1"]
     deliver(top, T.update("s1"), _update(pki, top, "s1", w, claim))
     assert top.counters == {Refusal.WRONG_ROUTE.value: 1} and not top.round.accepted
+
+
+def test_the_example_worker_config_loads_once_the_fleet_has_its_identities(tmp_path: Path) -> None:
+    from turbofed.config import load_fleet_config, load_region_config
+    from turbofed.deploy.identities import init_from_fleet
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    (tmp_path / "fleet.toml").write_text('sites = ["site1", "site2"]\nstore = "r.sqlite"\nregistry = "reg"\n'
+                                         'insecure_unsigned = true\nmax_site_share = 1\nworkers = ["w1", "w2"]\n')
+    assert load_fleet_config(tmp_path / "fleet.toml").workers == WORKERS
+    init_from_fleet(tmp_path / "fleet.toml")  # issues w1 and w2 (role region)
+    (tmp_path / "worker.toml").write_text((examples / "worker.toml").read_text())
+    config = load_region_config(tmp_path / "worker.toml")
+    assert config.worker and config.shared_group == "ingest" and config.batch == 16 and config.broker.tls
+    worker = RegionalAggregator(config)
+    assert worker.sealer.signed and worker.sealer.name == "w1"
+    acl = (tmp_path / "pki" / "acl").read_text()
+    assert "user w1\n" in acl and "topic read tfl/v1/sites/+/update" in acl and "topic write tfl/v1/regions/w1/partial" in acl
+
+
+@pytest.mark.parametrize("line, message", [
+    ("batch = 17", r"batch must be an integer in 1..16, got 17"),
+    ("flush_s = 0", r"flush_s must be a number > 0 and <= 60, got 0"),
+    ('shared_group = "a/b"', r"shared_group"),
+])
+def test_worker_config_errors_name_file_and_key(tmp_path: Path, line: str, message: str) -> None:
+    import re
+
+    from turbofed.config import load_region_config
+    from turbofed.errors import ConfigError
+
+    path = tmp_path / "worker.toml"
+    path.write_text(f'region = "w1"\nsites = ["a"]\ninsecure_unsigned = true\n{line}\n')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: {message}"):
+        load_region_config(path)
