@@ -329,12 +329,18 @@ class RegionalAggregator:
                 self.batch_mids.append(d.mid)
             if d.dup or len(self.batch) + len(self.batch_skips) >= self.config.batch:
                 self.flush_batch()
-        elif d.mid is not None:
+        elif d.mid is not None and not self._awaiting(d.mid):
             self.client.ack(d.mid, 1)
         if self.held and not is_update and not self._catching_up():
             held, self.held = self.held, []
             for h in held:
                 self.receive(h)
+
+    def _awaiting(self, mid: int) -> bool:
+        """A redelivery (after a reconnect) of an update still in a batch whose partial the
+        broker has not acknowledged: acked with that batch, once. Acking it twice could ack
+        a later message the broker gave the same id."""
+        return mid in self.batch_mids or any(mid in mids for mids in self._unacked.values())
 
     def _catching_up(self) -> bool:
         """No round open and none closed yet: a (re)started worker without its round or global model."""

@@ -296,3 +296,17 @@ def test_worker_config_errors_name_file_and_key(tmp_path: Path, line: str, messa
     path.write_text(f'region = "w1"\nsites = ["a"]\ninsecure_unsigned = true\n{line}\n')
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: {message}"):
         load_region_config(path)
+
+
+def test_a_redelivery_after_a_reconnect_is_acked_once_with_its_batch(top: Aggregator, pki: Path) -> None:
+    """The connection drops and comes back (the same process): the broker sends an update
+    still in the open batch again, with the same message id. It is refused here as a
+    duplicate, and its id is acked once, when the batch's partial is at the broker."""
+    worker = _worker(pki, top, "w1", batch=4)
+    w, claim = _updates(top.model, seed=8)["s1"]
+    payload = _update(pki, top, "s1", w, claim)
+    worker.receive(Delivery(T.update("s1"), payload, mid=7))
+    worker.receive(Delivery(T.update("s1"), payload, mid=7, dup=True))
+    assert worker.counters == {Refusal.DUPLICATE.value: 1} and len(worker.client.sent) == 1 and not worker.client.acked
+    _forward(worker, top)
+    assert worker.client.acked == [7] and set(top.round.accepted) == {"s1"} and top.counters == {}
