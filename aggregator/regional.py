@@ -188,7 +188,8 @@ def read_partial(payload: bytes, region: str, region_sites: frozenset[str], veri
     if (not isinstance(missing, list) or len(missing) > len(region_sites) or not all(isinstance(m, str) for m in missing)
             or len(set(missing)) != len(missing)):
         raise _bad(f"partial from region {region}: missing must be a list of distinct site ids")
-    if batch and (len(sites) + len(missing) > MAX_BATCH or not set(missing) <= region_sites - named):
+    # O(batch), not O(fleet): a round brings a worker's partial every MAX_BATCH updates.
+    if batch and (len(sites) + len(missing) > MAX_BATCH or not all(m in region_sites and m not in named for m in missing)):
         raise _bad(f"partial from worker {region}: a batch holds at most {MAX_BATCH} of the fleet's sites, each once")
     if not batch and set(missing) != region_sites - named:
         raise _bad(f"partial from region {region}: missing must list exactly the region's sites not among its updates")
@@ -521,7 +522,7 @@ class RegionalAggregator:
         for old in sorted(self.sent)[:-16]:
             self.sent.pop(old)
             self.batches.pop(old, None)
-        log.info("worker %s: round %d batch %d sent: %d updates, %d skips, %d refused, %d bytes", self.region, r.number,
+        log.debug("worker %s: round %d batch %d sent: %d updates, %d skips, %d refused, %d bytes", self.region, r.number,
                  self.batches[r.number], len(self.batch), len(self.batch_skips), sum(self.round_refused.values()), len(payload))
         self.batch, self.batch_skips, self.batch_mids, self.batch_since = [], [], [], None
         self.running, self.round_refused = self._new_sum(), Counter()

@@ -632,7 +632,8 @@ class Aggregator(SecureRounds):
         p = read_partial(payload, region, members, self.partials, round=r.number, model_version=r.model_version,
                          length=int(self.running.base.size), epoch=self.epoch, batch=worker)
         # A worker's partial is one batch (several a round); a region's holds all its sites.
-        again = ({s.site for s in p.sites} | set(p.missing) if worker else members) & r.responded()
+        named = [s.site for s in p.sites] + list(p.missing) if worker else members  # a batch: O(batch), not O(fleet)
+        again = {s for s in named if s in r.accepted or s in r.skipped}
         if again:
             raise Rejected(Refusal.DUPLICATE, f"partial from {'worker' if worker else 'region'} {region}: round {r.number} "
                                               f"already has {len(again)} of its sites (e.g. {sorted(again)[0]})")
@@ -642,7 +643,7 @@ class Aggregator(SecureRounds):
             r.accepted[s.site] = Accepted(s.site, s.claimed, None, s.update_bytes, now)
         for site in p.missing:
             r.skipped[site] = 0
-        log.info("round %d: partial from %s %s: %d updates (Σw %d), %d missing, %d refused there, %d bytes", r.number,
+        (log.debug if worker else log.info)("round %d: partial from %s %s: %d updates (Σw %d), %d missing, %d refused there, %d bytes", r.number,
                  "worker" if worker else "region", region, len(p.sites), p.weight, len(p.missing), sum(p.refused.values()), p.wire_bytes)
 
     def _accept_update(self, accepted: Accepted) -> None:

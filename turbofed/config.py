@@ -606,7 +606,7 @@ class FleetConfig:
     def __post_init__(self) -> None:
         _secure_or_explicit(self.pki is not None, self.insecure_unsigned, "fleet", "pki folder")
 
-    @property
+    @functools.cached_property
     def direct_sites(self) -> frozenset[str]:
         """The sites in no region: they send to this aggregator, or with workers to the workers."""
         return frozenset(self.sites) - set(self._site_regions)
