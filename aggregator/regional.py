@@ -37,6 +37,18 @@ of range or not summing to the signed Σ w, a vector of the wrong length or not 
 
 Robust strategies (median, Krum, trimmed mean, filtered or clipped FedAvg) need every
 update, which a sum hides: the top aggregator refuses `[regions]` with them (ConfigError).
+
+Ingestion workers (RegionConfig.shared_group; fleet.toml `workers = [...]`): the same class
+on the top aggregator's own broker, for every site in no region, taking updates from the
+MQTT shared subscription `$share/<group>/<root>/sites/+/update` so the broker spreads them
+over the workers. A worker cannot know which sites it will get, so it sends a partial per
+batch: after `batch` updates, `flush_s` after its first unsent one, and at the round's close;
+`missing` then lists only the batch's skip notices, and the top aggregator takes several
+partials a round from a worker, refusing one that names a site already counted (`duplicate`).
+Nothing is lost when a worker dies: its client acks an update's MQTT message (manual ack,
+persistent session) only once the partial holding it is acknowledged by the broker, so the
+broker redelivers the rest when the worker comes back with the same client id. A redelivered
+message (dup) goes out alone, so a `duplicate` at the top drops only it.
 """
 
 from __future__ import annotations
@@ -76,6 +88,21 @@ log = logging.getLogger("turbofed.region")
 _META_LEN = struct.Struct(">I")
 MAX_META_BYTES = 3 * 1024 * 1024  # the site list of a large region; the envelope caps the whole at 4 MiB
 MAX_REFUSAL_KINDS = 64
+# A worker's batch: under Mosquitto's default max_inflight_messages (20), since its updates
+# stay unacknowledged until their partial is at the broker (RegionConfig.batch's bound too).
+MAX_BATCH = 16
+MAX_HELD = 64  # updates a restarted worker holds until it has the round and global model again
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message as the broker handed it over: `mid` to ack (None: nothing to ack) and
+    whether the broker says it may have delivered it before (`dup`)."""
+
+    topic: str
+    payload: bytes
+    mid: int | None = None
+    dup: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,9 +149,11 @@ def _bad(detail: str) -> Rejected:
 
 
 def read_partial(payload: bytes, region: str, region_sites: frozenset[str], verifier: Verifier | Unsigned, *,
-                 round: int, model_version: int, length: int, epoch: int = 0) -> Partial:  # noqa: A002
+                 round: int, model_version: int, length: int, epoch: int = 0, batch: bool = False) -> Partial:  # noqa: A002
     """Check a partial from `region` (the topic's) for round `round` of global
-    `model_version` with `length` weights; raises Rejected (or SignatureError) with the reason."""
+    `model_version` with `length` weights; raises Rejected (or SignatureError) with the reason.
+    `batch`: a worker's partial, one of several a round: at most MAX_BATCH sites, and
+    `missing` lists only the sites of the batch that sent a skip notice."""
     try:
         env = envelope.decode(payload)
     except envelope.EnvelopeError as exc:
@@ -157,7 +186,12 @@ def read_partial(payload: bytes, region: str, region_sites: frozenset[str], veri
     missing = meta["missing"]
     named = {s.site for s in sites}
     if (not isinstance(missing, list) or len(missing) > len(region_sites) or not all(isinstance(m, str) for m in missing)
-            or len(set(missing)) != len(missing) or set(missing) != region_sites - named):
+            or len(set(missing)) != len(missing)):
+        raise _bad(f"partial from region {region}: missing must be a list of distinct site ids")
+    # O(batch), not O(fleet): a round brings a worker's partial every MAX_BATCH updates.
+    if batch and (len(sites) + len(missing) > MAX_BATCH or not all(m in region_sites and m not in named for m in missing)):
+        raise _bad(f"partial from worker {region}: a batch holds at most {MAX_BATCH} of the fleet's sites, each once")
+    if not batch and set(missing) != region_sites - named:
         raise _bad(f"partial from region {region}: missing must list exactly the region's sites not among its updates")
     refused = meta["refused"]
     if (not isinstance(refused, dict) or len(refused) > MAX_REFUSAL_KINDS
@@ -216,8 +250,9 @@ class RegionalAggregator:
         self.counters: Counter[str] = Counter()  # refusals, by reason
         self.refusals = RefusalLog(log, "region: rejected from %s (%s, #%d): %s")
         self._errors = RateLimitedLog(log)
-        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self.watch = ConnectionWatch(f"region {config.region}", log)
+        self.inbox: queue.Queue[Delivery] = queue.Queue()
+        self.name = f"{'worker' if config.worker else 'region'} {config.region}"  # in logs
+        self.watch = ConnectionWatch(self.name, log)
         self.client = None
         self.model: onnx.ModelProto | None = None
         self.version = -1
@@ -227,19 +262,34 @@ class RegionalAggregator:
         self.running: RunningSum | None = None
         self.round_refused: Counter[str] = Counter()  # this round's refused updates, sent in the partial
         self.known_samples: dict[str, int] = {}  # the most samples each site has said it holds (stats, status)
-        self.sent: dict[int, int] = {}  # round -> bytes of the partial sent for it
-        signed.warn_if_unsigned(self.sealer, f"region {config.region}")
+        self.sent: dict[int, int] = {}  # round -> bytes of the partial(s) sent for it
+        # Worker only (config.shared_group): the open batch, and the acks its partials hold back.
+        self.batch: list[str] = []  # sites of the open batch that sent an update ...
+        self.batch_skips: list[str] = []  # ... or a skip notice
+        self.batch_mids: list[int] = []  # their MQTT messages, acked once the batch's partial is at the broker
+        self.batch_since: float | None = None  # when the open batch got its first update
+        self.batches: Counter[int] = Counter()  # round -> batch partials sent
+        self.held: list[Delivery] = []  # updates that came before the round (a restart's redeliveries)
+        self._unacked: dict[int, list[int]] = {}  # partial's publish mid -> update mids to ack then
+        self._published: queue.Queue[int] = queue.Queue()  # publish mids the broker acknowledged (network thread)
+        signed.warn_if_unsigned(self.sealer, self.name)
 
     # --- MQTT ---------------------------------------------------------------------
 
     def start(self) -> None:
+        worker = self.config.worker
         self.client = make_client(client_id(f"region-{self.region}", self.config.broker), self.config.broker,
-                                  persistent_session=True)
-        self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
+                                  persistent_session=True, manual_ack=worker)
+        self.client.on_message = lambda c, u, msg: self.inbox.put(Delivery(msg.topic, msg.payload, msg.mid if msg.qos else None,
+                                                                           bool(msg.dup)))
+        self.client.on_publish = lambda c, u, mid, rc, p: self._published.put(mid)
         self.client.on_connect = lambda c, u, f, rc, p: None if rc is not None and rc.is_failure else self.subscriptions.subscribe()
         self.watch.attach(self.client)
-        self.subscriptions = Subscriptions(self.client, [self.topics.round, self.topics.global_model,
-                                                         *(self.topics.all_sites(k) for k in ("update", "stats", "status"))])
+        updates = self.topics.all_sites("update")
+        if worker:  # the broker gives each update to one worker of the group
+            updates = f"$share/{self.config.shared_group}/{updates}"
+        self.subscriptions = Subscriptions(self.client, [self.topics.round, self.topics.global_model, updates,
+                                                         *(self.topics.all_sites(k) for k in ("stats", "status"))])
         connect(self.client, self.config.broker)
         self.subscriptions.wait()
 
@@ -254,11 +304,69 @@ class RegionalAggregator:
 
     def pump(self, timeout: float) -> None:
         """Handle one message (or wait up to `timeout`). Nothing a site or broker sends stops us."""
+        self._release_acks()
         try:
-            topic, payload = self.inbox.get(timeout=max(timeout, 0.0))
+            delivery = self.inbox.get(timeout=max(timeout, 0.0))
         except queue.Empty:
             return
-        self.handle(topic, payload)
+        self.receive(delivery)
+
+    def receive(self, d: Delivery) -> None:
+        """A worker's delivery: an update waits in a batch (its ack held back until the batch's
+        partial is at the broker); everything else is acked once handled. A region's: handled."""
+        if not self.config.worker:
+            self.handle(d.topic, d.payload)
+            return
+        is_update = d.topic.startswith(self.topics.root + "/sites/") and d.topic.endswith("/update")
+        if is_update and self._catching_up():
+            self._hold(d)
+            return
+        if is_update and d.dup:
+            self.flush_batch()  # a redelivery goes out alone: a `duplicate` at the top drops only it
+        before = len(self.batch) + len(self.batch_skips)
+        self.handle(d.topic, d.payload)
+        if len(self.batch) + len(self.batch_skips) > before:
+            if d.mid is not None:
+                self.batch_mids.append(d.mid)
+            if d.dup or len(self.batch) + len(self.batch_skips) >= self.config.batch:
+                self.flush_batch()
+        elif d.mid is not None and not self._awaiting(d.mid):
+            self.client.ack(d.mid, 1)
+        if self.held and not is_update and not self._catching_up():
+            held, self.held = self.held, []
+            for h in held:
+                self.receive(h)
+
+    def _awaiting(self, mid: int) -> bool:
+        """A redelivery (after a reconnect) of an update still in a batch whose partial the
+        broker has not acknowledged: acked with that batch, once. Acking it twice could ack
+        a later message the broker gave the same id."""
+        return mid in self.batch_mids or any(mid in mids for mids in self._unacked.values())
+
+    def _catching_up(self) -> bool:
+        """No round open and none closed yet: a (re)started worker without its round or global model."""
+        ann = self.announced
+        return self.round is None and (ann is None or self.model is None or (not ann.done and ann.model_version != self.version))
+
+    def _hold(self, d: Delivery) -> None:
+        """Keep an update that came before the round it is for (bounded: the oldest goes)."""
+        self.held.append(d)
+        if len(self.held) > MAX_HELD:
+            old = self.held.pop(0)
+            self.refusals.refused(self.counters, Refusal.STALE_ROUND.value, "?", Refusal.STALE_ROUND.value,
+                                  f"{old.topic[:200]}: no round open after {MAX_HELD} held updates")
+            if old.mid is not None:
+                self.client.ack(old.mid, 1)
+
+    def _release_acks(self) -> None:
+        """Ack the updates of every batch partial the broker has acknowledged."""
+        while True:
+            try:
+                mid = self._published.get_nowait()
+            except queue.Empty:
+                return
+            for update_mid in self._unacked.pop(mid, []):
+                self.client.ack(update_mid, 1)
 
     def handle(self, topic: str, payload: bytes) -> None:
         who = "aggregator" if topic in (self.topics.round, self.topics.global_model) else "?"
@@ -307,7 +415,7 @@ class RegionalAggregator:
         if env.model_version <= self.version:
             return
         self.model, self.version = parse_model(env.body), env.model_version
-        log.info("region %s: global v%d received", self.region, self.version)
+        log.info("%s: global v%d received", self.name, self.version)
         self._open_if_ready()
 
     def _open_if_ready(self) -> None:
@@ -318,11 +426,13 @@ class RegionalAggregator:
             return
         if ann.round in self.sent:
             return  # this round's partial is out (an announcement re-sent after a reconnect)
+        if self.config.worker and self.round is not None:
+            self.flush_batch()  # the old round's last batch: refused at the top if late, but its acks go
         self.round = Round(ann.round, ann.model_version, ann.announce_id, time.time(), ann.deadline, self.config.sites,
                            on_accept=self._fold, streamed=True)
-        self.running = RunningSum(read_weights(self.model), self.config.max_site_share)
+        self.running = self._new_sum()
         self.round_refused = Counter()
-        log.info("region %s: round %d open (from global v%d, %d sites)", self.region, ann.round, ann.model_version,
+        log.info("%s: round %d open (from global v%d, %d sites)", self.name, ann.round, ann.model_version,
                  len(self.config.sites))
 
     # --- from the region's sites ----------------------------------------------------
@@ -330,7 +440,11 @@ class RegionalAggregator:
     def on_update(self, site: str, payload: bytes) -> None:
         if self.round is None:
             raise Rejected(Refusal.STALE_ROUND, f"no round is open in region {self.region}")
-        self.round.check(site, payload, self.model, self.config.max_update_bytes, self.verifier, self.epoch)
+        accepted = self.round.check(site, payload, self.model, self.config.max_update_bytes, self.verifier, self.epoch)
+        if self.config.worker:
+            (self.batch if accepted else self.batch_skips).append(site)
+            if self.batch_since is None:
+                self.batch_since = time.time()
 
     def on_report(self, site: str, kind: str, payload: bytes) -> None:
         if kind == "stats":
@@ -354,6 +468,8 @@ class RegionalAggregator:
         r = self.round
         if r is None:
             return None
+        if self.config.worker:
+            return self._worker_close_if_due(now)
         answered = len(r.accepted) >= self.config.effective_quorum or r.responded() >= set(r.sites)
         if not answered and now < r.deadline - self.config.close_before_s:
             return None
@@ -369,6 +485,48 @@ class RegionalAggregator:
         missing = sorted(set(r.sites) - set(r.accepted))
         return encode_partial(self.sealer, round=r.number, model_version=r.model_version, epoch=self.epoch, total=total,
                               sites=sites, missing=missing, refused=dict(self.round_refused))
+
+    def _new_sum(self) -> RunningSum:
+        """A worker's batch sum has no share cap (the top cannot apply one to a batch:
+        fleet.toml's workers need max_site_share = 1); a region's caps among its sites."""
+        return RunningSum(read_weights(self.model), 1.0 if self.config.worker else self.config.max_site_share)
+
+    def _worker_close_if_due(self, now: float) -> bytes | None:
+        """A worker: the open batch `flush_s` after its first update; at `close_before_s`
+        before the deadline the last batch, and the round is done here."""
+        r = self.round
+        sent = self.flush_batch() if self.batch_since is not None and now - self.batch_since >= self.config.flush_s else None
+        if now >= r.deadline - self.config.close_before_s:
+            sent = self.flush_batch() or sent
+            self.sent.setdefault(r.number, 0)
+            self.round, self.running = None, None
+            log.info("worker %s: round %d done here: %d batch partial(s), %d updates", self.region, r.number,
+                     self.batches[r.number], len(r.accepted))
+        return sent
+
+    def flush_batch(self) -> bytes | None:
+        """A worker: send the open batch as one partial (nothing when it is empty); its
+        updates are acked once the broker has the partial (`_release_acks`)."""
+        r, running = self.round, self.running
+        if r is None or not (self.batch or self.batch_skips):
+            return None
+        total, _ = running.final_sum({}) if self.batch else (np.zeros_like(running.base), 0)
+        sites = [PartialSite(s, running.weights[s], r.accepted[s].samples, r.accepted[s].wire_bytes, running.norms[s])
+                 for s in self.batch]
+        payload = encode_partial(self.sealer, round=r.number, model_version=r.model_version, epoch=self.epoch, total=total,
+                                 sites=sites, missing=list(self.batch_skips), refused=dict(self.round_refused))
+        info = self.client.publish(self.topics.partial(self.region), payload, qos=1)
+        self._unacked[info.mid] = self.batch_mids
+        self.sent[r.number] = self.sent.get(r.number, 0) + len(payload)
+        self.batches[r.number] += 1
+        for old in sorted(self.sent)[:-16]:
+            self.sent.pop(old)
+            self.batches.pop(old, None)
+        log.debug("worker %s: round %d batch %d sent: %d updates, %d skips, %d refused, %d bytes", self.region, r.number,
+                 self.batches[r.number], len(self.batch), len(self.batch_skips), sum(self.round_refused.values()), len(payload))
+        self.batch, self.batch_skips, self.batch_mids, self.batch_since = [], [], [], None
+        self.running, self.round_refused = self._new_sum(), Counter()
+        return payload
 
     def send_partial(self) -> bytes:
         payload = self.partial_payload()
@@ -390,7 +548,11 @@ def run_cli(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     region.start()
-    log.info("region %s running: %d sites, quorum %d, partial on %s", config.region, len(config.sites),
-             config.effective_quorum, region.topics.partial(config.region))
+    if config.worker:
+        log.info("%s running: %d sites, shared group %s, batches of %d or %.1f s, partials on %s", region.name,
+                 len(config.sites), config.shared_group, config.batch, config.flush_s, region.topics.partial(config.region))
+    else:
+        log.info("%s running: %d sites, quorum %d, partial on %s", region.name, len(config.sites),
+                 config.effective_quorum, region.topics.partial(config.region))
     region.run(stop)
     return 0

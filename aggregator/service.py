@@ -25,7 +25,9 @@ identity folder (docs/protocol.md, "Signed messages").
 
 With `[regions]` it is the top of a two-level fleet: the sites of a region reach it only
 through their regional aggregator's signed partial (aggregator/regional.py), which it
-checks, adds to the round's running sums and counts site by site toward the quorum.
+checks, adds to the round's running sums and counts site by site toward the quorum. With
+`workers`, it does not subscribe to site updates at all: ingestion workers share them
+through an MQTT shared subscription and send signed batch partials, several a round.
 """
 
 from __future__ import annotations
@@ -115,8 +117,8 @@ class Aggregator(SecureRounds):
         # Streaming aggregation (aggregator/streaming.py): the FedAvg family folds updates into
         # running sums as they arrive; strategies that need every update keep them.
         self.streaming = self.secure_settings is None and _needs_only_the_sum(self.strategy if self.dp is None else self.dp.inner)
-        if config.regions and not self.streaming:
-            raise ConfigError(f"{config_path}: [regions] needs a FedAvg-family strategy ({', '.join(STRATEGIES)}, without "
+        if (config.regions or config.workers) and not self.streaming:
+            raise ConfigError(f"{config_path}: {'[regions]' if config.regions else 'workers'} needs a FedAvg-family strategy ({', '.join(STRATEGIES)}, without "
                               f"clip): a region sends the sum of its sites' updates, and strategy {config.strategy.name!r} "
                               "needs every update")
         self.running: RunningSum | None = None
@@ -138,7 +140,8 @@ class Aggregator(SecureRounds):
             raise
         try:
             self.sealer, self.verifier = signed.aggregator_keys(config.pki)
-            self.partials = signed.partial_verifier(config.pki, list(config.regions)) if config.regions else None
+            senders = [*config.regions, *config.workers]
+            self.partials = signed.partial_verifier(config.pki, senders) if senders else None
         except BaseException:
             self.store.close()
             self.registry.close()
@@ -283,8 +286,10 @@ class Aggregator(SecureRounds):
         self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
         self.client.on_connect = self._on_connect
         self.watch.attach(self.client)  # outages logged with their duration
-        topics = [self.topics.all_sites(k) for k in self._handlers]
-        self.subscriptions = Subscriptions(self.client, topics + ([self.topics.all_partials] if self.config.regions else []))
+        # With workers, site updates reach us only inside their batch partials (else counted twice).
+        topics = [self.topics.all_sites(k) for k in self._handlers if not (k == "update" and self.config.workers)]
+        partials = self.config.regions or self.config.workers
+        self.subscriptions = Subscriptions(self.client, topics + ([self.topics.all_partials] if partials else []))
         connect(self.client, self.config.broker)  # runs _on_connect: subscribe, say we are online
         self.subscriptions.wait()
         if self.model is not None:
@@ -334,7 +339,7 @@ class Aggregator(SecureRounds):
             topic, payload = self.inbox.get(timeout=max(timeout, 0.0))
         except queue.Empty:
             return
-        if self.config.regions and topic.startswith(self.topics.root + "/regions/"):
+        if (self.config.regions or self.config.workers) and topic.startswith(self.topics.root + "/regions/"):
             self._on_partial_topic(topic, payload)
             return
         if not topic.startswith(self.topics.root + "/sites/"):
@@ -593,6 +598,9 @@ class Aggregator(SecureRounds):
         if region is not None:
             raise Rejected(Refusal.WRONG_ROUTE, f"site {site} is in region {region}: its updates count only through "
                                                 "that region's partial")
+        if self.config.workers:
+            raise Rejected(Refusal.WRONG_ROUTE, f"update from {site}: with workers, updates count only through a "
+                                                "worker's batch partial")
         accepted = self.round.check(site, payload, self.model, self.config.max_update_bytes, self.verifier, self.epoch)
         if accepted:
             log.info("round %d: update from %s (%d samples, %d bytes)", self.round.number, site, accepted.samples, accepted.wire_bytes)
@@ -602,8 +610,8 @@ class Aggregator(SecureRounds):
         region = "?"
         try:
             region = self.topics.parse_partial(topic)
-            if region not in self.config.regions:
-                raise Rejected(Refusal.UNKNOWN_REGION, f"region {region!r} is not in the fleet config's [regions]")
+            if region not in self.config.regions and region not in self.config.workers:
+                raise Rejected(Refusal.UNKNOWN_REGION, f"region {region!r} is not in the fleet config's [regions] or workers")
             self._on_partial(region, payload)
         except Refused as exc:
             self._reject(f"region:{region}", exc.reason, f"{topic[:200]}: {exc}")
@@ -619,21 +627,24 @@ class Aggregator(SecureRounds):
         r = self.round
         if r is None or not r.streamed:
             raise Rejected(Refusal.STALE_ROUND, f"partial from region {region}: no round is open")
-        members = frozenset(self.config.regions[region])
+        worker = region in self.config.workers
+        members = self.config.direct_sites if worker else frozenset(self.config.regions[region])
         p = read_partial(payload, region, members, self.partials, round=r.number, model_version=r.model_version,
-                         length=int(self.running.base.size), epoch=self.epoch)
-        again = members & r.responded()
+                         length=int(self.running.base.size), epoch=self.epoch, batch=worker)
+        # A worker's partial is one batch (several a round); a region's holds all its sites.
+        named = [s.site for s in p.sites] + list(p.missing) if worker else members  # a batch: O(batch), not O(fleet)
+        again = {s for s in named if s in r.accepted or s in r.skipped}
         if again:
-            raise Rejected(Refusal.DUPLICATE, f"partial from region {region}: round {r.number} already has "
-                                              f"{len(again)} of its sites (e.g. {sorted(again)[0]})")
+            raise Rejected(Refusal.DUPLICATE, f"partial from {'worker' if worker else 'region'} {region}: round {r.number} "
+                                              f"already has {len(again)} of its sites (e.g. {sorted(again)[0]})")
         self.running.add_partial(p.total, p.weight, {s.site: (s.weight, s.norm) for s in p.sites})
         now = time.time()
         for s in p.sites:
             r.accepted[s.site] = Accepted(s.site, s.claimed, None, s.update_bytes, now)
         for site in p.missing:
             r.skipped[site] = 0
-        log.info("round %d: partial from region %s: %d updates (Σw %d), %d missing, %d refused there, %d bytes", r.number,
-                 region, len(p.sites), p.weight, len(p.missing), sum(p.refused.values()), p.wire_bytes)
+        (log.debug if worker else log.info)("round %d: partial from %s %s: %d updates (Σw %d), %d missing, %d refused there, %d bytes", r.number,
+                 "worker" if worker else "region", region, len(p.sites), p.weight, len(p.missing), sum(p.refused.values()), p.wire_bytes)
 
     def _accept_update(self, accepted: Accepted) -> None:
         """A stale update (buffered rounds) is rebased onto the current global; then, when

@@ -165,7 +165,7 @@ def _services(sub: argparse._SubParsersAction) -> None:
                      help="archive the model registry (kept in <registry>/epoch-N/) and start a new fleet epoch: "
                           "after a lost or unreadable registry (docs/operations.md)")
     agg.set_defaults(handler="turbofed.aggregator.service:run_cli")
-    region = sub.add_parser("region", help="run a regional aggregator: sums its sites' updates, sends the top one partial")
+    region = sub.add_parser("region", help="run a regional aggregator (sums its sites' updates, sends the top one partial) or, with shared_group, an ingestion worker")
     region.add_argument("--config", required=True, help="region TOML file (docs/scaling.md)")
     region.set_defaults(handler="turbofed.aggregator.regional:run_cli")
     replay = sub.add_parser("replay", help="publish C-MAPSS rows as live sensor traffic")

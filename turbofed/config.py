@@ -158,6 +158,9 @@ RANGES: dict[str, dict[str, Limit]] = {
         "close_before_s": Limit(0, 1e6),
         "max_update_bytes": Limit(1, 4 * 1024 * 1024),
         "max_site_share": Limit(0, 1, above=True),
+        "shared_group": Limit(check=_site_id),
+        "batch": Limit(1, 16),
+        "flush_s": Limit(0, 60, above=True),
     },
     "PrivacySettings": {
         "clip_norm": Limit(0, 1e6, above=True),
@@ -596,9 +599,17 @@ class FleetConfig:
     # [regions]: region -> its sites; their updates reach this aggregator only as the region's
     # signed partial (aggregator/regional.py, docs/scaling.md). Sites in no region send directly.
     regions: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # workers = [ids]: shared-subscription ingestion workers (aggregator/regional.py, docs/scaling.md). With
+    # workers, sites in no region reach this aggregator only through the workers' signed batch partials.
+    workers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _secure_or_explicit(self.pki is not None, self.insecure_unsigned, "fleet", "pki folder")
+
+    @functools.cached_property
+    def direct_sites(self) -> frozenset[str]:
+        """The sites in no region: they send to this aggregator, or with workers to the workers."""
+        return frozenset(self.sites) - set(self._site_regions)
 
     @property
     def effective_quorum(self) -> int:
@@ -629,9 +640,20 @@ class RegionConfig:
     close_before_s: float = 5.0
     max_update_bytes: int = 1024 * 1024
     max_site_share: float = 0.5  # applied among the region's sites (docs/scaling.md)
+    # An ingestion worker (docs/scaling.md): updates come from the shared subscription
+    # $share/<shared_group>/<root>/sites/+/update, and a batch partial goes out after `batch`
+    # updates (at most 16: Mosquitto's default max_inflight_messages is 20, and a worker acks an
+    # update only once its partial is at the broker) or `flush_s` after its first unsent update.
+    shared_group: str | None = None
+    batch: int = 16
+    flush_s: float = 0.5
 
     def __post_init__(self) -> None:
         _secure_or_explicit(self.pki is not None, self.insecure_unsigned, f"region {self.region}", "pki folder")
+
+    @property
+    def worker(self) -> bool:
+        return self.shared_group is not None
 
     @property
     def effective_quorum(self) -> int:
@@ -678,6 +700,32 @@ def _regions(value: Any, sites: tuple[str, ...], path: Path) -> dict[str, tuple[
             seen[site] = region
         regions[region] = tuple(members)
     return regions
+
+
+def _workers(value: Any, config: FleetConfig, path: Path) -> tuple[str, ...]:
+    """fleet.toml's `workers = [ids]`: ingestion workers, each an identity of role region
+    whose id is no region's; they send batch sums, so nothing that needs each update."""
+    from turbofed.topics import TopicError, validate_id
+
+    where = f"{path}: workers"
+    if not isinstance(value, list) or not value or not all(isinstance(w, str) for w in value) or len(set(value)) != len(value):
+        raise ConfigError(f"{where} must be a non-empty list of distinct worker ids, got {value!r:.60}")
+    for worker in value:
+        try:
+            validate_id(worker, "worker id")
+        except TopicError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if worker in config.regions:
+            raise ConfigError(f"{where}: {worker!r} is already a region in [regions]")
+    if config.secure_aggregation is not None or config.privacy is not None or config.buffered_rounds is not None:
+        raise ConfigError(f"{where} cannot run with [secure_aggregation], [privacy] or [buffered_rounds] "
+                          "(a worker sends a plain weighted sum of fresh updates: docs/scaling.md)")
+    if config.max_site_share < 1:
+        raise ConfigError(f"{where} needs max_site_share = 1: a worker's batch sum hides each update, so the "
+                          f"fleet-wide share cap ({config.max_site_share:g}) cannot be applied (docs/scaling.md)")
+    if not config.direct_sites:
+        raise ConfigError(f"{where}: every site is in a region, so workers would have nothing to ingest")
+    return tuple(value)
 
 
 def require_writable_dir(path: str | Path, what: str) -> Path:
@@ -830,6 +878,7 @@ def load_fleet_config(path: str | Path, keys: bool = True) -> FleetConfig:
     intervals = raw.pop("intervals", None)
     intervals = None if intervals is None else _build(IntervalSettings, intervals, f"{path}: [intervals]")
     regions = raw.pop("regions", None)
+    workers = raw.pop("workers", None)
     config = _build(FleetConfig, {**raw, "broker": broker, "model": model, "strategy": strategy, "privacy": privacy,
                                   "secure_aggregation": secure, "buffered_rounds": buffered, "intervals": intervals}, f"{path}:")
     if buffered is not None and secure is not None:
@@ -840,6 +889,8 @@ def load_fleet_config(path: str | Path, keys: bool = True) -> FleetConfig:
         if secure is not None or privacy is not None or buffered is not None:
             raise ConfigError(f"{path}: [regions] cannot run with [secure_aggregation], [privacy] or [buffered_rounds] "
                               "(a region sends a plain weighted sum of fresh updates: docs/scaling.md)")
+    if workers is not None:
+        config = replace(config, workers=_workers(workers, config, path))
     if privacy is not None and (privacy.expected_sites or 0) > len(config.sites):
         raise ConfigError(f"{path}: [privacy] expected_sites must be at most the number of sites ({len(config.sites)}), "
                           f"got {privacy.expected_sites}")

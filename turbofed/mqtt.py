@@ -39,14 +39,18 @@ def make_client(
     will: tuple[str, bytes] | None = None,
     persistent_session: bool = False,
     max_inflight: int = 100,
+    manual_ack: bool = False,
 ) -> mqtt.Client:
     """A configured client, not yet connected. A persistent session keeps our QoS 1
-    subscriptions queued at the broker while we are away."""
+    subscriptions queued at the broker while we are away. `manual_ack`: a QoS 1 message is
+    acknowledged only by `client.ack(mid, 1)`; until then the broker redelivers it to this
+    session (an ingestion worker acks an update once it is safely passed on)."""
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         clean_session=not persistent_session,
         protocol=mqtt.MQTTv311,
+        manual_ack=manual_ack,
     )
     client.reconnect_delay_set(min_delay=1, max_delay=30)
     client.max_inflight_messages_set(max_inflight)
