@@ -63,6 +63,11 @@ class Round:
     streamed: bool = False  # its updates are folded into running sums, not kept (aggregator/streaming.py)
     max_staleness: int = 0  # buffered rounds: updates for up to this many earlier rounds are taken
     buffer_size: int = 0  # buffered rounds: close once this many updates are in (0: by quorum)
+    # The sites as a set, for O(1) membership per update (a fleet of thousands checks every update).
+    members: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.members = frozenset(self.sites)
 
     def responded(self) -> set[str]:
         return set(self.accepted) | set(self.skipped)
@@ -72,7 +77,7 @@ class Round:
         """Validate one update against the global model it started from (`reference`); returns
         it (None for a 'skip' notice) or raises Rejected (or SignatureError, a Refused, for a
         signature that does not check out)."""
-        if topic_site not in self.sites:
+        if topic_site not in self.members:
             raise Rejected(Refusal.UNKNOWN_SITE, f"site {topic_site!r} is not in the fleet config")
         try:
             env = envelope.decode(payload, max_bytes=max_bytes)
@@ -117,7 +122,8 @@ class Round:
             return "buffer full"
         if len(self.accepted) >= quorum:
             return "quorum"
-        if self.responded() >= set(self.sites):
+        # Counting first: the set comparison runs only once every site may have answered.
+        if len(self.accepted) + len(self.skipped) >= len(self.members) and self.responded() >= self.members:
             return "all answered"
         return None
 

@@ -97,7 +97,7 @@ class SecureRounds:
             keyed = self.secure.keyed()
             if len(keyed) >= quorum:
                 return "quorum"
-            if keyed | set(r.skipped) >= set(r.sites):
+            if keyed | set(r.skipped) >= r.members:
                 return "all answered"
             return "deadline" if time.time() >= r.deadline else None
 
