@@ -79,6 +79,8 @@ SITE_MESSAGES = [
     Predictions(SITE, (("e1", 4, 101.5, 90.0, 72.0, 104.5), ("e2", 9, None, 88.0))),
     StatsReply("r2", SITE, 900, 5, residuals=ResidualHistogram.from_residuals(
         Layout.for_cap(), np.array([10.0, 50.0, 90.0]), np.array([12.0, 41.0, 125.0]))),
+    Predictions(SITE, (("e1", 4, 101.5, 90.0, 72.0, 104.5, ("federated",)), ("e2", 9, 3.0, 88.0, None, None, ("local", "federated")),
+                       ("e3", 9, None, 88.0, None, None, ()))),  # an agent that checks each model's input range
 ]
 _TABLE = IntervalTable(0.9, (30.0, 70.0), (-6.0, -15.0, -math.inf), (5.0, 17.0, 30.0), (400, 900, 60), (False, False, True), 5)
 FLEET_MESSAGES = [_open_round(), RoundAnnouncement(5, _spec(), done=True), StatsRequest("r1", 50, 30), _reading(),
@@ -139,6 +141,21 @@ def test_property_round_trips(rows: list, truth: list, sensors: list, setting: l
     assert Telemetry.from_payload(telemetry.to_payload(), site=SITE) == telemetry
     status = Status(SITE, online, samples=cycle, at=at, storage=storage)
     assert Status.from_payload(status.to_payload(), site=SITE) == status
+
+
+def test_out_of_range_is_known_only_from_agents_that_say() -> None:
+    """Rows from an agent before the flag stay 4 or 6 values (not known: stored NULL); an
+    agent that checks sends the key even when nothing is flagged, and each row gets its tuple."""
+    old = {"site": SITE, "rows": [ROW, [*ROW[:2], 101.0, 90.0, 80.0, 99.0]]}
+    assert [len(r) for r in Predictions.from_payload(json.dumps(old).encode(), site=SITE).rows] == [4, 6]
+    checked = Predictions.from_payload(json.dumps({**old, "out_of_range": []}).encode(), site=SITE)
+    assert checked.rows == (("e1", 4, 100.0, 90.0, None, None, ()), ("e1", 4, 101.0, 90.0, 80.0, 99.0, ()))
+    body = json.loads(Predictions(SITE, (("e1", 4, 100.0, 90.0, None, None, ()),)).to_payload())
+    assert body == {"site": SITE, "rows": [ROW], "truth": [], "out_of_range": []}
+    assert "out_of_range" not in json.loads(Predictions(SITE, (tuple(ROW),)).to_payload())  # the old wire, byte for byte
+    flagged = json.loads(SITE_MESSAGES[-1].to_payload())
+    assert flagged["rows"][1] == ["e2", 9, 3.0, 88.0] and flagged["out_of_range"] == [
+        ["e1", 4, "federated"], ["e2", 9, "local"], ["e2", 9, "federated"]]
 
 
 # --- nothing but MessageError, whatever arrives ---------------------------------------------
@@ -290,6 +307,17 @@ SENSOR_ROW = ["e1", 4, [0.0, 0.0, 100.0], [1.0] * N_SENSORS]
     (Predictions, {"site": SITE, "rows": [[*ROW, None, 80.0]]}, Refusal.OUT_OF_RANGE),
     (Predictions, {"site": SITE, "rows": [[*ROW, -5.0, 80.0]]}, Refusal.OUT_OF_RANGE),
     (Predictions, {"site": SITE, "rows": [[*ROW, "low", 80.0]]}, Refusal.NOT_A_NUMBER),
+    # out_of_range: a bounded list of [engine, cycle, model], each naming a prediction of this batch
+    (Predictions, {"site": SITE, "rows": [ROW], "out_of_range": "e1"}, Refusal.WRONG_FIELDS),
+    (Predictions, {"site": SITE, "rows": [ROW], "out_of_range": [["e1", 4, "local"]] * (2 * MAX_PREDICTION_ROWS + 1)}, Refusal.TOO_MANY_ROWS),
+    (Predictions, {"site": SITE, "rows": [ROW], "out_of_range": [["e1", 4]]}, Refusal.WRONG_FIELDS),
+    (Predictions, {"site": SITE, "rows": [ROW], "out_of_range": [["e1", 4, "both"]]}, Refusal.WRONG_FIELDS),
+    (Predictions, {"site": SITE, "rows": [ROW], "out_of_range": [["e1", 4, 1]]}, Refusal.WRONG_FIELDS),
+    (Predictions, {"site": SITE, "rows": [ROW], "out_of_range": [["e2", 4, "local"]]}, Refusal.WRONG_FIELDS),  # no such row
+    (Predictions, {"site": SITE, "rows": [ROW], "out_of_range": [["e1", 5, "local"]]}, Refusal.WRONG_FIELDS),
+    (Predictions, {"site": SITE, "rows": [["e1", 4, None, 90.0]], "out_of_range": [["e1", 4, "local"]]}, Refusal.WRONG_FIELDS),  # not predicted
+    (Predictions, {"site": SITE, "rows": [ROW], "out_of_range": [["e/1", 4, "local"]]}, Refusal.BAD_ID),
+    (Predictions, {"site": SITE, "rows": [ROW], "out_of_range": [["e1", -4, "local"]]}, Refusal.BAD_CYCLE),
     # not JSON at all, or too big: the envelope's reasons
     (Status, b"online", Refusal.BAD_JSON),
     (Metrics, b"[]", Refusal.BAD_JSON),

@@ -190,25 +190,36 @@ class ModelEvaluation:
         )
 
 
-# engine, cycle, local RUL, federated RUL[, lower, upper]: the federated RUL's conformal
-# interval follows where the site has an interval table (turbofed.store.interface.with_interval)
+# engine, cycle, local RUL, federated RUL[, lower, upper[, out_of_range]]: the federated RUL's
+# conformal interval follows where the site has an interval table, then the models whose
+# input lay outside their training range (turbofed.store.interface.full_row)
 PredictionRow = tuple[Any, ...]
 TruthRow = tuple[str, int, float]  # engine, cycle, true RUL (0 at failure)
+PREDICTION_MODELS = ("local", "federated")  # what an out_of_range entry may name
 
 
 @dataclass(frozen=True)
 class Predictions:
     """A batch of per-engine predictions and of true RULs that became known. A row is
     [engine, cycle, local, federated] or, with the federated RUL's conformal interval,
-    [engine, cycle, local, federated, lower, upper] (lower <= upper, both >= 0)."""
+    [engine, cycle, local, federated, lower, upper] (lower <= upper, both >= 0).
+
+    `out_of_range` (optional; absent from older agents, then unknown) lists
+    [engine, cycle, "local"|"federated"] for each prediction whose feature row lies outside
+    that model's training range (FeatureSpec.out_of_range); present and empty means none
+    did. Parsed, it becomes each row's 7th value: the tuple of models flagged (rows padded
+    with lower = upper = None)."""
 
     site: str
     rows: tuple[PredictionRow, ...] = ()
     truth: tuple[TruthRow, ...] = ()
 
     def to_payload(self) -> bytes:
-        rows = [list(r) if len(r) == 6 and r[4] is not None else list(r[:4]) for r in self.rows]  # no interval: the 4 values as before
-        return encode_json({"site": self.site, "rows": rows, "truth": [list(t) for t in self.truth]})
+        rows = [list(r[:6]) if len(r) >= 6 and r[4] is not None else list(r[:4]) for r in self.rows]  # no interval: the 4 values as before
+        body: dict[str, Any] = {"site": self.site, "rows": rows, "truth": [list(t) for t in self.truth]}
+        if any(len(r) == 7 and r[6] is not None for r in self.rows):  # this agent checks: say so even when nothing is flagged
+            body["out_of_range"] = [[r[0], r[1], m] for r in self.rows if len(r) == 7 and r[6] is not None for m in r[6]]
+        return encode_json(body)
 
     @classmethod
     def from_payload(cls, payload: bytes, *, site: str) -> Predictions:
@@ -225,12 +236,32 @@ class Predictions:
             row = (engine_id(engine, where), cycle_no(cycle, f"{where} cycle"), optional(local, finite, f"{where} local"),
                    optional(fed, finite, f"{where} federated"))
             rows.append(row if lower is None else (*row, lower, upper))
+        if "out_of_range" in body:
+            rows = _flag_out_of_range(rows, body["out_of_range"], f"{what} out_of_range")
         truth = []
         for i, row in enumerate(bounded_list(body.get("truth", []), f"{what} truth", MAX_PREDICTION_ROWS)):
             engine, cycle, rul = row_of(row, f"{what} truth[{i}]", 3)
             where = f"{what} truth[{i}]"
             truth.append((engine_id(engine, where), cycle_no(cycle, f"{where} cycle"), finite(rul, f"{where} rul", 0.0)))
         return cls(site, tuple(rows), tuple(truth))
+
+
+def _flag_out_of_range(rows: list[PredictionRow], entries: Any, where: str) -> list[PredictionRow]:
+    """Rows with their 7th value, the models flagged: each entry must name a row of this batch
+    and a model that row predicted (at most one entry per model per row is meaningful)."""
+    index = {(r[0], r[1]): i for i, r in enumerate(rows)}
+    flagged: list[set[str]] = [set() for _ in rows]
+    for j, entry in enumerate(bounded_list(entries, where, len(PREDICTION_MODELS) * MAX_PREDICTION_ROWS)):
+        at = f"{where}[{j}]"
+        engine, cycle, model = row_of(entry, at, 3)
+        key = (engine_id(engine, at), cycle_no(cycle, f"{at} cycle"))
+        model = one_of(model, PREDICTION_MODELS, f"{at} model")
+        i = index.get(key)
+        if i is None or rows[i][2 + PREDICTION_MODELS.index(model)] is None:
+            raise MessageError(f"{at}: no {model} prediction for engine {key[0]} cycle {key[1]} in this batch", Refusal.WRONG_FIELDS)
+        flagged[i].add(model)
+    return [(*r[:4], *(r[4:6] if len(r) == 6 else (None, None)), tuple(m for m in PREDICTION_MODELS if m in f))
+            for r, f in zip(rows, flagged)]
 
 
 TelemetryRow = tuple[str, int, tuple[float, ...], tuple[float, ...]]  # engine, cycle, settings, sensors
