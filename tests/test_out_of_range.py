@@ -87,7 +87,7 @@ def test_agent_flags_each_model_whose_input_is_outside_its_training_range(tmp_pa
     assert {flags[("far", c)] for c in range(1, CYCLES + 1)} == {("federated",)}  # the local spec is 1000x wider: inside
     assert {flags[("normal", c)] for c in range(1, CYCLES + 1)} == {()}
     assert agent.counters["predictions.out_of_range"] == CYCLES
-    assert json.loads(payloads[0])["out_of_range"][0] == ["far", 1, "federated"]
+    assert json.loads(payloads[0])["out_of_range"]["local"] == []
 
     # The aggregator stores it: the engine reads flagged, the normal one not (0, not unknown).
     aggregator = Aggregator(config(tmp_path))

@@ -204,11 +204,11 @@ class Predictions:
     [engine, cycle, local, federated] or, with the federated RUL's conformal interval,
     [engine, cycle, local, federated, lower, upper] (lower <= upper, both >= 0).
 
-    `out_of_range` (optional; absent from older agents, then unknown) lists
-    [engine, cycle, "local"|"federated"] for each prediction whose feature row lies outside
-    that model's training range (FeatureSpec.out_of_range); present and empty means none
-    did. Parsed, it becomes each row's 7th value: the tuple of models flagged (rows padded
-    with lower = upper = None)."""
+    `out_of_range` (optional; absent from older agents, then unknown) is
+    {"local": [row index, ...], "federated": [...]}: the rows whose feature row lay outside
+    that model's training range (FeatureSpec.out_of_range); present with empty lists means
+    none did. Row indices, not engine ids, keep a full batch under MAX_JSON_BYTES. Parsed, it
+    becomes each row's 7th value: the tuple of models flagged (rows padded with lower = upper = None)."""
 
     site: str
     rows: tuple[PredictionRow, ...] = ()
@@ -218,7 +218,8 @@ class Predictions:
         rows = [list(r[:6]) if len(r) >= 6 and r[4] is not None else list(r[:4]) for r in self.rows]  # no interval: the 4 values as before
         body: dict[str, Any] = {"site": self.site, "rows": rows, "truth": [list(t) for t in self.truth]}
         if any(len(r) == 7 and r[6] is not None for r in self.rows):  # this agent checks: say so even when nothing is flagged
-            body["out_of_range"] = [[r[0], r[1], m] for r in self.rows if len(r) == 7 and r[6] is not None for m in r[6]]
+            body["out_of_range"] = {m: [i for i, r in enumerate(self.rows) if len(r) == 7 and r[6] is not None and m in r[6]]
+                                    for m in PREDICTION_MODELS}
         return encode_json(body)
 
     @classmethod
@@ -246,20 +247,20 @@ class Predictions:
         return cls(site, tuple(rows), tuple(truth))
 
 
-def _flag_out_of_range(rows: list[PredictionRow], entries: Any, where: str) -> list[PredictionRow]:
-    """Rows with their 7th value, the models flagged: each entry must name a row of this batch
-    and a model that row predicted (at most one entry per model per row is meaningful)."""
-    index = {(r[0], r[1]): i for i, r in enumerate(rows)}
+def _flag_out_of_range(rows: list[PredictionRow], flags: Any, where: str) -> list[PredictionRow]:
+    """Rows with their 7th value, the models flagged: `flags` maps a model to the indices of
+    rows of this batch that it predicted (bounded by the rows; each index in range)."""
+    if not isinstance(flags, dict):
+        raise MessageError(f"{where} must be an object of row indices per model, got {type(flags).__name__}", Refusal.WRONG_FIELDS)
     flagged: list[set[str]] = [set() for _ in rows]
-    for j, entry in enumerate(bounded_list(entries, where, len(PREDICTION_MODELS) * MAX_PREDICTION_ROWS)):
-        at = f"{where}[{j}]"
-        engine, cycle, model = row_of(entry, at, 3)
-        key = (engine_id(engine, at), cycle_no(cycle, f"{at} cycle"))
-        model = one_of(model, PREDICTION_MODELS, f"{at} model")
-        i = index.get(key)
-        if i is None or rows[i][2 + PREDICTION_MODELS.index(model)] is None:
-            raise MessageError(f"{at}: no {model} prediction for engine {key[0]} cycle {key[1]} in this batch", Refusal.WRONG_FIELDS)
-        flagged[i].add(model)
+    for model, indices in flags.items():
+        model = one_of(model, PREDICTION_MODELS, f"{where} key")
+        column = 2 + PREDICTION_MODELS.index(model)
+        for j, index in enumerate(bounded_list(indices, f"{where} {model}", len(rows))):
+            i = whole(index, f"{where} {model}[{j}]", 0, len(rows) - 1)
+            if rows[i][column] is None:
+                raise MessageError(f"{where} {model}[{j}]: row {i} has no {model} prediction", Refusal.WRONG_FIELDS)
+            flagged[i].add(model)
     return [(*r[:4], *(r[4:6] if len(r) == 6 else (None, None)), tuple(m for m in PREDICTION_MODELS if m in f))
             for r, f in zip(rows, flagged)]
 
