@@ -195,7 +195,7 @@ class ModelEvaluation:
 # input lay outside their training range (turbofed.store.interface.full_row)
 PredictionRow = tuple[Any, ...]
 TruthRow = tuple[str, int, float]  # engine, cycle, true RUL (0 at failure)
-PREDICTION_MODELS = ("local", "federated")  # what an out_of_range entry may name
+MODELS = ("local", "federated")  # the models a site predicts with, in row order (also the stores' model names)
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,7 @@ class Predictions:
         body: dict[str, Any] = {"site": self.site, "rows": rows, "truth": [list(t) for t in self.truth]}
         if any(len(r) == 7 and r[6] is not None for r in self.rows):  # this agent checks: say so even when nothing is flagged
             body["out_of_range"] = {m: [i for i, r in enumerate(self.rows) if len(r) == 7 and r[6] is not None and m in r[6]]
-                                    for m in PREDICTION_MODELS}
+                                    for m in MODELS}
         return encode_json(body)
 
     @classmethod
@@ -254,14 +254,14 @@ def _flag_out_of_range(rows: list[PredictionRow], flags: Any, where: str) -> lis
         raise MessageError(f"{where} must be an object of row indices per model, got {type(flags).__name__}", Refusal.WRONG_FIELDS)
     flagged: list[set[str]] = [set() for _ in rows]
     for model, indices in flags.items():
-        model = one_of(model, PREDICTION_MODELS, f"{where} key")
-        column = 2 + PREDICTION_MODELS.index(model)
+        model = one_of(model, MODELS, f"{where} key")
+        column = 2 + MODELS.index(model)
         for j, index in enumerate(bounded_list(indices, f"{where} {model}", len(rows))):
             i = whole(index, f"{where} {model}[{j}]", 0, len(rows) - 1)
             if rows[i][column] is None:
                 raise MessageError(f"{where} {model}[{j}]: row {i} has no {model} prediction", Refusal.WRONG_FIELDS)
             flagged[i].add(model)
-    return [(*r[:4], *(r[4:6] if len(r) == 6 else (None, None)), tuple(m for m in PREDICTION_MODELS if m in f))
+    return [(*r[:4], *(r[4:6] if len(r) == 6 else (None, None)), tuple(m for m in MODELS if m in f))
             for r, f in zip(rows, flagged)]
 
 

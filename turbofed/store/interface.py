@@ -23,8 +23,8 @@ from types import TracebackType
 from typing import Any
 
 from turbofed.errors import TurbofedError
+from turbofed.messages.site import MODELS  # noqa: F401 (re-exported: the stores' model names)
 
-MODELS = ("local", "federated")
 # engine, cycle, local RUL, federated RUL[, lower, upper[, out_of_range]]: the federated RUL's
 # conformal interval and then the models whose input was outside their training range (a
 # tuple of MODELS names) may be left off, as rows from before them are
