@@ -59,12 +59,13 @@ def write_small_store(store: ResultsStore, t0: float = T0) -> None:
 
     s1 = [("e1", c, 12.0 - c, 10.0 - c) for c in range(1, 11)]
     s1 += [("e2", c, 20.0, 6.0 - c) for c in range(1, 7)]
-    s1 += [("e3", 1, 50.0, 60.0), ("e3", 2, 48.0, 55.0), ("e3", 3, 45.0, 40.0)]
+    # e3's readings leave the federated model's training range at its latest cycle (agents that say: a 7th value)
+    s1 += [("e3", 1, 50.0, 60.0, None, None, ()), ("e3", 2, 48.0, 55.0, None, None, ()), ("e3", 3, 45.0, 40.0, None, None, ("federated",))]
     s1 += [("e4", 1, 16.0, None), ("e4", 2, 15.0, None)]
     store.record_predictions("s1", s1, t0 + 90)
     s2_local = [None, 9.0, 8.0, 2.0, 1.0]
     s2 = [("e1", c, s2_local[c - 1], 12.0 - c) for c in range(1, 6)]
-    s2 += [("e2", c, 100.0 - 2.5 * c, 90.0 - 2.5 * c) for c in range(1, 5)]
+    s2 += [("e2", c, 100.0 - 2.5 * c, 90.0 - 2.5 * c, None, None, ()) for c in range(1, 5)]
     store.record_predictions("s2", s2, t0 + 95)
     store.record_truth("s1", "e1", 10, 0.0, t0 + 91)
     store.record_truth("s1", "e2", 6, 0.0, t0 + 92)

@@ -89,13 +89,30 @@ def fleet_table(latest: Sequence[dict[str, Any]], critical: float, warning: floa
         rows.append({"site": r["site"], "engine": r["engine"], "cycle": r["cycle"],
                      "urgency": "failed" if failed else urgency(rul, critical, warning),
                      "rul": _num(rul), "local": _num(r.get("local")), "federated": _num(r.get("federated")),
-                     "lower": _num(r.get("lower")), "upper": _num(r.get("upper")), "true_rul": _num(r.get("true_rul"))})
+                     "lower": _num(r.get("lower")), "upper": _num(r.get("upper")), "true_rul": _num(r.get("true_rul")),
+                     "outside_range": yes_no(r.get("out_of_range"))})
     rows.sort(key=lambda x: (URGENCY_LEVELS.index(x["urgency"]), math.inf if math.isnan(x["rul"]) else x["rul"],
                              natural_key(x["site"]), natural_key(x["engine"])))
-    columns = ["site", "engine", "cycle", "urgency", "rul", "local", "federated", "lower", "upper", "true_rul"]
+    columns = ["site", "engine", "cycle", "urgency", "rul", "local", "federated", "lower", "upper", "true_rul", "outside_range"]
     table = pd.DataFrame(rows, columns=columns)
     table["gap"] = table["federated"] - table["local"]
     return table
+
+
+def yes_no(flag: int | None) -> str:
+    """A stored out_of_range flag for a table: "yes", "no", or "" where the site did not say."""
+    return "" if flag is None else ("yes" if flag else "no")
+
+
+def out_of_range_note(trajectory: Sequence[dict[str, Any]]) -> str | None:
+    """A sentence for the engine page when any cycle's readings lay outside a model's training
+    range (FeatureSpec.out_of_range, issue #15): those predictions are extrapolations."""
+    flagged = [p["cycle"] for p in trajectory if p.get("out_of_range")]
+    if not flagged:
+        return None
+    latest = " including the latest" if trajectory[-1].get("out_of_range") else ""
+    return (f"{len(flagged)} of {len(trajectory)} cycles{latest} (first: cycle {flagged[0]}) had readings outside a "
+            "model's training range: the predictions there are extrapolations, to be trusted less.")
 
 
 def failed_engines(engines_with_truth: Sequence[dict[str, Any]]) -> int:

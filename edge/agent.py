@@ -185,7 +185,8 @@ class EdgeAgent:
         self.answered: list[str] = []
         self.pending_round: RoundAnnouncement | None = None
         self.scored: dict[str, list[float | None]] = {}  # engine -> [truth, local, federated]
-        self.pending_rows: list[tuple[str, int, float | None, float | None]] = []
+        # engine, cycle, local, federated, lower, upper, models out of range (messages.Predictions)
+        self.pending_rows: list[tuple[str, int, float | None, float | None, float | None, float | None, tuple[str, ...]]] = []
         self.pending_truth: list[tuple[str, int, float]] = []
         self.pending_sensors: list[tuple[str, int, tuple[float, ...], tuple[float, ...]]] = []
         # Whether any aggregator has spoken to this fleet (a statistics request, a round, a global
@@ -356,28 +357,33 @@ class EdgeAgent:
         track.append(reading.cycle, np.asarray(reading.sensors, dtype=float), self.config.history_cycles, np.asarray(reading.settings, dtype=float))
         track.last_seen = time.time()
         self.counters["readings"] += 1
-        local = self._predict(self.local_predictor, self.local_spec, track)
-        fed = self._predict(self.fed_predictor, self.fleet_spec, track)
+        local, local_outside = self._predict(self.local_predictor, self.local_spec, track)
+        fed, fed_outside = self._predict(self.fed_predictor, self.fleet_spec, track)
         self.counters["predictions.local"] += local is not None  # counted for Prometheus (turbofed.observability)
         self.counters["predictions.federated"] += fed is not None
+        self.counters["predictions.out_of_range"] += local_outside + fed_outside
         track.last = (reading.cycle, local, fed)
         if local is not None or fed is not None:
-            self.pending_rows.append((engine, reading.cycle, local, fed, *self._interval(fed)))
+            lower, upper = self._interval(fed) or (None, None)
+            outside = ("local",) * local_outside + ("federated",) * fed_outside
+            self.pending_rows.append((engine, reading.cycle, local, fed, lower, upper, outside))
         if self.config.share_sensors:  # raw rows leave the site only when its config says so
             self.pending_sensors.append((engine, reading.cycle, reading.settings, reading.sensors))
 
-    def _predict(self, predictor: OnnxPredictor | None, spec: FeatureSpec | None, track: EngineTrack) -> float | None:
-        """The model's RUL, or None; NaN or infinite features or output are counted, never published."""
+    def _predict(self, predictor: OnnxPredictor | None, spec: FeatureSpec | None, track: EngineTrack) -> tuple[float | None, bool]:
+        """The model's RUL (None: no model, or NaN or infinite features or output, counted and never
+        published) and whether its feature row lies outside the spec's training range
+        (FeatureSpec.out_of_range: the prediction is an extrapolation, issue #15)."""
         if predictor is None or spec is None:
-            return None
+            return None, False
         features = track.window(spec).features()
         value = float(predictor.predict(features)[0]) if np.all(np.isfinite(features)) else math.nan
         if not math.isfinite(value):
             self._reject(Refusal.NON_FINITE_OUTPUT, f"engine at cycle {track.last_cycle}: features or prediction not finite; not published")
-            return None
+            return None, False
         if self.settings is not None:  # trained on RUL capped there: beyond it is extrapolation
             value = min(value, self.settings.rul_cap)
-        return round(value, 3)
+        return round(value, 3), bool(spec.out_of_range(features)[0])
 
     def _interval(self, fed: float | None) -> tuple[float, float] | tuple[()]:
         """The federated RUL's conformal interval (lower, upper), or nothing: without a table for

@@ -165,6 +165,7 @@ def test_fleet_shows_latest_predictions_most_urgent_first(small_store: Path) -> 
         assert row["cycle"] == want["cycle"]
         for key in ("local", "federated", "true_rul"):
             assert same(row[key], want[key]), (row, want)
+    assert list(table["outside_range"]) == ["", "", "yes", "no", "", ""]  # s1/e3 flagged; s2/e2 checked, inside; the rest unknown
     assert (metric(at, "Critical"), metric(at, "Warning"), metric(at, "Failed (ran to failure)"),
             metric(at, "Engines in service"), metric(at, "Sites online")) == ("2", "1", "2", "4", "1 / 2")
 
@@ -223,6 +224,12 @@ def test_federated_page_other_views(small_store: Path) -> None:
     at.checkbox(key="fed_cap").check().run()
     no_exception(at)
     assert at.subheader[1].value == "PHM08 score per site, over time"
+    assert not [w for w in at.warning if "training range" in w.value]
+    at.selectbox(key="traj_site").set_value("s1").run()
+    at.selectbox(key="traj_engine_s1").set_value("e3").run()  # flagged at its latest cycle (dashboard/samples.py)
+    assert [w.value for w in at.warning if "training range" in w.value] == [
+        "1 of 3 cycles including the latest (first: cycle 3) had readings outside a model's training range: "
+        "the predictions there are extrapolations, to be trusted less."]
 
 
 def test_rounds_page_shows_the_stores_rounds(small_store: Path) -> None:
@@ -314,8 +321,8 @@ def test_urgency_boundaries() -> None:
 
 
 def test_fleet_table_and_counts() -> None:
-    latest = [{"site": "s10", "engine": "e1", "cycle": 5, "local": 30.0, "federated": 60.0, "true_rul": None},
-              {"site": "s2", "engine": "e10", "cycle": 7, "local": 10.0, "federated": 12.0, "true_rul": None},
+    latest = [{"site": "s10", "engine": "e1", "cycle": 5, "local": 30.0, "federated": 60.0, "true_rul": None, "out_of_range": 0},
+              {"site": "s2", "engine": "e10", "cycle": 7, "local": 10.0, "federated": 12.0, "true_rul": None, "out_of_range": 1},
               {"site": "s2", "engine": "e9", "cycle": 7, "local": 10.0, "federated": None, "true_rul": None},
               {"site": "s2", "engine": "e3", "cycle": 9, "local": None, "federated": None, "true_rul": None},
               {"site": "s1", "engine": "e1", "cycle": 9, "local": 3.0, "federated": 1.0, "true_rul": 0.0}]
@@ -324,6 +331,15 @@ def test_fleet_table_and_counts() -> None:
     assert list(table["urgency"]) == ["critical", "critical", "warning", "unknown", "failed"]
     assert table["gap"][1] == 2.0 and math.isnan(table["gap"][0])
     assert views.urgency_counts(table) == {"critical": 2, "warning": 1, "ok": 0, "unknown": 1, "failed": 1}
+    assert list(table["outside_range"]) == ["", "yes", "no", "", ""]  # blank: the site did not say (stores give None)
+
+
+def test_engine_page_notes_cycles_outside_the_training_range() -> None:
+    trajectory = [{"cycle": c, "out_of_range": flag} for c, flag in ((1, None), (2, 0), (3, 1), (4, 1), (5, 0))]
+    note = views.out_of_range_note(trajectory)
+    assert note is not None and note.startswith("2 of 5 cycles (first: cycle 3) had readings outside")
+    assert "including the latest" in views.out_of_range_note(trajectory[:4])
+    assert views.out_of_range_note(trajectory[:2]) is None and views.out_of_range_note([]) is None
     assert views.urgency_counts(views.fleet_table([], 10, 40))["critical"] == 0
 
 

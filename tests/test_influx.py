@@ -82,7 +82,8 @@ def test_write_path_against_victoria_metrics(vm: VictoriaMetrics, tmp_path: Path
             for e, engine in enumerate(engines):
                 local = 150.0 - cycle + e / 4
                 federated = None if cycle % 10 == 0 else 140.5 - cycle
-                rows.append((engine, cycle, local, federated))
+                outside = ("local",) if (site, engine, cycle) == ("site-1", "engine-1", 40) else ()
+                rows.append((engine, cycle, local, federated, None, None, outside))  # an agent that checks its input range
                 ms = int(at * 1000)
                 expected_pred[(site, engine, "local")][ms] = (cycle, local)
                 if federated is not None:
@@ -125,13 +126,15 @@ def test_write_path_against_victoria_metrics(vm: VictoriaMetrics, tmp_path: Path
 
     # Predictions: every point, its cycle and RUL, at its report's millisecond.
     got = _series(vm.export('{__name__=~"predictions_.*"}'))
-    assert {k[0] for k in got} == {"predictions_cycle", "predictions_rul"}
-    assert len(got) == 2 * len(expected_pred)
+    assert {k[0] for k in got} == {"predictions_cycle", "predictions_rul", "predictions_out_of_range"}
+    assert len(got) == 3 * len(expected_pred)
     for (site, engine, model), points in expected_pred.items():
         labels = (("engine", engine), ("model", model), ("site", site))
-        cycles, ruls = got[("predictions_cycle", *labels)], got[("predictions_rul", *labels)]
-        assert set(cycles) == set(ruls) == set(points)
+        cycles, ruls, flags = (got[(f"predictions_{f}", *labels)] for f in ("cycle", "rul", "out_of_range"))
+        assert set(cycles) == set(ruls) == set(flags) == set(points)
         assert all(cycles[ms] == c and ruls[ms] == pytest.approx(r) for ms, (c, r) in points.items())
+        flagged = {cycles[ms] for ms, v in flags.items() if v == 1}
+        assert flagged == ({40} if (site, engine, model) == ("site-1", "engine-1", "local") else set()), (site, engine, model)
 
     # Sensor rows: 25 fields per point; the NaN reading is absent, everything else exact.
     got = _series(vm.export('{__name__=~"sensors_.*"}'))
@@ -383,10 +386,11 @@ def test_sqlite_record_sensors_and_migration(tmp_path: Path) -> None:
     for column in ("lower", "upper"):  # added in version 6
         db.execute(f"ALTER TABLE predictions DROP COLUMN {column}")
     db.execute("DROP TABLE validation_metrics")  # added in version 7
+    db.execute("ALTER TABLE predictions DROP COLUMN out_of_range")  # added in version 8
     db.execute("UPDATE schema_version SET version = 1")
     db.commit()
     db.close()
     with SqliteStore(path) as store:
         store.record_sensors("site-1", [("e1", 3, [0.0] * 3, [1.0] * 21)], 7.0)
         assert store.counts()["sensors"] == 1
-    assert sqlite3.connect(path).execute("SELECT version FROM schema_version").fetchone() == (SCHEMA_VERSION,) == (7,)
+    assert sqlite3.connect(path).execute("SELECT version FROM schema_version").fetchone() == (SCHEMA_VERSION,) == (8,)

@@ -344,6 +344,8 @@ def _record_fleet(store: Any, t0: float) -> None:
                     for e in (1, 2, 10)]
             if cycle > 20:  # the federated RUL's conformal interval, from the interval table on
                 rows = [(*r, None, None) if r[3] is None else (*r, r[3] - 10.0, r[3] + 12.5) for r in rows]
+            if cycle > 25:  # and whether each model's input was outside its training range (agents that say)
+                rows = [(*r, ("federated",) if r[0] == "engine-10" else ("local",) if r[3] is None else ()) for r in rows]
             store.record_predictions(site, rows, at)
     store.record_predictions("site-1", [("engine-1", 7, 99.0, 98.0)], t0 + 45)  # re-sent later: replaces
     store.record_truth("site-1", "engine-1", 30, 0.0, t0 + 41)
@@ -398,10 +400,13 @@ def test_flux_reads_against_stand_in_for_influxdb2_match_sqlite(fake: tuple[Fake
     assert store.latest_predictions() == sqlite.latest_predictions()
     assert store.engine_trajectory("site-1", "engine-1") == sqlite.engine_trajectory("site-1", "engine-1")
     assert store.engine_trajectory("site-1", "engine-1")[6] == {"cycle": 7, "local": 99.0, "federated": 98.0,
-                                                                "lower": None, "upper": None, "true_rul": 23.0}
+                                                                "lower": None, "upper": None, "out_of_range": None, "true_rul": 23.0}
     assert store.engine_trajectory("site-1", "engine-1")[24] == {"cycle": 25, "local": 104.0, "federated": 103.5,
-                                                                 "lower": 93.5, "upper": 116.0, "true_rul": 5.0}
+                                                                 "lower": 93.5, "upper": 116.0, "out_of_range": None, "true_rul": 5.0}
     assert store.engine_trajectory("site-2", "engine-10") == sqlite.engine_trajectory("site-2", "engine-10")
+    assert [p["out_of_range"] for p in store.engine_trajectory("site-2", "engine-10")[24:]] == [None, 1, 1, 1, 1, 1]
+    assert [(r["engine"], r["out_of_range"]) for r in store.latest_predictions() if r["site"] == "site-1"] == [
+        ("engine-1", 0), ("engine-2", 1), ("engine-10", 1)]  # engine-2: its local model's input, at cycle 30
     assert store.engine_trajectory("site-9", "engine-1") == []
     assert store.engines_with_truth() == sqlite.engines_with_truth()
     assert _without_ids(store.events()) == _without_ids(sqlite.events())

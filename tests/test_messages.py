@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from turbofed.config import FleetConfig, ModelSettings, SiteConfig
 from turbofed.conformal import IntervalTable, Layout, ResidualHistogram
+from turbofed.envelope import MAX_JSON_BYTES
 from turbofed.messages import (
     MAX_COUNTERS,
     MAX_PLANT_BYTES,
@@ -37,7 +38,7 @@ from turbofed.messages import (
 from turbofed.messages.site import STORAGE_STATES
 from turbofed.refusals import Refusal
 from turbofed.spec import FeatureSpec, FleetStats
-from turbofed.topics import Topics
+from turbofed.topics import MAX_ID_LEN, Topics
 
 SITE = "site1"
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -79,6 +80,8 @@ SITE_MESSAGES = [
     Predictions(SITE, (("e1", 4, 101.5, 90.0, 72.0, 104.5), ("e2", 9, None, 88.0))),
     StatsReply("r2", SITE, 900, 5, residuals=ResidualHistogram.from_residuals(
         Layout.for_cap(), np.array([10.0, 50.0, 90.0]), np.array([12.0, 41.0, 125.0]))),
+    Predictions(SITE, (("e1", 4, 101.5, 90.0, 72.0, 104.5, ("federated",)), ("e2", 9, 3.0, 88.0, None, None, ("local", "federated")),
+                       ("e3", 9, None, 88.0, None, None, ()))),  # an agent that checks each model's input range
 ]
 _TABLE = IntervalTable(0.9, (30.0, 70.0), (-6.0, -15.0, -math.inf), (5.0, 17.0, 30.0), (400, 900, 60), (False, False, True), 5)
 FLEET_MESSAGES = [_open_round(), RoundAnnouncement(5, _spec(), done=True), StatsRequest("r1", 50, 30), _reading(),
@@ -139,6 +142,31 @@ def test_property_round_trips(rows: list, truth: list, sensors: list, setting: l
     assert Telemetry.from_payload(telemetry.to_payload(), site=SITE) == telemetry
     status = Status(SITE, online, samples=cycle, at=at, storage=storage)
     assert Status.from_payload(status.to_payload(), site=SITE) == status
+
+
+def test_out_of_range_is_known_only_from_agents_that_say() -> None:
+    """Rows from an agent before the flag stay 4 or 6 values (not known: stored NULL); an
+    agent that checks sends the key even when nothing is flagged, and each row gets its tuple."""
+    old = {"site": SITE, "rows": [ROW, [*ROW[:2], 101.0, 90.0, 80.0, 99.0]]}
+    assert [len(r) for r in Predictions.from_payload(json.dumps(old).encode(), site=SITE).rows] == [4, 6]
+    checked = Predictions.from_payload(json.dumps({**old, "out_of_range": {}}).encode(), site=SITE)
+    assert checked.rows == (("e1", 4, 100.0, 90.0, None, None, ()), ("e1", 4, 101.0, 90.0, 80.0, 99.0, ()))
+    body = json.loads(Predictions(SITE, (("e1", 4, 100.0, 90.0, None, None, ()),)).to_payload())
+    assert body == {"site": SITE, "rows": [ROW], "truth": [], "out_of_range": {"local": [], "federated": []}}
+    assert "out_of_range" not in json.loads(Predictions(SITE, (tuple(ROW),)).to_payload())  # the old wire, byte for byte
+    flagged = json.loads(SITE_MESSAGES[-1].to_payload())
+    assert flagged["rows"][1] == ["e2", 9, 3.0, 88.0] and flagged["out_of_range"] == {"local": [1], "federated": [0, 1]}
+
+
+def test_a_full_flagged_batch_fits_one_message() -> None:
+    """The worst batch an agent sends (MAX_PREDICTION_ROWS rows and truths, longest engine ids,
+    intervals, both models flagged on every row) stays under MAX_JSON_BYTES with room for the
+    signature wrapper (which escapes each quote of the body)."""
+    ids = [f"{i:06d}".rjust(MAX_ID_LEN, "e") for i in range(MAX_PREDICTION_ROWS)]
+    rows = tuple((e, 99_999, 123.457, 121.125, 100.125, 140.875, ("local", "federated")) for e in ids)
+    payload = Predictions(SITE, rows, tuple((e, 99_999, 1.0) for e in ids)).to_payload()
+    assert len(payload) + payload.count(b'"') + 1024 < MAX_JSON_BYTES
+    assert Predictions.from_payload(payload, site=SITE).rows == rows
 
 
 # --- nothing but MessageError, whatever arrives ---------------------------------------------
@@ -290,6 +318,18 @@ SENSOR_ROW = ["e1", 4, [0.0, 0.0, 100.0], [1.0] * N_SENSORS]
     (Predictions, {"site": SITE, "rows": [[*ROW, None, 80.0]]}, Refusal.OUT_OF_RANGE),
     (Predictions, {"site": SITE, "rows": [[*ROW, -5.0, 80.0]]}, Refusal.OUT_OF_RANGE),
     (Predictions, {"site": SITE, "rows": [[*ROW, "low", 80.0]]}, Refusal.NOT_A_NUMBER),
+    # out_of_range: row indices of this batch per model, each a row that model predicted
+    (Predictions, {"site": SITE, "rows": [ROW], "out_of_range": [[0, "local"]]}, Refusal.WRONG_FIELDS),
+    (Predictions, {"site": SITE, "rows": [ROW], "out_of_range": {"local": [0, 0]}}, Refusal.TOO_MANY_ROWS),
+    (Predictions, {"site": SITE, "rows": [ROW], "out_of_range": {"local": 0}}, Refusal.WRONG_FIELDS),
+    (Predictions, {"site": SITE, "rows": [ROW], "out_of_range": {"both": [0]}}, Refusal.WRONG_FIELDS),
+    (Predictions, {"site": SITE, "rows": [ROW], "out_of_range": {"local": [1]}}, Refusal.OUT_OF_RANGE),  # no such row
+    (Predictions, {"site": SITE, "rows": [ROW], "out_of_range": {"local": [-1]}}, Refusal.OUT_OF_RANGE),
+    (Predictions, {"site": SITE, "rows": [ROW], "out_of_range": {"local": ["0"]}}, Refusal.WRONG_FIELDS),
+    (Predictions, {"site": SITE, "rows": [ROW], "out_of_range": {"local": [0.0]}}, Refusal.WRONG_FIELDS),
+    (Predictions, {"site": SITE, "rows": [ROW], "out_of_range": {"local": [True]}}, Refusal.WRONG_FIELDS),
+    (Predictions, {"site": SITE, "rows": [["e1", 4, None, 90.0]], "out_of_range": {"local": [0]}}, Refusal.WRONG_FIELDS),  # not predicted
+    (Predictions, {"site": SITE, "out_of_range": {"federated": [0]}}, Refusal.TOO_MANY_ROWS),  # no rows at all
     # not JSON at all, or too big: the envelope's reasons
     (Status, b"online", Refusal.BAD_JSON),
     (Metrics, b"[]", Refusal.BAD_JSON),

@@ -107,6 +107,8 @@ def test_agent_metrics_scraped_over_http(tmp_path: Path) -> None:
         assert samples[("turbofed_readings_total", ())] == 40
         assert samples[("turbofed_predictions_total", (("model", "federated"),))] == 40
         assert samples[("turbofed_predictions_total", (("model", "local"),))] == 0  # inference only: no local model
+        # SPEC scales the cycle feature by 2 around 0.5: beyond OUT_OF_RANGE_Z = 8 from cycle 17 (the sensors stay inside)
+        assert samples[("turbofed_predictions_out_of_range_total", ())] == 24
         assert samples[("turbofed_refusals_total", (("reason", "implausible"),))] == 1
         assert samples[("turbofed_model_version", ())] == 0
         assert samples[("turbofed_engines_tracked", ())] == 1 and samples[("turbofed_labelled_rows", ())] == 0

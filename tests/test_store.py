@@ -29,7 +29,7 @@ def test_open_store_path_and_schema(tmp_path: Path) -> None:
         assert s.counts()["rounds"] == 0
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(7,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(8,)]
     db.execute("UPDATE schema_version SET version = 99")
     db.commit()
     db.close()
@@ -67,14 +67,14 @@ def test_schema_2_store_gains_strategy_params(tmp_path: Path) -> None:
     with open_store(path) as s:
         s.record_round(1, 1, 10.0, 12.0, [], 1.0, "fedavg", "quorum")
     db = sqlite3.connect(path)
-    db.executescript("ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; ALTER TABLE rounds DROP COLUMN strategy_params; ALTER TABLE round_participants DROP COLUMN norm; ALTER TABLE round_participants DROP COLUMN cosine; ALTER TABLE round_participants DROP COLUMN action; DROP TABLE archived_rounds; DROP TABLE validation_metrics; UPDATE schema_version SET version = 2;")
+    db.executescript("ALTER TABLE predictions DROP COLUMN out_of_range; ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; ALTER TABLE rounds DROP COLUMN strategy_params; ALTER TABLE round_participants DROP COLUMN norm; ALTER TABLE round_participants DROP COLUMN cosine; ALTER TABLE round_participants DROP COLUMN action; DROP TABLE archived_rounds; DROP TABLE validation_metrics; UPDATE schema_version SET version = 2;")
     db.close()
     with open_store(path) as s:
         assert [(r["strategy"], r["strategy_params"]) for r in s.rounds()] == [("fedavg", {})]
         s.record_round(2, 2, 20.0, 22.0, [], 1.0, "fedadam", "quorum", {"tau": 0.001})
         assert s.rounds()[1]["strategy_params"] == {"tau": 0.001}
     db = sqlite3.connect(path)
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(7,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(8,)]
     db.close()
 
 
@@ -85,7 +85,7 @@ def test_schema_3_store_gains_what_the_strategy_did_with_each_update(tmp_path: P
     with open_store(path) as s:
         s.record_round(1, 1, 10.0, 12.0, [{"site": "s1", "samples": 5, "update_bytes": 50}], 1.0, "fedavg", "quorum")
     db = sqlite3.connect(path)
-    db.executescript("ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; ALTER TABLE round_participants DROP COLUMN norm; ALTER TABLE round_participants DROP COLUMN cosine; ALTER TABLE round_participants DROP COLUMN action; DROP TABLE archived_rounds; DROP TABLE validation_metrics; UPDATE schema_version SET version = 3;")
+    db.executescript("ALTER TABLE predictions DROP COLUMN out_of_range; ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; ALTER TABLE round_participants DROP COLUMN norm; ALTER TABLE round_participants DROP COLUMN cosine; ALTER TABLE round_participants DROP COLUMN action; DROP TABLE archived_rounds; DROP TABLE validation_metrics; UPDATE schema_version SET version = 3;")
     db.close()
     with open_store(path) as s:
         assert s.rounds()[0]["participants"] == [{"site": "s1", "samples": 5, "update_bytes": 50}]
@@ -104,7 +104,7 @@ def test_schema_4_store_gains_the_round_archive(tmp_path: Path) -> None:
     with open_store(path) as s:
         s.record_round(1, 1, 10.0, 12.0, [{"site": "s1", "samples": 5, "update_bytes": 50}], 1.0, "fedavg", "quorum")
     db = sqlite3.connect(path)
-    db.executescript("ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; DROP TABLE archived_rounds; DROP TABLE validation_metrics; UPDATE schema_version SET version = 4;")
+    db.executescript("ALTER TABLE predictions DROP COLUMN out_of_range; ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; DROP TABLE archived_rounds; DROP TABLE validation_metrics; UPDATE schema_version SET version = 4;")
     db.close()
     with open_store(path) as s:
         before = s.rounds()
@@ -118,7 +118,7 @@ def test_schema_5_store_gains_prediction_intervals(tmp_path: Path) -> None:
     with open_store(path) as s:
         s.record_predictions("s1", [("e1", 1, 100.0, 90.0)], 1.0)
     db = sqlite3.connect(path)
-    db.executescript("ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; DROP TABLE validation_metrics; UPDATE schema_version SET version = 5;")
+    db.executescript("ALTER TABLE predictions DROP COLUMN out_of_range; ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; DROP TABLE validation_metrics; UPDATE schema_version SET version = 5;")
     db.close()
     with open_store(path) as s:
         s.record_predictions("s1", [("e1", 2, 99.0, 89.0, 80.0, 100.0)], 2.0)
@@ -183,7 +183,7 @@ def test_predictions_latest_and_truth(store: SqliteStore) -> None:
     store.record_truth("s1", "e2", 5, 0.0, 3.0)
     assert store.latest_predictions()[0]["true_rul"] == 2.0
     traj = store.engine_trajectory("s1", "e2")
-    none = {"lower": None, "upper": None}  # no conformal interval sent
+    none = {"lower": None, "upper": None, "out_of_range": None}  # no conformal interval, no range check sent
     assert traj == [{"cycle": 1, "local": 100.0, "federated": 110.0, "true_rul": 4.0, **none},
                     {"cycle": 2, "local": 99.0, "federated": 108.0, "true_rul": 3.0, **none},
                     {"cycle": 3, "local": 97.0, "federated": None, "true_rul": 2.0, **none}]
@@ -285,13 +285,47 @@ def test_validation_metrics_one_row_per_site_round_and_model(store: SqliteStore)
     assert store.validation_metrics() == []
 
 
+def test_out_of_range_is_stored_per_model_and_read_as_either(store: SqliteStore) -> None:
+    """Each model's flag is its own row's column; the engine reads flagged if any model's input
+    was outside its training range, 0 if each that said was inside, None where no site said."""
+    store.record_predictions("s1", [("e1", 1, 100.0, 90.0, None, None, ()), ("e1", 2, 99.0, 88.0, 70.0, 110.0, ("federated",)),
+                                    ("e2", 1, 50.0, 40.0, None, None, ("local",)), ("e3", 1, 30.0, 20.0)], 1.0)
+    assert [(p["cycle"], p["out_of_range"], p["lower"]) for p in store.engine_trajectory("s1", "e1")] == [(1, 0, None), (2, 1, 70.0)]
+    latest = {r["engine"]: r["out_of_range"] for r in store.latest_predictions()}
+    assert latest == {"e1": 1, "e2": 1, "e3": None}
+    db = sqlite3.connect(store.path)
+    assert db.execute("SELECT model, out_of_range FROM predictions WHERE engine = 'e2' ORDER BY model").fetchall() == [("federated", 0), ("local", 1)]
+    db.close()
+    store.record_predictions("s1", [("e1", 2, 99.0, 88.0, 70.0, 110.0, ())], 2.0)  # re-sent: the new flag wins
+    assert store.engine_trajectory("s1", "e1")[1]["out_of_range"] == 0
+    store.record_truth("s1", "e2", 1, 0.0, 3.0)
+    assert [p["out_of_range"] for p in store.engines_with_truth()[0]["predictions"]] == [1]
+
+
+def test_schema_7_store_gains_the_out_of_range_column(tmp_path: Path) -> None:
+    """A store written before the flag opens, upgraded to 8: its old rows read None (not
+    known), new rows keep their flag."""
+    path = tmp_path / "results.sqlite"
+    with open_store(path) as s:
+        s.record_predictions("s1", [("e1", 1, 100.0, 90.0, 80.0, 100.0)], 1.0)
+    db = sqlite3.connect(path)
+    db.executescript("ALTER TABLE predictions DROP COLUMN out_of_range; UPDATE schema_version SET version = 7;")
+    db.close()
+    with open_store(path) as s:
+        s.record_predictions("s1", [("e1", 2, 99.0, 89.0, None, None, ("local", "federated"))], 2.0)
+        assert [(p["lower"], p["out_of_range"]) for p in s.engine_trajectory("s1", "e1")] == [(80.0, None), (None, 1)]
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(8,)]
+    db.close()
+
+
 def test_schema_6_store_gains_the_validation_table(tmp_path: Path) -> None:
     """Per-round validation metrics have their own table from schema 7."""
     path = tmp_path / "results.sqlite"
     with open_store(path) as s:
         s.record_metrics("s1", 1, 1, {"engines": 2, "local": {"rmse": 3.0}}, 1.0)
     db = sqlite3.connect(path)
-    db.executescript("DROP TABLE validation_metrics; UPDATE schema_version SET version = 6;")
+    db.executescript("ALTER TABLE predictions DROP COLUMN out_of_range; DROP TABLE validation_metrics; UPDATE schema_version SET version = 6;")
     db.close()
     with open_store(path) as s:
         s.record_validation("s1", 1, 1, {"engines": 2, "local": {"rmse": 4.0}}, 2.0)

@@ -160,6 +160,8 @@ class AgentMetrics(MetricsServer):
         yield self._counter("readings", "sensor readings taken (rate(): readings per second)", {(): counters.get("readings", 0)})
         yield self._counter("predictions", "RUL predictions made, per model", {
             ("local",): counters.get("predictions.local", 0), ("federated",): counters.get("predictions.federated", 0)}, ("model",))
+        yield self._counter("predictions_out_of_range", "predictions whose input lay outside the model's training range (extrapolations)",
+                            {(): counters.get("predictions.out_of_range", 0)})
         refusals = {(key.removeprefix("rejected."),): n for key, n in counters.items() if key.startswith("rejected.") and n}
         if counters.get("internal_error"):
             refusals[("internal_error",)] = counters["internal_error"]

@@ -114,6 +114,9 @@ def body() -> None:
     if not band.empty:
         st.caption("Shaded: the federated prediction's conformal interval (lower and upper RUL at the fleet's "
                    "configured coverage, calibrated on engines the model never trained on).")
+    note = views.out_of_range_note(trajectory)
+    if note is not None:
+        st.warning(note)
     if all(p["true_rul"] is None for p in trajectory):
         st.caption("The true RUL of this engine is not known yet (it becomes known when the engine fails, "
                    "or when a test engine's RUL is revealed).")

@@ -72,6 +72,9 @@ def body() -> None:
                                                  "its RUL was revealed"),
                 "gap": common.number_column("federated − local", help="Positive: the federated model "
                                             "expects more life left than the local one"),
+                "outside_range": st.column_config.TextColumn("outside training range", help="yes: at its latest cycle "
+                                                             "the engine's readings lie outside a model's training range, so "
+                                                             "that RUL is an extrapolation (blank: the site did not say)"),
             })
         st.altair_chart(charts.fleet_scatter(fleet, critical, warning), width="stretch")
 

@@ -18,8 +18,8 @@ a `Refusal`, for anything else. Nothing from another process is used before it p
     tfl/v1/sites/<site>/metrics    Metrics            {"site", "model_version", "engines",
                                    "local": {"rmse", "score", "engines"}, "federated": {...}, "counters"}
     tfl/v1/sites/<site>/evaluation ModelEvaluation    {"site", "model_version", "rmse", "rows"}
-    tfl/v1/sites/<site>/predictions Predictions       {"site", "rows": [[engine, cycle, local, federated]],
-                                   "truth": [[engine, cycle, rul]]}
+    tfl/v1/sites/<site>/predictions Predictions       {"site", "rows": [[engine, cycle, local, federated(, lower, upper)]],
+                                   "truth": [[engine, cycle, rul]], "out_of_range": {model: [row index]}}
     tfl/v1/sites/<site>/telemetry  Telemetry          {"site", "rows": [[engine, cycle, [3 settings], [21 sensors]]]}
     plant/<site>/<engine>/sensors  SensorReading      {"cycle": 12, "settings": [3 numbers], "sensors": [21 numbers]}
     plant/<site>/<engine>/events   EngineEvent        {"event": "failure", "cycle": 192}

@@ -190,25 +190,37 @@ class ModelEvaluation:
         )
 
 
-# engine, cycle, local RUL, federated RUL[, lower, upper]: the federated RUL's conformal
-# interval follows where the site has an interval table (turbofed.store.interface.with_interval)
+# engine, cycle, local RUL, federated RUL[, lower, upper[, out_of_range]]: the federated RUL's
+# conformal interval follows where the site has an interval table, then the models whose
+# input lay outside their training range (turbofed.store.interface.full_row)
 PredictionRow = tuple[Any, ...]
 TruthRow = tuple[str, int, float]  # engine, cycle, true RUL (0 at failure)
+MODELS = ("local", "federated")  # the models a site predicts with, in row order (also the stores' model names)
 
 
 @dataclass(frozen=True)
 class Predictions:
     """A batch of per-engine predictions and of true RULs that became known. A row is
     [engine, cycle, local, federated] or, with the federated RUL's conformal interval,
-    [engine, cycle, local, federated, lower, upper] (lower <= upper, both >= 0)."""
+    [engine, cycle, local, federated, lower, upper] (lower <= upper, both >= 0).
+
+    `out_of_range` (optional; absent from older agents, then unknown) is
+    {"local": [row index, ...], "federated": [...]}: the rows whose feature row lay outside
+    that model's training range (FeatureSpec.out_of_range); present with empty lists means
+    none did. Row indices, not engine ids, keep a full batch under MAX_JSON_BYTES. Parsed, it
+    becomes each row's 7th value: the tuple of models flagged (rows padded with lower = upper = None)."""
 
     site: str
     rows: tuple[PredictionRow, ...] = ()
     truth: tuple[TruthRow, ...] = ()
 
     def to_payload(self) -> bytes:
-        rows = [list(r) if len(r) == 6 and r[4] is not None else list(r[:4]) for r in self.rows]  # no interval: the 4 values as before
-        return encode_json({"site": self.site, "rows": rows, "truth": [list(t) for t in self.truth]})
+        rows = [list(r[:6]) if len(r) >= 6 and r[4] is not None else list(r[:4]) for r in self.rows]  # no interval: the 4 values as before
+        body: dict[str, Any] = {"site": self.site, "rows": rows, "truth": [list(t) for t in self.truth]}
+        if any(len(r) == 7 and r[6] is not None for r in self.rows):  # this agent checks: say so even when nothing is flagged
+            body["out_of_range"] = {m: [i for i, r in enumerate(self.rows) if len(r) == 7 and r[6] is not None and m in r[6]]
+                                    for m in MODELS}
+        return encode_json(body)
 
     @classmethod
     def from_payload(cls, payload: bytes, *, site: str) -> Predictions:
@@ -225,12 +237,32 @@ class Predictions:
             row = (engine_id(engine, where), cycle_no(cycle, f"{where} cycle"), optional(local, finite, f"{where} local"),
                    optional(fed, finite, f"{where} federated"))
             rows.append(row if lower is None else (*row, lower, upper))
+        if "out_of_range" in body:
+            rows = _flag_out_of_range(rows, body["out_of_range"], f"{what} out_of_range")
         truth = []
         for i, row in enumerate(bounded_list(body.get("truth", []), f"{what} truth", MAX_PREDICTION_ROWS)):
             engine, cycle, rul = row_of(row, f"{what} truth[{i}]", 3)
             where = f"{what} truth[{i}]"
             truth.append((engine_id(engine, where), cycle_no(cycle, f"{where} cycle"), finite(rul, f"{where} rul", 0.0)))
         return cls(site, tuple(rows), tuple(truth))
+
+
+def _flag_out_of_range(rows: list[PredictionRow], flags: Any, where: str) -> list[PredictionRow]:
+    """Rows with their 7th value, the models flagged: `flags` maps a model to the indices of
+    rows of this batch that it predicted (bounded by the rows; each index in range)."""
+    if not isinstance(flags, dict):
+        raise MessageError(f"{where} must be an object of row indices per model, got {type(flags).__name__}", Refusal.WRONG_FIELDS)
+    flagged: list[set[str]] = [set() for _ in rows]
+    for model, indices in flags.items():
+        model = one_of(model, MODELS, f"{where} key")
+        column = 2 + MODELS.index(model)
+        for j, index in enumerate(bounded_list(indices, f"{where} {model}", len(rows))):
+            i = whole(index, f"{where} {model}[{j}]", 0, len(rows) - 1)
+            if rows[i][column] is None:
+                raise MessageError(f"{where} {model}[{j}]: row {i} has no {model} prediction", Refusal.WRONG_FIELDS)
+            flagged[i].add(model)
+    return [(*r[:4], *(r[4:6] if len(r) == 6 else (None, None)), tuple(m for m in MODELS if m in f))
+            for r, f in zip(rows, flagged)]
 
 
 TelemetryRow = tuple[str, int, tuple[float, ...], tuple[float, ...]]  # engine, cycle, settings, sensors

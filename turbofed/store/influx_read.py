@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from turbofed.store.interface import ARCHIVE_EVENT, MODELS, StoreError
+from turbofed.store.interface import ARCHIVE_EVENT, MODELS, StoreError, engine_flag
 from turbofed.topics import natural_key
 
 
@@ -185,6 +185,7 @@ data
                 row[model] = m.get("rul") if m is not None and m["cycle"] == cycle else None
             fed = models.get("federated")
             row["lower"], row["upper"] = (fed.get("lower"), fed.get("upper")) if fed is not None and fed["cycle"] == cycle else (None, None)
+            row["out_of_range"] = engine_flag([m.get("out_of_range") for m in models.values() if m["cycle"] == cycle])
             row["true_rul"] = _true_rul(truth.get((site, engine)), cycle)
             rows.append(row)
         return sorted(rows, key=lambda r: (natural_key(r["site"]), natural_key(r["engine"])))
@@ -324,18 +325,18 @@ def _true_rul(truth: Mapping[str, Any] | None, cycle: int) -> float | None:
 
 def _trajectory(recs: list[dict[str, Any]], truth: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     """Prediction records of one engine -> one row per cycle; a cycle re-sent later wins."""
-    cycles: dict[int, dict[str, tuple[datetime, float | None, float | None, float | None]]] = {}
+    cycles: dict[int, dict[str, tuple[datetime, float | None, float | None, float | None, int | None]]] = {}
     for r in recs:
         model, cycle = r.get("model"), r.get("cycle")
         if model not in MODELS or cycle is None:
             continue
         seen = cycles.setdefault(cycle, {})
         if model not in seen or r["_time"] >= seen[model][0]:
-            seen[model] = (r["_time"], r.get("rul"), r.get("lower"), r.get("upper"))
-    none = (None, None, None, None)
+            seen[model] = (r["_time"], r.get("rul"), r.get("lower"), r.get("upper"), r.get("out_of_range"))
+    none = (None, None, None, None, None)
     return [{"cycle": c, "local": cycles[c].get("local", none)[1], "federated": cycles[c].get("federated", none)[1],
              "lower": cycles[c].get("federated", none)[2], "upper": cycles[c].get("federated", none)[3],
-             "true_rul": _true_rul(truth, c)}
+             "out_of_range": engine_flag([m[4] for m in cycles[c].values()]), "true_rul": _true_rul(truth, c)}
             for c in sorted(cycles)]
 
 

@@ -41,7 +41,7 @@ from typing import Any
 from turbofed.envelope import json_default
 from turbofed.layout import SENSOR_NAMES, SETTING_NAMES
 from turbofed.store.influx_read import FluxReads, http_status
-from turbofed.store.interface import ARCHIVE_EVENT, MODELS, PredictionRow, ResultsStore, StoreError, with_interval
+from turbofed.store.interface import ARCHIVE_EVENT, MODELS, PredictionRow, ResultsStore, StoreError, full_row, out_of_range_flag
 from turbofed.store.spool import PROTECTED, TELEMETRY, Spool, SpoolError
 
 log = logging.getLogger("turbofed.influx")
@@ -188,6 +188,12 @@ def _i(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def _flag(outside: Any, model: str) -> str:
+    """The out_of_range field of `model`'s prediction point (1i/0i), or nothing when the site did not say."""
+    flag = out_of_range_flag(outside, model)
+    return "" if flag is None else f",out_of_range={flag}i"
+
+
 def _ns(at: float) -> int:
     """Unix seconds -> nanoseconds, at the microsecond resolution a float time carries."""
     return round(at * 1e6) * 1_000
@@ -310,17 +316,17 @@ class InfluxStore(FluxReads, ResultsStore):
 
     def record_predictions(self, site: str, rows: Sequence[PredictionRow], at: float) -> None:
         st, base, lines = self._t(site), int(at * 1_000) * 1_000_000, []
-        for engine, cycle, local, federated, lower, upper in map(with_interval, rows):
+        for engine, cycle, local, federated, lower, upper, outside in map(full_row, rows):
             c = int(cycle)
             head = f"predictions,engine={self._t(engine)},model="
             tail = f",site={st} cycle={c}i,rul="
             t = base + c % 1_000_000
             if local is not None and math.isfinite(local := float(local)):
-                lines.append(f"{head}local{tail}{local!r} {t}")
+                lines.append(f"{head}local{tail}{local!r}{_flag(outside, 'local')} {t}")
             if federated is not None and math.isfinite(federated := float(federated)):
                 bounds = "".join(f",{k}={float(v)!r}" for k, v in (("lower", lower), ("upper", upper))
                                  if v is not None and math.isfinite(float(v)))  # the federated RUL's interval
-                lines.append(f"{head}federated{tail}{federated!r}{bounds} {t}")
+                lines.append(f"{head}federated{tail}{federated!r}{bounds}{_flag(outside, 'federated')} {t}")
         self._emit(TELEMETRY, lines)
 
     def record_sensors(self, site: str, rows: list[tuple[str, int, list[float], list[float]]], at: float) -> None:

@@ -7,7 +7,9 @@ DataFrame-friendly). Timestamps are float unix seconds.
 
 Predictions are stored one row per (site, engine, cycle, model) with model "local" or
 "federated"; the federated row also holds the prediction's conformal interval (lower, upper
-RUL at the fleet's configured coverage; None without one). True RUL is stored once per engine, as it becomes known (RUL 0 at the
+RUL at the fleet's configured coverage; None without one). Each row also says whether the
+model's input lay outside its training range (out_of_range 1 or 0, None when the site did
+not say: FeatureSpec.out_of_range). True RUL is stored once per engine, as it becomes known (RUL 0 at the
 failure cycle, or a test engine's revealed RUL at its last cycle); the truth at any
 earlier cycle c follows as rul + (cycle - c). It is not capped: capping is a modelling
 choice the reader makes. Raw sensor rows are stored only where a site chose to share them.
@@ -21,16 +23,31 @@ from types import TracebackType
 from typing import Any
 
 from turbofed.errors import TurbofedError
+from turbofed.messages.site import MODELS  # noqa: F401 (re-exported: the stores' model names)
 
-MODELS = ("local", "federated")
-# engine, cycle, local RUL, federated RUL[, lower, upper]: the last two (the federated RUL's
-# conformal interval) may be left off, as rows from before intervals are
+# engine, cycle, local RUL, federated RUL[, lower, upper[, out_of_range]]: the federated RUL's
+# conformal interval and then the models whose input was outside their training range (a
+# tuple of MODELS names) may be left off, as rows from before them are
 PredictionRow = tuple[Any, ...]
 
 
-def with_interval(row: Sequence[Any]) -> tuple[Any, ...]:
-    """A prediction row as six values: (engine, cycle, local, federated, lower, upper)."""
-    return (*row, None, None) if len(row) == 4 else tuple(row)
+def full_row(row: Sequence[Any]) -> tuple[Any, ...]:
+    """A prediction row as seven values: (engine, cycle, local, federated, lower, upper,
+    out_of_range), the missing ones None."""
+    return (*row, *(None,) * (7 - len(row)))
+
+
+def out_of_range_flag(models: Sequence[str] | None, model: str) -> int | None:
+    """What a store records for `model`'s prediction: 1 if its input was outside its training
+    range, 0 if not, None if the site did not say."""
+    return None if models is None else int(model in models)
+
+
+def engine_flag(flags: Sequence[int | None]) -> int | None:
+    """An engine's out_of_range at a cycle, from its models' flags: 1 if any model's input was
+    outside its training range, 0 if each that said was inside, None if none said (as SQL MAX)."""
+    known = [int(f) for f in flags if f is not None]
+    return max(known) if known else None
 
 
 ARCHIVE_EVENT = "rounds_archived"  # the event a store without an archive table marks a fleet reset with
@@ -74,8 +91,9 @@ class ResultsStore(ABC):
 
     @abstractmethod
     def record_predictions(self, site: str, rows: Sequence[PredictionRow], at: float) -> None:
-        """Rows of (engine, cycle, local RUL, federated RUL[, lower, upper]); None means not
-        predicted; lower/upper bound the federated RUL (its conformal interval)."""
+        """Rows of (engine, cycle, local RUL, federated RUL[, lower, upper[, out_of_range]]); None
+        means not predicted; lower/upper bound the federated RUL (its conformal interval);
+        out_of_range names the models whose input was outside their training range."""
 
     @abstractmethod
     def record_sensors(self, site: str, rows: list[tuple[str, int, list[float], list[float]]], at: float) -> None:

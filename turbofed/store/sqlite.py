@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from turbofed.envelope import json_default
-from turbofed.store.interface import MODELS, PredictionRow, ResultsStore, StoreError, with_interval
+from turbofed.store.interface import MODELS, PredictionRow, ResultsStore, StoreError, full_row, out_of_range_flag
 from turbofed.topics import natural_key
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 # Raw sensor rows a site chose to share (record_sensors), added in schema v2: settings and
@@ -50,6 +50,9 @@ CREATE TABLE validation_metrics (
     engines INTEGER, rmse REAL, at REAL NOT NULL,
     PRIMARY KEY (site, round, model)) WITHOUT ROWID;
 """
+# Whether each prediction's input lay outside its model's training range (1/0; NULL when the
+# site did not say: agents before it, and rows stored before v8), added in v8.
+_PREDICTION_OUT_OF_RANGE = "ALTER TABLE predictions ADD COLUMN out_of_range INTEGER;"
 _SCHEMA = """
 CREATE TABLE rounds (
     round INTEGER PRIMARY KEY, model_version INTEGER NOT NULL, started REAL NOT NULL,
@@ -72,7 +75,7 @@ CREATE TABLE metrics (
 CREATE INDEX metrics_site_model ON metrics (site, model, at);
 CREATE TABLE predictions (
     site TEXT NOT NULL, engine TEXT NOT NULL, cycle INTEGER NOT NULL, model TEXT NOT NULL,
-    rul REAL NOT NULL, at REAL NOT NULL, lower REAL, upper REAL,
+    rul REAL NOT NULL, at REAL NOT NULL, lower REAL, upper REAL, out_of_range INTEGER,
     PRIMARY KEY (site, engine, cycle, model)) WITHOUT ROWID;
 CREATE TABLE truth (
     site TEXT NOT NULL, engine TEXT NOT NULL, cycle INTEGER NOT NULL, rul REAL NOT NULL,
@@ -82,7 +85,7 @@ CREATE TABLE events (
 """ + _SENSORS_TABLE + _ARCHIVED_ROUNDS + _VALIDATION_TABLE
 # Schema changes: _MIGRATIONS[v] is the SQL that upgrades a version-v store to v + 1.
 _MIGRATIONS: dict[int, str] = {1: _SENSORS_TABLE, 2: _ROUND_PARAMS, 3: _PARTICIPANT_REPORT, 4: _ARCHIVED_ROUNDS,
-                               5: _PREDICTION_INTERVALS, 6: _VALIDATION_TABLE}
+                               5: _PREDICTION_INTERVALS, 6: _VALIDATION_TABLE, 7: _PREDICTION_OUT_OF_RANGE}
 _TABLES = ("rounds", "round_participants", "rejections", "site_status", "metrics",
            "predictions", "truth", "events", "sensors", "validation_metrics")  # what counts() reports (not archived_rounds)
 
@@ -93,6 +96,7 @@ SELECT p.site, p.engine, p.cycle,
        MAX(CASE WHEN p.model = 'federated' THEN p.rul END) AS federated,
        MAX(CASE WHEN p.model = 'federated' THEN p.lower END) AS lower,
        MAX(CASE WHEN p.model = 'federated' THEN p.upper END) AS upper,
+       MAX(p.out_of_range) AS out_of_range,
        CASE WHEN p.cycle <= t.cycle THEN t.rul + (t.cycle - p.cycle) END AS true_rul
 FROM predictions p {join} truth t ON t.site = p.site AND t.engine = p.engine
 """
@@ -225,13 +229,15 @@ class SqliteStore(ResultsStore):
 
     def record_predictions(self, site: str, rows: Sequence[PredictionRow], at: float) -> None:
         # A prediction re-sent (the agent's outbox after a reconnect) replaces the first copy.
-        flat = [(site, str(engine), int(cycle), model, value, at, *(bounds if model == "federated" else (None, None)))
-                for engine, cycle, local, federated, *bounds in map(with_interval, rows)
+        flat = [(site, str(engine), int(cycle), model, value, at, *((lower, upper) if model == "federated" else (None, None)),
+                 out_of_range_flag(outside, model))
+                for engine, cycle, local, federated, lower, upper, outside in map(full_row, rows)
                 for model, value in (("local", _finite(local)), ("federated", _finite(federated)))
                 if value is not None]
         with self._tx() as db:
-            db.executemany("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
-                           "SET rul = excluded.rul, at = excluded.at, lower = excluded.lower, upper = excluded.upper", flat)
+            db.executemany("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
+                           "SET rul = excluded.rul, at = excluded.at, lower = excluded.lower, upper = excluded.upper, "
+                           "out_of_range = excluded.out_of_range", flat)
             self._touch(db, site, at)
 
     def record_sensors(self, site: str, rows: list[tuple[str, int, list[float], list[float]]], at: float) -> None:
@@ -329,7 +335,7 @@ class SqliteStore(ResultsStore):
         rows = self._rows(_TRAJECTORY.format(join="LEFT JOIN")
                           + "WHERE p.site = ? AND p.engine = ? GROUP BY p.cycle ORDER BY p.cycle",
                           (site, str(engine)))
-        return [{k: r[k] for k in ("cycle", "local", "federated", "lower", "upper", "true_rul")} for r in rows]
+        return [{k: r[k] for k in ("cycle", "local", "federated", "lower", "upper", "out_of_range", "true_rul")} for r in rows]
 
     def engines_with_truth(self) -> list[dict[str, Any]]:
         """Per engine whose truth is known: truth cycle and RUL (failed: RUL 0 there) and its
@@ -341,7 +347,7 @@ class SqliteStore(ResultsStore):
             for r in db.execute(_TRAJECTORY.format(join="JOIN")
                                 + "GROUP BY p.site, p.engine, p.cycle ORDER BY p.site, p.engine, p.cycle"):
                 engines[(r["site"], r["engine"])]["predictions"].append(
-                    {k: r[k] for k in ("cycle", "local", "federated", "lower", "upper", "true_rul")})
+                    {k: r[k] for k in ("cycle", "local", "federated", "lower", "upper", "out_of_range", "true_rul")})
         return sorted(engines.values(), key=lambda e: (natural_key(e["site"]), natural_key(e["engine"])))
 
     def events(self, limit: int = 100) -> list[dict[str, Any]]:
