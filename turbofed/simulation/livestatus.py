@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 import tomllib
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +56,7 @@ def live_status(config_path: str, pki: str | None = None, seconds: float = LIVE_
     finally:
         watch.close()
     now = time.time() if now is None else now
-    rows = [{"site": site, "online": statuses[site].online if site in statuses else None,
-             "status_at": statuses[site].at if site in statuses else None,
-             "model_version": statuses[site].model_version if site in statuses else None,
-             "samples": statuses[site].samples if site in statuses else None,
-             "agent_version": statuses[site].agent_version if site in statuses else None,
-             "last_update": None, "federated_rmse": None} for site in config.sites]
+    rows = [store_status.site_row(site, asdict(statuses[site]) if site in statuses else None) for site in config.sites]
     announced = None if ann is None else {"round": ann.round, "model_version": ann.model_version, "done": ann.done,
                                           "deadline": ann.deadline, "strategy": ann.strategy}
     return {"at": now, "source": "broker", "announced": announced, "sites_online": sum(1 for r in rows if r["online"]),

@@ -36,6 +36,16 @@ def refusals_in(row: dict[str, Any]) -> int:
     return int(held.group(1)) if held else 1
 
 
+def site_row(site: str, status: dict[str, Any] | None, last_update: dict[str, Any] | None = None,
+             federated_rmse: float | None = None) -> dict[str, Any]:
+    """One site's row of the tables, from its latest status (a store row, or a Status message's
+    fields; None or empty: never heard from)."""
+    s = status or {}
+    return {"site": site, "online": bool(s.get("online")) if s else None, "status_at": s.get("at"),
+            "model_version": s.get("model_version"), "samples": s.get("samples"), "agent_version": s.get("agent_version"),
+            "last_update": last_update, "federated_rmse": federated_rmse}
+
+
 def fleet_status(store: ResultsStore, sites: list[str] | tuple[str, ...] | None = None, now: float | None = None) -> dict[str, Any]:
     """What `turbofed status` shows, as plain data. `sites`: the fleet config's (sites never
     heard from are listed too); otherwise every site the store knows."""
@@ -51,16 +61,7 @@ def fleet_status(store: ResultsStore, sites: list[str] | tuple[str, ...] | None 
     rows = []
     for site in names:
         s = status.get(site, {})
-        rows.append({
-            "site": site,
-            "online": bool(s.get("online")) if s else None,
-            "status_at": s.get("at"),
-            "model_version": s.get("model_version"),
-            "samples": s.get("samples"),
-            "agent_version": s.get("agent_version"),
-            "last_update": last_update.get(site),
-            "federated_rmse": fed.get(site),
-        })
+        rows.append(site_row(site, s, last_update.get(site), fed.get(site)))
     refusals: Counter[str] = Counter()
     last_refusal: dict[str, float] = {}
     refused_sites: dict[str, set[str]] = {}
