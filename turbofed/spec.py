@@ -17,6 +17,7 @@ standardise each chosen feature. The features themselves are computed on the dev
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -385,8 +386,14 @@ class FeatureSpec:
         """(N, F) or (F,) raw features -> (N,) True where any feature lies more than `limit`
         fleet standard deviations from the fleet mean: the model never saw such an engine
         in training, and its prediction is an extrapolation."""
-        z = (np.atleast_2d(np.asarray(features, dtype=float)) - np.asarray(self.offset)) / np.asarray(self.scale)
+        offset, scale = self._normalisation
+        z = (np.atleast_2d(np.asarray(features, dtype=float)) - offset) / scale
         return np.abs(z).max(axis=1) > limit
+
+    @cached_property
+    def _normalisation(self) -> tuple[np.ndarray, np.ndarray]:
+        """offset and scale as arrays, built once: the agent checks every reading against them."""
+        return np.asarray(self.offset, dtype=float), np.asarray(self.scale, dtype=float)
 
     def to_dict(self) -> dict:
         d = {"sensors": list(self.sensors), "window": self.window, "offset": list(self.offset), "scale": list(self.scale)}
