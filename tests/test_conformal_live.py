@@ -33,6 +33,7 @@ def test_predictions_carry_the_fleets_conformal_interval(broker, pki_dir: Path, 
         store = open_store(fleet.fleet.store)
         wait_for("the interval table of the final model at every site",
                  lambda: all(a.intervals is not None and a.intervals.model_version == a.global_version == 2 for a in agents), 120)
+        wait_for("the intervals event in the store", lambda: any(e["kind"] == "intervals" for e in store.events()), 30)
         event = next(e for e in store.events() if e["kind"] == "intervals")
         table = IntervalTable.from_dict(event["detail"]["table"])
         assert sorted(event["detail"]["sites"]) == fleet.sites and event["detail"]["engines"] == sum(held.values())

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 
+from tests.livefleet import wait_for
 from turbofed.aggregator.regional import RegionalAggregator
 from turbofed.aggregator.service import Aggregator
 from turbofed.benchmarks.scale import SimSites
@@ -67,6 +68,8 @@ def test_one_round_through_a_bridged_regional_broker(tmp_path: Path) -> None:
                                 name="regional-live")
                 sims.run(1, TIMEOUT)  # global v1, through the bridge, at the sites
                 assert region.counters == {} and top.counters == {}, (region.counters, top.counters)
+                # The region records its partial as sent after the publish returns: wait for that itself.
+                wait_for("the region's partial recorded as sent", lambda: 1 in region.sent, 10)
                 assert 1 in region.sent  # the partial went up ...
                 rows = [r for r in top.store.rounds() if r["round"] == 1]
                 assert [sorted(p["site"] for p in r["participants"]) for r in rows] == [SITES]  # ... with every site in it

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import pytest
 
+from tests.livefleet import wait_for
 from turbofed.aggregator.regional import RegionalAggregator
 from turbofed.aggregator.service import Aggregator
 from turbofed.benchmarks.scale import SimSites
@@ -50,13 +51,6 @@ def _crash(worker: RegionalAggregator) -> None:
     worker.client.loop_stop()
     worker.client.socket().close()
 
-
-def _wait_for(condition, timeout: float, what: str) -> None:  # noqa: ANN001
-    until = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > until:
-            raise AssertionError(f"not within {timeout:.0f} s: {what}")
-        time.sleep(0.05)
 
 
 def test_two_workers_one_crashing_mid_round_count_every_site_once(tmp_path: Path) -> None:
@@ -101,7 +95,7 @@ def test_two_workers_one_crashing_mid_round_count_every_site_once(tmp_path: Path
                 r = top.round
                 return r is not None and set(r.accepted) | set(w2.batch) == set(SITES) and not set(r.accepted) & set(w2.batch)
 
-            _wait_for(split, TIMEOUT, "the updates split between w1 (counted) and w2 (held)")
+            wait_for("the updates split between w1 (counted) and w2 (held)", split, TIMEOUT)
             held = list(w2.batch)
             assert held and len(held) < len(SITES), held  # the broker gave both workers some
             w2_stop.set()
@@ -117,6 +111,8 @@ def test_two_workers_one_crashing_mid_round_count_every_site_once(tmp_path: Path
             assert 1 in sims.globals, "global v1 never reached the sites"
 
             assert top.counters == {} and w1.counters == {} and again.counters == {}, (top.counters, w1.counters, again.counters)
+            # The worker counts a batch after its publish returns: wait for that, not for v1 at the sites.
+            wait_for("every redelivered update sent in a batch of its own", lambda: again.batches[1] == len(held), 10)
             assert again.batches[1] == len(held)  # each redelivered update went alone
             rows = [r for r in top.store.rounds() if r["round"] == 1]
             assert [sorted(p["site"] for p in r["participants"]) for r in rows] == [sorted(SITES)]
