@@ -36,6 +36,7 @@ from turbofed.simulation.children import Stopped, stop_on_signals
 from turbofed.simulation.localfleet import FleetError, FleetWatch, Processes, write_configs
 from turbofed.simulation.progress import RoundProgress
 from turbofed.simulation.replay import check_dataset
+from turbofed.store import ResultsStore, open_store
 from turbofed.topics import DEFAULT_TOPICS
 
 log = logging.getLogger("turbofed.simulation.demo")
@@ -167,6 +168,11 @@ def run_demo(
         n_test = sum(test["engines"].values())
         watch.wait("the sites to score their test engines", lambda: sum(m.engines for m in watch.metrics.values()) >= n_test, 300, processes)
         table = [_site_row(site, watch.metrics.get(site)) for site in sites]
+        if store != "influxdb":  # what the sites said is not yet what the aggregator stored: wait for the rows themselves
+            held_out = [s for s in sites if watch.site_status(s).held_out]  # a site holding no engine out sends no curve
+            with open_store(work / "results.sqlite") as results:
+                watch.wait("the aggregator to store the test predictions and the learning curve",
+                           lambda: _all_stored(results, held_out, settings.rounds, n_test), 120, processes)
     finally:
         processes.stop()
         if watch:
@@ -207,6 +213,13 @@ def _replay(processes: Processes, work: Path, args: list[str]) -> dict[str, Any]
     if code != 0:
         raise FleetError(f"replay of the {part} engines failed (exit {code})")
     return json.loads(out.read_text().strip().splitlines()[-1])
+
+
+def _all_stored(results: ResultsStore, sites: list[str], rounds: int, n_test: int) -> bool:
+    """Every test engine's latest prediction and the learning-curve row of every round of each of
+    `sites` (those holding engines out) are in the results store (what the dashboard and the demo's own test read afterwards)."""
+    curve = {(r["site"], r["round"]) for r in results.validation_metrics()}
+    return len(results.latest_predictions()) >= n_test and curve >= {(s, n) for s in sites for n in range(1, rounds + 1)}
 
 
 def _site_row(site: str, metrics: Metrics | None) -> dict[str, Any]:
