@@ -470,7 +470,7 @@ class RegionalAggregator:
             return None
         if self.config.worker:
             return self._worker_close_if_due(now)
-        answered = len(r.accepted) >= self.config.effective_quorum or r.responded() >= r.members
+        answered = r.complete(self.config.effective_quorum) is not None
         if not answered and now < r.deadline - self.config.close_before_s:
             return None
         return self.send_partial()

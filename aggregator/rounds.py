@@ -99,7 +99,7 @@ class Round:
         if staleness < 0 or (not late and staleness):
             raise Rejected(Refusal.STALE_ROUND, f"update trained from global v{env.model_version}, round {self.number} "
                                                 f"started from v{self.model_version}")
-        if topic_site in self.responded():
+        if topic_site in self.accepted or topic_site in self.skipped:
             raise Rejected(Refusal.DUPLICATE, f"site {topic_site!r} already answered round {self.number}")
         if env.kind == "skip":
             self.skipped[topic_site] = env.samples

@@ -8,6 +8,7 @@ agrees on the same parameters.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from turbofed.messages._check import MessageError, finite, refused_as, required, whole
@@ -47,7 +48,12 @@ class SecureSum:
                       self.neighbours)
 
     def id_of(self, site: str) -> int | None:
-        return dict(self.ids).get(site)
+        return self._numbers.get(site)
+
+    @cached_property
+    def _numbers(self) -> dict[str, int]:
+        """site -> its number, built once (every frame of a session asks)."""
+        return dict(self.ids)
 
     def to_dict(self) -> dict[str, Any]:
         return {"session": self.session, "threshold": self.threshold, "dim": self.dim, "ids": dict(self.ids),
