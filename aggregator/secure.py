@@ -48,7 +48,6 @@ class SecureCollection:
         self.phase = 0
         self.deadline = float("inf")  # of phases 1-3
         self.bytes: Counter[str] = Counter()  # frame bytes each site sent and was sent
-        self.started = time.monotonic()
 
     @property
     def phase_name(self) -> str:

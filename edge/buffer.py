@@ -48,9 +48,6 @@ class TrainingBuffer:
         the same data then trains the same model, however the failures were interleaved."""
         return sorted(range(len(self.engines)), key=lambda i: natural_key(self.engines[i][0]))
 
-    def in_engine_order(self) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-        return [self.engines[i] for i in self._order()]
-
     def regime_stats(self) -> RegimeStats:
         """This site's share of phase one of the fleet statistics (operating regimes)."""
         return sum((regime_stats(self.settings[i], self.engines[i][2]) for i in self._order()), RegimeStats())

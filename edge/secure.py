@@ -13,7 +13,7 @@ the outbox: they are worthless once their phase has closed.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -41,7 +41,6 @@ class Session:
     purpose: str  # "round 3", "statistics"
     before_unmask: Callable[[tuple[int, ...]], None] | None = None  # may refuse (raises Refused)
     after_unmask: Callable[[tuple[int, ...]], None] | None = None
-    inbox: Any = field(default=None, repr=False)
 
 
 class SecureSessions:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from turbofed.metrics import RUL_CAP
+from turbofed.metrics import RUL_CAP, nasa_cut_rul
 
 DEFAULT_COVERAGE = 0.9
 BIN_WIDTH = 1.0  # cycles
@@ -280,7 +280,6 @@ def calibration_cuts(length: int, rng: np.random.Generator, cuts: int) -> np.nda
     """Row indices (0-based) at which a run to failure of `length` cycles is scored for
     calibration: `cuts` draws of the cut NASA's test engines have (`turbofed.metrics.nasa_cut_rul`),
     so the calibration residuals come from the distribution the test predictions do."""
-    from turbofed.metrics import nasa_cut_rul
 
     return length - 1 - nasa_cut_rul(length, rng, cuts)
 

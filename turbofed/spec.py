@@ -231,11 +231,6 @@ class Regimes:
         return cls(tuple(cells), mean, std)
 
 
-def regimes_of(stats: RegimeStats | None) -> Regimes | None:
-    """The regimes fixed by phase-one statistics (None for none: raw sensors, as before regimes)."""
-    return None if stats is None else Regimes.from_stats(stats)
-
-
 @dataclass
 class FleetStats:
     """Additive statistics over labelled cycles: column 0 is the cycle, 1..21 the sensors;
