@@ -4,7 +4,7 @@ the sites' statistics replies (the two phases the aggregator drives)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from turbofed.config import ModelSettings
 from turbofed.conformal import HistogramError, IntervalTable, Layout, ResidualHistogram
@@ -175,12 +175,23 @@ def _spec(value: Any, what: str) -> FeatureSpec:
                                       "regimes": regimes.to_dict() if regimes else None})
 
 
+T = TypeVar("T")
+
+
 def _regimes(value: Any, what: str) -> Regimes:
     """Operating regimes: at most MAX_REGIMES grid cells, finite means, spreads not negative."""
+    return _from_dict(value, Regimes.from_dict, what, Refusal.BAD_ROUND)
+
+
+def _from_dict(value: Any, parse: Callable[[Any], T], what: str, reason: Refusal) -> T | None:
+    """None for an absent value, else `parse(value)`; its ValueError is refused with `reason`,
+    naming `what`."""
+    if value is None:
+        return None
     try:
-        return Regimes.from_dict(value)
+        return parse(value)
     except ValueError as exc:
-        raise MessageError(f"{what}: {exc}", Refusal.BAD_ROUND) from None
+        raise MessageError(f"{what}: {exc}", reason) from None
 
 
 STATS_PHASES = ("regimes", "features", "residuals")
@@ -228,12 +239,7 @@ class StatsRequest:
             phase = body.get("phase", "features")
             if phase not in STATS_PHASES:
                 raise MessageError(f"{where} phase must be one of {', '.join(STATS_PHASES)}, got {str(phase)[:40]!r}", Refusal.BAD_STATS_REQUEST)
-            regimes = None
-            if body.get("regimes") is not None:
-                try:
-                    regimes = Regimes.from_dict(body["regimes"])
-                except ValueError as exc:
-                    raise MessageError(f"{where} regimes: {exc}", Refusal.BAD_STATS_REQUEST) from None
+            regimes = _from_dict(body.get("regimes"), Regimes.from_dict, f"{where} regimes", Refusal.BAD_STATS_REQUEST)
             if phase == "regimes" and regimes is not None:
                 raise MessageError(f"{where}: the regimes phase is asked without regimes", Refusal.BAD_STATS_REQUEST)
             secagg = optional(body.get("secagg"), SecureSum.from_dict, f"{where} secagg")
@@ -285,12 +291,7 @@ class StatsReply:
         stats = body.get("stats")
         if stats is not None:
             stats = _fleet_stats(stats, f"{what}: stats")
-        regime_stats = None
-        if body.get("regime_stats") is not None:
-            try:
-                regime_stats = RegimeStats.from_dict(body["regime_stats"])
-            except ValueError as exc:
-                raise MessageError(f"{what}: regime_stats: {exc}", Refusal.BAD_STATS) from None
+        regime_stats = _from_dict(body.get("regime_stats"), RegimeStats.from_dict, f"{what}: regime_stats", Refusal.BAD_STATS)
         residuals = None
         if body.get("residuals") is not None:
             try:
