@@ -4,14 +4,19 @@ checkpoint, a client that only records what would be published, and updates hand
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import numpy as np
 
 from turbofed import envelope
 from turbofed.aggregator.registry import ModelRegistry
 from turbofed.aggregator.service import Aggregator
-from turbofed.codec import Weights, replace_weights
+from turbofed.codec import Weights, flatten, read_weights, replace_weights
 from turbofed.config import FleetConfig, ModelSettings
 from turbofed.graph import reference_model
+from turbofed.messages.signed import Sealer
+from turbofed.signing import SigningKey
 from turbofed.spec import FeatureSpec, FleetStats
 
 SPEC, SETTINGS = FeatureSpec((0, 1), 30, (0.5,) * 9, (2.0,) * 9), ModelSettings(seed=3)
@@ -56,3 +61,31 @@ def run_round(aggregator: Aggregator, updates: dict[str, tuple[Weights, int]]) -
         aggregator._on_update(site, envelope.encode(kind="update", site=site, round=number, model_version=aggregator.version,
                                                     samples=claim, body=body))
     aggregator._close_round("quorum")
+
+
+# --- two-level fleets and workers (tests/test_regional.py, tests/test_workers.py) ----------
+
+
+def sealer(pki: Path, name: str, key_of: str | None = None) -> Sealer:
+    """`name`'s sealer from the fleet identity folder `pki` (with `key_of`'s key: a forgery)."""
+    fleet = json.loads((pki / "fleet.json").read_text())["fleet_id"]
+    return Sealer(fleet, SigningKey.load(name, pki / "identities" / (key_of or name) / "signing.key"))
+
+
+def site_updates(model, sites: tuple[str, ...], seed: int) -> dict[str, tuple[dict, int]]:  # noqa: ANN001
+    """Each site's weights (the model's, nudged) and its sample count, seeded."""
+    base, rng = read_weights(model), np.random.default_rng(seed)
+    return {s: ({k: (v + rng.normal(0, 0.05, v.shape)).astype(v.dtype) for k, v in base.items()}, int(rng.integers(150, 260)))
+            for s in sites}
+
+
+def deliver(top: Aggregator, topic: str, payload: bytes) -> None:
+    """As if the broker delivered it: through the aggregator's inbox and `pump`."""
+    top.inbox.put((topic, payload))
+    top.pump(0.0)
+
+
+def global_vector(top: Aggregator) -> np.ndarray:
+    """The aggregator's current global model as one flat vector."""
+    weights = read_weights(top.model)
+    return flatten(weights, list(weights))

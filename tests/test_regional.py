@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.inprocess import SETTINGS, SPEC, RecordingClient, checkpoint_fleet
+from tests import inprocess
+from tests.inprocess import SETTINGS, SPEC, RecordingClient, checkpoint_fleet, deliver, global_vector, sealer, site_updates
 from turbofed.aggregator.regional import PartialSite, RegionalAggregator, encode_partial
 from turbofed.aggregator.registry import ModelRegistry
 from turbofed.aggregator.service import Aggregator
-from turbofed.codec import flatten, read_weights, replace_weights
+from turbofed.codec import flatten, replace_weights
 from turbofed.config import FleetConfig, RegionConfig, StrategySettings
 from turbofed.deploy.identities import AGGREGATOR, add_identity, init_fleet
 from turbofed.errors import ConfigError
@@ -46,11 +47,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ids.root
 
 
-def _sealer(pki: Path, name: str, key_of: str | None = None) -> Sealer:
-    fleet = json.loads((pki / "fleet.json").read_text())["fleet_id"]
-    return Sealer(fleet, SigningKey.load(name, pki / "identities" / (key_of or name) / "signing.key"))
-
-
 def _top(tmp_path: Path, pki: Path, regions: dict | None = None, **fields: object) -> Aggregator:
     with ModelRegistry(tmp_path / "registry") as reg:
         reg.save(0, 0, reference_model(SPEC, SETTINGS).SerializeToString(), {}, checkpoint_fleet())
@@ -61,15 +57,9 @@ def _top(tmp_path: Path, pki: Path, regions: dict | None = None, **fields: objec
     return aggregator
 
 
-def _updates(model, seed: int) -> dict[str, tuple[dict, int]]:  # noqa: ANN001
-    base, rng = read_weights(model), np.random.default_rng(seed)
-    return {s: ({k: (v + rng.normal(0, 0.05, v.shape)).astype(v.dtype) for k, v in base.items()}, int(rng.integers(150, 260)))
-            for s in SITES}
-
-
 def _update_payload(pki: Path, top: Aggregator, site: str, weights: dict, claim: int, number: int) -> bytes:
     body = replace_weights(top.model, weights).SerializeToString()
-    return _sealer(pki, site).envelope(kind="update", round=number, model_version=top.version, samples=claim, body=body,
+    return sealer(pki, site).envelope(kind="update", round=number, model_version=top.version, samples=claim, body=body,
                                        epoch=top.epoch)
 
 
@@ -83,12 +73,6 @@ class Outbox(RecordingClient):
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> object:
         self.sent.append((topic, payload))
         return super().publish(topic, payload, qos, retain)
-
-
-def deliver(top: Aggregator, topic: str, payload: bytes) -> None:
-    """As if the broker delivered it: through the aggregator's inbox and `pump`."""
-    top.inbox.put((topic, payload))
-    top.pump(0.0)
 
 
 def _region(pki: Path, top: Aggregator, name: str) -> RegionalAggregator:
@@ -105,16 +89,11 @@ def _region(pki: Path, top: Aggregator, name: str) -> RegionalAggregator:
     return region
 
 
-def _global(top: Aggregator) -> np.ndarray:
-    model = top.model
-    return flatten(read_weights(model), list(read_weights(model)))
-
-
 def test_two_level_fedavg_equals_flat_fedavg(tmp_path: Path, pki: Path) -> None:
     flat = _top(tmp_path / "flat", pki)
     two = _top(tmp_path / "two", pki, regions=REGIONS)
     try:
-        updates = _updates(flat.model, seed=7)
+        updates = site_updates(flat.model, SITES, seed=7)
         flat.open_round(1, 0.0).deadline = 1e12
         for site, (w, claim) in updates.items():
             flat._on_update(site, _update_payload(pki, flat, site, w, claim, 1))
@@ -135,10 +114,10 @@ def test_two_level_fedavg_equals_flat_fedavg(tmp_path: Path, pki: Path) -> None:
         two._close_round("quorum")
 
         assert flat.version == two.version == 1
-        difference = np.abs(_global(flat) - _global(two)).max()
+        difference = np.abs(global_vector(flat) - global_vector(two)).max()
         assert difference <= 1e-6, difference
         expected = sum(claim * flatten(w, list(w)).astype(np.float64) for w, claim in updates.values()) / sum(c for _, c in updates.values())
-        assert np.abs(_global(two) - expected).max() <= 1e-6
+        assert np.abs(global_vector(two) - expected).max() <= 1e-6
         rows = {p["site"]: p for p in two.store.rounds()[-1]["participants"]}
         assert set(rows) == set(SITES) and rows["s2"]["samples"] == updates["s2"][1]
     finally:
@@ -162,7 +141,7 @@ def _partial(pki: Path, top: Aggregator, *, sealer: Sealer | Unsigned | None = N
     length = int(top.running.base.size)
     rows = sites if sites is not None else [PartialSite(s, 100, 100, 24_000, 0.5) for s in REGIONS[region]]
     named = {s.site for s in rows}
-    return encode_partial(sealer or _sealer(pki, region), round=number, model_version=top.version, epoch=top.epoch,
+    return encode_partial(sealer or inprocess.sealer(pki, region), round=number, model_version=top.version, epoch=top.epoch,
                           total=np.full(length, 0.01 * len(rows) * 100) if total is None else total, sites=rows,
                           missing=[s for s in REGIONS[region] if s not in named] if missing is None else missing, refused={})
 
@@ -196,7 +175,7 @@ def test_a_bad_partial_is_refused_with_its_reason_and_counted(top: Aggregator, p
     if case == "unsigned":
         payload = _partial(pki, top, sealer=Unsigned("east"))
     elif case == "signed with another region's key":
-        payload = _partial(pki, top, sealer=_sealer(pki, "east", key_of="west"))
+        payload = _partial(pki, top, sealer=sealer(pki, "east", key_of="west"))
     elif case == "signed with a site's key":
         payload = _partial(pki, top, sealer=Sealer(fleet, SigningKey.load("east", pki / "identities" / "s1" / "signing.key")))
     elif case == "another region's partial on this topic":
@@ -218,7 +197,7 @@ def test_a_bad_partial_is_refused_with_its_reason_and_counted(top: Aggregator, p
         from turbofed import envelope
 
         env = envelope.decode(good)  # the same body, signed (by east) for a smaller Σ w
-        payload = _sealer(pki, "east").envelope(kind="partial", round=1, model_version=top.version, samples=env.samples - 1,
+        payload = sealer(pki, "east").envelope(kind="partial", round=1, model_version=top.version, samples=env.samples - 1,
                                                 body=env.body, epoch=top.epoch)
     elif case == "a weight above the claim":
         payload = _partial(pki, top, sites=[PartialSite(s, 500, 100, 24_000, 0.5) for s in REGIONS["east"]])
@@ -227,7 +206,7 @@ def test_a_bad_partial_is_refused_with_its_reason_and_counted(top: Aggregator, p
 
         bomb = zlib.compress(b" " * (MAX_META_BYTES + 1), 9)  # a few KB on the wire
         body = len(bomb).to_bytes(4, "big") + bomb + np.zeros(length, dtype="<f4").tobytes()
-        payload = _sealer(pki, "east").envelope(kind="partial", round=1, model_version=top.version, samples=0, body=body, epoch=top.epoch)
+        payload = sealer(pki, "east").envelope(kind="partial", round=1, model_version=top.version, samples=0, body=body, epoch=top.epoch)
     else:
         payload = b"not a partial at all"
     _refused(top, topic, payload, reason)
@@ -242,7 +221,7 @@ def test_a_good_partial_counts_its_sites_once(top: Aggregator, pki: Path) -> Non
 
 
 def test_a_regional_site_sending_to_the_top_directly_is_refused(top: Aggregator, pki: Path) -> None:
-    w, claim = _updates(top.model, seed=1)["s1"]
+    w, claim = site_updates(top.model, SITES, seed=1)["s1"]
     deliver(top, T.update("s1"), _update_payload(pki, top, "s1", w, claim, 1))
     assert top.counters[Refusal.WRONG_ROUTE.value] == 1 and not top.round.accepted
 
@@ -298,8 +277,8 @@ def test_the_region_checks_updates_as_the_top_does_and_reports_its_refusals(tmp_
     try:
         top.open_round(1, 0.0).deadline = 1e12
         region = _region(pki, top, "west")
-        updates = _updates(top.model, seed=3)
-        forged = _sealer(pki, "s5", key_of="s6").envelope(kind="update", round=1, model_version=0, samples=200,
+        updates = site_updates(top.model, SITES, seed=3)
+        forged = sealer(pki, "s5", key_of="s6").envelope(kind="update", round=1, model_version=0, samples=200,
                                                           body=top.model.SerializeToString(), epoch=top.epoch)
         region.handle(T.update("s5"), forged)  # s6's key on s5's update
         region.handle(T.update("s1"), _update_payload(pki, top, "s1", *updates["s1"], 1))  # not a site of west

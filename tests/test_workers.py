@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.inprocess import SETTINGS, SPEC, RecordingClient, checkpoint_fleet
-from tests.test_regional import _global, _sealer, _updates, deliver
+from tests.inprocess import SETTINGS, SPEC, RecordingClient, checkpoint_fleet, deliver, global_vector, sealer, site_updates
 from turbofed.aggregator.regional import MAX_BATCH, Delivery, PartialSite, RegionalAggregator, encode_partial
 from turbofed.aggregator.registry import ModelRegistry
 from turbofed.aggregator.service import Aggregator
@@ -98,7 +97,7 @@ def _follow(worker: RegionalAggregator, top: Aggregator) -> None:
 
 def _update(pki: Path, top: Aggregator, site: str, weights: dict, claim: int, kind: str = "update") -> bytes:
     body = replace_weights(top.model, weights).SerializeToString() if kind == "update" else b""
-    return _sealer(pki, site).envelope(kind=kind, round=top.round.number, model_version=top.version, samples=claim, body=body,
+    return sealer(pki, site).envelope(kind=kind, round=top.round.number, model_version=top.version, samples=claim, body=body,
                                        epoch=top.epoch)
 
 
@@ -127,7 +126,7 @@ def test_two_workers_on_disjoint_halves_give_the_flat_fedavg(tmp_path: Path, pki
     flat = _top(tmp_path / "flat", pki, workers=())
     two = _top(tmp_path / "two", pki)
     try:
-        updates = _updates(flat.model, seed=11)
+        updates = site_updates(flat.model, SITES, seed=11)
         updates = {s: u for s, u in updates.items() if s in SITES}
         for site, (w, claim) in updates.items():
             flat._on_update(site, _update(pki, flat, site, w, claim))
@@ -148,9 +147,9 @@ def test_two_workers_on_disjoint_halves_give_the_flat_fedavg(tmp_path: Path, pki
         two._close_round("quorum")
 
         assert flat.version == two.version == 1
-        assert np.abs(_global(flat) - _global(two)).max() <= 1e-6
+        assert np.abs(global_vector(flat) - global_vector(two)).max() <= 1e-6
         expected = sum(c * flatten(w, list(w)).astype(np.float64) for w, c in updates.values()) / sum(c for _, c in updates.values())
-        assert np.abs(_global(two) - expected).max() <= 1e-6
+        assert np.abs(global_vector(two) - expected).max() <= 1e-6
         rows = {p["site"]: p for p in two.store.rounds()[-1]["participants"]}
         assert set(rows) == set(SITES) and rows["s5"]["samples"] == updates["s5"][1]
     finally:
@@ -161,9 +160,9 @@ def test_two_workers_on_disjoint_halves_give_the_flat_fedavg(tmp_path: Path, pki
 
 def test_updates_are_acked_only_once_their_partial_is_at_the_broker(top: Aggregator, pki: Path) -> None:
     worker = _worker(pki, top, "w1", batch=2)
-    updates = _updates(top.model, seed=2)
+    updates = site_updates(top.model, SITES, seed=2)
     worker.receive(Delivery(T.update("s1"), _update(pki, top, "s1", *updates["s1"]), mid=11))
-    forged = _sealer(pki, "s2", key_of="s3").envelope(kind="update", round=1, model_version=0, samples=200,
+    forged = sealer(pki, "s2", key_of="s3").envelope(kind="update", round=1, model_version=0, samples=200,
                                                       body=top.model.SerializeToString(), epoch=top.epoch)
     worker.receive(Delivery(T.update("s2"), forged, mid=12))  # refused here: acked at once, nothing to redeliver
     assert worker.client.acked == [12] and worker.counters == {Refusal.BAD_SIGNATURE.value: 1}
@@ -181,7 +180,7 @@ def test_updates_are_acked_only_once_their_partial_is_at_the_broker(top: Aggrega
 def test_a_restarted_worker_holds_redeliveries_until_it_has_the_round(top: Aggregator, pki: Path) -> None:
     """Mosquitto resends a session's unacked messages before the retained round and global
     arrive again: they wait, and are not refused as if no round were open."""
-    updates = _updates(top.model, seed=4)
+    updates = site_updates(top.model, SITES, seed=4)
     worker = _worker(pki, None, "w1", batch=4)
     worker.receive(Delivery(T.update("s1"), _update(pki, top, "s1", *updates["s1"]), mid=21, dup=True))
     worker.receive(Delivery(T.update("s2"), _update(pki, top, "s2", *updates["s2"]), mid=22))
@@ -197,7 +196,7 @@ def test_a_restarted_worker_holds_redeliveries_until_it_has_the_round(top: Aggre
 
 
 def test_a_batch_naming_a_counted_site_is_refused_whole_and_a_singleton_duplicate_drops_only_itself(top: Aggregator, pki: Path) -> None:
-    updates = _updates(top.model, seed=5)
+    updates = site_updates(top.model, SITES, seed=5)
     first = _worker(pki, top, "w1", batch=2)
     for i, site in enumerate(("s1", "s2")):
         first.receive(Delivery(T.update(site), _update(pki, top, site, *updates[site]), mid=30 + i))
@@ -226,7 +225,7 @@ def test_a_batch_naming_a_counted_site_is_refused_whole_and_a_singleton_duplicat
 
 def test_skip_notices_travel_in_a_batch_and_count_toward_the_round(top: Aggregator, pki: Path) -> None:
     worker = _worker(pki, top, "w1", batch=2)
-    updates = _updates(top.model, seed=6)
+    updates = site_updates(top.model, SITES, seed=6)
     worker.receive(Delivery(T.update("s1"), _update(pki, top, "s1", *updates["s1"]), mid=61))
     worker.receive(Delivery(T.update("s2"), _update(pki, top, "s2", {}, 0, kind="skip"), mid=62))
     (_, _, payload), = worker.client.sent
@@ -247,7 +246,7 @@ def test_a_bad_batch_is_refused_with_its_reason(top: Aggregator, pki: Path, case
         missing = ["s1"]
     elif case == "a site of no one":
         rows = [PartialSite("s99", 100, 100, 24_000, 0.5)]
-    payload = encode_partial(_sealer(pki, "w1"), round=1, model_version=top.version, epoch=top.epoch,
+    payload = encode_partial(sealer(pki, "w1"), round=1, model_version=top.version, epoch=top.epoch,
                              total=np.full(length, 0.01 * 100 * len(rows)), sites=rows, missing=missing, refused={})
     topic = T.partial("w1")
     if case == "a region's partial":
@@ -258,7 +257,7 @@ def test_a_bad_batch_is_refused_with_its_reason(top: Aggregator, pki: Path, case
 
 
 def test_with_workers_a_site_sending_to_the_top_directly_is_refused(top: Aggregator, pki: Path) -> None:
-    w, claim = _updates(top.model, seed=1)["s1"]
+    w, claim = site_updates(top.model, SITES, seed=1)["s1"]
     deliver(top, T.update("s1"), _update(pki, top, "s1", w, claim))
     assert top.counters == {Refusal.WRONG_ROUTE.value: 1} and not top.round.accepted
 
@@ -303,7 +302,7 @@ def test_a_redelivery_after_a_reconnect_is_acked_once_with_its_batch(top: Aggreg
     still in the open batch again, with the same message id. It is refused here as a
     duplicate, and its id is acked once, when the batch's partial is at the broker."""
     worker = _worker(pki, top, "w1", batch=4)
-    w, claim = _updates(top.model, seed=8)["s1"]
+    w, claim = site_updates(top.model, SITES, seed=8)["s1"]
     payload = _update(pki, top, "s1", w, claim)
     worker.receive(Delivery(T.update("s1"), payload, mid=7))
     worker.receive(Delivery(T.update("s1"), payload, mid=7, dup=True))
