@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -236,12 +237,18 @@ class IntervalTable:
 
     def interval(self, predicted: np.ndarray, cap: float = RUL_CAP) -> tuple[np.ndarray, np.ndarray]:
         """(lower, upper) RUL for each prediction, clipped to [0, cap]."""
+        edges, lower, upper = self._bounds
         p = np.asarray(predicted, dtype=float)
-        g = np.searchsorted(np.asarray(self.edges, dtype=float), p, side="right")
+        g = np.searchsorted(edges, p, side="right")
         with np.errstate(invalid="ignore"):
-            lo = np.clip(p + np.asarray(self.lower)[g], 0.0, cap)
-            hi = np.clip(p + np.asarray(self.upper)[g], 0.0, cap)
+            lo = np.clip(p + lower[g], 0.0, cap)
+            hi = np.clip(p + upper[g], 0.0, cap)
         return lo, hi
+
+    @cached_property
+    def _bounds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """edges, lower and upper as arrays, built once: the agent bounds every prediction."""
+        return np.asarray(self.edges, dtype=float), np.asarray(self.lower, dtype=float), np.asarray(self.upper, dtype=float)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: an infinite bound (too few residuals for the rank) travels as null."""
