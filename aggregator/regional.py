@@ -26,7 +26,10 @@ region, `samples` is Σ w (signed), and the body is
     4 bytes  meta length M, unsigned big-endian
     M bytes  meta, zlib-compressed UTF-8 JSON {"sites": [[site, weight, claimed, update_bytes,
              norm], ...], "missing": [sites that sent no update: skipped or silent],
-             "refused": {reason: count}, "length": L} (at most MAX_META_BYTES inflated)
+             "refused": {reason: count}, "length": L} (at most MAX_META_BYTES inflated);
+             with `site_records = "summary"` "sites" gives way to "summary": {"sites": n,
+             "claimed": Σ claimed, "update_bytes": Σ bytes, "norm_max": largest delta norm}
+             and the region's other sites are the ones that sent an update
     4·L      Σ w·θ / Σ w, float32 little-endian, in the global model's initializer order
              (zeros when Σ w = 0)
 
@@ -34,6 +37,13 @@ The top aggregator (`read_partial`) refuses, with a reason that is counted, a pa
 region it does not know, not signed by that region's key, for another round or model, or
 whose content does not hold together: sites outside the region or named twice, weights out
 of range or not summing to the signed Σ w, a vector of the wrong length or not finite.
+
+Per-site records cost O(sites) at the top: about 2 bytes a site compressed when the regions'
+records look alike, more for real ones, so a region of 1,250 sites adds 3-10 KB to its
+24 KB partial. `site_records = "summary"` sends only which sites answered (the region's
+sites minus `missing`) and totals; the top records those sites as summed in the region,
+without their weight or norm (the region logs its round), and the partial stays the size
+of one update plus headers (docs/scaling.md).
 
 Robust strategies (median, Krum, trimmed mean, filtered or clipped FedAvg) need every
 update, which a sum hides: the top aggregator refuses `[regions]` with them (ConfigError).
@@ -126,17 +136,25 @@ class Partial:
     model_version: int
     weight: int  # Σ w
     total: np.ndarray  # Σ w·θ, float64 (the wire's float32 mean times Σ w)
-    sites: tuple[PartialSite, ...]
+    sites: tuple[PartialSite, ...]  # empty for a summary partial
     missing: tuple[str, ...]
     refused: dict[str, int]
     wire_bytes: int
+    summed: tuple[str, ...] = ()  # a summary partial: the sites it sums (the region's, less `missing`)
 
 
 def encode_partial(sealer: Sealer | Unsigned, *, round: int, model_version: int, epoch: int, total: np.ndarray,  # noqa: A002
-                   sites: list[PartialSite], missing: list[str], refused: dict[str, int]) -> bytes:
-    """The signed envelope of one partial (layout in the module docstring)."""
-    meta = zlib.compress(json.dumps({"sites": [[s.site, s.weight, s.claimed, s.update_bytes, s.norm] for s in sites],
-                                     "missing": missing, "refused": refused, "length": int(total.size)},
+                   sites: list[PartialSite], missing: list[str], refused: dict[str, int], summary: bool = False) -> bytes:
+    """The signed envelope of one partial (layout in the module docstring); `summary`: the
+    sites' totals instead of a record per site."""
+    records: dict[str, object]
+    if summary:
+        records = {"summary": {"sites": len(sites), "claimed": sum(s.claimed for s in sites),
+                               "update_bytes": sum(s.update_bytes for s in sites),
+                               "norm_max": max((s.norm for s in sites), default=0.0)}}
+    else:
+        records = {"sites": [[s.site, s.weight, s.claimed, s.update_bytes, s.norm] for s in sites]}
+    meta = zlib.compress(json.dumps({**records, "missing": missing, "refused": refused, "length": int(total.size)},
                                     separators=(",", ":")).encode(), 9)
     weight = sum(s.weight for s in sites)
     mean = total / weight if weight else np.zeros_like(total)
@@ -180,14 +198,23 @@ def read_partial(payload: bytes, region: str, region_sites: frozenset[str], veri
         meta = json.loads(text)
     except (zlib.error, UnicodeDecodeError, ValueError) as exc:
         raise _bad(f"partial from region {region}: meta is not compressed JSON ({str(exc)[:200]})") from None
-    if not isinstance(meta, dict) or not all(k in meta for k in ("sites", "missing", "refused", "length")):
-        raise _bad(f"partial from region {region}: meta must be an object with sites, missing, refused, length")
-    sites = _partial_sites(meta["sites"], region, region_sites)
+    if (not isinstance(meta, dict) or not all(k in meta for k in ("missing", "refused", "length"))
+            or ("sites" in meta) == ("summary" in meta) or (batch and "summary" in meta)):
+        raise _bad(f"partial from region {region}: meta must be an object with missing, refused, length and "
+                   f"either sites or {'' if batch else '(not from a worker) '}summary")
     missing = meta["missing"]
-    named = {s.site for s in sites}
     if (not isinstance(missing, list) or len(missing) > len(region_sites) or not all(isinstance(m, str) for m in missing)
             or len(set(missing)) != len(missing)):
         raise _bad(f"partial from region {region}: missing must be a list of distinct site ids")
+    if "summary" in meta:
+        if not set(missing) <= region_sites:
+            raise _bad(f"partial from region {region}: missing names a site that is not one of its sites")
+        sites, summed = (), tuple(s for s in sorted(region_sites) if s not in set(missing))
+        _check_summary(meta["summary"], region, len(summed), env.samples)
+        named = set(summed)
+    else:
+        sites, summed = _partial_sites(meta["sites"], region, region_sites), ()
+        named = {s.site for s in sites}
     # O(batch), not O(fleet): a round brings a worker's partial every MAX_BATCH updates.
     if batch and (len(sites) + len(missing) > MAX_BATCH or not all(m in region_sites and m not in named for m in missing)):
         raise _bad(f"partial from worker {region}: a batch holds at most {MAX_BATCH} of the fleet's sites, each once")
@@ -197,7 +224,7 @@ def read_partial(payload: bytes, region: str, region_sites: frozenset[str], veri
     if (not isinstance(refused, dict) or len(refused) > MAX_REFUSAL_KINDS
             or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SAMPLES for v in refused.values())):
         raise _bad(f"partial from region {region}: refused must map at most {MAX_REFUSAL_KINDS} reasons to counts")
-    weight = sum(s.weight for s in sites)
+    weight = sum(s.weight for s in sites) if not summed else env.samples
     if weight != env.samples:
         raise _bad(f"partial from region {region}: site weights sum to {weight}, the signed total is {env.samples}")
     if meta["length"] != length or len(body) - _META_LEN.size - meta_len != 4 * length:
@@ -210,7 +237,26 @@ def read_partial(payload: bytes, region: str, region_sites: frozenset[str], veri
         raise _bad(f"partial from region {region}: no site weight but a non-zero mean")
     total = mean * weight  # Σ w·θ, float64
     return Partial(region, env.round, env.model_version, weight, total, sites, tuple(missing),
-                   {str(k)[:64]: v for k, v in refused.items()}, len(payload))
+                   {str(k)[:64]: v for k, v in refused.items()}, len(payload), summed)
+
+
+def _check_summary(summary: object, region: str, sites: int, weight: int) -> None:
+    """A summary partial's totals hold together: `sites` sites, each of weight 1 to its
+    claim (at most MAX_SAMPLES), summing to the signed Σ w `weight`."""
+    ok = (isinstance(summary, dict) and set(summary) == {"sites", "claimed", "update_bytes", "norm_max"}
+          and all(isinstance(summary[k], int) and not isinstance(summary[k], bool) for k in ("sites", "claimed", "update_bytes"))
+          and isinstance(summary["norm_max"], (int, float)) and not isinstance(summary["norm_max"], bool))
+    if not ok:
+        raise _bad(f"partial from region {region}: summary must be {{sites, claimed, update_bytes (integers), norm_max}}, "
+                   f"got {str(summary)[:120]}")
+    if summary["sites"] != sites:
+        raise _bad(f"partial from region {region}: summary counts {summary['sites']} sites, "
+                   f"its sites less missing are {sites}")
+    if not (sites <= weight <= summary["claimed"] <= sites * MAX_SAMPLES
+            and sites <= summary["update_bytes"] <= sites * envelope.MAX_PAYLOAD_BYTES
+            and math.isfinite(summary["norm_max"]) and summary["norm_max"] >= 0):
+        raise _bad(f"partial from region {region}: summary of {sites} sites with Σ w {weight}, claimed {summary['claimed']}, "
+                   f"{summary['update_bytes']} bytes, largest norm {summary['norm_max']} out of range")
 
 
 def _partial_sites(rows: object, region: str, region_sites: frozenset[str]) -> tuple[PartialSite, ...]:
@@ -484,7 +530,8 @@ class RegionalAggregator:
         sites = [PartialSite(a.site, final[a.site], a.samples, a.wire_bytes, running.norms[a.site]) for a in r.accepted.values()]
         missing = sorted(set(r.sites) - set(r.accepted))
         return encode_partial(self.sealer, round=r.number, model_version=r.model_version, epoch=self.epoch, total=total,
-                              sites=sites, missing=missing, refused=dict(self.round_refused))
+                              sites=sites, missing=missing, refused=dict(self.round_refused),
+                              summary=self.config.site_records == "summary")
 
     def _new_sum(self) -> RunningSum:
         """A worker's batch sum has no share cap (the top cannot apply one to a batch:

@@ -637,14 +637,17 @@ class Aggregator(SecureRounds):
         if again:
             raise Rejected(Refusal.DUPLICATE, f"partial from {'worker' if worker else 'region'} {region}: round {r.number} "
                                               f"already has {len(again)} of its sites (e.g. {sorted(again)[0]})")
-        self.running.add_partial(p.total, p.weight, {s.site: (s.weight, s.norm) for s in p.sites})
+        self.running.add_partial(p.total, p.weight, {s.site: (s.weight, s.norm) for s in p.sites}, summed={s: region for s in p.summed})
         now = time.time()
         for s in p.sites:
             r.accepted[s.site] = Accepted(s.site, s.claimed, None, s.update_bytes, now)
+        for site in p.summed:  # a summary partial: which sites, not their weights
+            r.accepted[site] = Accepted(site, 0, None, 0, now)
         for site in p.missing:
             r.skipped[site] = 0
         (log.debug if worker else log.info)("round %d: partial from %s %s: %d updates (Σw %d), %d missing, %d refused there, %d bytes", r.number,
-                 "worker" if worker else "region", region, len(p.sites), p.weight, len(p.missing), sum(p.refused.values()), p.wire_bytes)
+                 "worker" if worker else "region", region, len(p.sites) + len(p.summed), p.weight, len(p.missing),
+                 sum(p.refused.values()), p.wire_bytes)
 
     def _accept_update(self, accepted: Accepted) -> None:
         """A stale update (buffered rounds) is rebased onto the current global; then, when
@@ -693,10 +696,14 @@ class Aggregator(SecureRounds):
             shares = capped_weights(direct, {}, self.config.max_site_share)
             used = {s: running.weights[s] for s in running.from_partials} | {s: w.used for s, w in shares.items()}
             notes = {s: w.note for s, w in arrival.items() if w.note} | {s: w.note for s, w in shares.items() if w.note}
-            weights = self.strategy.aggregate(current, [SiteUpdate("streamed-mean", running.mean(used), sum(used.values()))])
+            weights = self.strategy.aggregate(current, [SiteUpdate("streamed-mean", *running.mean(used))])
             clip = math.inf
         norms, participants = running.norms, []
         for a in r.accepted.values():
+            if a.site in running.summed:  # a region's summary partial: no weight or norm per site
+                participants.append({"site": a.site, "samples": 0, "claimed": None, "update_bytes": 0, "norm": None,
+                                     "cosine": None, "action": f"summed in region {running.summed[a.site]}"})
+                continue
             note = notes.get(a.site)
             action = "clipped" if norms[a.site] > clip else "kept"
             participants.append({"site": a.site, "samples": used[a.site], "claimed": a.samples, "update_bytes": a.wire_bytes,

@@ -45,6 +45,7 @@ class RunningSum:
         self.weights: dict[str, int] = {}
         self.norms: dict[str, float] = {}
         self.from_partials: set[str] = set()  # sites folded in through a region's partial (not cappable here)
+        self.summed: dict[str, str] = {}  # site -> region, for sites a region's summary partial sums (no weight known)
 
     def add(self, site: str, weights: Weights, weight: int, clip_norm: float | None = None) -> None:
         """Fold one update in. `clip_norm`: its delta is first cut to that L2 norm (DP-FedAvg)."""
@@ -65,20 +66,24 @@ class RunningSum:
         """Σ w·(θ - current): with weights 1, the sum of the (clipped) deltas."""
         return self.total - self.weight * self.base
 
-    def add_partial(self, total: np.ndarray, weight: int, sites: dict[str, tuple[int, float]]) -> None:
+    def add_partial(self, total: np.ndarray, weight: int, sites: dict[str, tuple[int, float]],
+                    summed: dict[str, str] | None = None) -> None:
         """Fold in a region's Σ w·θ (`total`, float64, in this sum's name order) and Σ w, with
-        each of its sites' (weight, delta norm) for the round's records."""
+        each of its sites' (weight, delta norm) for the round's records, or, for a summary
+        partial, only which sites it sums (`summed`: site -> region)."""
         self.total += total
         self.weight += weight
         for site, (w, norm) in sites.items():
             self.weights[site], self.norms[site] = w, norm
             self.from_partials.add(site)
+        self.summed.update(summed or {})
 
-    def mean(self, final: dict[str, int]) -> Weights:
+    def mean(self, final: dict[str, int]) -> tuple[Weights, int]:
         """The weighted mean with each site at its `final` weight (at most the weight it was
-        folded in with; lower only for the heaviest, which are kept)."""
+        folded in with; lower only for the heaviest, which are kept), and its Σ w (which
+        counts the sites of summary partials, absent from `final`)."""
         total, weight = self.final_sum(final)
-        return unflatten(total / weight, self.current)
+        return unflatten(total / weight, self.current), weight
 
     def final_sum(self, final: dict[str, int]) -> tuple[np.ndarray, int]:
         """Σ w·θ (float64) and Σ w with each site at its `final` weight (see `mean`)."""

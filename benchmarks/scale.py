@@ -24,6 +24,8 @@ split evenly, on their region's broker. Per N the same figures for the top aggre
 close latency runs from the last partial it accepted), the regional aggregators' RSS and CPU,
 and the bytes crossing to the top per round: the 4 partials, against 4 x one update's bytes
 (issue #16's goal), counted by a client subscribed to the partials at the central broker.
+`--site-records summary` has the regions send totals instead of a record per site
+(RegionConfig.site_records; docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -305,8 +307,9 @@ class TopBytes:
         self.client.loop_stop()
 
 
-def run_two_level(n: int, rounds: int, rate: float, work: Path, runs: list) -> dict[str, Any]:
-    """Two-level: 4 regional Mosquittos bridged to a central one, 4 regional aggregators, the top aggregator."""
+def run_two_level(n: int, rounds: int, rate: float, work: Path, runs: list, site_records: str = "full") -> dict[str, Any]:
+    """Two-level: 4 regional Mosquittos bridged to a central one, 4 regional aggregators, the top
+    aggregator; `site_records`: what each partial tells the top of its sites (RegionConfig)."""
     sites = [f"site{i + 1}" for i in range(n)]
     names = [f"region{r + 1}" for r in range(REGIONS)]
     members = {name: sites[r * n // REGIONS:(r + 1) * n // REGIONS] for r, name in enumerate(names)}
@@ -327,7 +330,8 @@ def run_two_level(n: int, rounds: int, rate: float, work: Path, runs: list) -> d
         procs = {"top": _aggregator(["aggregator", "--config", str(fleet_toml)], work, "aggregator")}
         for name in names:
             region_toml = work / f"{name}.toml"
-            region_toml.write_text(f'region = "{name}"\nsites = {json.dumps(members[name])}\npki = "pki"\n\n'
+            region_toml.write_text(f'region = "{name}"\nsites = {json.dumps(members[name])}\npki = "pki"\n'
+                                   f'site_records = "{site_records}"\n\n'
                                    f'[broker]\nhost = "{brokers[name].host}"\nport = {brokers[name].port}\n')
             procs[name] = _aggregator(["region", "--config", str(region_toml)], work, name)
         groups = [SimSites(members[name], pki.root, pki.fleet_id, [brokers[name]] * (CONNECTIONS // REGIONS), runs,
@@ -352,7 +356,8 @@ def run_two_level(n: int, rounds: int, rate: float, work: Path, runs: list) -> d
     updates = sum(len(r["participants"]) for r in rows)
     update_bytes = len(groups[0].bodies[0]) if groups[0].bodies else 0
     top_bytes = [counter.bytes.get(r["round"], 0) for r in rows]
-    return {"sites": n, "rounds": len(rows), "updates_per_round": [len(r["participants"]) for r in rows],
+    return {"sites": n, "rounds": len(rows), "site_records": site_records,
+            "updates_per_round": [len(r["participants"]) for r in rows],
             "close_latency_ms": _p50_max(latency), "last_update_sent_to_global_ms": _p50_max(end_to_end),
             "aggregator_rss_mb": watch.rss("top", arrived.get(1, 0.0)),
             "aggregator_cpu_ms_per_update": round(cpu["top"] * 1000.0 / updates, 3),
@@ -390,7 +395,8 @@ TOPOLOGIES = {"flat": (run_n, "flat: one aggregator (FedAvg, streaming), one Mos
                                            f"{REGIONS} regional aggregators, the top aggregator (FedAvg, streaming)")}
 
 
-def run_scale(counts: list[int], rounds: int, rate: float, topologies: list[str] = ("flat",)) -> dict[str, Any]:
+def run_scale(counts: list[int], rounds: int, rate: float, topologies: list[str] = ("flat",),
+              site_records: str = "full") -> dict[str, Any]:
     started = time.perf_counter()
     runs = generate_fleet(n_train=4, n_test=0, seed=0, name="SYN001").train
     out: dict[str, Any] = {"benchmark": "scale", "rounds": rounds, "rate_updates_per_s": rate,
@@ -400,7 +406,9 @@ def run_scale(counts: list[int], rounds: int, rate: float, topologies: list[str]
         results = []
         for n in counts:
             print(f"bench scale ({topology}): {n} sites ...", file=sys.stderr, flush=True)
-            results.append(run(n, rounds, rate, Path(tempfile.mkdtemp(prefix=f"turbofed-bench-scale-{topology}-{n}-")), runs))
+            work = Path(tempfile.mkdtemp(prefix=f"turbofed-bench-scale-{topology}-{n}-"))
+            extra = {"site_records": site_records} if topology == "two-level" else {}
+            results.append(run(n, rounds, rate, work, runs, **extra))
         base = results[0]["aggregator_rss_mb"]["max_after_round_1"]
         for r in results:
             r["rss_over_smallest"] = round(r["aggregator_rss_mb"]["max_after_round_1"] / base, 3)
@@ -420,7 +428,7 @@ def run_cli(args: argparse.Namespace) -> int:
     unknown = [t for t in topologies if t not in TOPOLOGIES]
     if unknown:
         raise ConfigError(f"--topology: unknown {', '.join(unknown)}; known: {', '.join(TOPOLOGIES)}")
-    result = run_scale(counts, args.rounds, args.rate, topologies)
+    result = run_scale(counts, args.rounds, args.rate, topologies, args.site_records)
     emit(result, args.json_out)
     sets = ([("flat", result["fleets"])] if "fleets" in result else []) + \
         [(k, v["fleets"]) for k, v in result.get("topologies", {}).items()]

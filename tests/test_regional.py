@@ -75,9 +75,9 @@ class Outbox(RecordingClient):
         return super().publish(topic, payload, qos, retain)
 
 
-def _region(pki: Path, top: Aggregator, name: str) -> RegionalAggregator:
+def _region(pki: Path, top: Aggregator, name: str, site_records: str = "full") -> RegionalAggregator:
     """A regional aggregator following `top`'s open round, as it would over the bridge."""
-    region = RegionalAggregator(RegionConfig(name, REGIONS[name], pki=str(pki)))
+    region = RegionalAggregator(RegionConfig(name, REGIONS[name], pki=str(pki), site_records=site_records))
     region.client = Outbox()
     r = top.round
     ann = RoundAnnouncement(r.number, SPEC, announce_id=r.announce_id, model_version=r.model_version, deadline=r.deadline,
@@ -89,7 +89,8 @@ def _region(pki: Path, top: Aggregator, name: str) -> RegionalAggregator:
     return region
 
 
-def test_two_level_fedavg_equals_flat_fedavg(tmp_path: Path, pki: Path) -> None:
+@pytest.mark.parametrize("site_records", ["full", "summary"])
+def test_two_level_fedavg_equals_flat_fedavg(tmp_path: Path, pki: Path, site_records: str) -> None:
     flat = _top(tmp_path / "flat", pki)
     two = _top(tmp_path / "two", pki, regions=REGIONS)
     try:
@@ -102,7 +103,7 @@ def test_two_level_fedavg_equals_flat_fedavg(tmp_path: Path, pki: Path) -> None:
 
         two.open_round(1, 0.0).deadline = 1e12
         for name in REGIONS:
-            region = _region(pki, two, name)
+            region = _region(pki, two, name, site_records)
             for site in REGIONS[name]:
                 w, claim = updates[site]
                 region.handle(T.update(site), _update_payload(pki, two, site, w, claim, 1))
@@ -119,11 +120,37 @@ def test_two_level_fedavg_equals_flat_fedavg(tmp_path: Path, pki: Path) -> None:
         expected = sum(claim * flatten(w, list(w)).astype(np.float64) for w, claim in updates.values()) / sum(c for _, c in updates.values())
         assert np.abs(global_vector(two) - expected).max() <= 1e-6
         rows = {p["site"]: p for p in two.store.rounds()[-1]["participants"]}
-        assert set(rows) == set(SITES) and rows["s2"]["samples"] == updates["s2"][1]
+        assert set(rows) == set(SITES) and rows["s8"]["samples"] == updates["s8"][1]
+        if site_records == "full":
+            assert rows["s2"]["samples"] == updates["s2"][1] and rows["s2"]["norm"] > 0
+        else:  # the top knows s2 was summed in east, not its weight or norm
+            assert (rows["s2"]["samples"], rows["s2"]["norm"], rows["s2"]["action"]) == (0, None, "summed in region east")
     finally:
         for a in (flat, two):
             a.store.close()
             a.registry.close()
+
+
+def test_a_round_of_summary_partials_alone_closes_on_their_weighted_mean(tmp_path: Path, pki: Path) -> None:
+    """No site sent directly (s8 silent, quorum 7): every weight the top has comes from summaries."""
+    top = _top(tmp_path, pki, regions=REGIONS, quorum=7)
+    try:
+        updates = site_updates(top.model, SITES, seed=11)
+        top.open_round(1, 0.0).deadline = 1e12
+        for name in REGIONS:
+            region = _region(pki, top, name, "summary")
+            for site in REGIONS[name]:
+                region.handle(T.update(site), _update_payload(pki, top, site, *updates[site], 1))
+            assert region.close_if_due(0.0) is not None
+            deliver(top, *region.client.sent[0])
+        assert top.counters == {} and top.round.complete(top.config.effective_quorum) == "quorum"
+        top._close_round("quorum")
+        summed = [updates[s] for name in REGIONS for s in REGIONS[name]]
+        expected = sum(c * flatten(w, list(w)).astype(np.float64) for w, c in summed) / sum(c for _, c in summed)
+        assert top.version == 1 and np.abs(global_vector(top) - expected).max() <= 1e-6
+    finally:
+        top.store.close()
+        top.registry.close()
 
 
 @pytest.fixture()
@@ -297,3 +324,74 @@ def test_the_region_checks_updates_as_the_top_does_and_reports_its_refusals(tmp_
     finally:
         top.store.close()
         top.registry.close()
+
+
+def _summary_partial(pki: Path, top: Aggregator, *, weight: int, missing: list[str], summary: dict) -> bytes:
+    """East's partial with a hand-made summary (what a faulty or hostile region could send)."""
+    length = int(top.running.base.size)
+    meta = zlib.compress(json.dumps({"summary": summary, "missing": missing, "refused": {}, "length": length}).encode())
+    body = len(meta).to_bytes(4, "big") + meta + np.full(length, 0.01, dtype="<f4").tobytes()
+    return sealer(pki, "east").envelope(kind="partial", round=1, model_version=top.version, samples=weight, body=body,
+                                        epoch=top.epoch)
+
+
+GOOD_SUMMARY = {"sites": 3, "claimed": 300, "update_bytes": 72_000, "norm_max": 0.5}
+
+
+@pytest.mark.parametrize("case, weight, missing, summary", [
+    ("counts a site it lists as missing", 300, ["s4"], {**GOOD_SUMMARY, "sites": 4}),
+    ("a weight above the claims", 301, ["s4"], GOOD_SUMMARY),
+    ("fewer weight than sites", 2, ["s4"], GOOD_SUMMARY),
+    ("a missing site of another region", 300, ["s5"], GOOD_SUMMARY),
+    ("a non-finite norm", 300, ["s4"], {**GOOD_SUMMARY, "norm_max": float("nan")}),
+    ("a field short", 300, ["s4"], {"sites": 3, "claimed": 300, "update_bytes": 72_000}),
+    ("a string for a count", 300, ["s4"], {**GOOD_SUMMARY, "claimed": "300"}),
+])
+def test_a_summary_partial_that_does_not_hold_together_is_refused(top: Aggregator, pki: Path, case: str, weight: int,
+                                                                  missing: list[str], summary: dict) -> None:
+    _refused(top, T.partial("east"), _summary_partial(pki, top, weight=weight, missing=missing, summary=summary),
+             Refusal.BAD_PARTIAL)
+
+
+def test_a_good_summary_partial_counts_the_regions_sites_less_missing(top: Aggregator, pki: Path) -> None:
+    deliver(top, T.partial("east"), _summary_partial(pki, top, weight=300, missing=["s4"], summary=GOOD_SUMMARY))
+    assert top.counters == {} and set(top.round.accepted) == {"s1", "s2", "s3"} and set(top.round.skipped) == {"s4"}
+    assert top.running.weight == 300 and top.running.summed == dict.fromkeys(("s1", "s2", "s3"), "east")
+
+
+def test_a_summary_partial_stays_the_size_of_the_sum_however_many_sites() -> None:
+    """What `site_records = "summary"` is for: a region's partial does not grow with its sites
+    (a full one carries a record per site)."""
+    from turbofed.aggregator.regional import read_partial
+    from turbofed.aggregator.rounds import Rejected
+
+    total = np.random.default_rng(0).normal(size=6_000)
+    sizes = {}
+    for n in (4, 1_250):
+        sites = [PartialSite(f"site{i:05d}", 100 + i % 37, 100 + i % 37, 24_000 + i % 11, 0.5 + i / 997) for i in range(n)]
+        members = frozenset(s.site for s in sites) | {"silent"}
+        for records in ("full", "summary"):
+            payload = encode_partial(Unsigned("east"), round=1, model_version=0, epoch=0, total=total * len(sites) * 100,
+                                     sites=sites, missing=["silent"], refused={}, summary=records == "summary")
+            p = read_partial(payload, "east", members, Unsigned("east"), round=1, model_version=0, length=total.size)
+            assert p.weight == sum(s.weight for s in sites) and p.missing == ("silent",)
+            assert len(p.sites) + len(p.summed) == n and (records == "summary") == (not p.sites)
+            np.testing.assert_allclose(p.total / p.weight, total * len(sites) * 100 / p.weight, rtol=1e-6)
+            sizes[records, n] = len(payload)
+            if records == "summary":  # a worker's batch must name its sites
+                with pytest.raises(Rejected, match="either sites or summary"):
+                    read_partial(payload, "east", members, Unsigned("east"), round=1, model_version=0, length=total.size, batch=True)
+    assert sizes["summary", 1_250] - sizes["summary", 4] <= 16  # a few digits of the totals
+    assert sizes["full", 1_250] - sizes["full", 4] > 2 * 1_250  # a record per site, compressed
+
+
+def test_a_worker_cannot_send_summary_partials(tmp_path: Path) -> None:
+    from turbofed.config import load_region_config
+
+    path = tmp_path / "worker.toml"
+    path.write_text('region = "w1"\nsites = ["a"]\ninsecure_unsigned = true\nshared_group = "ingest"\nsite_records = "summary"\n')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: site_records must be \"full\" for a worker"):
+        load_region_config(path)
+    path.write_text('region = "r1"\nsites = ["a"]\ninsecure_unsigned = true\nsite_records = "some"\n')
+    with pytest.raises(ConfigError, match=r"site_records must be one of 'full', 'summary', got 'some'"):
+        load_region_config(path)

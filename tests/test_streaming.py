@@ -38,7 +38,8 @@ def test_running_sum_equals_the_mean_of_the_kept_updates_with_share_caps(share: 
     if share < 1.0:
         assert final["s3"] < claims["s3"]
     expected = weighted_mean([SiteUpdate(s, updates[s], final[s]) for s in updates])
-    got = running.mean(final)
+    got, weight = running.mean(final)
+    assert weight == sum(final.values())
     for k in base:
         np.testing.assert_allclose(got[k], expected[k], rtol=0, atol=1e-7)  # float32 weights
     assert running.norms["s0"] == pytest.approx(float(np.linalg.norm(flatten(updates["s0"], list(base)))))

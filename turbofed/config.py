@@ -161,6 +161,7 @@ RANGES: dict[str, dict[str, Limit]] = {
         "shared_group": Limit(check=_site_id),
         "batch": Limit(1, 16),
         "flush_s": Limit(0, 60, above=True),
+        "site_records": Limit(choices=("full", "summary")),
     },
     "PrivacySettings": {
         "clip_norm": Limit(0, 1e6, above=True),
@@ -640,6 +641,10 @@ class RegionConfig:
     close_before_s: float = 5.0
     max_update_bytes: int = 1024 * 1024
     max_site_share: float = 0.5  # applied among the region's sites (docs/scaling.md)
+    # What a partial tells the top aggregator of each site: "full" (weight, claim, bytes, delta
+    # norm: about 2-8 bytes a site on the wire) or "summary" (which sites answered, and totals:
+    # the top records those sites without weight or norm). docs/scaling.md.
+    site_records: str = "full"
     # An ingestion worker (docs/scaling.md): updates come from the shared subscription
     # $share/<shared_group>/<root>/sites/+/update, and a batch partial goes out after `batch`
     # updates (at most 16: Mosquitto's default max_inflight_messages is 20, and a worker acks an
@@ -673,6 +678,9 @@ def load_region_config(path: str | Path) -> RegionConfig:
     config = _build(RegionConfig, {**raw, "broker": broker}, f"{path}:")
     if config.quorum is not None and config.quorum > len(config.sites):
         raise ConfigError(f"{path}: quorum must be between 1 and the number of sites ({len(config.sites)}), got {config.quorum}")
+    if config.worker and config.site_records != "full":
+        raise ConfigError(f"{path}: site_records must be \"full\" for a worker (shared_group): a batch names its sites, "
+                          "since the top cannot know which of the fleet's sites a worker was handed")
     return config
 
 
