@@ -88,7 +88,7 @@ from turbofed.config import RegionConfig, load_region_config
 from turbofed.errors import Refused
 from turbofed.messages import RoundAnnouncement, StatsReply, Status, signed
 from turbofed.messages.signed import Sealer, Unsigned, Verifier
-from turbofed.mqtt import ConnectionWatch, Subscriptions, client_id, connect, make_client
+from turbofed.mqtt import BoundedInbox, ConnectionWatch, Subscriptions, client_id, connect, make_client, on_message_into
 from turbofed.ratelog import RateLimitedLog, RefusalLog
 from turbofed.refusals import Refusal
 from turbofed.topics import Topics
@@ -296,7 +296,9 @@ class RegionalAggregator:
         self.counters: Counter[str] = Counter()  # refusals, by reason
         self.refusals = RefusalLog(log, "region: rejected from %s (%s, #%d): %s")
         self._errors = RateLimitedLog(log)
-        self.inbox: queue.Queue[Delivery] = queue.Queue()
+        # Bounded (turbofed.mqtt.BoundedInbox); a worker's is never full: the broker hands it at
+        # most max_inflight_messages unacked updates.
+        self.inbox: BoundedInbox[Delivery] = BoundedInbox(10_000, 64 * 1024 * 1024, lambda d: len(d.payload))
         self.name = f"{'worker' if config.worker else 'region'} {config.region}"  # in logs
         self.watch = ConnectionWatch(self.name, log)
         self.client = None
@@ -326,8 +328,9 @@ class RegionalAggregator:
         worker = self.config.worker
         self.client = make_client(client_id(f"region-{self.region}", self.config.broker), self.config.broker,
                                   persistent_session=True, manual_ack=worker)
-        self.client.on_message = lambda c, u, msg: self.inbox.put(Delivery(msg.topic, msg.payload, msg.mid if msg.qos else None,
-                                                                           bool(msg.dup)))
+        self.client.on_message = on_message_into(
+            self.inbox, lambda msg: Delivery(msg.topic, msg.payload, msg.mid if msg.qos else None, bool(msg.dup)),
+            self.counters, log, self.name)
         self.client.on_publish = lambda c, u, mid, rc, p: self._published.put(mid)
         self.client.on_connect = lambda c, u, f, rc, p: None if rc is not None and rc.is_failure else self.subscriptions.subscribe()
         self.watch.attach(self.client)

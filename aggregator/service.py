@@ -76,7 +76,7 @@ from turbofed.messages import (
     Telemetry,
     signed,
 )
-from turbofed.mqtt import ConnectionWatch, Subscriptions, client_id, connect, make_client
+from turbofed.mqtt import ConnectionWatch, Subscriptions, client_id, connect, make_client, message_inbox, on_message_into
 from turbofed.ratelog import LOG_INTERVAL_S, RateLimitedLog, RefusalLog, Throttle
 from turbofed.refusals import Refusal
 from turbofed.spec import FeatureSpec, FleetStats, Regimes, RegimeStats
@@ -156,7 +156,7 @@ class Aggregator(SecureRounds):
         self._next_rows_check = 0.0
         self._errors = RateLimitedLog(log)
         self.ignored = 0  # messages on topics we never subscribed to
-        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.inbox = message_inbox()  # bounded: a backlog waits at the broker, not here
         self.model: onnx.ModelProto | None = None
         self.version = -1
         self.spec: FeatureSpec | None = None
@@ -283,7 +283,7 @@ class Aggregator(SecureRounds):
 
     def start(self) -> None:
         self.client = make_client(client_id("aggregator", self.config.broker), self.config.broker, persistent_session=True)
-        self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
+        self.client.on_message = on_message_into(self.inbox, lambda msg: (msg.topic, msg.payload), self.counters, log, "aggregator")
         self.client.on_connect = self._on_connect
         self.watch.attach(self.client)  # outages logged with their duration
         # With workers, site updates reach us only inside their batch partials (else counted twice).

@@ -81,7 +81,7 @@ from turbofed.messages import (
     signed,
 )
 from turbofed.metrics import phm08_score, rmse
-from turbofed.mqtt import ConnectionWatch, Subscriptions, client_id, connect, make_client
+from turbofed.mqtt import ConnectionWatch, Subscriptions, client_id, connect, make_client, message_inbox, on_message_into
 from turbofed.ratelog import RateLimitedLog, RefusalLog
 from turbofed.refusals import Refusal
 from turbofed.spec import MAX_CELLS, FeatureSpec
@@ -167,7 +167,7 @@ class EdgeAgent:
         self._errors = RateLimitedLog(log)  # tracebacks of internal errors, once a minute per place
         self.stats_answer: dict[str, Any] | None = None  # the last statistics answer (on_stats_request)
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
-        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.inbox = message_inbox(max_bytes=16 * 1024 * 1024)  # bounded: a replay far ahead waits at the broker
         self.engines: dict[str, EngineTrack] = {}
         self.buffer = TrainingBuffer(config.buffer_rows)
         self.holdout = TrainingBuffer(config.buffer_rows)  # failed engines held out of training (holdout_share)
@@ -248,7 +248,8 @@ class EdgeAgent:
         # (the next online status, signed with a later `at`, replaces it).
         offline = self.sealer.seal(signed.STATUS, Status(self.site, online=False).to_payload())
         self.client = make_client(client_id(f"edge-{self.site}", self.config.broker), self.config.broker, will=(self.topics.status(self.site), offline), persistent_session=True)
-        self.client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
+        self.client.on_message = on_message_into(self.inbox, lambda msg: (msg.topic, msg.payload), self.counters, log,
+                                                 f"site {self.site}")
         self.client.on_connect = self._on_connect
         self.watch.attach(self.client)
         self.subscriptions = Subscriptions(

@@ -8,11 +8,13 @@ host:port when the broker is not there, and a last will where there is one.
 from __future__ import annotations
 
 import logging
+import queue
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -25,6 +27,75 @@ log = logging.getLogger(__name__)
 
 class ConnectError(TurbofedError):
     """The broker could not be reached or refused us."""
+
+
+Item = TypeVar("Item")
+
+
+class BoundedInbox(Generic[Item]):
+    """Messages handed from paho's network thread to the service's own thread, at most
+    `max_messages` and `max_bytes` of payload held at once.
+
+    Why: a service that falls behind (a flood, a slow disk, a 5,000-site round) must not
+    grow its memory without bound. When the inbox is full, `put` makes the network thread
+    wait: it stops reading the socket, TCP pushes back, and the backlog stays at the broker,
+    which bounds it per client (broker_config: max_queued_messages, max_queued_bytes; or,
+    for a client that acks by hand, max_inflight_messages). A
+    message that still finds no room after `wait_s` (the service is stuck, not slow) is
+    dropped and counted by the caller; `wait_s` stays far below the keepalive, which the
+    waiting network thread cannot answer meanwhile.
+    """
+
+    def __init__(self, max_messages: int, max_bytes: int, size_of: Callable[[Item], int], wait_s: float = 2.0) -> None:
+        self.max_messages, self.max_bytes, self.wait_s = max_messages, max_bytes, wait_s
+        self.size_of = size_of
+        self.dropped = 0
+        self._items: deque[tuple[Item, int]] = deque()
+        self._bytes = 0
+        self._lock = threading.Condition()
+
+    def put(self, item: Item) -> bool:
+        """Hold `item`; False when there was no room within `wait_s`. A message larger than
+        `max_bytes` is taken once the inbox is empty."""
+        size = self.size_of(item)
+        deadline = time.monotonic() + self.wait_s
+        with self._lock:
+            while self._items and (len(self._items) >= self.max_messages or self._bytes + size > self.max_bytes):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.dropped += 1
+                    return False
+                self._lock.wait(left)
+            self._items.append((item, size))
+            self._bytes += size
+            self._lock.notify_all()
+            return True
+
+    def get(self, timeout: float) -> Item:
+        """The oldest message, waiting up to `timeout` s; queue.Empty when none came."""
+        deadline = time.monotonic() + max(timeout, 0.0)
+        with self._lock:
+            while not self._items:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise queue.Empty
+                self._lock.wait(left)
+            item, size = self._items.popleft()
+            self._bytes -= size
+            self._lock.notify_all()
+            return item
+
+    def get_nowait(self) -> Item:
+        return self.get(0.0)
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def held_bytes(self) -> int:
+        return self._bytes
 
 
 def client_id(role: str, broker: BrokerSettings) -> str:
@@ -209,3 +280,27 @@ class ConnectionWatch:
         with self._lock:
             ongoing = self.clock() - self._lost_at if self._lost_at is not None else 0.0
             return {"broker.outages": self.outages, "broker.down_s": int(self.down_s + ongoing)}
+
+
+def message_inbox(max_messages: int = 10_000, max_bytes: int = 64 * 1024 * 1024) -> BoundedInbox[tuple[str, bytes]]:
+    """The (topic, payload) inbox of a service (aggregator, agent)."""
+    return BoundedInbox(max_messages, max_bytes, lambda item: len(item[1]))
+
+
+def on_message_into(inbox: BoundedInbox[Any], item: Callable[[mqtt.MQTTMessage], Any], counters: Any,
+                    logger: logging.Logger, who: str) -> Callable[..., None]:
+    """paho's on_message: the message into `inbox`; one it has no room for is counted
+    (`inbox_full` in `counters`) and logged at most once a minute."""
+    from turbofed.ratelog import RateLimitedLog
+    from turbofed.refusals import Refusal
+
+    errors = RateLimitedLog(logger)
+
+    def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:  # noqa: ARG001
+        if not inbox.put(item(msg)):
+            counters[Refusal.INBOX_FULL.value] += 1
+            errors.warning(Refusal.INBOX_FULL, "%s: dropped a message on %s: its inbox held %d messages (%d bytes) for "
+                           "%.0f s (stuck, not slow); %d dropped in all", who, msg.topic[:200], inbox.qsize(),
+                           inbox.held_bytes(), inbox.wait_s, inbox.dropped)
+
+    return on_message

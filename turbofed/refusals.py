@@ -78,3 +78,5 @@ class Refusal(StrEnum):
     STATS_TOO_FEW_SAMPLES = "stats_too_few_samples"  # fewer labelled rows than the request's min_samples
     # not a refusal of the input: a bug while handling it, counted next to the refusals
     INTERNAL_ERROR = "internal_error"
+    # nor this: a message dropped because the process's inbox stayed full (turbofed.mqtt.BoundedInbox)
+    INBOX_FULL = "inbox_full"
