@@ -42,11 +42,11 @@ class BoundedInbox(Generic[Item]):
     which bounds it per client (broker_config: max_queued_messages, max_queued_bytes; or,
     for a client that acks by hand, max_inflight_messages). A
     message that still finds no room after `wait_s` (the service is stuck, not slow) is
-    dropped and counted by the caller; `wait_s` stays far below the keepalive, which the
-    waiting network thread cannot answer meanwhile.
+    dropped and counted by the caller; `wait_s` (10 s) stays below the keepalive (30 s by
+    default), which the waiting network thread cannot answer meanwhile.
     """
 
-    def __init__(self, max_messages: int, max_bytes: int, size_of: Callable[[Item], int], wait_s: float = 2.0) -> None:
+    def __init__(self, max_messages: int, max_bytes: int, size_of: Callable[[Item], int], wait_s: float = 10.0) -> None:
         self.max_messages, self.max_bytes, self.wait_s = max_messages, max_bytes, wait_s
         self.size_of = size_of
         self.dropped = 0
