@@ -382,9 +382,13 @@ class EdgeAgent:
         if not math.isfinite(value):
             self._reject(Refusal.NON_FINITE_OUTPUT, f"engine at cycle {track.last_cycle}: features or prediction not finite; not published")
             return None, False
-        if self.settings is not None:  # trained on RUL capped there: beyond it is extrapolation
-            value = min(value, self.settings.rul_cap)
         return round(value, 3), bool(spec.out_of_range(features)[0])
+
+    def _predictor(self, model: bytes) -> OnnxPredictor:
+        """An onnxruntime session for `model`, its output clipped to [0, rul_cap] (the models are
+        trained on RUL capped there, so beyond it is extrapolation) for predictions, intervals
+        and the learning curve; the rollback score alone takes the unclipped output."""
+        return OnnxPredictor(model, cap=None if self.settings is None else self.settings.rul_cap)
 
     def _interval(self, fed: float | None) -> tuple[float, float] | tuple[()]:
         """The federated RUL's conformal interval (lower, upper), or nothing: without a table for
@@ -556,7 +560,7 @@ class EdgeAgent:
             latest = f"round {self.announced.round} vouches for v{self.announced.versions}" if self.announced else "none yet"
             raise MessageError(f"global v{env.model_version} was not announced by a signed round (latest: {latest})", Refusal.UNANNOUNCED_VERSION)
         try:
-            predictor = OnnxPredictor(env.body)
+            predictor = self._predictor(env.body)
         except Exception as exc:  # onnxruntime raises its own types for what it cannot run
             raise MessageError(f"global model v{env.model_version}: onnxruntime cannot load it: {exc}", Refusal.NOT_ONNX) from None
         self.global_model, self.global_version, self.fed_predictor = env.body, env.model_version, predictor
@@ -577,8 +581,8 @@ class EdgeAgent:
         if self.fleet_spec is None or self.settings is None or self.fed_predictor is None or self.buffer.rows < self.config.min_samples:
             return
         x, y = self.buffer.scoring_rows(self.fleet_spec, SCORE_ROWS)
-        with np.errstate(all="ignore"):
-            error = self.fed_predictor.predict(x) - np.minimum(y, self.settings.rul_cap)
+        with np.errstate(all="ignore"):  # unclipped: a wrecked model's far-out outputs must count against it
+            error = self.fed_predictor.predict_unclipped(x) - np.minimum(y, self.settings.rul_cap)
             rmse = float(np.sqrt(np.mean(error * error)))
         body = ModelEvaluation(self.site, self.global_version, min(rmse, MAX_EVALUATION_RMSE) if math.isfinite(rmse) else MAX_EVALUATION_RMSE, len(y))
         self._report("evaluation", self.sealer.seal(signed.EVALUATION, body.to_payload()))
@@ -647,6 +651,9 @@ class EdgeAgent:
         if ann.done or ann.announce_id in self.answered:
             return
         self.settings = ann.settings
+        for predictor in (self.fed_predictor, self.local_predictor):  # a model that came before any settings
+            if predictor is not None:
+                predictor.cap = ann.settings.rul_cap
         if ann.model_version > self.global_version:
             self.pending_round = ann  # the retained global model is on its way
             return
@@ -705,7 +712,7 @@ class EdgeAgent:
             self.local_learner = RulModel(self.settings, self.local_spec)
         x, y = self.buffer.training_rows(self.local_spec)
         self.local_learner.train(x, y, epochs=self.settings.local_epochs)
-        self.local_predictor = OnnxPredictor(self.local_learner.to_onnx())
+        self.local_predictor = self._predictor(self.local_learner.to_onnx())
 
     def _send_secure(self, kind: str, frame: bytes) -> None:
         """A secure-sum frame, straight to the broker (worthless once its phase has closed)."""
@@ -844,7 +851,8 @@ class EdgeAgent:
         in_service = load_histories(self.state_dir / ENGINES_NPZ)[0]
         in_service_settings = load_history_settings(self.state_dir / ENGINES_NPZ, [len(c) for _, c, _, _ in in_service])
         global_onnx = self.state_dir / GLOBAL_ONNX
-        saved_global = load_global(global_onnx) if global_onnx.exists() and state.global_version >= 0 else None
+        cap = None if state.settings is None else state.settings.rul_cap
+        saved_global = load_global(global_onnx, cap) if global_onnx.exists() and state.global_version >= 0 else None
         learners = self.state_dir / LEARNERS_NPZ
         saved_learners = load_learners(learners) if self.training and learners.exists() else {}
         # Everything read and checked: now take it.
@@ -862,7 +870,7 @@ class EdgeAgent:
         self.fed_learner, self.local_learner = saved_learners.get("federated"), saved_learners.get("local")
         if self.local_learner is not None:
             self.local_spec = self.local_learner.spec
-            self.local_predictor = OnnxPredictor(self.local_learner.to_onnx())
+            self.local_predictor = self._predictor(self.local_learner.to_onnx())
         retire_legacy_learners(self.state_dir)
         log.info("site %s: resumed from %s (global v%d, %d labelled rows, %d engines in service)", self.site, self.state_dir, self.global_version, self.buffer.rows, len(self.engines))
 

@@ -20,5 +20,10 @@ class OnnxPredictor:
     def predict(self, features: np.ndarray) -> np.ndarray:
         """(N, F) or (F,) raw features -> (N,) RUL in cycles, clipped to [0, cap]: the model
         was trained on RUL capped there, so anything outside is extrapolation."""
+        return np.clip(self.predict_unclipped(features), 0.0, self.cap)
+
+    def predict_unclipped(self, features: np.ndarray) -> np.ndarray:
+        """The model's own output: for judging a model's health (the rollback score), where a
+        blown-up model must not hide behind the clip."""
         x = np.atleast_2d(np.asarray(features, dtype=np.float32))
-        return np.clip(self.session.run(None, {self._input: x})[0].reshape(-1), 0.0, self.cap)
+        return self.session.run(None, {self._input: x})[0].reshape(-1)

@@ -320,13 +320,13 @@ class AgentState:
 # --- global.onnx ----------------------------------------------------------------------
 
 
-def load_global(path: Path) -> tuple[bytes, "OnnxPredictor"]:
-    """The saved global model and its onnxruntime session."""
+def load_global(path: Path, cap: float | None = None) -> tuple[bytes, "OnnxPredictor"]:
+    """The saved global model and its onnxruntime session (output clipped to [0, cap])."""
     from turbofed.edge.inference import OnnxPredictor
 
     model = read_bytes(path)
     try:
-        return model, OnnxPredictor(model)
+        return model, OnnxPredictor(model, cap=cap)
     except Exception as exc:  # onnxruntime's errors have no common base worth naming
         raise StateError(f"{path}: onnxruntime cannot load it ({one_line(exc)[:200]})") from None
 

@@ -133,6 +133,28 @@ def test_non_finite_predictions_are_counted_not_published(tmp_path: Path) -> Non
     assert agent.counters["readings"] == 1 and agent.counters["internal_error"] == 0
 
 
+def test_the_agents_models_predict_within_zero_and_the_cap_for_every_use(agent) -> None:
+    """Predictions, intervals and the learning curve use the agent's predictors, so each
+    clips at build time (issue #15 item 5), also a model restored from disk; the rollback
+    score alone judges the unclipped output (a blown-up model must not hide)."""
+    from turbofed.edge.state import load_global
+    from turbofed.graph import reference_model, weight_shapes
+
+    settings, spec = ModelSettings(kind="sgd", rul_cap=125.0), _spec()
+    shapes = weight_shapes(spec, settings)
+    weights = {"coef": np.zeros(shapes["coef"], np.float32), "intercept": np.full(shapes["intercept"], 1e4, np.float32)}
+    model = reference_model(spec, settings, weights).SerializeToString()
+    x = np.zeros(spec.n_features)
+    assert agent._predictor(model).predict(x).tolist() == [1e4]  # no settings yet: nothing to clip to
+    agent.settings = settings
+    assert agent._predictor(model).predict(x).tolist() == [125.0]
+    assert agent._predictor(model).predict_unclipped(x).tolist() == [1e4]
+    path = Path(agent.config.state_dir) / "g.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model)
+    assert load_global(path, 125.0)[1].predict(x).tolist() == [125.0]
+
+
 def test_idle_engines_are_forgotten_so_new_ones_fit(agent) -> None:
     for engine in ("e1", "e2", "e3"):
         agent.handle(TOPICS.sensors(SITE, engine), _reading(1))
