@@ -36,7 +36,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from turbofed.layout import FEATURE_BLOCKS
-from turbofed.spec import FeatureSpec, FleetStats, Regimes, RegimeStats
+from turbofed.spec import MIN_CORRELATION, FeatureSpec, FleetStats, Regimes, RegimeStats
 
 RECENT = 5  # cycles averaged for the "current level" feature
 BASELINE = 30  # first cycles of an engine's history averaged as its own baseline
@@ -116,11 +116,12 @@ def histories_stats(histories: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray
     return sum((history_stats(c, s, r, window, g, regimes) for (c, s, r), g in parts), FleetStats(window=window))
 
 
-def two_phase_spec(regime_stats: RegimeStats, stats_for: Callable[[Regimes], FleetStats]) -> FeatureSpec:
+def two_phase_spec(regime_stats: RegimeStats, stats_for: Callable[[Regimes], FleetStats],
+                   min_correlation: float = MIN_CORRELATION) -> FeatureSpec:
     """The spec fixed by the two phases of statistics: regimes from the first, then the
     feature statistics `stats_for(regimes)` computes over sensors normalised with them."""
     regimes = Regimes.from_stats(regime_stats)
-    return FeatureSpec.from_stats(stats_for(regimes), regimes=regimes)
+    return FeatureSpec.from_stats(stats_for(regimes), min_correlation=min_correlation, regimes=regimes)
 
 
 class LabelledRun(Protocol):
