@@ -13,7 +13,8 @@ Summaries average out C-MAPSS's heavy sensor noise with a tenth of a flattened w
 inputs. On validation engines (a fifth of each site's training engines, never the official
 tests; docs/accuracy.md) the baseline is worth 4.7 RMSE to the federated FD001 model (13.6
 vs 18.3) and 2.9 to FD002's (14.9 vs 17.8). (Summaries against a flattened window were
-compared only on FD001's official test when first chosen; not yet re-checked on validation.)
+compared only on FD001's official test when first chosen; not yet re-checked on validation.
+A 10-cycle recent level was: better on FD001, worse on FD002 and the mixed fleet.)
 
 Before any of that, each raw sensor is normalised per operating regime (the regime of the
 reading's three settings; `turbofed.spec.Regimes`), here on the device, by the same code for
