@@ -22,7 +22,10 @@ With `--holdout SHARE` every federated prediction also gets a conformal interval
 (edge/calibration.py, the agent's code), and the summed histogram fixes the interval table;
 the result reports the intervals' empirical coverage and mean width on every evaluation set.
 
-`turbofed bench accuracy ... --json OUT` prints (and writes) the result as JSON.
+`--average-last K`, `--lr-final RATIO` and `--min-correlation R` are validation trials
+(`Trial`: tail averaging, a cosine rate decay, the sensor-choice threshold); docs/accuracy.md
+records what they gave. `turbofed bench accuracy ... --json OUT` prints (and writes) the
+result as JSON.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -53,7 +56,7 @@ from turbofed.errors import ConfigError
 from turbofed.graph import reference_model
 from turbofed.metrics import RUL_CAP, rul_metrics
 from turbofed.simulation.fleet import assign, site_names
-from turbofed.spec import FeatureSpec, FleetStats, Regimes, RegimeStats
+from turbofed.spec import MIN_CORRELATION, FeatureSpec, FleetStats, Regimes, RegimeStats
 
 
 @dataclass
@@ -70,15 +73,16 @@ class Site:
     def stats(self, window: int, regimes: Regimes | None = None) -> FleetStats:
         return runs_stats(self.runs, window, regimes)
 
-    def spec(self, window: int) -> FeatureSpec:
+    def spec(self, window: int, min_correlation: float = MIN_CORRELATION) -> FeatureSpec:
         """What a lone site fixes from its own two phases of statistics."""
-        return fleet_spec([self], window)
+        return fleet_spec([self], window, min_correlation)
 
 
-def fleet_spec(sites: list[Site], window: int) -> FeatureSpec:
+def fleet_spec(sites: list[Site], window: int, min_correlation: float = MIN_CORRELATION) -> FeatureSpec:
     """The fleet's spec from summed per-site statistics (federated analytics), phase by phase."""
     return two_phase_spec(sum((s.regime_stats() for s in sites), RegimeStats()),
-                          lambda regimes: sum((s.stats(window, regimes) for s in sites), FleetStats(window=window)))
+                          lambda regimes: sum((s.stats(window, regimes) for s in sites), FleetStats(window=window)),
+                          min_correlation)
 
 
 def split_sites(train: dict[str, list[EngineRun]], n_sites: int) -> list[Site]:
@@ -168,8 +172,38 @@ Update = tuple[str, bytes, int]  # site, ONNX model, claimed samples
 Tamper = Callable[[onnx.ModelProto, list[Update]], list[Update]]
 
 
+@dataclass(frozen=True)
+class Trial:
+    """Variants tried on validation only (docs/accuracy.md).
+
+    Federated model only: `average_last` K > 1: the final model is the mean of the last K
+    rounds' global weights (tail / Polyak averaging: Polyak & Juditsky 1992; SWA, Izmailov
+    et al. 2018). `lr_final` < 1: each site's Adam rate follows a cosine from the settings'
+    rate in round 1 down to `lr_final` times it in the last round (Loshchilov & Hutter 2017,
+    without restarts). Every model: `min_correlation`, the sensor-choice threshold."""
+
+    average_last: int = 0
+    lr_final: float = 1.0
+    min_correlation: float = MIN_CORRELATION
+
+    def rate(self, base: float, round_index: int, rounds: int) -> float:
+        if self.lr_final == 1.0 or rounds < 2:
+            return base
+        progress = round_index / (rounds - 1)
+        return float(base) * (self.lr_final + (1 - self.lr_final) * 0.5 * (1 + np.cos(np.pi * progress)))
+
+
+def _set_rate(learner: RulModel, rate: float) -> None:
+    """Adam's base rate for the next partial_fit (scikit-learn reads it from the optimizer once built)."""
+    est = learner.estimator
+    est.learning_rate_init = rate
+    if getattr(est, "_optimizer", None) is not None:
+        est._optimizer.learning_rate_init = rate
+
+
 def federate(settings: ModelSettings, spec: FeatureSpec, sites: list[Site], strategy: Strategy, progress: tqdm,
-             data: list[tuple[np.ndarray, np.ndarray]] | None = None, tamper: Tamper | None = None) -> bytes:
+             data: list[tuple[np.ndarray, np.ndarray]] | None = None, tamper: Tamper | None = None,
+             trial: Trial = Trial()) -> bytes:
     """R rounds: every site trains E epochs from the global model; the strategy merges them.
     As in the fleet: the aggregator builds v0, sites write their weights into the global model.
 
@@ -179,7 +213,11 @@ def federate(settings: ModelSettings, spec: FeatureSpec, sites: list[Site], stra
     learners = [RulModel(settings, spec) for _ in sites]
     data = data or [training_rows(spec, s.runs) for s in sites]
     global_model = reference_model(spec, settings)  # v0, built by the aggregator
-    for _ in range(settings.rounds):
+    tail: list[dict[str, np.ndarray]] = []
+    for r in range(settings.rounds):
+        if trial.lr_final != 1.0:
+            for learner in learners:
+                _set_rate(learner, trial.rate(settings.learning_rate, r, settings.rounds))
         updates = []
         for site, learner, (x, y) in zip(sites, learners, data):
             try:
@@ -191,7 +229,12 @@ def federate(settings: ModelSettings, spec: FeatureSpec, sites: list[Site], stra
         if tamper is not None:
             updates = tamper(global_model, updates)
         global_model = aggregate_onnx(strategy, global_model, updates)
+        if trial.average_last > 1:
+            tail = [*tail, read_weights(global_model)][-trial.average_last:]
         progress.update(1)
+    if len(tail) > 1:
+        mean = {name: np.mean([w[name] for w in tail], axis=0, dtype=np.float64).astype(np.float32) for name in tail[0]}
+        global_model = replace_weights(global_model, mean)
     return global_model.SerializeToString()
 
 
@@ -205,6 +248,7 @@ def run_accuracy(
     validation: bool = False,
     holdout: float = 0.0,
     coverage: float = DEFAULT_COVERAGE,
+    trial: Trial = Trial(),
 ) -> dict:
     """Train central, local and federated models and score them on every evaluation set;
     with `holdout` > 0, calibrate the federated model's conformal intervals on that share of
@@ -219,6 +263,9 @@ def run_accuracy(
         raise ConfigError(f"turbofed bench accuracy --holdout must be a share in [0, 1), got {holdout}")
     if not 0 < coverage < 1:
         raise ConfigError(f"turbofed bench accuracy --coverage must be in (0, 1), got {coverage}")
+    if trial.average_last < 0 or not 0 < trial.lr_final <= 1 or not 0 <= trial.min_correlation < 1:
+        raise ConfigError(f"turbofed bench accuracy: --average-last must be >= 0, --lr-final in (0, 1] and "
+                          f"--min-correlation in [0, 1), got {trial}")
     settings = settings or ModelSettings()
     started = time.perf_counter()
     train, evals = load_dataset(dataset, data_dir, settings.seed)
@@ -226,7 +273,7 @@ def run_accuracy(
     if validation:  # the official test (or subset hold-out) stays unseen: score on engines cut from the sites' own
         evals = validation_split(sites, settings.seed)
     held = calibration_split(sites, settings.seed, holdout)  # never trained on, by any model
-    spec = fleet_spec(sites, settings.window)
+    spec = fleet_spec(sites, settings.window, trial.min_correlation)
     cap = settings.rul_cap
     budget = settings.rounds * settings.local_epochs
     progress = tqdm(total=settings.rounds + len(sites) + 1, desc=f"bench {dataset}", file=sys.stderr, unit="step")
@@ -237,7 +284,7 @@ def run_accuracy(
     local = []
     for site in sites:
         progress.set_postfix_str(f"local {site.name}")
-        site_spec = site.spec(settings.window)  # a lone site knows only itself
+        site_spec = site.spec(settings.window, trial.min_correlation)  # a lone site knows only itself
         model = train_alone(settings, site_spec, site.runs, budget)
         local.append(
             {
@@ -249,7 +296,7 @@ def run_accuracy(
         )
         progress.update(1)
     progress.set_postfix_str(f"federated ({strategy})")
-    federated = federate(settings, spec, sites, merger, progress)
+    federated = federate(settings, spec, sites, merger, progress, trial=trial)
     progress.close()
     intervals = None
     if holdout > 0:
@@ -266,6 +313,7 @@ def run_accuracy(
         "strategy": strategy,
         "strategy_params": merger.parameters(),
         "seed": settings.seed,
+        **({"trial": asdict(trial)} if trial != Trial() else {}),
         "eval": evals[0].kind if len(evals) == 1 else {ev.subset: ev.kind for ev in evals},
         "test_engines": {ev.subset: len(ev.runs) for ev in evals},
         "seconds": round(time.perf_counter() - started, 2),
@@ -287,7 +335,9 @@ def run_cli(args: argparse.Namespace) -> int:
     params = dict(parse_param(text) for text in args.strategy_param)
     result = run_accuracy(args.dataset, args.data_dir, args.sites, settings, args.strategy or DEFAULT_STRATEGY, params,
                           validation=getattr(args, "validation", False), holdout=getattr(args, "holdout", 0.0),
-                          coverage=getattr(args, "coverage", DEFAULT_COVERAGE))
+                          coverage=getattr(args, "coverage", DEFAULT_COVERAGE),
+                          trial=Trial(getattr(args, "average_last", 0), getattr(args, "lr_final", 1.0),
+                                      getattr(args, "min_correlation", MIN_CORRELATION)))
     emit(result, args.json_out)
     return 0
 

@@ -13,7 +13,8 @@ Summaries average out C-MAPSS's heavy sensor noise with a tenth of a flattened w
 inputs. On validation engines (a fifth of each site's training engines, never the official
 tests; docs/accuracy.md) the baseline is worth 4.7 RMSE to the federated FD001 model (13.6
 vs 18.3) and 2.9 to FD002's (14.9 vs 17.8). (Summaries against a flattened window were
-compared only on FD001's official test when first chosen; not yet re-checked on validation.)
+compared only on FD001's official test when first chosen; not yet re-checked on validation.
+A 10-cycle recent level was: better on FD001, worse on FD002 and the mixed fleet.)
 
 Before any of that, each raw sensor is normalised per operating regime (the regime of the
 reading's three settings; `turbofed.spec.Regimes`), here on the device, by the same code for
@@ -36,7 +37,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from turbofed.layout import FEATURE_BLOCKS
-from turbofed.spec import FeatureSpec, FleetStats, Regimes, RegimeStats
+from turbofed.spec import MIN_CORRELATION, FeatureSpec, FleetStats, Regimes, RegimeStats
 
 RECENT = 5  # cycles averaged for the "current level" feature
 BASELINE = 30  # first cycles of an engine's history averaged as its own baseline
@@ -116,11 +117,12 @@ def histories_stats(histories: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray
     return sum((history_stats(c, s, r, window, g, regimes) for (c, s, r), g in parts), FleetStats(window=window))
 
 
-def two_phase_spec(regime_stats: RegimeStats, stats_for: Callable[[Regimes], FleetStats]) -> FeatureSpec:
+def two_phase_spec(regime_stats: RegimeStats, stats_for: Callable[[Regimes], FleetStats],
+                   min_correlation: float = MIN_CORRELATION) -> FeatureSpec:
     """The spec fixed by the two phases of statistics: regimes from the first, then the
     feature statistics `stats_for(regimes)` computes over sensors normalised with them."""
     regimes = Regimes.from_stats(regime_stats)
-    return FeatureSpec.from_stats(stats_for(regimes), regimes=regimes)
+    return FeatureSpec.from_stats(stats_for(regimes), min_correlation=min_correlation, regimes=regimes)
 
 
 class LabelledRun(Protocol):

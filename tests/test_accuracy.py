@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from turbofed.benchmarks.accuracy import run_accuracy, split_sites
+from turbofed.benchmarks.accuracy import Trial, run_accuracy, split_sites
 from turbofed.cli import main
 from turbofed.config import ModelSettings
 from turbofed.data.cmapss import load_subset
@@ -211,3 +212,75 @@ def test_synthetic_fleet_shows_what_real_data_shows() -> None:
     federated = result["federated"]["SYN"]["rmse"]
     local = [site["metrics"]["SYN"]["rmse"] for site in result["local"]]
     assert sum(local) / len(local) >= 1.2 * federated, (local, federated)
+
+
+def test_tail_average_is_the_mean_of_the_last_rounds_global_models(cmapss_dir: Path) -> None:
+    """`--average-last K` (a validation trial): the federated model is the mean of the last K
+    rounds' global weights, each of which is what a run of that many rounds ends with."""
+    import onnx
+    from tqdm import tqdm
+
+    from turbofed.aggregator.strategies import make_strategy
+    from turbofed.benchmarks.accuracy import Trial, federate, fleet_spec
+    from turbofed.codec import read_weights
+
+    train, _ = load_dataset("FD001", str(cmapss_dir), seed=0)
+    sites = split_sites(train, 2)
+    spec = fleet_spec(sites, QUICK.window)
+
+    def weights(rounds: int, trial: Trial = Trial()) -> dict[str, np.ndarray]:
+        model = federate(QUICK.replace(rounds=rounds), spec, sites, make_strategy("fedavg"), tqdm(disable=True), trial=trial)
+        return read_weights(onnx.load_model_from_string(model))
+
+    last2, last3, averaged = weights(2), weights(3), weights(3, Trial(average_last=2))
+    assert set(averaged) == set(last3)
+    for name, w in averaged.items():
+        assert w.dtype == np.float32
+        np.testing.assert_allclose(w, (last2[name].astype(np.float64) + last3[name]) / 2, rtol=1e-6, atol=1e-7)
+    assert any(not np.array_equal(last2[n], last3[n]) for n in last3)  # the two rounds' models differ: a real average
+
+
+def test_cosine_rate_trial_runs_from_the_rate_down_to_its_final_share() -> None:
+    from turbofed.benchmarks.accuracy import Trial
+
+    rates = [Trial(lr_final=0.1).rate(3e-3, r, 80) for r in range(80)]
+    assert rates[0] == 3e-3 and abs(rates[-1] - 3e-4) < 1e-12
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert abs(rates[40] - 3e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 40 / 79)))) < 1e-15
+    assert Trial().rate(3e-3, 79, 80) == 3e-3  # the default: constant
+
+
+def test_rate_set_between_rounds_reaches_adam(cmapss_dir: Path) -> None:
+    """The trial's per-round rate reaches the optimizer scikit-learn built in the first
+    round: at rate 0 a further epoch leaves every weight where it was."""
+
+    from turbofed.benchmarks.accuracy import _set_rate, fleet_spec, training_rows
+    from turbofed.edge.learner import RulModel
+
+    train, _ = load_dataset("FD001", str(cmapss_dir), seed=0)
+    sites = split_sites(train, 2)
+    spec = fleet_spec(sites, QUICK.window)
+    x, y = training_rows(spec, sites[0].runs)
+    learner = RulModel(QUICK, spec)
+    learner.train(x, y, epochs=1)
+    before = {n: w.copy() for n, w in learner.weights().items()}  # weights() may share the live arrays
+    _set_rate(learner, 0.0)
+    learner.train(x, y, epochs=1)
+    assert all(np.array_equal(before[n], w) for n, w in learner.weights().items())
+    _set_rate(learner, 3e-3)
+    learner.train(x, y, epochs=1)
+    assert any(not np.array_equal(before[n], w) for n, w in learner.weights().items())
+
+
+def test_sensor_threshold_trial_reaches_every_model(cmapss_dir: Path) -> None:
+    """`--min-correlation`: a lower threshold keeps every sensor the default keeps and more."""
+    from turbofed.benchmarks.accuracy import fleet_spec
+
+    train, _ = load_dataset("FD001", str(cmapss_dir), seed=0)
+    sites = split_sites(train, 2)
+    default, loose, strict = (fleet_spec(sites, QUICK.window, r) for r in (0.2, 0.0, 0.7))
+    assert set(strict.sensors) < set(default.sensors) < set(loose.sensors)
+    result = run_accuracy("FD001", str(cmapss_dir), 2, QUICK.replace(rounds=1), validation=True,
+                          trial=Trial(min_correlation=0.7))
+    assert result["features"]["sensors"] == [i + 1 for i in strict.sensors]
+    assert result["trial"] == {"average_last": 0, "lr_final": 1.0, "min_correlation": 0.7}

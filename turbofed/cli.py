@@ -67,6 +67,12 @@ def _bench(sub: argparse._SubParsersAction) -> None:
                           "intervals, as a site's holdout_share does (default 0: every engine trains, no intervals; "
                           "the intervals' figures use 0.2)")
     acc.add_argument("--coverage", type=float, default=0.9, help="the intervals' nominal coverage (default 0.9)")
+    acc.add_argument("--average-last", type=int, default=0, metavar="K",
+                     help="validation trial: the federated model is the mean of the last K rounds' global weights (default 0: the last)")
+    acc.add_argument("--lr-final", type=float, default=1.0, metavar="RATIO",
+                     help="validation trial: cosine decay of the sites' rate over the rounds down to RATIO x the rate (default 1: constant)")
+    acc.add_argument("--min-correlation", type=float, default=0.2, metavar="R",
+                     help="validation trial: choose sensors with |corr(sensor, capped RUL)| >= R (default 0.2)")
     acc.add_argument("--json", dest="json_out", help="write the result JSON here too")
     acc.set_defaults(handler="turbofed.benchmarks.accuracy:run_cli")
     attack = bsub.add_parser("attack", help="compromised sites vs aggregation strategies, in process")

@@ -25,7 +25,7 @@ from turbofed.layout import N_ALL_FEATURES, N_SENSORS, N_SETTINGS, feature_colum
 from turbofed.metrics import RUL_CAP
 
 DEFAULT_WINDOW = 30
-MIN_CORRELATION = 0.2  # |corr(sensor, capped RUL)| below this is treated as noise
+MIN_CORRELATION = 0.2  # |corr(sensor, capped RUL)| below this is treated as noise; 0.1 and 0.4 did no better on validation (docs/accuracy.md)
 MIN_STD = 1e-6
 # A feature further than this many fleet standard deviations from the fleet mean marks an
 # engine outside the model's training range (FeatureSpec.out_of_range; docs/accuracy.md).
