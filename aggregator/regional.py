@@ -88,7 +88,17 @@ from turbofed.config import RegionConfig, load_region_config
 from turbofed.errors import Refused
 from turbofed.messages import RoundAnnouncement, StatsReply, Status, signed
 from turbofed.messages.signed import Sealer, Unsigned, Verifier
-from turbofed.mqtt import BoundedInbox, ConnectionWatch, Subscriptions, client_id, connect, make_client, on_message_into
+from turbofed.mqtt import (
+    INBOX_BYTES,
+    INBOX_MESSAGES,
+    BoundedInbox,
+    ConnectionWatch,
+    Subscriptions,
+    client_id,
+    connect,
+    make_client,
+    on_message_into,
+)
 from turbofed.ratelog import RateLimitedLog, RefusalLog
 from turbofed.refusals import Refusal
 from turbofed.topics import Topics
@@ -298,7 +308,7 @@ class RegionalAggregator:
         self._errors = RateLimitedLog(log)
         # Bounded (turbofed.mqtt.BoundedInbox); a worker's is never full: the broker hands it at
         # most max_inflight_messages unacked updates.
-        self.inbox: BoundedInbox[Delivery] = BoundedInbox(10_000, 64 * 1024 * 1024, lambda d: len(d.payload))
+        self.inbox: BoundedInbox[Delivery] = BoundedInbox(INBOX_MESSAGES, INBOX_BYTES, lambda d: len(d.payload))
         self.name = f"{'worker' if config.worker else 'region'} {config.region}"  # in logs
         self.watch = ConnectionWatch(self.name, log)
         self.client = None

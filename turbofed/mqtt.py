@@ -282,7 +282,13 @@ class ConnectionWatch:
             return {"broker.outages": self.outages, "broker.down_s": int(self.down_s + ongoing)}
 
 
-def message_inbox(max_messages: int = 10_000, max_bytes: int = 64 * 1024 * 1024) -> BoundedInbox[tuple[str, bytes]]:
+INBOX_MESSAGES = 10_000
+# A few hundred updates, or thousands of readings: enough to keep a service busy between two
+# reads of the socket, small next to its RSS (the broker holds any larger backlog).
+INBOX_BYTES = 16 * 1024 * 1024
+
+
+def message_inbox(max_messages: int = INBOX_MESSAGES, max_bytes: int = INBOX_BYTES) -> BoundedInbox[tuple[str, bytes]]:
     """The (topic, payload) inbox of a service (aggregator, agent)."""
     return BoundedInbox(max_messages, max_bytes, lambda item: len(item[1]))
 
