@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.livefleet import wait_for
 from turbofed.config import BrokerSettings
 from turbofed.messages import ModelEvaluation, RoundAnnouncement
 from turbofed.mqtt import connect, make_client
@@ -115,9 +116,11 @@ def test_the_watcher_reports_the_newest_versions_fleet_rmse(tmp_path: Path) -> N
                 sender.publish(topics.site(site, "evaluation"),
                                ModelEvaluation(site, version, rmse, rows).to_payload(), qos=1).wait_for_publish(10)
             sender.publish(topics.round, RoundAnnouncement(3, done=True).to_payload(), qos=1).wait_for_publish(10)
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and not (4 in watch.evaluations and watch.round):
-                time.sleep(0.1)
+            # Every message the assertions read (two sites' topics and the round's: MQTT orders
+            # messages within a topic only), not just the last one sent.
+            wait_for("the four evaluations and the done announcement",
+                     lambda: set(watch.evaluations.get(3, ())) == {"site1", "site2"} and "site1" in watch.evaluations.get(4, ())
+                     and watch.round is not None and watch.round.done, 20)
             version, rmse, sites = watch.fleet_evaluation()
             assert (version, sites) == (3, 2) and rmse == pytest.approx(pooled_rmse({"a": (10.0, 100), "b": (20.0, 300)}))
             assert watch.round is not None and watch.round.done
