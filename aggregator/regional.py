@@ -217,9 +217,10 @@ def read_partial(payload: bytes, region: str, region_sites: frozenset[str], veri
             or len(set(missing)) != len(missing)):
         raise _bad(f"partial from region {region}: missing must be a list of distinct site ids")
     if "summary" in meta:
-        if not set(missing) <= region_sites:
+        absent = set(missing)
+        if not absent <= region_sites:
             raise _bad(f"partial from region {region}: missing names a site that is not one of its sites")
-        sites, summed = (), tuple(s for s in sorted(region_sites) if s not in set(missing))
+        sites, summed = (), tuple(s for s in sorted(region_sites) if s not in absent)
         _check_summary(meta["summary"], region, len(summed), env.samples)
         named = set(summed)
     else:
