@@ -40,10 +40,10 @@ of range or not summing to the signed Σ w, a vector of the wrong length or not 
 
 Per-site records cost O(sites) at the top: about 2 bytes a site compressed when the regions'
 records look alike, more for real ones, so a region of 1,250 sites adds 3-10 KB to its
-24 KB partial. `site_records = "summary"` sends only which sites answered (the region's
-sites minus `missing`) and totals; the top records those sites as summed in the region,
-without their weight or norm (the region logs its round), and the partial stays the size
-of one update plus headers (docs/scaling.md).
+24 KB partial. By default (`site_records = "summary"`) a region sends only which sites
+answered (the region's sites minus `missing`) and totals; the top records those sites as
+summed in the region, without their weight or norm, and the partial stays the size of one
+update plus headers (docs/scaling.md). `site_records = "full"` sends the per-site rows.
 
 Robust strategies (median, Krum, trimmed mean, filtered or clipped FedAvg) need every
 update, which a sum hides: the top aggregator refuses `[regions]` with them (ConfigError).

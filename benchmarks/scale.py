@@ -24,7 +24,7 @@ split evenly, on their region's broker. Per N the same figures for the top aggre
 close latency runs from the last partial it accepted), the regional aggregators' RSS and CPU,
 and the bytes crossing to the top per round: the 4 partials, against 4 x one update's bytes
 (issue #16's goal), counted by a client subscribed to the partials at the central broker.
-`--site-records summary` has the regions send totals instead of a record per site
+`--site-records full` has the regions send a record per site instead of totals
 (RegionConfig.site_records; docs/scaling.md).
 """
 
@@ -307,7 +307,7 @@ class TopBytes:
         self.client.loop_stop()
 
 
-def run_two_level(n: int, rounds: int, rate: float, work: Path, runs: list, site_records: str = "full") -> dict[str, Any]:
+def run_two_level(n: int, rounds: int, rate: float, work: Path, runs: list, site_records: str = "summary") -> dict[str, Any]:
     """Two-level: 4 regional Mosquittos bridged to a central one, 4 regional aggregators, the top
     aggregator; `site_records`: what each partial tells the top of its sites (RegionConfig)."""
     sites = [f"site{i + 1}" for i in range(n)]
@@ -396,7 +396,7 @@ TOPOLOGIES = {"flat": (run_n, "flat: one aggregator (FedAvg, streaming), one Mos
 
 
 def run_scale(counts: list[int], rounds: int, rate: float, topologies: list[str] = ("flat",),
-              site_records: str = "full") -> dict[str, Any]:
+              site_records: str = "summary") -> dict[str, Any]:
     started = time.perf_counter()
     runs = generate_fleet(n_train=4, n_test=0, seed=0, name="SYN001").train
     out: dict[str, Any] = {"benchmark": "scale", "rounds": rounds, "rate_updates_per_s": rate,

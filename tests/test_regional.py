@@ -392,6 +392,8 @@ def test_a_worker_cannot_send_summary_partials(tmp_path: Path) -> None:
     path.write_text('region = "w1"\nsites = ["a"]\ninsecure_unsigned = true\nshared_group = "ingest"\nsite_records = "summary"\n')
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: site_records must be \"full\" for a worker"):
         load_region_config(path)
+    path.write_text('region = "w1"\nsites = ["a"]\ninsecure_unsigned = true\nshared_group = "ingest"\n')
+    assert load_region_config(path).worker  # the default (summary) is for regions; a worker's batches name their sites
     path.write_text('region = "r1"\nsites = ["a"]\ninsecure_unsigned = true\nsite_records = "some"\n')
     with pytest.raises(ConfigError, match=r"site_records must be one of 'full', 'summary', got 'some'"):
         load_region_config(path)

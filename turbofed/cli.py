@@ -115,8 +115,9 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     scale.add_argument("--rate", type=float, default=500.0, help="updates sent a second, spread over the sites (default 500)")
     scale.add_argument("--topology", default="flat", help="comma-separated: flat (one broker, one aggregator) and/or "
                        "two-level (4 regional brokers bridged to a central one, 4 regional aggregators; default flat)")
-    scale.add_argument("--site-records", choices=("full", "summary"), default="full",
-                       help="two-level: what a region's partial tells the top of each site (region.toml's site_records)")
+    scale.add_argument("--site-records", choices=("full", "summary"), default="summary",
+                       help="two-level: what a region's partial tells the top of each site (region.toml's site_records, "
+                       "default summary)")
     scale.add_argument("--json", dest="json_out", help="write the result JSON here too")
     scale.set_defaults(handler="turbofed.benchmarks.scale:run_cli")
     system = bsub.add_parser("system", help="aggregation time, update size, replay rate")

@@ -644,10 +644,11 @@ class RegionConfig:
     close_before_s: float = 5.0
     max_update_bytes: int = 1024 * 1024
     max_site_share: float = 0.5  # applied among the region's sites (docs/scaling.md)
-    # What a partial tells the top aggregator of each site: "full" (weight, claim, bytes, delta
-    # norm: about 2-8 bytes a site on the wire) or "summary" (which sites answered, and totals:
-    # the top records those sites without weight or norm). docs/scaling.md.
-    site_records: str = "full"
+    # What a partial tells the top aggregator of each site: "summary" (which sites answered, and
+    # totals: the top records those sites without weight or norm; the partial stays one update's
+    # size) or "full" (weight, claim, bytes, delta norm: 2-10 bytes a site on the wire, for an
+    # audit at the top). A worker's batch always names its sites. docs/scaling.md.
+    site_records: str = "summary"
     # An ingestion worker (docs/scaling.md): updates come from the shared subscription
     # $share/<shared_group>/<root>/sites/+/update, and a batch partial goes out after `batch`
     # updates (at most 16: Mosquitto's default max_inflight_messages is 20, and a worker acks an
@@ -681,7 +682,7 @@ def load_region_config(path: str | Path) -> RegionConfig:
     config = _build(RegionConfig, {**raw, "broker": broker}, f"{path}:")
     if config.quorum is not None and config.quorum > len(config.sites):
         raise ConfigError(f"{path}: quorum must be between 1 and the number of sites ({len(config.sites)}), got {config.quorum}")
-    if config.worker and config.site_records != "full":
+    if config.worker and raw.get("site_records", "full") != "full":
         raise ConfigError(f"{path}: site_records must be \"full\" for a worker (shared_group): a batch names its sites, "
                           "since the top cannot know which of the fleet's sites a worker was handed")
     return config
