@@ -299,15 +299,18 @@ class TopBytes:
     def __init__(self, broker: BrokerSettings) -> None:
         self.bytes: dict[int, int] = {}
         self.count: dict[int, int] = {}
+        self.by_sender: dict[str, dict[int, int]] = {}  # region or worker -> round -> partials
         self.client = make_client("scale-top-bytes", broker)
         self.client.on_message = self._on_message
         connect(self.client, broker)
         self.client.subscribe(DEFAULT_TOPICS.all_partials, qos=1)
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
-        number = decode(message.payload).round
-        self.bytes[number] = self.bytes.get(number, 0) + len(message.payload)
-        self.count[number] = self.count.get(number, 0) + 1
+        env = decode(message.payload)
+        self.bytes[env.round] = self.bytes.get(env.round, 0) + len(message.payload)
+        self.count[env.round] = self.count.get(env.round, 0) + 1
+        sender = self.by_sender.setdefault(env.site, {})
+        sender[env.round] = sender.get(env.round, 0) + 1
 
     def close(self) -> None:
         self.client.disconnect()
@@ -364,6 +367,8 @@ def _run_with_partials(n: int, rounds: int, rate: float, work: Path, sites: list
             f"{sub}_cpu_ms_per_update": round(sum(cpu[name] for name in subs) * 1000.0 / updates, 3),
             f"updates_per_s_into_{into}": round(statistics.median(flow), 1),
             "partials_per_round": [counter.count.get(r["round"], 0) for r in rows],
+            "partials_per_round_by_sender": {name: [counter.by_sender.get(name, {}).get(r["round"], 0) for r in rows]
+                                            for name in subs},
             "top_level_partial_bytes_per_round": [counter.bytes.get(r["round"], 0) for r in rows],
             "update_bytes": len(groups[0].bodies[0]) if groups[0].bodies else 0}
 
