@@ -26,6 +26,13 @@ and the bytes crossing to the top per round: the 4 partials, against 4 x one upd
 (issue #16's goal), counted by a client subscribed to the partials at the central broker.
 `--site-records full` has the regions send a record per site instead of totals
 (RegionConfig.site_records; docs/scaling.md).
+
+`--topology workers`: ingestion workers (docs/scaling.md) on the one broker: the top
+aggregator with fleet.toml `workers = [...]` and `--workers` (default 2) worker processes
+(`turbofed region`, shared_group "ingest") that take the sites' updates through an MQTT shared
+subscription and send the top batch partials. Per N the top's figures as two-level (close
+latency from the last partial it accepted), the workers' RSS (the largest) and CPU (together)
+an update, the partials a round, and whether every round counted every site once.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from paho.mqtt import client as mqtt_client
@@ -287,24 +294,83 @@ REGIONS = 4
 
 
 class TopBytes:
-    """Counts the partials crossing to the top level, per round, at the central broker."""
+    """Counts the partials crossing to the top level (regions' or workers'), per round, at the top's broker."""
 
     def __init__(self, broker: BrokerSettings) -> None:
         self.bytes: dict[int, int] = {}
         self.count: dict[int, int] = {}
+        self.by_sender: dict[str, dict[int, int]] = {}  # region or worker -> round -> partials
         self.client = make_client("scale-top-bytes", broker)
         self.client.on_message = self._on_message
         connect(self.client, broker)
         self.client.subscribe(DEFAULT_TOPICS.all_partials, qos=1)
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
-        number = decode(message.payload).round
-        self.bytes[number] = self.bytes.get(number, 0) + len(message.payload)
-        self.count[number] = self.count.get(number, 0) + 1
+        env = decode(message.payload)
+        self.bytes[env.round] = self.bytes.get(env.round, 0) + len(message.payload)
+        self.count[env.round] = self.count.get(env.round, 0) + 1
+        sender = self.by_sender.setdefault(env.site, {})
+        sender[env.round] = sender.get(env.round, 0) + 1
 
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def _region_toml(name: str, sites: list[str], broker: BrokerSettings, extra: str = "") -> str:
+    """A `turbofed region` config (RegionConfig) in the run's folder: identities in ./pki, plain MQTT."""
+    return (f'region = "{name}"\nsites = {json.dumps(sites)}\npki = "pki"\n{extra}\n'
+            f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\n')
+
+
+def _run_with_partials(n: int, rounds: int, rate: float, work: Path, sites: list[str], top_broker: BrokerSettings,
+                       fleet_toml: Path, subs: dict[str, str], make_groups: Callable[[], list[SimSites]],
+                       sub: str, into: str) -> dict[str, Any]:
+    """What two-level and workers share: the top aggregator on `top_broker`, a `turbofed region`
+    process per entry of `subs` (its name -> its region.toml), then the simulated site groups
+    (`make_groups`), run until global v`rounds` reached every group. Returns the top's figures
+    and the sub-aggregators' (named `<sub>_...` in the result; the broker(s) the sites send to:
+    `updates_per_s_into_<into>`); `every_site_counted_once`: every round is in the store and
+    its participants are `sites`, each once."""
+    counter = TopBytes(top_broker)
+    procs = {"top": _aggregator(["aggregator", "--config", str(fleet_toml)], work, "aggregator")}
+    for name, text in subs.items():
+        (work / f"{name}.toml").write_text(text)
+        procs[name] = _aggregator(["region", "--config", str(work / f"{name}.toml")], work, name)
+    watch = Watch(procs)
+    groups: list[SimSites] = []
+    try:
+        groups = make_groups()
+        _run_groups(groups, 0, 600)
+        cpu0 = watch.cpu()
+        _run_groups(groups, rounds, 600 + rounds * n / rate * 3)
+        cpu = {k: v - cpu0[k] for k, v in watch.cpu().items()}
+    finally:
+        watch.stop()
+        _stop(list(procs.values()))
+        for g in groups:
+            g.close()
+        counter.close()
+    rows = _rounds(work, rounds)
+    arrived = {r["round"]: max(g.globals[r["round"]] for g in groups) for r in rows}  # the last group to get it
+    latency = [(arrived[r["round"]] - _last_accepted(r)) * 1000.0 for r in rows]
+    end_to_end = [(arrived[r["round"]] - max(g.sent[r["round"]][1] for g in groups)) * 1000.0 for r in rows]
+    flow = [len(r["participants"]) / (_last_accepted(r) - min(g.sent[r["round"]][0] for g in groups)) for r in rows]
+    updates = sum(len(r["participants"]) for r in rows)
+    once = len(rows) == rounds and all(sorted(p["site"] for p in r["participants"]) == sorted(sites) for r in rows)
+    return {"sites": n, "rounds": len(rows), "updates_per_round": [len(r["participants"]) for r in rows],
+            "every_site_counted_once": once,
+            "close_latency_ms": _p50_max(latency), "last_update_sent_to_global_ms": _p50_max(end_to_end),
+            "aggregator_rss_mb": watch.rss("top", arrived.get(1, 0.0)),
+            "aggregator_cpu_ms_per_update": round(cpu["top"] * 1000.0 / updates, 3),
+            f"{sub}_rss_mb_max": round(max(watch.rss(name, arrived.get(1, 0.0))["max_after_round_1"] for name in subs), 1),
+            f"{sub}_cpu_ms_per_update": round(sum(cpu[name] for name in subs) * 1000.0 / updates, 3),
+            f"updates_per_s_into_{into}": round(statistics.median(flow), 1),
+            "partials_per_round": [counter.count.get(r["round"], 0) for r in rows],
+            "partials_per_round_by_sender": {name: [counter.by_sender.get(name, {}).get(r["round"], 0) for r in rows]
+                                            for name in subs},
+            "top_level_partial_bytes_per_round": [counter.bytes.get(r["round"], 0) for r in rows],
+            "update_bytes": len(groups[0].bodies[0]) if groups[0].bodies else 0}
 
 
 def run_two_level(n: int, rounds: int, rate: float, work: Path, runs: list, site_records: str = "summary") -> dict[str, Any]:
@@ -326,49 +392,42 @@ def run_two_level(n: int, rounds: int, rate: float, work: Path, runs: list, site
             brokers[name] = BrokerSettings(host=handle.host, port=handle.port)
         regions_toml = "[regions]\n" + "".join(f"{name} = {json.dumps(members[name])}\n" for name in names)
         fleet_toml = _fleet_toml(work, sites, top_broker, rounds, pki, regions_toml)
-        counter = TopBytes(top_broker)
-        procs = {"top": _aggregator(["aggregator", "--config", str(fleet_toml)], work, "aggregator")}
-        for name in names:
-            region_toml = work / f"{name}.toml"
-            region_toml.write_text(f'region = "{name}"\nsites = {json.dumps(members[name])}\npki = "pki"\n'
-                                   f'site_records = "{site_records}"\n\n'
-                                   f'[broker]\nhost = "{brokers[name].host}"\nport = {brokers[name].port}\n')
-            procs[name] = _aggregator(["region", "--config", str(region_toml)], work, name)
-        groups = [SimSites(members[name], pki.root, pki.fleet_id, [brokers[name]] * (CONNECTIONS // REGIONS), runs,
-                           rate / REGIONS, name=f"scale-{name}") for name in names]
-        watch = Watch(procs)
-        try:
-            _run_groups(groups, 0, 600)
-            cpu0 = watch.cpu()
-            _run_groups(groups, rounds, 600 + rounds * n / rate * 3)
-            cpu = {k: v - cpu0[k] for k, v in watch.cpu().items()}
-        finally:
-            watch.stop()
-            _stop(list(procs.values()))
-            for g in groups:
-                g.close()
-            counter.close()
-    rows = _rounds(work, rounds)
-    arrived = {r["round"]: max(g.globals[r["round"]] for g in groups) for r in rows}  # the last region to get it
-    latency = [(arrived[r["round"]] - _last_accepted(r)) * 1000.0 for r in rows]
-    end_to_end = [(arrived[r["round"]] - max(g.sent[r["round"]][1] for g in groups)) * 1000.0 for r in rows]
-    flow = [len(r["participants"]) / (_last_accepted(r) - min(g.sent[r["round"]][0] for g in groups)) for r in rows]
-    updates = sum(len(r["participants"]) for r in rows)
-    update_bytes = len(groups[0].bodies[0]) if groups[0].bodies else 0
-    top_bytes = [counter.bytes.get(r["round"], 0) for r in rows]
-    return {"sites": n, "rounds": len(rows), "site_records": site_records,
-            "updates_per_round": [len(r["participants"]) for r in rows],
-            "close_latency_ms": _p50_max(latency), "last_update_sent_to_global_ms": _p50_max(end_to_end),
-            "aggregator_rss_mb": watch.rss("top", arrived.get(1, 0.0)),
-            "aggregator_cpu_ms_per_update": round(cpu["top"] * 1000.0 / updates, 3),
-            "regional_rss_mb_max": round(max(watch.rss(name, arrived.get(1, 0.0))["max_after_round_1"] for name in names), 1),
-            "regional_cpu_ms_per_update": round(sum(cpu[name] for name in names) * 1000.0 / updates, 3),
-            "updates_per_s_into_regions": round(statistics.median(flow), 1),
-            "partials_per_round": [counter.count.get(r["round"], 0) for r in rows],
-            "top_level_partial_bytes_per_round": top_bytes, "update_bytes": update_bytes,
-            "four_updates_bytes": REGIONS * update_bytes,
+        subs = {name: _region_toml(name, members[name], brokers[name], f'site_records = "{site_records}"\n') for name in names}
+
+        def groups() -> list[SimSites]:
+            return [SimSites(members[name], pki.root, pki.fleet_id, [brokers[name]] * (CONNECTIONS // REGIONS), runs,
+                             rate / REGIONS, name=f"scale-{name}") for name in names]
+
+        result = _run_with_partials(n, rounds, rate, work, sites, top_broker, fleet_toml, subs, groups, "regional", "regions")
+    update_bytes, top_bytes = result["update_bytes"], result["top_level_partial_bytes_per_round"]
+    return {**result, "site_records": site_records, "four_updates_bytes": REGIONS * update_bytes,
             "top_level_bytes_over_four_updates": round(max(top_bytes) / (REGIONS * update_bytes), 2) if update_bytes else None,
             "identity_setup_s": round(setup_s, 1)}
+
+
+WORKERS = 2  # default --workers
+
+
+def run_workers(n: int, rounds: int, rate: float, work: Path, runs: list, workers: int = WORKERS) -> dict[str, Any]:
+    """Ingestion workers (docs/scaling.md): one Mosquitto, the top aggregator (fleet.toml `workers
+    = [...]`, `max_site_share = 1`) and `workers` worker processes (`turbofed region`, shared_group
+    "ingest", every site) sharing the sites' updates through `$share/ingest/<root>/sites/+/update`
+    and sending the top batch partials; the sites publish to the one broker, as in the flat run."""
+    sites = [f"site{i + 1}" for i in range(n)]
+    names = [f"w{i + 1}" for i in range(workers)]
+    t0 = time.perf_counter()
+    pki = make_identities(work / "pki", sites, names)  # a worker is an identity of role region
+    setup_s = time.perf_counter() - t0
+    with start_broker(embedded=False, workdir=work / "broker") as handle:
+        broker = BrokerSettings(host=handle.host, port=handle.port)
+        fleet_toml = _fleet_toml(work, sites, broker, rounds, pki, f"max_site_share = 1\nworkers = {json.dumps(names)}\n")
+        subs = {name: _region_toml(name, sites, broker, 'shared_group = "ingest"\n') for name in names}
+
+        def groups() -> list[SimSites]:
+            return [SimSites(sites, pki.root, pki.fleet_id, [broker] * CONNECTIONS, runs, rate)]
+
+        result = _run_with_partials(n, rounds, rate, work, sites, broker, fleet_toml, subs, groups, "workers", "broker")
+    return {**result, "workers": workers, "identity_setup_s": round(setup_s, 1)}
 
 
 def _run_groups(groups: list[SimSites], rounds: int, timeout: float) -> None:
@@ -392,11 +451,13 @@ def _run_groups(groups: list[SimSites], rounds: int, timeout: float) -> None:
 
 TOPOLOGIES = {"flat": (run_n, "flat: one aggregator (FedAvg, streaming), one Mosquitto"),
               "two-level": (run_two_level, f"two-level: {REGIONS} regional Mosquittos bridged to a central one, "
-                                           f"{REGIONS} regional aggregators, the top aggregator (FedAvg, streaming)")}
+                                           f"{REGIONS} regional aggregators, the top aggregator (FedAvg, streaming)"),
+              "workers": (run_workers, "workers: one Mosquitto, ingestion workers sharing the updates ($share/ingest), "
+                                       "the top aggregator taking their batch partials (FedAvg, streaming)")}
 
 
 def run_scale(counts: list[int], rounds: int, rate: float, topologies: list[str] = ("flat",),
-              site_records: str = "summary") -> dict[str, Any]:
+              site_records: str = "summary", workers: int = WORKERS) -> dict[str, Any]:
     started = time.perf_counter()
     runs = generate_fleet(n_train=4, n_test=0, seed=0, name="SYN001").train
     out: dict[str, Any] = {"benchmark": "scale", "rounds": rounds, "rate_updates_per_s": rate,
@@ -407,7 +468,7 @@ def run_scale(counts: list[int], rounds: int, rate: float, topologies: list[str]
         for n in counts:
             print(f"bench scale ({topology}): {n} sites ...", file=sys.stderr, flush=True)
             work = Path(tempfile.mkdtemp(prefix=f"turbofed-bench-scale-{topology}-{n}-"))
-            extra = {"site_records": site_records} if topology == "two-level" else {}
+            extra = {"two-level": {"site_records": site_records}, "workers": {"workers": workers}}.get(topology, {})
             results.append(run(n, rounds, rate, work, runs, **extra))
         base = results[0]["aggregator_rss_mb"]["max_after_round_1"]
         for r in results:
@@ -428,14 +489,19 @@ def run_cli(args: argparse.Namespace) -> int:
     unknown = [t for t in topologies if t not in TOPOLOGIES]
     if unknown:
         raise ConfigError(f"--topology: unknown {', '.join(unknown)}; known: {', '.join(TOPOLOGIES)}")
-    result = run_scale(counts, args.rounds, args.rate, topologies, args.site_records)
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    result = run_scale(counts, args.rounds, args.rate, topologies, args.site_records, args.workers)
     emit(result, args.json_out)
     sets = ([("flat", result["fleets"])] if "fleets" in result else []) + \
         [(k, v["fleets"]) for k, v in result.get("topologies", {}).items()]
     for topology, fleets in sets:
         for r in fleets:
             extra = (f"; top-level {max(r['top_level_partial_bytes_per_round'])} bytes a round "
-                     f"({r['top_level_bytes_over_four_updates']}x 4 updates)" if "top_level_partial_bytes_per_round" in r else "")
+                     f"({r['top_level_bytes_over_four_updates']}x 4 updates)" if "top_level_bytes_over_four_updates" in r else "")
+            if "workers_cpu_ms_per_update" in r:
+                extra = (f"; {r['workers']} workers {r['workers_cpu_ms_per_update']} ms CPU an update, "
+                         f"{max(r['partials_per_round'])} partials a round")
             print(f"{topology:>9} {r['sites']:>6} sites: close p50 {r['close_latency_ms']['p50']} ms, aggregator RSS "
                   f"{r['aggregator_rss_mb']['max_after_round_1']} MB ({r['rss_over_smallest']}x), "
                   f"{r['aggregator_cpu_ms_per_update']} ms CPU an update{extra}", file=sys.stderr)

@@ -109,12 +109,14 @@ def _bench(sub: argparse._SubParsersAction) -> None:
     sec.add_argument("--seed", type=int, default=0, help="seed of weights, data split and hold-out")
     sec.add_argument("--json", dest="json_out", help="write the result JSON here too")
     sec.set_defaults(handler="turbofed.benchmarks.secure:run_cli")
-    scale = bsub.add_parser("scale", help="N simulated sites on Mosquitto, flat or two-level: close latency, RSS, CPU, bytes")
+    scale = bsub.add_parser("scale", help="N simulated sites on Mosquitto, flat, two-level or workers: close latency, RSS, CPU, bytes")
     scale.add_argument("--sites", default="100,1000,5000", help="comma-separated fleet sizes (default 100,1000,5000)")
     scale.add_argument("--rounds", type=int, default=3, help="rounds per fleet size (default 3)")
     scale.add_argument("--rate", type=float, default=500.0, help="updates sent a second, spread over the sites (default 500)")
     scale.add_argument("--topology", default="flat", help="comma-separated: flat (one broker, one aggregator) and/or "
-                       "two-level (4 regional brokers bridged to a central one, 4 regional aggregators; default flat)")
+                       "two-level (4 regional brokers bridged to a central one, 4 regional aggregators) and/or workers "
+                       "(one broker, ingestion workers on a shared subscription; default flat)")
+    scale.add_argument("--workers", type=int, default=2, help="workers: ingestion worker processes (default 2)")
     scale.add_argument("--site-records", choices=("full", "summary"), default="summary",
                        help="two-level: what a region's partial tells the top of each site (region.toml's site_records, "
                        "default summary)")
