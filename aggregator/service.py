@@ -660,14 +660,19 @@ class Aggregator(SecureRounds):
 
     def _rebase(self, accepted: Accepted) -> None:
         """FedBuff (Nguyen et al., AISTATS 2022): the delta from the global the site started
-        from, scaled by 1 / (1 + staleness) ** exponent, on top of the current global."""
+        from, scaled by its staleness (`_staleness_scale`), on top of the current global."""
         start_version = self.version - accepted.staleness
         if start_version not in self._starts:
             self._starts[start_version] = read_weights(onnx.load_model_from_string(self.registry.get(start_version)))
         start, current = self._starts[start_version], read_weights(self.model)
-        scale = (1.0 + accepted.staleness) ** -self.config.buffered_rounds.staleness_exponent
+        scale = self._staleness_scale(accepted.staleness)
         accepted.weights = {n: (current[n] + scale * (accepted.weights[n].astype(np.float64) - start[n])).astype(current[n].dtype)
                             for n in current}
+
+    def _staleness_scale(self, staleness: int) -> float:
+        """FedBuff's staleness weight (Nguyen et al., AISTATS 2022): a stale update's delta
+        counts 1 / (1 + staleness) ** exponent (buffered_rounds.staleness_exponent)."""
+        return (1.0 + staleness) ** -self.config.buffered_rounds.staleness_exponent
 
     def _fold(self, accepted: Accepted) -> None:
         """Streaming: an accepted update goes into the round's running sums, weighted by its
@@ -726,7 +731,7 @@ class Aggregator(SecureRounds):
         """A weight cap's note, and for a stale update (buffered rounds) by how much its delta was scaled."""
         if not accepted.staleness:
             return note
-        scale = (1.0 + accepted.staleness) ** -self.config.buffered_rounds.staleness_exponent
+        scale = self._staleness_scale(accepted.staleness)
         stale = f"{accepted.staleness} version(s) stale, delta scaled by {scale:.2f}"
         return stale if note is None else f"{note}; {stale}"
 
