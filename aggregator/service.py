@@ -684,15 +684,16 @@ class Aggregator(SecureRounds):
         self.running.add(accepted.site, accepted.weights, 1 if self.dp is not None else w.used,
                          self.dp.settings.clip_norm if central else None)
 
-    def _merge_streamed(self, r: Round) -> tuple[onnx.ModelProto, list[dict]]:
-        """The round's model from its running sums, and its participants' records (one pass:
-        this is O(sites) work between the last update and the model going out)."""
+    def _merge_streamed(self, r: Round) -> tuple[onnx.ModelProto, list[dict], dict[str, str]]:
+        """The round's model from its running sums, its participants' records and the notes
+        on their updates (one pass: this is O(sites) work between the last update and the
+        model going out)."""
         running, current = self.running, read_weights(self.model)
         self.running = None
         arrival = self.arrival_weights
         if self.dp is not None:
             used = dict.fromkeys(running.weights, 1)
-            notes = {s: w.note for s, w in arrival.items() if w.note}
+            caps = {s: w.note for s, w in arrival.items() if w.note}
             weights = self.dp.aggregate_sum(current, running.delta_sum(), running.weight)
             clip = self.dp.settings.clip_norm if self.dp.settings.mode == "central" else math.inf
         else:
@@ -700,32 +701,35 @@ class Aggregator(SecureRounds):
             direct = {s: w for s, w in running.weights.items() if s not in running.from_partials}
             shares = capped_weights(direct, {}, self.config.max_site_share)
             used = {s: running.weights[s] for s in running.from_partials} | {s: w.used for s, w in shares.items()}
-            notes = {s: w.note for s, w in arrival.items() if w.note} | {s: w.note for s, w in shares.items() if w.note}
+            caps = {s: w.note for s, w in arrival.items() if w.note} | {s: w.note for s, w in shares.items() if w.note}
             weights = self.strategy.aggregate(current, [SiteUpdate("streamed-mean", *running.mean(used))])
             clip = math.inf
-        norms, participants = running.norms, []
+        norms, participants, notes = running.norms, [], {}
         for a in r.accepted.values():
             if a.site in running.summed:  # a region's summary partial: no weight or norm per site
                 participants.append({"site": a.site, "samples": 0, "claimed": None, "update_bytes": 0, "norm": None,
                                      "cosine": None, "action": f"summed in region {running.summed[a.site]}"})
                 continue
-            note = notes.get(a.site)
+            note = self._stale_note(a, caps.get(a.site))
+            if note is not None:
+                notes[a.site] = note
             action = "clipped" if norms[a.site] > clip else "kept"
             participants.append({"site": a.site, "samples": used[a.site], "claimed": a.samples, "update_bytes": a.wire_bytes,
-                                 "norm": norms[a.site], "cosine": None,
-                                 "action": participant_action(action, self._stale_note(a, note) if a.staleness else note)})
-        return replace_weights(self.model, weights), participants
+                                 "norm": norms[a.site], "cosine": None, "action": participant_action(action, note)})
+        return replace_weights(self.model, weights), participants, notes
 
-    def _merge_kept(self, r: Round) -> tuple[onnx.ModelProto, list[dict]]:
-        """The round's model from every update it kept (strategies that look at each one)."""
+    def _merge_kept(self, r: Round) -> tuple[onnx.ModelProto, list[dict], dict[str, str]]:
+        """The round's model from every update it kept (strategies that look at each one),
+        its participants' records and the notes on their updates."""
         weights = capped_weights({a.site: a.samples for a in r.accepted.values()}, self.known_samples, self.config.max_site_share)
         updates = [SiteUpdate(a.site, a.weights, weights[a.site].used) for a in r.accepted.values()]
         model = merge(self.strategy, self.model, updates)  # updates were checked on arrival; only their weights are used
         report = round_report(self.strategy, read_weights(self.model), updates, read_weights(model))
+        notes = {a.site: note for a in r.accepted.values() if (note := self._stale_note(a, weights[a.site].note)) is not None}
         participants = [{"site": a.site, "samples": weights[a.site].used, "claimed": a.samples, "update_bytes": a.wire_bytes,
-                         **report[a.site], "action": participant_action(report[a.site].get("action"), self._stale_note(a, weights[a.site].note))}
+                         **report[a.site], "action": participant_action(report[a.site].get("action"), notes.get(a.site))}
                         for a in r.accepted.values()]
-        return model, participants
+        return model, participants, notes
 
     def _stale_note(self, accepted: Accepted, note: str | None) -> str | None:
         """A weight cap's note, and for a stale update (buffered rounds) by how much its delta was scaled."""
@@ -742,10 +746,9 @@ class Aggregator(SecureRounds):
         if verdict.bad:
             self._roll_back(r, verdict, last_update)
             return
-        model, participants = self._merge_streamed(r) if r.streamed else self._merge_kept(r)
-        for p in participants:
-            if p["action"] and ";" in p["action"]:
-                log.warning("round %d: %s: %s", r.number, p["site"], p["action"].split("; ", 1)[1])
+        model, participants, notes = self._merge_streamed(r) if r.streamed else self._merge_kept(r)
+        for site, note in notes.items():  # weight caps and staleness, also in each participant's action
+            log.warning("round %d: %s: %s", r.number, site, note)
         kill_point("after_merge", r.number)
         if not self._commit(r.number, model, r.started, participants, last_update, closed_by):
             return
