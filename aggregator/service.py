@@ -60,7 +60,7 @@ from turbofed.aggregator.startup import open_registry
 from turbofed.aggregator.strategies import STRATEGIES, ServerOptimizer, SiteUpdate, make_strategy, merge, round_report
 from turbofed.aggregator.streaming import RunningSum
 from turbofed.aggregator.weights import MAX_SAMPLES, Weight, capped_weights, header_samples, participant_action
-from turbofed.codec import check_graph, read_weights, replace_weights
+from turbofed.codec import Weights, check_graph, read_weights, replace_weights
 from turbofed.config import FleetConfig, load_fleet_config
 from turbofed.conformal import IntervalTable, Layout, ResidualHistogram
 from turbofed.errors import ConfigError, Refused, WeightsError
@@ -123,7 +123,9 @@ class Aggregator(SecureRounds):
                               "needs every update")
         self.running: RunningSum | None = None
         self.arrival_weights: dict[str, Weight] = {}  # this round's weights as folded in (observed-samples cap)
-        self._starts: dict = {}  # buffered rounds: the older globals stale updates started from, this round
+        # Buffered rounds: the weights of the globals this round's stale updates are rebased with
+        # (the current one, and those they started from), read once each; at most max_staleness + 1.
+        self._globals: dict[int, Weights] = {}
         # Shamir x-coordinates: 1-based positions in the natural order of the fleet's sites.
         self.site_ids = {site: i + 1 for i, site in enumerate(sorted(config.sites, key=natural_key))}
         # What every record of this run says it ran with: the configured name, all parameters.
@@ -521,7 +523,7 @@ class Aggregator(SecureRounds):
         self.round = Round(number, self.version, uuid.uuid4().hex, now, now + self.config.round_deadline_s, self.config.sites,
                            plain=self.secure_settings is None, on_accept=self._accept_update, streamed=self.streaming,
                            max_staleness=buffered.max_staleness if buffered else 0, buffer_size=buffered.size if buffered else 0)
-        self._starts = {}
+        self._globals = {}
         if self.streaming:
             self.running, self.arrival_weights = RunningSum(read_weights(self.model), self.config.max_site_share), {}
         return self.round
@@ -661,13 +663,18 @@ class Aggregator(SecureRounds):
     def _rebase(self, accepted: Accepted) -> None:
         """FedBuff (Nguyen et al., AISTATS 2022): the delta from the global the site started
         from, scaled by its staleness (`_staleness_scale`), on top of the current global."""
-        start_version = self.version - accepted.staleness
-        if start_version not in self._starts:
-            self._starts[start_version] = read_weights(onnx.load_model_from_string(self.registry.get(start_version)))
-        start, current = self._starts[start_version], read_weights(self.model)
+        start, current = self._global_weights(self.version - accepted.staleness), self._global_weights(self.version)
         scale = self._staleness_scale(accepted.staleness)
         accepted.weights = {n: (current[n] + scale * (accepted.weights[n].astype(np.float64) - start[n])).astype(current[n].dtype)
                             for n in current}
+
+    def _global_weights(self, version: int) -> Weights:
+        """Global v`version`'s weights, read once a round (the current one from memory, older
+        ones from the registry): a round's stale updates share them."""
+        if version not in self._globals:
+            model = self.model if version == self.version else onnx.load_model_from_string(self.registry.get(version))
+            self._globals[version] = read_weights(model)
+        return self._globals[version]
 
     def _staleness_scale(self, staleness: int) -> float:
         """FedBuff's staleness weight (Nguyen et al., AISTATS 2022): a stale update's delta

@@ -91,6 +91,32 @@ def test_updates_older_than_max_staleness_are_refused(tmp_path: Path) -> None:
         aggregator.registry.close()
 
 
+def test_each_global_version_is_read_once_a_round_however_many_stale_updates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rebasing reads the current global's and each starting global's weights once a round,
+    not once per stale update (the aggregator's own read_weights, counted)."""
+    from turbofed.aggregator import service
+
+    reads: list[int] = []
+    monkeypatch.setattr(service, "read_weights", lambda model: (reads.append(1), read_weights(model))[1])
+    save_versions(tmp_path / "registry", range(3))
+    sites = ("site1", "site2", "site3", "site4")
+    cfg = replace(config(tmp_path, strategy=StrategySettings("fedavg"), buffered_rounds=BufferedRounds(size=4, max_staleness=2)),
+                  sites=sites)
+    aggregator = Aggregator(cfg)
+    aggregator.client = RecordingClient()
+    try:
+        weights = read_weights(aggregator.model)
+        aggregator.open_round(3, 0.0).deadline = 1e12
+        reads.clear()
+        for site, round_, start in (("site1", 1, 0), ("site2", 2, 1), ("site3", 2, 1), ("site4", 1, 0)):
+            _update(aggregator, site, weights, round_, start)
+        assert [a.staleness for a in aggregator.round.accepted.values()] == [2, 1, 1, 2]
+        assert len(reads) == 3  # v2 (the current global), v1 and v0, each once
+    finally:
+        aggregator.store.close()
+        aggregator.registry.close()
+
+
 def test_buffered_rounds_and_secure_aggregation_are_refused_together(tmp_path: Path, pki_dir: Path) -> None:
     path = tmp_path / "fleet.toml"
     path.write_text(f'sites = ["site1", "site2"]\nstore = "r.sqlite"\nregistry = "reg"\npki = "{pki_dir}"\n'
