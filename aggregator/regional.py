@@ -489,7 +489,7 @@ class RegionalAggregator:
         if self.config.worker and self.round is not None:
             self.flush_batch()  # the old round's last batch: refused at the top if late, but its acks go
         self.round = Round(ann.round, ann.model_version, ann.announce_id, time.time(), ann.deadline, self.config.sites,
-                           on_accept=self._fold, streamed=True)
+                           on_accept=self._fold)
         self.running = self._new_sum()
         self.round_refused = Counter()
         log.info("%s: round %d open (from global v%d, %d sites)", self.name, ann.round, ann.model_version,

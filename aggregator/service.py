@@ -521,7 +521,7 @@ class Aggregator(SecureRounds):
         streamed into running sums (FedAvg family), or through a secure sum."""
         buffered = self.config.buffered_rounds
         self.round = Round(number, self.version, uuid.uuid4().hex, now, now + self.config.round_deadline_s, self.config.sites,
-                           plain=self.secure_settings is None, on_accept=self._accept_update, streamed=self.streaming,
+                           plain=self.secure_settings is None, on_accept=self._accept_update,
                            max_staleness=buffered.max_staleness if buffered else 0, buffer_size=buffered.size if buffered else 0)
         self._globals = {}
         if self.streaming:
@@ -627,7 +627,7 @@ class Aggregator(SecureRounds):
         from turbofed.aggregator.regional import read_partial
 
         r = self.round
-        if r is None or not r.streamed:
+        if r is None or not self.streaming:
             raise Rejected(Refusal.STALE_ROUND, f"partial from region {region}: no round is open")
         worker = region in self.config.workers
         members = self.config.direct_sites if worker else frozenset(self.config.regions[region])
@@ -753,7 +753,7 @@ class Aggregator(SecureRounds):
         if verdict.bad:
             self._roll_back(r, verdict, last_update)
             return
-        model, participants, notes = self._merge_streamed(r) if r.streamed else self._merge_kept(r)
+        model, participants, notes = self._merge_streamed(r) if self.streaming else self._merge_kept(r)
         for site, note in notes.items():  # weight caps and staleness, also in each participant's action
             log.warning("round %d: %s: %s", r.number, site, note)
         kill_point("after_merge", r.number)
