@@ -59,7 +59,7 @@ from turbofed.aggregator.secure_rounds import SecureRounds
 from turbofed.aggregator.startup import open_registry
 from turbofed.aggregator.strategies import STRATEGIES, ServerOptimizer, SiteUpdate, make_strategy, merge, round_report
 from turbofed.aggregator.streaming import RunningSum
-from turbofed.aggregator.weights import MAX_SAMPLES, Weight, capped_weights, header_samples, participant_action
+from turbofed.aggregator.weights import Weight, capped_weights, header_samples, observe_samples, participant_action
 from turbofed.codec import Weights, check_graph, read_weights, replace_weights
 from turbofed.config import FleetConfig, load_fleet_config
 from turbofed.conformal import IntervalTable, Layout, ResidualHistogram
@@ -490,12 +490,7 @@ class Aggregator(SecureRounds):
         if reply.residuals is not None and reply.residuals.layout != self.stats_layout:
             raise Rejected(Refusal.BAD_STATS, f"residual histogram from {site} is not in the bins asked for")
         self.stats_replies[site] = reply
-        self._observed(site, reply.samples)
-
-    def _observed(self, site: str, samples: int | None) -> None:
-        """Remember the most samples `site` has said it holds: the bound on its update's weight."""
-        if isinstance(samples, int) and samples > 0:
-            self.known_samples[site] = max(self.known_samples.get(site, 0), min(samples, MAX_SAMPLES))
+        observe_samples(self.known_samples, site, reply.samples)
 
     # --- phase 2: rounds -------------------------------------------------------------
 
@@ -876,7 +871,7 @@ class Aggregator(SecureRounds):
         if not payload:
             return  # a retained status being cleared
         s = Status.from_payload(self.verifier.open(signed.STATUS, payload, signer=site).body, site=site)
-        self._observed(site, s.samples)
+        observe_samples(self.known_samples, site, s.samples)
         if s.online and not self.site_online.get(site, False) and self.stalled:
             self._wake = True  # a site is back: a stalled round need not wait for its back-off
         self.site_online[site] = bool(s.online)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from turbofed.aggregator.weights import MAX_SAMPLES, capped_weights
+from turbofed.aggregator.weights import MAX_SAMPLES, capped_weights, observe_samples
 
 
 def test_honest_claims_are_kept() -> None:
@@ -27,6 +27,16 @@ def test_share_cap_is_a_fixed_point(share: float) -> None:
     total = sum(x.used for x in w.values())
     assert all(x.used <= share * total + 1 for x in w.values())
     assert w["b"].used == 300 and w["c"].used == 200 and "share" in w["a"].note
+
+
+def test_observed_samples_keep_the_most_a_site_said_within_the_limit() -> None:
+    """The top aggregator and a region remember a site's samples the same way (one helper)."""
+    known: dict[str, int] = {}
+    for samples in (300, 200, 0, -5, None, "900", 2.5e3):  # smaller, non-positive and non-int reports are no news
+        observe_samples(known, "a", samples)
+    assert known == {"a": 300}
+    observe_samples(known, "b", MAX_SAMPLES + 10)
+    assert known == {"a": 300, "b": MAX_SAMPLES}
 
 
 def test_share_cap_needs_enough_sites() -> None:
