@@ -82,7 +82,7 @@ import onnx
 from turbofed import envelope
 from turbofed.aggregator.rounds import Accepted, Rejected, Round
 from turbofed.aggregator.streaming import RunningSum
-from turbofed.aggregator.weights import MAX_SAMPLES, capped_weights
+from turbofed.aggregator.weights import MAX_SAMPLES, capped_weights, observe_samples
 from turbofed.codec import parse_model, read_weights
 from turbofed.config import RegionConfig, load_region_config
 from turbofed.errors import Refused
@@ -489,7 +489,7 @@ class RegionalAggregator:
         if self.config.worker and self.round is not None:
             self.flush_batch()  # the old round's last batch: refused at the top if late, but its acks go
         self.round = Round(ann.round, ann.model_version, ann.announce_id, time.time(), ann.deadline, self.config.sites,
-                           on_accept=self._fold, streamed=True)
+                           on_accept=self._fold)
         self.running = self._new_sum()
         self.round_refused = Counter()
         log.info("%s: round %d open (from global v%d, %d sites)", self.name, ann.round, ann.model_version,
@@ -511,8 +511,7 @@ class RegionalAggregator:
             samples = StatsReply.from_payload(self.verifier.open(signed.STATS, payload, signer=site).body, site=site).samples
         else:
             samples = Status.from_payload(self.verifier.open(signed.STATUS, payload, signer=site).body, site=site).samples
-        if isinstance(samples, int) and samples > 0:
-            self.known_samples[site] = max(self.known_samples.get(site, 0), min(samples, MAX_SAMPLES))
+        observe_samples(self.known_samples, site, samples)
 
     def _fold(self, accepted: Accepted) -> None:
         """As the top aggregator folds a direct update: its claim capped by what the site reported."""

@@ -58,9 +58,9 @@ class Round:
     accepted: dict[str, Accepted] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     plain: bool = True  # False under secure aggregation: updates travel masked, only 'skip' comes here
-    # Called with each accepted update (the aggregator rebases stale ones, and folds them into running sums).
+    # Called with each accepted update: the aggregator rebases stale ones and, when it streams
+    # (Aggregator.streaming; a region always does), folds them into running sums.
     on_accept: Callable[[Accepted], None] | None = field(default=None, compare=False)
-    streamed: bool = False  # its updates are folded into running sums, not kept (aggregator/streaming.py)
     max_staleness: int = 0  # buffered rounds: updates for up to this many earlier rounds are taken
     buffer_size: int = 0  # buffered rounds: close once this many updates are in (0: by quorum)
     # The sites as a set, for O(1) membership per update (a fleet of thousands checks every update).

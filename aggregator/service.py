@@ -59,8 +59,8 @@ from turbofed.aggregator.secure_rounds import SecureRounds
 from turbofed.aggregator.startup import open_registry
 from turbofed.aggregator.strategies import STRATEGIES, ServerOptimizer, SiteUpdate, make_strategy, merge, round_report
 from turbofed.aggregator.streaming import RunningSum
-from turbofed.aggregator.weights import MAX_SAMPLES, Weight, capped_weights, header_samples, participant_action
-from turbofed.codec import check_graph, read_weights, replace_weights
+from turbofed.aggregator.weights import Weight, capped_weights, header_samples, observe_samples, participant_action
+from turbofed.codec import Weights, check_graph, read_weights, replace_weights
 from turbofed.config import FleetConfig, load_fleet_config
 from turbofed.conformal import IntervalTable, Layout, ResidualHistogram
 from turbofed.errors import ConfigError, Refused, WeightsError
@@ -123,7 +123,9 @@ class Aggregator(SecureRounds):
                               "needs every update")
         self.running: RunningSum | None = None
         self.arrival_weights: dict[str, Weight] = {}  # this round's weights as folded in (observed-samples cap)
-        self._starts: dict = {}  # buffered rounds: the older globals stale updates started from, this round
+        # Buffered rounds: the weights of the globals this round's stale updates are rebased with
+        # (the current one, and those they started from), read once each; at most max_staleness + 1.
+        self._globals: dict[int, Weights] = {}
         # Shamir x-coordinates: 1-based positions in the natural order of the fleet's sites.
         self.site_ids = {site: i + 1 for i, site in enumerate(sorted(config.sites, key=natural_key))}
         # What every record of this run says it ran with: the configured name, all parameters.
@@ -488,12 +490,7 @@ class Aggregator(SecureRounds):
         if reply.residuals is not None and reply.residuals.layout != self.stats_layout:
             raise Rejected(Refusal.BAD_STATS, f"residual histogram from {site} is not in the bins asked for")
         self.stats_replies[site] = reply
-        self._observed(site, reply.samples)
-
-    def _observed(self, site: str, samples: int | None) -> None:
-        """Remember the most samples `site` has said it holds: the bound on its update's weight."""
-        if isinstance(samples, int) and samples > 0:
-            self.known_samples[site] = max(self.known_samples.get(site, 0), min(samples, MAX_SAMPLES))
+        observe_samples(self.known_samples, site, reply.samples)
 
     # --- phase 2: rounds -------------------------------------------------------------
 
@@ -519,9 +516,9 @@ class Aggregator(SecureRounds):
         streamed into running sums (FedAvg family), or through a secure sum."""
         buffered = self.config.buffered_rounds
         self.round = Round(number, self.version, uuid.uuid4().hex, now, now + self.config.round_deadline_s, self.config.sites,
-                           plain=self.secure_settings is None, on_accept=self._accept_update, streamed=self.streaming,
+                           plain=self.secure_settings is None, on_accept=self._accept_update,
                            max_staleness=buffered.max_staleness if buffered else 0, buffer_size=buffered.size if buffered else 0)
-        self._starts = {}
+        self._globals = {}
         if self.streaming:
             self.running, self.arrival_weights = RunningSum(read_weights(self.model), self.config.max_site_share), {}
         return self.round
@@ -625,7 +622,7 @@ class Aggregator(SecureRounds):
         from turbofed.aggregator.regional import read_partial
 
         r = self.round
-        if r is None or not r.streamed:
+        if r is None or not self.streaming:
             raise Rejected(Refusal.STALE_ROUND, f"partial from region {region}: no round is open")
         worker = region in self.config.workers
         members = self.config.direct_sites if worker else frozenset(self.config.regions[region])
@@ -660,14 +657,24 @@ class Aggregator(SecureRounds):
 
     def _rebase(self, accepted: Accepted) -> None:
         """FedBuff (Nguyen et al., AISTATS 2022): the delta from the global the site started
-        from, scaled by 1 / (1 + staleness) ** exponent, on top of the current global."""
-        start_version = self.version - accepted.staleness
-        if start_version not in self._starts:
-            self._starts[start_version] = read_weights(onnx.load_model_from_string(self.registry.get(start_version)))
-        start, current = self._starts[start_version], read_weights(self.model)
-        scale = (1.0 + accepted.staleness) ** -self.config.buffered_rounds.staleness_exponent
+        from, scaled by its staleness (`_staleness_scale`), on top of the current global."""
+        start, current = self._global_weights(self.version - accepted.staleness), self._global_weights(self.version)
+        scale = self._staleness_scale(accepted.staleness)
         accepted.weights = {n: (current[n] + scale * (accepted.weights[n].astype(np.float64) - start[n])).astype(current[n].dtype)
                             for n in current}
+
+    def _global_weights(self, version: int) -> Weights:
+        """Global v`version`'s weights, read once a round (the current one from memory, older
+        ones from the registry): a round's stale updates share them."""
+        if version not in self._globals:
+            model = self.model if version == self.version else onnx.load_model_from_string(self.registry.get(version))
+            self._globals[version] = read_weights(model)
+        return self._globals[version]
+
+    def _staleness_scale(self, staleness: int) -> float:
+        """FedBuff's staleness weight (Nguyen et al., AISTATS 2022): a stale update's delta
+        counts 1 / (1 + staleness) ** exponent (buffered_rounds.staleness_exponent)."""
+        return (1.0 + staleness) ** -self.config.buffered_rounds.staleness_exponent
 
     def _fold(self, accepted: Accepted) -> None:
         """Streaming: an accepted update goes into the round's running sums, weighted by its
@@ -679,15 +686,16 @@ class Aggregator(SecureRounds):
         self.running.add(accepted.site, accepted.weights, 1 if self.dp is not None else w.used,
                          self.dp.settings.clip_norm if central else None)
 
-    def _merge_streamed(self, r: Round) -> tuple[onnx.ModelProto, list[dict]]:
-        """The round's model from its running sums, and its participants' records (one pass:
-        this is O(sites) work between the last update and the model going out)."""
+    def _merge_streamed(self, r: Round) -> tuple[onnx.ModelProto, list[dict], dict[str, str]]:
+        """The round's model from its running sums, its participants' records and the notes
+        on their updates (one pass: this is O(sites) work between the last update and the
+        model going out)."""
         running, current = self.running, read_weights(self.model)
         self.running = None
         arrival = self.arrival_weights
         if self.dp is not None:
             used = dict.fromkeys(running.weights, 1)
-            notes = {s: w.note for s, w in arrival.items() if w.note}
+            caps = {s: w.note for s, w in arrival.items() if w.note}
             weights = self.dp.aggregate_sum(current, running.delta_sum(), running.weight)
             clip = self.dp.settings.clip_norm if self.dp.settings.mode == "central" else math.inf
         else:
@@ -695,38 +703,41 @@ class Aggregator(SecureRounds):
             direct = {s: w for s, w in running.weights.items() if s not in running.from_partials}
             shares = capped_weights(direct, {}, self.config.max_site_share)
             used = {s: running.weights[s] for s in running.from_partials} | {s: w.used for s, w in shares.items()}
-            notes = {s: w.note for s, w in arrival.items() if w.note} | {s: w.note for s, w in shares.items() if w.note}
+            caps = {s: w.note for s, w in arrival.items() if w.note} | {s: w.note for s, w in shares.items() if w.note}
             weights = self.strategy.aggregate(current, [SiteUpdate("streamed-mean", *running.mean(used))])
             clip = math.inf
-        norms, participants = running.norms, []
+        norms, participants, notes = running.norms, [], {}
         for a in r.accepted.values():
             if a.site in running.summed:  # a region's summary partial: no weight or norm per site
                 participants.append({"site": a.site, "samples": 0, "claimed": None, "update_bytes": 0, "norm": None,
                                      "cosine": None, "action": f"summed in region {running.summed[a.site]}"})
                 continue
-            note = notes.get(a.site)
+            note = self._stale_note(a, caps.get(a.site))
+            if note is not None:
+                notes[a.site] = note
             action = "clipped" if norms[a.site] > clip else "kept"
             participants.append({"site": a.site, "samples": used[a.site], "claimed": a.samples, "update_bytes": a.wire_bytes,
-                                 "norm": norms[a.site], "cosine": None,
-                                 "action": participant_action(action, self._stale_note(a, note) if a.staleness else note)})
-        return replace_weights(self.model, weights), participants
+                                 "norm": norms[a.site], "cosine": None, "action": participant_action(action, note)})
+        return replace_weights(self.model, weights), participants, notes
 
-    def _merge_kept(self, r: Round) -> tuple[onnx.ModelProto, list[dict]]:
-        """The round's model from every update it kept (strategies that look at each one)."""
+    def _merge_kept(self, r: Round) -> tuple[onnx.ModelProto, list[dict], dict[str, str]]:
+        """The round's model from every update it kept (strategies that look at each one),
+        its participants' records and the notes on their updates."""
         weights = capped_weights({a.site: a.samples for a in r.accepted.values()}, self.known_samples, self.config.max_site_share)
         updates = [SiteUpdate(a.site, a.weights, weights[a.site].used) for a in r.accepted.values()]
         model = merge(self.strategy, self.model, updates)  # updates were checked on arrival; only their weights are used
         report = round_report(self.strategy, read_weights(self.model), updates, read_weights(model))
+        notes = {a.site: note for a in r.accepted.values() if (note := self._stale_note(a, weights[a.site].note)) is not None}
         participants = [{"site": a.site, "samples": weights[a.site].used, "claimed": a.samples, "update_bytes": a.wire_bytes,
-                         **report[a.site], "action": participant_action(report[a.site].get("action"), self._stale_note(a, weights[a.site].note))}
+                         **report[a.site], "action": participant_action(report[a.site].get("action"), notes.get(a.site))}
                         for a in r.accepted.values()]
-        return model, participants
+        return model, participants, notes
 
     def _stale_note(self, accepted: Accepted, note: str | None) -> str | None:
         """A weight cap's note, and for a stale update (buffered rounds) by how much its delta was scaled."""
         if not accepted.staleness:
             return note
-        scale = (1.0 + accepted.staleness) ** -self.config.buffered_rounds.staleness_exponent
+        scale = self._staleness_scale(accepted.staleness)
         stale = f"{accepted.staleness} version(s) stale, delta scaled by {scale:.2f}"
         return stale if note is None else f"{note}; {stale}"
 
@@ -737,10 +748,9 @@ class Aggregator(SecureRounds):
         if verdict.bad:
             self._roll_back(r, verdict, last_update)
             return
-        model, participants = self._merge_streamed(r) if r.streamed else self._merge_kept(r)
-        for p in participants:
-            if p["action"] and ";" in p["action"]:
-                log.warning("round %d: %s: %s", r.number, p["site"], p["action"].split("; ", 1)[1])
+        model, participants, notes = self._merge_streamed(r) if self.streaming else self._merge_kept(r)
+        for site, note in notes.items():  # weight caps and staleness, also in each participant's action
+            log.warning("round %d: %s: %s", r.number, site, note)
         kill_point("after_merge", r.number)
         if not self._commit(r.number, model, r.started, participants, last_update, closed_by):
             return
@@ -861,7 +871,7 @@ class Aggregator(SecureRounds):
         if not payload:
             return  # a retained status being cleared
         s = Status.from_payload(self.verifier.open(signed.STATUS, payload, signer=site).body, site=site)
-        self._observed(site, s.samples)
+        observe_samples(self.known_samples, site, s.samples)
         if s.online and not self.site_online.get(site, False) and self.stalled:
             self._wake = True  # a site is back: a stalled round need not wait for its back-off
         self.site_online[site] = bool(s.online)

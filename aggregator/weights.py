@@ -60,6 +60,13 @@ def _share_level(weights: list[int], share: float) -> int | None:
     return min(weights)
 
 
+def observe_samples(known: dict[str, int], site: str, samples: int | None) -> None:
+    """Remember in `known` the most samples `site` has said it holds (its statistics reply or
+    status, the larger): cap (a) on its update's weight. Anything but a positive int is no news."""
+    if isinstance(samples, int) and samples > 0:
+        known[site] = max(known.get(site, 0), min(samples, MAX_SAMPLES))
+
+
 def header_samples(samples: Iterable[int]) -> int:
     """A global's `samples` header: the sum of the weights used, within the envelope's limit."""
     return min(sum(int(s) for s in samples), MAX_SAMPLES)

@@ -47,7 +47,7 @@ from turbofed.codec import read_weights, replace_weights
 from turbofed.config import DEFAULT_STRATEGY, ModelSettings
 from turbofed.conformal import DEFAULT_COVERAGE, IntervalTable, Layout, ResidualHistogram, coverage_and_width
 from turbofed.data.cmapss import EngineRun
-from turbofed.data.datasets import EvalSet, load_dataset, split_engines
+from turbofed.data.datasets import EvalSet, draw_engines, load_dataset, split_engines
 from turbofed.edge.calibration import CUTS_PER_ENGINE, runs_histogram
 from turbofed.edge.features import run_features, runs_regime_stats, runs_stats, two_phase_spec
 from turbofed.edge.inference import OnnxPredictor
@@ -112,10 +112,8 @@ def calibration_split(sites: list[Site], seed: int, fraction: float = HOLDOUT_FO
     held = []
     for k, site in enumerate(sites):
         n_out = min(int(round(fraction * len(site.runs))), len(site.runs) - 1) if fraction > 0 else 0
-        order = np.random.default_rng([seed, k, 0xCA1]).permutation(len(site.runs))
-        out = set(order[:n_out].tolist())
-        held.append([r for i, r in enumerate(site.runs) if i in out])
-        site.runs = [r for i, r in enumerate(site.runs) if i not in out]
+        site.runs, out = draw_engines(site.runs, n_out, np.random.default_rng([seed, k, 0xCA1]))
+        held.append(out)
     return held
 
 

@@ -36,13 +36,18 @@ def cut_like_nasa(runs: list[EngineRun], rng: np.random.Generator) -> list[Engin
     return cut
 
 
+def draw_engines(runs: list[EngineRun], n_out: int, rng: np.random.Generator) -> tuple[list[EngineRun], list[EngineRun]]:
+    """(kept, held out), both in their original order: `n_out` whole engines drawn by one
+    permutation from `rng` (the one seeded draw every engine split uses)."""
+    held = set(rng.permutation(len(runs))[:n_out].tolist())
+    return [r for i, r in enumerate(runs) if i not in held], [r for i, r in enumerate(runs) if i in held]
+
+
 def split_engines(runs: list[EngineRun], seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[list[EngineRun], list[EngineRun]]:
     """(kept, held-out cut like NASA's test): a seeded `fraction` of whole engines held out."""
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(runs))
-    n_out = max(1, int(round(fraction * len(runs))))
-    held, kept = order[:n_out], order[n_out:]
-    return [runs[i] for i in sorted(kept)], cut_like_nasa([runs[i] for i in sorted(held)], rng)
+    kept, held = draw_engines(runs, max(1, int(round(fraction * len(runs)))), rng)
+    return kept, cut_like_nasa(held, rng)
 
 
 def holdout(subset: Subset, seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[list[EngineRun], EvalSet]:

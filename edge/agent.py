@@ -506,7 +506,7 @@ class EdgeAgent:
         if len(engines) < k:
             raise MessageError(f"{what}: {len(engines)} calibration engines; residuals are shared over at least {k} "
                                "(min_stats_engines; holdout_share holds engines out)", Refusal.STATS_TOO_FEW_ENGINES)
-        runs = [CalibrationRun(c, g, s, r) for (_, c, s, r), g in zip(engines, self.holdout.settings)]
+        runs = [CalibrationRun(e.cycles, e.settings, e.sensors, e.rul) for e in engines]
         rng = np.random.default_rng(int.from_bytes(hashlib.sha256(f"{self.site}/{request.model_version}".encode()).digest()[:8], "big"))
         hist = runs_histogram(self.fed_predictor.predict, self.fleet_spec, runs, request.layout, self.settings.rul_cap, rng)
         reply = StatsReply(request.request_id, self.site, self.holdout.rows, len(runs), residuals=hist)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,42 +22,52 @@ from turbofed.spec import FeatureSpec, FleetStats, Regimes, RegimeStats
 from turbofed.topics import natural_key
 
 
+class Engine(NamedTuple):
+    """One failed engine's labelled history, its settings kept with it (regimes need them)."""
+
+    name: str
+    cycles: np.ndarray  # (n,) int64
+    sensors: np.ndarray  # (n, 21)
+    rul: np.ndarray  # (n,) the RUL at each cycle
+    settings: np.ndarray  # (n, 3) operational settings
+
+
 class TrainingBuffer:
-    """Labelled histories: per engine, cycles, 21 sensors and the RUL at each cycle (and,
-    aligned with `engines`, each engine's (n, 3) settings in `settings`)."""
+    """Labelled histories: per engine, cycles, 21 sensors, the RUL at each cycle and the
+    operational settings (`Engine`), oldest failure first."""
 
     def __init__(self, max_rows: int) -> None:
         self.max_rows = max_rows
-        self.engines: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
-        self.settings: list[np.ndarray] = []
+        self.engines: list[Engine] = []
         self.dropped_engines = 0
 
     @property
     def rows(self) -> int:
-        return sum(len(c) for _, c, _, _ in self.engines)
+        return sum(len(e.cycles) for e in self.engines)
 
     def add(self, engine: str, cycles: np.ndarray, sensors: np.ndarray, rul: np.ndarray, settings: np.ndarray | None = None) -> None:
-        self.engines.append((engine, np.asarray(cycles, dtype=np.int64), np.asarray(sensors, dtype=float), np.asarray(rul, dtype=float)))
-        self.settings.append(np.zeros((len(cycles), N_SETTINGS)) if settings is None else np.asarray(settings, dtype=float).reshape(len(cycles), N_SETTINGS))
+        n = len(cycles)
+        settings = np.zeros((n, N_SETTINGS)) if settings is None else np.asarray(settings, dtype=float).reshape(n, N_SETTINGS)
+        self.engines.append(Engine(engine, np.asarray(cycles, dtype=np.int64), np.asarray(sensors, dtype=float),
+                                   np.asarray(rul, dtype=float), settings))
         while self.rows > self.max_rows and len(self.engines) > 1:
             self.engines.pop(0)
-            self.settings.pop(0)
             self.dropped_engines += 1
 
-    def _order(self) -> list[int]:
+    def _ordered(self) -> list[Engine]:
         """Engines sorted by id (FD001-train-2 before FD001-train-10), not by failure time:
         the same data then trains the same model, however the failures were interleaved."""
-        return sorted(range(len(self.engines)), key=lambda i: natural_key(self.engines[i][0]))
+        return sorted(self.engines, key=lambda e: natural_key(e.name))
 
     def regime_stats(self) -> RegimeStats:
         """This site's share of phase one of the fleet statistics (operating regimes)."""
-        return sum((regime_stats(self.settings[i], self.engines[i][2]) for i in self._order()), RegimeStats())
+        return sum((regime_stats(e.settings, e.sensors) for e in self._ordered()), RegimeStats())
 
     def stats(self, window: int, regimes: Regimes | None = None) -> FleetStats:
         """This site's fleet statistics for features over a `window`-cycle window, its sensors
         normalised with `regimes`."""
-        order = self._order()
-        return histories_stats(((c, s, r) for _, c, s, r in (self.engines[i] for i in order)), window, regimes, (self.settings[i] for i in order))
+        ordered = self._ordered()
+        return histories_stats(((e.cycles, e.sensors, e.rul) for e in ordered), window, regimes, (e.settings for e in ordered))
 
     def spec(self, window: int) -> FeatureSpec:
         """The spec this site alone would fix (its local model's), both phases over its own data."""
@@ -64,44 +75,44 @@ class TrainingBuffer:
 
     def training_rows(self, spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
         """Features (float32) and RUL of every buffered cycle under `spec`."""
-        return _rows(spec, [(*self.engines[i], self.settings[i]) for i in self._order()])
+        return _rows(spec, self._ordered())
 
     def validation_rows(self, spec: FeatureSpec, max_rows: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Features, RUL and the engine count of this (held-out) buffer's engines: whole
         engines, in engine order, up to about `max_rows` cycles, so the rounds' models are
         scored on engines they have not seen and on the same ones from round to round."""
-        chosen, rows = [], 0
-        for i in self._order():
-            engine = self.engines[i]
-            if chosen and rows + len(engine[1]) > max_rows:
-                break
-            chosen.append((*engine, self.settings[i]))
-            rows += len(engine[1])
+        chosen = _first_engines(self._ordered(), max_rows)
         return (*_rows(spec, chosen), len(chosen))
 
     def scoring_rows(self, spec: FeatureSpec, max_rows: int) -> tuple[np.ndarray, np.ndarray]:
         """Features and RUL of the engines that failed first, up to about `max_rows` cycles
         (whole engines, at least one): a cheap sample for scoring a model, and the same one
         from version to version until the buffer overflows, so scores compare like with like."""
-        first, rows = [], 0
-        for engine, settings in zip(self.engines, self.settings):
-            if first and rows + len(engine[1]) > max_rows:
-                break
-            first.append((*engine, settings))
-            rows += len(engine[1])
-        return _rows(spec, first)
+        return _rows(spec, _first_engines(self.engines, max_rows))
 
     def save(self, path: Path) -> None:
-        save_histories(path, [(e, c, s, r) for e, c, s, r in self.engines], extra={"dropped": self.dropped_engines}, settings=self.settings)
+        save_histories(path, [(e.name, e.cycles, e.sensors, e.rul) for e in self.engines], extra={"dropped": self.dropped_engines},
+                       settings=[e.settings for e in self.engines])
 
     @classmethod
     def load(cls, path: Path, max_rows: int) -> "TrainingBuffer":
         buf = cls(max_rows)
         histories, extra = load_histories(path)
-        buf.engines = [(e, c, s, r) for e, c, s, r in histories]
-        buf.settings = load_history_settings(path, [len(c) for _, c, _, _ in histories])
+        settings = load_history_settings(path, [len(c) for _, c, _, _ in histories])
+        buf.engines = [Engine(*history, g) for history, g in zip(histories, settings)]
         buf.dropped_engines = int(extra.get("dropped", 0))
         return buf
+
+
+def _first_engines(engines: list[Engine], max_rows: int) -> list[Engine]:
+    """Whole engines from the front of `engines`, up to about `max_rows` cycles (at least one)."""
+    chosen, rows = [], 0
+    for engine in engines:
+        if chosen and rows + len(engine.cycles) > max_rows:
+            break
+        chosen.append(engine)
+        rows += len(engine.cycles)
+    return chosen
 
 
 History = tuple[str, np.ndarray, np.ndarray, np.ndarray]  # engine, cycles, sensors (n, 21), RUL
@@ -121,11 +132,12 @@ def is_held_out(site: str, engine: str, share: float) -> bool:
 HISTORY_ARRAYS = ("names", "lengths", "cycles", "sensors", "rul", "settings")
 
 
-def _rows(spec: FeatureSpec, engines: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+def _rows(spec: FeatureSpec, engines: list[Engine]) -> tuple[np.ndarray, np.ndarray]:
+    """Features (float32) and RUL of every cycle of `engines` under `spec`."""
     if not engines:
         return np.zeros((0, spec.n_features), dtype=np.float32), np.zeros(0)
-    x = np.vstack([run_features(spec, c, s, g) for _, c, s, _, g in engines]).astype(np.float32)
-    return x, np.concatenate([r for _, _, _, r, _ in engines])
+    x = np.vstack([run_features(spec, e.cycles, e.sensors, e.settings) for e in engines]).astype(np.float32)
+    return x, np.concatenate([e.rul for e in engines])
 
 
 def save_histories(path: Path, histories: list[History], extra: dict[str, int] | None = None, settings: list[np.ndarray] | None = None) -> None:

@@ -14,8 +14,8 @@ import pytest
 from turbofed.benchmarks.accuracy import Trial, run_accuracy, split_sites
 from turbofed.cli import main
 from turbofed.config import ModelSettings
-from turbofed.data.cmapss import load_subset
-from turbofed.data.datasets import holdout, load_dataset
+from turbofed.data.cmapss import EngineRun, load_subset
+from turbofed.data.datasets import holdout, load_dataset, split_engines
 
 QUICK = ModelSettings(rounds=2, local_epochs=1)
 
@@ -32,6 +32,41 @@ def test_holdout_never_trains_on_held_out_engines(cmapss_dir: Path) -> None:
         assert 5 <= run.rul_at_end <= 150  # cut the way NASA cut its test engines
     again, ev2 = holdout(subset, seed=3)
     assert [r.unit for r in ev2.runs] == [r.unit for r in ev.runs]  # seeded
+
+
+def _runs(units: range) -> list[EngineRun]:
+    """Runs to failure of 150 to 239 cycles (by unit), zeros for data: only which engines are chosen matters here."""
+    return [EngineRun(u, np.arange(1, 150 + 7 * u % 90 + 1), np.zeros((150 + 7 * u % 90, 3)), np.zeros((150 + 7 * u % 90, 21)), 0.0)
+            for u in units]
+
+
+@pytest.mark.parametrize(("seed", "fraction", "held", "kept"), [
+    (7, 0.3, [[1, 7, 8], [16, 17], [20], []], [[2, 3, 4, 5, 6, 9, 10], [11, 12, 13, 14, 15], [18, 19, 21], [22]]),
+    (0, 0.2, [[7, 9], [16], [18], []], [[1, 2, 3, 4, 5, 6, 8, 10], [11, 12, 13, 14, 15, 17], [19, 20, 21], [22]]),
+    (3, 0.0, [[], [], [], []], [list(range(1, 11)), list(range(11, 18)), list(range(18, 22)), [22]]),
+])
+def test_calibration_engines_for_a_seed_never_change(seed: int, fraction: float, held: list, kept: list) -> None:
+    """The engines calibration_split holds out, pinned per seed (recorded from the code before
+    it shared split_engines' draw): every published intervals figure stays reproducible. A
+    one-engine site keeps its engine."""
+    from turbofed.benchmarks.accuracy import Site, calibration_split
+
+    sites = [Site(f"site{k + 1}", "FD001", _runs(units)) for k, units in enumerate((range(1, 11), range(11, 18), range(18, 22), range(22, 23)))]
+    out = calibration_split(sites, seed, fraction)
+    assert [[r.unit for r in runs] for runs in out] == held
+    assert [[r.unit for r in site.runs] for site in sites] == kept
+    assert all(len(r) == 150 + 7 * r.unit % 90 and r.rul_at_end == 0.0 for runs in out for r in runs)  # whole runs to failure
+
+
+@pytest.mark.parametrize(("seed", "kept", "cut"), [
+    (5, [1, 2, 3, 5, 6, 7, 9, 10, 11, 13, 14, 15], [(4, 146, 32.0), (8, 106, 100.0), (12, 120, 114.0)]),
+    (11, [1, 2, 4, 5, 6, 8, 9, 10, 11, 12, 14, 15], [(3, 48, 123.0), (7, 141, 58.0), (13, 130, 21.0)]),
+])
+def test_split_engines_for_a_seed_never_changes(seed: int, kept: list[int], cut: list[tuple]) -> None:
+    """split_engines' held-out engines and where each is cut, pinned per seed (recorded before
+    calibration_split shared its draw): validation and hold-out sets stay the same."""
+    k, held = split_engines(_runs(range(1, 16)), seed)
+    assert [r.unit for r in k] == kept and [(r.unit, len(r), r.rul_at_end) for r in held] == cut
 
 
 def test_sites_are_disjoint_and_split_by_subset(cmapss_dir: Path) -> None:

@@ -142,8 +142,8 @@ def test_agent_resumes_everything_it_saved(saved_state: Path, tmp_path: Path, da
 
 
 def _first_rows(agent: EdgeAgent) -> tuple[np.ndarray, np.ndarray]:
-    _, cycles, sensors, _ = agent.buffer.engines[0]
-    return cycles, sensors
+    engine = agent.buffer.engines[0]
+    return engine.cycles, engine.sensors
 
 
 def _garbage(_: bytes) -> bytes:

@@ -4,6 +4,7 @@ one with its delta scaled by its staleness."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,13 +28,15 @@ def _update(aggregator: Aggregator, site: str, weights: dict, round_: int, from_
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "filtered-fedavg"])  # streamed, and kept
-def test_a_late_update_is_rebased_and_scaled_by_its_staleness(tmp_path: Path, strategy: str) -> None:
+def test_a_late_update_is_rebased_and_scaled_by_its_staleness(tmp_path: Path, strategy: str, caplog: pytest.LogCaptureFixture) -> None:
     save_versions(tmp_path / "registry", range(1))
     cfg = replace(config(tmp_path, strategy=StrategySettings(strategy), buffered_rounds=BufferedRounds(size=2, max_staleness=2)),
                   sites=SITES)
     aggregator = Aggregator(cfg)
     aggregator.client = RecordingClient()
+    caplog.set_level(logging.WARNING, logger="turbofed.aggregator")
     try:
+        caplog.clear()  # what the round logs, not the start
         v0 = read_weights(aggregator.model)
         rng = np.random.default_rng(0)
         trained = {s: {n: (w + rng.normal(0, 0.1, w.shape)).astype(w.dtype) for n, w in v0.items()} for s in SITES}
@@ -58,6 +61,8 @@ def test_a_late_update_is_rebased_and_scaled_by_its_staleness(tmp_path: Path, st
         (row,) = [r for r in aggregator.store.rounds() if r["round"] == 2]
         actions = {p["site"]: p["action"] for p in row["participants"]}
         assert actions["site3"].endswith("1 version(s) stale, delta scaled by 0.71") and actions["site1"] == "kept"
+        noted = [r.getMessage() for r in caplog.records if r.name == "turbofed.aggregator" and r.levelno == logging.WARNING]
+        assert noted == ["round 2: site3: 1 version(s) stale, delta scaled by 0.71"]  # logged once, without the action
     finally:
         aggregator.store.close()
         aggregator.registry.close()
@@ -81,6 +86,32 @@ def test_updates_older_than_max_staleness_are_refused(tmp_path: Path) -> None:
         assert aggregator.counters["stale_round"] == 2 and aggregator.round.accepted == {}
         _update(aggregator, "site3", weights, 2, 1)  # 2 versions late: taken
         assert aggregator.round.accepted["site3"].staleness == 2
+    finally:
+        aggregator.store.close()
+        aggregator.registry.close()
+
+
+def test_each_global_version_is_read_once_a_round_however_many_stale_updates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rebasing reads the current global's and each starting global's weights once a round,
+    not once per stale update (the aggregator's own read_weights, counted)."""
+    from turbofed.aggregator import service
+
+    reads: list[int] = []
+    monkeypatch.setattr(service, "read_weights", lambda model: (reads.append(1), read_weights(model))[1])
+    save_versions(tmp_path / "registry", range(3))
+    sites = ("site1", "site2", "site3", "site4")
+    cfg = replace(config(tmp_path, strategy=StrategySettings("fedavg"), buffered_rounds=BufferedRounds(size=4, max_staleness=2)),
+                  sites=sites)
+    aggregator = Aggregator(cfg)
+    aggregator.client = RecordingClient()
+    try:
+        weights = read_weights(aggregator.model)
+        aggregator.open_round(3, 0.0).deadline = 1e12
+        reads.clear()
+        for site, round_, start in (("site1", 1, 0), ("site2", 2, 1), ("site3", 2, 1), ("site4", 1, 0)):
+            _update(aggregator, site, weights, round_, start)
+        assert [a.staleness for a in aggregator.round.accepted.values()] == [2, 1, 1, 2]
+        assert len(reads) == 3  # v2 (the current global), v1 and v0, each once
     finally:
         aggregator.store.close()
         aggregator.registry.close()

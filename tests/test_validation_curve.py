@@ -14,10 +14,32 @@ from tests.inprocess import RecordingClient, config, save_versions
 from turbofed.aggregator.service import Aggregator
 from turbofed.config import SiteConfig
 from turbofed.edge.agent import EdgeAgent
-from turbofed.edge.buffer import is_held_out
+from turbofed.edge.buffer import TrainingBuffer, is_held_out
 from turbofed.errors import Refused
 from turbofed.messages import MessageError, Metrics, ModelScore
 from turbofed.spec import FeatureSpec
+
+
+def test_buffer_samples_whole_engines_with_their_settings(tmp_path: Path) -> None:
+    """Validation takes engines in name order, scoring the first failed; both whole engines up
+    to about max_rows (at least one); an engine dropped on overflow takes its settings along,
+    and a saved buffer loads the same."""
+    spec = FeatureSpec((0, 1), 30, (0.5,) * 9, (2.0,) * 9)
+    buf = TrainingBuffer(max_rows=150)
+    for k, n in ((10, 40), (2, 50), (3, 60), (1, 30)):  # failure order; 180 rows: the first (e10) is dropped
+        buf.add(f"e{k}", np.arange(1, n + 1), np.full((n, 21), float(k)), 1000.0 * k + np.arange(n)[::-1], np.full((n, 3), float(k)))
+    assert [(e.name, e.settings[0, 0]) for e in buf.engines] == [("e2", 2.0), ("e3", 3.0), ("e1", 1.0)] and buf.dropped_engines == 1
+
+    def engines(y: np.ndarray) -> list[int]:
+        return list(dict.fromkeys((y // 1000).astype(int).tolist()))
+
+    assert engines(buf.validation_rows(spec, 90)[1]) == [1, 2] and buf.validation_rows(spec, 90)[2] == 2  # 30 + 50 rows
+    assert engines(buf.scoring_rows(spec, 90)[1]) == [2]  # 50, and 60 more would pass 90
+    assert engines(buf.scoring_rows(spec, 10)[1]) == [2] and buf.validation_rows(spec, 10)[2] == 1  # at least one engine
+    buf.save(tmp_path / "buffer.npz")
+    again = TrainingBuffer.load(tmp_path / "buffer.npz", 150)
+    assert [(e.name, e.settings[0, 0], len(e.cycles)) for e in again.engines] == [(e.name, e.settings[0, 0], len(e.cycles)) for e in buf.engines]
+    np.testing.assert_array_equal(again.training_rows(spec)[0], buf.training_rows(spec)[0])
 
 
 def test_held_out_engines_are_a_stable_share_by_site_and_engine() -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
-from turbofed.aggregator.weights import MAX_SAMPLES, capped_weights
+from turbofed.aggregator.weights import MAX_SAMPLES, capped_weights, observe_samples
 
 
 def test_honest_claims_are_kept() -> None:
@@ -28,16 +29,26 @@ def test_share_cap_is_a_fixed_point(share: float) -> None:
     assert w["b"].used == 300 and w["c"].used == 200 and "share" in w["a"].note
 
 
+def test_observed_samples_keep_the_most_a_site_said_within_the_limit() -> None:
+    """The top aggregator and a region remember a site's samples the same way (one helper)."""
+    known: dict[str, int] = {}
+    for samples in (300, 200, 0, -5, None, "900", 2.5e3):  # smaller, non-positive and non-int reports are no news
+        observe_samples(known, "a", samples)
+    assert known == {"a": 300}
+    observe_samples(known, "b", MAX_SAMPLES + 10)
+    assert known == {"a": 300, "b": MAX_SAMPLES}
+
+
 def test_share_cap_needs_enough_sites() -> None:
     """Two updates and a share of 0.5 could only be met by equal weights: not applied."""
     w = capped_weights({"a": 600, "b": 400}, {}, 0.5)
     assert (w["a"].used, w["a"].note, w["b"].used) == (600, None, 400)
 
 
-def test_a_round_with_a_huge_sample_claim(tmp_path: Path) -> None:
+def test_a_round_with_a_huge_sample_claim(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """In process, the aggregator's own round code: one update claims 2**53-1 samples. No crash,
     the global is the mean the capped weights make, the record shows the cap, and the global's
-    header is valid (its samples within the envelope's limit)."""
+    header is valid (its samples within the envelope's limit); the cap is logged once."""
     import numpy as np
     import onnx
 
@@ -49,9 +60,11 @@ def test_a_round_with_a_huge_sample_claim(tmp_path: Path) -> None:
     save_versions(tmp_path / "registry", range(1, 2))
     # Plain FedAvg: the cap is the aggregator's, whatever the strategy (the default would also cap the share at half).
     aggregator, client = Aggregator(config(tmp_path, strategy=StrategySettings("fedavg"))), RecordingClient()
+    caplog.set_level(logging.WARNING, logger="turbofed.aggregator")
     try:
         aggregator.client = client
         aggregator.known_samples = {"site1": 400, "site2": 600}  # what their statistics replies said
+        caplog.clear()  # what the round logs, not the start
         base = read_weights(aggregator.model)
         run_round(aggregator, {"site1": ({n: w + 1.0 for n, w in base.items()}, MAX_SAMPLES),
                                "site2": ({n: w - 1.0 for n, w in base.items()}, 600)})
@@ -66,6 +79,8 @@ def test_a_round_with_a_huge_sample_claim(tmp_path: Path) -> None:
         parts = {p["site"]: p for p in row["participants"]}
         assert parts["site1"]["samples"] == 400 and "weight capped at 400" in parts["site1"]["action"]
         assert parts["site2"]["samples"] == 600 and parts["site2"]["action"] == "kept"
+        capped = [r.getMessage() for r in caplog.records if r.name == "turbofed.aggregator" and r.levelno == logging.WARNING]
+        assert capped == [f"round 2: site1: weight capped at 400 observed samples (claimed {MAX_SAMPLES})"]  # the note, once
     finally:
         aggregator.store.close()
         aggregator.registry.close()
