@@ -359,6 +359,7 @@ class RegionalAggregator:
         while not stop.is_set():
             self.pump(0.2)
             self.close_if_due(time.time())
+        self.inbox.close()
         self.client.disconnect()
         self.client.loop_stop()
 

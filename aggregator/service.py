@@ -325,6 +325,7 @@ class Aggregator(SecureRounds):
                 log.info("all %d rounds done; recording site reports until stopped", self.config.model.rounds)
         while not stop.is_set():
             self.pump(0.2)
+        self.inbox.close()
         self.client.disconnect()
         self.client.loop_stop()
         self._record_held_rejections(everything=True)

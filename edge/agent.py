@@ -291,6 +291,7 @@ class EdgeAgent:
                 self.flush()
                 next_flush = time.monotonic() + self.config.predictions_every_s
         self.drain()
+        self.inbox.close()  # stopping: what comes now is not read (as before the inbox was bounded)
         self.flush()
         self.save()
         deadline = time.monotonic() + STOP_WAIT_S  # what the broker does not take by then is sent at the next start

@@ -45,6 +45,19 @@ def test_the_byte_bound_holds_and_a_message_larger_than_it_still_passes_alone() 
     assert inbox.held_bytes() == 50 and inbox.dropped == 2
 
 
+def test_a_closed_inbox_lets_a_waiting_producer_go_at_once_and_keeps_what_it_holds() -> None:
+    inbox = _inbox(1, 100, wait_s=30.0)
+    assert inbox.put(b"held")
+    result: list[bool] = []
+    producer = threading.Thread(target=lambda: result.append(inbox.put(b"late")))
+    producer.start()
+    time.sleep(0.2)  # the producer waits for room
+    inbox.close()
+    producer.join(5)
+    assert not producer.is_alive() and result == [False] and inbox.dropped == 0
+    assert not inbox.put(b"after") and inbox.get(0.1) == b"held"
+
+
 def test_get_waits_up_to_its_timeout() -> None:
     inbox = _inbox(1, 10, wait_s=0.0)
     with pytest.raises(queue.Empty):

@@ -50,22 +50,26 @@ class BoundedInbox(Generic[Item]):
         self.max_messages, self.max_bytes, self.wait_s = max_messages, max_bytes, wait_s
         self.size_of = size_of
         self.dropped = 0
+        self.closed = False
         self._items: deque[tuple[Item, int]] = deque()
         self._bytes = 0
         self._lock = threading.Condition()
 
     def put(self, item: Item) -> bool:
-        """Hold `item`; False when there was no room within `wait_s`. A message larger than
-        `max_bytes` is taken once the inbox is empty."""
+        """Hold `item`; False when there was no room within `wait_s`, or at once once the
+        inbox is closed. A message larger than `max_bytes` is taken once the inbox is empty."""
         size = self.size_of(item)
         deadline = time.monotonic() + self.wait_s
         with self._lock:
-            while self._items and (len(self._items) >= self.max_messages or self._bytes + size > self.max_bytes):
+            while not self.closed and self._items and (len(self._items) >= self.max_messages
+                                                       or self._bytes + size > self.max_bytes):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.dropped += 1
                     return False
                 self._lock.wait(left)
+            if self.closed:
+                return False
             self._items.append((item, size))
             self._bytes += size
             self._lock.notify_all()
@@ -87,6 +91,13 @@ class BoundedInbox(Generic[Item]):
 
     def get_nowait(self) -> Item:
         return self.get(0.0)
+
+    def close(self) -> None:
+        """The service is stopping and reads no more: the network thread must not wait for room
+        (each message up to `wait_s`) while the client disconnects. What is held stays readable."""
+        with self._lock:
+            self.closed = True
+            self._lock.notify_all()
 
     def qsize(self) -> int:
         return len(self._items)
@@ -303,7 +314,7 @@ def on_message_into(inbox: BoundedInbox[Any], item: Callable[[mqtt.MQTTMessage],
     errors = RateLimitedLog(logger)
 
     def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:  # noqa: ARG001
-        if not inbox.put(item(msg)):
+        if not inbox.put(item(msg)) and not inbox.closed:
             counters[Refusal.INBOX_FULL.value] += 1
             errors.warning(Refusal.INBOX_FULL, "%s: dropped a message on %s: its inbox held %d messages (%d bytes) for "
                            "%.0f s (stuck, not slow); %d dropped in all", who, msg.topic[:200], inbox.qsize(),
