@@ -265,6 +265,8 @@ def run_accuracy(
         raise ConfigError(f"turbofed bench accuracy: --average-last must be >= 0, --lr-final in (0, 1] and "
                           f"--min-correlation in [0, 1), got {trial}")
     settings = settings or ModelSettings()
+    if trial.lr_final != 1.0 and settings.kind != "mlp":
+        raise ConfigError(f"turbofed bench accuracy --lr-final decays Adam's rate: it needs --model kind=mlp, not {settings.kind!r}")
     started = time.perf_counter()
     train, evals = load_dataset(dataset, data_dir, settings.seed)
     sites = split_sites(train, n_sites)

@@ -134,9 +134,9 @@ def test_non_finite_predictions_are_counted_not_published(tmp_path: Path) -> Non
 
 
 def test_the_agents_models_predict_within_zero_and_the_cap_for_every_use(agent) -> None:
-    """Predictions, intervals and the learning curve use the agent's predictors, so each
-    clips at build time (issue #15 item 5), also a model restored from disk; the rollback
-    score alone judges the unclipped output (a blown-up model must not hide)."""
+    """The agent builds its predictors with the cap (issue #15 item 5: predictions, intervals and
+    the learning curve go through them), also for a model restored from disk; the unclipped
+    output stays at hand for the rollback score (tests/test_rollback.py needs it)."""
     from turbofed.edge.state import load_global
     from turbofed.graph import reference_model, weight_shapes
 

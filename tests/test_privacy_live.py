@@ -38,6 +38,7 @@ def test_distributed_noise_and_a_spent_budget_on_a_live_fleet(broker, pki_dir: P
         fleet.close()
     assert aggregator.version == 2
     rounds = store.rounds()
+    store.close()
     assert [r["round"] for r in rounds] == [0, 1, 2]
     # Each site's delta was clipped to norm 1 and then noised at the site (std sqrt(2) per coordinate): far above 1.
     assert all(p["norm"] > 5.0 for r in rounds[1:] for p in r["participants"])

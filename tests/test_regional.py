@@ -20,6 +20,7 @@ from tests.inprocess import SETTINGS, SPEC, RecordingClient, checkpoint_fleet, d
 from turbofed.aggregator.regional import PartialSite, RegionalAggregator, encode_partial
 from turbofed.aggregator.registry import ModelRegistry
 from turbofed.aggregator.service import Aggregator
+from turbofed.aggregator.weights import MAX_SAMPLES
 from turbofed.codec import flatten, replace_weights
 from turbofed.config import FleetConfig, RegionConfig, StrategySettings
 from turbofed.deploy.identities import AGGREGATOR, add_identity, init_fleet
@@ -346,6 +347,10 @@ GOOD_SUMMARY = {"sites": 3, "claimed": 300, "update_bytes": 72_000, "norm_max": 
     ("a non-finite norm", 300, ["s4"], {**GOOD_SUMMARY, "norm_max": float("nan")}),
     ("a field short", 300, ["s4"], {"sites": 3, "claimed": 300, "update_bytes": 72_000}),
     ("a string for a count", 300, ["s4"], {**GOOD_SUMMARY, "claimed": "300"}),
+    ("a bool for a count", 300, ["s4"], {**GOOD_SUMMARY, "sites": True}),
+    ("a negative norm", 300, ["s4"], {**GOOD_SUMMARY, "norm_max": -1.0}),
+    ("no bytes", 300, ["s4"], {**GOOD_SUMMARY, "update_bytes": 0}),
+    ("claims beyond the samples a site can have", 300, ["s4"], {**GOOD_SUMMARY, "claimed": 3 * MAX_SAMPLES + 1}),
 ])
 def test_a_summary_partial_that_does_not_hold_together_is_refused(top: Aggregator, pki: Path, case: str, weight: int,
                                                                   missing: list[str], summary: dict) -> None:

@@ -51,6 +51,8 @@ class BoundedInbox(Generic[Item]):
         self.size_of = size_of
         self.dropped = 0
         self.closed = False
+        self.waiting = 0  # producers waiting for room now
+        self.peak_messages = self.peak_bytes = 0  # the most ever held (the bound, seen from outside)
         self._items: deque[tuple[Item, int]] = deque()
         self._bytes = 0
         self._lock = threading.Condition()
@@ -67,11 +69,17 @@ class BoundedInbox(Generic[Item]):
                 if left <= 0:
                     self.dropped += 1
                     return False
-                self._lock.wait(left)
+                self.waiting += 1
+                try:
+                    self._lock.wait(left)
+                finally:
+                    self.waiting -= 1
             if self.closed:
                 return False
             self._items.append((item, size))
             self._bytes += size
+            self.peak_messages = max(self.peak_messages, len(self._items))
+            self.peak_bytes = max(self.peak_bytes, self._bytes)
             self._lock.notify_all()
             return True
 
