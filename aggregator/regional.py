@@ -28,8 +28,9 @@ region, `samples` is Σ w (signed), and the body is
              norm], ...], "missing": [sites that sent no update: skipped or silent],
              "refused": {reason: count}, "length": L} (at most MAX_META_BYTES inflated);
              with `site_records = "summary"` "sites" gives way to "summary": {"sites": n,
-             "claimed": Σ claimed, "update_bytes": Σ bytes, "norm_max": largest delta norm}
-             and the region's other sites are the ones that sent an update
+             "digest": sites_digest(those sites), "claimed": Σ claimed, "update_bytes": Σ bytes,
+             "norm_max": largest delta norm} and the region's other sites are the ones that
+             sent an update
     4·L      Σ w·θ / Σ w, float32 little-endian, in the global model's initializer order
              (zeros when Σ w = 0)
 
@@ -64,6 +65,7 @@ message (dup) goes out alone, so a `duplicate` at the top drops only it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -74,6 +76,7 @@ import threading
 import time
 import zlib
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,14 +92,13 @@ from turbofed.errors import Refused
 from turbofed.messages import RoundAnnouncement, StatsReply, Status, signed
 from turbofed.messages.signed import Sealer, Unsigned, Verifier
 from turbofed.mqtt import (
-    INBOX_BYTES,
-    INBOX_MESSAGES,
     BoundedInbox,
     ConnectionWatch,
     Subscriptions,
     client_id,
     connect,
     make_client,
+    message_inbox,
     on_message_into,
 )
 from turbofed.ratelog import RateLimitedLog, RefusalLog
@@ -151,6 +153,7 @@ class Partial:
     refused: dict[str, int]
     wire_bytes: int
     summed: tuple[str, ...] = ()  # a summary partial: the sites it sums (the region's, less `missing`)
+    summary: dict | None = None  # a summary partial's totals: sites, digest, claimed, update_bytes, norm_max
 
 
 def encode_partial(sealer: Sealer | Unsigned, *, round: int, model_version: int, epoch: int, total: np.ndarray,  # noqa: A002
@@ -159,7 +162,8 @@ def encode_partial(sealer: Sealer | Unsigned, *, round: int, model_version: int,
     sites' totals instead of a record per site."""
     records: dict[str, object]
     if summary:
-        records = {"summary": {"sites": len(sites), "claimed": sum(s.claimed for s in sites),
+        records = {"summary": {"sites": len(sites), "digest": sites_digest(s.site for s in sites),
+                               "claimed": sum(s.claimed for s in sites),
                                "update_bytes": sum(s.update_bytes for s in sites),
                                "norm_max": max((s.norm for s in sites), default=0.0)}}
     else:
@@ -174,6 +178,21 @@ def encode_partial(sealer: Sealer | Unsigned, *, round: int, model_version: int,
 
 def _bad(detail: str) -> Rejected:
     return Rejected(Refusal.BAD_PARTIAL, detail)
+
+
+def sites_digest(sites: Iterable[str]) -> str:
+    """A summary's fingerprint of the sites it sums (SHA-256 of the sorted ids, 128 bits in
+    hex): the top checks it against its own list, so a region.toml that disagrees with
+    fleet.toml's [regions] is refused instead of crediting the wrong sites."""
+    return hashlib.sha256("\n".join(sorted(sites)).encode()).hexdigest()[:32]
+
+
+def _finite_at_least_zero(x: float | int) -> bool:
+    """x is a finite number >= 0 (an int too large for a float is not: no OverflowError)."""
+    try:
+        return math.isfinite(x) and x >= 0
+    except OverflowError:
+        return False
 
 
 def read_partial(payload: bytes, region: str, region_sites: frozenset[str], verifier: Verifier | Unsigned, *,
@@ -221,7 +240,7 @@ def read_partial(payload: bytes, region: str, region_sites: frozenset[str], veri
         if not absent <= region_sites:
             raise _bad(f"partial from region {region}: missing names a site that is not one of its sites")
         sites, summed = (), tuple(s for s in sorted(region_sites) if s not in absent)
-        _check_summary(meta["summary"], region, len(summed), env.samples)
+        _check_summary(meta["summary"], region, summed, env.samples)
         named = set(summed)
     else:
         sites, summed = _partial_sites(meta["sites"], region, region_sites), ()
@@ -248,26 +267,33 @@ def read_partial(payload: bytes, region: str, region_sites: frozenset[str], veri
         raise _bad(f"partial from region {region}: no site weight but a non-zero mean")
     total = mean * weight  # Σ w·θ, float64
     return Partial(region, env.round, env.model_version, weight, total, sites, tuple(missing),
-                   {str(k)[:64]: v for k, v in refused.items()}, len(payload), summed)
+                   {str(k)[:64]: v for k, v in refused.items()}, len(payload), summed,
+                   dict(meta["summary"]) if "summary" in meta else None)
 
 
-def _check_summary(summary: object, region: str, sites: int, weight: int) -> None:
-    """A summary partial's totals hold together: `sites` sites, each of weight 1 to its
-    claim (at most MAX_SAMPLES), summing to the signed Σ w `weight`."""
-    ok = (isinstance(summary, dict) and set(summary) == {"sites", "claimed", "update_bytes", "norm_max"}
+SUMMARY_FIELDS = {"sites", "digest", "claimed", "update_bytes", "norm_max"}
+
+
+def _check_summary(summary: object, region: str, summed: tuple[str, ...], weight: int) -> None:
+    """A summary partial's totals hold together: the sites `summed` (the region's sites less
+    missing, by the top's [regions]; their digest must match), each of weight 1 to its claim
+    (at most MAX_SAMPLES), summing to the signed Σ w `weight`."""
+    ok = (isinstance(summary, dict) and set(summary) == SUMMARY_FIELDS and isinstance(summary["digest"], str)
           and all(isinstance(summary[k], int) and not isinstance(summary[k], bool) for k in ("sites", "claimed", "update_bytes"))
           and isinstance(summary["norm_max"], (int, float)) and not isinstance(summary["norm_max"], bool))
     if not ok:
-        raise _bad(f"partial from region {region}: summary must be {{sites, claimed, update_bytes (integers), norm_max}}, "
-                   f"got {str(summary)[:120]}")
-    if summary["sites"] != sites:
-        raise _bad(f"partial from region {region}: summary counts {summary['sites']} sites, "
-                   f"its sites less missing are {sites}")
+        raise _bad(f"partial from region {region}: summary must be {{sites, claimed, update_bytes (integers), digest, "
+                   f"norm_max}}, got {str(summary)[:120]}")
+    sites = len(summed)
+    if summary["sites"] != sites or summary["digest"] != sites_digest(summed):
+        raise _bad(f"partial from region {region}: its summary sums {summary['sites']} sites (digest {summary['digest'][:32]}), "
+                   f"the region's sites less missing by this fleet's [regions] are {sites} (digest {sites_digest(summed)}): "
+                   "region.toml and fleet.toml disagree")
     if not (sites <= weight <= summary["claimed"] <= sites * MAX_SAMPLES
             and sites <= summary["update_bytes"] <= sites * envelope.MAX_PAYLOAD_BYTES
-            and math.isfinite(summary["norm_max"]) and summary["norm_max"] >= 0):
+            and _finite_at_least_zero(summary["norm_max"])):
         raise _bad(f"partial from region {region}: summary of {sites} sites with Σ w {weight}, claimed {summary['claimed']}, "
-                   f"{summary['update_bytes']} bytes, largest norm {summary['norm_max']} out of range")
+                   f"{summary['update_bytes']} bytes, largest norm {str(summary['norm_max'])[:40]} out of range")
 
 
 def _partial_sites(rows: object, region: str, region_sites: frozenset[str]) -> tuple[PartialSite, ...]:
@@ -287,7 +313,7 @@ def _partial_sites(rows: object, region: str, region_sites: frozenset[str]) -> t
         if site in seen:
             raise _bad(f"partial from region {region}: site {site!r} named twice")
         if not (1 <= weight <= claimed <= MAX_SAMPLES and 1 <= nbytes <= envelope.MAX_PAYLOAD_BYTES
-                and math.isfinite(norm) and norm >= 0):
+                and _finite_at_least_zero(norm)):
             raise _bad(f"partial from region {region}: site {site!r}: weight {weight}, claimed {claimed}, "
                        f"{nbytes} bytes, norm {norm} out of range")
         seen.add(site)
@@ -309,7 +335,7 @@ class RegionalAggregator:
         self._errors = RateLimitedLog(log)
         # Bounded (turbofed.mqtt.BoundedInbox); a worker's is never full: the broker hands it at
         # most max_inflight_messages unacked updates.
-        self.inbox: BoundedInbox[Delivery] = BoundedInbox(INBOX_MESSAGES, INBOX_BYTES, lambda d: len(d.payload))
+        self.inbox: BoundedInbox[Delivery] = message_inbox(config.broker.keepalive, lambda d: len(d.payload))
         self.name = f"{'worker' if config.worker else 'region'} {config.region}"  # in logs
         self.watch = ConnectionWatch(self.name, log)
         self.client = None

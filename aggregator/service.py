@@ -94,6 +94,13 @@ SETTLE_AFTER_QUORUM_S = 10.0
 DISK_RETRY_S = 2.0  # a commit held back by a full disk is retried this often (logged once per LOG_INTERVAL_S)
 
 
+
+def round_samples(record: dict) -> int:
+    """A round's `samples` header: its participants' weights, and the Σ w of each region that
+    sent a summary partial (its sites' rows carry none)."""
+    return header_samples([p.get("samples", 0) for p in record.get("participants", [])]
+                          + [r.get("samples", 0) for r in record.get("regions", {}).values()])
+
 class Aggregator(SecureRounds):
     """Runs the fleet's rounds over MQTT and records what the sites report (secure rounds:
     aggregator/secure_rounds.py)."""
@@ -158,7 +165,7 @@ class Aggregator(SecureRounds):
         self._next_rows_check = 0.0
         self._errors = RateLimitedLog(log)
         self.ignored = 0  # messages on topics we never subscribed to
-        self.inbox = message_inbox()  # bounded: a backlog waits at the broker, not here
+        self.inbox = message_inbox(config.broker.keepalive)  # bounded: a backlog waits at the broker, not here
         self.model: onnx.ModelProto | None = None
         self.version = -1
         self.spec: FeatureSpec | None = None
@@ -234,7 +241,7 @@ class Aggregator(SecureRounds):
         if previous and previous != self.strategy_record:
             log.warning("checkpoint v%d was made with %s; continuing with %s", ckpt.version, previous, self.strategy_record)
         record = ckpt.fleet.get("round_record") or {}
-        self.global_samples = header_samples(p.get("samples", 0) for p in record.get("participants", []))
+        self.global_samples = round_samples(record)
         self._reconcile(ckpt)
         self.store.record_event("resumed", {"version": ckpt.version, "round": ckpt.round, **self.strategy_record,
                                             **self._privacy_record()}, time.time())
@@ -635,7 +642,7 @@ class Aggregator(SecureRounds):
         if again:
             raise Rejected(Refusal.DUPLICATE, f"partial from {'worker' if worker else 'region'} {region}: round {r.number} "
                                               f"already has {len(again)} of its sites (e.g. {sorted(again)[0]})")
-        self.running.add_partial(p.total, p.weight, {s.site: (s.weight, s.norm) for s in p.sites}, summed={s: region for s in p.summed})
+        self.running.add_partial(p.total, p.weight, {s.site: (s.weight, s.norm) for s in p.sites}, region, p.summed, p.summary)
         now = time.time()
         for s in p.sites:
             r.accepted[s.site] = Accepted(s.site, s.claimed, None, s.update_bytes, now)
@@ -643,9 +650,11 @@ class Aggregator(SecureRounds):
             r.accepted[site] = Accepted(site, 0, None, 0, now)
         for site in p.missing:
             r.skipped[site] = 0
-        (log.debug if worker else log.info)("round %d: partial from %s %s: %d updates (Σw %d), %d missing, %d refused there, %d bytes", r.number,
-                 "worker" if worker else "region", region, len(p.sites) + len(p.summed), p.weight, len(p.missing),
-                 sum(p.refused.values()), p.wire_bytes)
+        totals = (f", {p.summary['claimed']} claimed, largest update norm {p.summary['norm_max']:.4g}"
+                  if p.summary is not None else "")
+        (log.debug if worker else log.info)("round %d: partial from %s %s: %d updates (Σw %d%s), %d missing, %d refused there, %d bytes",
+                                            r.number, "worker" if worker else "region", region, len(p.sites) + len(p.summed),
+                                            p.weight, totals, len(p.missing), sum(p.refused.values()), p.wire_bytes)
 
     def _accept_update(self, accepted: Accepted) -> None:
         """A stale update (buffered rounds) is rebased onto the current global; then, when
@@ -749,11 +758,12 @@ class Aggregator(SecureRounds):
         if verdict.bad:
             self._roll_back(r, verdict, last_update)
             return
+        regions = self.running.regions if self.streaming else {}  # summary partials' totals, for the round's record
         model, participants, notes = self._merge_streamed(r) if self.streaming else self._merge_kept(r)
         for site, note in notes.items():  # weight caps and staleness, also in each participant's action
             log.warning("round %d: %s: %s", r.number, site, note)
         kill_point("after_merge", r.number)
-        if not self._commit(r.number, model, r.started, participants, last_update, closed_by):
+        if not self._commit(r.number, model, r.started, participants, last_update, closed_by, regions):
             return
         log.info("round %d closed by %s: %d updates, global v%d published", r.number, closed_by, len(participants), self.version)
         self._round_closed(r.number, len(participants))
@@ -805,14 +815,16 @@ class Aggregator(SecureRounds):
         self.store.record_event("rollback", {"round": r.number, **verdict.detail()}, time.time())
         self._commit(r.number, model, r.started, participants, last_update, "rollback")
 
-    def _commit(self, number: int, model: onnx.ModelProto, started: float, participants: list[dict], last_update: float, closed_by: str) -> bool:
+    def _commit(self, number: int, model: onnx.ModelProto, started: float, participants: list[dict], last_update: float,
+                closed_by: str, regions: dict[str, dict] | None = None) -> bool:
         """Global v`number`, in this order: checkpoint, record the round in the store, publish
         it retained. Nothing is published before it is on disk; the checkpoint also holds the
         round's record, so a crash before the store write is mended at the next start.
+        `regions`: the totals of regions' summary partials (their sites' rows carry no weight).
         A full disk holds the commit back (retried) instead of crashing; False if stopped meanwhile."""
         closed = time.time()
         record = {"participants": participants, "started": started, "closed": closed, "closed_by": closed_by,
-                  "aggregate_ms": (closed - last_update) * 1000.0 if last_update else 0.0}
+                  "aggregate_ms": (closed - last_update) * 1000.0 if last_update else 0.0, **({"regions": regions} if regions else {})}
         fleet = {"stats": self.stats.to_dict(), "spec": self.spec.to_dict(), **self.strategy_record, "round_record": record,
                  "last_good": self.guard.last_good}
         data, state = model.SerializeToString(), self.strategy.state()
@@ -828,7 +840,7 @@ class Aggregator(SecureRounds):
         self._flush_store(number)
         kill_point("after_store", number)
         self.model, self.version = model, number
-        self.global_samples = header_samples(p["samples"] for p in participants)
+        self.global_samples = round_samples(record)
         if self.metrics is not None:
             self.metrics.round_closed(participants, record["aggregate_ms"])
         info = self._publish_global()

@@ -46,6 +46,7 @@ class RunningSum:
         self.norms: dict[str, float] = {}
         self.from_partials: set[str] = set()  # sites folded in through a region's partial (not cappable here)
         self.summed: dict[str, str] = {}  # site -> region, for sites a region's summary partial sums (no weight known)
+        self.regions: dict[str, dict] = {}  # region -> its summary's totals and Σ w (`samples`), for the round's record
 
     def add(self, site: str, weights: Weights, weight: int, clip_norm: float | None = None) -> None:
         """Fold one update in. `clip_norm`: its delta is first cut to that L2 norm (DP-FedAvg)."""
@@ -67,16 +68,18 @@ class RunningSum:
         return self.total - self.weight * self.base
 
     def add_partial(self, total: np.ndarray, weight: int, sites: dict[str, tuple[int, float]],
-                    summed: dict[str, str] | None = None) -> None:
+                    region: str | None = None, summed: tuple[str, ...] = (), summary: dict | None = None) -> None:
         """Fold in a region's Σ w·θ (`total`, float64, in this sum's name order) and Σ w, with
         each of its sites' (weight, delta norm) for the round's records, or, for a summary
-        partial, only which sites it sums (`summed`: site -> region)."""
+        partial, which sites it sums and its totals."""
         self.total += total
         self.weight += weight
         for site, (w, norm) in sites.items():
             self.weights[site], self.norms[site] = w, norm
             self.from_partials.add(site)
-        self.summed.update(summed or {})
+        if region is not None and summary is not None:
+            self.summed.update(dict.fromkeys(summed, region))
+            self.regions[region] = {"samples": weight, **{k: v for k, v in summary.items() if k != "digest"}}
 
     def mean(self, final: dict[str, int]) -> tuple[Weights, int]:
         """The weighted mean with each site at its `final` weight (at most the weight it was

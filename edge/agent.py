@@ -167,7 +167,7 @@ class EdgeAgent:
         self._errors = RateLimitedLog(log)  # tracebacks of internal errors, once a minute per place
         self.stats_answer: dict[str, Any] | None = None  # the last statistics answer (on_stats_request)
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
-        self.inbox = message_inbox()  # bounded: a replay far ahead waits at the broker
+        self.inbox = message_inbox(config.broker.keepalive)  # bounded: a replay far ahead waits at the broker
         self.engines: dict[str, EngineTrack] = {}
         self.buffer = TrainingBuffer(config.buffer_rows)
         self.holdout = TrainingBuffer(config.buffer_rows)  # failed engines held out of training (holdout_share)

@@ -19,8 +19,10 @@ class OnnxPredictor:
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """(N, F) or (F,) raw features -> (N,) RUL in cycles, clipped to [0, cap]: the model
-        was trained on RUL capped there, so anything outside is extrapolation."""
-        return np.clip(self.predict_unclipped(features), 0.0, self.cap)
+        was trained on RUL capped there, so anything outside is extrapolation. A NaN or
+        infinite output comes back NaN (not the cap), for the caller to refuse."""
+        y = self.predict_unclipped(features)
+        return np.where(np.isfinite(y), np.clip(y, 0.0, self.cap), np.nan)  # a blown-up output stays refusable
 
     def predict_unclipped(self, features: np.ndarray) -> np.ndarray:
         """The model's own output: for judging a model's health (the rollback score), where a

@@ -149,6 +149,9 @@ def test_the_agents_models_predict_within_zero_and_the_cap_for_every_use(agent) 
     agent.settings = settings
     assert agent._predictor(model).predict(x).tolist() == [125.0]
     assert agent._predictor(model).predict_unclipped(x).tolist() == [1e4]
+    weights["intercept"][:] = np.inf  # a blown-up model: NaN, refused downstream, not published as the cap
+    blown = reference_model(spec, settings, weights).SerializeToString()
+    assert np.isnan(agent._predictor(blown).predict(x)).all()
     path = Path(agent.config.state_dir) / "g.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(model)

@@ -17,7 +17,7 @@ import pytest
 
 from tests import inprocess
 from tests.inprocess import SETTINGS, SPEC, RecordingClient, checkpoint_fleet, deliver, global_vector, sealer, site_updates
-from turbofed.aggregator.regional import PartialSite, RegionalAggregator, encode_partial
+from turbofed.aggregator.regional import PartialSite, RegionalAggregator, encode_partial, sites_digest
 from turbofed.aggregator.registry import ModelRegistry
 from turbofed.aggregator.service import Aggregator
 from turbofed.aggregator.weights import MAX_SAMPLES
@@ -149,6 +149,11 @@ def test_a_round_of_summary_partials_alone_closes_on_their_weighted_mean(tmp_pat
         summed = [updates[s] for name in REGIONS for s in REGIONS[name]]
         expected = sum(c * flatten(w, list(w)).astype(np.float64) for w, c in summed) / sum(c for _, c in summed)
         assert top.version == 1 and np.abs(global_vector(top) - expected).max() <= 1e-6
+        # the global's samples header and the round's record count the regions' Σ w (their sites' rows carry none)
+        assert top.global_samples == sum(c for _, c in summed)
+        record = top.registry.latest().fleet["round_record"]  # the checkpoint a restart resumes from
+        assert {name: r["samples"] for name, r in record["regions"].items()} == {
+            name: sum(updates[s][1] for s in REGIONS[name]) for name in REGIONS}
     finally:
         top.store.close()
         top.registry.close()
@@ -336,7 +341,7 @@ def _summary_partial(pki: Path, top: Aggregator, *, weight: int, missing: list[s
                                         epoch=top.epoch)
 
 
-GOOD_SUMMARY = {"sites": 3, "claimed": 300, "update_bytes": 72_000, "norm_max": 0.5}
+GOOD_SUMMARY = {"sites": 3, "digest": sites_digest(["s1", "s2", "s3"]), "claimed": 300, "update_bytes": 72_000, "norm_max": 0.5}
 
 
 @pytest.mark.parametrize("case, weight, missing, summary", [
@@ -345,7 +350,10 @@ GOOD_SUMMARY = {"sites": 3, "claimed": 300, "update_bytes": 72_000, "norm_max": 
     ("fewer weight than sites", 2, ["s4"], GOOD_SUMMARY),
     ("a missing site of another region", 300, ["s5"], GOOD_SUMMARY),
     ("a non-finite norm", 300, ["s4"], {**GOOD_SUMMARY, "norm_max": float("nan")}),
-    ("a field short", 300, ["s4"], {"sites": 3, "claimed": 300, "update_bytes": 72_000}),
+    ("a field short", 300, ["s4"], {k: v for k, v in GOOD_SUMMARY.items() if k != "norm_max"}),
+    ("other sites than the top's [regions] has (region.toml disagrees)", 300, ["s4"],
+     {**GOOD_SUMMARY, "digest": sites_digest(["s1", "s2", "s5"])}),
+    ("a norm too large for a float", 300, ["s4"], {**GOOD_SUMMARY, "norm_max": 10**400}),
     ("a string for a count", 300, ["s4"], {**GOOD_SUMMARY, "claimed": "300"}),
     ("a bool for a count", 300, ["s4"], {**GOOD_SUMMARY, "sites": True}),
     ("a negative norm", 300, ["s4"], {**GOOD_SUMMARY, "norm_max": -1.0}),
@@ -362,6 +370,7 @@ def test_a_good_summary_partial_counts_the_regions_sites_less_missing(top: Aggre
     deliver(top, T.partial("east"), _summary_partial(pki, top, weight=300, missing=["s4"], summary=GOOD_SUMMARY))
     assert top.counters == {} and set(top.round.accepted) == {"s1", "s2", "s3"} and set(top.round.skipped) == {"s4"}
     assert top.running.weight == 300 and top.running.summed == dict.fromkeys(("s1", "s2", "s3"), "east")
+    assert top.running.regions == {"east": {"samples": 300, "sites": 3, "claimed": 300, "update_bytes": 72_000, "norm_max": 0.5}}
 
 
 def test_a_summary_partial_stays_the_size_of_the_sum_however_many_sites() -> None:
@@ -398,7 +407,8 @@ def test_a_worker_cannot_send_summary_partials(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: site_records must be \"full\" for a worker"):
         load_region_config(path)
     path.write_text('region = "w1"\nsites = ["a"]\ninsecure_unsigned = true\nshared_group = "ingest"\n')
-    assert load_region_config(path).worker  # the default (summary) is for regions; a worker's batches name their sites
+    config = load_region_config(path)  # the default (summary) is for regions; a worker's batches name their sites
+    assert config.worker and config.site_records == "full"
     path.write_text('region = "r1"\nsites = ["a"]\ninsecure_unsigned = true\nsite_records = "some"\n')
     with pytest.raises(ConfigError, match=r"site_records must be one of 'full', 'summary', got 'some'"):
         load_region_config(path)

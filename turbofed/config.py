@@ -685,7 +685,7 @@ def load_region_config(path: str | Path) -> RegionConfig:
     if config.worker and raw.get("site_records", "full") != "full":
         raise ConfigError(f"{path}: site_records must be \"full\" for a worker (shared_group): a batch names its sites, "
                           "since the top cannot know which of the fleet's sites a worker was handed")
-    return config
+    return replace(config, site_records="full") if config.worker else config
 
 
 def _regions(value: Any, sites: tuple[str, ...], path: Path) -> dict[str, tuple[str, ...]]:

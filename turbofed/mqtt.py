@@ -13,7 +13,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any, Generic, TypeVar
 
 import paho.mqtt.client as mqtt
@@ -42,8 +42,9 @@ class BoundedInbox(Generic[Item]):
     which bounds it per client (broker_config: max_queued_messages, max_queued_bytes; or,
     for a client that acks by hand, max_inflight_messages). A
     message that still finds no room after `wait_s` (the service is stuck, not slow) is
-    dropped and counted by the caller; `wait_s` (10 s) stays below the keepalive (30 s by
-    default), which the waiting network thread cannot answer meanwhile.
+    dropped (and lost: paho acknowledges it on return) and counted by the caller; `wait_s`
+    stays below the keepalive, which the waiting network thread cannot answer meanwhile
+    (`message_inbox`: 0.8 x keepalive).
     """
 
     def __init__(self, max_messages: int, max_bytes: int, size_of: Callable[[Item], int], wait_s: float = 10.0) -> None:
@@ -307,15 +308,20 @@ INBOX_MESSAGES = 10_000
 INBOX_BYTES = 16 * 1024 * 1024
 
 
-def message_inbox(max_messages: int = INBOX_MESSAGES, max_bytes: int = INBOX_BYTES) -> BoundedInbox[tuple[str, bytes]]:
-    """The (topic, payload) inbox of a service (aggregator, agent)."""
-    return BoundedInbox(max_messages, max_bytes, lambda item: len(item[1]))
+def message_inbox(keepalive: float, size_of: Callable[[Any], int] = lambda item: len(item[1]),
+                  max_messages: int = INBOX_MESSAGES, max_bytes: int = INBOX_BYTES) -> BoundedInbox[Any]:
+    """A service's inbox (items (topic, payload) unless `size_of` says otherwise). It waits
+    for room up to 0.8 x the broker keepalive: the longest the network thread can stay silent
+    without the client's keepalive lapsing, and far longer than any step of the services' own
+    work (the aggregator's store flush waits at most 10 s)."""
+    return BoundedInbox(max_messages, max_bytes, size_of, wait_s=0.8 * keepalive)
 
 
-def on_message_into(inbox: BoundedInbox[Any], item: Callable[[mqtt.MQTTMessage], Any], counters: Any,
+def on_message_into(inbox: BoundedInbox[Any], item: Callable[[mqtt.MQTTMessage], Any], counters: MutableMapping[str, int],
                     logger: logging.Logger, who: str) -> Callable[..., None]:
     """paho's on_message: the message into `inbox`; one it has no room for is counted
-    (`inbox_full` in `counters`) and logged at most once a minute."""
+    (`inbox_full` in `counters`) and logged at most once a minute. Such a message is lost:
+    paho acknowledges a QoS 1 message when this returns."""
     from turbofed.ratelog import RateLimitedLog
     from turbofed.refusals import Refusal
 
