@@ -190,3 +190,34 @@ class LiveFleet:
             stop.set()
         for _, thread in self.running:
             thread.join(20)
+
+
+def assert_round_one_is_the_plain_mean(top: Aggregator, bodies: list[bytes], sites: list[str]) -> None:
+    """Round 1 in `top`'s store has exactly `sites`, and global v1 is the plain mean of the
+    updates' `bodies` (simulated sites all claim the same samples: equal weights)."""
+    import numpy as np
+    import onnx
+
+    from turbofed.codec import read_weights
+
+    # the stored row itself, not the model at the sites (a proxy that the store write precedes only by design)
+    wait_for("round 1 in the top's store", lambda: any(r["round"] == 1 for r in top.store.rounds()), 30)
+    rows = [r for r in top.store.rounds() if r["round"] == 1]
+    assert [sorted(p["site"] for p in r["participants"]) for r in rows] == [sorted(sites)]
+    v1 = read_weights(onnx.load_model_from_string(top.registry.get(1)))
+    updates = [read_weights(onnx.load_model_from_string(body)) for body in bodies]
+    for name, got in v1.items():
+        np.testing.assert_allclose(got, np.mean([u[name].astype(np.float64) for u in updates], axis=0), rtol=0, atol=1e-6)
+
+
+def stop_live(stop: threading.Event, threads: list[threading.Thread], sims: object | None, top: Aggregator) -> None:
+    """Tear down a live two-level or workers test: stop and join its threads, close the
+    simulated sites, and close the top's store and registry itself if it never ran."""
+    stop.set()
+    for t in threads:
+        t.join(15)
+    if sims is not None:
+        sims.close()
+    if not threads:
+        top.store.close()
+        top.registry.close()

@@ -16,16 +16,23 @@ import numpy as np
 import pytest
 
 from tests import inprocess
-from tests.inprocess import SETTINGS, SPEC, RecordingClient, checkpoint_fleet, deliver, global_vector, sealer, site_updates
+from tests.inprocess import (
+    SETTINGS,
+    SPEC,
+    RecordingClient,
+    deliver,
+    global_vector,
+    sealer,
+    site_updates,
+    top_aggregator,
+    two_level_pki,
+)
 from turbofed.aggregator.regional import PartialSite, RegionalAggregator, encode_partial, sites_digest
-from turbofed.aggregator.registry import ModelRegistry
 from turbofed.aggregator.service import Aggregator
 from turbofed.aggregator.weights import MAX_SAMPLES
 from turbofed.codec import flatten, replace_weights
 from turbofed.config import FleetConfig, RegionConfig, StrategySettings
-from turbofed.deploy.identities import AGGREGATOR, add_identity, init_fleet
 from turbofed.errors import ConfigError
-from turbofed.graph import reference_model
 from turbofed.messages import RoundAnnouncement
 from turbofed.messages.signed import Sealer, Unsigned
 from turbofed.refusals import Refusal
@@ -39,23 +46,11 @@ SITES = (*REGIONS["east"], *REGIONS["west"], *DIRECT)
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    ids = init_fleet(tmp_path_factory.mktemp("pki") / "pki", ["127.0.0.1"])
-    add_identity(ids, AGGREGATOR, "aggregator")
-    for site in SITES:
-        add_identity(ids, site, "site")
-    for region in REGIONS:
-        add_identity(ids, region, "region")
-    return ids.root
+    return two_level_pki(tmp_path_factory.mktemp("pki") / "pki", SITES, tuple(REGIONS))
 
 
 def _top(tmp_path: Path, pki: Path, regions: dict | None = None, **fields: object) -> Aggregator:
-    with ModelRegistry(tmp_path / "registry") as reg:
-        reg.save(0, 0, reference_model(SPEC, SETTINGS).SerializeToString(), {}, checkpoint_fleet())
-    cfg = FleetConfig(sites=SITES, store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry"),
-                      model=SETTINGS, pki=str(pki), strategy=StrategySettings("fedavg"), regions=regions or {}, **fields)
-    aggregator = Aggregator(cfg)
-    aggregator.client = RecordingClient()
-    return aggregator
+    return top_aggregator(tmp_path, pki, SITES, regions=regions or {}, **fields)
 
 
 def _update_payload(pki: Path, top: Aggregator, site: str, weights: dict, claim: int, number: int) -> bytes:

@@ -12,15 +12,12 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
 
-from tests.livefleet import wait_for
+from tests.livefleet import assert_round_one_is_the_plain_mean, stop_live, wait_for
 from turbofed.aggregator.regional import RegionalAggregator
 from turbofed.aggregator.service import Aggregator
 from turbofed.benchmarks.scale import SimSites
-from turbofed.codec import read_weights
 from turbofed.config import ModelSettings, RegionConfig, load_fleet_config
 from turbofed.data.synthetic import generate_fleet
 from turbofed.deploy.bridge import BridgeTLS, render_bridge
@@ -70,20 +67,7 @@ def test_one_round_through_a_bridged_regional_broker(tmp_path: Path) -> None:
                 assert region.counters == {} and top.counters == {}, (region.counters, top.counters)
                 # The region records its partial as sent after the publish returns: wait for that itself.
                 wait_for("the region's partial recorded as sent", lambda: 1 in region.sent, 10)
-                assert 1 in region.sent  # the partial went up ...
-                rows = [r for r in top.store.rounds() if r["round"] == 1]
-                assert [sorted(p["site"] for p in r["participants"]) for r in rows] == [SITES]  # ... with every site in it
-                v1 = read_weights(onnx.load_model_from_string(top.registry.get(1)))
-                bodies = [read_weights(onnx.load_model_from_string(sims.bodies[i])) for i in range(len(SITES))]
-                for name, got in v1.items():
-                    expected = np.mean([b[name].astype(np.float64) for b in bodies], axis=0)  # equal weights: 200 samples each
-                    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+                assert 1 in region.sent  # the partial went up, with every site in it:
+                assert_round_one_is_the_plain_mean(top, [sims.bodies[i] for i in range(len(SITES))], SITES)
             finally:
-                stop.set()
-                for t in threads:
-                    t.join(15)
-                if sims is not None:
-                    sims.close()
-                if not threads:
-                    top.store.close()
-                    top.registry.close()
+                stop_live(stop, threads, sims, top)

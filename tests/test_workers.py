@@ -13,14 +13,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.inprocess import SETTINGS, SPEC, RecordingClient, checkpoint_fleet, deliver, global_vector, sealer, site_updates
+from tests.inprocess import (
+    SETTINGS,
+    SPEC,
+    RecordingClient,
+    deliver,
+    global_vector,
+    sealer,
+    site_updates,
+    top_aggregator,
+    two_level_pki,
+)
 from turbofed.aggregator.regional import MAX_BATCH, Delivery, PartialSite, RegionalAggregator, encode_partial
-from turbofed.aggregator.registry import ModelRegistry
 from turbofed.aggregator.service import Aggregator
 from turbofed.codec import flatten, replace_weights
-from turbofed.config import FleetConfig, RegionConfig, StrategySettings
-from turbofed.deploy.identities import AGGREGATOR, add_identity, init_fleet
-from turbofed.graph import reference_model
+from turbofed.config import RegionConfig
 from turbofed.messages import RoundAnnouncement
 from turbofed.refusals import Refusal
 from turbofed.topics import DEFAULT_TOPICS as T
@@ -31,22 +38,11 @@ WORKERS = ("w1", "w2")
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    ids = init_fleet(tmp_path_factory.mktemp("pki") / "pki", ["127.0.0.1"])
-    add_identity(ids, AGGREGATOR, "aggregator")
-    for site in SITES:
-        add_identity(ids, site, "site")
-    for worker in WORKERS:
-        add_identity(ids, worker, "region")
-    return ids.root
+    return two_level_pki(tmp_path_factory.mktemp("pki") / "pki", SITES, WORKERS)
 
 
 def _top(tmp_path: Path, pki: Path, workers: tuple[str, ...] = WORKERS) -> Aggregator:
-    with ModelRegistry(tmp_path / "registry") as reg:
-        reg.save(0, 0, reference_model(SPEC, SETTINGS).SerializeToString(), {}, checkpoint_fleet())
-    cfg = FleetConfig(sites=SITES, store=str(tmp_path / "results.sqlite"), registry=str(tmp_path / "registry"),
-                      model=SETTINGS, pki=str(pki), strategy=StrategySettings("fedavg"), workers=workers, max_site_share=1.0)
-    aggregator = Aggregator(cfg)
-    aggregator.client = RecordingClient()
+    aggregator = top_aggregator(tmp_path, pki, SITES, workers=workers, max_site_share=1.0)
     aggregator.open_round(1, 0.0).deadline = 1e12
     return aggregator
 

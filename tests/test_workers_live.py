@@ -16,15 +16,12 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
 
-from tests.livefleet import wait_for
+from tests.livefleet import assert_round_one_is_the_plain_mean, stop_live, wait_for
 from turbofed.aggregator.regional import RegionalAggregator
 from turbofed.aggregator.service import Aggregator
 from turbofed.benchmarks.scale import SimSites
-from turbofed.codec import read_weights
 from turbofed.config import ModelSettings, RegionConfig, load_fleet_config
 from turbofed.data.synthetic import generate_fleet
 from turbofed.deploy.identities import AGGREGATOR, MONITOR, add_identity, init_fleet, write_acl
@@ -114,20 +111,7 @@ def test_two_workers_one_crashing_mid_round_count_every_site_once(tmp_path: Path
             # The worker counts a batch after its publish returns: wait for that, not for v1 at the sites.
             wait_for("every redelivered update sent in a batch of its own", lambda: again.batches[1] == len(held), 10)
             assert again.batches[1] == len(held)  # each redelivered update went alone
-            rows = [r for r in top.store.rounds() if r["round"] == 1]
-            assert [sorted(p["site"] for p in r["participants"]) for r in rows] == [sorted(SITES)]
-            v1 = read_weights(onnx.load_model_from_string(top.registry.get(1)))
-            bodies = [read_weights(onnx.load_model_from_string(sims.bodies[i])) for i in range(len(SITES))]
-            for name, got in v1.items():
-                expected = np.mean([b[name].astype(np.float64) for b in bodies], axis=0)  # equal weights: 200 samples each
-                np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+            assert_round_one_is_the_plain_mean(top, [sims.bodies[i] for i in range(len(SITES))], list(SITES))
         finally:
-            stop.set()
             w2_stop.set()
-            for t in threads:
-                t.join(15)
-            if sims is not None:
-                sims.close()
-            if not threads:
-                top.store.close()
-                top.registry.close()
+            stop_live(stop, threads, sims, top)
