@@ -285,7 +285,8 @@ class Aggregator(SecureRounds):
             return
         strategy = ckpt.fleet.get("strategy", self.strategy_record["strategy"])
         self.store.record_round(ckpt.round, ckpt.version, record["started"], record["closed"], record["participants"],
-                                record["aggregate_ms"], strategy, record["closed_by"], ckpt.fleet.get("strategy_params", {}))
+                                record["aggregate_ms"], strategy, record["closed_by"], ckpt.fleet.get("strategy_params", {}),
+                                record.get("regions") if isinstance(record.get("regions"), dict) else None)
         log.warning("round %d was checkpointed (v%d) but not in the results store: recorded it from the checkpoint",
                     ckpt.round, ckpt.version)
         self.store.record_event("round_recovered", {"round": ckpt.round, "version": ckpt.version}, time.time())
@@ -835,7 +836,7 @@ class Aggregator(SecureRounds):
         what = f"results store {self.config.store}"
         if not self._until_written(what, number, lambda: self.store.record_round(
                 number, number, started, closed, participants, record["aggregate_ms"], self.strategy_record["strategy"],
-                closed_by, self.strategy_record["strategy_params"])):
+                closed_by, self.strategy_record["strategy_params"], regions)):
             return False
         self._flush_store(number)
         kill_point("after_store", number)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from turbofed.store import ResultsStore
+from turbofed.store.interface import round_total
 from turbofed.topics import natural_key
 
 Basis = Literal["either", "local", "federated", "lower"]
@@ -297,7 +298,7 @@ def rounds_table(rounds: Sequence[dict[str, Any]], rejections: Sequence[dict[str
              "closed_by": r["closed_by"], "started": _timestamp(r["started"]),
              "duration_s": r["closed"] - r["started"], "aggregate_ms": r["aggregate_ms"],
              "sites": len(r["participants"]), "participants": ", ".join(p["site"] for p in r["participants"]),
-             "samples": r["samples"], "update_bytes": sum(p["update_bytes"] for p in r["participants"]),
+             "samples": r["samples"], "update_bytes": round_total(r, "update_bytes"),
              "rejected": rejected.get(r["round"], 0)} for r in reversed(rounds)]
     return pd.DataFrame(rows, columns=["round", "model_version", "strategy", "closed_by", "started", "duration_s",
                                        "aggregate_ms", "sites", "participants", "samples", "update_bytes", "rejected"])

@@ -405,6 +405,11 @@ def test_rounds_tables() -> None:
     assert (row["duration_s"], row["sites"], row["update_bytes"], row["rejected"], row["participants"]) == (
         2.5, 2, 300, 2, "s1, s2")
     assert views.participants_table(rounds)["samples"].tolist() == [10, 20]
+    # a two-level round: its summed sites carry no bytes, their region's summary does
+    summed = {**rounds[0], "samples": 530, "regions": [{"region": "east", "sites": 2, "samples": 500, "update_bytes": 4000}],
+              "participants": [*rounds[0]["participants"], {"site": "s3", "samples": 0, "update_bytes": 0}]}
+    row = views.rounds_table([summed], [])
+    assert (row.iloc[0]["sites"], row.iloc[0]["samples"], row.iloc[0]["update_bytes"]) == (3, 530, 4300)
     assert views.rejection_reasons(rejections).values.tolist() == [["hash", 2], ["stale_round", 1]]
     assert views.rejections_table(rejections)["detail"].tolist() == ["z", "y", "x"]
 

@@ -107,7 +107,8 @@ def test_write_path_against_victoria_metrics(vm: VictoriaMetrics, tmp_path: Path
                                                 {"site": "site-2", "samples": 80, "update_bytes": 5001}],
                        12.5, "fedavg", "quorum")
     store.record_round(2, 2, t0 + 220, closed2, [{"site": "site-2", "samples": 90, "update_bytes": 5002}],
-                       3.25, "fedavgm", "deadline")
+                       3.25, "fedavgm", "deadline", None, {"east": {"sites": 4, "samples": 410, "update_bytes": 20_000,
+                                                                      "claimed": 410, "norm_max": 1.0}})
     store.record_metrics("site-1", 2, 2, {"engines": 3, "local": {"rmse": 20.5, "score": 410.0},
                                           "federated": {"rmse": 17.25, "score": None}}, t0 + 231)
     store.record_status("site-1", True, t0 + 1, "0.1.0", 2, 120)
@@ -121,7 +122,7 @@ def test_write_path_against_victoria_metrics(vm: VictoriaMetrics, tmp_path: Path
     stats = store.write_stats()
     pred_points = sum(len(v) for v in expected_pred.values())
     assert stats["spooled"] == 0 and stats["dropped"] == 0 and stats["rejected"] == 0
-    assert stats["written"] == pred_points + 30 + 3 + 2 + 2 + 2 + 1 + 5 + 1
+    assert stats["written"] == pred_points + 30 + 3 + 2 + 1 + 2 + 2 + 1 + 5 + 1
     store.close()
 
     # Predictions: every point, its cycle and RUL, at its report's millisecond.
@@ -146,16 +147,18 @@ def test_write_path_against_victoria_metrics(vm: VictoriaMetrics, tmp_path: Path
     assert len(got[("sensors_s4", ("engine", "engine-1"), ("site", "site-1"))]) == 9
 
     # Round results, participants, metrics, status, truth, events, rejections.
-    got = _series(vm.export('{__name__=~"(rounds|round_participants|metrics|site_status|truth|events|rejections)_.*"}'))
+    got = _series(vm.export('{__name__=~"(rounds|round_participants|round_regions|metrics|site_status|truth|events|rejections)_.*"}'))
     rounds = {name: sorted(v.items()) for (name, *_), v in got.items() if name.startswith("rounds_")}
     ms1, ms2 = int(closed1 * 1000), int(closed2 * 1000)
     assert rounds["rounds_round"] == [(ms1, 1), (ms2, 2)]
-    assert rounds["rounds_samples"] == [(ms1, 200), (ms2, 90)]
+    assert rounds["rounds_samples"] == [(ms1, 200), (ms2, 90 + 410)]  # round 2 counts its region's summary
     assert rounds["rounds_participants"] == [(ms1, 2), (ms2, 1)]
     assert rounds["rounds_aggregate_ms"] == [(ms1, 12.5), (ms2, 3.25)]
     assert rounds["rounds_closed"] == [(ms1, pytest.approx(closed1)), (ms2, pytest.approx(closed2))]
     assert got[("round_participants_samples", ("site", "site-2"))] == {ms1: 80, ms2: 90}
     assert got[("round_participants_update_bytes", ("site", "site-1"))] == {ms1: 5000}
+    assert got[("round_regions_samples", ("region", "east"))] == {ms2: 410}
+    assert got[("round_regions_sites", ("region", "east"))] == {ms2: 4}
     assert list(got[("metrics_rmse", ("model", "federated"), ("site", "site-1"))].values()) == [17.25]
     assert list(got[("metrics_score", ("model", "local"), ("site", "site-1"))].values()) == [410.0]
     assert ("metrics_score", ("model", "federated"), ("site", "site-1")) not in got  # None: no field
@@ -387,10 +390,11 @@ def test_sqlite_record_sensors_and_migration(tmp_path: Path) -> None:
         db.execute(f"ALTER TABLE predictions DROP COLUMN {column}")
     db.execute("DROP TABLE validation_metrics")  # added in version 7
     db.execute("ALTER TABLE predictions DROP COLUMN out_of_range")  # added in version 8
+    db.execute("DROP TABLE round_regions")  # added in version 9
     db.execute("UPDATE schema_version SET version = 1")
     db.commit()
     db.close()
     with SqliteStore(path) as store:
         store.record_sensors("site-1", [("e1", 3, [0.0] * 3, [1.0] * 21)], 7.0)
         assert store.counts()["sensors"] == 1
-    assert sqlite3.connect(path).execute("SELECT version FROM schema_version").fetchone() == (SCHEMA_VERSION,) == (8,)
+    assert sqlite3.connect(path).execute("SELECT version FROM schema_version").fetchone() == (SCHEMA_VERSION,) == (9,)

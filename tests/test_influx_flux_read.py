@@ -193,7 +193,7 @@ class FakeInflux:
         return out
 
     def q_rounds(self, flux: str) -> list[Table]:
-        return self._tables("_result", self.pivoted(lambda m, t: m in ("rounds", "round_participants")))
+        return self._tables("_result", self.pivoted(lambda m, t: m in ("rounds", "round_participants", "round_regions")))
 
     def q_rejections(self, flux: str) -> list[Table]:
         return self._tables("_result", self.pivoted(lambda m, t: m == "rejections"))
@@ -357,7 +357,8 @@ def _record_fleet(store: Any, t0: float) -> None:
         store.record_round(rnd, rnd, closed - 5, closed,
                            [{"site": "site-10", "samples": 70 * rnd, "update_bytes": 1000},
                             {"site": "site-2", "samples": 50 * rnd, "update_bytes": 1001}], 1.5 * rnd, "fedavgm", "quorum",
-                           {"server_lr": 1.0, "momentum": 0.1 * rnd})
+                           {"server_lr": 1.0, "momentum": 0.1 * rnd},
+                           {"east": {"sites": 3, "samples": 400, "update_bytes": 7000, "claimed": 400, "norm_max": 2.0}} if rnd == 1 else None)
         for site, rmse in (("site-1", 20.0), ("site-2", 25.0)):
             store.record_metrics(site, rnd, rnd, {"engines": 3, "local": {"rmse": rmse + rnd, "score": 300.0},
                                                   "federated": {"rmse": rmse - rnd, "score": None}}, closed + 0.5)
@@ -388,6 +389,8 @@ def test_flux_reads_against_stand_in_for_influxdb2_match_sqlite(fake: tuple[Fake
 
     assert store.rounds() == sqlite.rounds()
     assert store.rounds()[1]["closed_by"] == "deadline" and store.rounds()[1]["samples"] == 55
+    assert store.rounds()[0]["regions"] == [{"region": "east", "sites": 3, "samples": 400, "update_bytes": 7000}]
+    assert store.rounds()[0]["samples"] == 70 + 50 + 400
     assert store.rounds()[0]["strategy_params"] == {"server_lr": 1.0, "momentum": 0.1}
     assert _without_ids(store.rejections()) == _without_ids(sqlite.rejections())
     assert _without_ids(store.rejections(1)) == _without_ids(sqlite.rejections(1)) != []
@@ -479,7 +482,7 @@ def test_verbatim_annotated_csv_from_stand_in_for_influxdb2(fake: tuple[FakeInfl
     with _store(url, tmp_path) as store:
         assert store.rounds() == [{
             "round": 1, "model_version": 1, "started": 1795600800.0, "closed": 1795600805.25, "aggregate_ms": 12.5,
-            "strategy": "fedavg", "strategy_params": {}, "closed_by": "quorum", "samples": 300,
+            "strategy": "fedavg", "strategy_params": {}, "closed_by": "quorum", "samples": 300, "regions": [],
             "participants": [{"site": "site-2", "samples": 100, "update_bytes": 2048},
                              {"site": "site-10", "samples": 200, "update_bytes": 2049}]}]
 

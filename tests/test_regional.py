@@ -37,6 +37,7 @@ from turbofed.messages import RoundAnnouncement
 from turbofed.messages.signed import Sealer, Unsigned
 from turbofed.refusals import Refusal
 from turbofed.signing import SigningKey
+from turbofed.store.sqlite import SqliteStore
 from turbofed.topics import DEFAULT_TOPICS as T
 
 REGIONS = {"east": ("s1", "s2", "s3", "s4"), "west": ("s5", "s6", "s7")}
@@ -149,6 +150,15 @@ def test_a_round_of_summary_partials_alone_closes_on_their_weighted_mean(tmp_pat
         record = top.registry.latest().fleet["round_record"]  # the checkpoint a restart resumes from
         assert {name: r["samples"] for name, r in record["regions"].items()} == {
             name: sum(updates[s][1] for s in REGIONS[name]) for name in REGIONS}
+        stored = top.store.rounds()[-1]  # and so does the results store (the dashboard's Rounds table)
+        assert {g["region"]: (g["sites"], g["samples"]) for g in stored["regions"]} == {
+            name: (len(REGIONS[name]), sum(updates[s][1] for s in REGIONS[name])) for name in REGIONS}
+        assert stored["samples"] == top.global_samples
+        # a crash between the checkpoint and the store write: the next start records it from the checkpoint
+        top.store.close()
+        top.store = SqliteStore(tmp_path / "after-crash.sqlite")
+        top._reconcile(top.registry.latest())
+        assert top.store.rounds()[-1]["regions"] == stored["regions"] and top.store.rounds()[-1]["samples"] == stored["samples"]
     finally:
         top.store.close()
         top.registry.close()

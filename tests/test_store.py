@@ -29,7 +29,7 @@ def test_open_store_path_and_schema(tmp_path: Path) -> None:
         assert s.counts()["rounds"] == 0
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(8,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(9,)]
     db.execute("UPDATE schema_version SET version = 99")
     db.commit()
     db.close()
@@ -51,7 +51,7 @@ def test_rounds(store: SqliteStore) -> None:
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[0] == {"round": 1, "model_version": 1, "started": 10.0, "closed": 12.0, "aggregate_ms": 1.25,
                          "strategy": "fedavgm", "strategy_params": {"server_lr": 1.0, "momentum": 0.9},
-                         "closed_by": "quorum", "samples": 12,
+                         "closed_by": "quorum", "samples": 12, "regions": [],
                          "participants": [{"site": "s2", "samples": 5, "update_bytes": 50},
                                           {"site": "s10", "samples": 7, "update_bytes": 70}]}
     # Re-recording a round replaces it, participants included.
@@ -61,20 +61,60 @@ def test_rounds(store: SqliteStore) -> None:
     assert store.counts()["round_participants"] == 2
 
 
+SUMMED = {"site": "s3", "samples": 0, "update_bytes": 0, "norm": None, "cosine": None, "action": "summed in region east"}
+EAST = {"sites": 2, "samples": 300, "update_bytes": 9000, "claimed": 310, "norm_max": 1.5}  # a summary partial's totals
+
+
+def test_a_round_counts_the_regions_that_sent_summary_partials(store: SqliteStore) -> None:
+    """A two-level round's summed sites carry no weight; its regions' totals are stored with
+    it and counted in its samples, re-recording replaces them, and the archive keeps them."""
+    store.record_round(1, 1, 10.0, 12.0, [{"site": "s1", "samples": 40, "update_bytes": 4000}, SUMMED,
+                                          {**SUMMED, "site": "s4"}], 1.0, "fedavg", "quorum", None, {"east": EAST})
+    r = store.rounds()[0]
+    assert r["regions"] == [{"region": "east", "sites": 2, "samples": 300, "update_bytes": 9000}]
+    assert r["samples"] == 340 and [p["site"] for p in r["participants"]] == ["s1", "s3", "s4"]
+    store.record_round(1, 1, 10.0, 13.0, [{"site": "s1", "samples": 40, "update_bytes": 4000}], 1.0, "fedavg", "quorum")
+    assert store.rounds()[0]["regions"] == [] and store.rounds()[0]["samples"] == 40
+    store.record_round(2, 2, 20.0, 22.0, [SUMMED], 1.0, "fedavg", "quorum", None, {"east": EAST, "west": {**EAST, "samples": 5}})
+    assert [(g["region"], g["samples"]) for g in store.rounds()[1]["regions"]] == [("east", 300), ("west", 5)]
+    assert store.archive_rounds(1) == 2
+    assert store.rounds() == [] and store.archived_rounds(1)[1]["samples"] == 305
+    store.record_round(1, 1, 30.0, 31.0, [], 1.0, "fedavg", "quorum")  # the new epoch's round 1: no region left over
+    assert store.rounds()[0]["regions"] == []
+
+
+def test_schema_8_store_gains_the_regions_table(tmp_path: Path) -> None:
+    """A store written before regions' totals were kept opens, upgraded: its rounds read as
+    before (no regions), new rounds keep theirs."""
+    path = tmp_path / "results.sqlite"
+    with open_store(path) as s:
+        s.record_round(1, 1, 10.0, 12.0, [{"site": "s1", "samples": 5, "update_bytes": 50}], 1.0, "fedavg", "quorum")
+    db = sqlite3.connect(path)
+    db.executescript("DROP TABLE round_regions; UPDATE schema_version SET version = 8;")
+    db.close()
+    with open_store(path) as s:
+        assert [(r["samples"], r["regions"]) for r in s.rounds()] == [(5, [])]
+        s.record_round(2, 2, 20.0, 22.0, [SUMMED], 1.0, "fedavg", "quorum", None, {"east": EAST})
+        assert s.rounds()[1]["samples"] == 300
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(9,)]
+    db.close()
+
+
 def test_schema_2_store_gains_strategy_params(tmp_path: Path) -> None:
     """A store written before rounds recorded the strategy's parameters opens, upgraded."""
     path = tmp_path / "results.sqlite"
     with open_store(path) as s:
         s.record_round(1, 1, 10.0, 12.0, [], 1.0, "fedavg", "quorum")
     db = sqlite3.connect(path)
-    db.executescript("ALTER TABLE predictions DROP COLUMN out_of_range; ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; ALTER TABLE rounds DROP COLUMN strategy_params; ALTER TABLE round_participants DROP COLUMN norm; ALTER TABLE round_participants DROP COLUMN cosine; ALTER TABLE round_participants DROP COLUMN action; DROP TABLE archived_rounds; DROP TABLE validation_metrics; UPDATE schema_version SET version = 2;")
+    db.executescript("ALTER TABLE predictions DROP COLUMN out_of_range; ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; ALTER TABLE rounds DROP COLUMN strategy_params; ALTER TABLE round_participants DROP COLUMN norm; ALTER TABLE round_participants DROP COLUMN cosine; ALTER TABLE round_participants DROP COLUMN action; DROP TABLE archived_rounds; DROP TABLE validation_metrics; DROP TABLE round_regions; UPDATE schema_version SET version = 2;")
     db.close()
     with open_store(path) as s:
         assert [(r["strategy"], r["strategy_params"]) for r in s.rounds()] == [("fedavg", {})]
         s.record_round(2, 2, 20.0, 22.0, [], 1.0, "fedadam", "quorum", {"tau": 0.001})
         assert s.rounds()[1]["strategy_params"] == {"tau": 0.001}
     db = sqlite3.connect(path)
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(8,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(9,)]
     db.close()
 
 
@@ -85,7 +125,7 @@ def test_schema_3_store_gains_what_the_strategy_did_with_each_update(tmp_path: P
     with open_store(path) as s:
         s.record_round(1, 1, 10.0, 12.0, [{"site": "s1", "samples": 5, "update_bytes": 50}], 1.0, "fedavg", "quorum")
     db = sqlite3.connect(path)
-    db.executescript("ALTER TABLE predictions DROP COLUMN out_of_range; ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; ALTER TABLE round_participants DROP COLUMN norm; ALTER TABLE round_participants DROP COLUMN cosine; ALTER TABLE round_participants DROP COLUMN action; DROP TABLE archived_rounds; DROP TABLE validation_metrics; UPDATE schema_version SET version = 3;")
+    db.executescript("ALTER TABLE predictions DROP COLUMN out_of_range; ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; ALTER TABLE round_participants DROP COLUMN norm; ALTER TABLE round_participants DROP COLUMN cosine; ALTER TABLE round_participants DROP COLUMN action; DROP TABLE archived_rounds; DROP TABLE validation_metrics; DROP TABLE round_regions; UPDATE schema_version SET version = 3;")
     db.close()
     with open_store(path) as s:
         assert s.rounds()[0]["participants"] == [{"site": "s1", "samples": 5, "update_bytes": 50}]
@@ -104,7 +144,7 @@ def test_schema_4_store_gains_the_round_archive(tmp_path: Path) -> None:
     with open_store(path) as s:
         s.record_round(1, 1, 10.0, 12.0, [{"site": "s1", "samples": 5, "update_bytes": 50}], 1.0, "fedavg", "quorum")
     db = sqlite3.connect(path)
-    db.executescript("ALTER TABLE predictions DROP COLUMN out_of_range; ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; DROP TABLE archived_rounds; DROP TABLE validation_metrics; UPDATE schema_version SET version = 4;")
+    db.executescript("ALTER TABLE predictions DROP COLUMN out_of_range; ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; DROP TABLE archived_rounds; DROP TABLE validation_metrics; DROP TABLE round_regions; UPDATE schema_version SET version = 4;")
     db.close()
     with open_store(path) as s:
         before = s.rounds()
@@ -118,7 +158,7 @@ def test_schema_5_store_gains_prediction_intervals(tmp_path: Path) -> None:
     with open_store(path) as s:
         s.record_predictions("s1", [("e1", 1, 100.0, 90.0)], 1.0)
     db = sqlite3.connect(path)
-    db.executescript("ALTER TABLE predictions DROP COLUMN out_of_range; ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; DROP TABLE validation_metrics; UPDATE schema_version SET version = 5;")
+    db.executescript("ALTER TABLE predictions DROP COLUMN out_of_range; ALTER TABLE predictions DROP COLUMN lower; ALTER TABLE predictions DROP COLUMN upper; DROP TABLE validation_metrics; DROP TABLE round_regions; UPDATE schema_version SET version = 5;")
     db.close()
     with open_store(path) as s:
         s.record_predictions("s1", [("e1", 2, 99.0, 89.0, 80.0, 100.0)], 2.0)
@@ -309,13 +349,13 @@ def test_schema_7_store_gains_the_out_of_range_column(tmp_path: Path) -> None:
     with open_store(path) as s:
         s.record_predictions("s1", [("e1", 1, 100.0, 90.0, 80.0, 100.0)], 1.0)
     db = sqlite3.connect(path)
-    db.executescript("ALTER TABLE predictions DROP COLUMN out_of_range; UPDATE schema_version SET version = 7;")
+    db.executescript("ALTER TABLE predictions DROP COLUMN out_of_range; DROP TABLE round_regions; UPDATE schema_version SET version = 7;")
     db.close()
     with open_store(path) as s:
         s.record_predictions("s1", [("e1", 2, 99.0, 89.0, None, None, ("local", "federated"))], 2.0)
         assert [(p["lower"], p["out_of_range"]) for p in s.engine_trajectory("s1", "e1")] == [(80.0, None), (None, 1)]
     db = sqlite3.connect(path)
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(8,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(9,)]
     db.close()
 
 
@@ -325,7 +365,7 @@ def test_schema_6_store_gains_the_validation_table(tmp_path: Path) -> None:
     with open_store(path) as s:
         s.record_metrics("s1", 1, 1, {"engines": 2, "local": {"rmse": 3.0}}, 1.0)
     db = sqlite3.connect(path)
-    db.executescript("ALTER TABLE predictions DROP COLUMN out_of_range; DROP TABLE validation_metrics; UPDATE schema_version SET version = 6;")
+    db.executescript("ALTER TABLE predictions DROP COLUMN out_of_range; DROP TABLE validation_metrics; DROP TABLE round_regions; UPDATE schema_version SET version = 6;")
     db.close()
     with open_store(path) as s:
         s.record_validation("s1", 1, 1, {"engines": 2, "local": {"rmse": 4.0}}, 2.0)

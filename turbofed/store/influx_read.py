@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from turbofed.store.interface import ARCHIVE_EVENT, MODELS, StoreError, engine_flag
+from turbofed.store.interface import ARCHIVE_EVENT, MODELS, StoreError, engine_flag, round_total
 from turbofed.topics import natural_key
 
 
@@ -40,13 +40,15 @@ class FluxReads:
         return f"from(bucket: {_flux_str(self.settings.bucket)}) |> range(start: {self.settings.read_start})"
 
     def rounds(self) -> list[dict[str, Any]]:
-        """Rounds in order, each with its participants (by site) and total samples; a
-        re-recorded round (resumed aggregator) is the latest record of it."""
+        """Rounds in order, each with its participants (by site), the totals of regions that
+        sent summary partials, and total samples (both); a re-recorded round (resumed
+        aggregator) is the latest record of it."""
         recs = self._query("rounds", f"""{self._from()}
-  |> filter(fn: (r) => r._measurement == "rounds" or r._measurement == "round_participants")
+  |> filter(fn: (r) => r._measurement == "rounds" or r._measurement == "round_participants" or r._measurement == "round_regions")
   {_PIVOT}""")
         latest: dict[int, dict[str, Any]] = {}
         parts: dict[tuple[int, datetime], list[dict[str, Any]]] = {}
+        regions: dict[tuple[int, datetime], list[dict[str, Any]]] = {}
         # Rounds recorded before the newest fleet reset belong to an earlier epoch (archive_rounds).
         archived = [e["at"] for e in self.events(1000) if e["kind"] == ARCHIVE_EVENT and e["at"] is not None]
         since = max(archived, default=None)
@@ -56,6 +58,9 @@ class FluxReads:
             if r["_measurement"] == "rounds":
                 if r["round"] not in latest or r["_time"] >= latest[r["round"]]["_time"]:
                     latest[r["round"]] = r
+            elif r["_measurement"] == "round_regions":
+                regions.setdefault((r["round"], r["_time"]), []).append(
+                    {"region": r["region"], "sites": r.get("sites"), "samples": r.get("samples"), "update_bytes": r.get("update_bytes")})
             else:
                 part = {"site": r["site"], "samples": r.get("samples"), "update_bytes": r.get("update_bytes")}
                 if r.get("action") is not None:
@@ -64,11 +69,12 @@ class FluxReads:
         out = []
         for number in sorted(latest):
             r = latest[number]
-            participants = sorted(parts.get((number, r["_time"]), []), key=lambda p: natural_key(p["site"]))
-            out.append({"round": number, "model_version": r.get("model_version"), "started": r.get("started"),
-                        "closed": r.get("closed"), "aggregate_ms": r.get("aggregate_ms"), "strategy": r.get("strategy"),
-                        "strategy_params": _json_object(r.get("strategy_params")), "closed_by": r.get("closed_by"), "participants": participants,
-                        "samples": sum(p["samples"] or 0 for p in participants)})
+            record = {"round": number, "model_version": r.get("model_version"), "started": r.get("started"),
+                      "closed": r.get("closed"), "aggregate_ms": r.get("aggregate_ms"), "strategy": r.get("strategy"),
+                      "strategy_params": _json_object(r.get("strategy_params")), "closed_by": r.get("closed_by"),
+                      "participants": sorted(parts.get((number, r["_time"]), []), key=lambda p: natural_key(p["site"])),
+                      "regions": sorted(regions.get((number, r["_time"]), []), key=lambda g: g["region"])}
+            out.append({**record, "samples": round_total(record, "samples")})
         return out
 
     def rejections(self, round: int | None = None) -> list[dict[str, Any]]:

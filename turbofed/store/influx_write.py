@@ -262,18 +262,24 @@ class InfluxStore(FluxReads, ResultsStore):
 
     def record_round(self, round: int, model_version: int, started: float, closed: float,
                      participants: list[dict[str, Any]], aggregate_ms: float, strategy: str,
-                     closed_by: str, strategy_params: dict[str, Any] | None = None) -> None:
+                     closed_by: str, strategy_params: dict[str, Any] | None = None,
+                     regions: dict[str, dict[str, Any]] | None = None) -> None:
         ns = self._stamp("rounds", closed)
         params = json.dumps(strategy_params or {}, default=json_default, sort_keys=True)
         parts = [(str(p["site"]), int(p["samples"]), int(p["update_bytes"]), _report_fields(p)) for p in participants]
+        summed = [(str(name), int(t["sites"]), int(t["samples"]), int(t["update_bytes"])) for name, t in (regions or {}).items()]
         lines = [_line("rounds", {}, {"round": int(round), "model_version": int(model_version),
                                       "started": _f(started), "closed": _f(closed), "aggregate_ms": _f(aggregate_ms),
                                       "strategy": str(strategy), "strategy_params": params,
                                       "closed_by": str(closed_by),
-                                      "participants": len(parts), "samples": sum(p[1] for p in parts)}, ns)]
+                                      "participants": len(parts),
+                                      "samples": sum(p[1] for p in parts) + sum(r[2] for r in summed)}, ns)]
         lines += [_line("round_participants", {"site": site},
                         {"round": int(round), "samples": samples, "update_bytes": size, **report}, ns)
                   for site, samples, size, report in parts]
+        lines += [_line("round_regions", {"region": name},
+                        {"round": int(round), "sites": sites, "samples": samples, "update_bytes": size}, ns)
+                  for name, sites, samples, size in summed]
         self._emit(PROTECTED, lines)
 
     def record_rejection(self, round: int | None, site: str, reason: str, detail: str, at: float) -> None:

@@ -31,6 +31,12 @@ from turbofed.messages.site import MODELS  # noqa: F401 (re-exported: the stores
 PredictionRow = tuple[Any, ...]
 
 
+def round_total(record: dict[str, Any], key: str) -> int:
+    """A stored round's total `key` ("samples" or "update_bytes") over its participants and the
+    regions that sent summary partials (whose sites' rows carry none)."""
+    return sum(p.get(key) or 0 for p in record.get("participants", [])) + sum(r.get(key) or 0 for r in record.get("regions", []))
+
+
 def full_row(row: Sequence[Any]) -> tuple[Any, ...]:
     """A prediction row as seven values: (engine, cycle, local, federated, lower, upper,
     out_of_range), the missing ones None."""
@@ -64,11 +70,15 @@ class ResultsStore(ABC):
     @abstractmethod
     def record_round(self, round: int, model_version: int, started: float, closed: float,
                      participants: list[dict[str, Any]], aggregate_ms: float, strategy: str,
-                     closed_by: str, strategy_params: dict[str, Any] | None = None) -> None:
+                     closed_by: str, strategy_params: dict[str, Any] | None = None,
+                     regions: dict[str, dict[str, Any]] | None = None) -> None:
         """A closed round; participants are {"site", "samples", "update_bytes"} and, where the
         aggregator reported them, what the strategy did with each update ("norm" of its delta,
         "cosine" to the aggregate delta, "action": kept, clipped, trimmed or excluded); the
-        strategy's name and the parameters it ran with (read back as `strategy_params`)."""
+        strategy's name and the parameters it ran with (read back as `strategy_params`).
+        `regions`: the totals of each region that sent a summary partial ({"sites", "samples",
+        "update_bytes"}; its sites' participant rows carry no weight), read back as the round's
+        `regions` and counted in its `samples`."""
 
     @abstractmethod
     def record_rejection(self, round: int | None, site: str, reason: str, detail: str, at: float) -> None:

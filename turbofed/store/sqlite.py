@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from turbofed.envelope import json_default
-from turbofed.store.interface import MODELS, PredictionRow, ResultsStore, StoreError, full_row, out_of_range_flag
+from turbofed.store.interface import MODELS, PredictionRow, ResultsStore, StoreError, full_row, out_of_range_flag, round_total
 from turbofed.topics import natural_key
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 
 # Raw sensor rows a site chose to share (record_sensors), added in schema v2: settings and
@@ -53,6 +53,14 @@ CREATE TABLE validation_metrics (
 # Whether each prediction's input lay outside its model's training range (1/0; NULL when the
 # site did not say: agents before it, and rows stored before v8), added in v8.
 _PREDICTION_OUT_OF_RANGE = "ALTER TABLE predictions ADD COLUMN out_of_range INTEGER;"
+# The totals of each region that sent a summary partial (two-level fleets: its sites' rows
+# carry no weight), added in v9.
+_ROUND_REGIONS = """
+CREATE TABLE round_regions (
+    round INTEGER NOT NULL REFERENCES rounds(round) ON DELETE CASCADE, region TEXT NOT NULL,
+    sites INTEGER NOT NULL, samples INTEGER NOT NULL, update_bytes INTEGER NOT NULL,
+    PRIMARY KEY (round, region));
+"""
 _SCHEMA = """
 CREATE TABLE rounds (
     round INTEGER PRIMARY KEY, model_version INTEGER NOT NULL, started REAL NOT NULL,
@@ -82,10 +90,11 @@ CREATE TABLE truth (
     at REAL NOT NULL, PRIMARY KEY (site, engine));
 CREATE TABLE events (
     id INTEGER PRIMARY KEY, kind TEXT NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL);
-""" + _SENSORS_TABLE + _ARCHIVED_ROUNDS + _VALIDATION_TABLE
+""" + _SENSORS_TABLE + _ARCHIVED_ROUNDS + _VALIDATION_TABLE + _ROUND_REGIONS
 # Schema changes: _MIGRATIONS[v] is the SQL that upgrades a version-v store to v + 1.
 _MIGRATIONS: dict[int, str] = {1: _SENSORS_TABLE, 2: _ROUND_PARAMS, 3: _PARTICIPANT_REPORT, 4: _ARCHIVED_ROUNDS,
-                               5: _PREDICTION_INTERVALS, 6: _VALIDATION_TABLE, 7: _PREDICTION_OUT_OF_RANGE}
+                               5: _PREDICTION_INTERVALS, 6: _VALIDATION_TABLE, 7: _PREDICTION_OUT_OF_RANGE,
+                               8: _ROUND_REGIONS}
 _TABLES = ("rounds", "round_participants", "rejections", "site_status", "metrics",
            "predictions", "truth", "events", "sensors", "validation_metrics")  # what counts() reports (not archived_rounds)
 
@@ -172,7 +181,8 @@ class SqliteStore(ResultsStore):
     # --- write side ---
     def record_round(self, round: int, model_version: int, started: float, closed: float,
                      participants: list[dict[str, Any]], aggregate_ms: float, strategy: str,
-                     closed_by: str, strategy_params: dict[str, Any] | None = None) -> None:
+                     closed_by: str, strategy_params: dict[str, Any] | None = None,
+                     regions: dict[str, dict[str, Any]] | None = None) -> None:
         # Re-recording a round (an aggregator that resumed mid-round) replaces it.
         params = json.dumps(strategy_params or {}, default=json_default, sort_keys=True)
         with self._tx() as db:
@@ -184,6 +194,10 @@ class SqliteStore(ResultsStore):
                            "VALUES (?, ?, ?, ?, ?, ?, ?)",
                            [(round, p["site"], int(p["samples"]), int(p["update_bytes"]), _finite(p.get("norm")),
                              _finite(p.get("cosine")), p.get("action")) for p in participants])
+            db.execute("DELETE FROM round_regions WHERE round = ?", (round,))
+            db.executemany("INSERT INTO round_regions (round, region, sites, samples, update_bytes) VALUES (?, ?, ?, ?, ?)",
+                           [(round, name, int(t["sites"]), int(t["samples"]), int(t["update_bytes"]))
+                            for name, t in (regions or {}).items()])
 
     def record_rejection(self, round: int | None, site: str, reason: str, detail: str, at: float) -> None:
         with self._tx() as db:
@@ -260,7 +274,8 @@ class SqliteStore(ResultsStore):
 
     # --- read side ---
     def rounds(self) -> list[dict[str, Any]]:
-        """Rounds in order, each with its participants (by site) and total samples."""
+        """Rounds in order, each with its participants (by site), the totals of regions that
+        sent summary partials, and total samples (both)."""
         with self._tx(write=False) as db:
             rounds = [dict(r) for r in db.execute("SELECT * FROM rounds ORDER BY round")]
             parts: dict[int, list[dict[str, Any]]] = {}
@@ -269,10 +284,14 @@ class SqliteStore(ResultsStore):
                 if r["action"] is not None:  # what the strategy did with it, where the aggregator reported it
                     part.update(norm=r["norm"], cosine=r["cosine"], action=r["action"])
                 parts.setdefault(r["round"], []).append(part)
+            regions: dict[int, list[dict[str, Any]]] = {}
+            for r in db.execute("SELECT * FROM round_regions ORDER BY region"):
+                regions.setdefault(r["round"], []).append({k: r[k] for k in ("region", "sites", "samples", "update_bytes")})
         for r in rounds:
             r["strategy_params"] = json.loads(r["strategy_params"])
             r["participants"] = sorted(parts.get(r["round"], []), key=lambda p: natural_key(p["site"]))
-            r["samples"] = sum(p["samples"] for p in r["participants"])
+            r["regions"] = regions.get(r["round"], [])
+            r["samples"] = round_total(r, "samples")
         return rounds
 
     def archive_rounds(self, epoch: int) -> int:
@@ -282,6 +301,7 @@ class SqliteStore(ResultsStore):
             db.executemany("INSERT OR REPLACE INTO archived_rounds (epoch, round, record) VALUES (?, ?, ?)",
                            [(int(epoch), r["round"], json.dumps(r, default=json_default)) for r in current])
             db.execute("DELETE FROM round_participants")
+            db.execute("DELETE FROM round_regions")
             db.execute("DELETE FROM rounds")
             db.execute("DELETE FROM validation_metrics")  # the new epoch's rounds start a new learning curve
         return len(current)
