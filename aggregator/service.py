@@ -95,6 +95,20 @@ DISK_RETRY_S = 2.0  # a commit held back by a full disk is retried this often (l
 
 
 
+def checkpointed_regions(regions: object, number: int) -> dict[str, dict] | None:
+    """The regions' totals of a checkpointed round record, each entry checked (a damaged one
+    is left out with a warning rather than stopping the start)."""
+    if not isinstance(regions, dict):
+        return None
+    keys = ("sites", "samples", "update_bytes")
+    good = {name: totals for name, totals in regions.items() if isinstance(totals, dict)
+            and all(isinstance(totals.get(k), int) and not isinstance(totals.get(k), bool) for k in keys)}
+    if len(good) < len(regions):
+        log.warning("round %d's checkpointed record: left out the totals of region(s) %s (not {sites, samples, "
+                    "update_bytes} integers)", number, ", ".join(sorted(str(n) for n in set(regions) - set(good)))[:300])
+    return good
+
+
 def round_samples(record: dict) -> int:
     """A round's `samples` header: its participants' weights, and the Σ w of each region that
     sent a summary partial (its sites' rows carry none)."""
@@ -286,7 +300,7 @@ class Aggregator(SecureRounds):
         strategy = ckpt.fleet.get("strategy", self.strategy_record["strategy"])
         self.store.record_round(ckpt.round, ckpt.version, record["started"], record["closed"], record["participants"],
                                 record["aggregate_ms"], strategy, record["closed_by"], ckpt.fleet.get("strategy_params", {}),
-                                record.get("regions") if isinstance(record.get("regions"), dict) else None)
+                                checkpointed_regions(record.get("regions"), ckpt.round))
         log.warning("round %d was checkpointed (v%d) but not in the results store: recorded it from the checkpoint",
                     ckpt.round, ckpt.version)
         self.store.record_event("round_recovered", {"round": ckpt.round, "version": ckpt.version}, time.time())

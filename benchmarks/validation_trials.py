@@ -19,7 +19,8 @@ Candidates (each against `defaults`, run the same way):
   every scored point has (NASA's cut).
 - `cuts10`, `cuts50`, `everycut` (with `--holdout 0.2`): the conformal residuals of each
   calibration engine at 10 (the default) or 50 random NASA-like cuts, or at every row
-  whose true RUL the cut can give (the expectation over the cut instead of a sample).
+  whose true RUL the cut can give (each once, so a longer run adds more rows: 93 to 146 an
+  engine on FD001, not a per-engine weighted expectation).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from turbofed.spec import FeatureSpec
 
 MODEL_TRIALS = ("defaults", "fedavgm", "window40", "recent10", "fullwindow", "cap120", "cap130", "cap140")
 INTERVAL_TRIALS = ("cuts10", "cuts50", "everycut")
+CUTS: dict[str, int | str] = {"cuts10": 10, "cuts50": 50, "everycut": "every"}  # residuals per calibration engine
 
 
 def full_window_rows(spec: FeatureSpec, runs: list[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +64,7 @@ def full_window_rows(spec: FeatureSpec, runs: list[Any]) -> tuple[np.ndarray, np
 
 def every_cut_histogram(predict: Callable[[np.ndarray], np.ndarray], spec: FeatureSpec, runs: list[Any],
                         layout: Layout, cap: float, rng: np.random.Generator) -> ResidualHistogram:
-    """`calibration.runs_histogram` at every row NASA's cut can land on (`rng` unused)."""
+    """`calibration.runs_histogram` at every row NASA's cut can land on, each once (`rng` unused)."""
     xs, ys = [], []
     for run in runs:
         n = len(run.cycles)
@@ -70,6 +72,8 @@ def every_cut_histogram(predict: Callable[[np.ndarray], np.ndarray], spec: Featu
         rows = np.unique(n - 1 - np.minimum(np.arange(MIN_TRUE_RUL, longest + 1), n - 1))
         xs.append(features.run_features(spec, run.cycles, run.sensors, run.settings)[rows])
         ys.append(run.rul()[rows])
+    if not xs:
+        return ResidualHistogram(layout)
     predicted = np.clip(np.asarray(predict(np.vstack(xs).astype(np.float32)), dtype=float).ravel(), 0.0, cap)
     return ResidualHistogram.from_residuals(layout, predicted, np.minimum(np.concatenate(ys), cap))
 
@@ -94,6 +98,8 @@ def run_trial(candidate: str, dataset: str, sites: int, seed: int, data_dir: str
         elif candidate == "everycut":
             accuracy.runs_histogram = every_cut_histogram
     result = accuracy.run_accuracy(dataset, data_dir, sites, settings, strategy, {}, validation=True, holdout=holdout)
+    if result["intervals"] is not None:  # run_accuracy writes the default's count
+        result["intervals"]["cuts_per_engine"] = CUTS[candidate]
     return {**result, "trial_name": candidate}
 
 

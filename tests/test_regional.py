@@ -28,7 +28,7 @@ from tests.inprocess import (
     two_level_pki,
 )
 from turbofed.aggregator.regional import PartialSite, RegionalAggregator, encode_partial, sites_digest
-from turbofed.aggregator.service import Aggregator
+from turbofed.aggregator.service import Aggregator, checkpointed_regions
 from turbofed.aggregator.weights import MAX_SAMPLES
 from turbofed.codec import flatten, replace_weights
 from turbofed.config import FleetConfig, RegionConfig, StrategySettings
@@ -162,6 +162,15 @@ def test_a_round_of_summary_partials_alone_closes_on_their_weighted_mean(tmp_pat
     finally:
         top.store.close()
         top.registry.close()
+
+
+def test_a_damaged_region_total_in_the_checkpoint_is_left_out_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    east = {"sites": 2, "samples": 500, "update_bytes": 9000, "claimed": 500, "norm_max": 1.0}
+    damaged = {"east": east, "west": {"sites": "2", "samples": 5, "update_bytes": 1}, "north": [1], "south": {"sites": True,
+               "samples": 1, "update_bytes": 1}}
+    assert checkpointed_regions(damaged, 7) == {"east": east}
+    assert "round 7" in caplog.text and "north, south, west" in caplog.text
+    assert checkpointed_regions("not a table", 7) is None and checkpointed_regions(None, 7) is None
 
 
 @pytest.fixture()

@@ -40,6 +40,21 @@ def test_summary_pairs_candidates_with_the_defaults_by_seed(tmp_path: Path) -> N
     assert "recent10 - defaults, mean of FD001 and FD002, paired by seed: +0.000 (se 1.000)" in lines
 
 
+def test_summary_counts_the_seeds_where_federated_beats_every_local_on_every_subset(tmp_path: Path) -> None:
+    subsets = ("FD001", "FD002", "FD003", "FD004")
+
+    def run(seed: int, fed: float, local_fd003: float) -> dict[str, Any]:
+        scored = lambda **override: {s: {"rmse": override.get(s, 20.0)} for s in subsets}  # noqa: E731
+        return {"trial_name": "defaults", "dataset": "+".join(subsets), "seed": seed,
+                "federated": {s: {"rmse": fed} for s in subsets},
+                "local": [{"metrics": scored()}, {"metrics": scored(FD003=local_fd003)}]}
+
+    # seed 0 beats every local; seed 1 ties one site on FD003 (a tie is not a win); seed 2 loses there
+    _write(tmp_path, [run(0, 10.0, 12.0), run(1, 12.0, 12.0), run(2, 14.0, 12.0)])
+    line = next(x for x in summary(str(tmp_path)).splitlines() if x.startswith("8 sites"))
+    assert line == "8 sites defaults: mean 12.00, federated beats every local on every subset in 1 of 3 seeds"
+
+
 def test_summary_pools_coverage_over_seeds_by_engines(tmp_path: Path) -> None:
     def run(seed: int, groups: list[tuple[int, float, float]]) -> dict[str, Any]:
         scored = [{"engines": n, "coverage": c, "mean_width": w} for n, c, w in groups]
@@ -74,3 +89,4 @@ def test_every_cut_scores_each_row_nasas_cut_can_land_on(monkeypatch: pytest.Mon
     expected = np.zeros(layout.bins, dtype=np.int64)
     np.add.at(expected, layout.bin_of(scored.astype(float)), 1)
     assert hist.counts[0].tolist() == expected.tolist() and hist.counts[1:].sum() == 0
+    assert trials.every_cut_histogram(lambda x: x, Spec(), [], layout, 125.0, np.random.default_rng(0)).total == 0  # a site with none
