@@ -73,7 +73,7 @@ class FluxReads:
                       "closed": r.get("closed"), "aggregate_ms": r.get("aggregate_ms"), "strategy": r.get("strategy"),
                       "strategy_params": _json_object(r.get("strategy_params")), "closed_by": r.get("closed_by"),
                       "participants": sorted(parts.get((number, r["_time"]), []), key=lambda p: natural_key(p["site"])),
-                      "regions": sorted(regions.get((number, r["_time"]), []), key=lambda g: g["region"])}
+                      "regions": sorted(regions.get((number, r["_time"]), []), key=lambda g: natural_key(g["region"]))}
             out.append({**record, "samples": round_total(record, "samples")})
         return out
 

@@ -285,12 +285,12 @@ class SqliteStore(ResultsStore):
                     part.update(norm=r["norm"], cosine=r["cosine"], action=r["action"])
                 parts.setdefault(r["round"], []).append(part)
             regions: dict[int, list[dict[str, Any]]] = {}
-            for r in db.execute("SELECT * FROM round_regions ORDER BY region"):
+            for r in db.execute("SELECT * FROM round_regions"):
                 regions.setdefault(r["round"], []).append({k: r[k] for k in ("region", "sites", "samples", "update_bytes")})
         for r in rounds:
             r["strategy_params"] = json.loads(r["strategy_params"])
             r["participants"] = sorted(parts.get(r["round"], []), key=lambda p: natural_key(p["site"]))
-            r["regions"] = regions.get(r["round"], [])
+            r["regions"] = sorted(regions.get(r["round"], []), key=lambda g: natural_key(g["region"]))
             r["samples"] = round_total(r, "samples")
         return rounds
 
