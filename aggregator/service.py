@@ -94,7 +94,6 @@ SETTLE_AFTER_QUORUM_S = 10.0
 DISK_RETRY_S = 2.0  # a commit held back by a full disk is retried this often (logged once per LOG_INTERVAL_S)
 
 
-
 def checkpointed_regions(regions: object, number: int) -> dict[str, dict] | None:
     """The regions' totals of a checkpointed round record, each entry checked (a damaged one
     is left out with a warning rather than stopping the start)."""
@@ -114,6 +113,7 @@ def round_samples(record: dict) -> int:
     sent a summary partial (its sites' rows carry none)."""
     return header_samples([p.get("samples", 0) for p in record.get("participants", [])]
                           + [r.get("samples", 0) for r in record.get("regions", {}).values()])
+
 
 class Aggregator(SecureRounds):
     """Runs the fleet's rounds over MQTT and records what the sites report (secure rounds:

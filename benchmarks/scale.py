@@ -47,8 +47,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from paho.mqtt import client as mqtt_client
@@ -59,7 +60,7 @@ from turbofed.codec import read_weights, replace_weights
 from turbofed.config import BrokerSettings, ModelSettings
 from turbofed.data.synthetic import generate_fleet
 from turbofed.deploy.bridge import render_bridge
-from turbofed.deploy.identities import AGGREGATOR, add_identity, init_fleet
+from turbofed.deploy.identities import AGGREGATOR, FleetIdentities, add_identity, init_fleet
 from turbofed.edge.features import history_stats, regime_stats
 from turbofed.envelope import decode
 from turbofed.errors import ConfigError
@@ -178,8 +179,9 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def make_identities(root: Path, sites: list[str], regions: list[str] = ()) -> Path:
-    """An identity folder with signing keys for the aggregator, every site (no gateways) and every region."""
+def make_identities(root: Path, sites: Sequence[str], regions: Sequence[str] = ()) -> FleetIdentities:
+    """An identity folder with signing keys for the aggregator, every site (no gateways) and every
+    region (also a worker's role): the benchmarks' fleets and the in-process two-level tests'."""
     ids = init_fleet(root, ["127.0.0.1"])
     add_identity(ids, AGGREGATOR, "aggregator")
     for site in sites:

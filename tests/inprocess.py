@@ -14,7 +14,6 @@ from turbofed.aggregator.registry import ModelRegistry
 from turbofed.aggregator.service import Aggregator
 from turbofed.codec import Weights, flatten, read_weights, replace_weights
 from turbofed.config import FleetConfig, ModelSettings, StrategySettings
-from turbofed.deploy.identities import AGGREGATOR, add_identity, init_fleet
 from turbofed.graph import reference_model
 from turbofed.messages.signed import Sealer
 from turbofed.signing import SigningKey
@@ -90,18 +89,6 @@ def global_vector(top: Aggregator) -> np.ndarray:
     """The aggregator's current global model as one flat vector."""
     weights = read_weights(top.model)
     return flatten(weights, list(weights))
-
-
-def two_level_pki(root: Path, sites: tuple[str, ...], regions: tuple[str, ...]) -> Path:
-    """A fleet identity folder: the aggregator, `sites` and `regions` (role region: regional
-    aggregators and ingestion workers alike)."""
-    ids = init_fleet(root, ["127.0.0.1"])
-    add_identity(ids, AGGREGATOR, "aggregator")
-    for site in sites:
-        add_identity(ids, site, "site")
-    for region in regions:
-        add_identity(ids, region, "region")
-    return ids.root
 
 
 def top_aggregator(tmp_path: Path, pki: Path, sites: tuple[str, ...], **fields: object) -> Aggregator:

@@ -25,11 +25,11 @@ from tests.inprocess import (
     sealer,
     site_updates,
     top_aggregator,
-    two_level_pki,
 )
 from turbofed.aggregator.regional import PartialSite, RegionalAggregator, encode_partial, sites_digest
 from turbofed.aggregator.service import Aggregator, checkpointed_regions
 from turbofed.aggregator.weights import MAX_SAMPLES
+from turbofed.benchmarks.scale import make_identities
 from turbofed.codec import flatten, replace_weights
 from turbofed.config import FleetConfig, RegionConfig, StrategySettings
 from turbofed.errors import ConfigError
@@ -47,7 +47,7 @@ SITES = (*REGIONS["east"], *REGIONS["west"], *DIRECT)
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return two_level_pki(tmp_path_factory.mktemp("pki") / "pki", SITES, tuple(REGIONS))
+    return make_identities(tmp_path_factory.mktemp("pki") / "pki", SITES, tuple(REGIONS)).root
 
 
 def _top(tmp_path: Path, pki: Path, regions: dict | None = None, **fields: object) -> Aggregator:

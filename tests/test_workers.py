@@ -22,10 +22,10 @@ from tests.inprocess import (
     sealer,
     site_updates,
     top_aggregator,
-    two_level_pki,
 )
 from turbofed.aggregator.regional import MAX_BATCH, Delivery, PartialSite, RegionalAggregator, encode_partial
 from turbofed.aggregator.service import Aggregator
+from turbofed.benchmarks.scale import make_identities
 from turbofed.codec import flatten, replace_weights
 from turbofed.config import RegionConfig
 from turbofed.messages import RoundAnnouncement
@@ -38,7 +38,7 @@ WORKERS = ("w1", "w2")
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return two_level_pki(tmp_path_factory.mktemp("pki") / "pki", SITES, WORKERS)
+    return make_identities(tmp_path_factory.mktemp("pki") / "pki", SITES, WORKERS).root
 
 
 def _top(tmp_path: Path, pki: Path, workers: tuple[str, ...] = WORKERS) -> Aggregator:
