@@ -74,8 +74,7 @@ def every_cut_histogram(predict: Callable[[np.ndarray], np.ndarray], spec: Featu
         ys.append(run.rul()[rows])
     if not xs:
         return ResidualHistogram(layout)
-    predicted = np.clip(np.asarray(predict(np.vstack(xs).astype(np.float32)), dtype=float).ravel(), 0.0, cap)
-    return ResidualHistogram.from_residuals(layout, predicted, np.minimum(np.concatenate(ys), cap))
+    return calibration.residual_histogram(predict, np.vstack(xs).astype(np.float32), np.concatenate(ys), layout, cap)
 
 
 def run_trial(candidate: str, dataset: str, sites: int, seed: int, data_dir: str | None) -> dict[str, Any]:

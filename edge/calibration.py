@@ -37,9 +37,14 @@ def calibration_points(spec: FeatureSpec, runs: Iterable[LabelledRun], rng: np.r
 
 def runs_histogram(predict: Callable[[np.ndarray], np.ndarray], spec: FeatureSpec, runs: Iterable[LabelledRun],
                    layout: Layout, cap: float, rng: np.random.Generator, cuts: int = CUTS_PER_ENGINE) -> ResidualHistogram:
-    """The residual histogram (capped truth - prediction clipped to [0, cap]) of `predict`
-    on calibration `runs`."""
-    x, y = calibration_points(spec, runs, rng, cuts)
+    """The residual histogram of `predict` on calibration `runs`."""
+    return residual_histogram(predict, *calibration_points(spec, runs, rng, cuts), layout, cap)
+
+
+def residual_histogram(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray, layout: Layout,
+                       cap: float) -> ResidualHistogram:
+    """The histogram of the residuals (capped truth - prediction clipped to [0, cap]) at the
+    points `x` with true RUL `y`: the intervals are for the capped RUL."""
     if not len(y):
         return ResidualHistogram(layout)
     predicted = np.clip(np.asarray(predict(x), dtype=float).ravel(), 0.0, cap)
