@@ -11,7 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from turbofed.benchmarks.accuracy import Trial, run_accuracy, split_sites
+from turbofed.benchmarks.accuracy import (
+    Site,
+    Trial,
+    _set_rate,
+    calibration_split,
+    evaluate,
+    federate,
+    fleet_spec,
+    run_accuracy,
+    split_sites,
+    train_alone,
+    training_rows,
+    validation_split,
+)
 from turbofed.cli import main
 from turbofed.config import ModelSettings
 from turbofed.data.cmapss import EngineRun, load_subset
@@ -49,8 +62,6 @@ def test_calibration_engines_for_a_seed_never_change(seed: int, fraction: float,
     """The engines calibration_split holds out, pinned per seed (recorded from the code before
     it shared split_engines' draw): every published intervals figure stays reproducible. A
     one-engine site keeps its engine."""
-    from turbofed.benchmarks.accuracy import Site, calibration_split
-
     sites = [Site(f"site{k + 1}", "FD001", _runs(units)) for k, units in enumerate((range(1, 11), range(11, 18), range(18, 22), range(22, 23)))]
     out = calibration_split(sites, seed, fraction)
     assert [[r.unit for r in runs] for runs in out] == held
@@ -80,8 +91,6 @@ def test_sites_are_disjoint_and_split_by_subset(cmapss_dir: Path) -> None:
 
 
 def test_validation_holds_out_engines_of_every_site_and_never_the_test(cmapss_dir: Path) -> None:
-    from turbofed.benchmarks.accuracy import validation_split
-
     train, evals = load_dataset("FD001+FD003", str(cmapss_dir), seed=0)
     sites = split_sites(train, 4)
     before = {s.name: {r.unit for r in s.runs} for s in sites}
@@ -120,8 +129,6 @@ def test_result_has_every_figure(cmapss_dir: Path) -> None:
 
 def test_intervals_are_calibrated_on_held_back_training_engines_only(cmapss_dir: Path) -> None:
     """The conformal intervals come from engines no model trained on, and are scored on the test set."""
-    from turbofed.benchmarks.accuracy import calibration_split
-
     train, _ = load_dataset("FD001", str(cmapss_dir), seed=0)
     sites = split_sites(train, 4)
     before = {s.name: {r.unit for r in s.runs} for s in sites}
@@ -172,7 +179,6 @@ def test_synthetic_fleet_carries_signal() -> None:
     RUL by at least 2x in RMSE on its own test set."""
     import numpy as np
 
-    from turbofed.benchmarks.accuracy import evaluate, train_alone
     from turbofed.data.synthetic import generate_fleet
     from turbofed.edge.features import runs_stats
     from turbofed.metrics import rmse
@@ -256,7 +262,6 @@ def test_tail_average_is_the_mean_of_the_last_rounds_global_models(cmapss_dir: P
     from tqdm import tqdm
 
     from turbofed.aggregator.strategies import make_strategy
-    from turbofed.benchmarks.accuracy import Trial, federate, fleet_spec
     from turbofed.codec import read_weights
 
     train, _ = load_dataset("FD001", str(cmapss_dir), seed=0)
@@ -276,8 +281,6 @@ def test_tail_average_is_the_mean_of_the_last_rounds_global_models(cmapss_dir: P
 
 
 def test_cosine_rate_trial_runs_from_the_rate_down_to_its_final_share() -> None:
-    from turbofed.benchmarks.accuracy import Trial
-
     rates = [Trial(lr_final=0.1).rate(3e-3, r, 80) for r in range(80)]
     assert rates[0] == 3e-3 and abs(rates[-1] - 3e-4) < 1e-12
     assert all(a > b for a, b in zip(rates, rates[1:]))
@@ -288,8 +291,6 @@ def test_cosine_rate_trial_runs_from_the_rate_down_to_its_final_share() -> None:
 def test_rate_set_between_rounds_reaches_adam(cmapss_dir: Path) -> None:
     """The trial's per-round rate reaches the optimizer scikit-learn built in the first
     round: at rate 0 a further epoch leaves every weight where it was."""
-
-    from turbofed.benchmarks.accuracy import _set_rate, fleet_spec, training_rows
     from turbofed.edge.learner import RulModel
 
     train, _ = load_dataset("FD001", str(cmapss_dir), seed=0)
@@ -309,8 +310,6 @@ def test_rate_set_between_rounds_reaches_adam(cmapss_dir: Path) -> None:
 
 def test_sensor_threshold_trial_reaches_every_model(cmapss_dir: Path) -> None:
     """`--min-correlation`: a lower threshold keeps every sensor the default keeps and more."""
-    from turbofed.benchmarks.accuracy import fleet_spec
-
     train, _ = load_dataset("FD001", str(cmapss_dir), seed=0)
     sites = split_sites(train, 2)
     default, loose, strict = (fleet_spec(sites, QUICK.window, r) for r in (0.2, 0.0, 0.7))
